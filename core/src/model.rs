@@ -1,0 +1,1034 @@
+//! The Kubernetes service model: Services, ports, Pods, Nodes, EndpointSlices and label
+//! selectors, reduced to what a node proxy and a cluster DNS need.
+//!
+//! These are svcnat's own types, not the API types: the [`crate::manifest`] loader turns
+//! `k8s-openapi` objects into them after validating them, so that everything downstream
+//! (the plan compiler, discovery, describe) works on values that are known to be valid.
+//! [`Cluster`] holds the objects and derives endpoints from Pods the way the EndpointSlice
+//! controller does.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+
+/// Annotation on a Pod giving its endpoint weight (a svcnat extension; Kubernetes has none).
+pub const WEIGHT_ANNOTATION: &str = "svcnat.io/weight";
+/// Annotation on an Endpoints or EndpointSlice object: `ip=weight,ip=weight`.
+pub const WEIGHTS_ANNOTATION: &str = "svcnat.io/weights";
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Default weight of an endpoint.
+pub const DEFAULT_WEIGHT: u32 = 1;
+/// Default ClientIP affinity timeout: "sessionAffinityConfig.clientIP.timeoutSeconds ...
+/// Default value is 10800 (for 3 hours)".
+pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10800;
+/// Largest ClientIP affinity timeout the API server accepts (one day).
+pub const MAX_AFFINITY_TIMEOUT: u32 = 86400;
+
+/// Namespace and name of an object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ObjectName {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ObjectName {
+    /// A name in a namespace.
+    pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
+        ObjectName {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
+    }
+}
+
+impl fmt::Display for ObjectName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The name of a Service.
+pub type ServiceName = ObjectName;
+
+/// A transport protocol a Service port can carry.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// TCP (the default).
+    Tcp,
+    /// UDP.
+    Udp,
+    /// SCTP.
+    Sctp,
+}
+
+impl Protocol {
+    /// The API spelling: `TCP`, `UDP`, `SCTP`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+
+    /// Lower case, as kube-proxy hashes it and iptables spells it: `tcp`, `udp`, `sctp`.
+    pub fn as_lower(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Sctp => "sctp",
+        }
+    }
+
+    /// The IP protocol number.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// Parses the API spelling (case-sensitive, as the API server is).
+    pub fn parse(s: &str) -> Option<Protocol> {
+        match s {
+            "TCP" => Some(Protocol::Tcp),
+            "UDP" => Some(Protocol::Udp),
+            "SCTP" => Some(Protocol::Sctp),
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An IP family.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamily {
+    /// IPv4.
+    V4,
+    /// IPv6.
+    V6,
+}
+
+impl IpFamily {
+    /// The family of an address.
+    pub fn of(ip: &IpAddr) -> IpFamily {
+        match ip {
+            IpAddr::V4(_) => IpFamily::V4,
+            IpAddr::V6(_) => IpFamily::V6,
+        }
+    }
+
+    /// The API spelling: `IPv4`, `IPv6`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IpFamily::V4 => "IPv4",
+            IpFamily::V6 => "IPv6",
+        }
+    }
+}
+
+/// `spec.ipFamilyPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum IpFamilyPolicy {
+    /// One family (the default).
+    SingleStack,
+    /// Two families when the cluster has them.
+    PreferDualStack,
+    /// Two families or fail.
+    RequireDualStack,
+}
+
+/// `spec.type`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ServiceType {
+    /// A virtual IP inside the cluster (the default); headless when `clusterIP: None`.
+    ClusterIp,
+    /// ClusterIP plus a port on every node.
+    NodePort,
+    /// NodePort plus an external load balancer address.
+    LoadBalancer,
+    /// A DNS alias (CNAME); no proxying at all.
+    ExternalName,
+}
+
+impl ServiceType {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceType::ClusterIp => "ClusterIP",
+            ServiceType::NodePort => "NodePort",
+            ServiceType::LoadBalancer => "LoadBalancer",
+            ServiceType::ExternalName => "ExternalName",
+        }
+    }
+
+    /// Whether the type allocates node ports.
+    pub fn has_node_ports(self) -> bool {
+        matches!(self, ServiceType::NodePort | ServiceType::LoadBalancer)
+    }
+}
+
+/// `targetPort`: a number, or the name of a container port resolved per Pod.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TargetPort {
+    /// A port number.
+    Number(u16),
+    /// A named container port.
+    Name(String),
+}
+
+impl fmt::Display for TargetPort {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TargetPort::Number(n) => write!(f, "{n}"),
+            TargetPort::Name(s) => f.write_str(s),
+        }
+    }
+}
+
+/// One entry of `spec.ports`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ServicePort {
+    /// Port name (empty when the Service has a single unnamed port).
+    pub name: String,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// The port on the ClusterIP, externalIPs and load balancer IPs.
+    pub port: u16,
+    /// Where traffic goes on the endpoints.
+    pub target_port: TargetPort,
+    /// The node port, for NodePort and LoadBalancer Services.
+    pub node_port: Option<u16>,
+    /// `appProtocol`, kept for display.
+    pub app_protocol: Option<String>,
+}
+
+/// `externalTrafficPolicy` / `internalTrafficPolicy`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficPolicy {
+    /// Any ready endpoint in the cluster (the default).
+    Cluster,
+    /// Only endpoints on the node that received the traffic.
+    Local,
+}
+
+impl TrafficPolicy {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficPolicy::Cluster => "Cluster",
+            TrafficPolicy::Local => "Local",
+        }
+    }
+}
+
+/// `sessionAffinity`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SessionAffinity {
+    /// No affinity (the default).
+    None,
+    /// Connections from one client IP go to the same endpoint until the timeout.
+    ClientIp {
+        /// Seconds of inactivity after which affinity is forgotten.
+        timeout_seconds: u32,
+    },
+}
+
+/// A Service.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Service {
+    /// Namespace and name.
+    pub name: ServiceName,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// `metadata.annotations`.
+    pub annotations: BTreeMap<String, String>,
+    /// `spec.type`.
+    pub service_type: ServiceType,
+    /// `spec.clusterIPs` (primary first); empty for headless and ExternalName Services.
+    pub cluster_ips: Vec<IpAddr>,
+    /// `clusterIP: None`.
+    pub headless: bool,
+    /// `spec.selector`; `None` when the Service has no selector (endpoints come from
+    /// Endpoints or EndpointSlice objects written by someone else).
+    pub selector: Option<LabelSelector>,
+    /// `spec.ports`.
+    pub ports: Vec<ServicePort>,
+    /// `spec.externalIPs`.
+    pub external_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` and `spec.loadBalancerIP`.
+    pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerSourceRanges`.
+    pub load_balancer_source_ranges: Vec<IpNet>,
+    /// `spec.sessionAffinity` and its timeout.
+    pub session_affinity: SessionAffinity,
+    /// `spec.externalTrafficPolicy`.
+    pub external_traffic_policy: TrafficPolicy,
+    /// `spec.internalTrafficPolicy`.
+    pub internal_traffic_policy: TrafficPolicy,
+    /// `spec.healthCheckNodePort`.
+    pub health_check_node_port: Option<u16>,
+    /// `spec.ipFamilies`.
+    pub ip_families: Vec<IpFamily>,
+    /// `spec.ipFamilyPolicy`.
+    pub ip_family_policy: IpFamilyPolicy,
+    /// `spec.externalName`.
+    pub external_name: Option<String>,
+    /// `spec.publishNotReadyAddresses`.
+    pub publish_not_ready_addresses: bool,
+    /// `metadata.creationTimestamp`, seconds since the epoch, when given.
+    pub created: Option<i64>,
+}
+
+impl Service {
+    /// A ClusterIP Service with defaults everywhere; a starting point for tests and tools.
+    pub fn new(name: ServiceName) -> Service {
+        Service {
+            name,
+            labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
+            service_type: ServiceType::ClusterIp,
+            cluster_ips: Vec::new(),
+            headless: false,
+            selector: None,
+            ports: Vec::new(),
+            external_ips: Vec::new(),
+            load_balancer_ips: Vec::new(),
+            load_balancer_source_ranges: Vec::new(),
+            session_affinity: SessionAffinity::None,
+            external_traffic_policy: TrafficPolicy::Cluster,
+            internal_traffic_policy: TrafficPolicy::Cluster,
+            health_check_node_port: None,
+            ip_families: Vec::new(),
+            ip_family_policy: IpFamilyPolicy::SingleStack,
+            external_name: None,
+            publish_not_ready_addresses: false,
+            created: None,
+        }
+    }
+
+    /// Whether kube-proxy programs anything for this Service: not headless, not ExternalName.
+    pub fn is_proxied(&self) -> bool {
+        !self.headless && self.service_type != ServiceType::ExternalName
+    }
+
+    /// The primary cluster IP.
+    pub fn cluster_ip(&self) -> Option<IpAddr> {
+        self.cluster_ips.first().copied()
+    }
+
+    /// Whether external traffic (NodePort, externalIPs, LB) uses only node-local endpoints.
+    pub fn external_policy_local(&self) -> bool {
+        self.external_traffic_policy == TrafficPolicy::Local
+            && (self.service_type.has_node_ports() || !self.external_ips.is_empty())
+    }
+}
+
+/// An operator of a `matchExpressions` requirement.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum SelectorOperator {
+    /// The label's value is one of the values.
+    In,
+    /// The label is absent or its value is none of the values.
+    NotIn,
+    /// The label is present.
+    Exists,
+    /// The label is absent.
+    DoesNotExist,
+}
+
+/// One `matchExpressions` requirement.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Requirement {
+    /// Label key.
+    pub key: String,
+    /// Operator.
+    pub operator: SelectorOperator,
+    /// Values (empty for Exists and DoesNotExist).
+    pub values: BTreeSet<String>,
+}
+
+impl Requirement {
+    /// Whether a label set satisfies this requirement.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        let value = labels.get(&self.key);
+        match self.operator {
+            SelectorOperator::In => value.is_some_and(|v| self.values.contains(v)),
+            SelectorOperator::NotIn => value.is_none_or(|v| !self.values.contains(v)),
+            SelectorOperator::Exists => value.is_some(),
+            SelectorOperator::DoesNotExist => value.is_none(),
+        }
+    }
+}
+
+/// A label selector: `matchLabels` AND every `matchExpressions` requirement.
+///
+/// An empty selector matches everything (as in Deployments); a Service without a selector
+/// is represented by `Service::selector == None`, not by an empty selector.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LabelSelector {
+    /// `matchLabels`: every key must have exactly this value.
+    pub match_labels: BTreeMap<String, String>,
+    /// `matchExpressions`.
+    pub match_expressions: Vec<Requirement>,
+}
+
+impl LabelSelector {
+    /// A selector of `matchLabels` only, as Services and ReplicationControllers use.
+    pub fn from_labels(labels: BTreeMap<String, String>) -> Self {
+        LabelSelector {
+            match_labels: labels,
+            match_expressions: Vec::new(),
+        }
+    }
+
+    /// Whether a label set matches.
+    pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.match_labels
+            .iter()
+            .all(|(k, v)| labels.get(k) == Some(v))
+            && self.match_expressions.iter().all(|r| r.matches(labels))
+    }
+
+    /// Whether the selector has no terms (and so matches everything).
+    pub fn is_empty(&self) -> bool {
+        self.match_labels.is_empty() && self.match_expressions.is_empty()
+    }
+}
+
+impl fmt::Display for LabelSelector {
+    /// kubectl's spelling: `app=vote,tier in (front,back),!legacy`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut first = true;
+        let mut sep = |f: &mut fmt::Formatter<'_>| -> fmt::Result {
+            if !first {
+                f.write_str(",")?;
+            }
+            first = false;
+            Ok(())
+        };
+        for (k, v) in &self.match_labels {
+            sep(f)?;
+            write!(f, "{k}={v}")?;
+        }
+        for r in &self.match_expressions {
+            sep(f)?;
+            let values = r.values.iter().cloned().collect::<Vec<_>>().join(",");
+            match r.operator {
+                SelectorOperator::In => write!(f, "{} in ({values})", r.key)?,
+                SelectorOperator::NotIn => write!(f, "{} notin ({values})", r.key)?,
+                SelectorOperator::Exists => write!(f, "{}", r.key)?,
+                SelectorOperator::DoesNotExist => write!(f, "!{}", r.key)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A named container port, used to resolve named `targetPort`s.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ContainerPort {
+    /// Port name (may be empty).
+    pub name: String,
+    /// Port number.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// `status.phase` of a Pod.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum PodPhase {
+    /// Accepted, not running yet.
+    Pending,
+    /// Running.
+    Running,
+    /// All containers exited successfully.
+    Succeeded,
+    /// All containers exited, one failed.
+    Failed,
+}
+
+/// A Pod, as far as endpoints and DNS care.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pod {
+    /// Namespace and name.
+    pub name: ObjectName,
+    /// `metadata.labels`.
+    pub labels: BTreeMap<String, String>,
+    /// The endpoint weight from the `svcnat.io/weight` annotation.
+    pub weight: u32,
+    /// `spec.nodeName`.
+    pub node_name: Option<String>,
+    /// `status.podIPs` (primary first).
+    pub ips: Vec<IpAddr>,
+    /// Container ports, for named target ports.
+    pub ports: Vec<ContainerPort>,
+    /// `status.phase`.
+    pub phase: PodPhase,
+    /// The Ready condition.
+    pub ready: bool,
+    /// `metadata.deletionTimestamp` is set.
+    pub terminating: bool,
+    /// `spec.hostname`.
+    pub hostname: Option<String>,
+    /// `spec.subdomain`.
+    pub subdomain: Option<String>,
+    /// The workload that owns it, as `Kind/name`.
+    pub owner: Option<String>,
+    /// `metadata.creationTimestamp`, seconds since the epoch, when given.
+    pub created: Option<i64>,
+}
+
+impl Pod {
+    /// A running, ready Pod with one IP and no ports; a starting point for tests and tools.
+    pub fn new(name: ObjectName, ip: IpAddr) -> Pod {
+        Pod {
+            name,
+            labels: BTreeMap::new(),
+            weight: DEFAULT_WEIGHT,
+            node_name: None,
+            ips: vec![ip],
+            ports: Vec::new(),
+            phase: PodPhase::Running,
+            ready: true,
+            terminating: false,
+            hostname: None,
+            subdomain: None,
+            owner: None,
+            created: None,
+        }
+    }
+}
+
+/// A Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Node {
+    /// Node name.
+    pub name: String,
+    /// `status.addresses` of type InternalIP and ExternalIP.
+    pub addresses: Vec<IpAddr>,
+    /// `spec.podCIDRs`.
+    pub pod_cidrs: Vec<IpNet>,
+    /// `topology.kubernetes.io/zone`.
+    pub zone: Option<String>,
+}
+
+/// An endpoint of an EndpointSlice: one address with its conditions.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Endpoint {
+    /// The address.
+    pub ip: IpAddr,
+    /// `conditions.ready`: serving and not terminating.
+    pub ready: bool,
+    /// `conditions.serving`: passing readiness, terminating or not.
+    pub serving: bool,
+    /// `conditions.terminating`.
+    pub terminating: bool,
+    /// `nodeName`.
+    pub node_name: Option<String>,
+    /// `zone`.
+    pub zone: Option<String>,
+    /// `hostname` (headless DNS).
+    pub hostname: Option<String>,
+    /// `targetRef.name` when it refers to a Pod.
+    pub pod: Option<String>,
+    /// Weight (svcnat extension).
+    pub weight: u32,
+}
+
+/// A port of an EndpointSlice.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointPort {
+    /// The Service port name this port serves.
+    pub name: String,
+    /// Port number on the endpoints.
+    pub port: u16,
+    /// Protocol.
+    pub protocol: Protocol,
+}
+
+/// An EndpointSlice: endpoints that share one port mapping.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EndpointSlice {
+    /// The Service it belongs to.
+    pub service: ServiceName,
+    /// The slice's own name.
+    pub name: String,
+    /// Endpoints.
+    pub endpoints: Vec<Endpoint>,
+    /// Ports.
+    pub ports: Vec<EndpointPort>,
+}
+
+/// A resolved endpoint of one Service port: address, port and conditions.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortEndpoint {
+    /// The endpoint.
+    pub endpoint: Endpoint,
+    /// The port on the endpoint.
+    pub port: u16,
+}
+
+/// Nodes, Services, Pods and EndpointSlices: the state a proxy and a DNS server work from.
+///
+/// Pods are indexed by namespace and label so that deriving the endpoints of one Service
+/// costs in proportion to the Pods it selects, not to the size of the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Cluster {
+    services: BTreeMap<ServiceName, Arc<Service>>,
+    pods: BTreeMap<ObjectName, Arc<Pod>>,
+    nodes: BTreeMap<String, Node>,
+    slices: BTreeMap<ServiceName, BTreeMap<String, Arc<EndpointSlice>>>,
+    namespaces: BTreeSet<String>,
+    /// (namespace, label key, label value) -> pod names.
+    label_index: BTreeMap<(String, String, String), BTreeSet<String>>,
+}
+
+impl Cluster {
+    /// An empty cluster.
+    pub fn new() -> Cluster {
+        Cluster::default()
+    }
+
+    /// Adds or replaces a Service; returns the previous one.
+    pub fn upsert_service(&mut self, svc: Service) -> Option<Arc<Service>> {
+        self.namespaces.insert(svc.name.namespace.clone());
+        self.services.insert(svc.name.clone(), Arc::new(svc))
+    }
+
+    /// Removes a Service.
+    pub fn remove_service(&mut self, name: &ServiceName) -> Option<Arc<Service>> {
+        self.services.remove(name)
+    }
+
+    /// Adds or replaces a Pod; returns the Services whose endpoints may have changed.
+    pub fn upsert_pod(&mut self, pod: Pod) -> BTreeSet<ServiceName> {
+        let mut affected = BTreeSet::new();
+        if let Some(old) = self.remove_pod_entry(&pod.name) {
+            affected.extend(self.services_selecting(&old));
+        }
+        affected.extend(self.services_selecting(&pod));
+        let ns = pod.name.namespace.clone();
+        for (k, v) in &pod.labels {
+            self.label_index
+                .entry((ns.clone(), k.clone(), v.clone()))
+                .or_default()
+                .insert(pod.name.name.clone());
+        }
+        self.namespaces.insert(ns);
+        self.pods.insert(pod.name.clone(), Arc::new(pod));
+        affected
+    }
+
+    /// Removes a Pod; returns the Services whose endpoints may have changed.
+    pub fn remove_pod(&mut self, name: &ObjectName) -> BTreeSet<ServiceName> {
+        match self.remove_pod_entry(name) {
+            Some(old) => self.services_selecting(&old),
+            None => BTreeSet::new(),
+        }
+    }
+
+    fn remove_pod_entry(&mut self, name: &ObjectName) -> Option<Arc<Pod>> {
+        let old = self.pods.remove(name)?;
+        for (k, v) in &old.labels {
+            let key = (name.namespace.clone(), k.clone(), v.clone());
+            if let Some(set) = self.label_index.get_mut(&key) {
+                set.remove(&name.name);
+                if set.is_empty() {
+                    self.label_index.remove(&key);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    /// Adds or replaces an EndpointSlice (for Services without a selector).
+    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
+        self.namespaces.insert(slice.service.namespace.clone());
+        self.slices
+            .entry(slice.service.clone())
+            .or_default()
+            .insert(slice.name.clone(), Arc::new(slice));
+    }
+
+    /// Removes an EndpointSlice.
+    pub fn remove_slice(&mut self, service: &ServiceName, name: &str) {
+        if let Some(m) = self.slices.get_mut(service) {
+            m.remove(name);
+            if m.is_empty() {
+                self.slices.remove(service);
+            }
+        }
+    }
+
+    /// Adds or replaces a Node.
+    pub fn upsert_node(&mut self, node: Node) {
+        self.nodes.insert(node.name.clone(), node);
+    }
+
+    /// Records a namespace.
+    pub fn add_namespace(&mut self, ns: impl Into<String>) {
+        self.namespaces.insert(ns.into());
+    }
+
+    /// A Service by name.
+    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
+        self.services.get(name).map(|s| s.as_ref())
+    }
+
+    /// All Services in name order.
+    pub fn services(&self) -> impl Iterator<Item = &Service> {
+        self.services.values().map(|s| s.as_ref())
+    }
+
+    /// A Pod by name.
+    pub fn pod(&self, name: &ObjectName) -> Option<&Pod> {
+        self.pods.get(name).map(|p| p.as_ref())
+    }
+
+    /// All Pods in name order.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.pods.values().map(|p| p.as_ref())
+    }
+
+    /// All Nodes in name order.
+    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
+        self.nodes.values()
+    }
+
+    /// A Node by name.
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes.get(name)
+    }
+
+    /// Known namespaces.
+    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
+        self.namespaces.iter().map(String::as_str)
+    }
+
+    /// User-supplied EndpointSlices of a Service.
+    pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &EndpointSlice> {
+        self.slices
+            .get(name)
+            .into_iter()
+            .flat_map(|m| m.values().map(|s| s.as_ref()))
+    }
+
+    /// Services in the Pod's namespace whose selector matches the Pod's labels.
+    pub fn services_selecting(&self, pod: &Pod) -> BTreeSet<ServiceName> {
+        let ns = &pod.name.namespace;
+        let lo = ObjectName::new(ns.clone(), String::new());
+        self.services
+            .range(lo..)
+            .take_while(|(k, _)| &k.namespace == ns)
+            .filter(|(_, s)| s.selector.as_ref().is_some_and(|sel| sel.matches(&pod.labels)))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Pods of a namespace that a selector matches, in name order.
+    pub fn select_pods<'a>(&'a self, namespace: &str, selector: &LabelSelector) -> Vec<&'a Pod> {
+        // Start from the smallest posting list of the matchLabels terms; an empty
+        // matchLabels falls back to a scan of the namespace.
+        let mut best: Option<&BTreeSet<String>> = None;
+        for (k, v) in &selector.match_labels {
+            let key = (namespace.to_string(), k.clone(), v.clone());
+            match self.label_index.get(&key) {
+                None => return Vec::new(),
+                Some(set) => {
+                    if best.is_none_or(|b| set.len() < b.len()) {
+                        best = Some(set);
+                    }
+                }
+            }
+        }
+        match best {
+            Some(names) => names
+                .iter()
+                .filter_map(|n| self.pods.get(&ObjectName::new(namespace, n.clone())))
+                .map(|p| p.as_ref())
+                .filter(|p| selector.matches(&p.labels))
+                .collect(),
+            None => {
+                let lo = ObjectName::new(namespace, String::new());
+                self.pods
+                    .range(lo..)
+                    .take_while(|(k, _)| k.namespace == namespace)
+                    .map(|(_, p)| p.as_ref())
+                    .filter(|p| selector.matches(&p.labels))
+                    .collect()
+            }
+        }
+    }
+
+    /// The endpoints of every port of a Service, keyed by Service port name.
+    ///
+    /// With a selector this is what the EndpointSlice controller publishes: one endpoint
+    /// per selected Pod that has an IP and has not finished (Succeeded/Failed Pods are
+    /// dropped). `ready` = Pod Ready and not terminating; `serving` = Pod Ready;
+    /// `publishNotReadyAddresses` makes every such Pod ready. A named `targetPort` is
+    /// resolved in each Pod's container ports ("a Pod that does not expose the named port is
+    /// left out for that port"). Without a selector, the user-supplied slices are used.
+    pub fn endpoints(&self, svc: &Service) -> BTreeMap<String, (Protocol, Vec<PortEndpoint>)> {
+        let mut out: BTreeMap<String, (Protocol, Vec<PortEndpoint>)> = BTreeMap::new();
+        for sp in &svc.ports {
+            out.insert(sp.name.clone(), (sp.protocol, Vec::new()));
+        }
+        match &svc.selector {
+            Some(selector) => {
+                for pod in self.select_pods(&svc.name.namespace, selector) {
+                    if matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed) {
+                        continue;
+                    }
+                    let node_zone = pod
+                        .node_name
+                        .as_ref()
+                        .and_then(|n| self.nodes.get(n))
+                        .and_then(|n| n.zone.clone());
+                    for ip in &pod.ips {
+                        if !svc.ip_families.is_empty()
+                            && !svc.ip_families.contains(&IpFamily::of(ip))
+                        {
+                            continue;
+                        }
+                        let ready = svc.publish_not_ready_addresses
+                            || (pod.ready && !pod.terminating);
+                        let serving = svc.publish_not_ready_addresses || pod.ready;
+                        let hostname = match (&pod.hostname, &pod.subdomain) {
+                            (Some(h), Some(sd)) if sd == &svc.name.name => Some(h.clone()),
+                            _ => None,
+                        };
+                        let ep = Endpoint {
+                            ip: *ip,
+                            ready,
+                            serving,
+                            terminating: pod.terminating,
+                            node_name: pod.node_name.clone(),
+                            zone: node_zone.clone(),
+                            hostname,
+                            pod: Some(pod.name.name.clone()),
+                            weight: pod.weight,
+                        };
+                        for sp in &svc.ports {
+                            let port = match &sp.target_port {
+                                TargetPort::Number(n) => Some(*n),
+                                TargetPort::Name(name) => pod
+                                    .ports
+                                    .iter()
+                                    .find(|cp| &cp.name == name && cp.protocol == sp.protocol)
+                                    .map(|cp| cp.port),
+                            };
+                            if let (Some(port), Some((_, list))) = (port, out.get_mut(&sp.name)) {
+                                list.push(PortEndpoint {
+                                    endpoint: ep.clone(),
+                                    port,
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+            None => {
+                for slice in self.slices_of(&svc.name) {
+                    for p in &slice.ports {
+                        let Some((proto, list)) = out.get_mut(&p.name) else {
+                            continue;
+                        };
+                        if *proto != p.protocol {
+                            continue;
+                        }
+                        for ep in &slice.endpoints {
+                            list.push(PortEndpoint {
+                                endpoint: ep.clone(),
+                                port: p.port,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        for (_, list) in out.values_mut() {
+            list.sort_by(|a, b| (a.endpoint.ip, a.port).cmp(&(b.endpoint.ip, b.port)));
+            list.dedup_by(|a, b| a.endpoint.ip == b.endpoint.ip && a.port == b.port);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn req(key: &str, op: SelectorOperator, values: &[&str]) -> Requirement {
+        Requirement {
+            key: key.into(),
+            operator: op,
+            values: values.iter().map(|s| s.to_string()).collect(),
+        }
+    }
+
+    #[test]
+    fn selector_operators() {
+        let l = labels(&[("app", "vote"), ("tier", "front")]);
+        let sel = |r| LabelSelector {
+            match_labels: BTreeMap::new(),
+            match_expressions: vec![r],
+        };
+        use SelectorOperator::*;
+        assert!(sel(req("tier", In, &["front", "back"])).matches(&l));
+        assert!(!sel(req("tier", In, &["back"])).matches(&l));
+        assert!(sel(req("tier", NotIn, &["back"])).matches(&l));
+        assert!(!sel(req("tier", NotIn, &["front"])).matches(&l));
+        assert!(sel(req("missing", NotIn, &["x"])).matches(&l));
+        assert!(sel(req("app", Exists, &[])).matches(&l));
+        assert!(!sel(req("missing", Exists, &[])).matches(&l));
+        assert!(sel(req("missing", DoesNotExist, &[])).matches(&l));
+        assert!(!sel(req("app", DoesNotExist, &[])).matches(&l));
+        assert!(LabelSelector::default().matches(&l));
+        let both = LabelSelector {
+            match_labels: labels(&[("app", "vote")]),
+            match_expressions: vec![req("tier", In, &["back"])],
+        };
+        assert!(!both.matches(&l));
+        assert_eq!(
+            LabelSelector {
+                match_labels: labels(&[("app", "vote")]),
+                match_expressions: vec![req("tier", In, &["back", "front"]), req("x", DoesNotExist, &[])],
+            }
+            .to_string(),
+            "app=vote,tier in (back,front),!x"
+        );
+    }
+
+    fn vote_cluster() -> Cluster {
+        let mut c = Cluster::new();
+        for i in 0..5u8 {
+            let mut p = Pod::new(
+                ObjectName::new("instavote", format!("vote-{i}")),
+                IpAddr::from([10, 244, 1, 10 + i]),
+            );
+            p.labels = labels(&[("role", "vote")]);
+            p.ports.push(ContainerPort {
+                name: "http".into(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            });
+            c.upsert_pod(p);
+        }
+        c
+    }
+
+    fn vote_service(target: TargetPort) -> Service {
+        let mut s = Service::new(ObjectName::new("instavote", "vote"));
+        s.selector = Some(LabelSelector::from_labels(labels(&[("role", "vote")])));
+        s.ports.push(ServicePort {
+            name: String::new(),
+            protocol: Protocol::Tcp,
+            port: 80,
+            target_port: target,
+            node_port: None,
+            app_protocol: None,
+        });
+        s
+    }
+
+    #[test]
+    fn selector_derives_endpoints_and_missing_label_empties_them() {
+        let mut c = vote_cluster();
+        let svc = vote_service(TargetPort::Number(80));
+        c.upsert_service(svc.clone());
+        let eps = c.endpoints(&svc);
+        assert_eq!(eps[""].1.len(), 5);
+        let mut broken = svc.clone();
+        broken.selector = Some(LabelSelector::from_labels(labels(&[("role", "nosuch")])));
+        assert!(c.endpoints(&broken)[""].1.is_empty());
+    }
+
+    #[test]
+    fn named_target_port_resolves_per_pod() {
+        let mut c = vote_cluster();
+        let mut odd = Pod::new(
+            ObjectName::new("instavote", "vote-odd"),
+            IpAddr::from([10, 244, 2, 1]),
+        );
+        odd.labels = labels(&[("role", "vote")]);
+        c.upsert_pod(odd);
+        let svc = vote_service(TargetPort::Name("http".into()));
+        let eps = c.endpoints(&svc);
+        let list = &eps[""].1;
+        assert_eq!(list.len(), 5, "the pod without the named port is left out");
+        assert!(list.iter().all(|e| e.port == 8080));
+    }
+
+    #[test]
+    fn pod_updates_report_affected_services() {
+        let mut c = vote_cluster();
+        let svc = vote_service(TargetPort::Number(80));
+        c.upsert_service(svc.clone());
+        let mut p = c
+            .pod(&ObjectName::new("instavote", "vote-0"))
+            .cloned()
+            .expect("pod");
+        p.labels = labels(&[("role", "other")]);
+        let affected = c.upsert_pod(p);
+        assert!(affected.contains(&svc.name));
+        assert_eq!(c.endpoints(&svc)[""].1.len(), 4);
+        let affected = c.remove_pod(&ObjectName::new("instavote", "vote-1"));
+        assert!(affected.contains(&svc.name));
+        assert_eq!(c.endpoints(&svc)[""].1.len(), 3);
+    }
+
+    #[test]
+    fn terminating_and_not_ready_conditions() {
+        let mut c = vote_cluster();
+        let mut p = c
+            .pod(&ObjectName::new("instavote", "vote-0"))
+            .cloned()
+            .expect("pod");
+        p.terminating = true;
+        c.upsert_pod(p);
+        let mut p = c
+            .pod(&ObjectName::new("instavote", "vote-1"))
+            .cloned()
+            .expect("pod");
+        p.ready = false;
+        c.upsert_pod(p);
+        let svc = vote_service(TargetPort::Number(80));
+        let eps = c.endpoints(&svc);
+        let by_ip = |last: u8| {
+            eps[""]
+                .1
+                .iter()
+                .find(|e| e.endpoint.ip == IpAddr::from([10, 244, 1, last]))
+                .cloned()
+                .expect("endpoint")
+        };
+        let t = by_ip(10);
+        assert!(!t.endpoint.ready && t.endpoint.serving && t.endpoint.terminating);
+        let nr = by_ip(11);
+        assert!(!nr.endpoint.ready && !nr.endpoint.serving && !nr.endpoint.terminating);
+        let mut publish = svc.clone();
+        publish.publish_not_ready_addresses = true;
+        assert!(c.endpoints(&publish)[""].1.iter().all(|e| e.endpoint.ready));
+    }
+}
