@@ -19,4 +19,5 @@
 
 pub mod manifest;
 pub mod model;
+pub mod plan;
 pub mod select;

@@ -53,8 +53,10 @@ impl Default for ClusterConfig {
 }
 
 fn net(s: &str) -> IpNet {
-    s.parse()
-        .unwrap_or(IpNet::V4(ipnet::Ipv4Net::new_assert(Ipv4Addr::UNSPECIFIED, 0)))
+    s.parse().unwrap_or(IpNet::V4(ipnet::Ipv4Net::new_assert(
+        Ipv4Addr::UNSPECIFIED,
+        0,
+    )))
 }
 
 /// Where an object came from.
@@ -125,7 +127,9 @@ pub enum ValidateError {
     #[error("Invalid value: {0}: must be between 1 and 65535, inclusive")]
     PortOutOfRange(i64),
     /// A node port outside the configured range.
-    #[error("Invalid value: {value}: provided port is not in the valid range. The range of valid ports is {min}-{max}")]
+    #[error(
+        "Invalid value: {value}: provided port is not in the valid range. The range of valid ports is {min}-{max}"
+    )]
     NodePortOutOfRange {
         /// The value given.
         value: i64,
@@ -151,7 +155,9 @@ pub enum ValidateError {
         owner: String,
     },
     /// A cluster IP outside the Service CIDRs.
-    #[error("Invalid value: {ip:?}: provided IP is not in the valid range. The range of valid IPs is {range}")]
+    #[error(
+        "Invalid value: {ip:?}: provided IP is not in the valid range. The range of valid IPs is {range}"
+    )]
     ClusterIpOutOfRange {
         /// The address.
         ip: IpAddr,
@@ -350,12 +356,7 @@ impl Manifests {
                 && matches!(p.phase, PodPhase::Running | PodPhase::Pending)
                 && let Err(e) = b.allocate_pod_ip(&mut p)
             {
-                errors.push(error_at(
-                    l,
-                    pod_ref(&p),
-                    "status.podIP".into(),
-                    e,
-                ));
+                errors.push(error_at(l, pod_ref(&p), "status.podIP".into(), e));
                 continue;
             }
             if let Some(ip) = p.ips.iter().find(|ip| seen_ips.contains_key(ip)) {
@@ -642,7 +643,10 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
     let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(&doc.text) {
         Ok(v) => v,
         Err(e) => {
-            let line = doc.line + e.location().map(|l| l.line().saturating_sub(1)).unwrap_or(0);
+            let line = doc.line
+                + e.location()
+                    .map(|l| l.line().saturating_sub(1))
+                    .unwrap_or(0);
             m.errors
                 .push(whole(ValidateError::Yaml(strip_location(&e)), line, None));
             return;
@@ -781,20 +785,18 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 ctx,
             )
         }),
-        "ReplicationController" => {
-            decode::<corev1::ReplicationController>(&text, &ctx).map(|d| {
-                let spec = d.spec.unwrap_or_default();
-                convert_workload(
-                    "ReplicationController",
-                    d.metadata,
-                    spec.replicas,
-                    None,
-                    spec.selector,
-                    spec.template,
-                    ctx,
-                )
-            })
-        }
+        "ReplicationController" => decode::<corev1::ReplicationController>(&text, &ctx).map(|d| {
+            let spec = d.spec.unwrap_or_default();
+            convert_workload(
+                "ReplicationController",
+                d.metadata,
+                spec.replicas,
+                None,
+                spec.selector,
+                spec.template,
+                ctx,
+            )
+        }),
         "Endpoints" => decode::<corev1::Endpoints>(&text, &ctx).map(|e| convert_endpoints(e, ctx)),
         "EndpointSlice" => {
             decode::<discovery::EndpointSlice>(&text, &ctx).map(|e| convert_slice(e, ctx))
@@ -844,7 +846,10 @@ fn strip_location(e: &serde_yaml_ng::Error) -> String {
 
 fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, LoadError> {
     serde_yaml_ng::from_str::<T>(text).map_err(|e| {
-        let rel = e.location().map(|l| l.line().saturating_sub(1)).unwrap_or(0);
+        let rel = e
+            .location()
+            .map(|l| l.line().saturating_sub(1))
+            .unwrap_or(0);
         // Name the field when the error is about one: find the key on the error's line.
         let field = e
             .location()
@@ -1012,7 +1017,11 @@ impl Ctx<'_> {
         }
     }
 
-    fn labels(&mut self, field: &str, m: Option<&BTreeMap<String, String>>) -> BTreeMap<String, String> {
+    fn labels(
+        &mut self,
+        field: &str,
+        m: Option<&BTreeMap<String, String>>,
+    ) -> BTreeMap<String, String> {
         let m = m.cloned().unwrap_or_default();
         for (k, v) in &m {
             if let Some(reason) = label_key_error(k) {
@@ -1066,14 +1075,15 @@ impl Ctx<'_> {
                 SelectorOperator::In | SelectorOperator::NotIn if values.is_empty() => {
                     self.err(format!("{f}.values"), ValidateError::Required)
                 }
-                SelectorOperator::Exists | SelectorOperator::DoesNotExist if !values.is_empty() => self
-                    .err(
+                SelectorOperator::Exists | SelectorOperator::DoesNotExist if !values.is_empty() => {
+                    self.err(
                         format!("{f}.values"),
                         ValidateError::Forbidden(
                             "may not be specified when `operator` is 'Exists' or 'DoesNotExist'"
                                 .into(),
                         ),
-                    ),
+                    )
+                }
                 _ => {}
             }
             if let Some(reason) = label_key_error(&r.key) {
@@ -1136,7 +1146,9 @@ fn qualified_name_error(s: &str) -> bool {
     let b = s.as_bytes();
     s.is_empty()
         || s.len() > 63
-        || !b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
+        || !b
+            .iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_' | b'.'))
         || !b.first().is_some_and(|c| c.is_ascii_alphanumeric())
         || !b.last().is_some_and(|c| c.is_ascii_alphanumeric())
 }
@@ -1164,7 +1176,9 @@ fn label_value_error(v: &str) -> Option<String> {
 fn port_name_error(s: &str) -> Option<String> {
     let b = s.as_bytes();
     if s.len() > 15
-        || !b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        || !b
+            .iter()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
         || !b.iter().any(|c| c.is_ascii_lowercase())
         || s.starts_with('-')
         || s.ends_with('-')
@@ -1277,7 +1291,11 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
                 format!("spec.clusterIPs[{i}]")
             };
             if let Some(ip) = ctx.ip(&field, s) {
-                if svc.cluster_ips.iter().any(|o| IpFamily::of(o) == IpFamily::of(&ip)) {
+                if svc
+                    .cluster_ips
+                    .iter()
+                    .any(|o| IpFamily::of(o) == IpFamily::of(&ip))
+                {
                     ctx.err(
                         field,
                         ValidateError::Invalid {
@@ -1308,7 +1326,10 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
             }
         };
         if svc.ip_families.contains(&fam) {
-            ctx.err(format!("spec.ipFamilies[{i}]"), ValidateError::Duplicate(f.clone()));
+            ctx.err(
+                format!("spec.ipFamilies[{i}]"),
+                ValidateError::Duplicate(f.clone()),
+            );
         } else {
             svc.ip_families.push(fam);
         }
@@ -1380,7 +1401,10 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
                 );
             }
             if !seen_names.insert(name.clone()) {
-                ctx.err(format!("{f}.name"), ValidateError::Duplicate(format!("{name:?}")));
+                ctx.err(
+                    format!("{f}.name"),
+                    ValidateError::Duplicate(format!("{name:?}")),
+                );
             }
         }
         let Some(protocol) = ctx.protocol(&format!("{f}.protocol"), p.protocol.as_ref()) else {
@@ -1509,7 +1533,12 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
             ValidateError::Forbidden("may only be used when `type` is 'LoadBalancer'".into()),
         );
     }
-    for (i, s) in spec.load_balancer_source_ranges.iter().flatten().enumerate() {
+    for (i, s) in spec
+        .load_balancer_source_ranges
+        .iter()
+        .flatten()
+        .enumerate()
+    {
         if let Some(n) = ctx.cidr(&format!("spec.loadBalancerSourceRanges[{i}]"), s) {
             svc.load_balancer_source_ranges.push(n);
         }
@@ -1551,7 +1580,9 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
                         "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
                         ValidateError::Invalid {
                             value: t.to_string(),
-                            reason: format!("must be greater than 0 and less than {MAX_AFFINITY_TIMEOUT}"),
+                            reason: format!(
+                                "must be greater than 0 and less than {MAX_AFFINITY_TIMEOUT}"
+                            ),
                         },
                     );
                     DEFAULT_AFFINITY_TIMEOUT
@@ -1658,7 +1689,11 @@ fn pod_from_spec(
         owner: None,
         created: timestamp(md.creation_timestamp.as_ref()),
     };
-    if let Some(w) = md.annotations.as_ref().and_then(|a| a.get(WEIGHT_ANNOTATION)) {
+    if let Some(w) = md
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHT_ANNOTATION))
+    {
         match w.trim().parse::<u32>() {
             Ok(w) if w <= 1_000_000 => pod.weight = w,
             _ => ctx.err(
@@ -1734,7 +1769,9 @@ fn convert_pod(p: corev1::Pod, mut ctx: Ctx<'_>) -> Converted {
         // A Pod whose status lists conditions is ready only with Ready=True; a manifest
         // without conditions describes a Pod we start ourselves, which is ready when running.
         if let Some(conds) = &st.conditions {
-            pod.ready = conds.iter().any(|c| c.type_ == "Ready" && c.status == "True");
+            pod.ready = conds
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.status == "True");
         } else {
             pod.ready = pod.phase == PodPhase::Running;
         }
@@ -1834,14 +1871,21 @@ fn convert_workload(
 
 fn parse_weights(ctx: &mut Ctx<'_>, md: &meta::ObjectMeta) -> BTreeMap<IpAddr, u32> {
     let mut out = BTreeMap::new();
-    let Some(spec) = md.annotations.as_ref().and_then(|a| a.get(WEIGHTS_ANNOTATION)) else {
+    let Some(spec) = md
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(WEIGHTS_ANNOTATION))
+    else {
         return out;
     };
     let field = format!("metadata.annotations.{WEIGHTS_ANNOTATION}");
     for part in spec.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let parsed = part
-            .split_once('=')
-            .and_then(|(ip, w)| Some((ip.trim().parse::<IpAddr>().ok()?, w.trim().parse::<u32>().ok()?)));
+        let parsed = part.split_once('=').and_then(|(ip, w)| {
+            Some((
+                ip.trim().parse::<IpAddr>().ok()?,
+                w.trim().parse::<u32>().ok()?,
+            ))
+        });
         match parsed {
             Some((ip, w)) if w <= 1_000_000 => {
                 out.insert(ip, w);
@@ -1886,7 +1930,11 @@ fn convert_endpoints(e: corev1::Endpoints, mut ctx: Ctx<'_>) -> Converted {
         let mut endpoints = Vec::new();
         let lists = [
             (true, "addresses", subset.addresses.as_ref()),
-            (false, "notReadyAddresses", subset.not_ready_addresses.as_ref()),
+            (
+                false,
+                "notReadyAddresses",
+                subset.not_ready_addresses.as_ref(),
+            ),
         ];
         for (ready, list_name, list) in lists {
             for (ai, a) in list.into_iter().flatten().enumerate() {
@@ -2090,7 +2138,11 @@ impl<'a> Builder<'a> {
 
     /// Gives each Node without a pod CIDR the i-th subnet of the cluster's pod CIDRs.
     fn assign_node_cidrs(&mut self) {
-        let taken: BTreeSet<IpNet> = self.nodes.values().flat_map(|n| n.pod_cidrs.clone()).collect();
+        let taken: BTreeSet<IpNet> = self
+            .nodes
+            .values()
+            .flat_map(|n| n.pod_cidrs.clone())
+            .collect();
         let mut next = 0u32;
         for node in self.nodes.values_mut() {
             if !node.pod_cidrs.is_empty() {
@@ -2238,8 +2290,8 @@ impl<'a> Builder<'a> {
                 };
                 let seed = format!("{}", svc.name);
                 let taken = &self.cluster_ips;
-                let ip = probe_addr(&cidr, &seed, 16, |ip| taken.contains_key(ip)).ok_or_else(
-                    || {
+                let ip =
+                    probe_addr(&cidr, &seed, 16, |ip| taken.contains_key(ip)).ok_or_else(|| {
                         (
                             "spec.clusterIP".to_string(),
                             ValidateError::Exhausted {
@@ -2247,8 +2299,7 @@ impl<'a> Builder<'a> {
                                 range: cidr.to_string(),
                             },
                         )
-                    },
-                )?;
+                    })?;
                 self.cluster_ips.insert(ip, svc.name.clone());
                 svc.cluster_ips.push(ip);
             }
@@ -2257,22 +2308,22 @@ impl<'a> Builder<'a> {
         if svc.service_type.has_node_ports() {
             let (min, max) = self.config.node_port_range;
             for i in 0..svc.ports.len() {
-                let Some(p) = svc.ports.get(i).cloned() else { continue };
+                let Some(p) = svc.ports.get(i).cloned() else {
+                    continue;
+                };
                 if p.node_port.is_some() {
                     continue;
                 }
                 let seed = format!("{}:{}:{}", svc.name, p.port, p.protocol);
-                let np = self
-                    .probe_port(min, max, &seed)
-                    .ok_or_else(|| {
-                        (
-                            format!("spec.ports[{i}].nodePort"),
-                            ValidateError::Exhausted {
-                                what: "node ports",
-                                range: format!("{min}-{max}"),
-                            },
-                        )
-                    })?;
+                let np = self.probe_port(min, max, &seed).ok_or_else(|| {
+                    (
+                        format!("spec.ports[{i}].nodePort"),
+                        ValidateError::Exhausted {
+                            what: "node ports",
+                            range: format!("{min}-{max}"),
+                        },
+                    )
+                })?;
                 self.node_ports.insert((np, p.protocol), svc.name.clone());
                 if let Some(sp) = svc.ports.get_mut(i) {
                     sp.node_port = Some(np);
@@ -2381,7 +2432,9 @@ fn nth_subnet(c: &IpNet, i: u32) -> Option<IpNet> {
                 return None;
             }
             let base = u32::from(n.network()) + (i << 8);
-            ipnet::Ipv4Net::new(Ipv4Addr::from(base), 24).ok().map(IpNet::V4)
+            ipnet::Ipv4Net::new(Ipv4Addr::from(base), 24)
+                .ok()
+                .map(IpNet::V4)
         }
         IpNet::V6(n) => {
             let len = n.prefix_len();
@@ -2393,7 +2446,9 @@ fn nth_subnet(c: &IpNet, i: u32) -> Option<IpNet> {
                 return None;
             }
             let base = u128::from(n.network()) + (u128::from(i) << 48);
-            ipnet::Ipv6Net::new(Ipv6Addr::from(base), 80).ok().map(IpNet::V6)
+            ipnet::Ipv6Net::new(Ipv6Addr::from(base), 80)
+                .ok()
+                .map(IpNet::V6)
         }
     }
 }
@@ -2408,7 +2463,12 @@ fn hash64(s: &str) -> u64 {
 
 /// Picks an address in `cidr` for `seed`: a hashed start, then linear probing. Skips the
 /// first `skip` addresses and the last one (broadcast for IPv4).
-fn probe_addr(cidr: &IpNet, seed: &str, skip: u64, taken: impl Fn(&IpAddr) -> bool) -> Option<IpAddr> {
+fn probe_addr(
+    cidr: &IpNet,
+    seed: &str,
+    skip: u64,
+    taken: impl Fn(&IpAddr) -> bool,
+) -> Option<IpAddr> {
     let host_bits = u32::from(cidr.max_prefix_len() - cidr.prefix_len()).min(63);
     let size = 1u64 << host_bits;
     if size <= skip + 1 {
@@ -2419,8 +2479,12 @@ fn probe_addr(cidr: &IpNet, seed: &str, skip: u64, taken: impl Fn(&IpAddr) -> bo
     for i in 0..span.min(1 << 20) {
         let off = skip + (start + i) % span;
         let ip = match cidr {
-            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(u32::from(n.network()).wrapping_add(off as u32))),
-            IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(u128::from(n.network()).wrapping_add(u128::from(off)))),
+            IpNet::V4(n) => IpAddr::V4(Ipv4Addr::from(
+                u32::from(n.network()).wrapping_add(off as u32),
+            )),
+            IpNet::V6(n) => IpAddr::V6(Ipv6Addr::from(
+                u128::from(n.network()).wrapping_add(u128::from(off)),
+            )),
         };
         if !taken(&ip) {
             return Some(ip);
@@ -2473,7 +2537,9 @@ spec:
         let mut m = Manifests::from_files([("vote-svc.yaml", LAB_VOTE)], &cfg);
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         let c = m.build(&cfg);
-        let svc = c.service(&ObjectName::new("instavote", "vote")).expect("vote");
+        let svc = c
+            .service(&ObjectName::new("instavote", "vote"))
+            .expect("vote");
         assert_eq!(svc.service_type, ServiceType::NodePort);
         assert_eq!(svc.ports[0].node_port, Some(30000));
         assert_eq!(svc.ports[0].target_port, TargetPort::Number(80));
@@ -2485,7 +2551,10 @@ spec:
     fn splits_documents_with_lines() {
         let docs = split_documents("# c\n---\na: 1\n---\n\n# only comment\n---\nb: 2\nc: 3\n...\n");
         assert_eq!(docs.len(), 2);
-        assert_eq!((docs[0].index, docs[0].line, docs[0].text.as_str()), (0, 3, "a: 1\n"));
+        assert_eq!(
+            (docs[0].index, docs[0].line, docs[0].text.as_str()),
+            (0, 3, "a: 1\n")
+        );
         assert_eq!((docs[1].index, docs[1].line), (1, 8));
     }
 
@@ -2566,10 +2635,15 @@ spec:
         assert!(m.errors.is_empty(), "{:?}", m.errors);
         let pods: Vec<_> = c.pods().collect();
         assert_eq!(pods.len(), 5);
-        let on1 = pods.iter().filter(|p| p.node_name.as_deref() == Some("node-1")).count();
+        let on1 = pods
+            .iter()
+            .filter(|p| p.node_name.as_deref() == Some("node-1"))
+            .count();
         assert_eq!(on1, 3);
         for p in &pods {
-            let node = c.node(p.node_name.as_deref().expect("placed")).expect("node");
+            let node = c
+                .node(p.node_name.as_deref().expect("placed"))
+                .expect("node");
             assert!(node.pod_cidrs[0].contains(&p.ips[0]), "{p:?} in {node:?}");
             assert!(p.name.name.starts_with("vote-"));
         }

@@ -734,7 +734,11 @@ impl Cluster {
         self.services
             .range(lo..)
             .take_while(|(k, _)| &k.namespace == ns)
-            .filter(|(_, s)| s.selector.as_ref().is_some_and(|sel| sel.matches(&pod.labels)))
+            .filter(|(_, s)| {
+                s.selector
+                    .as_ref()
+                    .is_some_and(|sel| sel.matches(&pod.labels))
+            })
             .map(|(k, _)| k.clone())
             .collect()
     }
@@ -804,8 +808,8 @@ impl Cluster {
                         {
                             continue;
                         }
-                        let ready = svc.publish_not_ready_addresses
-                            || (pod.ready && !pod.terminating);
+                        let ready =
+                            svc.publish_not_ready_addresses || (pod.ready && !pod.terminating);
                         let serving = svc.publish_not_ready_addresses || pod.ready;
                         let hostname = match (&pod.hostname, &pod.subdomain) {
                             (Some(h), Some(sd)) if sd == &svc.name.name => Some(h.clone()),
@@ -913,7 +917,10 @@ mod tests {
         assert_eq!(
             LabelSelector {
                 match_labels: labels(&[("app", "vote")]),
-                match_expressions: vec![req("tier", In, &["back", "front"]), req("x", DoesNotExist, &[])],
+                match_expressions: vec![
+                    req("tier", In, &["back", "front"]),
+                    req("x", DoesNotExist, &[])
+                ],
             }
             .to_string(),
             "app=vote,tier in (back,front),!x"

@@ -1,0 +1,1581 @@
+//! The neutral NAT plan: what every backend must program, and the difference between two
+//! plans.
+//!
+//! A [`Plan`] is compiled for one node from a [`Cluster`] and a [`NodeContext`]. It holds
+//! **frontends** keyed by (address, protocol, port, kind) and **backend sets** of weighted
+//! endpoints. A frontend points at a backend set and carries what the datapath must do
+//! around the translation: source ranges, ClientIP affinity, masquerading, and the verdict
+//! when the set is empty (REJECT, or DROP for `Local` policies with endpoints elsewhere).
+//! These are kube-proxy's semantics; the iptables, IPVS and userspace backends express them
+//! in their own terms.
+//!
+//! [`Plan::diff`] gives the ordered, minimal list of operations from one plan to another
+//! (create before reference, unlink before delete), and [`Plan::update`] recompiles only the
+//! Services that changed and returns that same diff without comparing whole plans. Shared
+//! entries are `Arc`s, so a diff after an incremental update skips unchanged Services by
+//! pointer comparison.
+//!
+//! Identifiers are kube-proxy's: `KUBE-SVC-` + the first 16 characters of the base32 of
+//! SHA-256 over the service port name and protocol, `KUBE-SEP-` over the same plus the
+//! endpoint, so that rules rendered by svcnat can be compared with kube-proxy's.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::{self, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use sha2::{Digest, Sha256};
+
+use crate::model::*;
+use crate::select;
+
+/// How service port names are spelled in chain hashes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ChainIdStyle {
+    /// Current kube-proxy: `namespace/name` for an unnamed port, `namespace/name:port`
+    /// otherwise.
+    #[default]
+    Current,
+    /// kube-proxy before the port name became optional in the string: always
+    /// `namespace/name:port`, so an unnamed port hashes `namespace/name:`. The lab's chain
+    /// names (`KUBE-SVC-VIQHAVHDK4QE7NA4` for `instavote/vote`) come from this style.
+    Legacy,
+}
+
+/// The node a plan is compiled for, and the proxy's settings.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NodeContext {
+    /// This node's name (`--hostname-override`): decides which endpoints are local.
+    pub node_name: String,
+    /// This node's addresses.
+    pub node_ips: Vec<IpAddr>,
+    /// `--nodeport-addresses`: node addresses in these CIDRs serve NodePorts; empty means
+    /// every node address.
+    pub nodeport_addresses: Vec<IpNet>,
+    /// `--cluster-cidr`: traffic from outside these ranges to a ClusterIP is masqueraded.
+    pub cluster_cidrs: Vec<IpNet>,
+    /// `--masquerade-all`: masquerade all traffic to ClusterIPs.
+    pub masquerade_all: bool,
+    /// Spelling of chain hash inputs.
+    pub chain_ids: ChainIdStyle,
+}
+
+impl NodeContext {
+    /// A node with one address and the given cluster CIDR.
+    pub fn new(
+        node_name: impl Into<String>,
+        node_ips: Vec<IpAddr>,
+        cluster_cidrs: Vec<IpNet>,
+    ) -> Self {
+        NodeContext {
+            node_name: node_name.into(),
+            node_ips,
+            nodeport_addresses: Vec::new(),
+            cluster_cidrs,
+            masquerade_all: false,
+            chain_ids: ChainIdStyle::Current,
+        }
+    }
+
+    /// The node addresses that serve NodePorts.
+    pub fn nodeport_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.node_ips.iter().copied().filter(|ip| {
+            self.nodeport_addresses.is_empty()
+                || self.nodeport_addresses.iter().any(|n| n.contains(ip))
+        })
+    }
+}
+
+/// A Service port: the unit kube-proxy builds chains for.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct ServicePortName {
+    /// The Service.
+    pub service: ServiceName,
+    /// The port's name (empty for a single unnamed port).
+    pub port: String,
+    /// The port's protocol.
+    pub protocol: Protocol,
+}
+
+impl ServicePortName {
+    /// The name as kube-proxy hashes and comments it.
+    pub fn spelled(&self, style: ChainIdStyle) -> String {
+        match (style, self.port.is_empty()) {
+            (ChainIdStyle::Current, true) => self.service.to_string(),
+            _ => format!("{}:{}", self.service, self.port),
+        }
+    }
+
+    /// The 16-character hash of `KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-` and `KUBE-FW-` chains:
+    /// base32(sha256(name + protocol)).
+    pub fn chain_hash(&self, style: ChainIdStyle) -> String {
+        chain_hash(&format!(
+            "{}{}",
+            self.spelled(style),
+            self.protocol.as_lower()
+        ))
+    }
+
+    /// The hash of an endpoint's `KUBE-SEP-` chain: base32(sha256(name + protocol + "ip:port")).
+    pub fn endpoint_hash(&self, style: ChainIdStyle, ep: SocketAddr) -> String {
+        chain_hash(&format!(
+            "{}{}{}",
+            self.spelled(style),
+            self.protocol.as_lower(),
+            ep
+        ))
+    }
+}
+
+impl fmt::Display for ServicePortName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.spelled(ChainIdStyle::Current))
+    }
+}
+
+/// kube-proxy's chain hash: the first 16 characters of the base32 of SHA-256.
+pub fn chain_hash(input: &str) -> String {
+    let digest = Sha256::digest(input.as_bytes());
+    let mut s = data_encoding::BASE32.encode(&digest);
+    s.truncate(16);
+    s
+}
+
+/// Which endpoints a backend set holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Locality {
+    /// Every usable endpoint in the cluster (`KUBE-SVC-*`).
+    Cluster,
+    /// Only endpoints on this node (`KUBE-SVL-*`).
+    Local,
+}
+
+/// Identifies a backend set: a Service port, a locality and an address family.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSetId {
+    /// The Service port.
+    pub service_port: ServicePortName,
+    /// Cluster-wide or node-local.
+    pub locality: Locality,
+    /// Address family of the endpoints (a dual-stack Service has one set per family).
+    pub family: IpFamily,
+}
+
+/// An endpoint in a backend set.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PlanEndpoint {
+    /// Address and target port.
+    pub addr: SocketAddr,
+    /// Selection weight; 0 means drained (kept for existing connections, never chosen).
+    pub weight: u32,
+    /// On this node.
+    pub local: bool,
+    /// Terminating but still serving: used only because no ready endpoint exists.
+    pub terminating: bool,
+    /// The node it runs on.
+    pub node: Option<String>,
+}
+
+/// Weighted endpoints of one Service port, in address order.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct BackendSet {
+    /// Identity.
+    pub id: BackendSetId,
+    /// The 16-character kube-proxy hash naming its chain.
+    pub chain: String,
+    /// Endpoints, sorted by address.
+    pub endpoints: Vec<PlanEndpoint>,
+}
+
+impl BackendSet {
+    /// Whether no endpoint can take a new connection.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.iter().all(|e| e.weight == 0)
+    }
+
+    /// The weights, in endpoint order.
+    pub fn weights(&self) -> Vec<u32> {
+        self.endpoints.iter().map(|e| e.weight).collect()
+    }
+
+    /// Per-rule probabilities of the iptables cascade, in endpoint order.
+    pub fn probabilities(&self) -> Vec<select::Probability> {
+        select::cascade(&self.weights())
+    }
+
+    /// The `KUBE-SEP-` hash of an endpoint of this set.
+    pub fn endpoint_chain(&self, style: ChainIdStyle, ep: &PlanEndpoint) -> String {
+        self.id.service_port.endpoint_hash(style, ep.addr)
+    }
+}
+
+/// How a frontend's address is reached.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    /// The Service's cluster IP.
+    ClusterIp,
+    /// A node address and node port.
+    NodePort,
+    /// One of `spec.externalIPs`.
+    ExternalIp,
+    /// A load balancer ingress IP.
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Whether traffic to it counts as external (externalTrafficPolicy applies).
+    pub fn is_external(self) -> bool {
+        self != FrontendKind::ClusterIp
+    }
+
+    /// A short name for renderings.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FrontendKind::ClusterIp => "ClusterIP",
+            FrontendKind::NodePort => "NodePort",
+            FrontendKind::ExternalIp => "ExternalIP",
+            FrontendKind::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Where traffic arrives: address, protocol, port and kind.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendKey {
+    /// Destination address.
+    pub addr: IpAddr,
+    /// Protocol.
+    pub protocol: Protocol,
+    /// Destination port.
+    pub port: u16,
+    /// Kind.
+    pub kind: FrontendKind,
+}
+
+impl fmt::Display for FrontendKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{} {}",
+            SocketAddr::new(self.addr, self.port),
+            self.protocol,
+            self.kind.as_str()
+        )
+    }
+}
+
+/// When a frontend's traffic gets its source address rewritten to the node's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Masquerade {
+    /// Never (the endpoint sees the client's address).
+    Never,
+    /// When the source is outside the cluster CIDRs.
+    OffCluster,
+    /// Always.
+    Always,
+}
+
+/// What happens to a new connection when the target set is empty.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum EmptyAction {
+    /// Refuse it (ICMP port unreachable / TCP RST): the Service has no endpoints at all.
+    Reject,
+    /// Drop it silently: `Local` policy, and the endpoints are on other nodes.
+    Drop,
+}
+
+/// A frontend: where traffic arrives and what to do with it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Frontend {
+    /// The Service port it belongs to.
+    pub service_port: ServicePortName,
+    /// The backend set new connections go to.
+    pub backends: BackendSetId,
+    /// For `externalTrafficPolicy: Local`: traffic from pods or from the node itself goes
+    /// to this cluster-wide set instead (kube-proxy's `KUBE-EXT-` short circuit).
+    pub local_shortcut: Option<BackendSetId>,
+    /// Source rewriting.
+    pub masquerade: Masquerade,
+    /// Allowed client ranges (`loadBalancerSourceRanges`); empty allows everyone.
+    pub source_ranges: Vec<IpNet>,
+    /// ClientIP affinity timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+    /// Verdict when `backends` is empty.
+    pub on_empty: EmptyAction,
+}
+
+/// A `healthCheckNodePort` to serve: load balancers probe it to find nodes with local
+/// endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HealthCheck {
+    /// The node port.
+    pub port: u16,
+    /// Ready local endpoints; the check passes when it is above zero.
+    pub local_endpoints: usize,
+}
+
+/// Two Services claim one frontend key: the first by name wins.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Conflict {
+    /// The contested frontend.
+    pub key: FrontendKey,
+    /// The Service that has it.
+    pub winner: ServiceName,
+    /// The Service that was left out.
+    pub loser: ServiceName,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Owned {
+    frontends: Vec<FrontendKey>,
+    sets: Vec<BackendSetId>,
+}
+
+/// What one Service contributes to a plan.
+#[derive(Clone, Debug, Default)]
+struct ServiceEntries {
+    frontends: Vec<(FrontendKey, Frontend)>,
+    sets: Vec<BackendSet>,
+    health: Option<HealthCheck>,
+}
+
+/// The NAT plan of one node.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    node: NodeContext,
+    frontends: BTreeMap<FrontendKey, Arc<Frontend>>,
+    backend_sets: BTreeMap<BackendSetId, Arc<BackendSet>>,
+    health_checks: BTreeMap<ServiceName, HealthCheck>,
+    owned: BTreeMap<ServiceName, Owned>,
+    conflicts: BTreeSet<Conflict>,
+}
+
+impl PartialEq for Plan {
+    fn eq(&self, other: &Self) -> bool {
+        self.node == other.node
+            && self.frontends == other.frontends
+            && self.backend_sets == other.backend_sets
+            && self.health_checks == other.health_checks
+    }
+}
+
+impl Eq for Plan {}
+
+impl Plan {
+    /// A plan with nothing in it.
+    pub fn empty(node: NodeContext) -> Plan {
+        Plan {
+            node,
+            frontends: BTreeMap::new(),
+            backend_sets: BTreeMap::new(),
+            health_checks: BTreeMap::new(),
+            owned: BTreeMap::new(),
+            conflicts: BTreeSet::new(),
+        }
+    }
+
+    /// Compiles the plan of a node from the whole cluster.
+    pub fn compile(cluster: &Cluster, node: &NodeContext) -> Plan {
+        let mut plan = Plan::empty(node.clone());
+        for svc in cluster.services() {
+            let entries = compile_service(cluster, svc, node);
+            plan.insert_entries(&svc.name, entries);
+        }
+        plan
+    }
+
+    /// The node context.
+    pub fn node(&self) -> &NodeContext {
+        &self.node
+    }
+
+    /// Frontends in key order.
+    pub fn frontends(&self) -> impl Iterator<Item = (&FrontendKey, &Arc<Frontend>)> {
+        self.frontends.iter()
+    }
+
+    /// A frontend by key.
+    pub fn frontend(&self, key: &FrontendKey) -> Option<&Arc<Frontend>> {
+        self.frontends.get(key)
+    }
+
+    /// Backend sets in id order.
+    pub fn backend_sets(&self) -> impl Iterator<Item = (&BackendSetId, &Arc<BackendSet>)> {
+        self.backend_sets.iter()
+    }
+
+    /// A backend set by id.
+    pub fn backend_set(&self, id: &BackendSetId) -> Option<&Arc<BackendSet>> {
+        self.backend_sets.get(id)
+    }
+
+    /// Health check ports by Service.
+    pub fn health_checks(&self) -> impl Iterator<Item = (&ServiceName, &HealthCheck)> {
+        self.health_checks.iter()
+    }
+
+    /// Frontend keys claimed by two Services (the later one by name was left out).
+    pub fn conflicts(&self) -> impl Iterator<Item = &Conflict> {
+        self.conflicts.iter()
+    }
+
+    /// The frontend that matches a packet's destination, any kind.
+    pub fn lookup(
+        &self,
+        addr: IpAddr,
+        protocol: Protocol,
+        port: u16,
+    ) -> Option<(&FrontendKey, &Arc<Frontend>)> {
+        let lo = FrontendKey {
+            addr,
+            protocol,
+            port,
+            kind: FrontendKind::ClusterIp,
+        };
+        self.frontends
+            .range(lo..)
+            .next()
+            .filter(|(k, _)| k.addr == addr && k.protocol == protocol && k.port == port)
+    }
+
+    /// Number of endpoints over all backend sets.
+    pub fn endpoint_count(&self) -> usize {
+        self.backend_sets.values().map(|s| s.endpoints.len()).sum()
+    }
+
+    fn insert_entries(&mut self, service: &ServiceName, entries: ServiceEntries) {
+        let mut owned = Owned::default();
+        for (key, fe) in entries.frontends {
+            match self.frontends.get(&key) {
+                Some(existing) if &existing.service_port.service != service => {
+                    self.conflicts.insert(Conflict {
+                        key,
+                        winner: existing.service_port.service.clone(),
+                        loser: service.clone(),
+                    });
+                }
+                _ => {
+                    owned.frontends.push(key);
+                    self.frontends.insert(key, Arc::new(fe));
+                }
+            }
+        }
+        for set in entries.sets {
+            owned.sets.push(set.id.clone());
+            self.backend_sets.insert(set.id.clone(), Arc::new(set));
+        }
+        if let Some(h) = entries.health {
+            self.health_checks.insert(service.clone(), h);
+        }
+        if !owned.frontends.is_empty() || !owned.sets.is_empty() {
+            self.owned.insert(service.clone(), owned);
+        }
+    }
+
+    fn remove_entries(&mut self, service: &ServiceName) {
+        if let Some(owned) = self.owned.remove(service) {
+            for k in owned.frontends {
+                self.frontends.remove(&k);
+            }
+            for s in owned.sets {
+                self.backend_sets.remove(&s);
+            }
+        }
+        self.health_checks.remove(service);
+        self.conflicts
+            .retain(|c| &c.loser != service && &c.winner != service);
+    }
+
+    /// Recompiles the given Services (added, changed or removed in `cluster`) in place and
+    /// returns the diff from the previous plan. Costs in proportion to the Services named,
+    /// not to the cluster; equals `Plan::diff(&old, &Plan::compile(cluster, node))`.
+    pub fn update<'a>(
+        &mut self,
+        cluster: &Cluster,
+        changed: impl IntoIterator<Item = &'a ServiceName>,
+    ) -> PlanDiff {
+        let changed: BTreeSet<&ServiceName> = changed.into_iter().collect();
+        let mut fresh: BTreeMap<&ServiceName, ServiceEntries> = BTreeMap::new();
+        for name in &changed {
+            let entries = cluster
+                .service(name)
+                .map(|svc| compile_service(cluster, svc, &self.node))
+                .unwrap_or_default();
+            fresh.insert(name, entries);
+        }
+        // Frontend keys contested between Services make the winner depend on every
+        // claimant; that is rare, and then a full compile keeps the result exact.
+        let contested = self
+            .conflicts
+            .iter()
+            .any(|c| changed.contains(&c.winner) || changed.contains(&c.loser))
+            || fresh.iter().any(|(name, e)| {
+                e.frontends.iter().any(|(k, _)| {
+                    self.frontends
+                        .get(k)
+                        .is_some_and(|f| &&f.service_port.service != name)
+                })
+            });
+        if contested {
+            let new = Plan::compile(cluster, &self.node);
+            let diff = Plan::diff(self, &new);
+            *self = new;
+            return diff;
+        }
+        let mut old_fe = BTreeMap::new();
+        let mut old_sets = BTreeMap::new();
+        let mut old_hc = BTreeMap::new();
+        for name in &changed {
+            if let Some(owned) = self.owned.get(*name) {
+                for k in &owned.frontends {
+                    if let Some(f) = self.frontends.get(k) {
+                        old_fe.insert(*k, f.clone());
+                    }
+                }
+                for s in &owned.sets {
+                    if let Some(b) = self.backend_sets.get(s) {
+                        old_sets.insert(s.clone(), b.clone());
+                    }
+                }
+            }
+            if let Some(h) = self.health_checks.get(*name) {
+                old_hc.insert((*name).clone(), h.clone());
+            }
+            self.remove_entries(name);
+        }
+        let mut new_fe = BTreeMap::new();
+        let mut new_sets = BTreeMap::new();
+        let mut new_hc = BTreeMap::new();
+        for (name, entries) in fresh {
+            // Keep the old Arc where nothing changed, so later diffs can skip by pointer.
+            let mut kept = ServiceEntries {
+                frontends: Vec::new(),
+                sets: Vec::new(),
+                health: entries.health,
+            };
+            kept.frontends = entries.frontends;
+            kept.sets = entries.sets;
+            self.insert_entries(name, kept);
+            if let Some(owned) = self.owned.get(name) {
+                for k in &owned.frontends {
+                    if let Some(f) = self.frontends.get_mut(k) {
+                        if let Some(old) = old_fe.get(k)
+                            && old == f
+                        {
+                            *f = old.clone();
+                        }
+                        new_fe.insert(*k, f.clone());
+                    }
+                }
+                for s in &owned.sets {
+                    if let Some(b) = self.backend_sets.get_mut(s) {
+                        if let Some(old) = old_sets.get(s)
+                            && old == b
+                        {
+                            *b = old.clone();
+                        }
+                        new_sets.insert(s.clone(), b.clone());
+                    }
+                }
+            }
+            if let Some(h) = self.health_checks.get(name) {
+                new_hc.insert(name.clone(), h.clone());
+            }
+        }
+        diff_parts(
+            None, &old_fe, &new_fe, &old_sets, &new_sets, &old_hc, &new_hc,
+        )
+    }
+
+    /// The ordered operations that turn `old` into `new`.
+    pub fn diff(old: &Plan, new: &Plan) -> PlanDiff {
+        let node = (old.node != new.node).then(|| new.node.clone());
+        diff_parts(
+            node,
+            &old.frontends,
+            &new.frontends,
+            &old.backend_sets,
+            &new.backend_sets,
+            &old.health_checks,
+            &new.health_checks,
+        )
+    }
+
+    /// Renders the plan as stable text, for golden files and debugging.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let style = self.node.chain_ids;
+        let list = |v: &[IpNet]| {
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.iter()
+                    .map(|n| n.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }
+        };
+        let _ = writeln!(
+            out,
+            "node {} ips {} cluster-cidrs {} masquerade-all {}",
+            self.node.node_name,
+            self.node
+                .node_ips
+                .iter()
+                .map(|i| i.to_string())
+                .collect::<Vec<_>>()
+                .join(","),
+            list(&self.node.cluster_cidrs),
+            self.node.masquerade_all
+        );
+        for (k, f) in &self.frontends {
+            let _ = write!(
+                out,
+                "frontend {k} -> {} {:?}/{:?}",
+                f.service_port.spelled(style),
+                f.backends.locality,
+                f.backends.family
+            );
+            if let Some(s) = &f.local_shortcut {
+                let _ = write!(out, " shortcut {:?}", s.locality);
+            }
+            let _ = write!(out, " masq {:?} empty {:?}", f.masquerade, f.on_empty);
+            if let Some(t) = f.affinity_timeout {
+                let _ = write!(out, " affinity {t}s");
+            }
+            if !f.source_ranges.is_empty() {
+                let _ = write!(out, " ranges {}", list(&f.source_ranges));
+            }
+            out.push('\n');
+        }
+        for (id, set) in &self.backend_sets {
+            let prefix = match id.locality {
+                Locality::Cluster => "KUBE-SVC-",
+                Locality::Local => "KUBE-SVL-",
+            };
+            let _ = writeln!(
+                out,
+                "backends {} {:?} {:?} {prefix}{} ({} endpoints)",
+                id.service_port.spelled(style),
+                id.locality,
+                id.family,
+                set.chain,
+                set.endpoints.len()
+            );
+            for (ep, p) in set.endpoints.iter().zip(set.probabilities()) {
+                let _ = write!(
+                    out,
+                    "  {} weight {} p {} KUBE-SEP-{}",
+                    ep.addr,
+                    ep.weight,
+                    p.to_decimal(10),
+                    set.endpoint_chain(style, ep)
+                );
+                if ep.local {
+                    out.push_str(" local");
+                }
+                if ep.terminating {
+                    out.push_str(" terminating");
+                }
+                out.push('\n');
+            }
+        }
+        for (svc, h) in &self.health_checks {
+            let _ = writeln!(
+                out,
+                "healthcheck {svc} port {} local-endpoints {}",
+                h.port, h.local_endpoints
+            );
+        }
+        for c in &self.conflicts {
+            let _ = writeln!(
+                out,
+                "conflict {} kept {} dropped {}",
+                c.key, c.winner, c.loser
+            );
+        }
+        out
+    }
+}
+
+/// Endpoint-level changes inside a backend set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct EndpointChanges {
+    /// New endpoints.
+    pub added: Vec<PlanEndpoint>,
+    /// Endpoints whose weight or conditions changed (new values).
+    pub updated: Vec<PlanEndpoint>,
+    /// Endpoints gone.
+    pub removed: Vec<PlanEndpoint>,
+}
+
+impl EndpointChanges {
+    fn between(old: &[PlanEndpoint], new: &[PlanEndpoint]) -> EndpointChanges {
+        let o: BTreeMap<SocketAddr, &PlanEndpoint> = old.iter().map(|e| (e.addr, e)).collect();
+        let n: BTreeMap<SocketAddr, &PlanEndpoint> = new.iter().map(|e| (e.addr, e)).collect();
+        let mut c = EndpointChanges::default();
+        for (a, e) in &n {
+            match o.get(a) {
+                None => c.added.push((*e).clone()),
+                Some(old) if old != e => c.updated.push((*e).clone()),
+                _ => {}
+            }
+        }
+        for (a, e) in &o {
+            if !n.contains_key(a) {
+                c.removed.push((*e).clone());
+            }
+        }
+        c
+    }
+}
+
+/// One step of a [`PlanDiff`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Op {
+    /// The node context changed (backends usually resync fully).
+    SetNode(NodeContext),
+    /// A new backend set, with its endpoints.
+    AddBackendSet(Arc<BackendSet>),
+    /// A backend set's endpoints changed; `set` is the new content.
+    UpdateBackendSet {
+        /// The new set.
+        set: Arc<BackendSet>,
+        /// What changed.
+        changes: EndpointChanges,
+    },
+    /// A frontend goes away.
+    RemoveFrontend {
+        /// Its key.
+        key: FrontendKey,
+        /// What it was.
+        old: Arc<Frontend>,
+    },
+    /// A new frontend.
+    AddFrontend {
+        /// Its key.
+        key: FrontendKey,
+        /// What it is.
+        frontend: Arc<Frontend>,
+    },
+    /// A frontend's attributes changed.
+    UpdateFrontend {
+        /// Its key.
+        key: FrontendKey,
+        /// The new value.
+        frontend: Arc<Frontend>,
+    },
+    /// A backend set goes away (after every frontend stopped pointing at it).
+    RemoveBackendSet(Arc<BackendSet>),
+    /// A health check port is served (new or changed).
+    SetHealthCheck {
+        /// The Service.
+        service: ServiceName,
+        /// The check.
+        check: HealthCheck,
+    },
+    /// A health check port is no longer served.
+    RemoveHealthCheck {
+        /// The Service.
+        service: ServiceName,
+    },
+}
+
+/// The ordered operations between two plans: node change, then backend sets created and
+/// updated, frontends removed, added and updated, backend sets removed, health checks.
+/// Applying them in order never leaves a frontend pointing at a missing set.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PlanDiff {
+    /// The operations, in the order to apply them.
+    pub ops: Vec<Op>,
+}
+
+impl PlanDiff {
+    /// Whether nothing changed.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// Applies the operations to `plan`, giving the new plan.
+    pub fn apply(&self, plan: &Plan) -> Plan {
+        let mut p = plan.clone();
+        for op in &self.ops {
+            match op {
+                Op::SetNode(n) => p.node = n.clone(),
+                Op::AddBackendSet(s) | Op::UpdateBackendSet { set: s, .. } => {
+                    p.backend_sets.insert(s.id.clone(), s.clone());
+                }
+                Op::RemoveFrontend { key, .. } => {
+                    p.frontends.remove(key);
+                }
+                Op::AddFrontend { key, frontend } | Op::UpdateFrontend { key, frontend } => {
+                    p.frontends.insert(*key, frontend.clone());
+                }
+                Op::RemoveBackendSet(s) => {
+                    p.backend_sets.remove(&s.id);
+                }
+                Op::SetHealthCheck { service, check } => {
+                    p.health_checks.insert(service.clone(), check.clone());
+                }
+                Op::RemoveHealthCheck { service } => {
+                    p.health_checks.remove(service);
+                }
+            }
+        }
+        // Ownership follows the entries' Service names; conflicts are not carried.
+        p.owned.clear();
+        p.conflicts.clear();
+        for (k, f) in &p.frontends {
+            p.owned
+                .entry(f.service_port.service.clone())
+                .or_default()
+                .frontends
+                .push(*k);
+        }
+        for id in p.backend_sets.keys() {
+            p.owned
+                .entry(id.service_port.service.clone())
+                .or_default()
+                .sets
+                .push(id.clone());
+        }
+        p
+    }
+
+    /// The Services the diff touches.
+    pub fn services(&self) -> BTreeSet<ServiceName> {
+        let mut s = BTreeSet::new();
+        for op in &self.ops {
+            let name = match op {
+                Op::SetNode(_) => continue,
+                Op::AddBackendSet(b)
+                | Op::UpdateBackendSet { set: b, .. }
+                | Op::RemoveBackendSet(b) => &b.id.service_port.service,
+                Op::RemoveFrontend { old: f, .. }
+                | Op::AddFrontend { frontend: f, .. }
+                | Op::UpdateFrontend { frontend: f, .. } => &f.service_port.service,
+                Op::SetHealthCheck { service, .. } | Op::RemoveHealthCheck { service } => service,
+            };
+            s.insert(name.clone());
+        }
+        s
+    }
+}
+
+fn diff_parts(
+    node: Option<NodeContext>,
+    old_fe: &BTreeMap<FrontendKey, Arc<Frontend>>,
+    new_fe: &BTreeMap<FrontendKey, Arc<Frontend>>,
+    old_sets: &BTreeMap<BackendSetId, Arc<BackendSet>>,
+    new_sets: &BTreeMap<BackendSetId, Arc<BackendSet>>,
+    old_hc: &BTreeMap<ServiceName, HealthCheck>,
+    new_hc: &BTreeMap<ServiceName, HealthCheck>,
+) -> PlanDiff {
+    let mut ops = Vec::new();
+    if let Some(n) = node {
+        ops.push(Op::SetNode(n));
+    }
+    let same = |a: &Arc<BackendSet>, b: &Arc<BackendSet>| Arc::ptr_eq(a, b) || a == b;
+    for (id, s) in new_sets {
+        if !old_sets.contains_key(id) {
+            ops.push(Op::AddBackendSet(s.clone()));
+        }
+    }
+    for (id, s) in new_sets {
+        if let Some(o) = old_sets.get(id)
+            && !same(o, s)
+        {
+            ops.push(Op::UpdateBackendSet {
+                set: s.clone(),
+                changes: EndpointChanges::between(&o.endpoints, &s.endpoints),
+            });
+        }
+    }
+    for (k, f) in old_fe {
+        if !new_fe.contains_key(k) {
+            ops.push(Op::RemoveFrontend {
+                key: *k,
+                old: f.clone(),
+            });
+        }
+    }
+    for (k, f) in new_fe {
+        if !old_fe.contains_key(k) {
+            ops.push(Op::AddFrontend {
+                key: *k,
+                frontend: f.clone(),
+            });
+        }
+    }
+    for (k, f) in new_fe {
+        if let Some(o) = old_fe.get(k)
+            && !Arc::ptr_eq(o, f)
+            && o != f
+        {
+            ops.push(Op::UpdateFrontend {
+                key: *k,
+                frontend: f.clone(),
+            });
+        }
+    }
+    for (id, s) in old_sets {
+        if !new_sets.contains_key(id) {
+            ops.push(Op::RemoveBackendSet(s.clone()));
+        }
+    }
+    for (svc, h) in new_hc {
+        if old_hc.get(svc) != Some(h) {
+            ops.push(Op::SetHealthCheck {
+                service: svc.clone(),
+                check: h.clone(),
+            });
+        }
+    }
+    for svc in old_hc.keys() {
+        if !new_hc.contains_key(svc) {
+            ops.push(Op::RemoveHealthCheck {
+                service: svc.clone(),
+            });
+        }
+    }
+    PlanDiff { ops }
+}
+
+/// Splits endpoints the way kube-proxy's `CategorizeEndpoints` does: ready endpoints when
+/// there are any; otherwise serving-and-terminating ones ("if there are no ready
+/// endpoints, use terminating endpoints that are still serving").
+fn usable<'a>(
+    eps: impl Iterator<Item = &'a PortEndpoint> + Clone,
+) -> Vec<(&'a PortEndpoint, bool)> {
+    let ready: Vec<_> = eps
+        .clone()
+        .filter(|e| e.endpoint.ready)
+        .map(|e| (e, false))
+        .collect();
+    if !ready.is_empty() {
+        return ready;
+    }
+    eps.filter(|e| e.endpoint.serving && e.endpoint.terminating)
+        .map(|e| (e, true))
+        .collect()
+}
+
+fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> ServiceEntries {
+    let mut out = ServiceEntries::default();
+    if !svc.is_proxied() {
+        return out;
+    }
+    let endpoints = cluster.endpoints(svc);
+    let style = node.chain_ids;
+    let affinity = match svc.session_affinity {
+        SessionAffinity::None => None,
+        SessionAffinity::ClientIp { timeout_seconds } => Some(timeout_seconds),
+    };
+    let ext_local = svc.external_policy_local();
+    let int_local = svc.internal_traffic_policy == TrafficPolicy::Local;
+    let mut local_ready_total = 0usize;
+    for sp in &svc.ports {
+        let spn = ServicePortName {
+            service: svc.name.clone(),
+            port: sp.name.clone(),
+            protocol: sp.protocol,
+        };
+        let chain = spn.chain_hash(style);
+        let eps: &[PortEndpoint] = endpoints
+            .get(&sp.name)
+            .map(|(_, v)| v.as_slice())
+            .unwrap_or(&[]);
+        for family in &svc.ip_families {
+            let fam_eps = eps
+                .iter()
+                .filter(|e| IpFamily::of(&e.endpoint.ip) == *family);
+            let is_local =
+                |e: &PortEndpoint| e.endpoint.node_name.as_deref() == Some(node.node_name.as_str());
+            let to_plan = |(e, terminating): (&PortEndpoint, bool)| PlanEndpoint {
+                addr: SocketAddr::new(e.endpoint.ip, e.port),
+                weight: e.endpoint.weight,
+                local: is_local(e),
+                terminating,
+                node: e.endpoint.node_name.clone(),
+            };
+            let cluster_set = BackendSet {
+                id: BackendSetId {
+                    service_port: spn.clone(),
+                    locality: Locality::Cluster,
+                    family: *family,
+                },
+                chain: chain.clone(),
+                endpoints: usable(fam_eps.clone()).into_iter().map(to_plan).collect(),
+            };
+            let local_set = (ext_local || int_local).then(|| BackendSet {
+                id: BackendSetId {
+                    service_port: spn.clone(),
+                    locality: Locality::Local,
+                    family: *family,
+                },
+                chain: chain.clone(),
+                endpoints: usable(fam_eps.clone().filter(|e| is_local(e)))
+                    .into_iter()
+                    .map(to_plan)
+                    .collect(),
+            });
+            if let Some(l) = &local_set {
+                local_ready_total += l.endpoints.iter().filter(|e| !e.terminating).count();
+            }
+            let cluster_empty = cluster_set.is_empty();
+            let on_empty_for = |local: bool| {
+                if local && !cluster_empty {
+                    EmptyAction::Drop
+                } else {
+                    EmptyAction::Reject
+                }
+            };
+            let pick = |local: bool| match (&local_set, local) {
+                (Some(l), true) => l.id.clone(),
+                _ => cluster_set.id.clone(),
+            };
+            // Cluster IPs: internal traffic.
+            let internal_masq = if node.masquerade_all {
+                Masquerade::Always
+            } else if !node.cluster_cidrs.is_empty() {
+                Masquerade::OffCluster
+            } else {
+                Masquerade::Never
+            };
+            for ip in svc
+                .cluster_ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == *family)
+            {
+                out.frontends.push((
+                    FrontendKey {
+                        addr: *ip,
+                        protocol: sp.protocol,
+                        port: sp.port,
+                        kind: FrontendKind::ClusterIp,
+                    },
+                    Frontend {
+                        service_port: spn.clone(),
+                        backends: pick(int_local),
+                        local_shortcut: None,
+                        masquerade: internal_masq,
+                        source_ranges: Vec::new(),
+                        affinity_timeout: affinity,
+                        on_empty: on_empty_for(int_local),
+                    },
+                ));
+            }
+            // External traffic: node ports, external IPs, load balancer IPs.
+            // "externalTrafficPolicy: Cluster ... obscures the client source IP"
+            // (masquerade); Local preserves it and uses only local endpoints.
+            let external = |kind: FrontendKind, addr: IpAddr, port: u16| {
+                (
+                    FrontendKey {
+                        addr,
+                        protocol: sp.protocol,
+                        port,
+                        kind,
+                    },
+                    Frontend {
+                        service_port: spn.clone(),
+                        backends: pick(ext_local),
+                        local_shortcut: ext_local.then(|| cluster_set.id.clone()),
+                        masquerade: if ext_local {
+                            Masquerade::Never
+                        } else {
+                            Masquerade::Always
+                        },
+                        source_ranges: if kind == FrontendKind::LoadBalancer {
+                            svc.load_balancer_source_ranges
+                                .iter()
+                                .filter(|n| same_family(n, *family))
+                                .copied()
+                                .collect()
+                        } else {
+                            Vec::new()
+                        },
+                        affinity_timeout: affinity,
+                        on_empty: on_empty_for(ext_local),
+                    },
+                )
+            };
+            if let Some(np) = sp.node_port
+                && svc.service_type.has_node_ports()
+            {
+                for ip in node.nodeport_ips().filter(|ip| IpFamily::of(ip) == *family) {
+                    out.frontends.push(external(FrontendKind::NodePort, ip, np));
+                }
+            }
+            for ip in svc
+                .external_ips
+                .iter()
+                .filter(|ip| IpFamily::of(ip) == *family)
+            {
+                out.frontends
+                    .push(external(FrontendKind::ExternalIp, *ip, sp.port));
+            }
+            if svc.service_type == ServiceType::LoadBalancer {
+                for ip in svc
+                    .load_balancer_ips
+                    .iter()
+                    .filter(|ip| IpFamily::of(ip) == *family)
+                {
+                    out.frontends
+                        .push(external(FrontendKind::LoadBalancer, *ip, sp.port));
+                }
+            }
+            out.sets.push(cluster_set);
+            if let Some(l) = local_set {
+                out.sets.push(l);
+            }
+        }
+    }
+    if let Some(port) = svc.health_check_node_port
+        && ext_local
+    {
+        out.health = Some(HealthCheck {
+            port,
+            local_endpoints: local_ready_total,
+        });
+    }
+    out
+}
+
+fn same_family(n: &IpNet, f: IpFamily) -> bool {
+    matches!(
+        (n, f),
+        (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+    )
+}
+
+/// What a backend reports after programming a plan.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Whether everything was rewritten (as opposed to only what the diff touched).
+    pub full: bool,
+    /// Backend-specific count of objects written (rules, services, destinations...).
+    pub written: usize,
+    /// Frontends now programmed.
+    pub frontends: usize,
+    /// Endpoints now programmed.
+    pub endpoints: usize,
+}
+
+/// A datapath that programs plans: implemented by each backend.
+pub trait Dataplane {
+    /// The backend's error type; it names the object and the system call or line that
+    /// failed.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// Applies `diff`, which leads from the previously synced plan to `plan`. A backend
+    /// may fall back to a full resync when it cannot apply a diff partially.
+    fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, Self::Error>;
+
+    /// Rewrites everything from `plan`, removing whatever the backend owns that the plan
+    /// does not hold (repairs drift).
+    fn resync(&mut self, plan: &Plan) -> Result<SyncReport, Self::Error>;
+
+    /// Removes everything the backend installed.
+    fn cleanup(&mut self) -> Result<(), Self::Error>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::{ClusterConfig, Manifests};
+
+    fn load(text: &str) -> Cluster {
+        let cfg = ClusterConfig {
+            default_namespace: "instavote".into(),
+            ..ClusterConfig::default()
+        };
+        let mut m = Manifests::from_files([("t.yaml", text)], &cfg);
+        let c = m.build(&cfg);
+        assert!(m.errors.is_empty(), "{:#?}", m.errors);
+        c
+    }
+
+    fn node(name: &str, ip: [u8; 4]) -> NodeContext {
+        NodeContext::new(
+            name,
+            vec![IpAddr::from(ip)],
+            vec!["10.32.0.0/12".parse().expect("cidr")],
+        )
+    }
+
+    fn pod(name: &str, ip: &str, node: &str, labels: &str) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  labels: {{{labels}}}\nspec:\n  nodeName: {node}\n  containers: [{{name: app, image: x}}]\nstatus:\n  podIP: {ip}\n"
+        )
+    }
+
+    fn lab_vote_pods() -> String {
+        [
+            ("vote-58bpv", "10.32.0.6", "k-02"),
+            ("vote-986cl", "10.38.0.5", "k-03"),
+            ("vote-9rrfz", "10.38.0.4", "k-03"),
+            ("vote-dx8f4", "10.32.0.4", "k-02"),
+            ("vote-qxmfl", "10.32.0.5", "k-02"),
+        ]
+        .iter()
+        .map(|(n, ip, nd)| pod(n, ip, nd, "role: vote"))
+        .collect()
+    }
+
+    const VOTE: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: vote}
+spec:
+  type: NodePort
+  selector: {role: vote}
+  ports: [{port: 80, targetPort: 80, nodePort: 30000}]
+";
+
+    #[test]
+    fn reproduces_the_lab_chain_names_and_probabilities() {
+        let c = load(&format!("{VOTE}{}", lab_vote_pods()));
+        let mut n = node("k-02", [192, 168, 50, 12]);
+        n.chain_ids = ChainIdStyle::Legacy;
+        let plan = Plan::compile(&c, &n);
+        let (_, set) = plan
+            .backend_sets()
+            .find(|(id, _)| id.locality == Locality::Cluster)
+            .expect("set");
+        assert_eq!(set.chain, "VIQHAVHDK4QE7NA4");
+        let seps: Vec<String> = set
+            .endpoints
+            .iter()
+            .map(|e| set.endpoint_chain(ChainIdStyle::Legacy, e))
+            .collect();
+        // The lab's `iptables -nvL -t nat` order: endpoints sorted by address.
+        assert_eq!(
+            seps,
+            [
+                "RFJGHFMXUDJXIEW6",
+                "GBR5YQCVRYY3BA6U",
+                "BAI3HQ7SV7RZ2CI6",
+                "2EQSLPEP3WDOTI5J",
+                "2CJQISP4W7F2HCRW"
+            ]
+        );
+        let shown: Vec<String> = set
+            .probabilities()
+            .iter()
+            .take(4)
+            .map(|p| {
+                let old_kube_proxy = p.to_decimal(5).parse::<f64>().expect("decimal");
+                select::iptables_display(select::statistic_u32(old_kube_proxy))
+            })
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "0.20000000019",
+                "0.25000000000",
+                "0.33332999982",
+                "0.50000000000"
+            ]
+        );
+        assert!(set.probabilities()[4].is_one());
+        // Current kube-proxy spells an unnamed port without the colon.
+        let cur = Plan::compile(&c, &node("k-02", [192, 168, 50, 12]));
+        assert!(
+            cur.backend_sets()
+                .all(|(_, s)| s.chain == "A7CETQ67OOPEGB6O")
+        );
+    }
+
+    #[test]
+    fn node_port_frontends_on_each_node_address_masquerade() {
+        let c = load(&format!("{VOTE}{}", lab_vote_pods()));
+        let mut n = node("k-02", [192, 168, 50, 12]);
+        n.node_ips.push(IpAddr::from([172, 16, 0, 12]));
+        let plan = Plan::compile(&c, &n);
+        let np: Vec<_> = plan
+            .frontends()
+            .filter(|(k, _)| k.kind == FrontendKind::NodePort)
+            .collect();
+        assert_eq!(np.len(), 2);
+        for (k, f) in np {
+            assert_eq!(k.port, 30000);
+            assert_eq!(f.masquerade, Masquerade::Always);
+            assert_eq!(f.backends.locality, Locality::Cluster);
+        }
+        let (_, ci) = plan
+            .frontends()
+            .find(|(k, _)| k.kind == FrontendKind::ClusterIp)
+            .expect("cluster ip");
+        assert_eq!(ci.masquerade, Masquerade::OffCluster);
+        assert_eq!(ci.on_empty, EmptyAction::Reject);
+        n.nodeport_addresses = vec!["172.16.0.0/16".parse().expect("cidr")];
+        let plan = Plan::compile(&c, &n);
+        let np: Vec<_> = plan
+            .frontends()
+            .filter(|(k, _)| k.kind == FrontendKind::NodePort)
+            .map(|(k, _)| k.addr)
+            .collect();
+        assert_eq!(np, [IpAddr::from([172, 16, 0, 12])]);
+    }
+
+    #[test]
+    fn external_local_policy_uses_local_endpoints_and_drops_without_them() {
+        let text = format!(
+            "{}  externalTrafficPolicy: Local\n{}",
+            VOTE.trim_end_matches('\n').to_string() + "\n",
+            lab_vote_pods()
+        );
+        let c = load(&text);
+        let plan = Plan::compile(&c, &node("k-02", [192, 168, 50, 12]));
+        let (_, f) = plan
+            .frontends()
+            .find(|(k, _)| k.kind == FrontendKind::NodePort)
+            .expect("np");
+        assert_eq!(f.backends.locality, Locality::Local);
+        assert_eq!(f.masquerade, Masquerade::Never);
+        assert_eq!(f.on_empty, EmptyAction::Drop);
+        assert_eq!(
+            f.local_shortcut.as_ref().map(|s| s.locality),
+            Some(Locality::Cluster)
+        );
+        let local = plan.backend_set(&f.backends).expect("local set");
+        assert_eq!(local.endpoints.len(), 3, "three vote pods run on k-02");
+        assert!(local.endpoints.iter().all(|e| e.local));
+        // A node with no vote pod: the local set is empty, the cluster set is not -> DROP.
+        let plan = Plan::compile(&c, &node("k-09", [192, 168, 50, 19]));
+        let (_, f) = plan
+            .frontends()
+            .find(|(k, _)| k.kind == FrontendKind::NodePort)
+            .expect("np");
+        assert!(plan.backend_set(&f.backends).expect("set").is_empty());
+        assert_eq!(f.on_empty, EmptyAction::Drop);
+        // ClusterIP traffic still uses every endpoint.
+        let (_, ci) = plan
+            .frontends()
+            .find(|(k, _)| k.kind == FrontendKind::ClusterIp)
+            .expect("ci");
+        assert_eq!(ci.backends.locality, Locality::Cluster);
+    }
+
+    #[test]
+    fn no_endpoints_rejects_and_terminating_endpoints_are_a_fallback() {
+        let c = load(VOTE);
+        let plan = Plan::compile(&c, &node("k-02", [192, 168, 50, 12]));
+        assert!(
+            plan.frontends()
+                .all(|(_, f)| f.on_empty == EmptyAction::Reject)
+        );
+        assert!(plan.backend_sets().all(|(_, s)| s.is_empty()));
+        let terminating = "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: old\n  labels: {role: vote}\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\nspec:\n  nodeName: k-02\n  containers: [{name: app, image: x}]\nstatus:\n  podIP: 10.32.0.9\n  conditions: [{type: Ready, status: \"True\"}]\n";
+        let c = load(&format!("{VOTE}{terminating}"));
+        let plan = Plan::compile(&c, &node("k-02", [192, 168, 50, 12]));
+        let (_, s) = plan.backend_sets().next().expect("set");
+        assert_eq!(s.endpoints.len(), 1);
+        assert!(
+            s.endpoints[0].terminating,
+            "used only because nothing is ready"
+        );
+        let c = load(&format!("{VOTE}{terminating}{}", lab_vote_pods()));
+        let plan = Plan::compile(&c, &node("k-02", [192, 168, 50, 12]));
+        let (_, s) = plan.backend_sets().next().expect("set");
+        assert_eq!(s.endpoints.len(), 5);
+        assert!(s.endpoints.iter().all(|e| !e.terminating));
+    }
+
+    #[test]
+    fn load_balancer_ranges_affinity_and_health_check() {
+        let text = "---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  type: LoadBalancer
+  selector: {role: vote}
+  externalTrafficPolicy: Local
+  healthCheckNodePort: 32000
+  loadBalancerIP: 203.0.113.7
+  loadBalancerSourceRanges: [198.51.100.0/24]
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 60}}
+  ports: [{port: 80, nodePort: 30080}]
+";
+        let c = load(&format!("{text}{}", lab_vote_pods()));
+        let plan = Plan::compile(&c, &node("k-03", [192, 168, 50, 13]));
+        let (_, lb) = plan
+            .frontends()
+            .find(|(k, _)| k.kind == FrontendKind::LoadBalancer)
+            .expect("lb");
+        assert_eq!(
+            lb.source_ranges,
+            vec!["198.51.100.0/24".parse::<IpNet>().expect("net")]
+        );
+        assert_eq!(lb.affinity_timeout, Some(60));
+        let hc: Vec<_> = plan.health_checks().collect();
+        assert_eq!(hc.len(), 1);
+        assert_eq!(hc[0].1.port, 32000);
+        assert_eq!(hc[0].1.local_endpoints, 2, "two vote pods on k-03");
+    }
+
+    #[test]
+    fn internal_local_policy_drops_without_local_endpoints() {
+        let text = "---
+apiVersion: v1
+kind: Service
+metadata: {name: redis}
+spec:
+  selector: {app: redis}
+  internalTrafficPolicy: Local
+  ports: [{port: 6379}]
+";
+        let pods = pod("redis-1", "10.32.0.6", "k-02", "app: redis");
+        let c = load(&format!("{text}{pods}"));
+        let plan = Plan::compile(&c, &node("k-03", [192, 168, 50, 13]));
+        let (_, f) = plan.frontends().next().expect("frontend");
+        assert_eq!(f.backends.locality, Locality::Local);
+        assert_eq!(f.on_empty, EmptyAction::Drop);
+    }
+
+    #[test]
+    fn dual_stack_service_has_a_set_per_family() {
+        let text = "---
+apiVersion: v1
+kind: Service
+metadata: {name: ds}
+spec:
+  ipFamilyPolicy: RequireDualStack
+  clusterIPs: [10.96.5.5, \"fd00:10:96::5\"]
+  selector: {app: ds}
+  ports: [{port: 80}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: ds-1, labels: {app: ds}}
+spec: {containers: [{name: a, image: x}]}
+status:
+  podIPs: [{ip: 10.244.1.5}, {ip: \"fd00:244::5\"}]
+";
+        let cfg = ClusterConfig {
+            service_cidrs: vec![
+                "10.96.0.0/12".parse().expect("net"),
+                "fd00:10:96::/108".parse().expect("net"),
+            ],
+            ..ClusterConfig::default()
+        };
+        let mut m = Manifests::from_files([("ds.yaml", text)], &cfg);
+        let c = m.build(&cfg);
+        assert!(m.errors.is_empty(), "{:#?}", m.errors);
+        let plan = Plan::compile(&c, &node("n", [192, 168, 1, 1]));
+        let sets: Vec<_> = plan
+            .backend_sets()
+            .map(|(id, s)| (id.family, s.endpoints.len()))
+            .collect();
+        assert_eq!(sets, [(IpFamily::V4, 1), (IpFamily::V6, 1)]);
+        let fams: Vec<_> = plan
+            .frontends()
+            .map(|(k, f)| (IpFamily::of(&k.addr), f.backends.family))
+            .collect();
+        assert_eq!(
+            fams,
+            [(IpFamily::V4, IpFamily::V4), (IpFamily::V6, IpFamily::V6)]
+        );
+    }
+
+    #[test]
+    fn contested_external_ip_goes_to_the_first_service_by_name() {
+        let text = "---
+apiVersion: v1
+kind: Service
+metadata: {name: a}
+spec: {externalIPs: [192.0.2.1], ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {externalIPs: [192.0.2.1], ports: [{port: 80}]}
+";
+        let mut c = load(text);
+        let n = node("n", [192, 168, 1, 1]);
+        let mut plan = Plan::compile(&c, &n);
+        assert_eq!(plan.conflicts().count(), 1);
+        let key = FrontendKey {
+            addr: IpAddr::from([192, 0, 2, 1]),
+            protocol: Protocol::Tcp,
+            port: 80,
+            kind: FrontendKind::ExternalIp,
+        };
+        assert_eq!(
+            plan.frontend(&key).expect("fe").service_port.service.name,
+            "a"
+        );
+        // Removing `a` hands the address to `b`, incrementally as in a full compile.
+        let a = ObjectName::new("instavote", "a");
+        c.remove_service(&a);
+        let old = plan.clone();
+        let diff = plan.update(&c, [&a]);
+        assert_eq!(plan, Plan::compile(&c, &n));
+        assert_eq!(diff, Plan::diff(&old, &plan));
+        assert_eq!(
+            plan.frontend(&key).expect("fe").service_port.service.name,
+            "b"
+        );
+    }
+
+    #[test]
+    fn incremental_update_matches_full_compile_and_keeps_arcs() {
+        let mut c = load(&format!("{VOTE}{}", lab_vote_pods()));
+        let n = node("k-02", [192, 168, 50, 12]);
+        let mut plan = Plan::compile(&c, &n);
+        let old = plan.clone();
+        let affected = c.remove_pod(&ObjectName::new("instavote", "vote-dx8f4"));
+        let diff = plan.update(&c, &affected);
+        assert_eq!(plan, Plan::compile(&c, &n));
+        assert_eq!(diff, Plan::diff(&old, &plan));
+        assert_eq!(diff.apply(&old), plan);
+        let updates: Vec<_> = diff
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                Op::UpdateBackendSet { changes, .. } => Some(changes.removed.len()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(updates, [1]);
+        // Frontends did not change, so they are the same allocations as before.
+        for (k, f) in plan.frontends() {
+            assert!(Arc::ptr_eq(f, old.frontend(k).expect("same key")));
+        }
+        assert!(Plan::diff(&plan, &plan).is_empty());
+    }
+
+    #[test]
+    fn diff_orders_create_before_reference_and_unlink_before_delete() {
+        let c0 = load(VOTE);
+        let c1 = load(&format!("{VOTE}{}", lab_vote_pods()));
+        let n = node("k-02", [192, 168, 50, 12]);
+        let empty = Plan::empty(n.clone());
+        let p1 = Plan::compile(&c1, &n);
+        let d = Plan::diff(&empty, &p1);
+        let first_fe = d
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::AddFrontend { .. }));
+        let last_set = d
+            .ops
+            .iter()
+            .rposition(|o| matches!(o, Op::AddBackendSet(_)));
+        assert!(last_set < first_fe);
+        let d = Plan::diff(&p1, &empty);
+        let last_fe = d
+            .ops
+            .iter()
+            .rposition(|o| matches!(o, Op::RemoveFrontend { .. }));
+        let first_set = d
+            .ops
+            .iter()
+            .position(|o| matches!(o, Op::RemoveBackendSet(_)));
+        assert!(last_fe < first_set);
+        let p0 = Plan::compile(&c0, &n);
+        assert_eq!(Plan::diff(&p0, &p1).apply(&p0), p1);
+    }
+}
