@@ -863,6 +863,29 @@ impl PlanDiff {
     }
 }
 
+/// Walks two sorted maps in lockstep: `(key, old, new)` for every key in either.
+fn merge<'a, K: Ord, V>(
+    old: &'a BTreeMap<K, V>,
+    new: &'a BTreeMap<K, V>,
+) -> impl Iterator<Item = (&'a K, Option<&'a V>, Option<&'a V>)> {
+    let mut o = old.iter().peekable();
+    let mut n = new.iter().peekable();
+    std::iter::from_fn(move || match (o.peek(), n.peek()) {
+        (None, None) => None,
+        (Some(_), None) => o.next().map(|(k, v)| (k, Some(v), None)),
+        (None, Some(_)) => n.next().map(|(k, v)| (k, None, Some(v))),
+        (Some((ko, _)), Some((kn, _))) => match ko.cmp(kn) {
+            std::cmp::Ordering::Less => o.next().map(|(k, v)| (k, Some(v), None)),
+            std::cmp::Ordering::Greater => n.next().map(|(k, v)| (k, None, Some(v))),
+            std::cmp::Ordering::Equal => {
+                let (k, vo) = o.next()?;
+                let (_, vn) = n.next()?;
+                Some((k, Some(vo), Some(vn)))
+            }
+        },
+    })
+}
+
 fn diff_parts(
     node: Option<NodeContext>,
     old_fe: &BTreeMap<FrontendKey, Arc<Frontend>>,
@@ -872,72 +895,74 @@ fn diff_parts(
     old_hc: &BTreeMap<ServiceName, HealthCheck>,
     new_hc: &BTreeMap<ServiceName, HealthCheck>,
 ) -> PlanDiff {
+    // One merged walk per map; the phases are then concatenated in dependency order.
+    let mut add_sets = Vec::new();
+    let mut update_sets = Vec::new();
+    let mut remove_sets = Vec::new();
+    for (_, o, n) in merge(old_sets, new_sets) {
+        match (o, n) {
+            (None, Some(n)) => add_sets.push(Op::AddBackendSet(n.clone())),
+            (Some(o), None) => remove_sets.push(Op::RemoveBackendSet(o.clone())),
+            (Some(o), Some(n)) if !Arc::ptr_eq(o, n) && o != n => {
+                update_sets.push(Op::UpdateBackendSet {
+                    set: n.clone(),
+                    changes: EndpointChanges::between(&o.endpoints, &n.endpoints),
+                })
+            }
+            _ => {}
+        }
+    }
+    let mut remove_fe = Vec::new();
+    let mut add_fe = Vec::new();
+    let mut update_fe = Vec::new();
+    for (k, o, n) in merge(old_fe, new_fe) {
+        match (o, n) {
+            (None, Some(n)) => add_fe.push(Op::AddFrontend {
+                key: *k,
+                frontend: n.clone(),
+            }),
+            (Some(o), None) => remove_fe.push(Op::RemoveFrontend {
+                key: *k,
+                old: o.clone(),
+            }),
+            (Some(o), Some(n)) if !Arc::ptr_eq(o, n) && o != n => {
+                update_fe.push(Op::UpdateFrontend {
+                    key: *k,
+                    frontend: n.clone(),
+                })
+            }
+            _ => {}
+        }
+    }
+    let mut set_hc = Vec::new();
+    let mut remove_hc = Vec::new();
+    for (svc, o, n) in merge(old_hc, new_hc) {
+        match (o, n) {
+            (_, Some(n)) if o != Some(n) => set_hc.push(Op::SetHealthCheck {
+                service: svc.clone(),
+                check: n.clone(),
+            }),
+            (Some(_), None) => remove_hc.push(Op::RemoveHealthCheck {
+                service: svc.clone(),
+            }),
+            _ => {}
+        }
+    }
     let mut ops = Vec::new();
     if let Some(n) = node {
         ops.push(Op::SetNode(n));
     }
-    let same = |a: &Arc<BackendSet>, b: &Arc<BackendSet>| Arc::ptr_eq(a, b) || a == b;
-    for (id, s) in new_sets {
-        if !old_sets.contains_key(id) {
-            ops.push(Op::AddBackendSet(s.clone()));
-        }
-    }
-    for (id, s) in new_sets {
-        if let Some(o) = old_sets.get(id)
-            && !same(o, s)
-        {
-            ops.push(Op::UpdateBackendSet {
-                set: s.clone(),
-                changes: EndpointChanges::between(&o.endpoints, &s.endpoints),
-            });
-        }
-    }
-    for (k, f) in old_fe {
-        if !new_fe.contains_key(k) {
-            ops.push(Op::RemoveFrontend {
-                key: *k,
-                old: f.clone(),
-            });
-        }
-    }
-    for (k, f) in new_fe {
-        if !old_fe.contains_key(k) {
-            ops.push(Op::AddFrontend {
-                key: *k,
-                frontend: f.clone(),
-            });
-        }
-    }
-    for (k, f) in new_fe {
-        if let Some(o) = old_fe.get(k)
-            && !Arc::ptr_eq(o, f)
-            && o != f
-        {
-            ops.push(Op::UpdateFrontend {
-                key: *k,
-                frontend: f.clone(),
-            });
-        }
-    }
-    for (id, s) in old_sets {
-        if !new_sets.contains_key(id) {
-            ops.push(Op::RemoveBackendSet(s.clone()));
-        }
-    }
-    for (svc, h) in new_hc {
-        if old_hc.get(svc) != Some(h) {
-            ops.push(Op::SetHealthCheck {
-                service: svc.clone(),
-                check: h.clone(),
-            });
-        }
-    }
-    for svc in old_hc.keys() {
-        if !new_hc.contains_key(svc) {
-            ops.push(Op::RemoveHealthCheck {
-                service: svc.clone(),
-            });
-        }
+    for phase in [
+        add_sets,
+        update_sets,
+        remove_fe,
+        add_fe,
+        update_fe,
+        remove_sets,
+        set_hc,
+        remove_hc,
+    ] {
+        ops.extend(phase);
     }
     PlanDiff { ops }
 }
