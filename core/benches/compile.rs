@@ -5,6 +5,8 @@
 //! measured in the same run, and the Maglev table build time for 1,000 backends.
 //! Run with `cargo bench -p svcnat-core --bench compile`.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::IpAddr;

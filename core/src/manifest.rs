@@ -818,7 +818,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         }
     };
     match result {
-        Err(e) => m.errors.push(e),
+        Err(e) => m.errors.push(*e),
         Ok((obj, errors)) => {
             if errors.is_empty() {
                 if let Some(obj) = obj {
@@ -844,7 +844,7 @@ fn strip_location(e: &serde_yaml_ng::Error) -> String {
     }
 }
 
-fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, LoadError> {
+fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadError>> {
     serde_yaml_ng::from_str::<T>(text).map_err(|e| {
         let rel = e
             .location()
@@ -857,14 +857,14 @@ fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, LoadError
             .and_then(|l| key_of(strip_dash(0, l.trim_start()).1))
             .unwrap_or("")
             .to_string();
-        LoadError {
+        Box::new(LoadError {
             file: ctx.file.to_string(),
             line: ctx.doc.line + rel,
             document: ctx.doc.index,
             object: Some(ctx.object.clone()),
             field,
             error: ValidateError::Decode(strip_location(&e)),
-        }
+        })
     })
 }
 
@@ -2103,10 +2103,10 @@ fn convert_node(n: corev1::Node, mut ctx: Ctx<'_>) -> Converted {
         .flatten()
         .enumerate()
     {
-        if a.type_ == "InternalIP" || a.type_ == "ExternalIP" {
-            if let Some(ip) = ctx.ip(&format!("status.addresses[{i}].address"), &a.address) {
-                node.addresses.push(ip);
-            }
+        if (a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+            && let Some(ip) = ctx.ip(&format!("status.addresses[{i}].address"), &a.address)
+        {
+            node.addresses.push(ip);
         }
     }
     ctx.finish(Object::Node(node))

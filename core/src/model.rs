@@ -865,7 +865,7 @@ impl Cluster {
             }
         }
         for (_, list) in out.values_mut() {
-            list.sort_by(|a, b| (a.endpoint.ip, a.port).cmp(&(b.endpoint.ip, b.port)));
+            list.sort_by_key(|e| (e.endpoint.ip, e.port));
             list.dedup_by(|a, b| a.endpoint.ip == b.endpoint.ip && a.port == b.port);
         }
         out

@@ -1,5 +1,7 @@
 //! Properties of the plan compiler and its diff over random clusters and random changes.
 
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 

@@ -1,0 +1,23 @@
+//! The manifest loader on arbitrary bytes: it must never panic, and everything it accepts
+//! must compile into a plan and render.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use svcnat_core::manifest::{ClusterConfig, Manifests};
+use svcnat_core::plan::{NodeContext, Plan};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let cfg = ClusterConfig::default();
+    let mut m = Manifests::from_files([("fuzz.yaml", text)], &cfg);
+    let cluster = m.build(&cfg);
+    for e in &m.errors {
+        let _ = e.to_string();
+    }
+    let node = NodeContext::new("node-1", vec![[192, 168, 0, 1].into()], Vec::new());
+    let plan = Plan::compile(&cluster, &node);
+    let _ = plan.render();
+    assert!(Plan::diff(&plan, &plan).is_empty());
+});
