@@ -17,6 +17,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod describe;
+pub mod discovery;
 pub mod manifest;
 pub mod model;
 pub mod plan;

@@ -385,6 +385,19 @@ impl Manifests {
             }
         }
         self.errors.extend(errors);
+        // Report in file order, then document order, whichever phase found the error.
+        let mut order: BTreeMap<String, usize> = BTreeMap::new();
+        for f in self
+            .objects
+            .iter()
+            .map(|l| &l.source.file)
+            .chain(self.errors.iter().map(|e| &e.file))
+        {
+            let next = order.len();
+            order.entry(f.clone()).or_insert(next);
+        }
+        self.errors
+            .sort_by_key(|e| (order.get(&e.file).copied(), e.document, e.line));
         cluster
     }
 }
@@ -540,7 +553,12 @@ pub fn locate_field(doc: &str, path: &str) -> Option<usize> {
                     if (indent as isize) < parent_indent.max(0) && i > from {
                         break;
                     }
-                    if content.starts_with("- ") || content == "-" {
+                    let is_item = content.starts_with("- ") || content == "-";
+                    if !is_item && (indent as isize) <= parent_indent {
+                        // The parent's block ended before item n (or it is a flow list).
+                        break;
+                    }
+                    if is_item {
                         if item_indent.is_none() && (indent as isize) >= parent_indent {
                             item_indent = Some(indent);
                         }
@@ -850,20 +868,27 @@ fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadE
             .location()
             .map(|l| l.line().saturating_sub(1))
             .unwrap_or(0);
-        // Name the field when the error is about one: find the key on the error's line.
-        let field = e
-            .location()
-            .and_then(|l| text.lines().nth(l.line().saturating_sub(1)))
-            .and_then(|l| key_of(strip_dash(0, l.trim_start()).1))
-            .unwrap_or("")
-            .to_string();
+        // serde_yaml_ng prefixes the message with the path of the field it was decoding
+        // ("spec.ports[0].port: invalid type: ..."); that path is the field.
+        let message = strip_location(&e);
+        let (field, message) = match message.split_once(": ") {
+            Some((path, rest))
+                if !path.is_empty()
+                    && path
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"._[]-/".contains(&b)) =>
+            {
+                (path.to_string(), rest.to_string())
+            }
+            _ => (String::new(), message),
+        };
         Box::new(LoadError {
             file: ctx.file.to_string(),
             line: ctx.doc.line + rel,
             document: ctx.doc.index,
             object: Some(ctx.object.clone()),
             field,
-            error: ValidateError::Decode(strip_location(&e)),
+            error: ValidateError::Decode(message),
         })
     })
 }
@@ -1512,10 +1537,8 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
             }
         }
     }
-    if let Some(s) = spec.load_balancer_ip.as_ref().filter(|s| !s.is_empty())
-        && let Some(ip) = ctx.ip("spec.loadBalancerIP", s)
-    {
-        svc.load_balancer_ips.push(ip);
+    if let Some(s) = spec.load_balancer_ip.as_ref().filter(|s| !s.is_empty()) {
+        svc.requested_load_balancer_ip = ctx.ip("spec.loadBalancerIP", s);
     }
     if let Some(status) = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()) {
         for (i, ing) in status.ingress.iter().flatten().enumerate() {
@@ -1526,6 +1549,11 @@ fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
                 svc.load_balancer_ips.push(ip);
             }
         }
+    }
+    if svc.load_balancer_ips.is_empty()
+        && let Some(ip) = svc.requested_load_balancer_ip
+    {
+        svc.load_balancer_ips.push(ip);
     }
     if !svc.load_balancer_ips.is_empty() && ty != ServiceType::LoadBalancer {
         ctx.err(
@@ -2250,6 +2278,13 @@ impl<'a> Builder<'a> {
     }
 
     fn allocate_service(&mut self, svc: &mut Service) -> Result<(), FieldError> {
+        if svc.headless
+            && svc.ip_families.is_empty()
+            && let Some(first) = self.config.service_cidrs.first()
+        {
+            // The API server gives a headless Service the cluster's primary family.
+            svc.ip_families.push(family_of_net(first));
+        }
         if svc.is_proxied() && svc.cluster_ips.is_empty() {
             // Families to allocate: the requested ones, else the primary service CIDR's;
             // PreferDualStack and RequireDualStack add the other family when configured.

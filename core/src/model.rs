@@ -268,8 +268,12 @@ pub struct Service {
     pub ports: Vec<ServicePort>,
     /// `spec.externalIPs`.
     pub external_ips: Vec<IpAddr>,
-    /// `status.loadBalancer.ingress[].ip` and `spec.loadBalancerIP`.
+    /// `status.loadBalancer.ingress[].ip`; the loader grants a requested
+    /// `spec.loadBalancerIP` here when the status names none (it acts as the cloud's
+    /// load balancer controller).
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `spec.loadBalancerIP` (deprecated in Kubernetes, still common).
+    pub requested_load_balancer_ip: Option<IpAddr>,
     /// `spec.loadBalancerSourceRanges`.
     pub load_balancer_source_ranges: Vec<IpNet>,
     /// `spec.sessionAffinity` and its timeout.
@@ -306,6 +310,7 @@ impl Service {
             ports: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            requested_load_balancer_ip: None,
             load_balancer_source_ranges: Vec::new(),
             session_affinity: SessionAffinity::None,
             external_traffic_policy: TrafficPolicy::Cluster,

@@ -311,7 +311,7 @@ pub struct Frontend {
 pub struct HealthCheck {
     /// The node port.
     pub port: u16,
-    /// Ready local endpoints; the check passes when it is above zero.
+    /// Ready local endpoint addresses (over all ports); the check passes when above zero.
     pub local_endpoints: usize,
 }
 
@@ -999,7 +999,7 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
     };
     let ext_local = svc.external_policy_local();
     let int_local = svc.internal_traffic_policy == TrafficPolicy::Local;
-    let mut local_ready_total = 0usize;
+    let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
     for sp in &svc.ports {
         let spn = ServicePortName {
             service: svc.name.clone(),
@@ -1046,7 +1046,12 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
                     .collect(),
             });
             if let Some(l) = &local_set {
-                local_ready_total += l.endpoints.iter().filter(|e| !e.terminating).count();
+                local_ready.extend(
+                    l.endpoints
+                        .iter()
+                        .filter(|e| !e.terminating)
+                        .map(|e| e.addr.ip()),
+                );
             }
             let cluster_empty = cluster_set.is_empty();
             let on_empty_for = |local: bool| {
@@ -1161,7 +1166,7 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
     {
         out.health = Some(HealthCheck {
             port,
-            local_endpoints: local_ready_total,
+            local_endpoints: local_ready.len(),
         });
     }
     out

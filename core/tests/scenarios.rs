@@ -1,0 +1,171 @@
+//! Golden scenarios: every directory under `tests/scenarios/` holds manifests (`*.yaml`,
+//! loaded in name order like `kubectl apply -f DIR`) and a `node.conf`; the test compares
+//! the compiled plan (`plan.txt`), the load errors and warnings (`errors.txt`) and the
+//! kubectl-style views (`views.txt`) and the DNS records and lookups (`dns.txt`) with the files in the directory.
+//!
+//! After a deliberate change, regenerate with `SVCNAT_BLESS=1 cargo test -p svcnat-core
+//! --test scenarios` and review the diff.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use svcnat_core::describe::{self, ViewOptions};
+use svcnat_core::discovery::{DiscoveryConfig, QueryType, Resolver, SearchConfig};
+use svcnat_core::manifest::{ClusterConfig, Manifests};
+use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan};
+
+fn node_conf(dir: &Path) -> (NodeContext, ClusterConfig) {
+    let text = fs::read_to_string(dir.join("node.conf")).expect("node.conf");
+    let mut node = NodeContext::new("node-1", Vec::new(), Vec::new());
+    let mut cfg = ClusterConfig::default();
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
+        let list = || {
+            v.split(',')
+                .map(|s| s.trim().parse().expect(line))
+                .collect::<Vec<_>>()
+        };
+        match k {
+            "namespace" => cfg.default_namespace = v.to_string(),
+            "node" => node.node_name = v.to_string(),
+            "ips" => {
+                node.node_ips = v
+                    .split(',')
+                    .map(|s| s.trim().parse().expect(line))
+                    .collect()
+            }
+            "cluster-cidrs" => node.cluster_cidrs = list(),
+            "nodeport-addresses" => node.nodeport_addresses = list(),
+            "masquerade-all" => node.masquerade_all = v == "true",
+            "chain-ids" => {
+                node.chain_ids = match v {
+                    "legacy" => ChainIdStyle::Legacy,
+                    _ => ChainIdStyle::Current,
+                }
+            }
+            other => panic!("{}: unknown key {other}", dir.display()),
+        }
+    }
+    (node, cfg)
+}
+
+fn run(dir: &Path) -> Vec<(&'static str, String)> {
+    let (node, cfg) = node_conf(dir);
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .expect("dir")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    let texts: Vec<(String, String)> = files
+        .iter()
+        .map(|p| {
+            (
+                p.file_name().expect("name").to_string_lossy().into_owned(),
+                fs::read_to_string(p).expect("read"),
+            )
+        })
+        .collect();
+    let mut m = Manifests::from_files(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())), &cfg);
+    let cluster = m.build(&cfg);
+    let mut errors = String::new();
+    for e in &m.errors {
+        let _ = writeln!(errors, "error: {e}");
+    }
+    for w in &m.warnings {
+        let _ = writeln!(errors, "warning: {w}");
+    }
+    let plan = Plan::compile(&cluster, &node);
+    let opts = ViewOptions::default();
+    let mut views = String::new();
+    let _ = writeln!(
+        views,
+        "$ kubectl get svc -A\n{}",
+        describe::get_services(&cluster, None, &opts)
+    );
+    let _ = writeln!(
+        views,
+        "$ kubectl get endpoints -A\n{}",
+        describe::get_endpoints(&cluster, None, &opts)
+    );
+    let _ = writeln!(
+        views,
+        "$ kubectl get pods -A -o wide\n{}",
+        describe::get_pods_wide(&cluster, None, &opts)
+    );
+    for svc in cluster.services() {
+        let _ = writeln!(
+            views,
+            "$ kubectl describe service -n {} {}\n{}",
+            svc.name.namespace,
+            svc.name.name,
+            describe::describe_service(&cluster, &svc.name, &opts).unwrap_or_default()
+        );
+    }
+    // Cluster DNS: every record the resolver serves, then each Service's short name looked
+    // up from a Pod in the default namespace, as `nslookup NAME` there would.
+    let resolver = Resolver::new(&cluster, DiscoveryConfig::default());
+    let mut dns = String::new();
+    for r in resolver.records() {
+        let _ = writeln!(dns, "{r}");
+    }
+    let search = SearchConfig::for_pod(&cfg.default_namespace, "cluster.local");
+    for svc in cluster.services() {
+        let res = resolver.resolve(&svc.name.name, QueryType::A, &search);
+        let _ = writeln!(
+            dns,
+            "\n$ nslookup {} (from namespace {}): {} via {}",
+            svc.name.name,
+            cfg.default_namespace,
+            res.answer.rcode,
+            res.fqdn.as_deref().unwrap_or("-")
+        );
+        for r in res.answer.records.iter().chain(&res.answer.authority) {
+            let _ = writeln!(dns, "{r}");
+        }
+    }
+    vec![
+        ("plan.txt", plan.render()),
+        ("errors.txt", errors),
+        ("views.txt", views),
+        ("dns.txt", dns),
+    ]
+}
+
+#[test]
+fn golden_scenarios() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
+    let bless = std::env::var_os("SVCNAT_BLESS").is_some();
+    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
+        .expect("scenarios")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.is_dir())
+        .collect();
+    dirs.sort();
+    assert!(dirs.len() >= 8, "scenarios missing: {dirs:?}");
+    let mut failures = Vec::new();
+    for dir in &dirs {
+        for (name, got) in run(dir) {
+            let path = dir.join(name);
+            if bless {
+                fs::write(&path, &got).expect("write golden");
+                continue;
+            }
+            let want = fs::read_to_string(&path).unwrap_or_default();
+            if want != got {
+                failures.push(format!(
+                    "{} differs; expected:\n{want}\ngot:\n{got}",
+                    path.display()
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
