@@ -7,7 +7,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::collections::BTreeMap;
 use std::hint::black_box;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
@@ -15,48 +14,13 @@ use std::time::{Duration, Instant};
 use svcnat_core::model::*;
 use svcnat_core::plan::{NodeContext, Plan};
 use svcnat_core::select::{DEFAULT_MAGLEV_SIZE, Maglev, MaglevBackend};
+use svcnat_core::synthetic;
 
 const SERVICES: u32 = 10_000;
 const ENDPOINTS: u32 = 10;
-const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 fn cluster() -> Cluster {
-    let mut c = Cluster::new();
-    for s in 0..SERVICES {
-        let ns = format!("ns{}", s % 10);
-        let app = format!("svc-{s}");
-        let mut svc = Service::new(ObjectName::new(ns.clone(), app.clone()));
-        svc.service_type = if s % 4 == 0 {
-            ServiceType::NodePort
-        } else {
-            ServiceType::ClusterIp
-        };
-        svc.cluster_ips = vec![IpAddr::from((0x0a60_0000u32 + s + 16).to_be_bytes())];
-        svc.ip_families = vec![IpFamily::V4];
-        let mut sel = BTreeMap::new();
-        sel.insert("app".to_string(), app.clone());
-        svc.selector = Some(LabelSelector::from_labels(sel));
-        svc.ports.push(ServicePort {
-            name: "http".into(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: TargetPort::Number(8080),
-            node_port: (s % 4 == 0).then_some(30000 + (s / 4) as u16 % 2768),
-            app_protocol: None,
-        });
-        c.upsert_service(svc);
-        for e in 0..ENDPOINTS {
-            let n = s * ENDPOINTS + e;
-            let mut p = Pod::new(
-                ObjectName::new(ns.clone(), format!("{app}-{e}")),
-                IpAddr::from((0x0af4_0000u32 + n).to_be_bytes()),
-            );
-            p.labels.insert("app".into(), app.clone());
-            p.node_name = Some(NODES[(n % 3) as usize].into());
-            c.upsert_pod(p);
-        }
-    }
-    c
+    synthetic::cluster(&synthetic::Shape::new(SERVICES, ENDPOINTS))
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

@@ -23,3 +23,4 @@ pub mod manifest;
 pub mod model;
 pub mod plan;
 pub mod select;
+pub mod synthetic;
