@@ -1,0 +1,458 @@
+//! The driver: applies rendered rules with `iptables-restore --noflush`, reconciles with
+//! `iptables-save`, and implements [`Dataplane`].
+//!
+//! Partial syncs write only the chains a [`PlanDiff`] changed; a full resync rewrites every
+//! chain svcnat owns and deletes owned chains the plan no longer has. The driver only ever
+//! declares, flushes or deletes chains that [`crate::render`] names (the `KUBE-` chains of
+//! kube-proxy's layout), and touches built-in chains only to insert its jump rules, so
+//! rules that other software installed stay as they are.
+//!
+//! Each `*table ... COMMIT` block that `iptables-restore` reads is applied atomically: when
+//! a restore fails, the table keeps its previous rules, the error names the failing input
+//! line, and the next sync is a full resync.
+
+use std::collections::BTreeSet;
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+
+use svcnat_core::model::IpFamily;
+use svcnat_core::plan::{Dataplane, NodeContext, Plan, PlanDiff, SyncReport};
+
+use crate::render::{CANARY_CHAIN, Ruleset, Table, base_jumps};
+
+/// Which iptables implementation programs the kernel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flavour {
+    /// `iptables-legacy`: the x_tables kernel interface; a commit replaces a whole table.
+    Legacy,
+    /// `iptables-nft`: the same rules stored as nftables; commits are incremental.
+    Nft,
+}
+
+impl Flavour {
+    fn suffix(self) -> &'static str {
+        match self {
+            Flavour::Legacy => "legacy",
+            Flavour::Nft => "nft",
+        }
+    }
+}
+
+/// How commands reach the network namespace that should be programmed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Runner {
+    /// Run inside this named network namespace (`ip netns exec NAME ...`); `None` runs
+    /// commands in the current namespace.
+    pub netns: Option<String>,
+}
+
+impl Runner {
+    /// Commands run in the current namespace.
+    pub fn local() -> Runner {
+        Runner { netns: None }
+    }
+
+    /// Commands run in a named network namespace.
+    pub fn netns(name: impl Into<String>) -> Runner {
+        Runner {
+            netns: Some(name.into()),
+        }
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+}
+
+/// Settings of the driver.
+#[derive(Clone, Debug)]
+pub struct IptablesConfig {
+    /// Where to run.
+    pub runner: Runner,
+    /// The implementation; `None` detects it from `iptables --version`.
+    pub flavour: Option<Flavour>,
+    /// Address family: IPv4 (`iptables`) or IPv6 (`ip6tables`).
+    pub family: IpFamily,
+}
+
+impl Default for IptablesConfig {
+    fn default() -> Self {
+        IptablesConfig {
+            runner: Runner::local(),
+            flavour: None,
+            family: IpFamily::V4,
+        }
+    }
+}
+
+/// What went wrong while programming iptables.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// A program could not be started.
+    #[error("cannot run {program}: {source}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// `iptables-restore` rejected its input; the previous rules of that table stay.
+    #[error("{program} failed{}: {stderr}", line_text(*.line, .rule.as_deref()))]
+    Restore {
+        /// The program.
+        program: String,
+        /// The failing line of the input, 1-based, when the program said.
+        line: Option<usize>,
+        /// The text of that line.
+        rule: Option<String>,
+        /// What the program printed.
+        stderr: String,
+    },
+    /// Another iptables command failed.
+    #[error("{command} failed: {stderr}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// What it printed.
+        stderr: String,
+    },
+    /// The flavour could not be told from `iptables --version`.
+    #[error("cannot tell the iptables flavour from {0:?}")]
+    Detect(String),
+}
+
+fn line_text(line: Option<usize>, rule: Option<&str>) -> String {
+    match (line, rule) {
+        (Some(n), Some(r)) => format!(" at input line {n} ({r})"),
+        (Some(n), None) => format!(" at input line {n}"),
+        _ => String::new(),
+    }
+}
+
+/// The iptables backend: a [`Dataplane`] over `iptables-restore`.
+#[derive(Debug)]
+pub struct Iptables {
+    runner: Runner,
+    flavour: Flavour,
+    family: IpFamily,
+    /// The rules last applied successfully; `None` forces a full resync.
+    applied: Option<Ruleset>,
+}
+
+impl Iptables {
+    /// Connects to iptables, detecting the flavour when the configuration names none.
+    pub fn new(config: IptablesConfig) -> Result<Iptables, SyncError> {
+        let flavour = match config.flavour {
+            Some(f) => f,
+            None => detect(&config.runner)?,
+        };
+        Ok(Iptables {
+            runner: config.runner,
+            flavour,
+            family: config.family,
+            applied: None,
+        })
+    }
+
+    /// The flavour in use.
+    pub fn flavour(&self) -> Flavour {
+        self.flavour
+    }
+
+    fn program(&self, tool: &str) -> String {
+        let base = match self.family {
+            IpFamily::V4 => "iptables",
+            IpFamily::V6 => "ip6tables",
+        };
+        match tool {
+            "" => format!("{base}-{}", self.flavour.suffix()),
+            t => format!("{base}-{}-{t}", self.flavour.suffix()),
+        }
+    }
+
+    /// Feeds `text` to `iptables-restore --noflush`.
+    pub fn restore(&self, text: &str) -> Result<(), SyncError> {
+        let program = self.program("restore");
+        let mut child = self
+            .runner
+            .command(&program)
+            .args(["--noflush", "--wait", "5"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|source| SyncError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A write error means the program exited early; its status says why.
+            let _ = stdin.write_all(text.as_bytes());
+        }
+        let out = child.wait_with_output().map_err(|source| SyncError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+        if out.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        let line = failing_line(&stderr);
+        Err(SyncError::Restore {
+            program,
+            rule: line.and_then(|n| text.lines().nth(n.saturating_sub(1)).map(str::to_string)),
+            line,
+            stderr,
+        })
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> Result<String, SyncError> {
+        let program = self.program(tool);
+        let out = self
+            .runner
+            .command(&program)
+            .args(args)
+            .output()
+            .map_err(|source| SyncError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(SyncError::Command {
+                command: format!("{program} {}", args.join(" ")),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            })
+        }
+    }
+
+    /// `iptables-save -t TABLE`.
+    pub fn save(&self, table: Table) -> Result<String, SyncError> {
+        self.run("save", &["-t", table.as_str()])
+    }
+
+    /// Whether the canary chain exists in every table svcnat uses; when someone flushes or
+    /// deletes our chains it is gone and the next sync is a full resync.
+    pub fn canary_present(&self) -> bool {
+        [Table::Nat, Table::Filter].into_iter().all(|t| {
+            self.run("", &["-w", "5", "-t", t.as_str(), "-S", CANARY_CHAIN])
+                .is_ok()
+        })
+    }
+
+    /// Chains in the kernel's table that svcnat owns: per-service chains, and the fixed
+    /// chains that the renderer always declares. Nothing else is ever touched.
+    fn owned_chains_in_kernel(&self, table: Table) -> Result<BTreeSet<String>, SyncError> {
+        // The chains of an empty plan are exactly the fixed ones.
+        let empty = Plan::empty(NodeContext::new("", Vec::new(), Vec::new()));
+        let fixed: BTreeSet<String> = Ruleset::new_for(&empty, self.family)
+            .chains()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, c)| c.to_string())
+            .collect();
+        let text = self.save(table)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| l.strip_prefix(':'))
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|c| is_service_chain(c) || fixed.contains(*c))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// Inserts the jumps from the built-in chains unless they are there already.
+    fn ensure_base_jumps(&self) -> Result<usize, SyncError> {
+        let mut added = 0;
+        for (table, chain, rule) in base_jumps() {
+            let mut check = vec!["-w", "5", "-t", table.as_str(), "-C", chain];
+            check.extend(rule.iter().map(String::as_str));
+            if self.run("", &check).is_ok() {
+                continue;
+            }
+            let mut insert = vec!["-w", "5", "-t", table.as_str(), "-I", chain];
+            insert.extend(rule.iter().map(String::as_str));
+            self.run("", &insert)?;
+            added += 1;
+        }
+        Ok(added)
+    }
+
+    fn full_sync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
+        self.applied = None;
+        let rules = Ruleset::new_for(plan, self.family);
+        let wanted: BTreeSet<(Table, String)> = rules
+            .chains()
+            .map(|(t, c)| (t, c.to_string()))
+            .collect();
+        let mut text = rules.full_restore();
+        // Stale chains: named like ours, not in the plan. Declaring flushes them; `-X`
+        // deletes them once nothing refers to them (the full restore rewrote every chain
+        // that could).
+        let mut stale = String::new();
+        for table in [Table::Nat, Table::Filter] {
+            let gone: Vec<String> = self
+                .owned_chains_in_kernel(table)?
+                .into_iter()
+                .filter(|c| !wanted.contains(&(table, c.clone())))
+                .collect();
+            if gone.is_empty() {
+                continue;
+            }
+            stale.push_str(&format!("*{}\n", table.as_str()));
+            for c in &gone {
+                stale.push_str(&format!(":{c} - [0:0]\n"));
+            }
+            for c in &gone {
+                stale.push_str(&format!("-X {c}\n"));
+            }
+            stale.push_str("COMMIT\n");
+        }
+        text.push_str(&stale);
+        self.restore(&text)?;
+        let jumps = self.ensure_base_jumps()?;
+        let report = SyncReport {
+            full: true,
+            written: rules.rule_count() + jumps,
+            frontends: plan.frontends().count(),
+            endpoints: plan.endpoint_count(),
+        };
+        self.applied = Some(rules);
+        Ok(report)
+    }
+}
+
+/// Whether a chain name is one of the per-service chains svcnat (and kube-proxy) creates:
+/// `KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`, `KUBE-FW-` or `KUBE-SEP-` and a hash.
+pub fn is_service_chain(chain: &str) -> bool {
+    const PREFIXES: [&str; 5] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"];
+    PREFIXES.iter().any(|p| chain.starts_with(p))
+}
+
+/// Reads `line N` out of iptables-restore's error message.
+fn failing_line(stderr: &str) -> Option<usize> {
+    let i = stderr.find("line ")?;
+    let digits: String = stderr[i + 5..]
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok()
+}
+
+fn detect(runner: &Runner) -> Result<Flavour, SyncError> {
+    let out = runner
+        .command("iptables")
+        .arg("--version")
+        .output()
+        .map_err(|source| SyncError::Spawn {
+            program: "iptables".into(),
+            source,
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if text.contains("nf_tables") {
+        Ok(Flavour::Nft)
+    } else if text.contains("legacy") {
+        Ok(Flavour::Legacy)
+    } else {
+        Err(SyncError::Detect(text))
+    }
+}
+
+impl Dataplane for Iptables {
+    type Error = SyncError;
+
+    fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+        if self.applied.is_none() || !self.canary_present() {
+            return self.full_sync(plan);
+        }
+        let Some(mut rules) = self.applied.take() else {
+            return self.full_sync(plan);
+        };
+        let Some(text) = rules.update(plan, diff) else {
+            let report = SyncReport {
+                full: false,
+                written: 0,
+                frontends: plan.frontends().count(),
+                endpoints: plan.endpoint_count(),
+            };
+            self.applied = Some(rules);
+            return Ok(report);
+        };
+        // On failure `applied` stays None: the kernel kept the old rules and the next sync
+        // rewrites everything.
+        self.restore(&text)?;
+        let report = SyncReport {
+            full: false,
+            written: text.lines().filter(|l| l.starts_with("-A ")).count(),
+            frontends: plan.frontends().count(),
+            endpoints: plan.endpoint_count(),
+        };
+        self.applied = Some(rules);
+        Ok(report)
+    }
+
+    fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
+        self.full_sync(plan)
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.applied = None;
+        for (table, chain, rule) in base_jumps() {
+            let mut del = vec!["-w", "5", "-t", table.as_str(), "-D", chain];
+            del.extend(rule.iter().map(String::as_str));
+            // Delete every copy; a missing rule ends the loop.
+            while self.run("", &del).is_ok() {}
+        }
+        let mut text = String::new();
+        for table in [Table::Nat, Table::Filter] {
+            let chains = self.owned_chains_in_kernel(table)?;
+            if chains.is_empty() {
+                continue;
+            }
+            text.push_str(&format!("*{}\n", table.as_str()));
+            for c in &chains {
+                text.push_str(&format!(":{c} - [0:0]\n"));
+            }
+            for c in &chains {
+                text.push_str(&format!("-X {c}\n"));
+            }
+            text.push_str("COMMIT\n");
+        }
+        if !text.is_empty() {
+            self.restore(&text)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_failing_line() {
+        assert_eq!(failing_line("iptables-restore: line 7 failed"), Some(7));
+        assert_eq!(
+            failing_line("iptables-restore v1.8.9 (nf_tables): line 12: RULE_APPEND failed"),
+            Some(12)
+        );
+        assert_eq!(failing_line("something else"), None);
+    }
+
+    #[test]
+    fn service_chains_are_recognised() {
+        assert!(is_service_chain("KUBE-SVC-VIQHAVHDK4QE7NA4"));
+        assert!(is_service_chain("KUBE-SEP-BAI3HQ7SV7RZ2CI6"));
+        assert!(!is_service_chain("KUBE-SERVICES"));
+        assert!(!is_service_chain("DOCKER"));
+        assert!(!is_service_chain("KUBE-KUBELET-CANARY"));
+    }
+}
