@@ -14,6 +14,7 @@
 use std::collections::BTreeSet;
 use std::io::Write as _;
 use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::{Dataplane, NodeContext, Plan, PlanDiff, SyncReport};
@@ -80,6 +81,11 @@ pub struct IptablesConfig {
     pub flavour: Option<Flavour>,
     /// Address family: IPv4 (`iptables`) or IPv6 (`ip6tables`).
     pub family: IpFamily,
+    /// How often a partial sync first checks that the canary chain still exists (someone
+    /// flushing the tables removes it, and then the sync is a full resync). Checking costs
+    /// two iptables invocations, which with the legacy flavour read whole tables, so by
+    /// default it happens at most every 10 s; zero checks before every sync.
+    pub canary_interval: Duration,
 }
 
 impl Default for IptablesConfig {
@@ -88,6 +94,7 @@ impl Default for IptablesConfig {
             runner: Runner::local(),
             flavour: None,
             family: IpFamily::V4,
+            canary_interval: Duration::from_secs(10),
         }
     }
 }
@@ -145,6 +152,8 @@ pub struct Iptables {
     family: IpFamily,
     /// The rules last applied successfully; `None` forces a full resync.
     applied: Option<Ruleset>,
+    canary_interval: Duration,
+    canary_checked: Option<Instant>,
 }
 
 impl Iptables {
@@ -159,6 +168,8 @@ impl Iptables {
             flavour,
             family: config.family,
             applied: None,
+            canary_interval: config.canary_interval,
+            canary_checked: None,
         })
     }
 
@@ -326,6 +337,7 @@ impl Iptables {
             endpoints: plan.endpoint_count(),
         };
         self.applied = Some(rules);
+        self.canary_checked = Some(Instant::now());
         Ok(report)
     }
 }
@@ -370,7 +382,16 @@ impl Dataplane for Iptables {
     type Error = SyncError;
 
     fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
-        if self.applied.is_none() || !self.canary_present() {
+        let check_due = self
+            .canary_checked
+            .is_none_or(|t| t.elapsed() >= self.canary_interval);
+        if check_due {
+            self.canary_checked = Some(Instant::now());
+            if !self.canary_present() {
+                return self.full_sync(plan);
+            }
+        }
+        if self.applied.is_none() {
             return self.full_sync(plan);
         }
         let Some(mut rules) = self.applied.take() else {

@@ -1,0 +1,246 @@
+//! `svcnat-probe`: the client side of the testbed's traffic checks.
+//!
+//! ```text
+//! svcnat-probe tcp  ADDR:PORT [--count N] [--timeout-ms T]
+//! svcnat-probe udp  ADDR:PORT [--count N] [--timeout-ms T] [--source IP]
+//! svcnat-probe hold ADDR:PORT [--timeout-ms T]
+//! ```
+//!
+//! `tcp` makes N sequential HTTP GETs, each on a new connection; `udp` sends N datagrams,
+//! each from a new socket (a new source port, so a new conntrack entry). Each attempt prints
+//! one line on stdout:
+//!
+//! ```text
+//! ok pod=NAME client=IP:PORT
+//! refused          connection refused (TCP RST, or ICMP port unreachable)
+//! timeout          no answer in time (a DROP, or nobody there)
+//! unreachable      ICMP host or network unreachable
+//! error TEXT       anything else
+//! ```
+//!
+//! `hold` opens one TCP connection in line mode and prints `connected local=IP:PORT` (or
+//! one of the failure words above). Then each stdin line is sent and the reply printed as
+//! `ok pod=NAME client=IP:PORT line=TEXT` or `error TEXT`; it exits at stdin's end.
+//!
+//! `--source` binds the local address; std can only do that for UDP, so TCP rejects it
+//! (use a client namespace with the wanted address instead).
+
+use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
+use std::process::ExitCode;
+use std::time::Duration;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Tcp,
+    Udp,
+    Hold,
+}
+
+struct Args {
+    mode: Mode,
+    target: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    source: Option<IpAddr>,
+}
+
+const USAGE: &str =
+    "usage: svcnat-probe tcp|udp|hold ADDR:PORT [--count N] [--timeout-ms T] [--source IP]";
+
+fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
+    let mode = match args.next().as_deref() {
+        Some("tcp") => Mode::Tcp,
+        Some("udp") => Mode::Udp,
+        Some("hold") => Mode::Hold,
+        other => return Err(format!("unknown mode {other:?}\n{USAGE}")),
+    };
+    let target = args
+        .next()
+        .ok_or_else(|| format!("missing ADDR:PORT\n{USAGE}"))?;
+    let target: SocketAddr = target
+        .parse()
+        .map_err(|e| format!("bad ADDR:PORT {target:?}: {e}\n{USAGE}"))?;
+    let mut parsed = Args {
+        mode,
+        target,
+        count: 1,
+        timeout: Duration::from_millis(1000),
+        source: None,
+    };
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        let bad = |e: &dyn std::fmt::Display| format!("bad {flag} {value:?}: {e}\n{USAGE}");
+        match flag.as_str() {
+            "--count" => parsed.count = value.parse().map_err(|e| bad(&e))?,
+            "--timeout-ms" => {
+                let ms: u64 = value.parse().map_err(|e| bad(&e))?;
+                parsed.timeout = Duration::from_millis(ms.max(1));
+            }
+            "--source" => parsed.source = Some(value.parse().map_err(|e| bad(&e))?),
+            _ => return Err(format!("unknown flag {flag:?}\n{USAGE}")),
+        }
+    }
+    if parsed.source.is_some() && mode != Mode::Udp {
+        return Err("--source works with udp only (std cannot bind a TCP client)".to_string());
+    }
+    Ok(parsed)
+}
+
+/// The word an error is reported as.
+fn classify(e: &io::Error) -> String {
+    match e.kind() {
+        ErrorKind::ConnectionRefused => "refused".to_string(),
+        ErrorKind::TimedOut | ErrorKind::WouldBlock => "timeout".to_string(),
+        ErrorKind::HostUnreachable | ErrorKind::NetworkUnreachable => "unreachable".to_string(),
+        _ => format!("error {}", one_line(&e.to_string())),
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The server's reply line as the probe reports it, or `error ...` when it is not one.
+fn reply_line(reply: &str) -> String {
+    let line = reply.lines().next().unwrap_or("").trim();
+    if line.starts_with("pod=") {
+        format!("ok {line}")
+    } else {
+        format!("error unexpected reply {:?}", one_line(line))
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn tcp_once(target: SocketAddr, timeout: Duration) -> String {
+    let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => return classify(&e),
+    };
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: svcnat-probe\r\nConnection: close\r\n\r\n"
+    );
+    let io = (|| -> io::Result<Vec<u8>> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(request.as_bytes())?;
+        let mut reply = Vec::new();
+        stream.read_to_end(&mut reply)?;
+        Ok(reply)
+    })();
+    match io {
+        Ok(reply) => match find(&reply, b"\r\n\r\n") {
+            Some(at) => reply_line(&String::from_utf8_lossy(&reply[at + 4..])),
+            None => format!(
+                "error no http reply {:?}",
+                one_line(&String::from_utf8_lossy(&reply))
+            ),
+        },
+        Err(e) => classify(&e),
+    }
+}
+
+fn unspecified(target: &SocketAddr) -> IpAddr {
+    match target {
+        SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        SocketAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
+fn udp_once(target: SocketAddr, timeout: Duration, source: Option<IpAddr>) -> String {
+    let local = SocketAddr::new(source.unwrap_or_else(|| unspecified(&target)), 0);
+    let io = (|| -> io::Result<Vec<u8>> {
+        let socket = UdpSocket::bind(local)?;
+        socket.connect(target)?;
+        socket.set_read_timeout(Some(timeout))?;
+        socket.send(b"probe\n")?;
+        let mut buf = [0u8; 2048];
+        let n = socket.recv(&mut buf)?;
+        Ok(buf[..n].to_vec())
+    })();
+    match io {
+        Ok(reply) => reply_line(&String::from_utf8_lossy(&reply)),
+        Err(e) => classify(&e),
+    }
+}
+
+fn hold(target: SocketAddr, timeout: Duration) -> io::Result<()> {
+    let mut out = io::stdout().lock();
+    let stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => {
+            writeln!(out, "{}", classify(&e))?;
+            return Ok(());
+        }
+    };
+    writeln!(out, "connected local={}", stream.local_addr()?)?;
+    out.flush()?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = BufReader::new(stream);
+    let mut closed = false;
+    for line in io::stdin().lock().lines() {
+        let line = line?;
+        let answer = if closed {
+            "error closed".to_string()
+        } else {
+            let sent = writer
+                .write_all(format!("{}\n", line.trim_end()).as_bytes())
+                .and_then(|()| writer.flush());
+            let mut reply = String::new();
+            match sent.and_then(|()| reader.read_line(&mut reply)) {
+                Ok(0) => {
+                    closed = true;
+                    "error closed".to_string()
+                }
+                Ok(_) => reply_line(&reply),
+                Err(e) => classify(&e),
+            }
+        };
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+fn run(args: &Args) -> io::Result<()> {
+    match args.mode {
+        Mode::Hold => hold(args.target, args.timeout),
+        Mode::Tcp | Mode::Udp => {
+            let mut out = io::stdout().lock();
+            for _ in 0..args.count {
+                let line = if args.mode == Mode::Tcp {
+                    tcp_once(args.target, args.timeout)
+                } else {
+                    udp_once(args.target, args.timeout, args.source)
+                };
+                writeln!(out, "{line}")?;
+                out.flush()?;
+            }
+            Ok(())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = match parse_args(std::env::args().skip(1)) {
+        Ok(args) => args,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("svcnat-probe: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
