@@ -28,7 +28,10 @@ struct Netns(String);
 impl Netns {
     fn new(tag: &str) -> Netns {
         let name = format!("svbench-{}-{tag}", std::process::id());
-        let ok = Command::new("ip").args(["netns", "add", &name]).status().map(|s| s.success());
+        let ok = Command::new("ip")
+            .args(["netns", "add", &name])
+            .status()
+            .map(|s| s.success());
         assert!(matches!(ok, Ok(true)), "ip netns add {name} failed");
         Netns(name)
     }
@@ -52,17 +55,28 @@ fn restore_alone(ns: &str, program: &str, text: &str) -> Duration {
         .stdin(Stdio::piped())
         .spawn()
         .expect("spawn restore");
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
     assert!(child.wait().unwrap().success(), "{program} failed");
     t.elapsed()
 }
 
 fn main() {
     let quick = !std::env::args().any(|a| a == "--bench");
-    let root = Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
     let have = |p: &str| Command::new(p).arg("--version").output().is_ok();
     if !root || !have("iptables-legacy-restore") || !have("iptables-nft-restore") {
-        eprintln!("SKIP: the iptables benchmark needs root, iproute2 and iptables (legacy and nft)");
+        eprintln!(
+            "SKIP: the iptables benchmark needs root, iproute2 and iptables (legacy and nft)"
+        );
         return;
     }
     let (services, endpoints, runs) = if quick { (500, 5, 1) } else { (10_000, 5, 5) };

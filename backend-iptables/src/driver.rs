@@ -208,10 +208,12 @@ impl Iptables {
             // A write error means the program exited early; its status says why.
             let _ = stdin.write_all(text.as_bytes());
         }
-        let out = child.wait_with_output().map_err(|source| SyncError::Spawn {
-            program: program.clone(),
-            source,
-        })?;
+        let out = child
+            .wait_with_output()
+            .map_err(|source| SyncError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
         if out.status.success() {
             return Ok(());
         }
@@ -263,73 +265,53 @@ impl Iptables {
     /// Chains in the kernel's table that svcnat owns: per-service chains, and the fixed
     /// chains that the renderer always declares. Nothing else is ever touched.
     fn owned_chains_in_kernel(&self, table: Table) -> Result<BTreeSet<String>, SyncError> {
-        // The chains of an empty plan are exactly the fixed ones.
-        let empty = Plan::empty(NodeContext::new("", Vec::new(), Vec::new()));
-        let fixed: BTreeSet<String> = Ruleset::new_for(&empty, self.family)
-            .chains()
-            .filter(|(t, _)| *t == table)
-            .map(|(_, c)| c.to_string())
-            .collect();
-        let text = self.save(table)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| l.strip_prefix(':'))
-            .filter_map(|l| l.split_whitespace().next())
-            .filter(|c| is_service_chain(c) || fixed.contains(*c))
-            .map(str::to_string)
-            .collect())
-    }
-
-    /// Inserts the jumps from the built-in chains unless they are there already.
-    fn ensure_base_jumps(&self) -> Result<usize, SyncError> {
-        let mut added = 0;
-        for (table, chain, rule) in base_jumps() {
-            let mut check = vec!["-w", "5", "-t", table.as_str(), "-C", chain];
-            check.extend(rule.iter().map(String::as_str));
-            if self.run("", &check).is_ok() {
-                continue;
-            }
-            let mut insert = vec!["-w", "5", "-t", table.as_str(), "-I", chain];
-            insert.extend(rule.iter().map(String::as_str));
-            self.run("", &insert)?;
-            added += 1;
-        }
-        Ok(added)
+        Ok(owned_in_save(&self.save(table)?, &self.fixed_chains(table)))
     }
 
     fn full_sync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
         self.applied = None;
         let rules = Ruleset::new_for(plan, self.family);
-        let wanted: BTreeSet<(Table, String)> = rules
-            .chains()
-            .map(|(t, c)| (t, c.to_string()))
-            .collect();
+        let wanted: BTreeSet<(Table, String)> =
+            rules.chains().map(|(t, c)| (t, c.to_string())).collect();
         let mut text = rules.full_restore();
-        // Stale chains: named like ours, not in the plan. Declaring flushes them; `-X`
-        // deletes them once nothing refers to them (the full restore rewrote every chain
-        // that could).
-        let mut stale = String::new();
+        // One `iptables-save` per table tells both which owned chains are stale and which
+        // jumps from the built-in chains are missing; everything else happens in the one
+        // restore (with the legacy flavour every extra iptables call rereads the table).
+        let mut extra = String::new();
+        let mut jumps = 0;
         for table in [Table::Nat, Table::Filter] {
-            let gone: Vec<String> = self
-                .owned_chains_in_kernel(table)?
+            let saved = self.save(table)?;
+            let gone: Vec<String> = owned_in_save(&saved, &self.fixed_chains(table))
                 .into_iter()
                 .filter(|c| !wanted.contains(&(table, c.clone())))
                 .collect();
-            if gone.is_empty() {
+            let missing: Vec<String> = base_jumps()
+                .into_iter()
+                .filter(|(t, builtin, rule)| *t == table && !has_jump(&saved, builtin, rule))
+                .map(|(_, builtin, rule)| format!("-I {builtin} 1 {}", quote_args(&rule)))
+                .collect();
+            if gone.is_empty() && missing.is_empty() {
                 continue;
             }
-            stale.push_str(&format!("*{}\n", table.as_str()));
+            extra.push_str(&format!("*{}\n", table.as_str()));
+            // Stale chains: declaring flushes them; `-X` deletes them once nothing refers
+            // to them (the full restore above rewrote every chain that could).
             for c in &gone {
-                stale.push_str(&format!(":{c} - [0:0]\n"));
+                extra.push_str(&format!(":{c} - [0:0]\n"));
             }
             for c in &gone {
-                stale.push_str(&format!("-X {c}\n"));
+                extra.push_str(&format!("-X {c}\n"));
             }
-            stale.push_str("COMMIT\n");
+            // Inserted at the head in kube-proxy's order, so the last listed ends up first.
+            for j in &missing {
+                extra.push_str(j);
+                extra.push('\n');
+            }
+            jumps += missing.len();
+            extra.push_str("COMMIT\n");
         }
-        text.push_str(&stale);
+        text.push_str(&extra);
         self.restore(&text)?;
-        let jumps = self.ensure_base_jumps()?;
         let report = SyncReport {
             full: true,
             written: rules.rule_count() + jumps,
@@ -340,12 +322,67 @@ impl Iptables {
         self.canary_checked = Some(Instant::now());
         Ok(report)
     }
+
+    /// The fixed chains the renderer always declares in `table` (the chains of an empty
+    /// plan).
+    fn fixed_chains(&self, table: Table) -> BTreeSet<String> {
+        let empty = Plan::empty(NodeContext::new("", Vec::new(), Vec::new()));
+        Ruleset::new_for(&empty, self.family)
+            .chains()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, c)| c.to_string())
+            .collect()
+    }
+}
+
+/// Chains in `iptables-save` output that svcnat owns: per-service chains and `fixed`.
+fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
+    saved
+        .lines()
+        .filter_map(|l| l.strip_prefix(':'))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| is_service_chain(c) || fixed.contains(*c))
+        .map(str::to_string)
+        .collect()
+}
+
+/// Whether `iptables-save` output has the jump `rule` in `builtin`; a jump is identified by
+/// its built-in chain and its target, which no two base jumps share.
+fn has_jump(saved: &str, builtin: &str, rule: &[String]) -> bool {
+    let Some(target) = rule.last() else {
+        return false;
+    };
+    let prefix = format!("-A {builtin} ");
+    let suffix = format!("-j {target}");
+    saved
+        .lines()
+        .any(|l| l.starts_with(&prefix) && l.trim_end().ends_with(&suffix))
+}
+
+/// Joins argv words for iptables-restore, quoting those with spaces.
+fn quote_args(args: &[String]) -> String {
+    args.iter()
+        .map(|a| {
+            if a.contains(' ') {
+                format!("\"{a}\"")
+            } else {
+                a.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 /// Whether a chain name is one of the per-service chains svcnat (and kube-proxy) creates:
 /// `KUBE-SVC-`, `KUBE-SVL-`, `KUBE-EXT-`, `KUBE-FW-` or `KUBE-SEP-` and a hash.
 pub fn is_service_chain(chain: &str) -> bool {
-    const PREFIXES: [&str; 5] = ["KUBE-SVC-", "KUBE-SVL-", "KUBE-EXT-", "KUBE-FW-", "KUBE-SEP-"];
+    const PREFIXES: [&str; 5] = [
+        "KUBE-SVC-",
+        "KUBE-SVL-",
+        "KUBE-EXT-",
+        "KUBE-FW-",
+        "KUBE-SEP-",
+    ];
     PREFIXES.iter().any(|p| chain.starts_with(p))
 }
 

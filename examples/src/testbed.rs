@@ -315,7 +315,8 @@ pub struct TestbedSpec {
     /// Service ranges routed to the `svc0` dummy of every node (default `10.96.0.0/12`), so
     /// service traffic is routable and a REJECT in the filter table sees it.
     pub service_cidrs: Vec<IpNet>,
-    /// Addresses (LoadBalancer ingress, externalIPs) every client routes via the first node.
+    /// Addresses (LoadBalancer ingress, externalIPs) every client routes via the first node;
+    /// every node routes them to its `svc0` sink.
     pub lb_routes: Vec<IpAddr>,
     /// The helper programs; `None` means [`Binaries::discover`].
     pub binaries: Option<Binaries>,
@@ -931,6 +932,13 @@ impl Testbed {
             let node = self.ns_of_node(i).to_string();
             for cidr in &spec.service_cidrs {
                 ip_in(&node, &["route", "add", &cidr.to_string(), "dev", "svc0"])?;
+            }
+            // A node routes load balancer addresses too (on a real node the default route
+            // does), so traffic that no rule translates reaches the filter FORWARD chain
+            // (where loadBalancerSourceRanges drop it) instead of failing routing.
+            for ip in &spec.lb_routes {
+                let host = IpNet::from(*ip).to_string();
+                ip_in(&node, &["route", "add", &host, "dev", "svc0"])?;
             }
         }
         for pod in &spec.pods {

@@ -1,0 +1,779 @@
+//! The backend conformance suite: one set of scenarios, written once, run with real
+//! packets against every backend.
+//!
+//! Each scenario builds its own [`Testbed`] (two nodes, two clients, pods on both nodes),
+//! a [`Cluster`] whose Pods are the testbed's pods, and one [`NodeAgent`] per node driving
+//! the backend under test in that node's namespace. It then changes the cluster, syncs, and
+//! checks what real clients see. A backend's test file mounts the whole suite with
+//! [`conformance_suite!`](crate::conformance_suite); scenarios a backend cannot express are
+//! declared by [`Backend::unsupported`] and reported as skipped with the reason.
+//!
+//! Counts are checked against statistical bounds: with `n` tries and probability `p` an
+//! endpoint's count must lie within five standard deviations of `n·p`, which a correct
+//! datapath misses about once in three million runs.
+
+// This module is a test harness: a failed check is an assertion, and assertions panic.
+#![allow(clippy::panic)]
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+use svcnat_core::model::*;
+use svcnat_core::plan::{Dataplane, NodeContext};
+
+use crate::agent::NodeAgent;
+use crate::testbed::{NodeSpec, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec};
+
+/// The port every test pod serves HTTP (and the line protocol) on.
+pub const POD_TCP: u16 = 8080;
+/// The port every test pod answers UDP on.
+pub const POD_UDP: u16 = 5353;
+/// The address range of test Services.
+pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The load balancer address routed from the clients to node 0.
+pub const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+
+/// A backend under test.
+pub trait Backend {
+    /// Its dataplane.
+    type Dp: Dataplane;
+    /// A short name for messages.
+    fn name(&self) -> String;
+    /// A dataplane that programs the node whose network namespace is `node_ns`.
+    fn dataplane(&self, node_ns: &str) -> Result<Self::Dp, String>;
+    /// Why the backend cannot run a scenario, if it cannot.
+    fn unsupported(&self, _scenario: Scenario) -> Option<&'static str> {
+        None
+    }
+}
+
+/// The scenarios of the suite.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scenario {
+    /// A ClusterIP spreads new connections over every endpoint.
+    ClusterIpSpread,
+    /// A NodePort answers on every node's address.
+    NodePortOnEveryNode,
+    /// externalIPs (the nodes' addresses) answer on the service port.
+    ExternalIps,
+    /// A LoadBalancer IP admits clients in loadBalancerSourceRanges and drops the rest.
+    LoadBalancerSourceRanges,
+    /// A Service without endpoints refuses connections (REJECT), it does not hang.
+    NoEndpointsRefused,
+    /// The lab's exercise: the selector changed to a missing label, then back.
+    SelectorToMissingLabel,
+    /// Scaling endpoints down and up changes the spread.
+    Scaling,
+    /// ClientIP affinity keeps a client on one endpoint.
+    ClientIpAffinity,
+    /// externalTrafficPolicy Local: local endpoints only, the client's address kept, and
+    /// nothing (DROP) on a node without local endpoints.
+    ExternalTrafficLocal,
+    /// Terminating endpoints take traffic only when no endpoint is ready.
+    TerminatingFallback,
+    /// A pod reaching its own Service lands on itself (hairpin masquerade).
+    Hairpin,
+    /// A UDP Service.
+    Udp,
+    /// Weighted endpoints (3:1) split about 3:1.
+    Weighted,
+    /// An established TCP connection survives unrelated endpoints coming and going.
+    EstablishedSurvives,
+}
+
+impl Scenario {
+    /// Every scenario.
+    pub const ALL: [Scenario; 14] = [
+        Scenario::ClusterIpSpread,
+        Scenario::NodePortOnEveryNode,
+        Scenario::ExternalIps,
+        Scenario::LoadBalancerSourceRanges,
+        Scenario::NoEndpointsRefused,
+        Scenario::SelectorToMissingLabel,
+        Scenario::Scaling,
+        Scenario::ClientIpAffinity,
+        Scenario::ExternalTrafficLocal,
+        Scenario::TerminatingFallback,
+        Scenario::Hairpin,
+        Scenario::Udp,
+        Scenario::Weighted,
+        Scenario::EstablishedSurvives,
+    ];
+}
+
+impl fmt::Display for Scenario {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A test pod: where it runs, its address and labels.
+#[derive(Clone, Debug)]
+pub struct TestPod {
+    /// Name (also the name its server answers with).
+    pub name: String,
+    /// Node index.
+    pub node: usize,
+    /// Address.
+    pub ip: IpAddr,
+    /// Labels.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The standard pods: `web-0`..`web-4` (three on node 0, two on node 1) labelled
+/// `app=web` and `pod=<name>`, and `tester` on node 0 with no app label, the in-cluster
+/// client.
+pub fn standard_pods() -> Vec<TestPod> {
+    let mut pods = Vec::new();
+    for (i, node) in [0usize, 0, 0, 1, 1].into_iter().enumerate() {
+        let name = format!("web-{i}");
+        let mut labels = BTreeMap::new();
+        labels.insert("app".to_string(), "web".to_string());
+        labels.insert("pod".to_string(), name.clone());
+        pods.push(TestPod {
+            ip: IpAddr::from([10, 244, node as u8, 10 + i as u8]),
+            name,
+            node,
+            labels,
+        });
+    }
+    let mut labels = BTreeMap::new();
+    labels.insert("pod".to_string(), "tester".to_string());
+    pods.push(TestPod {
+        name: "tester".into(),
+        node: 0,
+        ip: IpAddr::from([10, 244, 0, 99]),
+        labels,
+    });
+    pods
+}
+
+/// A running scenario: testbed, cluster, and one agent per node.
+pub struct Fixture<B: Backend> {
+    /// The namespaces.
+    pub tb: Testbed,
+    /// The cluster the agents compile.
+    pub cluster: Cluster,
+    /// One agent per node, in node order.
+    pub agents: Vec<NodeAgent<B::Dp>>,
+    pods: Vec<TestPod>,
+}
+
+impl<B: Backend> Fixture<B> {
+    /// Builds the testbed (two nodes, two clients, the standard pods) and one agent per
+    /// node; nothing is synced yet.
+    pub fn new(backend: &B) -> Fixture<B> {
+        let pods = standard_pods();
+        let mut spec = TestbedSpec::new(2, 2).lb_route(IpAddr::V4(LB_IP));
+        for p in &pods {
+            spec = spec.pod(
+                PodSpec::new(p.name.clone(), p.node, p.ip)
+                    .tcp(POD_TCP)
+                    .udp(POD_UDP),
+            );
+        }
+        let tb = match Testbed::new(spec) {
+            Ok(tb) => tb,
+            Err(e) => panic!("testbed: {e}"),
+        };
+        let mut cluster = Cluster::new();
+        for (i, n) in tb.nodes().iter().enumerate() {
+            cluster.upsert_node(node_object(n, i));
+        }
+        for p in &pods {
+            cluster.upsert_pod(pod_object(p));
+        }
+        let cidr = CLUSTER_CIDR.parse().ok().into_iter().collect::<Vec<_>>();
+        let agents = (0..tb.nodes().len())
+            .map(|i| {
+                let n = tb.node(i);
+                let ctx = NodeContext::new(n.name.clone(), vec![IpAddr::V4(n.ip)], cidr.clone());
+                let dp = match backend.dataplane(tb.ns_of_node(i)) {
+                    Ok(dp) => dp,
+                    Err(e) => panic!("{}: dataplane for node {i}: {e}", backend.name()),
+                };
+                NodeAgent::new(ctx, dp)
+            })
+            .collect();
+        Fixture {
+            tb,
+            cluster,
+            agents,
+            pods,
+        }
+    }
+
+    /// Syncs every node.
+    pub fn sync(&mut self) {
+        for (i, a) in self.agents.iter_mut().enumerate() {
+            if let Err(e) = a.apply(&self.cluster) {
+                panic!("sync of node {i} failed: {e}");
+            }
+        }
+    }
+
+    /// Adds or replaces a Service and syncs.
+    pub fn set_service(&mut self, svc: Service) {
+        self.cluster.upsert_service(svc);
+        self.sync();
+    }
+
+    /// Changes a pod object (labels, readiness, weight) and syncs.
+    pub fn update_pod(&mut self, name: &str, f: impl FnOnce(&mut Pod)) {
+        let Some(tp) = self.pods.iter().find(|p| p.name == name) else {
+            panic!("no pod {name}");
+        };
+        let mut pod = self
+            .cluster
+            .pod(&ObjectName::new("default", tp.name.clone()))
+            .cloned()
+            .unwrap_or_else(|| pod_object(tp));
+        f(&mut pod);
+        self.cluster.upsert_pod(pod);
+        self.sync();
+    }
+
+    /// Removes pods from the cluster (their servers keep running: only the endpoints go).
+    pub fn remove_pods(&mut self, names: &[&str]) {
+        for n in names {
+            self.cluster.remove_pod(&ObjectName::new("default", *n));
+        }
+        self.sync();
+    }
+
+    /// Adds the standard pod objects back.
+    pub fn restore_pods(&mut self, names: &[&str]) {
+        for p in self
+            .pods
+            .iter()
+            .filter(|p| names.contains(&p.name.as_str()))
+        {
+            self.cluster.upsert_pod(pod_object(p));
+        }
+        self.sync();
+    }
+
+    /// Probes from a pod's namespace.
+    pub fn from_pod(&self, pod: &str, args: ProbeArgs) -> ProbeResult {
+        let Some(ns) = self.tb.ns_of_pod(pod) else {
+            panic!("no pod {pod}");
+        };
+        match self.tb.probe(ns, args) {
+            Ok(r) => r,
+            Err(e) => panic!("probe from {pod}: {e}"),
+        }
+    }
+
+    /// Probes from client `i`.
+    pub fn from_client(&self, i: usize, args: ProbeArgs) -> ProbeResult {
+        match self.tb.probe(self.tb.ns_of_client(i), args) {
+            Ok(r) => r,
+            Err(e) => panic!("probe from client {i}: {e}"),
+        }
+    }
+
+    /// The address of node `i`.
+    pub fn node_ip(&self, i: usize) -> IpAddr {
+        self.tb.node_ip(i)
+    }
+}
+
+impl<B: Backend> Drop for Fixture<B> {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            let _ = a.cleanup();
+        }
+    }
+}
+
+fn node_object(n: &NodeSpec, _i: usize) -> Node {
+    Node {
+        name: n.name.clone(),
+        addresses: vec![IpAddr::V4(n.ip)],
+        pod_cidrs: n.pod_cidrs.clone(),
+        zone: None,
+    }
+}
+
+fn pod_object(p: &TestPod) -> Pod {
+    let mut pod = Pod::new(ObjectName::new("default", p.name.clone()), p.ip);
+    pod.labels = p.labels.clone();
+    pod.node_name = Some(format!("node-{}", p.node));
+    pod.ports.push(ContainerPort {
+        name: "http".into(),
+        port: POD_TCP,
+        protocol: Protocol::Tcp,
+    });
+    pod
+}
+
+/// A Service in `default` selecting `key=value`, with one port `port` -> the pods' TCP
+/// port (or UDP port for UDP).
+pub fn service(
+    name: &str,
+    key: &str,
+    value: &str,
+    ip: [u8; 4],
+    port: u16,
+    protocol: Protocol,
+) -> Service {
+    let mut svc = Service::new(ObjectName::new("default", name));
+    svc.cluster_ips = vec![IpAddr::from(ip)];
+    svc.ip_families = vec![IpFamily::V4];
+    let mut sel = BTreeMap::new();
+    sel.insert(key.to_string(), value.to_string());
+    svc.selector = Some(LabelSelector::from_labels(sel));
+    svc.ports.push(ServicePort {
+        name: String::new(),
+        protocol,
+        port,
+        target_port: TargetPort::Number(if protocol == Protocol::Udp {
+            POD_UDP
+        } else {
+            POD_TCP
+        }),
+        node_port: None,
+        app_protocol: None,
+    });
+    svc
+}
+
+fn sock(ip: [u8; 4], port: u16) -> SocketAddr {
+    SocketAddr::new(IpAddr::from(ip), port)
+}
+
+fn sock_ip(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+/// Checks that `count` lies within five standard deviations of `n·p`.
+pub fn assert_binomial(what: &str, count: usize, n: usize, p: f64) {
+    let mean = n as f64 * p;
+    let sd = (n as f64 * p * (1.0 - p)).sqrt();
+    let (lo, hi) = (mean - 5.0 * sd, mean + 5.0 * sd);
+    assert!(
+        (count as f64) >= lo && (count as f64) <= hi,
+        "{what}: {count} of {n}, expected {mean:.0} (allowed {lo:.0}..={hi:.0})"
+    );
+}
+
+fn names(v: &[&str]) -> BTreeSet<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+/// Runs one scenario against a backend (skips it, loudly, when the backend declares it
+/// unsupported).
+pub fn run<B: Backend>(backend: &B, scenario: Scenario) {
+    if let Some(why) = backend.unsupported(scenario) {
+        eprintln!("SKIP: {} cannot express {scenario}: {why}", backend.name());
+        return;
+    }
+    let mut f = Fixture::new(backend);
+    match scenario {
+        Scenario::ClusterIpSpread => cluster_ip_spread(&mut f),
+        Scenario::NodePortOnEveryNode => node_port_on_every_node(&mut f),
+        Scenario::ExternalIps => external_ips(&mut f),
+        Scenario::LoadBalancerSourceRanges => load_balancer_source_ranges(&mut f),
+        Scenario::NoEndpointsRefused => no_endpoints_refused(&mut f),
+        Scenario::SelectorToMissingLabel => selector_to_missing_label(&mut f),
+        Scenario::Scaling => scaling(&mut f),
+        Scenario::ClientIpAffinity => client_ip_affinity(&mut f),
+        Scenario::ExternalTrafficLocal => external_traffic_local(&mut f),
+        Scenario::TerminatingFallback => terminating_fallback(&mut f),
+        Scenario::Hairpin => hairpin(&mut f),
+        Scenario::Udp => udp(&mut f),
+        Scenario::Weighted => weighted(&mut f),
+        Scenario::EstablishedSurvives => established_survives(&mut f),
+    }
+}
+
+const WEB: [&str; 5] = ["web-0", "web-1", "web-2", "web-3", "web-4"];
+
+fn cluster_ip_spread<B: Backend>(f: &mut Fixture<B>) {
+    f.set_service(service(
+        "web",
+        "app",
+        "web",
+        [10, 96, 0, 50],
+        80,
+        Protocol::Tcp,
+    ));
+    let n = 250;
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock([10, 96, 0, 50], 80)).count(n));
+    assert!(r.all_ok(), "ClusterIP: {r}");
+    let per = r.per_pod();
+    assert_eq!(
+        per.keys().cloned().collect::<BTreeSet<_>>(),
+        names(&WEB),
+        "{r}"
+    );
+    for (pod, count) in per {
+        assert_binomial(&pod, count, n as usize, 0.2);
+    }
+}
+
+fn node_port_on_every_node<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("web", "app", "web", [10, 96, 0, 51], 80, Protocol::Tcp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30080);
+    f.set_service(svc);
+    for node in 0..2 {
+        let r = f.from_client(
+            0,
+            ProbeArgs::tcp(sock_ip(f.node_ip(node), 30080)).count(100),
+        );
+        assert!(r.all_ok(), "NodePort on node {node}: {r}");
+        assert_eq!(
+            r.pods(),
+            names(&WEB),
+            "NodePort on node {node} spreads: {r}"
+        );
+        // externalTrafficPolicy Cluster masquerades: pods never see the client.
+        assert!(
+            !r.client_ips().contains(&f.tb.client_ip(0)),
+            "NodePort with policy Cluster must masquerade: {r}"
+        );
+    }
+}
+
+fn external_ips<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("web", "app", "web", [10, 96, 0, 52], 80, Protocol::Tcp);
+    svc.external_ips = vec![f.node_ip(0), f.node_ip(1)];
+    f.set_service(svc);
+    for node in 0..2 {
+        let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(node), 80)).count(50));
+        assert!(r.all_ok(), "externalIP {}: {r}", f.node_ip(node));
+        assert!(r.pods().len() >= 3, "externalIP spreads: {r}");
+    }
+}
+
+fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("web", "app", "web", [10, 96, 0, 53], 80, Protocol::Tcp);
+    svc.service_type = ServiceType::LoadBalancer;
+    svc.ports[0].node_port = Some(30083);
+    svc.load_balancer_ips = vec![IpAddr::V4(LB_IP)];
+    let allowed = f.tb.client_ip(0);
+    svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(allowed)];
+    f.set_service(svc);
+    let target = sock_ip(IpAddr::V4(LB_IP), 80);
+    let ok = f.from_client(0, ProbeArgs::tcp(target).count(20));
+    assert!(ok.all_ok(), "client in loadBalancerSourceRanges: {ok}");
+    let denied = f.from_client(1, ProbeArgs::tcp(target).count(3).timeout_ms(800));
+    assert_eq!(
+        denied.ok(),
+        0,
+        "client outside loadBalancerSourceRanges got through: {denied}"
+    );
+    assert_eq!(
+        denied.timeouts(),
+        3,
+        "denied clients are dropped, not refused: {denied}"
+    );
+}
+
+fn no_endpoints_refused<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service(
+        "empty",
+        "app",
+        "nothing",
+        [10, 96, 0, 54],
+        80,
+        Protocol::Tcp,
+    );
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30084);
+    f.set_service(svc);
+    let r = f.from_pod(
+        "tester",
+        ProbeArgs::tcp(sock([10, 96, 0, 54], 80))
+            .count(3)
+            .timeout_ms(2000),
+    );
+    assert_eq!(
+        r.refused(),
+        3,
+        "ClusterIP without endpoints must refuse: {r}"
+    );
+    let r = f.from_client(
+        0,
+        ProbeArgs::tcp(sock_ip(f.node_ip(1), 30084))
+            .count(3)
+            .timeout_ms(2000),
+    );
+    assert_eq!(
+        r.refused(),
+        3,
+        "NodePort without endpoints must refuse: {r}"
+    );
+}
+
+fn selector_to_missing_label<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("vote", "app", "web", [10, 96, 0, 55], 80, Protocol::Tcp);
+    f.set_service(svc.clone());
+    let target = sock([10, 96, 0, 55], 80);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(20));
+    assert!(r.all_ok(), "before: {r}");
+    let good = svc.selector.clone();
+    let mut missing = BTreeMap::new();
+    missing.insert("app".to_string(), "doesnotexist".to_string());
+    svc.selector = Some(LabelSelector::from_labels(missing));
+    f.set_service(svc.clone());
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(3).timeout_ms(2000));
+    assert_eq!(r.refused(), 3, "selector on a missing label: {r}");
+    svc.selector = good;
+    f.set_service(svc);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(50));
+    assert!(r.all_ok(), "selector restored: {r}");
+    assert_eq!(r.pods(), names(&WEB), "{r}");
+}
+
+fn scaling<B: Backend>(f: &mut Fixture<B>) {
+    f.remove_pods(&["web-1", "web-2", "web-4"]);
+    f.set_service(service(
+        "web",
+        "app",
+        "web",
+        [10, 96, 0, 56],
+        80,
+        Protocol::Tcp,
+    ));
+    let target = sock([10, 96, 0, 56], 80);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&["web-0", "web-3"]), "scaled to 2: {r}");
+    f.restore_pods(&["web-1", "web-2", "web-4"]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(150));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB), "scaled back to 5: {r}");
+    f.remove_pods(&["web-0", "web-1", "web-2", "web-3"]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(20));
+    assert_eq!(r.pods(), names(&["web-4"]), "scaled to 1: {r}");
+}
+
+fn client_ip_affinity<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("sticky", "app", "web", [10, 96, 0, 57], 80, Protocol::Tcp);
+    svc.session_affinity = SessionAffinity::ClientIp {
+        timeout_seconds: 300,
+    };
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30087);
+    f.set_service(svc);
+    let r = f.from_pod(
+        "tester",
+        ProbeArgs::tcp(sock([10, 96, 0, 57], 80)).count(40),
+    );
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods().len(), 1, "ClientIP affinity keeps one pod: {r}");
+    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(0), 30087)).count(40));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods().len(), 1, "ClientIP affinity via NodePort: {r}");
+}
+
+fn external_traffic_local<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("local", "app", "web", [10, 96, 0, 58], 80, Protocol::Tcp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30088);
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    f.set_service(svc);
+    let client = f.tb.client_ip(0);
+    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(0), 30088)).count(60));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(
+        r.pods(),
+        names(&["web-0", "web-1", "web-2"]),
+        "node 0 uses its own pods: {r}"
+    );
+    assert_eq!(
+        r.client_ips(),
+        [client].into(),
+        "the client's address is kept: {r}"
+    );
+    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(1), 30088)).count(40));
+    assert_eq!(
+        r.pods(),
+        names(&["web-3", "web-4"]),
+        "node 1 uses its own pods: {r}"
+    );
+    f.remove_pods(&["web-3", "web-4"]);
+    let r = f.from_client(
+        0,
+        ProbeArgs::tcp(sock_ip(f.node_ip(1), 30088))
+            .count(3)
+            .timeout_ms(800),
+    );
+    assert_eq!(r.timeouts(), 3, "no local endpoints: dropped: {r}");
+    // ClusterIP traffic is not affected by the external policy.
+    let r = f.from_pod(
+        "tester",
+        ProbeArgs::tcp(sock([10, 96, 0, 58], 80)).count(40),
+    );
+    assert!(r.all_ok(), "{r}");
+}
+
+fn terminating_fallback<B: Backend>(f: &mut Fixture<B>) {
+    f.remove_pods(&["web-2", "web-4"]);
+    f.update_pod("web-1", |p| p.terminating = true);
+    f.set_service(service(
+        "web",
+        "app",
+        "web",
+        [10, 96, 0, 59],
+        80,
+        Protocol::Tcp,
+    ));
+    let target = sock([10, 96, 0, 59], 80);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(
+        r.pods(),
+        names(&["web-0", "web-3"]),
+        "ready endpoints only: {r}"
+    );
+    f.update_pod("web-0", |p| p.ready = false);
+    f.update_pod("web-3", |p| p.ready = false);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(20));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(
+        r.pods(),
+        names(&["web-1"]),
+        "only the terminating endpoint is left: {r}"
+    );
+}
+
+fn hairpin<B: Backend>(f: &mut Fixture<B>) {
+    f.set_service(service(
+        "self",
+        "pod",
+        "web-0",
+        [10, 96, 0, 60],
+        80,
+        Protocol::Tcp,
+    ));
+    let r = f.from_pod("web-0", ProbeArgs::tcp(sock([10, 96, 0, 60], 80)).count(10));
+    assert!(r.all_ok(), "hairpin: {r}");
+    assert_eq!(r.pods(), names(&["web-0"]), "{r}");
+}
+
+fn udp<B: Backend>(f: &mut Fixture<B>) {
+    f.set_service(service(
+        "dns",
+        "app",
+        "web",
+        [10, 96, 0, 61],
+        53,
+        Protocol::Udp,
+    ));
+    let r = f.from_pod(
+        "tester",
+        ProbeArgs::udp(sock([10, 96, 0, 61], 53)).count(100),
+    );
+    assert!(r.all_ok(), "UDP: {r}");
+    assert_eq!(r.pods(), names(&WEB), "UDP spreads: {r}");
+}
+
+fn weighted<B: Backend>(f: &mut Fixture<B>) {
+    f.remove_pods(&["web-1", "web-2", "web-4"]);
+    f.update_pod("web-0", |p| p.weight = 3);
+    f.update_pod("web-3", |p| p.weight = 1);
+    f.set_service(service(
+        "web",
+        "app",
+        "web",
+        [10, 96, 0, 62],
+        80,
+        Protocol::Tcp,
+    ));
+    let n = 400;
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock([10, 96, 0, 62], 80)).count(n));
+    assert!(r.all_ok(), "{r}");
+    let per = r.per_pod();
+    assert_binomial(
+        "web-0 (weight 3)",
+        per.get("web-0").copied().unwrap_or(0),
+        n as usize,
+        0.75,
+    );
+    assert_binomial(
+        "web-3 (weight 1)",
+        per.get("web-3").copied().unwrap_or(0),
+        n as usize,
+        0.25,
+    );
+}
+
+fn established_survives<B: Backend>(f: &mut Fixture<B>) {
+    f.remove_pods(&["web-1", "web-2", "web-4"]);
+    f.set_service(service(
+        "web",
+        "app",
+        "web",
+        [10, 96, 0, 63],
+        80,
+        Protocol::Tcp,
+    ));
+    let Some(ns) = f.tb.ns_of_pod("tester").map(str::to_string) else {
+        panic!("no tester pod");
+    };
+    let mut held = match f.tb.hold(&ns, sock([10, 96, 0, 63], 80)) {
+        Ok(h) => h,
+        Err(e) => panic!("hold: {e}"),
+    };
+    let first = held.ping("one").unwrap_or_else(|e| panic!("ping: {e}"));
+    let pod = crate::testbed::reply_field(&first, "pod")
+        .unwrap_or_default()
+        .to_string();
+    assert!(pod == "web-0" || pod == "web-3", "{first}");
+    f.restore_pods(&["web-1"]);
+    let again = held
+        .ping("two")
+        .unwrap_or_else(|e| panic!("ping after an endpoint was added: {e}"));
+    assert_eq!(
+        crate::testbed::reply_field(&again, "pod"),
+        Some(pod.as_str()),
+        "{again}"
+    );
+    let other = if pod == "web-0" { "web-3" } else { "web-0" };
+    f.remove_pods(&[other]);
+    let last = held
+        .ping("three")
+        .unwrap_or_else(|e| panic!("ping after an endpoint was removed: {e}"));
+    assert_eq!(
+        crate::testbed::reply_field(&last, "pod"),
+        Some(pod.as_str()),
+        "{last}"
+    );
+}
+
+/// Mounts the whole suite as `#[test]` functions for a backend expression:
+/// `svcnat_examples::conformance_suite!(MyBackend::new());`
+#[macro_export]
+macro_rules! conformance_suite {
+    ($backend:expr) => {
+        $crate::conformance_suite!(@tests $backend;
+            cluster_ip_spread: ClusterIpSpread,
+            node_port_on_every_node: NodePortOnEveryNode,
+            external_ips: ExternalIps,
+            load_balancer_source_ranges: LoadBalancerSourceRanges,
+            no_endpoints_refused: NoEndpointsRefused,
+            selector_to_missing_label: SelectorToMissingLabel,
+            scaling: Scaling,
+            client_ip_affinity: ClientIpAffinity,
+            external_traffic_local: ExternalTrafficLocal,
+            terminating_fallback: TerminatingFallback,
+            hairpin: Hairpin,
+            udp: Udp,
+            weighted: Weighted,
+            established_survives: EstablishedSurvives,
+        );
+    };
+    (@tests $backend:expr; $($name:ident: $scenario:ident,)*) => {
+        $(
+            #[test]
+            fn $name() {
+                $crate::skip_unless_root!();
+                $crate::conformance::run(&$backend, $crate::conformance::Scenario::$scenario);
+            }
+        )*
+    };
+}
