@@ -79,7 +79,7 @@ fn main() {
         );
         return;
     }
-    let (services, endpoints, runs) = if quick { (500, 5, 1) } else { (10_000, 5, 5) };
+    let (services, endpoints, runs) = if quick { (500, 5, 1) } else { (10_000, 5, 3) };
     let mut cluster = synthetic::cluster(&synthetic::Shape::new(services, endpoints));
     let node = NodeContext::new(
         "node-1",

@@ -275,9 +275,9 @@ impl Iptables {
             rules.chains().map(|(t, c)| (t, c.to_string())).collect();
         let mut text = rules.full_restore();
         // One `iptables-save` per table tells both which owned chains are stale and which
-        // jumps from the built-in chains are missing; everything else happens in the one
-        // restore (with the legacy flavour every extra iptables call rereads the table).
-        let mut extra = String::new();
+        // jumps from the built-in chains are missing; both go into that table's block of
+        // the one restore, before its COMMIT (with the legacy flavour every extra
+        // iptables call, and every extra commit, rereads or rewrites the whole table).
         let mut jumps = 0;
         for table in [Table::Nat, Table::Filter] {
             let saved = self.save(table)?;
@@ -293,9 +293,9 @@ impl Iptables {
             if gone.is_empty() && missing.is_empty() {
                 continue;
             }
-            extra.push_str(&format!("*{}\n", table.as_str()));
             // Stale chains: declaring flushes them; `-X` deletes them once nothing refers
-            // to them (the full restore above rewrote every chain that could).
+            // to them, which holds by then because the block rewrote every owned chain.
+            let mut extra = String::new();
             for c in &gone {
                 extra.push_str(&format!(":{c} - [0:0]\n"));
             }
@@ -308,9 +308,8 @@ impl Iptables {
                 extra.push('\n');
             }
             jumps += missing.len();
-            extra.push_str("COMMIT\n");
+            text = splice_before_commit(&text, table, &extra);
         }
-        text.push_str(&extra);
         self.restore(&text)?;
         let report = SyncReport {
             full: true,
@@ -333,6 +332,19 @@ impl Iptables {
             .map(|(_, c)| c.to_string())
             .collect()
     }
+}
+
+/// Inserts `extra` before the COMMIT of `table`'s block in restore input, or appends a
+/// block of its own when the input has none for that table.
+fn splice_before_commit(text: &str, table: Table, extra: &str) -> String {
+    let header = format!("*{}\n", table.as_str());
+    if let Some(start) = text.find(&header)
+        && let Some(rel) = text[start..].find("COMMIT\n")
+    {
+        let at = start + rel;
+        return format!("{}{extra}{}", &text[..at], &text[at..]);
+    }
+    format!("{text}{header}{extra}COMMIT\n")
 }
 
 /// Chains in `iptables-save` output that svcnat owns: per-service chains and `fixed`.
@@ -503,6 +515,41 @@ mod tests {
             Some(12)
         );
         assert_eq!(failing_line("something else"), None);
+    }
+
+    #[test]
+    fn splices_into_the_right_block() {
+        let text = "*filter\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\nCOMMIT\n";
+        assert_eq!(
+            splice_before_commit(text, Table::Nat, "-X C\n"),
+            "*filter\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\n-X C\nCOMMIT\n"
+        );
+        assert_eq!(
+            splice_before_commit("*filter\nCOMMIT\n", Table::Nat, "-X C\n"),
+            "*filter\nCOMMIT\n*nat\n-X C\nCOMMIT\n"
+        );
+    }
+
+    #[test]
+    fn finds_jumps_in_save_output() {
+        let saved = "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\nCOMMIT\n";
+        let rule: Vec<String> = [
+            "-m",
+            "comment",
+            "--comment",
+            "kubernetes service portals",
+            "-j",
+            "KUBE-SERVICES",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        assert!(has_jump(saved, "PREROUTING", &rule));
+        assert!(!has_jump(saved, "OUTPUT", &rule));
+        assert_eq!(
+            quote_args(&rule),
+            "-m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
+        );
     }
 
     #[test]
