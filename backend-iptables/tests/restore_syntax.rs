@@ -11,7 +11,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-#[path = "golden/load.rs"]
+#[path = "../../core/tests/support/scenario.rs"]
 mod load;
 
 use std::fs;

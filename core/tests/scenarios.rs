@@ -8,71 +8,21 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "support/scenario.rs"]
+mod load;
+
 use std::fmt::Write as _;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use svcnat_core::describe::{self, ViewOptions};
 use svcnat_core::discovery::{DiscoveryConfig, QueryType, Resolver, SearchConfig};
-use svcnat_core::manifest::{ClusterConfig, Manifests};
-use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan};
-
-fn node_conf(dir: &Path) -> (NodeContext, ClusterConfig) {
-    let text = fs::read_to_string(dir.join("node.conf")).expect("node.conf");
-    let mut node = NodeContext::new("node-1", Vec::new(), Vec::new());
-    let mut cfg = ClusterConfig::default();
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let (k, v) = line.split_once(' ').unwrap_or((line, ""));
-        let list = || {
-            v.split(',')
-                .map(|s| s.trim().parse().expect(line))
-                .collect::<Vec<_>>()
-        };
-        match k {
-            "namespace" => cfg.default_namespace = v.to_string(),
-            "node" => node.node_name = v.to_string(),
-            "ips" => {
-                node.node_ips = v
-                    .split(',')
-                    .map(|s| s.trim().parse().expect(line))
-                    .collect()
-            }
-            "cluster-cidrs" => node.cluster_cidrs = list(),
-            "nodeport-addresses" => node.nodeport_addresses = list(),
-            "masquerade-all" => node.masquerade_all = v == "true",
-            "chain-ids" => {
-                node.chain_ids = match v {
-                    "legacy" => ChainIdStyle::Legacy,
-                    _ => ChainIdStyle::Current,
-                }
-            }
-            other => panic!("{}: unknown key {other}", dir.display()),
-        }
-    }
-    (node, cfg)
-}
+use svcnat_core::manifest::Manifests;
+use svcnat_core::plan::Plan;
 
 fn run(dir: &Path) -> Vec<(&'static str, String)> {
-    let (node, cfg) = node_conf(dir);
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .expect("dir")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
-        .collect();
-    files.sort();
-    let texts: Vec<(String, String)> = files
-        .iter()
-        .map(|p| {
-            (
-                p.file_name().expect("name").to_string_lossy().into_owned(),
-                fs::read_to_string(p).expect("read"),
-            )
-        })
-        .collect();
+    let (node, cfg) = load::node_conf(dir);
+    let texts = load::manifests(dir);
     let mut m = Manifests::from_files(texts.iter().map(|(n, t)| (n.as_str(), t.as_str())), &cfg);
     let cluster = m.build(&cfg);
     let mut errors = String::new();
@@ -141,15 +91,8 @@ fn run(dir: &Path) -> Vec<(&'static str, String)> {
 
 #[test]
 fn golden_scenarios() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scenarios");
     let bless = std::env::var_os("SVCNAT_BLESS").is_some();
-    let mut dirs: Vec<PathBuf> = fs::read_dir(&root)
-        .expect("scenarios")
-        .map(|e| e.expect("entry").path())
-        .filter(|p| p.is_dir())
-        .collect();
-    dirs.sort();
-    assert!(dirs.len() >= 8, "scenarios missing: {dirs:?}");
+    let dirs = load::scenario_dirs();
     let mut failures = Vec::new();
     for dir in &dirs {
         for (name, got) in run(dir) {

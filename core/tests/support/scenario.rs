@@ -1,6 +1,6 @@
-//! Loads the core crate's golden scenarios (`core/tests/scenarios/*`) exactly as
-//! `core/tests/scenarios.rs` does: the `*.yaml` files in name order and `node.conf`.
-//! Shared by the iptables integration tests through `#[path]`.
+//! Loads the golden scenarios of `core/tests/scenarios/`: the `*.yaml` files in name order
+//! and `node.conf`. The one loader of the core tests and of every backend's golden tests,
+//! which include it with `#[path]`.
 
 #![allow(dead_code)]
 
