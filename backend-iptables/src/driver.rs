@@ -273,7 +273,12 @@ impl Iptables {
         let rules = Ruleset::new_for(plan, self.family);
         let wanted: BTreeSet<(Table, String)> =
             rules.chains().map(|(t, c)| (t, c.to_string())).collect();
-        let mut text = rules.full_restore();
+        // iptables-nft-restore slows down with the square of the chains one transaction
+        // declares; blocks of a few hundred chains keep a full sync linear.
+        let mut text = match self.flavour {
+            Flavour::Nft => rules.full_restore_batched(NFT_BATCH_CHAINS),
+            Flavour::Legacy => rules.full_restore(),
+        };
         // One `iptables-save` per table tells both which owned chains are stale and which
         // jumps from the built-in chains are missing; both go into that table's block of
         // the one restore, before its COMMIT (with the legacy flavour every extra
@@ -334,11 +339,14 @@ impl Iptables {
     }
 }
 
-/// Inserts `extra` before the COMMIT of `table`'s block in restore input, or appends a
-/// block of its own when the input has none for that table.
+/// Chains per `*table ... COMMIT` block of a full sync with the nft flavour.
+const NFT_BATCH_CHAINS: usize = 500;
+
+/// Inserts `extra` before the COMMIT of `table`'s last block in restore input (every chain
+/// exists by then), or appends a block of its own when the input has none for that table.
 fn splice_before_commit(text: &str, table: Table, extra: &str) -> String {
     let header = format!("*{}\n", table.as_str());
-    if let Some(start) = text.find(&header)
+    if let Some(start) = text.rfind(&header)
         && let Some(rel) = text[start..].find("COMMIT\n")
     {
         let at = start + rel;
