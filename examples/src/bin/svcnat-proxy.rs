@@ -1,0 +1,371 @@
+//! `svcnat-proxy`: the node proxy. It does on one node what kube-proxy does, with a
+//! directory of manifests in place of the API server.
+//!
+//! ```text
+//! svcnat-proxy --manifests DIR --node-ip 192.168.50.11 --cluster-cidr 10.244.0.0/16 [-v]
+//! svcnat-proxy --cleanup
+//! ```
+//!
+//! The directory's `*.yaml` and `*.yml` files are polled every 200 ms; a file added, edited
+//! or removed is applied within a second (changes within `--min-sync-period` of the last
+//! sync are batched into one). A file with an error is reported on stderr with file, line
+//! and field, and its last good text stays in force. Everything is rewritten every
+//! `--sync-period` to repair drift. `ready` is printed on stdout after the first successful
+//! sync. SIGTERM or SIGINT stops the proxy and leaves its rules in place, as kube-proxy
+//! does; `--cleanup` removes them (with both iptables flavours unless one is named).
+//!
+//! NodePorts are served on the `--node-ip` addresses (those inside `--nodeport-addresses`
+//! when given): without `--node-ip` no NodePort is served.
+//!
+//! Exit codes: 0 after a signal or a successful `--cleanup`, 1 when the proxy cannot start
+//! (manifest directory, iptables, metrics address), 2 for invalid flags and backends that
+//! are not built yet.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use ipnet::IpNet;
+use signal_hook::consts::signal::{SIGINT, SIGTERM};
+use svcnat_core::manifest::ClusterConfig;
+use svcnat_core::plan::{Dataplane as _, NodeContext};
+use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
+use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use tracing::{error, info, warn};
+use tracing_subscriber::filter::LevelFilter;
+
+/// Which dataplane programs the node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Backend {
+    /// iptables rules in kube-proxy's layout, applied with iptables-restore.
+    Iptables,
+    /// IPVS virtual servers (not built yet).
+    Ipvs,
+    /// The userspace AF_PACKET datapath (not built yet).
+    Userspace,
+}
+
+/// Which iptables implementation to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum FlavourArg {
+    /// Whatever `iptables --version` reports.
+    Auto,
+    /// iptables-legacy.
+    Legacy,
+    /// iptables-nft.
+    Nft,
+}
+
+/// The node proxy: programs Kubernetes Service load balancing from a manifest directory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "svcnat-proxy",
+    version,
+    about = "The svcnat node proxy: Kubernetes Service load balancing from a manifest directory"
+)]
+struct Args {
+    /// The dataplane.
+    #[arg(long, value_enum, default_value_t = Backend::Iptables)]
+    backend: Backend,
+    /// Directory of manifests (*.yaml, *.yml), watched for changes.
+    #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
+    manifests: Option<PathBuf>,
+    /// This node's name, which decides which endpoints are local [default: the hostname].
+    #[arg(long, value_name = "NAME")]
+    node_name: Option<String>,
+    /// An address of this node (repeatable); NodePorts are served only on these.
+    #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
+    node_ips: Vec<IpAddr>,
+    /// The pod network (repeatable): traffic from outside it to a ClusterIP is masqueraded.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
+    cluster_cidrs: Vec<IpNet>,
+    /// Serve NodePorts only on node addresses inside these ranges (repeatable).
+    #[arg(
+        long = "nodeport-addresses",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    nodeport_addresses: Vec<IpNet>,
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long)]
+    masquerade_all: bool,
+    /// The iptables implementation.
+    #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
+    iptables_flavour: FlavourArg,
+    /// Changes within this period after a sync are batched into the next sync.
+    #[arg(long, value_name = "DUR", default_value = "1s", value_parser = proxy::parse_duration)]
+    min_sync_period: Duration,
+    /// Everything is rewritten this often, to repair drift.
+    #[arg(long, value_name = "DUR", default_value = "30s", value_parser = proxy::parse_duration)]
+    sync_period: Duration,
+    /// Where /metrics and /healthz are served; empty disables the server.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249", value_parser = parse_bind)]
+    metrics_bind_address: Bind,
+    /// Remove everything this backend installed (iptables: with both flavours unless
+    /// --iptables-flavour names one), and exit.
+    #[arg(long)]
+    cleanup: bool,
+    /// Namespace of objects that name none.
+    #[arg(long, value_name = "NS", default_value = "default")]
+    default_namespace: String,
+    /// Range for cluster IPs that manifests leave unset (one per family).
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = "10.96.0.0/12",
+        value_delimiter = ','
+    )]
+    service_cidrs: Vec<IpNet>,
+    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family).
+    #[arg(
+        long = "pod-cidr",
+        value_name = "CIDR",
+        default_value = "10.244.0.0/16",
+        value_delimiter = ','
+    )]
+    pod_cidrs: Vec<IpNet>,
+    /// More logs on stderr: -v for info, -vv for debug (default: warnings and errors).
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+}
+
+/// A listening address, or none (the flag given as empty).
+#[derive(Clone, Copy, Debug)]
+struct Bind(Option<SocketAddr>);
+
+/// `ADDR:PORT`, or empty for none.
+fn parse_bind(s: &str) -> Result<Bind, String> {
+    if s.trim().is_empty() {
+        return Ok(Bind(None));
+    }
+    s.parse()
+        .map(|a| Bind(Some(a)))
+        .map_err(|e| format!("{s:?} is not ADDR:PORT: {e}"))
+}
+
+/// The kernel's hostname, lower-cased as kube-proxy does.
+fn hostname() -> Option<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = name.trim().to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_max_level(level)
+        .init();
+}
+
+/// `--cleanup`: removes what svcnat installed with the given flavour or, when none is
+/// given, with the detected one and then with the other one too (rules written through
+/// the other flavour would otherwise stay behind; failing to reach it is only a warning).
+fn cleanup(flavour: Option<Flavour>) -> ExitCode {
+    let iptables = |f: Option<Flavour>| {
+        Iptables::new(IptablesConfig {
+            runner: Runner::local(),
+            flavour: f,
+            ..IptablesConfig::default()
+        })
+    };
+    let mut main = match iptables(flavour) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("cannot use iptables: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let used = main.flavour();
+    if let Err(e) = main.cleanup() {
+        error!(flavour = ?used, "cleanup failed: {e}");
+        return ExitCode::from(1);
+    }
+    info!(flavour = ?used, "removed every rule and chain svcnat installed");
+    if flavour.is_none() {
+        let other = match used {
+            Flavour::Legacy => Flavour::Nft,
+            Flavour::Nft => Flavour::Legacy,
+        };
+        match iptables(Some(other)).and_then(|mut d| d.cleanup()) {
+            Ok(()) => info!(flavour = ?other, "removed every rule and chain svcnat installed"),
+            Err(e) => warn!(flavour = ?other, "cleanup of the other flavour failed: {e}"),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    match args.backend {
+        Backend::Iptables => {}
+        other => {
+            let name = format!("{other:?}").to_ascii_lowercase();
+            eprintln!("svcnat-proxy: backend {name} is not built yet; use --backend iptables");
+            return ExitCode::from(2);
+        }
+    }
+    if args.sync_period.is_zero() {
+        eprintln!("svcnat-proxy: --sync-period must be above zero");
+        return ExitCode::from(2);
+    }
+    let flavour = match args.iptables_flavour {
+        FlavourArg::Auto => None,
+        FlavourArg::Legacy => Some(Flavour::Legacy),
+        FlavourArg::Nft => Some(Flavour::Nft),
+    };
+    if args.cleanup {
+        return cleanup(flavour);
+    }
+    let dataplane = match Iptables::new(IptablesConfig {
+        runner: Runner::local(),
+        flavour,
+        ..IptablesConfig::default()
+    }) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("cannot use iptables: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let Some(manifests) = args.manifests else {
+        eprintln!("svcnat-proxy: --manifests DIR is required");
+        return ExitCode::from(2);
+    };
+    let Some(node_name) = args.node_name.or_else(hostname) else {
+        eprintln!("svcnat-proxy: cannot tell the hostname; give --node-name");
+        return ExitCode::from(2);
+    };
+    if args.node_ips.is_empty() {
+        warn!("no --node-ip given: NodePort services are served on no address");
+    }
+    if args.node_ips.iter().any(IpAddr::is_ipv6)
+        || args.service_cidrs.iter().any(|c| matches!(c, IpNet::V6(_)))
+    {
+        warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are (iptables)");
+    }
+    let node = NodeContext {
+        nodeport_addresses: args.nodeport_addresses,
+        masquerade_all: args.masquerade_all,
+        ..NodeContext::new(node_name, args.node_ips, args.cluster_cidrs)
+    };
+    let cluster = ClusterConfig {
+        default_namespace: args.default_namespace,
+        service_cidrs: args.service_cidrs,
+        pod_cidrs: args.pod_cidrs,
+        ..ClusterConfig::default()
+    };
+    let config = ProxyConfig {
+        min_sync_period: args.min_sync_period,
+        sync_period: args.sync_period,
+        ..ProxyConfig::new(manifests, cluster, node)
+    };
+    info!(
+        node = %config.node.node_name,
+        node_ips = ?config.node.node_ips,
+        flavour = ?dataplane.flavour(),
+        manifests = %config.manifests.display(),
+        "starting"
+    );
+
+    // The first SIGTERM or SIGINT asks the loop to stop; a second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        let registered = signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
+            .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
+        if let Err(e) = registered {
+            error!("cannot handle signal {signal}: {e}");
+            return ExitCode::from(1);
+        }
+    }
+
+    let metrics = Arc::new(Metrics::new(config.sync_period));
+    if let Bind(Some(addr)) = args.metrics_bind_address {
+        match proxy::serve(addr, metrics.clone()) {
+            Ok(bound) => info!(address = %bound, "serving /metrics and /healthz"),
+            Err(e) => {
+                error!("cannot serve metrics on {addr}: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    }
+    let dir = config.manifests.display().to_string();
+    let mut proxy = match Proxy::new(config, dataplane, metrics) {
+        Ok(p) => p,
+        Err(e) => {
+            error!("cannot read the manifest directory {dir}: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    proxy.run(&stop, || {
+        let mut out = std::io::stdout().lock();
+        // Nobody reading stdout is no reason to stop proxying.
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    });
+    ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_kube_proxy_style_flags() {
+        let a = Args::try_parse_from([
+            "svcnat-proxy",
+            "--manifests",
+            "/m",
+            "--node-ip",
+            "192.168.50.11",
+            "--node-ip",
+            "fd00::11",
+            "--cluster-cidr",
+            "10.244.0.0/16,fd00:10:244::/56",
+            "--min-sync-period",
+            "250ms",
+            "--metrics-bind-address",
+            "",
+            "-vv",
+        ])
+        .map_err(|e| e.to_string());
+        let Ok(a) = a else {
+            return assert!(a.is_ok(), "{a:?}");
+        };
+        assert_eq!(a.node_ips.len(), 2);
+        assert_eq!(a.cluster_cidrs.len(), 2);
+        assert_eq!(a.min_sync_period, Duration::from_millis(250));
+        assert_eq!(a.sync_period, Duration::from_secs(30));
+        assert!(a.metrics_bind_address.0.is_none());
+        assert_eq!(a.verbose, 2);
+        assert_eq!(a.iptables_flavour, FlavourArg::Auto);
+        let d =
+            Args::try_parse_from(["svcnat-proxy", "--manifests", "/m"]).map_err(|e| e.to_string());
+        assert!(
+            matches!(&d, Ok(d) if d.metrics_bind_address.0 == "127.0.0.1:10249".parse().ok()),
+            "{d:?}"
+        );
+        assert!(Args::try_parse_from(["svcnat-proxy", "--cleanup"]).is_ok());
+        assert!(Args::try_parse_from(["svcnat-proxy"]).is_err());
+    }
+}

@@ -1,0 +1,540 @@
+//! `svcnat-proxy` and `svcnat-ctl` end to end: the proxy runs inside each node namespace of
+//! a testbed, watches a manifest directory, and real clients check what it programs.
+//! The views of `svcnat-ctl` are checked against the lab's golden scenario files.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use svcnat_examples::testbed::{PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until};
+
+const PROXY: &str = env!("CARGO_BIN_EXE_svcnat-proxy");
+const CTL: &str = env!("CARGO_BIN_EXE_svcnat-ctl");
+const NODE_PORT: u16 = 30000;
+const VOTE: [&str; 3] = ["vote-0", "vote-1", "vote-2"];
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new() -> Scratch {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "svcnat-proxy-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+
+    /// Writes in place, as an editor that truncates and rewrites does.
+    fn write(&self, name: &str, text: &str) {
+        fs::write(self.0.join(name), text).unwrap();
+    }
+
+    fn remove(&self, name: &str) {
+        fs::remove_file(self.0.join(name)).unwrap();
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Two nodes, one client, and the vote pods (two on node 0, one on node 1) serving TCP 8080.
+fn vote_testbed() -> Testbed {
+    let spec = TestbedSpec::new(2, 1)
+        .binaries(svcnat_examples::testbed_binaries!())
+        .pod(PodSpec::new("vote-0", 0, IpAddr::from([10, 244, 0, 10])).tcp(8080))
+        .pod(PodSpec::new("vote-1", 0, IpAddr::from([10, 244, 0, 11])).tcp(8080))
+        .pod(PodSpec::new("vote-2", 1, IpAddr::from([10, 244, 1, 10])).tcp(8080));
+    Testbed::new(spec).expect("testbed")
+}
+
+fn nodes_yaml(tb: &Testbed) -> String {
+    tb.nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDR: {}\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n",
+                n.name, n.pod_cidrs[0], n.ip
+            )
+        })
+        .collect()
+}
+
+/// The testbed's pods as running, ready Pod objects labelled `app=vote`.
+fn pods_yaml(tb: &Testbed) -> String {
+    tb.pods()
+        .map(|p| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  labels:\n    app: vote\nspec:\n  nodeName: node-{}\n  containers:\n  - name: vote\n    image: schoolofdevops/vote:v1\n    ports:\n    - containerPort: 8080\nstatus:\n  phase: Running\n  podIP: {}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+                p.name, p.node, p.ips[0]
+            )
+        })
+        .collect()
+}
+
+/// The lab's NodePort Service, selecting `app=<app>`.
+fn service_yaml(app: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: vote\nspec:\n  type: NodePort\n  selector:\n    app: {app}\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {NODE_PORT}\n"
+    )
+}
+
+/// A Service whose YAML does not parse (the flow mapping on line 7 is never closed).
+const BROKEN_SERVICE: &str = "apiVersion: v1\nkind: Service\nmetadata:\n  name: vote\nspec:\n  type: NodePort\n  selector: {app: vote\n  ports:\n  - port: 80\n";
+
+fn write_cluster(tb: &Testbed, dir: &Scratch) {
+    dir.write("nodes.yaml", &nodes_yaml(tb));
+    dir.write("pods.yaml", &pods_yaml(tb));
+    dir.write("vote-svc.yaml", &service_yaml("vote"));
+}
+
+/// `svcnat-proxy` running inside a node namespace.
+struct RunningProxy {
+    child: Child,
+    ns: String,
+    stderr: Arc<Mutex<String>>,
+    ready: mpsc::Receiver<()>,
+}
+
+impl RunningProxy {
+    fn start(tb: &Testbed, node: usize, dir: &Path) -> RunningProxy {
+        Self::start_with(tb, node, dir, &[])
+    }
+
+    fn start_with(tb: &Testbed, node: usize, dir: &Path, extra: &[&str]) -> RunningProxy {
+        let ns = tb.ns_of_node(node).to_string();
+        let mut child = tb
+            .command(&ns, PROXY)
+            .args(["--node-name", &format!("node-{node}")])
+            .args(["--node-ip", &tb.node_ip(node).to_string()])
+            .args(["--cluster-cidr", "10.244.0.0/16"])
+            .arg("--manifests")
+            .arg(dir)
+            .args(["--metrics-bind-address", "127.0.0.1:10249", "-v"])
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start svcnat-proxy");
+        let (tx, ready) = mpsc::channel();
+        let stdout = child.stdout.take().expect("stdout");
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.trim() == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let sink = stderr.clone();
+        let pipe = child.stderr.take().expect("stderr");
+        thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                eprintln!("[node-{node}] {line}");
+                let mut s = sink.lock().unwrap();
+                s.push_str(&line);
+                s.push('\n');
+            }
+        });
+        RunningProxy {
+            child,
+            ns,
+            stderr,
+            ready,
+        }
+    }
+
+    fn wait_ready(&self) {
+        if self.ready.recv_timeout(Duration::from_secs(30)).is_err() {
+            panic!(
+                "svcnat-proxy in {} never printed ready; stderr:\n{}",
+                self.ns,
+                self.stderr()
+            );
+        }
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Sends SIGTERM and waits for the exit.
+    fn terminate(&mut self) -> ExitStatus {
+        let pid = self.child.id().to_string();
+        let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(st.success(), "kill -TERM {pid}");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "svcnat-proxy ignored SIGTERM");
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for RunningProxy {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Connections from the client to node `node`'s NodePort. The timeout outlasts the first
+/// SYN retransmission (1 s): the kernel rate-limits the ICMP errors a REJECT sends, so a
+/// refusal can take a second try.
+fn probe(tb: &Testbed, node: usize, count: u32) -> ProbeResult {
+    let target = SocketAddr::new(tb.node_ip(node), NODE_PORT);
+    tb.probe(
+        tb.ns_of_client(0),
+        ProbeArgs::tcp(target).count(count).timeout_ms(2500),
+    )
+    .expect("probe")
+}
+
+/// Waits (up to `secs`) until one connection to every node's NodePort gets `want`.
+fn wait_all_nodes(tb: &Testbed, secs: u64, want: fn(&ProbeResult) -> bool) -> bool {
+    wait_until(Duration::from_secs(secs), || {
+        (0..2).all(|i| want(&probe(tb, i, 1)))
+    })
+}
+
+fn refused(r: &ProbeResult) -> bool {
+    r.refused() == 1
+}
+
+fn answered(r: &ProbeResult) -> bool {
+    r.all_ok()
+}
+
+/// Whether `text` names `file` with a line number (`.../vote-svc.yaml:7:`).
+fn has_file_line(text: &str, file: &str) -> bool {
+    text.match_indices(&format!("{file}:")).any(|(i, m)| {
+        let rest = &text[i + m.len()..];
+        let digits = rest.chars().take_while(char::is_ascii_digit).count();
+        digits > 0 && rest[digits..].starts_with(':')
+    })
+}
+
+fn curl(tb: &Testbed, node: usize, path: &str) -> String {
+    let out = tb
+        .exec(
+            tb.ns_of_node(node),
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://127.0.0.1:10249{path}"),
+            ],
+        )
+        .expect("curl (install curl)");
+    assert!(
+        out.status.success(),
+        "curl {path}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn iptables_save(tb: &Testbed, node: usize) -> String {
+    save(tb, node, "iptables-save")
+}
+
+fn save(tb: &Testbed, node: usize, program: &str) -> String {
+    tb.exec_ok(tb.ns_of_node(node), [program]).expect(program)
+}
+
+#[test]
+fn proxy_follows_the_manifest_directory() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    let proxies: Vec<RunningProxy> = (0..2)
+        .map(|i| RunningProxy::start(&tb, i, &dir.0))
+        .collect();
+    for p in &proxies {
+        p.wait_ready();
+    }
+
+    // The NodePort answers on both nodes and spreads over every pod, wherever it runs.
+    for i in 0..2 {
+        assert!(iptables_save(&tb, i).contains("--dport 30000"));
+        let r = probe(&tb, i, 45);
+        assert!(r.all_ok(), "node {i}: {}", r);
+        assert_eq!(
+            r.pods(),
+            VOTE.iter().map(|s| s.to_string()).collect(),
+            "node {i}: {}",
+            r
+        );
+    }
+
+    // The lab's exercise: the selector changed to a label no pod has. The Service has no
+    // endpoints, so its NodePort refuses connections.
+    let t = Instant::now();
+    dir.write("vote-svc.yaml", &service_yaml("missing"));
+    assert!(wait_all_nodes(&tb, 5, refused), "still answering");
+    let took = t.elapsed();
+    assert!(took < Duration::from_secs(3), "applied after {took:?}");
+
+    // Broken YAML: reported with file and line; the last good text (refusing) stays.
+    dir.write("vote-svc.yaml", BROKEN_SERVICE);
+    assert!(
+        wait_until(Duration::from_secs(5), || proxies
+            .iter()
+            .all(|p| has_file_line(&p.stderr(), "vote-svc.yaml"))),
+        "no file:line report; stderr:\n{}",
+        proxies[0].stderr()
+    );
+    for i in 0..2 {
+        let r = probe(&tb, i, 3);
+        assert_eq!(r.refused(), 3, "node {i}: {}", r);
+        assert!(curl(&tb, i, "/metrics").contains("\nsvcnat_manifest_errors 1\n"));
+    }
+
+    // Fixed: the pods answer again.
+    dir.write("vote-svc.yaml", &service_yaml("vote"));
+    assert!(wait_all_nodes(&tb, 5, answered), "not answering again");
+    for i in 0..2 {
+        assert!(curl(&tb, i, "/metrics").contains("\nsvcnat_manifest_errors 0\n"));
+    }
+
+    // Broken again: now the last good text is the working one, and it keeps working.
+    dir.write("vote-svc.yaml", BROKEN_SERVICE);
+    thread::sleep(Duration::from_millis(1500));
+    for i in 0..2 {
+        let r = probe(&tb, i, 10);
+        assert!(r.all_ok(), "node {i}: {}", r);
+    }
+
+    // Deleted: the Service and its rules go; nothing listens on the node port.
+    dir.remove("vote-svc.yaml");
+    assert!(wait_all_nodes(&tb, 5, refused), "still answering");
+    for i in 0..2 {
+        let rules = iptables_save(&tb, i);
+        assert!(!rules.contains("--dport 30000"), "node {i} rules:\n{rules}");
+        assert!(curl(&tb, i, "/metrics").contains("\nsvcnat_services 0\n"));
+    }
+}
+
+#[test]
+fn metrics_health_sigterm_and_cleanup() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    // Node 0 names the legacy flavour; node 1 detects it, and resyncs every 2 s.
+    let mut proxies = vec![
+        RunningProxy::start_with(&tb, 0, &dir.0, &["--iptables-flavour", "legacy"]),
+        RunningProxy::start_with(&tb, 1, &dir.0, &["--sync-period", "2s"]),
+    ];
+    for p in &proxies {
+        p.wait_ready();
+    }
+
+    let metrics = curl(&tb, 0, "/metrics");
+    for want in [
+        "svcnat_sync_duration_seconds_bucket{le=\"0.001\"}",
+        "svcnat_sync_duration_seconds_bucket{le=\"16.384\"}",
+        "svcnat_sync_duration_seconds_bucket{le=\"+Inf\"}",
+        "\nsvcnat_services 1\n",
+        "\nsvcnat_frontends 2\n",
+        "\nsvcnat_endpoints 3\n",
+        "\nsvcnat_manifest_errors 0\n",
+        "\nsvcnat_sync_errors_total 0\n",
+        "svcnat_sync_total{result=\"ok\",kind=\"full\"} ",
+        "\nsvcnat_last_sync_timestamp_seconds ",
+        "\nsvcnat_rules_written ",
+    ] {
+        assert!(metrics.contains(want), "no {want:?} in\n{metrics}");
+    }
+    assert_eq!(curl(&tb, 0, "/healthz"), "ok");
+
+    // Drift: someone flushes the NodePort chain on node 1; the next periodic full resync
+    // rewrites it.
+    let full_syncs = || {
+        curl(&tb, 1, "/metrics")
+            .lines()
+            .find_map(|l| l.strip_prefix("svcnat_sync_total{result=\"ok\",kind=\"full\"} "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let before = full_syncs();
+    tb.exec_ok(
+        tb.ns_of_node(1),
+        ["iptables", "-t", "nat", "-F", "KUBE-NODEPORTS"],
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(5), || full_syncs() > before),
+        "no full resync within 5 s"
+    );
+    let r = probe(&tb, 1, 5);
+    assert!(r.all_ok(), "drift not repaired: {r}");
+
+    // SIGTERM: a clean exit that leaves the rules, so traffic keeps flowing.
+    let status = proxies[0].terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let rules = save(&tb, 0, "iptables-legacy-save");
+    assert!(rules.contains(":KUBE-SERVICES"), "rules gone:\n{rules}");
+    let r = probe(&tb, 0, 5);
+    assert!(r.all_ok(), "{}", r);
+
+    // --cleanup removes every chain svcnat installed, with either flavour.
+    let out = tb
+        .exec(tb.ns_of_node(0), [PROXY, "--cleanup", "-v"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for program in ["iptables-legacy-save", "iptables-nft-save"] {
+        let rules = save(&tb, 0, program);
+        assert!(!rules.contains("KUBE-"), "{program}: left behind:\n{rules}");
+    }
+    let r = probe(&tb, 0, 3);
+    assert_eq!(r.refused(), 3, "{}", r);
+    // Node 1 is untouched.
+    assert!(probe(&tb, 1, 3).all_ok());
+    drop(proxies);
+}
+
+#[test]
+fn unbuilt_backends_exit_2() {
+    for backend in ["ipvs", "userspace"] {
+        let out = Command::new(PROXY)
+            .args(["--backend", backend, "--manifests", "/nonexistent"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{backend}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("not built yet"), "{err}");
+    }
+    let out = Command::new(PROXY).output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "--manifests is required");
+}
+
+// ---------------------------------------------------------------------------------------------
+// svcnat-ctl against the lab's golden views
+// ---------------------------------------------------------------------------------------------
+
+fn lab_vote() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../core/tests/scenarios/lab-vote")
+}
+
+/// The output recorded under `$ <command>` in the scenario's views.txt.
+fn view(command: &str) -> String {
+    let text = fs::read_to_string(lab_vote().join("views.txt")).unwrap();
+    let head = format!("$ {command}\n");
+    let start = text.find(&head).unwrap_or_else(|| panic!("no {head:?}")) + head.len();
+    let rest = &text[start..];
+    let end = rest.find("\n$ ").map_or(rest.len(), |i| i + 1);
+    rest[..end].trim_end_matches('\n').to_string() + "\n"
+}
+
+fn ctl(args: &[&str]) -> String {
+    let out = Command::new(CTL)
+        .arg("--manifests")
+        .arg(lab_vote())
+        .args(["--default-namespace", "instavote"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "svcnat-ctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn ctl_views_match_the_lab() {
+    assert_eq!(ctl(&["get", "svc", "-A"]), view("kubectl get svc -A"));
+    assert_eq!(
+        ctl(&["get", "endpoints", "-A"]),
+        view("kubectl get endpoints -A")
+    );
+    assert_eq!(
+        ctl(&["get", "pods", "-A", "-o", "wide"]),
+        view("kubectl get pods -A -o wide")
+    );
+    assert_eq!(
+        ctl(&["describe", "service", "-n", "instavote", "vote"]),
+        view("kubectl describe service -n instavote vote")
+    );
+    // Without -A: the default namespace, and no NAMESPACE column.
+    let svc = ctl(&["get", "svc"]);
+    assert!(svc.starts_with("NAME   TYPE       CLUSTER-IP"), "{svc}");
+    assert!(svc.contains("vote   NodePort   10.99.113.112   <none>        80:30000/TCP"));
+    // Without -o wide: no IP and NODE columns.
+    let pods = ctl(&["get", "pods"]);
+    assert!(
+        pods.starts_with("NAME         READY   STATUS    RESTARTS   AGE\n"),
+        "{pods}"
+    );
+    assert!(!pods.contains("10.32.0.6"));
+}
+
+#[test]
+fn ctl_plan_matches_the_lab() {
+    let plan = ctl(&[
+        "plan",
+        "--node-name",
+        "k-02",
+        "--node-ip",
+        "192.168.50.12",
+        "--cluster-cidr",
+        "10.32.0.0/12",
+        "--chain-ids",
+        "legacy",
+    ]);
+    let golden = fs::read_to_string(lab_vote().join("plan.txt")).unwrap();
+    assert_eq!(plan, golden);
+}
+
+#[test]
+fn ctl_reports_broken_files() {
+    let dir = Scratch::new();
+    dir.write("a.yaml", &service_yaml("vote"));
+    dir.write("b.yaml", BROKEN_SERVICE);
+    let out = Command::new(CTL)
+        .arg("--manifests")
+        .arg(&dir.0)
+        .args(["get", "svc"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("vote   NodePort"), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(has_file_line(&stderr, "b.yaml"), "{stderr}");
+    let missing = Command::new(CTL)
+        .arg("--manifests")
+        .arg(&dir.0)
+        .args(["describe", "svc", "nope"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(1));
+}
