@@ -4,12 +4,17 @@
 //! - [`agent`]: the loop that keeps one node's plan in step with the cluster and syncs it
 //!   into a dataplane.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
+//! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
+//!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
+//! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
+//!   every step applied to a watched manifest directory and observed with real traffic.
 //! - [`proxy`]: the node proxy behind `svcnat-proxy`: a manifest directory with per-file
 //!   last-good state, the coalescing sync loop, `/metrics` and `/healthz`.
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
 pub mod agent;
 pub mod conformance;
-
+pub mod dns;
+pub mod lab;
 pub mod proxy;
 pub mod testbed;

@@ -1,0 +1,294 @@
+//! `svcnat-dns`: the cluster DNS server (what CoreDNS's `kubernetes` plugin does), serving
+//! `svcnat_core::discovery` on UDP and TCP from a directory of manifests.
+//!
+//! ```text
+//! svcnat-dns --manifests DIR [--listen ADDR:PORT]... [--cluster-domain cluster.local]
+//!            [--default-namespace default] [--service-cidr 10.96.0.0/12]
+//!            [--pod-cidr 10.244.0.0/16] [--ttl 5] [--udp-workers N] [-v|-vv]
+//! ```
+//!
+//! The manifests are read exactly as `svcnat-proxy` reads them (the same
+//! [`ManifestDir`]): every `*.yaml`/`*.yml` file in name order, polled every 250 ms, a file
+//! with errors reported on stderr with file, line and field while its last good text stays
+//! in force. Give both programs the same directory, `--default-namespace`,
+//! `--service-cidr` and `--pod-cidr`, and they allocate the same cluster IPs (explicit
+//! `clusterIP`s make it certain).
+//!
+//! Each `--listen` address (default `0.0.0.0:53`, repeatable) gets a UDP socket served by
+//! `--udp-workers` threads (default: one per CPU, at most 4) and a TCP listener (a thread per
+//! connection, at most 256, closed after 10 s idle). A socket bound to `0.0.0.0` replies
+//! from the address the route to the client picks, which on a host with several addresses
+//! is not always the one the query went to: there, listen on each address. `ready` is
+//! printed on stdout once every socket is bound. SIGTERM or SIGINT stops the server with
+//! status 0 (a second signal exits at once). Logs go to stderr: warnings by default, `-v`
+//! info, `-vv` debug (one line per query).
+//!
+//! Exit codes: 0 after a signal, 1 when the server cannot start (manifest directory,
+//! listen address), 2 for invalid flags.
+
+use std::io::{IsTerminal as _, Write as _};
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use clap::{ArgAction, Parser};
+use ipnet::IpNet;
+use signal_hook::consts::signal::{SIGINT, SIGTERM};
+use svcnat_core::discovery::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_TTL, DiscoveryConfig, Resolver};
+use svcnat_core::manifest::ClusterConfig;
+use svcnat_examples::dns::{Server, wake_tcp};
+use svcnat_examples::proxy::ManifestDir;
+use tracing::{error, info, warn};
+use tracing_subscriber::filter::LevelFilter;
+
+/// How often the manifest directory is looked at.
+const POLL_INTERVAL: Duration = Duration::from_millis(250);
+
+/// The cluster DNS server: Service and Pod names from a manifest directory.
+#[derive(Debug, Parser)]
+#[command(
+    name = "svcnat-dns",
+    version,
+    about = "The svcnat cluster DNS server: Service and Pod names from a manifest directory"
+)]
+struct Args {
+    /// Directory of manifests (*.yaml, *.yml), watched for changes.
+    #[arg(long, value_name = "DIR")]
+    manifests: PathBuf,
+    /// Where to serve UDP and TCP (repeatable).
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:53")]
+    listen: Vec<SocketAddr>,
+    /// The cluster domain (kubelet's --cluster-domain).
+    #[arg(long, value_name = "DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN)]
+    cluster_domain: String,
+    /// Namespace of objects that name none.
+    #[arg(long, value_name = "NS", default_value = "default")]
+    default_namespace: String,
+    /// Range for cluster IPs that manifests leave unset (one per family); as the proxy's.
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = "10.96.0.0/12",
+        value_delimiter = ','
+    )]
+    service_cidrs: Vec<IpNet>,
+    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family); as the
+    /// proxy's.
+    #[arg(
+        long = "pod-cidr",
+        value_name = "CIDR",
+        default_value = "10.244.0.0/16",
+        value_delimiter = ','
+    )]
+    pod_cidrs: Vec<IpNet>,
+    /// TTL of every record, and of negative answers.
+    #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TTL)]
+    ttl: u32,
+    /// Do not answer `<a-b-c-d>.<ns>.pod.<domain>` names.
+    #[arg(long)]
+    no_pod_records: bool,
+    /// Threads per UDP socket [default: one per CPU, at most 4].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    udp_workers: Option<u16>,
+    /// More logs on stderr: -v for info, -vv for debug, one line per query (default:
+    /// warnings and errors).
+    #[arg(short, long, action = ArgAction::Count)]
+    verbose: u8,
+}
+
+fn init_logging(verbose: u8) {
+    let level = match verbose {
+        0 => LevelFilter::WARN,
+        1 => LevelFilter::INFO,
+        2 => LevelFilter::DEBUG,
+        _ => LevelFilter::TRACE,
+    };
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_max_level(level)
+        .init();
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    init_logging(args.verbose);
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn run(args: Args) -> Result<(), String> {
+    // The first SIGTERM or SIGINT asks for a clean stop; a second one exits at once.
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [SIGTERM, SIGINT] {
+        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
+            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&stop)))
+            .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
+    }
+
+    let cluster = ClusterConfig {
+        default_namespace: args.default_namespace,
+        service_cidrs: args.service_cidrs,
+        pod_cidrs: args.pod_cidrs,
+        ..ClusterConfig::default()
+    };
+    let discovery = DiscoveryConfig {
+        cluster_domain: args.cluster_domain,
+        ttl: args.ttl,
+        pod_records: !args.no_pod_records,
+    };
+    let dir_name = args.manifests.display().to_string();
+    let mut dir = ManifestDir::open(&args.manifests, cluster)
+        .map_err(|e| format!("cannot read the manifest directory {dir_name}: {e}"))?;
+    let resolver = |dir: &ManifestDir| {
+        let r = Resolver::new(dir.cluster(), discovery.clone());
+        info!(
+            services = dir.cluster().services().count(),
+            files = dir.loaded_files().count(),
+            serial = r.serial(),
+            "zone loaded"
+        );
+        r
+    };
+    let server = Arc::new(Server::new(resolver(&dir)));
+
+    // Bind everything before serving anything, so a bad address fails the start.
+    let mut sockets = Vec::new();
+    for addr in &args.listen {
+        let udp = UdpSocket::bind(addr).map_err(|e| format!("cannot bind udp {addr}: {e}"))?;
+        let tcp = TcpListener::bind(addr).map_err(|e| format!("cannot bind tcp {addr}: {e}"))?;
+        sockets.push((udp, tcp));
+    }
+    let workers_per_socket = args.udp_workers.map_or_else(
+        || thread::available_parallelism().map_or(1, |n| n.get().min(4)),
+        usize::from,
+    );
+    let mut workers: Vec<JoinHandle<()>> = Vec::new();
+    let mut acceptors: Vec<JoinHandle<()>> = Vec::new();
+    let mut tcp_addrs = Vec::new();
+    for (udp, tcp) in sockets {
+        let local = udp.local_addr().map_err(|e| e.to_string())?;
+        for i in 0..workers_per_socket {
+            let socket = udp.try_clone().map_err(|e| e.to_string())?;
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            let handle = thread::Builder::new()
+                .name(format!("dns-udp-{i}"))
+                .spawn(move || {
+                    if let Err(e) = server.serve_udp(&socket, &stop) {
+                        error!("udp {local}: {e}");
+                    }
+                })
+                .map_err(|e| e.to_string())?;
+            workers.push(handle);
+        }
+        tcp_addrs.push(tcp.local_addr().map_err(|e| e.to_string())?);
+        let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+        let handle = thread::Builder::new()
+            .name("dns-tcp-accept".into())
+            .spawn(move || {
+                if let Err(e) = server.serve_tcp(&tcp, &stop) {
+                    error!("tcp {local}: {e}");
+                }
+            })
+            .map_err(|e| e.to_string())?;
+        acceptors.push(handle);
+        info!(address = %local, udp_workers = workers_per_socket, "serving DNS over UDP and TCP");
+    }
+    {
+        let mut out = std::io::stdout().lock();
+        // Nobody reading stdout is no reason to stop serving.
+        let _ = writeln!(out, "ready");
+        let _ = out.flush();
+    }
+
+    let mut dir_failing = false;
+    while !stop.load(Ordering::Relaxed) {
+        thread::sleep(POLL_INTERVAL);
+        match dir.poll() {
+            Ok(changed) => {
+                dir_failing = false;
+                if changed {
+                    server.set_resolver(resolver(&dir));
+                }
+            }
+            Err(e) => {
+                // Keep serving what we have; say so once.
+                if !dir_failing {
+                    warn!(
+                        "cannot read the manifest directory {dir_name}: {e}; serving the last load"
+                    );
+                }
+                dir_failing = true;
+            }
+        }
+    }
+
+    info!("stopping");
+    for addr in tcp_addrs {
+        wake_tcp(addr);
+    }
+    // UDP workers see the flag within 250 ms. An acceptor sees it once woken; one that
+    // cannot be woken is left to the process exit rather than hang the shutdown.
+    for w in workers {
+        let _ = w.join();
+    }
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while acceptors.iter().any(|a| !a.is_finished()) && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory as _;
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_and_repeated_listen() {
+        let a = Args::try_parse_from(["svcnat-dns", "--manifests", "/m"]).unwrap();
+        assert_eq!(a.listen, vec!["0.0.0.0:53".parse::<SocketAddr>().unwrap()]);
+        assert_eq!(a.cluster_domain, "cluster.local");
+        assert_eq!(
+            a.service_cidrs,
+            vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]
+        );
+        let a = Args::try_parse_from([
+            "svcnat-dns",
+            "--manifests=/m",
+            "--listen",
+            "10.96.0.10:53",
+            "--listen",
+            "[::1]:5353",
+            "--service-cidr",
+            "10.96.0.0/12,fd00:10:96::/108",
+            "-vv",
+        ])
+        .unwrap();
+        assert_eq!(a.listen.len(), 2);
+        assert_eq!(a.service_cidrs.len(), 2);
+        assert_eq!(a.verbose, 2);
+        assert!(
+            Args::try_parse_from(["svcnat-dns"]).is_err(),
+            "--manifests is required"
+        );
+        assert!(
+            Args::try_parse_from(["svcnat-dns", "--manifests", "/m", "--udp-workers", "0"])
+                .is_err()
+        );
+    }
+}

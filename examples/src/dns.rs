@@ -1,0 +1,987 @@
+//! The cluster DNS server behind `svcnat-dns`: [`core::discovery`](svcnat_core::discovery)
+//! answers on the wire.
+//!
+//! Two layers, each usable alone:
+//! - [`handle_query`] is sans-IO: one DNS message in (bytes from a UDP datagram or a TCP
+//!   frame without its length prefix), at most one message out. It parses with
+//!   `hickory-proto`, asks a [`Resolver`], and builds the response: id, opcode and RD
+//!   copied, QR set, AA for names in our zones (the cluster domain and the reverse zones),
+//!   RA clear (we never recurse). NXDOMAIN and NODATA carry the zone's SOA; names outside
+//!   our zones are REFUSED (no open resolver). UDP responses that do not fit 512 bytes, or
+//!   the client's EDNS payload size, lose the additional section and then everything but
+//!   the question, with TC set (RFC 2181 section 9).
+//! - [`Server`] owns the current [`Resolver`] behind an `RwLock<Arc<_>>`: a query holds
+//!   the lock only to clone the `Arc`, a reload only to swap it, so reloads never stall
+//!   queries. [`Server::serve_udp`] and [`Server::serve_tcp`] are the blocking socket
+//!   loops (std only; TCP frames carry the 2-byte length, several queries per connection,
+//!   an idle timeout).
+//!
+//! The manifests come from the proxy's [`ManifestDir`](crate::proxy::ManifestDir), so the
+//! DNS server and the proxy apply the same files by the same rules (a file with errors
+//! keeps its last good text) and allocate the same cluster IPs from the same flags.
+//!
+//! Errors and limits on the wire, in the order they are checked: fewer than 12 bytes or
+//! the QR bit set: dropped (no reply to a reply); an opcode other than QUERY: NOTIMP; a
+//! message that does not parse after its header: FORMERR; not exactly one question:
+//! FORMERR; an OPT record of an EDNS version above 0: BADVERS (RFC 6891 6.1.3); a class
+//! other than IN (or ANY): REFUSED; zone transfers: REFUSED; other types the resolver has
+//! no records of (TXT, MX, HTTPS, ...): NODATA or NXDOMAIN.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, PoisonError, RwLock};
+use std::thread;
+use std::time::Duration;
+
+use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV};
+use hickory_proto::rr::{DNSClass, Name, RData, Record as WireRecord, RecordType};
+use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
+use svcnat_core::discovery::{Answer, QueryType, Rcode, Record, RecordData, Resolver};
+use tracing::{debug, warn};
+
+/// The largest UDP response without EDNS (RFC 1035 4.2.1).
+pub const UDP_MIN_PAYLOAD: usize = 512;
+/// The UDP payload size we advertise in our OPT record and the most we send over UDP
+/// whatever the client advertises: 1232 bytes, the DNS flag day 2020 value that avoids IP
+/// fragmentation.
+pub const EDNS_PAYLOAD: u16 = 1232;
+/// The largest message a TCP frame's 2-byte length can carry.
+pub const TCP_MAX_MESSAGE: usize = 65535;
+/// How long a TCP connection may stay idle between queries (RFC 7766 6.2.3 suggests
+/// seconds, not minutes).
+pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most TCP connections served at once; more are closed at once.
+pub const TCP_MAX_CONNECTIONS: usize = 256;
+/// How often the socket loops look at their stop flag.
+const STOP_POLL: Duration = Duration::from_millis(250);
+/// The receive buffer for one UDP datagram (queries are small; larger ones are FORMERR).
+const UDP_RECV_BUFFER: usize = 4096;
+
+// ---------------------------------------------------------------------------------------------
+// Sans-IO: one message in, at most one out
+// ---------------------------------------------------------------------------------------------
+
+/// How a message arrived, which decides the response's size limit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Transport {
+    /// A UDP datagram: 512 bytes, or the client's EDNS payload size (at most
+    /// [`EDNS_PAYLOAD`]); larger responses are truncated with TC.
+    Udp,
+    /// A TCP frame (without its 2-byte length): up to 65535 bytes.
+    Tcp,
+}
+
+/// What [`handle_query`] did with a message, for logs and counters.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outcome {
+    /// The question's name, when there was exactly one question.
+    pub qname: Option<String>,
+    /// The question's type, when there was exactly one question.
+    pub qtype: Option<RecordType>,
+    /// The response code sent (`None` when the message was dropped).
+    pub rcode: Option<ResponseCode>,
+    /// Whether the response was truncated (TC).
+    pub truncated: bool,
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.qname.as_deref().unwrap_or("-"))?;
+        if let Some(qtype) = self.qtype {
+            write!(f, " {qtype}")?;
+        }
+        match self.rcode {
+            Some(rcode) => write!(f, " -> {}", rcode_name(rcode))?,
+            None => f.write_str(" -> dropped")?,
+        }
+        if self.truncated {
+            f.write_str(" (truncated)")?;
+        }
+        Ok(())
+    }
+}
+
+/// The mnemonic `dig` prints for a response code (`NOERROR`, `NXDOMAIN`, ...).
+pub fn rcode_name(rcode: ResponseCode) -> String {
+    match rcode {
+        ResponseCode::NoError => "NOERROR".into(),
+        ResponseCode::FormErr => "FORMERR".into(),
+        ResponseCode::ServFail => "SERVFAIL".into(),
+        ResponseCode::NXDomain => "NXDOMAIN".into(),
+        ResponseCode::NotImp => "NOTIMP".into(),
+        ResponseCode::Refused => "REFUSED".into(),
+        // 16 is BADVERS in a response to an OPT record (hickory reads it as BADSIG).
+        other if u16::from(other) == 16 => "BADVERS".into(),
+        other => format!("RCODE{}", u16::from(other)),
+    }
+}
+
+/// Answers one DNS message from `resolver`; `None` means send nothing (too short to have a
+/// header, or not a query).
+pub fn handle_query(resolver: &Resolver, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
+    handle_query_outcome(resolver, query, transport).0
+}
+
+/// Like [`handle_query`], and also says what happened.
+pub fn handle_query_outcome(
+    resolver: &Resolver,
+    query: &[u8],
+    transport: Transport,
+) -> (Option<Vec<u8>>, Outcome) {
+    let mut outcome = Outcome {
+        qname: None,
+        qtype: None,
+        rcode: None,
+        truncated: false,
+    };
+    // RFC 1035 4.1.1: every message starts with a 12-byte header. Without one there is no
+    // id to answer to.
+    let Ok(header) = Header::read(&mut BinDecoder::new(query)) else {
+        return (None, outcome);
+    };
+    // Never answer a response: two servers could bounce errors at each other forever.
+    if header.message_type == MessageType::Response {
+        return (None, outcome);
+    }
+    let header_only = |rcode: ResponseCode, outcome: &mut Outcome| {
+        let mut msg = Message::error_msg(header.id, header.op_code, rcode);
+        msg.metadata.recursion_desired = header.recursion_desired;
+        outcome.rcode = Some(rcode);
+        msg.to_vec().ok()
+    };
+    if header.op_code != OpCode::Query {
+        // RFC 1035 4.1.1: "4 Not Implemented - The name server does not support the
+        // requested kind of query."
+        let out = header_only(ResponseCode::NotImp, &mut outcome);
+        return (out, outcome);
+    }
+    let request = match Message::from_vec(query) {
+        Ok(m) => m,
+        Err(e) => {
+            debug!("malformed query {}: {e}", header.id);
+            let out = header_only(ResponseCode::FormErr, &mut outcome);
+            return (out, outcome);
+        }
+    };
+    // RFC 9619: a QUERY with a QDCOUNT other than 1 is a format error.
+    let [question] = request.queries.as_slice() else {
+        let out = header_only(ResponseCode::FormErr, &mut outcome);
+        return (out, outcome);
+    };
+    let qname = question.name().to_ascii();
+    let mut response = Message::response(header.id, OpCode::Query);
+    response.metadata.recursion_desired = header.recursion_desired;
+    response.metadata.recursion_available = false;
+    response.add_query(question.clone());
+    let mut limit = match transport {
+        Transport::Udp => UDP_MIN_PAYLOAD,
+        Transport::Tcp => TCP_MAX_MESSAGE,
+    };
+    if let Some(edns) = &request.edns {
+        // RFC 6891 7: "If an OPT record is present in a received request, compliant
+        // responders MUST include an OPT record in their respective responses."
+        let mut ours = Edns::new();
+        ours.set_max_payload(EDNS_PAYLOAD);
+        ours.set_version(0);
+        response.set_edns(ours);
+        if transport == Transport::Udp {
+            limit = usize::from(edns.max_payload().min(EDNS_PAYLOAD)).max(UDP_MIN_PAYLOAD);
+        }
+        // RFC 6891 6.1.3: "If a responder does not implement the VERSION level of the
+        // request, then it MUST respond with RCODE=BADVERS."
+        if edns.version() > 0 {
+            response.metadata.response_code = ResponseCode::BADVERS;
+            outcome.rcode = Some(ResponseCode::BADVERS);
+            return (response.to_vec().ok(), outcome);
+        }
+    }
+    let rcode = match answer_question(resolver, &qname, question, &mut response) {
+        Ok(rcode) => rcode,
+        Err(e) => {
+            warn!("cannot encode the answer to {}: {e}", question.name());
+            response.answers.clear();
+            response.authorities.clear();
+            response.additionals.clear();
+            response.metadata.authoritative = false;
+            ResponseCode::ServFail
+        }
+    };
+    response.metadata.response_code = rcode;
+    outcome.rcode = Some(rcode);
+    outcome.qname = Some(qname);
+    outcome.qtype = Some(question.query_type());
+    let (out, truncated) = encode_within(&mut response, limit);
+    outcome.truncated = truncated;
+    (out, outcome)
+}
+
+/// Fills the answer, authority and additional sections and the AA bit; returns the rcode.
+fn answer_question(
+    resolver: &Resolver,
+    name: &str,
+    question: &Query,
+    response: &mut Message,
+) -> Result<ResponseCode, String> {
+    if !matches!(question.query_class(), DNSClass::IN | DNSClass::ANY) {
+        // Our zones are class IN; Chaos `version.bind` and friends are not ours to answer.
+        return Ok(ResponseCode::Refused);
+    }
+    let answer = match question.query_type() {
+        RecordType::A => resolver.query(name, QueryType::A),
+        RecordType::AAAA => resolver.query(name, QueryType::Aaaa),
+        RecordType::CNAME => resolver.query(name, QueryType::Cname),
+        RecordType::SRV => resolver.query(name, QueryType::Srv),
+        RecordType::PTR => resolver.query(name, QueryType::Ptr),
+        RecordType::NS => resolver.query(name, QueryType::Ns),
+        RecordType::SOA => resolver.query(name, QueryType::Soa),
+        RecordType::ANY => resolver.query(name, QueryType::Any),
+        // We serve no zone transfers.
+        RecordType::AXFR | RecordType::IXFR => return Ok(ResponseCode::Refused),
+        _ => answer_other_type(resolver, name),
+    };
+    let rcode = match answer.rcode {
+        Rcode::NoError => ResponseCode::NoError,
+        Rcode::NxDomain => ResponseCode::NXDomain,
+        Rcode::Refused => return Ok(ResponseCode::Refused),
+    };
+    // RFC 1035 4.1.1: AA "specifies that the responding name server is an authority for
+    // the domain name in question section": every name the resolver does not refuse.
+    response.metadata.authoritative = true;
+    for r in &answer.records {
+        response.add_answer(wire_record(r)?);
+    }
+    for r in &answer.authority {
+        response.add_authority(wire_record(r)?);
+    }
+    for r in &answer.additional {
+        response.add_additional(wire_record(r)?);
+    }
+    Ok(rcode)
+}
+
+/// A question of a type the resolver has no records of (TXT, MX, HTTPS, ...): NXDOMAIN when
+/// the name does not exist, else NODATA, with CNAMEs inside our zones followed.
+///
+/// Asks for NS, which exists only at zone apexes and follows CNAMEs like any other type,
+/// then removes the NS records it found, leaving NODATA at the apex.
+fn answer_other_type(resolver: &Resolver, name: &str) -> Answer {
+    let mut answer = resolver.query(name, QueryType::Ns);
+    let apex = answer
+        .records
+        .iter()
+        .find(|r| r.data.rtype() == QueryType::Ns)
+        .map(|r| r.name.clone());
+    if let Some(apex) = apex {
+        answer.records.retain(|r| r.data.rtype() != QueryType::Ns);
+        answer.additional.clear();
+        // RFC 2308 2.2: NODATA carries the zone's SOA.
+        answer.authority = resolver.query(&apex, QueryType::Soa).records;
+    }
+    answer
+}
+
+fn wire_name(name: &str) -> Result<Name, String> {
+    Name::from_ascii(name).map_err(|e| format!("{name:?}: {e}"))
+}
+
+/// A discovery record as a hickory record (class IN).
+fn wire_record(r: &Record) -> Result<WireRecord, String> {
+    let clamp = |v: u32| i32::try_from(v).unwrap_or(i32::MAX);
+    let data = match &r.data {
+        RecordData::A(ip) => RData::A(A(*ip)),
+        RecordData::Aaaa(ip) => RData::AAAA(AAAA(*ip)),
+        RecordData::Cname(n) => RData::CNAME(CNAME(wire_name(n)?)),
+        RecordData::Ptr(n) => RData::PTR(PTR(wire_name(n)?)),
+        RecordData::Ns(n) => RData::NS(NS(wire_name(n)?)),
+        RecordData::Srv {
+            priority,
+            weight,
+            port,
+            target,
+        } => RData::SRV(SRV::new(*priority, *weight, *port, wire_name(target)?)),
+        RecordData::Soa {
+            mname,
+            rname,
+            serial,
+            refresh,
+            retry,
+            expire,
+            minimum,
+        } => RData::SOA(SOA::new(
+            wire_name(mname)?,
+            wire_name(rname)?,
+            *serial,
+            clamp(*refresh),
+            clamp(*retry),
+            clamp(*expire),
+            *minimum,
+        )),
+    };
+    Ok(WireRecord::from_rdata(wire_name(&r.name)?, r.ttl, data))
+}
+
+/// Encodes `response` in at most `limit` bytes; returns the bytes and whether TC is set.
+///
+/// RFC 2181 9: the TC bit "should not be set merely because some extra information could
+/// have been included in a reply, but there was no room for it": the additional section
+/// goes first without TC. When the answer still does not fit, the client must ask again
+/// over TCP and gets the question alone (and the OPT record) with TC.
+fn encode_within(response: &mut Message, limit: usize) -> (Option<Vec<u8>>, bool) {
+    let fits = |m: &Message| match m.to_vec() {
+        Ok(bytes) if bytes.len() <= limit && !m.metadata.truncation => {
+            // The encoder drops records that overflow 65535 bytes and sets TC itself.
+            let tc = bytes.get(2).is_some_and(|b| b & 0x02 != 0);
+            (!tc).then_some(bytes)
+        }
+        _ => None,
+    };
+    if let Some(bytes) = fits(response) {
+        return (Some(bytes), false);
+    }
+    if !response.additionals.is_empty() {
+        response.additionals.clear();
+        if let Some(bytes) = fits(response) {
+            return (Some(bytes), false);
+        }
+    }
+    response.answers.clear();
+    response.authorities.clear();
+    response.metadata.truncation = true;
+    (response.to_vec().ok(), true)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Server: the current resolver, and the socket loops
+// ---------------------------------------------------------------------------------------------
+
+/// Serves DNS from a resolver that can be replaced while queries run.
+#[derive(Debug)]
+pub struct Server {
+    resolver: RwLock<Arc<Resolver>>,
+    tcp_connections: AtomicUsize,
+    tcp_idle_timeout: Duration,
+}
+
+impl Server {
+    /// A server answering from `resolver`.
+    pub fn new(resolver: Resolver) -> Server {
+        Server {
+            resolver: RwLock::new(Arc::new(resolver)),
+            tcp_connections: AtomicUsize::new(0),
+            tcp_idle_timeout: TCP_IDLE_TIMEOUT,
+        }
+    }
+
+    /// Sets how long a TCP connection may stay idle (default [`TCP_IDLE_TIMEOUT`]).
+    pub fn with_tcp_idle_timeout(mut self, timeout: Duration) -> Server {
+        self.tcp_idle_timeout = timeout;
+        self
+    }
+
+    /// The resolver queries are answered from now.
+    pub fn resolver(&self) -> Arc<Resolver> {
+        // A poisoned lock still holds a whole `Arc` (a swap cannot be half done).
+        Arc::clone(&self.resolver.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Replaces the resolver; queries already running finish with the old one.
+    pub fn set_resolver(&self, resolver: Resolver) {
+        let new = Arc::new(resolver);
+        let old = std::mem::replace(
+            &mut *self
+                .resolver
+                .write()
+                .unwrap_or_else(PoisonError::into_inner),
+            new,
+        );
+        // The old zone is freed here, outside the lock.
+        drop(old);
+    }
+
+    /// Answers one message with the current resolver (see [`handle_query`]), logging it at
+    /// debug level.
+    pub fn handle(&self, query: &[u8], transport: Transport, peer: SocketAddr) -> Option<Vec<u8>> {
+        let resolver = self.resolver();
+        let (out, outcome) = handle_query_outcome(&resolver, query, transport);
+        debug!("{peer} {transport:?} {outcome}");
+        out
+    }
+
+    /// Answers datagrams on `socket` until `stop` is set (checked every 250 ms). Several
+    /// threads may serve clones of one socket.
+    pub fn serve_udp(&self, socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
+        socket.set_read_timeout(Some(STOP_POLL))?;
+        let mut buf = vec![0u8; UDP_RECV_BUFFER];
+        while !stop.load(Ordering::Relaxed) {
+            let (len, peer) = match socket.recv_from(&mut buf) {
+                Ok(got) => got,
+                Err(e) if is_timeout(&e) || e.kind() == io::ErrorKind::Interrupted => continue,
+                // An ICMP error from an earlier send surfaces here on Linux; not fatal.
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => continue,
+                Err(e) => return Err(e),
+            };
+            let Some(query) = buf.get(..len) else {
+                continue;
+            };
+            if let Some(response) = self.handle(query, Transport::Udp, peer)
+                && let Err(e) = socket.send_to(&response, peer)
+            {
+                debug!("send to {peer}: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Accepts connections on `listener` until `stop` is set, serving each in its own
+    /// thread (at most [`TCP_MAX_CONNECTIONS`] at once). A blocked `accept` sees `stop` at
+    /// the next connection; [`wake_tcp`] makes one.
+    pub fn serve_tcp(
+        self: &Arc<Self>,
+        listener: &TcpListener,
+        stop: &AtomicBool,
+    ) -> io::Result<()> {
+        for stream in listener.incoming() {
+            if stop.load(Ordering::Relaxed) {
+                break;
+            }
+            let stream = match stream {
+                Ok(s) => s,
+                Err(e) => {
+                    debug!("accept: {e}");
+                    // Out of descriptors and the like: do not spin.
+                    thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            };
+            let live = self.tcp_connections.fetch_add(1, Ordering::AcqRel);
+            if live >= TCP_MAX_CONNECTIONS {
+                self.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+                debug!("too many TCP connections; closing a new one");
+                continue;
+            }
+            let server = Arc::clone(self);
+            let spawned = thread::Builder::new()
+                .name("dns-tcp".into())
+                .spawn(move || {
+                    let peer = stream.peer_addr().ok();
+                    if let Err(e) = server.serve_tcp_connection(stream) {
+                        debug!("tcp {peer:?}: {e}");
+                    }
+                    server.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+                });
+            if let Err(e) = spawned {
+                self.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+                warn!("cannot start a TCP connection thread: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one TCP connection: length-prefixed queries, answered in order, until the
+    /// client closes it or stays idle for the idle timeout (RFC 7766).
+    pub fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
+        let peer = stream.peer_addr()?;
+        stream.set_read_timeout(Some(self.tcp_idle_timeout))?;
+        stream.set_write_timeout(Some(self.tcp_idle_timeout))?;
+        stream.set_nodelay(true)?;
+        let mut len = [0u8; 2];
+        let mut buf = Vec::new();
+        loop {
+            match stream.read_exact(&mut len) {
+                Ok(()) => {}
+                // A clean close between messages, or the idle timeout.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || is_timeout(&e) => {
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+            buf.resize(usize::from(u16::from_be_bytes(len)), 0);
+            stream.read_exact(&mut buf)?;
+            let Some(response) = self.handle(&buf, Transport::Tcp, peer) else {
+                // RFC 7766 7: a server may close a connection it cannot make sense of.
+                return Ok(());
+            };
+            let Ok(n) = u16::try_from(response.len()) else {
+                return Ok(());
+            };
+            let mut frame = Vec::with_capacity(response.len() + 2);
+            frame.extend_from_slice(&n.to_be_bytes());
+            frame.extend_from_slice(&response);
+            stream.write_all(&frame)?;
+        }
+    }
+}
+
+/// Connects to a TCP listener so that a thread blocked in [`Server::serve_tcp`]'s accept
+/// wakes and sees its stop flag (an unspecified address is reached on loopback).
+pub fn wake_tcp(addr: SocketAddr) {
+    let mut target = addr;
+    if target.ip().is_unspecified() {
+        target.set_ip(match addr {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let _ = TcpStream::connect_timeout(&target, Duration::from_millis(500));
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use svcnat_core::discovery::DiscoveryConfig;
+    use svcnat_core::manifest::{ClusterConfig, Manifests};
+
+    const LAB: &str = "\
+apiVersion: v1
+kind: Service
+metadata: {name: redis, namespace: instavote}
+spec:
+  clusterIP: 10.102.77.6
+  selector: {app: redis}
+  ports: [{name: redis, port: 6379}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: instavote}
+spec:
+  clusterIP: None
+  selector: {app: db}
+  ports: [{name: pg, port: 5432}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, namespace: instavote, labels: {app: db}}
+spec: {hostname: db-0, subdomain: db, containers: [{name: pg, image: postgres}]}
+status: {podIP: 10.244.0.20}
+";
+
+    fn resolver_of(yaml: &str) -> Resolver {
+        let config = ClusterConfig::default();
+        let mut m = Manifests::from_files([("lab.yaml", yaml)], &config);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        let cluster = m.build(&config);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
+        Resolver::new(&cluster, DiscoveryConfig::default())
+    }
+
+    fn lab() -> Resolver {
+        resolver_of(LAB)
+    }
+
+    /// A headless Service `big` in `default` with `n` ready endpoints.
+    fn big(n: usize) -> Resolver {
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: big}\nspec:\n  clusterIP: None\n  \
+             ports: [{port: 80}]\n---\napiVersion: v1\nkind: Endpoints\nmetadata: {name: big}\n\
+             subsets:\n- ports: [{port: 80}]\n  addresses:\n",
+        );
+        for i in 0..n {
+            yaml.push_str(&format!("  - ip: 10.244.{}.{}\n", i / 200, 10 + i % 200));
+        }
+        resolver_of(&yaml)
+    }
+
+    /// A query built byte by byte: header, one question, optionally an OPT record.
+    fn query_bytes(id: u16, flags: u16, name: &str, qtype: u16, opt: Option<(u16, u8)>) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&id.to_be_bytes());
+        b.extend_from_slice(&flags.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes()); // QDCOUNT
+        b.extend_from_slice(&[0, 0, 0, 0]); // ANCOUNT, NSCOUNT
+        b.extend_from_slice(&u16::from(opt.is_some()).to_be_bytes()); // ARCOUNT
+        for label in name.trim_end_matches('.').split('.') {
+            b.push(label.len() as u8);
+            b.extend_from_slice(label.as_bytes());
+        }
+        b.push(0);
+        b.extend_from_slice(&qtype.to_be_bytes());
+        b.extend_from_slice(&1u16.to_be_bytes()); // IN
+        if let Some((payload, version)) = opt {
+            b.push(0); // root owner
+            b.extend_from_slice(&41u16.to_be_bytes()); // OPT
+            b.extend_from_slice(&payload.to_be_bytes()); // CLASS = payload size
+            b.extend_from_slice(&[0, version, 0, 0]); // ext-rcode, version, flags
+            b.extend_from_slice(&0u16.to_be_bytes()); // RDLENGTH
+        }
+        b
+    }
+
+    const RD: u16 = 0x0100;
+    const T_A: u16 = 1;
+    const T_AAAA: u16 = 28;
+    const T_TXT: u16 = 16;
+
+    fn ask(r: &Resolver, name: &str, qtype: u16) -> Vec<u8> {
+        handle_query(
+            r,
+            &query_bytes(0xbeef, RD, name, qtype, None),
+            Transport::Udp,
+        )
+        .expect("a response")
+    }
+
+    fn parse(bytes: &[u8]) -> Message {
+        Message::from_vec(bytes).expect("a valid response")
+    }
+
+    fn counts(b: &[u8]) -> [u16; 4] {
+        [4, 6, 8, 10].map(|i| u16::from_be_bytes([b[i], b[i + 1]]))
+    }
+
+    fn rcode(b: &[u8]) -> u8 {
+        b[3] & 0x0f
+    }
+
+    #[test]
+    fn a_record_header_bits_and_answer() {
+        let r = lab();
+        let out = ask(&r, "redis.instavote.svc.cluster.local", T_A);
+        assert_eq!(&out[..2], &[0xbe, 0xef], "id echoed");
+        // QR=1, opcode 0, AA=1, TC=0, RD=1 | RA=0, Z=0, rcode 0
+        assert_eq!(out[2], 0b1000_0101);
+        assert_eq!(out[3], 0b0000_0000);
+        assert_eq!(counts(&out), [1, 1, 0, 0]);
+        // The answer's owner is a pointer to the question name at offset 12.
+        let q_end = 12 + "redis.instavote.svc.cluster.local".len() + 2 + 4;
+        let rr = &out[q_end..];
+        assert_eq!(&rr[..2], &[0xc0, 12], "compressed owner");
+        assert_eq!(&rr[2..4], &T_A.to_be_bytes());
+        assert_eq!(&rr[4..6], &[0, 1], "class IN");
+        assert_eq!(&rr[6..10], &5u32.to_be_bytes(), "TTL");
+        assert_eq!(&rr[10..12], &[0, 4]);
+        assert_eq!(&rr[12..16], &[10, 102, 77, 6]);
+        assert_eq!(rr.len(), 16);
+        // Without RD, RD stays clear.
+        let out = handle_query(
+            &r,
+            &query_bytes(7, 0, "redis.instavote.svc.cluster.local", T_A, None),
+            Transport::Udp,
+        )
+        .unwrap();
+        assert_eq!(out[2], 0b1000_0100);
+    }
+
+    #[test]
+    fn question_case_is_preserved() {
+        let out = ask(&lab(), "ReDiS.InstaVote.svc.cluster.local", T_A);
+        let m = parse(&out);
+        assert_eq!(
+            m.queries[0].name().to_ascii(),
+            "ReDiS.InstaVote.svc.cluster.local."
+        );
+        assert_eq!(
+            m.answers[0].name.to_ascii(),
+            "ReDiS.InstaVote.svc.cluster.local."
+        );
+    }
+
+    #[test]
+    fn nodata_and_nxdomain_carry_the_soa() {
+        let r = lab();
+        let out = ask(&r, "redis.instavote.svc.cluster.local", T_AAAA);
+        assert_eq!(rcode(&out), 0);
+        assert_eq!(out[2] & 0x04, 0x04, "AA");
+        assert_eq!(counts(&out), [1, 0, 1, 0]);
+        let m = parse(&out);
+        assert_eq!(m.authorities[0].record_type(), RecordType::SOA);
+        assert_eq!(m.authorities[0].name.to_ascii(), "cluster.local.");
+
+        let out = ask(&r, "nosuch.instavote.svc.cluster.local", T_A);
+        assert_eq!(rcode(&out), 3, "NXDOMAIN");
+        assert_eq!(out[2] & 0x04, 0x04, "AA");
+        assert_eq!(counts(&out), [1, 0, 1, 0]);
+        assert_eq!(parse(&out).authorities[0].record_type(), RecordType::SOA);
+    }
+
+    #[test]
+    fn outside_names_are_refused_without_aa_or_ra() {
+        let out = ask(&lab(), "example.com", T_A);
+        assert_eq!(rcode(&out), 5);
+        assert_eq!(out[2], 0b1000_0001, "QR and RD only");
+        assert_eq!(out[3] & 0x80, 0, "RA clear");
+        assert_eq!(counts(&out), [1, 0, 0, 0]);
+    }
+
+    #[test]
+    fn other_types_are_nodata_or_nxdomain() {
+        let r = lab();
+        let out = ask(&r, "redis.instavote.svc.cluster.local", T_TXT);
+        assert_eq!((rcode(&out), counts(&out)), (0, [1, 0, 1, 0]));
+        let out = ask(&r, "cluster.local", T_TXT);
+        assert_eq!(
+            (rcode(&out), counts(&out)),
+            (0, [1, 0, 1, 0]),
+            "apex NODATA"
+        );
+        assert_eq!(parse(&out).authorities[0].record_type(), RecordType::SOA);
+        let out = ask(&r, "nosuch.instavote.svc.cluster.local", 65);
+        assert_eq!((rcode(&out), counts(&out)), (3, [1, 0, 1, 0]));
+        assert_eq!(rcode(&ask(&r, "example.com", T_TXT)), 5);
+        assert_eq!(rcode(&ask(&r, "cluster.local", 252)), 5, "AXFR refused");
+    }
+
+    #[test]
+    fn srv_has_additional_addresses_and_headless_names_answer() {
+        let r = lab();
+        let m = parse(&ask(
+            &r,
+            "_redis._tcp.redis.instavote.svc.cluster.local",
+            33,
+        ));
+        assert_eq!(m.answers.len(), 1);
+        let RData::SRV(srv) = &m.answers[0].data else {
+            panic!("{m:?}")
+        };
+        assert_eq!(srv.port, 6379);
+        assert_eq!(srv.target.to_ascii(), "redis.instavote.svc.cluster.local.");
+        assert_eq!(m.additionals.len(), 1);
+        let m = parse(&ask(&r, "db-0.db.instavote.svc.cluster.local", T_A));
+        assert_eq!(
+            m.answers[0].data,
+            RData::A(A("10.244.0.20".parse().unwrap()))
+        );
+        let m = parse(&ask(&r, "6.77.102.10.in-addr.arpa", 12));
+        assert_eq!(
+            m.answers[0].data,
+            RData::PTR(PTR(
+                Name::from_ascii("redis.instavote.svc.cluster.local.").unwrap()
+            ))
+        );
+    }
+
+    #[test]
+    fn garbage_is_formerr_or_dropped() {
+        let r = lab();
+        assert_eq!(handle_query(&r, &[], Transport::Udp), None);
+        assert_eq!(handle_query(&r, &[1, 2, 3], Transport::Udp), None);
+        // A header that promises a question that is not there.
+        let mut q = query_bytes(0x1234, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        q.truncate(20);
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        assert_eq!(out, vec![0x12, 0x34, 0x81, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        // A label running past the end.
+        let mut q = vec![0xab, 0xcd, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 40];
+        q.extend_from_slice(b"short");
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        assert_eq!(&out[..4], &[0xab, 0xcd, 0x80, 0x01]);
+        // A response is never answered.
+        let mut q = query_bytes(1, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        q[2] |= 0x80;
+        assert_eq!(handle_query(&r, &q, Transport::Udp), None);
+    }
+
+    #[test]
+    fn question_count_other_than_one_is_formerr() {
+        let r = lab();
+        let none = [0, 9, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+        let out = handle_query(&r, &none, Transport::Udp).unwrap();
+        assert_eq!(out, vec![0, 9, 0x81, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        let mut two = query_bytes(9, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let question = two[12..].to_vec();
+        two.extend_from_slice(&question);
+        two[5] = 2;
+        let out = handle_query(&r, &two, Transport::Udp).unwrap();
+        assert_eq!(rcode(&out), 1);
+        assert_eq!(counts(&out), [0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn other_opcodes_are_notimp() {
+        let r = lab();
+        for opcode in [1u16, 2, 4, 5, 15] {
+            let q = query_bytes(0x4242, RD | (opcode << 11), "cluster.local", T_A, None);
+            let out = handle_query(&r, &q, Transport::Udp).unwrap();
+            assert_eq!(&out[..2], &[0x42, 0x42]);
+            assert_eq!(out[2], 0x80 | (opcode as u8) << 3 | 0x01, "opcode {opcode}");
+            assert_eq!(rcode(&out), 4, "NOTIMP");
+        }
+    }
+
+    #[test]
+    fn edns_is_echoed_and_badvers_refused() {
+        let r = lab();
+        let q = query_bytes(
+            3,
+            RD,
+            "redis.instavote.svc.cluster.local",
+            T_A,
+            Some((4096, 0)),
+        );
+        let m = parse(&handle_query(&r, &q, Transport::Udp).unwrap());
+        let edns = m.edns.as_ref().expect("OPT echoed");
+        assert_eq!(edns.max_payload(), EDNS_PAYLOAD);
+        assert_eq!(m.answers.len(), 1);
+        let q = query_bytes(
+            3,
+            RD,
+            "redis.instavote.svc.cluster.local",
+            T_A,
+            Some((4096, 1)),
+        );
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        let m = parse(&out);
+        // BADVERS and BADSIG share the value 16; hickory reads it back as BADSIG.
+        assert_eq!(u16::from(m.response_code), 16);
+        assert!(m.answers.is_empty());
+        assert_eq!(
+            rcode(&out),
+            0,
+            "BADVERS is 16: low bits 0, the rest in the OPT TTL"
+        );
+    }
+
+    #[test]
+    fn large_udp_answers_are_truncated_and_complete_over_tcp() {
+        let r = big(60);
+        let name = "big.default.svc.cluster.local";
+        let out = ask(&r, name, T_A);
+        assert!(out.len() <= UDP_MIN_PAYLOAD);
+        assert_eq!(out[2] & 0x02, 0x02, "TC");
+        assert_eq!(counts(&out), [1, 0, 0, 0]);
+        assert_eq!(parse(&out).queries[0].name().to_ascii(), format!("{name}."));
+        // With EDNS 1232 the 60 records (16 bytes each) fit.
+        let q = query_bytes(1, RD, name, T_A, Some((1232, 0)));
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        assert_eq!(out[2] & 0x02, 0);
+        assert_eq!(counts(&out), [1, 60, 0, 1]);
+        // A client advertising more than we allow still gets at most EDNS_PAYLOAD.
+        let r = big(100);
+        let q = query_bytes(1, RD, name, T_A, Some((65000, 0)));
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        assert!(out.len() <= usize::from(EDNS_PAYLOAD));
+        assert_eq!(out[2] & 0x02, 0x02);
+        assert_eq!(counts(&out), [1, 0, 0, 1], "question and OPT only");
+        let q = query_bytes(1, RD, name, T_A, None);
+        let out = handle_query(&r, &q, Transport::Tcp).unwrap();
+        assert_eq!(out[2] & 0x02, 0);
+        assert_eq!(counts(&out), [1, 100, 0, 0]);
+    }
+
+    #[test]
+    fn the_additional_section_goes_before_tc() {
+        // 9 named ports: 9 SRV records of 50 bytes (targets are never compressed, RFC 2782)
+        // fit 512 bytes only without the glue A record.
+        let mut yaml = String::from(
+            "apiVersion: v1\nkind: Service\nmetadata: {name: many}\nspec:\n  clusterIP: 10.96.3.3\n  ports:\n",
+        );
+        for i in 0..9 {
+            yaml.push_str(&format!("  - {{name: p{i}, port: {}}}\n", 1000 + i));
+        }
+        let r = resolver_of(&yaml);
+        let full = handle_query(
+            &r,
+            &query_bytes(1, 0, "many.default.svc.cluster.local", 33, None),
+            Transport::Tcp,
+        )
+        .unwrap();
+        assert_eq!(counts(&full), [1, 9, 0, 1]);
+        assert!(full.len() > UDP_MIN_PAYLOAD, "{}", full.len());
+        let out = ask(&r, "many.default.svc.cluster.local", 33);
+        assert_eq!(out[2] & 0x02, 0, "no TC for the additional section");
+        assert_eq!(counts(&out), [1, 9, 0, 0]);
+    }
+
+    #[test]
+    fn server_swaps_the_resolver() {
+        let server = Server::new(lab());
+        let peer: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let q = query_bytes(5, RD, "big.default.svc.cluster.local", T_A, None);
+        let out = server.handle(&q, Transport::Tcp, peer).unwrap();
+        assert_eq!(rcode(&out), 3);
+        let old = server.resolver();
+        server.set_resolver(big(2));
+        let out = server.handle(&q, Transport::Tcp, peer).unwrap();
+        assert_eq!(counts(&out), [1, 2, 0, 0]);
+        // A query that started with the old resolver still holds it.
+        assert_eq!(
+            old.query("redis.instavote.svc.cluster.local", QueryType::A)
+                .records
+                .len(),
+            1
+        );
+    }
+
+    /// Writes `query` as one TCP frame and reads one framed response.
+    fn tcp_exchange(stream: &mut TcpStream, query: &[u8]) -> Vec<u8> {
+        let mut frame = (query.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(query);
+        stream.write_all(&frame).unwrap();
+        let mut len = [0u8; 2];
+        stream.read_exact(&mut len).unwrap();
+        let mut out = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        stream.read_exact(&mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn tcp_serves_several_queries_per_connection_then_times_out() {
+        let server =
+            Arc::new(Server::new(big(60)).with_tcp_idle_timeout(Duration::from_millis(300)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            thread::spawn(move || server.serve_tcp(&listener, &stop))
+        };
+        let mut client = TcpStream::connect(addr).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let name = "big.default.svc.cluster.local";
+        for id in [1u16, 2] {
+            let out = tcp_exchange(&mut client, &query_bytes(id, RD, name, T_A, None));
+            assert_eq!(&out[..2], &id.to_be_bytes());
+            assert_eq!(out[2] & 0x02, 0, "no TC over TCP");
+            assert_eq!(counts(&out), [1, 60, 0, 0]);
+        }
+        // Idle past the timeout: the server closes (EOF on our side).
+        let started = std::time::Instant::now();
+        let mut rest = Vec::new();
+        assert_eq!(client.read_to_end(&mut rest).unwrap(), 0);
+        assert!(started.elapsed() < Duration::from_secs(3));
+        stop.store(true, Ordering::Relaxed);
+        wake_tcp(addr);
+        acceptor.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn udp_answers_and_truncates_on_a_socket() {
+        let server = Arc::new(Server::new(big(60)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let worker = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            thread::spawn(move || server.serve_udp(&socket, &stop))
+        };
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        client
+            .send_to(
+                &query_bytes(77, RD, "big.default.svc.cluster.local", T_A, None),
+                addr,
+            )
+            .unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, from) = client.recv_from(&mut buf).unwrap();
+        assert_eq!(from, addr);
+        assert!(n <= UDP_MIN_PAYLOAD);
+        assert_eq!(&buf[..2], &77u16.to_be_bytes());
+        assert_eq!(buf[2] & 0x02, 0x02, "TC");
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
+    }
+}

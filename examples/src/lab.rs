@@ -1,0 +1,774 @@
+//! The lab replay: `../shared/seed/lab-k105-services.md` ("Load Balancing and Service
+//! Discovery with Services"), step by step, with real packets in network namespaces.
+//!
+//! The cluster: a `browser` client, two nodes (`node-0`, `node-1`) each running
+//! `svcnat-proxy`, the `vote` Deployment (5 pods), later `redis` (2 pods), and `svcnat-dns`
+//! in a `coredns` pod behind the kube-dns ClusterIP 10.96.0.10. Every pod's
+//! `/etc/netns/<ns>/resolv.conf` is the lab's (`nameserver 10.96.0.10`, the three search
+//! domains, `ndots:5`). Manifests live in a temporary directory that the proxies and the DNS
+//! server watch; each step edits files there, as `kubectl apply`/`edit` would, and then
+//! observes what real clients get. Pods follow the manifests: the lab loads them with the
+//! core (deterministic names and addresses) and creates or deletes pod namespaces to match.
+//!
+//! Every step prints what it did and what it observed; the first wrong observation ends the
+//! replay with an error. Dropping the [`Lab`] stops every process and deletes every
+//! namespace and file it made, also on Ctrl-C (checked between and within steps).
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use svcnat_core::manifest::{ClusterConfig, Manifests};
+use svcnat_core::model::{Cluster, ObjectName, Protocol};
+use svcnat_core::plan::{ChainIdStyle, ServicePortName};
+
+use crate::testbed::{PodSpec, ProbeArgs, Testbed, TestbedSpec};
+
+/// The lab's namespace (`kubectl config set-context --current --namespace=instavote`).
+pub const NAMESPACE: &str = "instavote";
+/// The kube-dns ClusterIP of the lab's resolv.conf.
+pub const DNS_IP: &str = "10.96.0.10";
+/// The pod address of the DNS server.
+pub const DNS_POD_IP: &str = "10.244.0.53";
+/// The lab's pod resolv.conf.
+pub const RESOLV_CONF: &str = "nameserver 10.96.0.10\nsearch instavote.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n";
+
+/// The lab's `vote-svc.yaml`, exactly as the lab gives it.
+pub const VOTE_SVC: &str = "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: vote
+  labels:
+    role: vote
+spec:
+  selector:
+    role: vote
+  ports:
+    - port: 80
+      targetPort: 80
+      nodePort: 30000
+  type: NodePort
+";
+
+const NODES: &str = "---
+apiVersion: v1
+kind: Node
+metadata: {name: node-0}
+spec: {podCIDR: 10.244.0.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.50.11}]}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+spec: {podCIDR: 10.244.1.0/24}
+status: {addresses: [{type: InternalIP, address: 192.168.50.12}]}
+";
+
+const KUBE_DNS: &str = "---
+apiVersion: v1
+kind: Service
+metadata:
+  name: kube-dns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns}
+spec:
+  clusterIP: 10.96.0.10
+  selector: {k8s-app: kube-dns}
+  ports:
+  - {name: dns, port: 53, protocol: UDP}
+  - {name: dns-tcp, port: 53, protocol: TCP}
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: coredns
+  namespace: kube-system
+  labels: {k8s-app: kube-dns}
+spec:
+  nodeName: node-0
+  containers:
+  - name: svcnat-dns
+    image: svcnat-dns
+    ports:
+    - {name: dns, containerPort: 53, protocol: UDP}
+    - {name: dns-tcp, containerPort: 53, protocol: TCP}
+status:
+  podIP: 10.244.0.53
+";
+
+fn deployment(name: &str, replicas: u32, label: &str, port: u16) -> String {
+    format!(
+        "---
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: {name}
+spec:
+  replicas: {replicas}
+  selector:
+    matchLabels:
+      {label}
+  template:
+    metadata:
+      labels:
+        {label}
+    spec:
+      containers:
+      - name: {name}
+        image: schoolofdevops/{name}:latest
+        ports:
+        - containerPort: {port}
+"
+    )
+}
+
+/// The lab's `redis-svc.yaml`.
+pub const REDIS_SVC: &str = "---
+apiVersion: v1
+kind: Service
+metadata:
+  labels:
+    role: redis
+    tier: back
+  name: redis
+spec:
+  ports:
+  - port: 6379
+    protocol: TCP
+    targetPort: 6379
+  selector:
+    app: redis
+  type: ClusterIP
+";
+
+/// What went wrong in the replay.
+#[derive(Debug)]
+pub enum LabError {
+    /// The machine cannot run it (not root, a tool missing).
+    Unsupported(String),
+    /// Setting up or running something failed.
+    Setup(String),
+    /// An observation was not what the lab says.
+    Wrong {
+        /// The step.
+        step: String,
+        /// What was expected and what was seen.
+        detail: String,
+    },
+    /// Ctrl-C.
+    Interrupted,
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            LabError::Unsupported(s) => write!(f, "cannot run the lab here: {s}"),
+            LabError::Setup(s) => write!(f, "setup failed: {s}"),
+            LabError::Wrong { step, detail } => write!(f, "step {step:?}: {detail}"),
+            LabError::Interrupted => f.write_str("interrupted"),
+        }
+    }
+}
+
+impl std::error::Error for LabError {}
+
+fn setup<E: fmt::Display>(what: &str) -> impl FnOnce(E) -> LabError + '_ {
+    move |e| LabError::Setup(format!("{what}: {e}"))
+}
+
+/// Where the svcnat programs are.
+#[derive(Clone, Debug)]
+pub struct Programs {
+    /// `svcnat-proxy`.
+    pub proxy: PathBuf,
+    /// `svcnat-dns`.
+    pub dns: PathBuf,
+    /// `svcnat-ctl`.
+    pub ctl: PathBuf,
+}
+
+impl Programs {
+    /// The programs next to the running executable (`target/<profile>/`).
+    pub fn discover() -> Result<Programs, LabError> {
+        let exe = std::env::current_exe().map_err(setup("current_exe"))?;
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(p) = dir.parent()
+        {
+            dir = p.to_path_buf();
+        }
+        let p = Programs {
+            proxy: dir.join("svcnat-proxy"),
+            dns: dir.join("svcnat-dns"),
+            ctl: dir.join("svcnat-ctl"),
+        };
+        for f in [&p.proxy, &p.dns, &p.ctl] {
+            if !f.is_file() {
+                return Err(LabError::Unsupported(format!(
+                    "{} not found: run `cargo build -p svcnat-examples --bins` first",
+                    f.display()
+                )));
+            }
+        }
+        Ok(p)
+    }
+}
+
+/// A running lab.
+pub struct Lab {
+    tb: Testbed,
+    dir: PathBuf,
+    programs: Programs,
+    daemons: Vec<Child>,
+    stop: Arc<AtomicBool>,
+    config: ClusterConfig,
+    /// Lines printed so far (the replay's report).
+    pub transcript: Vec<String>,
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for d in &mut self.daemons {
+            let _ = d.kill();
+            let _ = d.wait();
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Lab {
+    /// Builds the namespaces and starts the proxies and the DNS server, with the vote
+    /// Deployment, the nodes and kube-dns applied but no vote Service yet.
+    pub fn start(programs: Programs, stop: Arc<AtomicBool>) -> Result<Lab, LabError> {
+        crate::testbed::require_root().map_err(LabError::Unsupported)?;
+        let dir = std::env::temp_dir().join(format!("svcnat-lab-{}", std::process::id()));
+        fs::create_dir_all(&dir).map_err(setup("manifest directory"))?;
+        let config = ClusterConfig {
+            default_namespace: NAMESPACE.into(),
+            ..ClusterConfig::default()
+        };
+        let spec = TestbedSpec::new(2, 1).pod(PodSpec::new("coredns", 0, ip(DNS_POD_IP)).tcp(9153));
+        let tb = Testbed::new(spec).map_err(setup("testbed"))?;
+        let mut lab = Lab {
+            tb,
+            dir,
+            programs,
+            daemons: Vec::new(),
+            stop,
+            config,
+            transcript: Vec::new(),
+        };
+        lab.write("nodes.yaml", NODES)?;
+        lab.write("kube-dns.yaml", KUBE_DNS)?;
+        lab.write("vote-deploy.yaml", &deployment("vote", 5, "role: vote", 80))?;
+        lab.reconcile_pods()?;
+        // svcnat-dns in the coredns pod, behind the kube-dns ClusterIP.
+        let dns_ns = lab.pod_ns("coredns")?;
+        let dns = lab.programs.dns.clone();
+        let dir = lab.dir.display().to_string();
+        lab.spawn(
+            &dns_ns,
+            &dns,
+            &[
+                "--manifests",
+                &dir,
+                "--listen",
+                "0.0.0.0:53",
+                "--default-namespace",
+                NAMESPACE,
+            ],
+        )?;
+        for i in 0..2 {
+            let ns = lab.tb.ns_of_node(i).to_string();
+            let node_ip = lab.tb.node_ip(i).to_string();
+            let name = format!("node-{i}");
+            let proxy = lab.programs.proxy.clone();
+            lab.spawn(
+                &ns,
+                &proxy,
+                &[
+                    "--manifests",
+                    &dir,
+                    "--node-name",
+                    &name,
+                    "--node-ip",
+                    &node_ip,
+                    "--cluster-cidr",
+                    "10.244.0.0/16",
+                    "--default-namespace",
+                    NAMESPACE,
+                    "--min-sync-period",
+                    "200ms",
+                ],
+            )?;
+        }
+        Ok(lab)
+    }
+
+    fn say(&mut self, line: impl Into<String>) {
+        let line = line.into();
+        println!("{line}");
+        self.transcript.push(line);
+    }
+
+    fn check_stop(&self) -> Result<(), LabError> {
+        if self.stop.load(Ordering::Relaxed) {
+            Err(LabError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+
+    fn write(&mut self, file: &str, text: &str) -> Result<(), LabError> {
+        // Write and rename, so a watcher never reads half a file.
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        fs::write(&tmp, text).map_err(setup("write manifest"))?;
+        fs::rename(&tmp, self.dir.join(file)).map_err(setup("rename manifest"))?;
+        Ok(())
+    }
+
+    fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) -> Result<(), LabError> {
+        let mut child = self
+            .tb
+            .command(ns, program)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(setup("spawn"))?;
+        // Wait for "ready" (the first sync done, or the DNS server listening).
+        let Some(stdout) = child.stdout.take() else {
+            return Err(LabError::Setup("no stdout".into()));
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if line.trim() == "ready" {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        self.daemons.push(child);
+        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+            LabError::Setup(format!(
+                "{} in {ns} did not become ready",
+                program.display()
+            ))
+        })
+    }
+
+    fn pod_ns(&self, pod: &str) -> Result<String, LabError> {
+        self.tb
+            .ns_of_pod(pod)
+            .map(str::to_string)
+            .ok_or_else(|| LabError::Setup(format!("no pod {pod}")))
+    }
+
+    /// The cluster as the manifests describe it right now.
+    fn cluster(&self) -> Result<Cluster, LabError> {
+        let mut files: Vec<PathBuf> = fs::read_dir(&self.dir)
+            .map_err(setup("read manifests"))?
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+            .collect();
+        files.sort();
+        let texts: Vec<(String, String)> = files
+            .iter()
+            .filter_map(|p| {
+                let name = p.file_name()?.to_string_lossy().into_owned();
+                Some((name, fs::read_to_string(p).ok()?))
+            })
+            .collect();
+        let mut m = Manifests::from_files(
+            texts.iter().map(|(n, t)| (n.as_str(), t.as_str())),
+            &self.config,
+        );
+        let c = m.build(&self.config);
+        if let Some(e) = m.errors.first() {
+            return Err(LabError::Setup(format!("lab manifests: {e}")));
+        }
+        Ok(c)
+    }
+
+    /// Creates and deletes pod namespaces so that they match the manifests' Pods (what the
+    /// kubelet does).
+    fn reconcile_pods(&mut self) -> Result<(), LabError> {
+        let cluster = self.cluster()?;
+        let wanted: BTreeSet<String> = cluster.pods().map(|p| p.name.name.clone()).collect();
+        let have: BTreeSet<String> = self.tb.pods().map(|p| p.name.clone()).collect();
+        for gone in have.difference(&wanted) {
+            self.tb.remove_pod(gone).map_err(setup("remove pod"))?;
+            self.say(format!("  (kubelet) pod {gone} deleted"));
+        }
+        for pod in cluster.pods().filter(|p| !have.contains(&p.name.name)) {
+            let node = match pod.node_name.as_deref() {
+                Some("node-1") => 1,
+                _ => 0,
+            };
+            let Some(ip) = pod.ips.first().copied() else {
+                continue;
+            };
+            let mut spec = PodSpec::new(pod.name.name.clone(), node, ip);
+            for p in pod.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                spec = spec.tcp(p.port);
+            }
+            self.tb.add_pod(spec).map_err(setup("add pod"))?;
+            let ns = self.pod_ns(&pod.name.name)?;
+            self.tb
+                .set_resolv_conf(&ns, RESOLV_CONF)
+                .map_err(setup("resolv.conf"))?;
+            self.say(format!(
+                "  (kubelet) pod {} started on node-{node} with IP {ip}",
+                pod.name.name
+            ));
+        }
+        Ok(())
+    }
+
+    fn ctl(&mut self, args: &[&str]) -> Result<String, LabError> {
+        let out = std::process::Command::new(&self.programs.ctl)
+            .args([
+                "--manifests",
+                &self.dir.display().to_string(),
+                "--default-namespace",
+                NAMESPACE,
+            ])
+            .args(args)
+            .output()
+            .map_err(setup("svcnat-ctl"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        self.say(format!("$ kubectl {}", args.join(" ")));
+        for l in text.lines() {
+            self.say(format!("  {l}"));
+        }
+        Ok(text)
+    }
+
+    /// Polls `f` until it returns `Ok(true)` or 20 seconds pass.
+    fn eventually(
+        &mut self,
+        step: &str,
+        what: &str,
+        mut f: impl FnMut(&mut Lab) -> Result<(bool, String), LabError>,
+    ) -> Result<String, LabError> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            self.check_stop()?;
+            let (ok, seen) = f(self)?;
+            if ok {
+                self.say(format!("  OK: {what}: {seen}"));
+                return Ok(seen);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Wrong {
+                    step: step.into(),
+                    detail: format!("expected {what}; observed {seen}"),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    fn browse(
+        &self,
+        target: SocketAddr,
+        count: u32,
+    ) -> Result<crate::testbed::ProbeResult, LabError> {
+        self.tb
+            .probe(
+                self.tb.ns_of_client(0),
+                ProbeArgs::tcp(target).count(count).timeout_ms(1500),
+            )
+            .map_err(setup("probe"))
+    }
+
+    fn vote_pods(&self) -> Result<BTreeSet<String>, LabError> {
+        Ok(self
+            .cluster()?
+            .pods()
+            .filter(|p| p.labels.get("role").map(String::as_str) == Some("vote"))
+            .map(|p| p.name.name.clone())
+            .collect())
+    }
+
+    fn getent(&self, pod: &str, name: &str) -> Result<(bool, String), LabError> {
+        let ns = self.pod_ns(pod)?;
+        let out = self
+            .tb
+            .exec(&ns, ["getent", "hosts", name])
+            .map_err(setup("getent"))?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        Ok((out.status.success(), text))
+    }
+
+    /// Runs every step of the lab.
+    pub fn replay(&mut self) -> Result<(), LabError> {
+        let node0 = self.tb.node_ip(0);
+        let node1 = self.tb.node_ip(1);
+
+        // 1. Publishing the vote app with a NodePort Service.
+        let step = "NodePort 30000 spreads over the five vote pods";
+        self.say(format!("\n== STEP 1: {step}"));
+        self.say("$ kubectl apply -f vote-svc.yaml");
+        self.write("vote-svc.yaml", VOTE_SVC)?;
+        let all = self.vote_pods()?;
+        self.say(format!("  {} vote pods: {all:?}", all.len()));
+        for node in [node0, node1] {
+            let target = SocketAddr::new(node, 30000);
+            self.say(format!("$ browser: curl http://{target}/  (x100)"));
+            let want = all.clone();
+            self.eventually(
+                step,
+                &format!("all five vote pods answer on {target}"),
+                |lab| {
+                    let r = lab.browse(target, 100)?;
+                    Ok((r.all_ok() && r.pods() == want, r.to_string()))
+                },
+            )?;
+        }
+        self.ctl(&["get", "svc"])?;
+        let describe = self.ctl(&["describe", "service", "vote"])?;
+        expect(
+            step,
+            describe.contains("NodePort:") && describe.contains("30000/TCP"),
+            "describe shows NodePort 30000/TCP",
+            &describe,
+        )?;
+        expect(
+            step,
+            describe.contains("+ 2 more..."),
+            "describe lists endpoints with `+ 2 more...`",
+            &describe,
+        )?;
+
+        // 2. Services under the hood: the iptables chains.
+        let step = "the KUBE-SVC chain spreads with statistic probabilities";
+        self.say(format!("\n== STEP 2: {step}"));
+        let spn = ServicePortName {
+            service: ObjectName::new(NAMESPACE, "vote"),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        let chain = format!("KUBE-SVC-{}", spn.chain_hash(ChainIdStyle::Current));
+        self.say(format!("$ iptables -t nat -S {chain}   (on node-0)"));
+        let out = self
+            .tb
+            .exec(
+                self.tb.ns_of_node(0),
+                ["iptables", "-t", "nat", "-S", &chain],
+            )
+            .map_err(setup("iptables"))?;
+        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in rules.lines() {
+            self.say(format!("  {l}"));
+        }
+        let seps = rules.lines().filter(|l| l.contains("-j KUBE-SEP-")).count();
+        expect(step, seps == 5, "five KUBE-SEP jumps, one per pod", &rules)?;
+        for p in [
+            "0.20000000019",
+            "0.25000000000",
+            "0.33333333349",
+            "0.50000000000",
+        ] {
+            expect(step, rules.contains(p), &format!("probability {p}"), &rules)?;
+        }
+
+        // 3. Exercise: the selector changed to a label that does not exist, then back.
+        let step = "selector on a missing label empties the endpoints";
+        self.say(format!("\n== STEP 3: {step}"));
+        self.say("$ kubectl edit svc vote   (selector role: vote -> role: nosuchlabel)");
+        self.write(
+            "vote-svc.yaml",
+            &VOTE_SVC.replace("    role: vote\n  ports", "    role: nosuchlabel\n  ports"),
+        )?;
+        let target = SocketAddr::new(node0, 30000);
+        self.eventually(step, "connections to :30000 are refused", |lab| {
+            let r = lab.browse(target, 3)?;
+            Ok((r.refused() == 3, r.to_string()))
+        })?;
+        let d = self.ctl(&["describe", "service", "vote"])?;
+        expect(
+            step,
+            d.contains("Endpoints:                <none>")
+                || d.lines()
+                    .any(|l| l.starts_with("Endpoints:") && l.contains("<none>")),
+            "describe shows Endpoints: <none>",
+            &d,
+        )?;
+        self.say("$ kubectl edit svc vote   (selector back to role: vote)");
+        self.write("vote-svc.yaml", VOTE_SVC)?;
+        let want = all.clone();
+        self.eventually(step, "the five pods answer again", |lab| {
+            let r = lab.browse(target, 100)?;
+            Ok((r.all_ok() && r.pods() == want, r.to_string()))
+        })?;
+
+        // 4. Exercise: scaling changes the number of endpoints.
+        let step = "scaling 5 -> 2 -> 5 changes the endpoints";
+        self.say(format!("\n== STEP 4: {step}"));
+        for replicas in [2u32, 5] {
+            self.say(format!("$ kubectl scale deploy vote --replicas={replicas}"));
+            self.write(
+                "vote-deploy.yaml",
+                &deployment("vote", replicas, "role: vote", 80),
+            )?;
+            self.reconcile_pods()?;
+            let want = self.vote_pods()?;
+            expect(
+                step,
+                want.len() == replicas as usize,
+                &format!("{replicas} vote pods"),
+                &format!("{want:?}"),
+            )?;
+            self.eventually(step, &format!("exactly {replicas} pods answer"), |lab| {
+                let r = lab.browse(target, 60)?;
+                Ok((r.all_ok() && r.pods() == want, r.to_string()))
+            })?;
+            self.ctl(&["get", "endpoints"])?;
+        }
+
+        // 5. Exposing the app with externalIPs: the two nodes' addresses.
+        let step = "externalIPs on the two node addresses";
+        self.say(format!("\n== STEP 5: {step}"));
+        self.say(format!(
+            "$ kubectl edit svc vote   (externalIPs: {node0}, {node1})"
+        ));
+        self.write(
+            "vote-svc.yaml",
+            &format!("{VOTE_SVC}  externalIPs:\n    - {node0}\n    - {node1}\n"),
+        )?;
+        for node in [node0, node1] {
+            let t = SocketAddr::new(node, 80);
+            self.eventually(step, &format!("http://{t}/ answers"), |lab| {
+                let r = lab.browse(t, 20)?;
+                Ok((r.all_ok(), r.to_string()))
+            })?;
+        }
+        let svc = self.ctl(&["get", "svc"])?;
+        expect(
+            step,
+            svc.contains(&format!("{node0},{node1}")),
+            "EXTERNAL-IP lists both node addresses",
+            &svc,
+        )?;
+
+        // 6. Service discovery: redis does not resolve before its Service exists.
+        let step = "nslookup redis fails before the redis Service exists";
+        self.say(format!("\n== STEP 6: {step}"));
+        let vote_pod = self.vote_pods()?.into_iter().next().unwrap_or_default();
+        let ns = self.pod_ns(&vote_pod)?;
+        let resolv = fs::read_to_string(format!("/etc/netns/{ns}/resolv.conf")).unwrap_or_default();
+        self.say(format!("$ kubectl exec {vote_pod} cat /etc/resolv.conf"));
+        for l in resolv.lines() {
+            self.say(format!("  {l}"));
+        }
+        self.say(format!("$ kubectl exec {vote_pod} getent hosts redis"));
+        let vp = vote_pod.clone();
+        self.eventually(
+            step,
+            "redis does not resolve (but kube-dns answers)",
+            |lab| {
+                let (found, text) = lab.getent(&vp, "redis")?;
+                let (dns_ok, dns) = lab.getent(&vp, "kube-dns.kube-system")?;
+                Ok((
+                    !found && dns_ok,
+                    format!("redis: {text:?}; kube-dns.kube-system: {dns:?}"),
+                ))
+            },
+        )?;
+
+        // 7. The redis Service: the name resolves to its ClusterIP.
+        let step = "redis resolves to its ClusterIP after kubectl apply -f redis-svc.yaml";
+        self.say(format!("\n== STEP 7: {step}"));
+        self.say("$ kubectl apply -f redis-svc.yaml");
+        self.write("redis-svc.yaml", REDIS_SVC)?;
+        let redis_ip = self
+            .cluster()?
+            .service(&ObjectName::new(NAMESPACE, "redis"))
+            .and_then(|s| s.cluster_ip())
+            .ok_or_else(|| LabError::Setup("redis has no ClusterIP".into()))?;
+        let vp = vote_pod.clone();
+        let seen = self.eventually(step, "getent hosts redis", |lab| {
+            let (found, text) = lab.getent(&vp, "redis")?;
+            Ok((found && text.starts_with(&redis_ip.to_string()), text))
+        })?;
+        expect(
+            step,
+            seen.contains("redis.instavote.svc.cluster.local"),
+            "the FQDN redis.instavote.svc.cluster.local",
+            &seen,
+        )?;
+        let d = self.ctl(&["describe", "service", "redis"])?;
+        expect(
+            step,
+            d.lines()
+                .any(|l| l.starts_with("Endpoints:") && l.contains("<none>")),
+            "no endpoints yet",
+            &d,
+        )?;
+
+        // 8. The redis Deployment: endpoints appear, and vote reaches redis.
+        let step = "redis endpoints appear and the vote pod reaches redis through the Service";
+        self.say(format!("\n== STEP 8: {step}"));
+        self.say("$ kubectl apply -f redis-deploy.yaml");
+        self.write(
+            "redis-deploy.yaml",
+            &deployment("redis", 2, "app: redis", 6379),
+        )?;
+        self.reconcile_pods()?;
+        let d = self.ctl(&["describe", "service", "redis"])?;
+        let eps = d
+            .lines()
+            .find(|l| l.starts_with("Endpoints:"))
+            .unwrap_or_default()
+            .to_string();
+        expect(
+            step,
+            eps.matches(":6379").count() == 2,
+            "two redis endpoints",
+            &eps,
+        )?;
+        let target = SocketAddr::new(redis_ip, 6379);
+        let vp = vote_pod.clone();
+        self.say(format!(
+            "$ kubectl exec {vote_pod} -- connect redis:6379  (x20, through the ClusterIP)"
+        ));
+        self.eventually(step, "redis pods answer the vote pod", |lab| {
+            let ns = lab.pod_ns(&vp)?;
+            let r = lab
+                .tb
+                .probe(&ns, ProbeArgs::tcp(target).count(20))
+                .map_err(setup("probe"))?;
+            let redis = r.pods().iter().all(|p| p.starts_with("redis-"));
+            Ok((r.all_ok() && redis && !r.pods().is_empty(), r.to_string()))
+        })?;
+        self.say("\nAll steps of the lab observed as the lab describes them.");
+        Ok(())
+    }
+}
+
+fn expect(step: &str, ok: bool, what: &str, seen: &str) -> Result<(), LabError> {
+    if ok {
+        println!("  OK: {what}");
+        Ok(())
+    } else {
+        Err(LabError::Wrong {
+            step: step.into(),
+            detail: format!("expected {what}; observed:\n{seen}"),
+        })
+    }
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
