@@ -3,6 +3,7 @@
 //! The programs that show svcnat at work, and the harness their end-to-end tests share:
 //! - [`agent`]: the loop that keeps one node's plan in step with the cluster and syncs it
 //!   into a dataplane.
+//! - [`cli`]: flags the programs share.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
 //!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
@@ -13,6 +14,7 @@
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
 pub mod agent;
+pub mod cli;
 pub mod conformance;
 pub mod dns;
 pub mod lab;

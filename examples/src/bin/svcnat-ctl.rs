@@ -22,9 +22,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use clap::{Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use svcnat_core::describe::{self, ViewOptions};
-use svcnat_core::manifest::ClusterConfig;
 use svcnat_core::model::ObjectName;
 use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan};
+use svcnat_examples::cli::ClusterArgs;
 use svcnat_examples::proxy::ManifestDir;
 
 /// kubectl-style views of a manifest directory, and the NAT plan of a node.
@@ -38,25 +38,8 @@ struct Cli {
     /// Directory of manifests (*.yaml, *.yml).
     #[arg(long, value_name = "DIR")]
     manifests: PathBuf,
-    /// Namespace of objects that name none, and of views without -n or -A.
-    #[arg(long, value_name = "NS", default_value = "default")]
-    default_namespace: String,
-    /// Range for cluster IPs that manifests leave unset (one per family).
-    #[arg(
-        long = "service-cidr",
-        value_name = "CIDR",
-        default_value = "10.96.0.0/12",
-        value_delimiter = ','
-    )]
-    service_cidrs: Vec<IpNet>,
-    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family).
-    #[arg(
-        long = "pod-cidr",
-        value_name = "CIDR",
-        default_value = "10.244.0.0/16",
-        value_delimiter = ','
-    )]
-    pod_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -168,12 +151,7 @@ fn narrow(table: &str) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let config = ClusterConfig {
-        default_namespace: cli.default_namespace.clone(),
-        service_cidrs: cli.service_cidrs.clone(),
-        pod_cidrs: cli.pod_cidrs.clone(),
-        ..ClusterConfig::default()
-    };
+    let config = cli.cluster.config();
     let dir = match ManifestDir::open(&cli.manifests, config) {
         Ok(d) => d,
         Err(e) => {
@@ -199,7 +177,7 @@ fn main() -> ExitCode {
             let ns = if all_namespaces {
                 None
             } else {
-                Some(namespace.unwrap_or_else(|| cli.default_namespace.clone()))
+                Some(namespace.unwrap_or_else(|| cli.cluster.default_namespace.clone()))
             };
             let ns = ns.as_deref();
             match resource {
@@ -219,7 +197,7 @@ fn main() -> ExitCode {
             name,
             namespace,
         } => {
-            let ns = namespace.unwrap_or_else(|| cli.default_namespace.clone());
+            let ns = namespace.unwrap_or_else(|| cli.cluster.default_namespace.clone());
             match describe::describe_service(cluster, &ObjectName::new(ns, name.clone()), &opts) {
                 Some(t) => t,
                 None => {

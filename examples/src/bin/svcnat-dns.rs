@@ -36,10 +36,9 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Parser};
-use ipnet::IpNet;
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use svcnat_core::discovery::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_TTL, DiscoveryConfig, Resolver};
-use svcnat_core::manifest::ClusterConfig;
+use svcnat_examples::cli::ClusterArgs;
 use svcnat_examples::dns::{Server, wake_tcp};
 use svcnat_examples::proxy::ManifestDir;
 use tracing::{error, info, warn};
@@ -65,26 +64,8 @@ struct Args {
     /// The cluster domain (kubelet's --cluster-domain).
     #[arg(long, value_name = "DOMAIN", default_value = DEFAULT_CLUSTER_DOMAIN)]
     cluster_domain: String,
-    /// Namespace of objects that name none.
-    #[arg(long, value_name = "NS", default_value = "default")]
-    default_namespace: String,
-    /// Range for cluster IPs that manifests leave unset (one per family); as the proxy's.
-    #[arg(
-        long = "service-cidr",
-        value_name = "CIDR",
-        default_value = "10.96.0.0/12",
-        value_delimiter = ','
-    )]
-    service_cidrs: Vec<IpNet>,
-    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family); as the
-    /// proxy's.
-    #[arg(
-        long = "pod-cidr",
-        value_name = "CIDR",
-        default_value = "10.244.0.0/16",
-        value_delimiter = ','
-    )]
-    pod_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// TTL of every record, and of negative answers.
     #[arg(long, value_name = "SECONDS", default_value_t = DEFAULT_TTL)]
     ttl: u32,
@@ -135,12 +116,7 @@ fn run(args: Args) -> Result<(), String> {
             .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
     }
 
-    let cluster = ClusterConfig {
-        default_namespace: args.default_namespace,
-        service_cidrs: args.service_cidrs,
-        pod_cidrs: args.pod_cidrs,
-        ..ClusterConfig::default()
-    };
+    let cluster = args.cluster.config();
     let discovery = DiscoveryConfig {
         cluster_domain: args.cluster_domain,
         ttl: args.ttl,
@@ -264,8 +240,8 @@ mod tests {
         assert_eq!(a.listen, vec!["0.0.0.0:53".parse::<SocketAddr>().unwrap()]);
         assert_eq!(a.cluster_domain, "cluster.local");
         assert_eq!(
-            a.service_cidrs,
-            vec!["10.96.0.0/12".parse::<IpNet>().unwrap()]
+            a.cluster.service_cidrs,
+            vec!["10.96.0.0/12".parse::<ipnet::IpNet>().unwrap()]
         );
         let a = Args::try_parse_from([
             "svcnat-dns",
@@ -280,7 +256,7 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(a.listen.len(), 2);
-        assert_eq!(a.service_cidrs.len(), 2);
+        assert_eq!(a.cluster.service_cidrs.len(), 2);
         assert_eq!(a.verbose, 2);
         assert!(
             Args::try_parse_from(["svcnat-dns"]).is_err(),

@@ -32,8 +32,8 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
 use signal_hook::consts::signal::{SIGINT, SIGTERM};
-use svcnat_core::manifest::ClusterConfig;
 use svcnat_core::plan::{Dataplane as _, NodeContext};
+use svcnat_examples::cli::ClusterArgs;
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use tracing::{error, info, warn};
@@ -110,25 +110,8 @@ struct Args {
     /// --iptables-flavour names one), and exit.
     #[arg(long)]
     cleanup: bool,
-    /// Namespace of objects that name none.
-    #[arg(long, value_name = "NS", default_value = "default")]
-    default_namespace: String,
-    /// Range for cluster IPs that manifests leave unset (one per family).
-    #[arg(
-        long = "service-cidr",
-        value_name = "CIDR",
-        default_value = "10.96.0.0/12",
-        value_delimiter = ','
-    )]
-    service_cidrs: Vec<IpNet>,
-    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family).
-    #[arg(
-        long = "pod-cidr",
-        value_name = "CIDR",
-        default_value = "10.244.0.0/16",
-        value_delimiter = ','
-    )]
-    pod_cidrs: Vec<IpNet>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
     /// More logs on stderr: -v for info, -vv for debug (default: warnings and errors).
     #[arg(short, long, action = ArgAction::Count)]
     verbose: u8,
@@ -254,7 +237,11 @@ fn main() -> ExitCode {
         warn!("no --node-ip given: NodePort services are served on no address");
     }
     if args.node_ips.iter().any(IpAddr::is_ipv6)
-        || args.service_cidrs.iter().any(|c| matches!(c, IpNet::V6(_)))
+        || args
+            .cluster
+            .service_cidrs
+            .iter()
+            .any(|c| matches!(c, IpNet::V6(_)))
     {
         warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are (iptables)");
     }
@@ -263,12 +250,7 @@ fn main() -> ExitCode {
         masquerade_all: args.masquerade_all,
         ..NodeContext::new(node_name, args.node_ips, args.cluster_cidrs)
     };
-    let cluster = ClusterConfig {
-        default_namespace: args.default_namespace,
-        service_cidrs: args.service_cidrs,
-        pod_cidrs: args.pod_cidrs,
-        ..ClusterConfig::default()
-    };
+    let cluster = args.cluster.config();
     let config = ProxyConfig {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,

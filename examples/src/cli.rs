@@ -1,0 +1,41 @@
+//! Command-line pieces the programs share, so that `svcnat-proxy`, `svcnat-dns` and
+//! `svcnat-ctl` read one manifest directory the same way and allocate the same cluster IPs.
+
+use ipnet::IpNet;
+use svcnat_core::manifest::ClusterConfig;
+
+/// How manifests become a cluster: the flags behind [`ClusterConfig`].
+#[derive(Clone, Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// Namespace of objects that name none (and of views without -n or -A).
+    #[arg(long, value_name = "NS", default_value = "default")]
+    pub default_namespace: String,
+    /// Range for cluster IPs that manifests leave unset (one per family).
+    #[arg(
+        long = "service-cidr",
+        value_name = "CIDR",
+        default_value = "10.96.0.0/12",
+        value_delimiter = ','
+    )]
+    pub service_cidrs: Vec<IpNet>,
+    /// Range for pod IPs of workloads and Nodes without podCIDR (one per family).
+    #[arg(
+        long = "pod-cidr",
+        value_name = "CIDR",
+        default_value = "10.244.0.0/16",
+        value_delimiter = ','
+    )]
+    pub pod_cidrs: Vec<IpNet>,
+}
+
+impl ClusterArgs {
+    /// The cluster configuration these flags describe.
+    pub fn config(&self) -> ClusterConfig {
+        ClusterConfig {
+            default_namespace: self.default_namespace.clone(),
+            service_cidrs: self.service_cidrs.clone(),
+            pod_cidrs: self.pod_cidrs.clone(),
+            ..ClusterConfig::default()
+        }
+    }
+}
