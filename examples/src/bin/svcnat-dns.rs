@@ -26,23 +26,21 @@
 //! Exit codes: 0 after a signal, 1 when the server cannot start (manifest directory,
 //! listen address), 2 for invalid flags.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::net::{SocketAddr, TcpListener, UdpSocket};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Parser};
-use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use svcnat_core::discovery::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_TTL, DiscoveryConfig, Resolver};
 use svcnat_examples::cli::ClusterArgs;
 use svcnat_examples::dns::{Server, wake_tcp};
 use svcnat_examples::proxy::ManifestDir;
 use tracing::{error, info, warn};
-use tracing_subscriber::filter::LevelFilter;
 
 /// How often the manifest directory is looked at.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
@@ -81,23 +79,9 @@ struct Args {
     verbose: u8,
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => LevelFilter::WARN,
-        1 => LevelFilter::INFO,
-        2 => LevelFilter::DEBUG,
-        _ => LevelFilter::TRACE,
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_max_level(level)
-        .init();
-}
-
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.verbose);
+    svcnat_examples::cli::init_logging(args.verbose);
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -109,12 +93,8 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> Result<(), String> {
     // The first SIGTERM or SIGINT asks for a clean stop; a second one exits at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGTERM, SIGINT] {
-        signal_hook::flag::register_conditional_shutdown(signal, 1, Arc::clone(&stop))
-            .and_then(|_| signal_hook::flag::register(signal, Arc::clone(&stop)))
-            .map_err(|e| format!("cannot handle signal {signal}: {e}"))?;
-    }
+    let stop = svcnat_examples::cli::stop_on_signals()
+        .map_err(|e| format!("cannot handle SIGTERM/SIGINT: {e}"))?;
 
     let cluster = args.cluster.config();
     let discovery = DiscoveryConfig {

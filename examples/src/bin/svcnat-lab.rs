@@ -5,19 +5,18 @@
 //! after itself, also on Ctrl-C.
 
 use std::process::ExitCode;
-use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 
 use svcnat_examples::lab::{Lab, LabError, Programs};
 
 fn main() -> ExitCode {
-    let stop = Arc::new(AtomicBool::new(false));
-    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        if let Err(e) = signal_hook::flag::register(sig, Arc::clone(&stop)) {
-            eprintln!("svcnat-lab: cannot handle signal {sig}: {e}");
+    // The first Ctrl-C stops the replay and cleans up; a second one exits at once.
+    let stop = match svcnat_examples::cli::stop_on_signals() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("svcnat-lab: cannot handle SIGINT/SIGTERM: {e}");
             return ExitCode::from(2);
         }
-    }
+    };
     let result = Programs::discover()
         .and_then(|p| Lab::start(p, stop))
         .and_then(|mut lab| lab.replay());

@@ -21,23 +21,20 @@
 //! (manifest directory, iptables, metrics address), 2 for invalid flags and backends that
 //! are not built yet.
 
-use std::io::{IsTerminal as _, Write as _};
+use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
-use signal_hook::consts::signal::{SIGINT, SIGTERM};
 use svcnat_core::plan::{Dataplane as _, NodeContext};
 use svcnat_examples::cli::ClusterArgs;
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use tracing::{error, info, warn};
-use tracing_subscriber::filter::LevelFilter;
 
 /// Which dataplane programs the node.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -140,20 +137,6 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-fn init_logging(verbose: u8) {
-    let level = match verbose {
-        0 => LevelFilter::WARN,
-        1 => LevelFilter::INFO,
-        2 => LevelFilter::DEBUG,
-        _ => LevelFilter::TRACE,
-    };
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_max_level(level)
-        .init();
-}
-
 /// `--cleanup`: removes what svcnat installed with the given flavour or, when none is
 /// given, with the detected one and then with the other one too (rules written through
 /// the other flavour would otherwise stay behind; failing to reach it is only a warning).
@@ -193,7 +176,7 @@ fn cleanup(flavour: Option<Flavour>) -> ExitCode {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.verbose);
+    svcnat_examples::cli::init_logging(args.verbose);
     match args.backend {
         Backend::Iptables => {}
         other => {
@@ -265,15 +248,13 @@ fn main() -> ExitCode {
     );
 
     // The first SIGTERM or SIGINT asks the loop to stop; a second one exits at once.
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [SIGTERM, SIGINT] {
-        let registered = signal_hook::flag::register_conditional_shutdown(signal, 1, stop.clone())
-            .and_then(|_| signal_hook::flag::register(signal, stop.clone()));
-        if let Err(e) = registered {
-            error!("cannot handle signal {signal}: {e}");
+    let stop = match svcnat_examples::cli::stop_on_signals() {
+        Ok(stop) => stop,
+        Err(e) => {
+            error!("cannot handle SIGTERM/SIGINT: {e}");
             return ExitCode::from(1);
         }
-    }
+    };
 
     let metrics = Arc::new(Metrics::new(config.sync_period));
     if let Bind(Some(addr)) = args.metrics_bind_address {
