@@ -1,8 +1,8 @@
 //! `svcnat-lab`: replays the lab "Load Balancing and Service Discovery with Services" in
 //! network namespaces with svcnat-proxy, svcnat-dns and real traffic, printing each step and
 //! what it observed. Exits 0 when every observation matches the lab, 1 when one does not,
-//! 2 when the machine cannot run it (needs root, iproute2, iptables, getent). Cleans up
-//! after itself, also on Ctrl-C.
+//! 2 when the machine cannot run it (needs root, iproute2, iptables, getent), 130 on Ctrl-C.
+//! Cleans up after itself in every case.
 
 use std::process::ExitCode;
 
@@ -22,6 +22,10 @@ fn main() -> ExitCode {
         .and_then(|mut lab| lab.replay());
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(LabError::Interrupted) => {
+            eprintln!("svcnat-lab: interrupted; everything it made is removed");
+            ExitCode::from(130)
+        }
         Err(e @ LabError::Unsupported(_)) => {
             eprintln!("svcnat-lab: {e}");
             ExitCode::from(2)
