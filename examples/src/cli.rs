@@ -3,6 +3,7 @@
 
 use ipnet::IpNet;
 use svcnat_core::manifest::ClusterConfig;
+use svcnat_core::plan::NodeContext;
 
 /// How manifests become a cluster: the flags behind [`ClusterConfig`].
 #[derive(Clone, Debug, clap::Args)]
@@ -67,4 +68,36 @@ pub fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::At
         signal_hook::flag::register(signal, stop.clone())?;
     }
     Ok(stop)
+}
+
+/// The node a plan is compiled for: the flags behind [`NodeContext`] besides its name.
+#[derive(Clone, Debug, clap::Args)]
+pub struct NodeArgs {
+    /// An address of this node (repeatable); NodePorts are served only on these.
+    #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
+    pub node_ips: Vec<std::net::IpAddr>,
+    /// The pod network (repeatable): traffic from outside it to a ClusterIP is masqueraded.
+    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
+    pub cluster_cidrs: Vec<IpNet>,
+    /// Serve NodePorts only on node addresses inside these ranges (repeatable).
+    #[arg(
+        long = "nodeport-addresses",
+        value_name = "CIDR",
+        value_delimiter = ','
+    )]
+    pub nodeport_addresses: Vec<IpNet>,
+    /// Masquerade all traffic to ClusterIPs.
+    #[arg(long)]
+    pub masquerade_all: bool,
+}
+
+impl NodeArgs {
+    /// The node context of node `name` these flags describe.
+    pub fn context(&self, name: String) -> NodeContext {
+        NodeContext {
+            nodeport_addresses: self.nodeport_addresses.clone(),
+            masquerade_all: self.masquerade_all,
+            ..NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone())
+        }
+    }
 }

@@ -14,17 +14,15 @@
 //! and the exit code is then 1; a Service that does not exist also gives 1.
 
 use std::io::Write as _;
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use ipnet::IpNet;
 use svcnat_core::describe::{self, ViewOptions};
 use svcnat_core::model::ObjectName;
 use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan};
-use svcnat_examples::cli::ClusterArgs;
+use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::ManifestDir;
 
 /// kubectl-style views of a manifest directory, and the NAT plan of a node.
@@ -76,22 +74,8 @@ enum Command {
         /// The node's name (decides which endpoints are local).
         #[arg(long, value_name = "NAME")]
         node_name: String,
-        /// An address of the node (repeatable).
-        #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
-        node_ips: Vec<IpAddr>,
-        /// The pod network (repeatable).
-        #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
-        cluster_cidrs: Vec<IpNet>,
-        /// Serve NodePorts only on node addresses inside these ranges (repeatable).
-        #[arg(
-            long = "nodeport-addresses",
-            value_name = "CIDR",
-            value_delimiter = ','
-        )]
-        nodeport_addresses: Vec<IpNet>,
-        /// Masquerade all traffic to ClusterIPs.
-        #[arg(long)]
-        masquerade_all: bool,
+        #[command(flatten)]
+        node: NodeArgs,
         /// Spelling of chain hashes: current kube-proxy, or the legacy spelling.
         #[arg(long, value_enum, default_value_t = ChainIds::Current)]
         chain_ids: ChainIds,
@@ -209,20 +193,15 @@ fn main() -> ExitCode {
         }
         Command::Plan {
             node_name,
-            node_ips,
-            cluster_cidrs,
-            nodeport_addresses,
-            masquerade_all,
+            node,
             chain_ids,
         } => {
             let node = NodeContext {
-                nodeport_addresses,
-                masquerade_all,
                 chain_ids: match chain_ids {
                     ChainIds::Current => ChainIdStyle::Current,
                     ChainIds::Legacy => ChainIdStyle::Legacy,
                 },
-                ..NodeContext::new(node_name, node_ips, cluster_cidrs)
+                ..node.context(node_name)
             };
             Plan::compile(cluster, &node).render()
         }

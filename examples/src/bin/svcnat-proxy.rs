@@ -30,8 +30,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
-use svcnat_core::plan::{Dataplane as _, NodeContext};
-use svcnat_examples::cli::ClusterArgs;
+use svcnat_core::plan::Dataplane as _;
+use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use tracing::{error, info, warn};
@@ -75,22 +75,8 @@ struct Args {
     /// This node's name, which decides which endpoints are local [default: the hostname].
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
-    /// An address of this node (repeatable); NodePorts are served only on these.
-    #[arg(long = "node-ip", value_name = "IP", value_delimiter = ',')]
-    node_ips: Vec<IpAddr>,
-    /// The pod network (repeatable): traffic from outside it to a ClusterIP is masqueraded.
-    #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
-    cluster_cidrs: Vec<IpNet>,
-    /// Serve NodePorts only on node addresses inside these ranges (repeatable).
-    #[arg(
-        long = "nodeport-addresses",
-        value_name = "CIDR",
-        value_delimiter = ','
-    )]
-    nodeport_addresses: Vec<IpNet>,
-    /// Masquerade all traffic to ClusterIPs.
-    #[arg(long)]
-    masquerade_all: bool,
+    #[command(flatten)]
+    node: NodeArgs,
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
@@ -216,10 +202,10 @@ fn main() -> ExitCode {
         eprintln!("svcnat-proxy: cannot tell the hostname; give --node-name");
         return ExitCode::from(2);
     };
-    if args.node_ips.is_empty() {
+    if args.node.node_ips.is_empty() {
         warn!("no --node-ip given: NodePort services are served on no address");
     }
-    if args.node_ips.iter().any(IpAddr::is_ipv6)
+    if args.node.node_ips.iter().any(IpAddr::is_ipv6)
         || args
             .cluster
             .service_cidrs
@@ -228,11 +214,7 @@ fn main() -> ExitCode {
     {
         warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are (iptables)");
     }
-    let node = NodeContext {
-        nodeport_addresses: args.nodeport_addresses,
-        masquerade_all: args.masquerade_all,
-        ..NodeContext::new(node_name, args.node_ips, args.cluster_cidrs)
-    };
+    let node = args.node.context(node_name);
     let cluster = args.cluster.config();
     let config = ProxyConfig {
         min_sync_period: args.min_sync_period,
@@ -315,8 +297,8 @@ mod tests {
         let Ok(a) = a else {
             return assert!(a.is_ok(), "{a:?}");
         };
-        assert_eq!(a.node_ips.len(), 2);
-        assert_eq!(a.cluster_cidrs.len(), 2);
+        assert_eq!(a.node.node_ips.len(), 2);
+        assert_eq!(a.node.cluster_cidrs.len(), 2);
         assert_eq!(a.min_sync_period, Duration::from_millis(250));
         assert_eq!(a.sync_period, Duration::from_secs(30));
         assert!(a.metrics_bind_address.0.is_none());
