@@ -1,7 +1,9 @@
 //! # svcnat-userspace
 //!
-//! The userspace backend: a sans-IO NAT and connection-tracking engine driven by AF_PACKET
-//! rings, forwarding the service traffic a [`svcnat_core::plan::Plan`] describes.
+//! The userspace backend: a sans-IO NAT and connection-tracking [`engine`] driven by
+//! AF_PACKET rings, forwarding the service traffic a [`svcnat_core::plan::Plan`] describes.
 //!
-//! Status: not built yet (issue "backend-userspace"). The crate exists so the workspace has
-//! its final shape.
+//! The [`engine`] module is pure (no syscalls, no clock reads, no `unsafe`): the driver hands
+//! it frames, the time and buffers, and sends what it returns.
+
+pub mod engine;
