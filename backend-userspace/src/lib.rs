@@ -6,4 +6,9 @@
 //! The [`engine`] module is pure (no syscalls, no clock reads, no `unsafe`): the driver hands
 //! it frames, the time and buffers, and sends what it returns.
 
+pub mod driver;
 pub mod engine;
+mod sys;
+
+pub use driver::{Stats, SyncError, Userspace, UserspaceConfig};
+pub use sys::RingConfig;

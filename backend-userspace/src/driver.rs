@@ -1,0 +1,887 @@
+//! The driver: AF_PACKET rings feeding the [`Engine`], and the kernel taken out of the
+//! forwarding path for what the engine handles.
+//!
+//! ```text
+//!   owned interfaces (eth0, vp*) ──► TPACKET_V3 rings, PACKET_FANOUT hash ──► worker 0..N
+//!        ▲                                                                 │ Engine::handle_frame
+//!        └─────────────── sendmmsg on a transmit socket ◄──────────────────┘ (shared, Sync)
+//!
+//!   kernel: net.ipv4.ip_forward=0, and `table netdev svcnat` drops at ingress what the
+//!   engine forwards (transit traffic, node-address frontends, SNAT'd replies)
+//! ```
+//!
+//! AF_PACKET is a tap: the kernel receives its own copy of every frame. The driver turns
+//! IPv4 forwarding off and installs an nftables `netdev` ingress chain on each owned
+//! interface that drops, before the IP stack sees them, the frames the engine handles: any
+//! IPv4 packet not addressed to one of the node's addresses (the engine routes it), packets
+//! to a frontend on a node address (NodePorts, externalIPs that are node IPs), and packets to
+//! a node address in the engine's SNAT port range (replies of masqueraded connections).
+//! Everything else addressed to the node (ARP, SSH, the node's own connections) still
+//! reaches the kernel, so nothing is forwarded twice and nothing is lost. IPv6 is left to
+//! the kernel.
+//!
+//! Interfaces, addresses and routes are read with `ip -json` at start and on every sync, so
+//! pods that come and go (new veths) are picked up; each worker's socket is narrowed to the
+//! owned interfaces with a BPF filter. Plan updates swap the engine's tables; workers never
+//! stop. Dropping [`Userspace`] stops the workers and gives forwarding back to the kernel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write as _;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
+use svcnat_core::model::Protocol;
+use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
+
+use crate::engine::{
+    Counters, Csum, Engine, EngineConfig, PortConfig, Route, RxMeta, TxFrame, Verdict,
+};
+use crate::sys::{
+    self, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN, VNET_NEEDS_CSUM,
+};
+
+/// The nftables table the driver owns.
+pub const NFT_TABLE: &str = "svcnat";
+
+/// Settings of the userspace backend.
+#[derive(Clone, Debug)]
+pub struct UserspaceConfig {
+    /// Run in this named network namespace (`/run/netns/NAME`); `None` is the current one.
+    pub netns: Option<String>,
+    /// Interfaces the datapath owns: exact names, or prefixes ending in `*` (`vp*`).
+    pub interfaces: Vec<String>,
+    /// Worker threads (one socket and ring each, in one fanout group); 0 means one per CPU.
+    pub workers: usize,
+    /// The pods' default gateway, answered by ARP on owned interfaces that have no IPv4
+    /// address of their own (Calico-style pod veths).
+    pub pod_gateway: Option<Ipv4Addr>,
+    /// The engine's settings.
+    pub engine: EngineConfig,
+    /// Shape of each worker's receive ring.
+    pub ring: RingConfig,
+}
+
+impl Default for UserspaceConfig {
+    fn default() -> Self {
+        UserspaceConfig {
+            netns: None,
+            interfaces: vec!["eth0".into()],
+            workers: 0,
+            pod_gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            engine: EngineConfig::default(),
+            ring: RingConfig::default(),
+        }
+    }
+}
+
+/// What went wrong in the userspace backend.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SyncError {
+    /// A system call on the packet sockets failed.
+    #[error("{what}: {source}")]
+    Socket {
+        /// The operation.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A helper program (`ip`, `nft`, `sysctl`) could not run or failed.
+    #[error("`{command}` failed: {message}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Its error output or the spawn error.
+        message: String,
+    },
+    /// `ip -json` printed something unexpected.
+    #[error("cannot read `{command}` output: {message}")]
+    Parse {
+        /// The command line.
+        command: String,
+        /// What was wrong.
+        message: String,
+    },
+    /// No interface matched the configured names.
+    #[error("no interface matches {patterns:?} in {netns}")]
+    NoInterfaces {
+        /// The configured patterns.
+        patterns: Vec<String>,
+        /// The namespace searched.
+        netns: String,
+    },
+}
+
+/// Counters of the driver itself (the engine keeps its own).
+#[derive(Debug, Default)]
+struct DriverCounters {
+    rx_frames: AtomicU64,
+    rx_truncated: AtomicU64,
+    tx_frames: AtomicU64,
+    tx_errors: AtomicU64,
+    ring_drops: AtomicU64,
+}
+
+/// A snapshot of every counter, for `/metrics`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames taken from the rings.
+    pub rx_frames: u64,
+    /// Frames longer than a ring block (dropped).
+    pub rx_truncated: u64,
+    /// Frames sent.
+    pub tx_frames: u64,
+    /// Frames the transmit socket refused.
+    pub tx_errors: u64,
+    /// Frames the kernel dropped because a ring was full.
+    pub ring_drops: u64,
+    /// The engine's counters.
+    pub engine: Counters,
+}
+
+/// The userspace datapath of one node.
+pub struct Userspace {
+    cfg: UserspaceConfig,
+    engine: Arc<Engine>,
+    stop: Arc<AtomicBool>,
+    workers: Vec<JoinHandle<()>>,
+    filters: Vec<SocketControl>,
+    counters: Arc<DriverCounters>,
+    owned: Vec<u32>,
+    nft_applied: Option<String>,
+    forwarding_before: Option<String>,
+    links: Links,
+}
+
+impl std::fmt::Debug for Userspace {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Userspace")
+            .field("netns", &self.cfg.netns)
+            .field("workers", &self.workers.len())
+            .field("owned", &self.owned)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Userspace {
+    /// Opens the rings, starts the workers and takes over forwarding on the owned
+    /// interfaces. Traffic flows (plain routing) before the first plan arrives.
+    pub fn start(cfg: UserspaceConfig) -> Result<Userspace, SyncError> {
+        let engine = Arc::new(Engine::new(cfg.engine.clone()));
+        let links = read_links(&cfg)?;
+        let owned = owned_ports(&cfg, &links);
+        if owned.is_empty() {
+            return Err(SyncError::NoInterfaces {
+                patterns: cfg.interfaces.clone(),
+                netns: cfg.netns.clone().unwrap_or_else(|| "this namespace".into()),
+            });
+        }
+        engine.set_ports(port_configs(&cfg, &links, &owned));
+        engine.set_routes(read_routes(&cfg, &links, &owned)?);
+
+        let workers = match cfg.workers {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+            n => n,
+        };
+        let (rx, tx) = open_sockets(&cfg, workers)?;
+        let ifindexes: Vec<u32> = owned.iter().copied().collect();
+        let group = (std::process::id() as u16) ^ 0x5a5a;
+        let mut filters = Vec::new();
+        for sock in &rx {
+            let sock = sock
+                .control()
+                .map_err(|source| socket_error("duplicate a socket", source))?;
+            sock.filter_interfaces(&ifindexes)
+                .map_err(|source| socket_error("attach the interface filter", source))?;
+            if workers > 1 {
+                sock.join_fanout(group)
+                    .map_err(|source| socket_error("join the fanout group", source))?;
+            }
+            filters.push(sock);
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(DriverCounters::default());
+        let epoch = Instant::now();
+        let mut handles = Vec::new();
+        for (i, (rx, tx)) in rx.into_iter().zip(tx).enumerate() {
+            let ctx = Worker {
+                engine: Arc::clone(&engine),
+                stop: Arc::clone(&stop),
+                counters: Arc::clone(&counters),
+                epoch,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("svcnat-dp{i}"))
+                .spawn(move || ctx.run(rx, tx))
+                .map_err(|source| socket_error("spawn a worker", source))?;
+            handles.push(handle);
+        }
+        let mut dp = Userspace {
+            cfg,
+            engine,
+            stop,
+            workers: handles,
+            filters,
+            counters,
+            owned: ifindexes,
+            nft_applied: None,
+            forwarding_before: None,
+            links,
+        };
+        dp.forwarding_before = Some(dp.sysctl_read("net.ipv4.ip_forward")?);
+        dp.sysctl_write("net.ipv4.ip_forward", "0")?;
+        dp.apply_nft(None)?;
+        Ok(dp)
+    }
+
+    /// The engine (for tests and metrics).
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Every counter.
+    pub fn stats(&self) -> Stats {
+        let mut ring_drops = self.counters.ring_drops.load(Ordering::Relaxed);
+        for s in &self.filters {
+            if let Ok((_, drops)) = s.stats() {
+                ring_drops += drops;
+                self.counters.ring_drops.fetch_add(drops, Ordering::Relaxed);
+            }
+        }
+        Stats {
+            rx_frames: self.counters.rx_frames.load(Ordering::Relaxed),
+            rx_truncated: self.counters.rx_truncated.load(Ordering::Relaxed),
+            tx_frames: self.counters.tx_frames.load(Ordering::Relaxed),
+            tx_errors: self.counters.tx_errors.load(Ordering::Relaxed),
+            ring_drops,
+            engine: self.engine.counters(),
+        }
+    }
+
+    /// Re-reads interfaces and routes; new owned interfaces join the filters.
+    fn refresh(&mut self) -> Result<(), SyncError> {
+        let links = read_links(&self.cfg)?;
+        let owned = owned_ports(&self.cfg, &links);
+        let ifindexes: Vec<u32> = owned.iter().copied().collect();
+        if ifindexes != self.owned {
+            for s in &self.filters {
+                s.filter_interfaces(&ifindexes)
+                    .map_err(|source| socket_error("update the interface filter", source))?;
+            }
+            self.owned = ifindexes;
+        }
+        self.engine
+            .set_ports(port_configs(&self.cfg, &links, &owned));
+        self.engine
+            .set_routes(read_routes(&self.cfg, &links, &owned)?);
+        self.links = links;
+        Ok(())
+    }
+
+    fn command(&self, program: &str) -> Command {
+        match &self.cfg.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
+    }
+
+    fn sysctl_read(&self, key: &str) -> Result<String, SyncError> {
+        let mut c = self.command("sysctl");
+        c.args(["-n", key]);
+        Ok(run(c, None)?.trim().to_string())
+    }
+
+    fn sysctl_write(&self, key: &str, value: &str) -> Result<(), SyncError> {
+        let mut c = self.command("sysctl");
+        c.args(["-q", "-w", &format!("{key}={value}")]);
+        run(c, None).map(drop)
+    }
+
+    /// Installs the ingress drops for what the engine handles; skips `nft` when unchanged.
+    fn apply_nft(&mut self, plan: Option<&Plan>) -> Result<(), SyncError> {
+        let text = render_nft(&self.links, &self.owned, plan, &self.cfg.engine);
+        if self.nft_applied.as_deref() == Some(text.as_str()) {
+            return Ok(());
+        }
+        let mut c = self.command("nft");
+        c.args(["-f", "-"]);
+        run(c, Some(&text))?;
+        self.nft_applied = Some(text);
+        Ok(())
+    }
+
+    fn report(&self, plan: &Plan, full: bool) -> SyncReport {
+        SyncReport {
+            full,
+            written: plan.frontends().count(),
+            frontends: plan.frontends().count(),
+            endpoints: plan.endpoint_count(),
+        }
+    }
+
+    /// Stops the workers and hands forwarding back to the kernel.
+    fn shutdown(&mut self) -> Result<(), SyncError> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.workers.drain(..) {
+            let _ = h.join();
+        }
+        let mut first_err = None;
+        if self.nft_applied.take().is_some() {
+            let mut c = self.command("nft");
+            c.args(["delete", "table", "netdev", NFT_TABLE]);
+            if let Err(e) = run(c, None) {
+                first_err.get_or_insert(e);
+            }
+        }
+        if let Some(v) = self.forwarding_before.take()
+            && let Err(e) = self.sysctl_write("net.ipv4.ip_forward", &v)
+        {
+            first_err.get_or_insert(e);
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Dataplane for Userspace {
+    type Error = SyncError;
+
+    fn sync(&mut self, plan: &Plan, _diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+        // The engine compiles a whole plan into lookup tables in one swap; that costs about
+        // what the core's compile does, far below the ip/nft calls around it.
+        self.refresh()?;
+        self.engine.set_plan(plan);
+        self.apply_nft(Some(plan))?;
+        Ok(self.report(plan, false))
+    }
+
+    fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
+        self.refresh()?;
+        self.engine.set_plan(plan);
+        self.nft_applied = None;
+        self.apply_nft(Some(plan))?;
+        Ok(self.report(plan, true))
+    }
+
+    fn cleanup(&mut self) -> Result<(), SyncError> {
+        self.shutdown()
+    }
+}
+
+impl Drop for Userspace {
+    fn drop(&mut self) {
+        // Without workers the ingress drops would black-hole the node: give it back.
+        let _ = self.shutdown();
+    }
+}
+
+fn socket_error(what: &str, source: std::io::Error) -> SyncError {
+    SyncError::Socket {
+        what: what.to_string(),
+        source,
+    }
+}
+
+/// Opens `n` receive rings and `n` transmit sockets inside the configured namespace (a
+/// packet socket belongs to the namespace it was created in; a short-lived thread enters
+/// it so the caller's thread stays where it is).
+fn open_sockets(
+    cfg: &UserspaceConfig,
+    n: usize,
+) -> Result<(Vec<PacketSocket>, Vec<TxSocket>), SyncError> {
+    let netns = cfg.netns.clone();
+    let ring = cfg.ring;
+    let opened = std::thread::scope(|s| {
+        s.spawn(
+            move || -> Result<(Vec<PacketSocket>, Vec<TxSocket>), SyncError> {
+                if let Some(ns) = &netns {
+                    sys::enter_netns(ns)
+                        .map_err(|source| socket_error(&format!("enter netns {ns}"), source))?;
+                }
+                let mut rx = Vec::new();
+                let mut tx = Vec::new();
+                for _ in 0..n {
+                    rx.push(
+                        PacketSocket::open(ring)
+                            .map_err(|source| socket_error("open an AF_PACKET ring", source))?,
+                    );
+                    tx.push(
+                        TxSocket::open()
+                            .map_err(|source| socket_error("open an AF_PACKET sender", source))?,
+                    );
+                }
+                Ok((rx, tx))
+            },
+        )
+        .join()
+    });
+    match opened {
+        Ok(r) => r,
+        Err(_) => Err(socket_error(
+            "open sockets",
+            std::io::Error::other("the socket thread panicked"),
+        )),
+    }
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    stop: Arc<AtomicBool>,
+    counters: Arc<DriverCounters>,
+    epoch: Instant,
+}
+
+impl Worker {
+    fn run(self, mut rx: PacketSocket, tx: TxSocket) {
+        let mut generated: Vec<TxFrame> = Vec::new();
+        let mut next_timeout = Duration::ZERO;
+        while !self.stop.load(Ordering::Relaxed) {
+            let mut got = false;
+            while let Some(mut block) = rx.next_block() {
+                got = true;
+                let now = self.epoch.elapsed();
+                let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
+                for frame in block.frames() {
+                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    if frame.pkttype == libc::PACKET_OTHERHOST {
+                        // Only seen in promiscuous mode: not addressed to this node.
+                        continue;
+                    }
+                    if !frame.complete {
+                        self.counters.rx_truncated.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    let buf = frame.buf;
+                    let verdict = {
+                        let (vnet, eth) = buf.split_at_mut(VNET_HDR_LEN);
+                        let csum = if vnet[0] & VNET_NEEDS_CSUM != 0 {
+                            Csum::Partial
+                        } else {
+                            Csum::Complete
+                        };
+                        let meta = RxMeta {
+                            port: frame.ifindex,
+                            csum,
+                        };
+                        self.engine.handle_frame(now, meta, eth, &mut generated)
+                    };
+                    if let Verdict::Forward { port } = verdict {
+                        out.push((port, &*buf));
+                    }
+                }
+                self.send(&tx, &out);
+                drop(out);
+                drop(block);
+                self.flush_generated(&tx, &mut generated);
+            }
+            let now = self.epoch.elapsed();
+            if now >= next_timeout {
+                self.engine.handle_timeout(now, &mut generated);
+                self.flush_generated(&tx, &mut generated);
+                next_timeout = self
+                    .engine
+                    .poll_timeout()
+                    .unwrap_or(now + Duration::from_secs(1))
+                    .min(now + Duration::from_secs(1));
+            }
+            if !got {
+                let wait = next_timeout
+                    .saturating_sub(now)
+                    .clamp(Duration::from_millis(1), Duration::from_millis(100));
+                let _ = rx.wait(wait);
+            }
+        }
+    }
+
+    fn send(&self, tx: &TxSocket, out: &[(u32, &[u8])]) {
+        if out.is_empty() {
+            return;
+        }
+        match tx.send_batch(out) {
+            Ok(n) => {
+                self.counters
+                    .tx_frames
+                    .fetch_add(n as u64, Ordering::Relaxed);
+                let lost = (out.len() - n) as u64;
+                self.counters.tx_errors.fetch_add(lost, Ordering::Relaxed);
+            }
+            Err(_) => {
+                self.counters
+                    .tx_errors
+                    .fetch_add(out.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn flush_generated(&self, tx: &TxSocket, generated: &mut Vec<TxFrame>) {
+        if generated.is_empty() {
+            return;
+        }
+        let bufs: Vec<(u32, Vec<u8>)> = generated
+            .drain(..)
+            .map(|f| {
+                let mut b = vec![0u8; VNET_HDR_LEN];
+                b.extend_from_slice(&f.data);
+                (f.port, b)
+            })
+            .collect();
+        let refs: Vec<(u32, &[u8])> = bufs.iter().map(|(p, b)| (*p, b.as_slice())).collect();
+        self.send(tx, &refs);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Interfaces, addresses, routes
+// ---------------------------------------------------------------------------------------------
+
+/// One interface as `ip -json addr` shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Link {
+    ifindex: u32,
+    name: String,
+    mac: Option<[u8; 6]>,
+    addrs: Vec<IpNet>,
+}
+
+type Links = BTreeMap<u32, Link>;
+
+fn ip_json(cfg: &UserspaceConfig, args: &[&str]) -> Result<serde_json::Value, SyncError> {
+    let mut c = Command::new("ip");
+    if let Some(ns) = &cfg.netns {
+        c.args(["-n", ns]);
+    }
+    c.arg("-json").args(args);
+    let line = format!("ip -json {}", args.join(" "));
+    let out = run(c, None)?;
+    serde_json::from_str(&out).map_err(|e| SyncError::Parse {
+        command: line,
+        message: e.to_string(),
+    })
+}
+
+fn read_links(cfg: &UserspaceConfig) -> Result<Links, SyncError> {
+    let v = ip_json(cfg, &["addr", "show"])?;
+    parse_links(&v).map_err(|message| SyncError::Parse {
+        command: "ip -json addr show".into(),
+        message,
+    })
+}
+
+fn parse_links(v: &serde_json::Value) -> Result<Links, String> {
+    let list = v.as_array().ok_or("not a list")?;
+    let mut links = Links::new();
+    for l in list {
+        let ifindex = l["ifindex"].as_u64().ok_or("link without ifindex")? as u32;
+        let name = l["ifname"]
+            .as_str()
+            .ok_or("link without ifname")?
+            .to_string();
+        let mac = l["address"].as_str().and_then(parse_mac);
+        let mut addrs = Vec::new();
+        for a in l["addr_info"].as_array().into_iter().flatten() {
+            let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
+                continue;
+            };
+            if let Ok(ip) = local.parse::<IpAddr>()
+                && let Ok(net) = IpNet::new(ip, len as u8)
+            {
+                addrs.push(net);
+            }
+        }
+        links.insert(
+            ifindex,
+            Link {
+                ifindex,
+                name,
+                mac,
+                addrs,
+            },
+        );
+    }
+    Ok(links)
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        *b = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+fn matches(patterns: &[String], name: &str) -> bool {
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => p == name,
+    })
+}
+
+fn owned_ports(cfg: &UserspaceConfig, links: &Links) -> BTreeSet<u32> {
+    links
+        .values()
+        .filter(|l| l.mac.is_some() && matches(&cfg.interfaces, &l.name))
+        .map(|l| l.ifindex)
+        .collect()
+}
+
+fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> Vec<PortConfig> {
+    owned
+        .iter()
+        .filter_map(|i| links.get(i))
+        .filter_map(|l| {
+            let mac = l.mac?;
+            let has_v4 = l.addrs.iter().any(|a| a.addr().is_ipv4());
+            Some(PortConfig {
+                id: l.ifindex,
+                name: l.name.clone(),
+                mac,
+                addrs: l.addrs.clone(),
+                proxy_arp: match (has_v4, cfg.pod_gateway) {
+                    (false, Some(gw)) => vec![gw],
+                    _ => Vec::new(),
+                },
+            })
+        })
+        .collect()
+}
+
+fn read_routes(
+    cfg: &UserspaceConfig,
+    links: &Links,
+    owned: &BTreeSet<u32>,
+) -> Result<Vec<Route>, SyncError> {
+    let v = ip_json(cfg, &["-4", "route", "show", "table", "main"])?;
+    parse_routes(&v, links, owned).map_err(|message| SyncError::Parse {
+        command: "ip -json -4 route show table main".into(),
+        message,
+    })
+}
+
+fn parse_routes(
+    v: &serde_json::Value,
+    links: &Links,
+    owned: &BTreeSet<u32>,
+) -> Result<Vec<Route>, String> {
+    let by_name: BTreeMap<&str, u32> = links
+        .values()
+        .map(|l| (l.name.as_str(), l.ifindex))
+        .collect();
+    let mut routes = Vec::new();
+    for r in v.as_array().ok_or("not a list")? {
+        if r["type"].as_str().is_some_and(|t| t != "unicast") {
+            continue;
+        }
+        let Some(dev) = r["dev"].as_str() else {
+            continue;
+        };
+        let Some(&port) = by_name.get(dev) else {
+            continue;
+        };
+        if !owned.contains(&port) {
+            continue;
+        }
+        let dst = match r["dst"].as_str() {
+            Some("default") => IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).ok(),
+            Some(d) if d.contains('/') => d.parse().ok(),
+            Some(d) => d.parse::<IpAddr>().ok().map(IpNet::from),
+            None => None,
+        };
+        let Some(dst) = dst else {
+            continue;
+        };
+        let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
+        routes.push(Route { dst, port, gateway });
+    }
+    Ok(routes)
+}
+
+// ---------------------------------------------------------------------------------------------
+// nftables
+// ---------------------------------------------------------------------------------------------
+
+fn proto_name(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
+        Protocol::Sctp => "sctp",
+    }
+}
+
+/// The `nft -f` script that takes the kernel out of the forwarding path for the owned
+/// interfaces. It replaces the whole table in one transaction.
+fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &EngineConfig) -> String {
+    let locals: BTreeSet<Ipv4Addr> = links
+        .values()
+        .flat_map(|l| l.addrs.iter())
+        .filter_map(|a| match a.addr() {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        })
+        .collect();
+    let mut frontends = BTreeSet::new();
+    if let Some(plan) = plan {
+        for (k, _) in plan.frontends() {
+            if let IpAddr::V4(a) = k.addr
+                && locals.contains(&a)
+            {
+                frontends.insert(format!("{a} . {} . {}", proto_name(k.protocol), k.port));
+            }
+        }
+    }
+    let join = |v: Vec<String>| v.join(", ");
+    let mut s = String::new();
+    s.push_str(&format!(
+        "table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\ntable netdev {NFT_TABLE} {{\n"
+    ));
+    s.push_str("  set local4 {\n    type ipv4_addr\n");
+    if !locals.is_empty() {
+        s.push_str(&format!(
+            "    elements = {{ {} }}\n",
+            join(locals.iter().map(|a| a.to_string()).collect())
+        ));
+    }
+    s.push_str("  }\n  set frontends4 {\n    type ipv4_addr . inet_proto . inet_service\n");
+    if !frontends.is_empty() {
+        s.push_str(&format!(
+            "    elements = {{ {} }}\n",
+            join(frontends.into_iter().collect())
+        ));
+    }
+    s.push_str("  }\n");
+    let (lo, hi) = (engine.snat_ports.start(), engine.snat_ports.end());
+    for i in owned {
+        let Some(l) = links.get(i) else { continue };
+        s.push_str(&format!(
+            "  chain in_{i} {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n",
+            l.name
+        ));
+        s.push_str("    meta protocol != ip accept\n");
+        s.push_str("    meta pkttype { broadcast, multicast } accept\n");
+        s.push_str("    ip daddr != @local4 counter drop comment \"forwarded by svcnat\"\n");
+        s.push_str(
+            "    ip daddr . meta l4proto . th dport @frontends4 counter drop comment \"svcnat frontend\"\n",
+        );
+        s.push_str(&format!(
+            "    meta l4proto {{ tcp, udp }} th dport {lo}-{hi} counter drop comment \"svcnat SNAT replies\"\n"
+        ));
+        s.push_str("  }\n");
+    }
+    s.push_str("}\n");
+    s
+}
+
+/// Runs a command (with `stdin` if given), returning its standard output.
+fn run(mut c: Command, stdin: Option<&str>) -> Result<String, SyncError> {
+    let line = format!("{c:?}").replace('"', "");
+    c.stdin(if stdin.is_some() {
+        Stdio::piped()
+    } else {
+        Stdio::null()
+    })
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    let mut child = c.spawn().map_err(|e| SyncError::Command {
+        command: line.clone(),
+        message: e.to_string(),
+    })?;
+    if let (Some(text), Some(mut pipe)) = (stdin, child.stdin.take()) {
+        pipe.write_all(text.as_bytes())
+            .map_err(|e| SyncError::Command {
+                command: line.clone(),
+                message: e.to_string(),
+            })?;
+    }
+    let out = child.wait_with_output().map_err(|e| SyncError::Command {
+        command: line.clone(),
+        message: e.to_string(),
+    })?;
+    if !out.status.success() {
+        return Err(SyncError::Command {
+            command: line,
+            message: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        });
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn links() -> Links {
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"ifindex":1,"ifname":"lo","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
+                {"ifindex":2,"ifname":"eth0","address":"02:00:00:00:00:0b","addr_info":[{"family":"inet","local":"192.168.50.11","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
+                {"ifindex":5,"ifname":"vp0","address":"02:00:00:00:01:00","addr_info":[]},
+                {"ifindex":6,"ifname":"svc0","addr_info":[]}]"#,
+        )
+        .unwrap();
+        parse_links(&v).unwrap()
+    }
+
+    #[test]
+    fn reads_links_and_routes() {
+        let l = links();
+        assert_eq!(l[&2].mac, Some([2, 0, 0, 0, 0, 0x0b]));
+        assert_eq!(l[&2].addrs.len(), 2);
+        let cfg = UserspaceConfig {
+            interfaces: vec!["eth0".into(), "vp*".into()],
+            ..UserspaceConfig::default()
+        };
+        let owned = owned_ports(&cfg, &l);
+        assert_eq!(owned.iter().copied().collect::<Vec<_>>(), vec![2, 5]);
+        let ports = port_configs(&cfg, &l, &owned);
+        assert_eq!(ports[0].proxy_arp, Vec::<Ipv4Addr>::new());
+        assert_eq!(ports[1].proxy_arp, vec![Ipv4Addr::new(169, 254, 1, 1)]);
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"dst":"default","gateway":"192.168.50.1","dev":"eth0"},
+                {"dst":"10.244.0.10","dev":"vp0","scope":"link"},
+                {"dst":"10.244.1.0/24","gateway":"192.168.50.12","dev":"eth0"},
+                {"dst":"10.96.0.0/12","dev":"svc0"},
+                {"type":"blackhole","dst":"10.9.0.0/16"}]"#,
+        )
+        .unwrap();
+        let r = parse_routes(&v, &l, &owned).unwrap();
+        assert_eq!(r.len(), 3);
+        assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
+        assert_eq!(r[1].dst.to_string(), "10.244.0.10/32");
+        assert_eq!(r[1].port, 5);
+        assert_eq!(r[2].gateway, Some("192.168.50.12".parse().unwrap()));
+    }
+
+    #[test]
+    fn nft_script_drops_what_the_engine_handles() {
+        let l = links();
+        let s = render_nft(&l, &[2, 5], None, &EngineConfig::default());
+        assert!(
+            s.starts_with("table netdev svcnat\ndelete table netdev svcnat\n"),
+            "{s}"
+        );
+        assert!(s.contains("elements = { 127.0.0.1, 192.168.50.11 }"), "{s}");
+        assert!(s.contains("device \"eth0\""), "{s}");
+        assert!(s.contains("device \"vp0\""), "{s}");
+        assert!(!s.contains("svc0"), "{s}");
+        assert!(s.contains("th dport 61000-65535"), "{s}");
+    }
+
+    #[test]
+    fn mac_parsing() {
+        assert_eq!(
+            parse_mac("aa:bb:cc:dd:ee:ff"),
+            Some([0xaa, 0xbb, 0xcc, 0xdd, 0xee, 0xff])
+        );
+        assert_eq!(parse_mac("aa:bb"), None);
+        assert_eq!(parse_mac("aa:bb:cc:dd:ee:ff:00"), None);
+        assert!(matches(&["vp*".into()], "vp12"));
+        assert!(!matches(&["eth0".into()], "eth01"));
+    }
+}

@@ -1,0 +1,582 @@
+//! Every system call of the userspace backend, and its only `unsafe` code.
+//!
+//! - [`PacketSocket`]: an `AF_PACKET`/`SOCK_RAW` receive socket with a `TPACKET_V3` ring
+//!   mapped into memory, `PACKET_VNET_HDR` (so GSO super-frames and partial checksums pass
+//!   through intact and the kernel segments and checksums on transmit), `PACKET_IGNORE_OUTGOING`
+//!   (it never reads back what it sends), `PACKET_QDISC_BYPASS`, an optional `PACKET_FANOUT`
+//!   group and a classic-BPF filter on the receiving interface index.
+//! - [`TxSocket`]: a transmit-only packet socket, batched with `sendmmsg(2)`.
+//! - [`RxBlock`] / [`RxFrame`]: a retired ring block handed to user space and its frames, as
+//!   safe mutable slices; dropping the block returns it to the kernel.
+//! - [`enter_netns`]: `setns(2)` for the calling thread.
+//!
+//! Each `unsafe` block says why it is sound in a `// Safety:` comment.
+
+#![allow(unsafe_code)]
+
+use std::io;
+use std::marker::PhantomData;
+use std::mem::{size_of, zeroed};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Size of `struct virtio_net_hdr`, which precedes every frame with `PACKET_VNET_HDR`.
+pub(crate) const VNET_HDR_LEN: usize = 10;
+
+/// `VIRTIO_NET_HDR_F_NEEDS_CSUM`: the L4 checksum holds only the pseudo-header sum.
+pub(crate) const VNET_NEEDS_CSUM: u8 = 1;
+
+/// `ETH_P_ALL` in network byte order, as `socket(2)` and `sockaddr_ll` want it.
+const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
+
+/// Shape of a receive ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RingConfig {
+    /// Bytes per block; a power of two and a multiple of the page size. Must hold the
+    /// largest frame (a 64 KiB GSO frame plus headers), or that frame is truncated.
+    pub block_size: u32,
+    /// Blocks in the ring.
+    pub block_count: u32,
+    /// Milliseconds after which the kernel retires a block that is not full, bounding the
+    /// latency a lightly loaded ring adds.
+    pub retire_ms: u32,
+}
+
+impl Default for RingConfig {
+    fn default() -> Self {
+        RingConfig {
+            block_size: 1 << 18,
+            block_count: 32,
+            retire_ms: 1,
+        }
+    }
+}
+
+/// Enters the network namespace `/run/netns/<name>` on the calling thread only.
+pub(crate) fn enter_netns(name: &str) -> io::Result<()> {
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad network namespace name {name:?}"),
+        ));
+    }
+    let file = std::fs::File::open(format!("/run/netns/{name}"))?;
+    // Safety: `file` is an open namespace file descriptor for the duration of the call;
+    // setns(2) only changes the calling thread's namespace.
+    let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
+    // Safety: `value` points to a live `T` of the size passed, and `fd` is an open socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (value as *const T).cast(),
+            size_of::<T>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// A packet socket with a mapped `TPACKET_V3` receive ring.
+#[derive(Debug)]
+pub(crate) struct PacketSocket {
+    fd: OwnedFd,
+    map: NonNull<u8>,
+    map_len: usize,
+    ring: RingConfig,
+    next_block: u32,
+}
+
+// Safety: the mapping belongs to this socket alone; blocks are only reached through
+// `&mut self`, so moving the socket to another thread moves exclusive access with it.
+unsafe impl Send for PacketSocket {}
+
+impl PacketSocket {
+    /// Opens a socket that receives every interface's frames (narrow it with
+    /// [`PacketSocket::filter_interfaces`]) into a ring shaped by `ring`.
+    pub(crate) fn open(ring: RingConfig) -> io::Result<PacketSocket> {
+        // Safety: plain socket(2) call; the result is checked before use.
+        let raw = unsafe {
+            libc::socket(
+                libc::AF_PACKET,
+                libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+                i32::from(ETH_P_ALL_BE),
+            )
+        };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Safety: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        // Until the ring exists and the socket is bound, receive nothing: bind below with
+        // the ring ready so no frame is queued to the slow path.
+        let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
+        let one: libc::c_int = 1;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one)?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one)?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one)?;
+        let page = 4096u32;
+        if !ring.block_size.is_power_of_two() || ring.block_size < page || ring.block_count == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad ring shape {ring:?}"),
+            ));
+        }
+        let frame_size = 2048u32;
+        let req = libc::tpacket_req3 {
+            tp_block_size: ring.block_size,
+            tp_block_nr: ring.block_count,
+            tp_frame_size: frame_size,
+            tp_frame_nr: ring.block_size / frame_size * ring.block_count,
+            tp_retire_blk_tov: ring.retire_ms,
+            tp_sizeof_priv: 0,
+            tp_feature_req_word: 0,
+        };
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
+        let map_len = ring.block_size as usize * ring.block_count as usize;
+        // Safety: maps the ring the kernel just allocated for this socket; the length is
+        // exactly the ring's size and the mapping is checked before use.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_LOCKED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        let map = if map == libc::MAP_FAILED {
+            // MAP_LOCKED fails under a low RLIMIT_MEMLOCK; the ring works unlocked too.
+            // Safety: as above, without MAP_LOCKED.
+            let map = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    map_len,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_POPULATE,
+                    fd.as_raw_fd(),
+                    0,
+                )
+            };
+            if map == libc::MAP_FAILED {
+                return Err(io::Error::last_os_error());
+            }
+            map
+        } else {
+            map
+        };
+        let Some(map) = NonNull::new(map.cast::<u8>()) else {
+            return Err(io::Error::other("mmap returned NULL"));
+        };
+        let sock = PacketSocket {
+            fd,
+            map,
+            map_len,
+            ring,
+            next_block: 0,
+        };
+        // Safety: an all-zero sockaddr_ll is valid; the fields that matter are set below.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ALL_BE;
+        sll.sll_ifindex = 0;
+        // Safety: `sll` is a valid sockaddr_ll of the size passed.
+        let rc = unsafe {
+            libc::bind(
+                sock.fd.as_raw_fd(),
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(sock)
+    }
+
+    /// A second handle on the socket for the control thread: filters, fanout, statistics.
+    pub(crate) fn control(&self) -> io::Result<SocketControl> {
+        Ok(SocketControl {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
+    /// Waits until a block may be ready or `timeout` passes; `Ok(false)` on timeout.
+    pub(crate) fn wait(&self, timeout: Duration) -> io::Result<bool> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLERR,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as libc::c_int;
+        // Safety: `pfd` is one valid pollfd.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                return Ok(false);
+            }
+            return Err(e);
+        }
+        Ok(rc > 0)
+    }
+
+    fn block_desc(&self, index: u32) -> *mut libc::tpacket_block_desc {
+        let offset = index as usize * self.ring.block_size as usize;
+        // Safety: `index < block_count`, so the offset lies inside the mapping.
+        unsafe { self.map.as_ptr().add(offset).cast() }
+    }
+
+    fn block_status(&self, index: u32) -> &AtomicU32 {
+        let desc = self.block_desc(index);
+        // Safety: `block_status` is the first, 4-byte aligned u32 of the block header the
+        // kernel writes; it lives as long as the mapping (and so `&self`). The kernel
+        // publishes a block by storing TP_STATUS_USER after a write barrier, so an Acquire
+        // load orders our reads of the block after it.
+        unsafe {
+            let p = std::ptr::addr_of_mut!((*desc).hdr.bh1.block_status);
+            AtomicU32::from_ptr(p)
+        }
+    }
+
+    /// The next block the kernel has handed to user space, if any.
+    pub(crate) fn next_block(&mut self) -> Option<RxBlock<'_>> {
+        let index = self.next_block;
+        let status = self.block_status(index).load(Ordering::Acquire);
+        if status & libc::TP_STATUS_USER == 0 {
+            return None;
+        }
+        let desc = self.block_desc(index);
+        // Safety: the block is ours (TP_STATUS_USER, read with Acquire above); its header
+        // fields are plain integers.
+        let (num, first) = unsafe {
+            let h = std::ptr::addr_of!((*desc).hdr.bh1);
+            ((*h).num_pkts, (*h).offset_to_first_pkt)
+        };
+        self.next_block = (index + 1) % self.ring.block_count;
+        Some(RxBlock {
+            base: desc.cast(),
+            block_size: self.ring.block_size as usize,
+            remaining: num,
+            offset: first as usize,
+            status: self.block_status(index) as *const AtomicU32,
+            _sock: PhantomData,
+        })
+    }
+}
+
+impl Drop for PacketSocket {
+    fn drop(&mut self) {
+        // Safety: unmaps exactly the region mapped in `open`; no `RxBlock` can be alive
+        // because they borrow `self`.
+        unsafe {
+            libc::munmap(self.map.as_ptr().cast(), self.map_len);
+        }
+    }
+}
+
+/// A duplicate descriptor of a [`PacketSocket`]: changes its filter and fanout and reads its
+/// statistics while a worker owns the ring.
+#[derive(Debug)]
+pub(crate) struct SocketControl {
+    fd: OwnedFd,
+}
+
+impl SocketControl {
+    /// Receives only frames that arrive on one of `ifindexes` (a classic BPF program on
+    /// `SKF_AD_IFINDEX`); an empty list receives nothing.
+    pub(crate) fn filter_interfaces(&self, ifindexes: &[u32]) -> io::Result<()> {
+        let prog = ifindex_filter(ifindexes);
+        let fprog = libc::sock_fprog {
+            len: prog.len() as u16,
+            filter: prog.as_ptr().cast_mut(),
+        };
+        // The kernel copies the program during the call.
+        setsockopt(&self.fd, libc::SOL_SOCKET, libc::SO_ATTACH_FILTER, &fprog)
+    }
+
+    /// Joins fanout group `group` (hash mode: both directions of a flow reach one socket).
+    pub(crate) fn join_fanout(&self, group: u16) -> io::Result<()> {
+        let arg: u32 = u32::from(group) | (libc::PACKET_FANOUT_HASH << 16);
+        setsockopt(&self.fd, libc::SOL_PACKET, libc::PACKET_FANOUT, &arg)
+    }
+
+    /// Frames received and frames the kernel dropped because the ring was full, since the
+    /// previous call (`PACKET_STATISTICS` resets on read).
+    pub(crate) fn stats(&self) -> io::Result<(u64, u64)> {
+        // Safety: an all-zero tpacket_stats_v3 is valid.
+        let mut st: libc::tpacket_stats_v3 = unsafe { zeroed() };
+        let mut len = size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
+        // Safety: `st` and `len` describe a writable buffer of the right size.
+        let rc = unsafe {
+            libc::getsockopt(
+                self.fd.as_raw_fd(),
+                libc::SOL_PACKET,
+                libc::PACKET_STATISTICS,
+                (&mut st as *mut libc::tpacket_stats_v3).cast(),
+                &mut len,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok((u64::from(st.tp_packets), u64::from(st.tp_drops)))
+    }
+}
+
+/// A packet socket that only transmits (protocol 0: it receives nothing). Workers send on
+/// their own, so a receive block can stay borrowed while its frames go out.
+#[derive(Debug)]
+pub(crate) struct TxSocket {
+    fd: OwnedFd,
+}
+
+impl TxSocket {
+    /// Opens a transmit socket; buffers sent on it start with a `virtio_net_hdr`.
+    pub(crate) fn open() -> io::Result<TxSocket> {
+        // Safety: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Safety: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one)?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one)?;
+        Ok(TxSocket { fd })
+    }
+
+    /// Sends each `(ifindex, buffer)`; every buffer starts with a `virtio_net_hdr`. Returns
+    /// how many were sent; a full device queue stops the batch early.
+    pub(crate) fn send_batch(&self, batch: &[(u32, &[u8])]) -> io::Result<usize> {
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        let mut addrs: Vec<libc::sockaddr_ll> = Vec::with_capacity(batch.len());
+        let mut iovs: Vec<libc::iovec> = Vec::with_capacity(batch.len());
+        for (ifindex, buf) in batch {
+            // Safety: an all-zero sockaddr_ll is valid.
+            let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+            sll.sll_family = libc::AF_PACKET as u16;
+            sll.sll_protocol = ETH_P_ALL_BE;
+            sll.sll_ifindex = *ifindex as i32;
+            addrs.push(sll);
+            iovs.push(libc::iovec {
+                iov_base: buf.as_ptr().cast_mut().cast(),
+                iov_len: buf.len(),
+            });
+        }
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(batch.len());
+        for i in 0..batch.len() {
+            // Safety: an all-zero msghdr is valid; the pointers set below outlive the call.
+            let mut hdr: libc::msghdr = unsafe { zeroed() };
+            hdr.msg_name = (&mut addrs[i] as *mut libc::sockaddr_ll).cast();
+            hdr.msg_namelen = size_of::<libc::sockaddr_ll>() as libc::socklen_t;
+            hdr.msg_iov = &mut iovs[i];
+            hdr.msg_iovlen = 1;
+            msgs.push(libc::mmsghdr {
+                msg_hdr: hdr,
+                msg_len: 0,
+            });
+        }
+        let mut sent = 0usize;
+        while sent < msgs.len() {
+            let n = (msgs.len() - sent).min(1024) as libc::c_uint;
+            // Safety: `msgs[sent..]` are valid mmsghdrs whose names and iovecs point into
+            // `addrs`, `iovs` and the caller's buffers, all alive for the call; the kernel
+            // only reads the buffers (it writes `msg_len`).
+            let rc = unsafe {
+                libc::sendmmsg(
+                    self.fd.as_raw_fd(),
+                    msgs[sent..].as_mut_ptr(),
+                    n,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if rc < 0 {
+                let e = io::Error::last_os_error();
+                if sent > 0 || e.kind() == io::ErrorKind::WouldBlock {
+                    return Ok(sent);
+                }
+                return Err(e);
+            }
+            if rc == 0 {
+                break;
+            }
+            sent += rc as usize;
+        }
+        Ok(sent)
+    }
+}
+
+/// A classic BPF program accepting frames whose receiving interface is in `ifindexes`.
+fn ifindex_filter(ifindexes: &[u32]) -> Vec<libc::sock_filter> {
+    const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // Jump offsets are one byte: past 250 interfaces accept everything and let the engine
+    // sort frames out by interface (it ignores ports it does not own).
+    if ifindexes.len() > 250 {
+        return vec![ins(RET_K, 0, 0, u32::MAX)];
+    }
+    let n = ifindexes.len();
+    let mut prog = Vec::with_capacity(n + 3);
+    prog.push(ins(
+        LD_W_ABS,
+        0,
+        0,
+        (libc::SKF_AD_OFF + libc::SKF_AD_IFINDEX) as u32,
+    ));
+    for (j, &ifindex) in ifindexes.iter().enumerate() {
+        // On a match jump over the remaining comparisons and the reject to the accept.
+        prog.push(ins(JEQ_K, (n - j) as u8, 0, ifindex));
+    }
+    prog.push(ins(RET_K, 0, 0, 0));
+    prog.push(ins(RET_K, 0, 0, u32::MAX));
+    prog
+}
+
+/// A ring block that belongs to user space until dropped.
+#[derive(Debug)]
+pub(crate) struct RxBlock<'a> {
+    base: *mut u8,
+    block_size: usize,
+    remaining: u32,
+    offset: usize,
+    status: *const AtomicU32,
+    _sock: PhantomData<&'a mut PacketSocket>,
+}
+
+impl RxBlock<'_> {
+    /// The block's frames. They borrow the block, so it cannot be returned to the kernel
+    /// while a frame is in use.
+    pub(crate) fn frames(&mut self) -> Frames<'_> {
+        let f = Frames {
+            base: self.base,
+            block_size: self.block_size,
+            remaining: self.remaining,
+            offset: self.offset,
+            _block: PhantomData,
+        };
+        self.remaining = 0;
+        f
+    }
+}
+
+impl Drop for RxBlock<'_> {
+    fn drop(&mut self) {
+        // Safety: `status` points into the mapping, which outlives this block (it borrows
+        // the socket). Release orders our reads and writes of the block's frames before
+        // the kernel may reuse it.
+        unsafe { (*self.status).store(libc::TP_STATUS_KERNEL, Ordering::Release) };
+    }
+}
+
+/// Iterator over the frames of one block.
+#[derive(Debug)]
+pub(crate) struct Frames<'b> {
+    base: *mut u8,
+    block_size: usize,
+    remaining: u32,
+    offset: usize,
+    _block: PhantomData<&'b mut [u8]>,
+}
+
+/// One received frame.
+#[derive(Debug)]
+pub(crate) struct RxFrame<'b> {
+    /// Interface it arrived on.
+    pub(crate) ifindex: u32,
+    /// `PACKET_HOST`, `PACKET_BROADCAST`, `PACKET_OTHERHOST`...
+    pub(crate) pkttype: u8,
+    /// Whether the whole frame is in the ring (`tp_snaplen == tp_len`).
+    pub(crate) complete: bool,
+    /// The `virtio_net_hdr` followed by the Ethernet frame.
+    pub(crate) buf: &'b mut [u8],
+}
+
+impl<'b> Iterator for Frames<'b> {
+    type Item = RxFrame<'b>;
+
+    fn next(&mut self) -> Option<RxFrame<'b>> {
+        let hdr_len = size_of::<libc::tpacket3_hdr>();
+        let sll_off = (hdr_len + 15) & !15;
+        while self.remaining > 0 {
+            self.remaining -= 1;
+            let off = self.offset;
+            if off + sll_off + size_of::<libc::sockaddr_ll>() > self.block_size {
+                self.remaining = 0;
+                return None;
+            }
+            // Safety: `off` plus the header sizes lies inside this block (checked above),
+            // the kernel wrote a tpacket3_hdr and a sockaddr_ll there before retiring the
+            // block, and both are plain integers (read unaligned to be safe).
+            let (h, sll) = unsafe {
+                let p = self.base.add(off);
+                (
+                    std::ptr::read_unaligned(p.cast::<libc::tpacket3_hdr>()),
+                    std::ptr::read_unaligned(p.add(sll_off).cast::<libc::sockaddr_ll>()),
+                )
+            };
+            self.offset = if h.tp_next_offset == 0 {
+                self.remaining = 0;
+                self.block_size
+            } else {
+                off + h.tp_next_offset as usize
+            };
+            let mac = off + h.tp_mac as usize;
+            let Some(start) = mac.checked_sub(VNET_HDR_LEN) else {
+                continue;
+            };
+            let end = mac + h.tp_snaplen as usize;
+            if start < off + sll_off || end > self.block_size {
+                continue;
+            }
+            // Safety: `[start, end)` lies in this block, after this frame's headers and
+            // before the next frame (the kernel lays frames out without overlap), so the
+            // slices handed out by this iterator are disjoint; the block stays ours for
+            // 'b because `Frames<'b>` borrows the `RxBlock` mutably.
+            let buf = unsafe { std::slice::from_raw_parts_mut(self.base.add(start), end - start) };
+            return Some(RxFrame {
+                ifindex: sll.sll_ifindex as u32,
+                pkttype: sll.sll_pkttype,
+                complete: h.tp_snaplen == h.tp_len,
+                buf,
+            });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_accepts_listed_interfaces_only() {
+        let prog = ifindex_filter(&[3, 7]);
+        assert_eq!(prog.len(), 5);
+        // jeq 3 jumps over "jeq 7" and "ret 0" to the accept.
+        assert_eq!((prog[1].k, prog[1].jt), (3, 2));
+        assert_eq!((prog[2].k, prog[2].jt), (7, 1));
+        assert_eq!(prog[3].k, 0);
+        assert_eq!(prog[4].k, u32::MAX);
+        assert_eq!(ifindex_filter(&[]).len(), 3);
+    }
+}

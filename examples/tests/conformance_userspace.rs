@@ -1,0 +1,30 @@
+//! The conformance suite against the userspace AF_PACKET datapath, with real traffic
+//! between network namespaces: each node's datapath owns the node's LAN interface and its
+//! pod veths, and the node's kernel forwards nothing.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use svcnat_examples::conformance::Backend;
+use svcnat_userspace::{Userspace, UserspaceConfig};
+
+struct UserspaceBackend;
+
+impl Backend for UserspaceBackend {
+    type Dp = Userspace;
+
+    fn name(&self) -> String {
+        "userspace".into()
+    }
+
+    fn dataplane(&self, node_ns: &str) -> Result<Userspace, String> {
+        Userspace::start(UserspaceConfig {
+            netns: Some(node_ns.to_string()),
+            interfaces: vec!["eth0".into(), "vp*".into()],
+            workers: 2,
+            ..UserspaceConfig::default()
+        })
+        .map_err(|e| e.to_string())
+    }
+}
+
+svcnat_examples::conformance_suite!(UserspaceBackend);
