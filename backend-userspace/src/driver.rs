@@ -150,7 +150,7 @@ pub struct Userspace {
     engine: Arc<Engine>,
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<()>>,
-    filters: Vec<SocketControl>,
+    filters: Arc<Vec<SocketControl>>,
     counters: Arc<DriverCounters>,
     owned: Vec<u32>,
     nft_applied: Option<String>,
@@ -226,7 +226,7 @@ impl Userspace {
             engine,
             stop,
             workers: handles,
-            filters,
+            filters: Arc::new(filters),
             counters,
             owned: ifindexes,
             nft_applied: None,
@@ -246,21 +246,17 @@ impl Userspace {
 
     /// Every counter.
     pub fn stats(&self) -> Stats {
-        let mut ring_drops = self.counters.ring_drops.load(Ordering::Relaxed);
-        for s in &self.filters {
-            if let Ok((_, drops)) = s.stats() {
-                ring_drops += drops;
-                self.counters.ring_drops.fetch_add(drops, Ordering::Relaxed);
-            }
-        }
-        Stats {
-            rx_frames: self.counters.rx_frames.load(Ordering::Relaxed),
-            rx_truncated: self.counters.rx_truncated.load(Ordering::Relaxed),
-            tx_frames: self.counters.tx_frames.load(Ordering::Relaxed),
-            tx_errors: self.counters.tx_errors.load(Ordering::Relaxed),
-            ring_drops,
-            engine: self.engine.counters(),
-        }
+        collect_stats(&self.engine, &self.counters, &self.filters)
+    }
+
+    /// A function that reads every counter, for a metrics server on another thread.
+    pub fn stats_source(&self) -> impl Fn() -> Stats + Send + Sync + 'static {
+        let (engine, counters, filters) = (
+            Arc::clone(&self.engine),
+            Arc::clone(&self.counters),
+            Arc::clone(&self.filters),
+        );
+        move || collect_stats(&engine, &counters, &filters)
     }
 
     /// Re-reads interfaces and routes; new owned interfaces join the filters.
@@ -269,7 +265,7 @@ impl Userspace {
         let owned = owned_ports(&self.cfg, &links);
         let ifindexes: Vec<u32> = owned.iter().copied().collect();
         if ifindexes != self.owned {
-            for s in &self.filters {
+            for s in self.filters.iter() {
                 s.filter_interfaces(&ifindexes)
                     .map_err(|source| socket_error("update the interface filter", source))?;
             }
@@ -383,6 +379,165 @@ impl Drop for Userspace {
     }
 }
 
+fn collect_stats(engine: &Engine, counters: &DriverCounters, filters: &[SocketControl]) -> Stats {
+    // PACKET_STATISTICS resets on read: fold each read into the running total.
+    for s in filters {
+        if let Ok((_, drops)) = s.stats() {
+            counters.ring_drops.fetch_add(drops, Ordering::Relaxed);
+        }
+    }
+    Stats {
+        rx_frames: counters.rx_frames.load(Ordering::Relaxed),
+        rx_truncated: counters.rx_truncated.load(Ordering::Relaxed),
+        tx_frames: counters.tx_frames.load(Ordering::Relaxed),
+        tx_errors: counters.tx_errors.load(Ordering::Relaxed),
+        ring_drops: counters.ring_drops.load(Ordering::Relaxed),
+        engine: engine.counters(),
+    }
+}
+
+impl Stats {
+    /// The counters in the Prometheus text format, `svcnat_userspace_*`.
+    pub fn prometheus(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
+            let _ = writeln!(out, "# HELP svcnat_userspace_{name} {help}");
+            let _ = writeln!(out, "# TYPE svcnat_userspace_{name} {kind}");
+            for (labels, v) in lines {
+                let _ = writeln!(out, "svcnat_userspace_{name}{labels} {v}");
+            }
+        };
+        let one = |v: u64| [(String::new(), v)];
+        let e = &self.engine;
+        metric(
+            "rx_frames_total",
+            "counter",
+            "Frames taken from the receive rings.",
+            &one(self.rx_frames),
+        );
+        metric(
+            "rx_bytes_total",
+            "counter",
+            "Bytes the engine handled.",
+            &one(e.rx_bytes),
+        );
+        metric(
+            "tx_frames_total",
+            "counter",
+            "Frames sent.",
+            &one(self.tx_frames),
+        );
+        metric(
+            "tx_errors_total",
+            "counter",
+            "Frames the transmit socket refused.",
+            &one(self.tx_errors),
+        );
+        metric(
+            "ring_drops_total",
+            "counter",
+            "Frames the kernel dropped on a full ring.",
+            &one(self.ring_drops),
+        );
+        metric(
+            "truncated_total",
+            "counter",
+            "Frames longer than a ring block.",
+            &one(self.rx_truncated),
+        );
+        metric(
+            "verdicts_total",
+            "counter",
+            "Engine verdicts.",
+            &[
+                ("{verdict=\"forward\"}".to_string(), e.forwarded),
+                ("{verdict=\"kernel\"}".to_string(), e.kernel),
+                ("{verdict=\"consumed\"}".to_string(), e.consumed),
+            ],
+        );
+        let drops: Vec<(String, u64)> = e
+            .drops
+            .iter()
+            .map(|(r, n)| (format!("{{reason=\"{}\"}}", r.as_str()), *n))
+            .collect();
+        metric(
+            "drops_total",
+            "counter",
+            "Frames dropped, by reason.",
+            &drops,
+        );
+        metric(
+            "generated_total",
+            "counter",
+            "Frames generated (ARP, ICMP errors).",
+            &one(e.generated),
+        );
+        metric(
+            "connections",
+            "gauge",
+            "Connections tracked.",
+            &one(e.connections),
+        );
+        metric(
+            "connections_created_total",
+            "counter",
+            "Connections created.",
+            &one(e.connections_created),
+        );
+        metric(
+            "connections_evicted_total",
+            "counter",
+            "Connections evicted to admit new ones.",
+            &one(e.connections_evicted),
+        );
+        metric(
+            "connections_expired_total",
+            "counter",
+            "Connections timed out.",
+            &one(e.connections_expired),
+        );
+        metric(
+            "neighbours",
+            "gauge",
+            "Neighbour table entries.",
+            &one(e.neighbours),
+        );
+        out
+    }
+}
+
+/// Removes what a datapath left behind (the nftables ingress table), for `--cleanup` after
+/// a crash; the namespace's forwarding setting is left as it is.
+pub fn cleanup(netns: Option<&str>) -> Result<(), SyncError> {
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    c.args(["list", "tables", "netdev"]);
+    let tables = run(c, None)?;
+    if !tables
+        .lines()
+        .any(|l| l.trim() == format!("table netdev {NFT_TABLE}"))
+    {
+        return Ok(());
+    }
+    let mut c = match netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "nft"]);
+            c
+        }
+        None => Command::new("nft"),
+    };
+    c.args(["delete", "table", "netdev", NFT_TABLE]);
+    run(c, None).map(drop)
+}
+
 fn socket_error(what: &str, source: std::io::Error) -> SyncError {
     SyncError::Socket {
         what: what.to_string(),
@@ -449,14 +604,15 @@ impl Worker {
                 got = true;
                 let now = self.epoch.elapsed();
                 let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
+                let (mut frames, mut truncated) = (0u64, 0u64);
                 for frame in block.frames() {
-                    self.counters.rx_frames.fetch_add(1, Ordering::Relaxed);
+                    frames += 1;
                     if frame.pkttype == libc::PACKET_OTHERHOST {
                         // Only seen in promiscuous mode: not addressed to this node.
                         continue;
                     }
                     if !frame.complete {
-                        self.counters.rx_truncated.fetch_add(1, Ordering::Relaxed);
+                        truncated += 1;
                         continue;
                     }
                     let buf = frame.buf;
@@ -476,6 +632,13 @@ impl Worker {
                     if let Verdict::Forward { port } = verdict {
                         out.push((port, &*buf));
                     }
+                }
+                // Shared counters are touched once per block, not per frame.
+                self.counters.rx_frames.fetch_add(frames, Ordering::Relaxed);
+                if truncated > 0 {
+                    self.counters
+                        .rx_truncated
+                        .fetch_add(truncated, Ordering::Relaxed);
                 }
                 self.send(&tx, &out);
                 drop(out);

@@ -509,11 +509,23 @@ struct MetricsState {
     last_ok: Option<Instant>,
 }
 
+/// Renders a dataplane's own metrics (Prometheus text) when `/metrics` is scraped.
+pub type DataplaneMetrics = Box<dyn Fn() -> String + Send + Sync>;
+
 /// The proxy's counters and gauges, shared with the metrics server.
-#[derive(Debug)]
 pub struct Metrics {
     state: Mutex<MetricsState>,
     sync_period: Duration,
+    dataplane: Mutex<Option<DataplaneMetrics>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics")
+            .field("state", &self.state)
+            .field("sync_period", &self.sync_period)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
@@ -523,7 +535,13 @@ impl Metrics {
         Metrics {
             state: Mutex::new(MetricsState::default()),
             sync_period,
+            dataplane: Mutex::new(None),
         }
+    }
+
+    /// Adds the dataplane's own metrics (packets, drops, connections...) to every scrape.
+    pub fn set_dataplane(&self, render: DataplaneMetrics) {
+        *self.dataplane.lock().unwrap_or_else(|e| e.into_inner()) = Some(render);
     }
 
     fn lock(&self) -> MutexGuard<'_, MetricsState> {
@@ -668,6 +686,15 @@ impl Metrics {
         for (name, help, value) in gauges {
             head(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {value}");
+        }
+        drop(s);
+        if let Some(render) = self
+            .dataplane
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            out.push_str(&render());
         }
         out
     }

@@ -18,7 +18,7 @@
 //! when given): without `--node-ip` no NodePort is served.
 //!
 //! Exit codes: 0 after a signal or a successful `--cleanup`, 1 when the proxy cannot start
-//! (manifest directory, iptables, metrics address), 2 for invalid flags and backends that
+//! (manifest directory, dataplane, metrics address), 2 for invalid flags and backends that
 //! are not built yet.
 
 use std::io::Write as _;
@@ -30,10 +30,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
-use svcnat_core::plan::Dataplane as _;
+use svcnat_core::plan::Dataplane;
 use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_userspace::{Userspace, UserspaceConfig};
 use tracing::{error, info, warn};
 
 /// Which dataplane programs the node.
@@ -43,7 +44,8 @@ enum Backend {
     Iptables,
     /// IPVS virtual servers (not built yet).
     Ipvs,
-    /// The userspace AF_PACKET datapath (not built yet).
+    /// The userspace AF_PACKET datapath: NAT, connection tracking and forwarding in this
+    /// process, on the interfaces named by --interfaces.
     Userspace,
 }
 
@@ -80,6 +82,17 @@ struct Args {
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
+    /// Userspace backend: the interfaces it owns (names, or prefixes ending in `*`).
+    #[arg(
+        long,
+        value_name = "IF,..",
+        value_delimiter = ',',
+        default_value = "eth0"
+    )]
+    interfaces: Vec<String>,
+    /// Userspace backend: worker threads (0: one per CPU).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    workers: usize,
     /// Changes within this period after a sync are batched into the next sync.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = proxy::parse_duration)]
     min_sync_period: Duration,
@@ -123,6 +136,20 @@ fn hostname() -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
+/// `--cleanup --backend userspace`: removes the ingress table a killed datapath left.
+fn cleanup_userspace() -> ExitCode {
+    match svcnat_userspace::driver::cleanup(None) {
+        Ok(()) => {
+            info!("removed the userspace datapath's nftables table");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            error!("cleanup failed: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
 /// `--cleanup`: removes what svcnat installed with the given flavour or, when none is
 /// given, with the detected one and then with the other one too (rules written through
 /// the other flavour would otherwise stay behind; failing to reach it is only a warning).
@@ -163,14 +190,6 @@ fn cleanup(flavour: Option<Flavour>) -> ExitCode {
 fn main() -> ExitCode {
     let args = Args::parse();
     svcnat_examples::cli::init_logging(args.verbose);
-    match args.backend {
-        Backend::Iptables => {}
-        other => {
-            let name = format!("{other:?}").to_ascii_lowercase();
-            eprintln!("svcnat-proxy: backend {name} is not built yet; use --backend iptables");
-            return ExitCode::from(2);
-        }
-    }
     if args.sync_period.is_zero() {
         eprintln!("svcnat-proxy: --sync-period must be above zero");
         return ExitCode::from(2);
@@ -180,20 +199,55 @@ fn main() -> ExitCode {
         FlavourArg::Legacy => Some(Flavour::Legacy),
         FlavourArg::Nft => Some(Flavour::Nft),
     };
-    if args.cleanup {
-        return cleanup(flavour);
-    }
-    let dataplane = match Iptables::new(IptablesConfig {
-        runner: Runner::local(),
-        flavour,
-        ..IptablesConfig::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            error!("cannot use iptables: {e}");
-            return ExitCode::from(1);
+    match (args.backend, args.cleanup) {
+        (Backend::Iptables, true) => cleanup(flavour),
+        (Backend::Userspace, true) => cleanup_userspace(),
+        (Backend::Iptables, false) => {
+            let dataplane = match Iptables::new(IptablesConfig {
+                runner: Runner::local(),
+                flavour,
+                ..IptablesConfig::default()
+            }) {
+                Ok(d) => d,
+                Err(e) => {
+                    error!("cannot use iptables: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            info!(flavour = ?dataplane.flavour(), "iptables backend");
+            let metrics = Arc::new(Metrics::new(args.sync_period));
+            run(args, dataplane, metrics)
         }
-    };
+        (Backend::Userspace, false) => {
+            let dataplane = match Userspace::start(UserspaceConfig {
+                interfaces: args.interfaces.clone(),
+                workers: args.workers,
+                ..UserspaceConfig::default()
+            }) {
+                Ok(d) => d,
+                Err(e) => {
+                    error!("cannot start the userspace datapath: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            info!(interfaces = ?args.interfaces, "userspace backend");
+            let metrics = Arc::new(Metrics::new(args.sync_period));
+            let stats = dataplane.stats_source();
+            metrics.set_dataplane(Box::new(move || stats().prometheus()));
+            // Dropping the datapath on exit hands forwarding back to the kernel: without
+            // its workers the ingress drops would black-hole the node.
+            run(args, dataplane, metrics)
+        }
+        (other, _) => {
+            let name = format!("{other:?}").to_ascii_lowercase();
+            eprintln!("svcnat-proxy: backend {name} is not built yet");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs the proxy loop over `dataplane` until a signal.
+fn run<D: Dataplane>(args: Args, dataplane: D, metrics: Arc<Metrics>) -> ExitCode {
     let Some(manifests) = args.manifests else {
         eprintln!("svcnat-proxy: --manifests DIR is required");
         return ExitCode::from(2);
@@ -212,7 +266,7 @@ fn main() -> ExitCode {
             .iter()
             .any(|c| matches!(c, IpNet::V6(_)))
     {
-        warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are (iptables)");
+        warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are");
     }
     let node = args.node.context(node_name);
     let cluster = args.cluster.config();
@@ -224,7 +278,6 @@ fn main() -> ExitCode {
     info!(
         node = %config.node.node_name,
         node_ips = ?config.node.node_ips,
-        flavour = ?dataplane.flavour(),
         manifests = %config.manifests.display(),
         "starting"
     );
@@ -238,7 +291,6 @@ fn main() -> ExitCode {
         }
     };
 
-    let metrics = Arc::new(Metrics::new(config.sync_period));
     if let Bind(Some(addr)) = args.metrics_bind_address {
         match proxy::serve(addr, metrics.clone()) {
             Ok(bound) => info!(address = %bound, "serving /metrics and /healthz"),
