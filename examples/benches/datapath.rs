@@ -1,0 +1,252 @@
+//! `cargo bench -p svcnat-examples --bench datapath`: the userspace datapath against the
+//! kernel's iptables DNAT, in the same namespace topology, in the same run.
+//!
+//! ```text
+//!   client c0 ──LAN── node n0 (datapath under test) ──veth── pod srv (iperf3 -s)
+//!   iperf3 -c <node IP>:30521        NodePort 30521 -> srv:5201, TCP and UDP, masqueraded
+//! ```
+//!
+//! For each dataplane (iptables, then userspace with one worker) it measures TCP bulk
+//! throughput (`iperf3`, 4 s) and the small-packet UDP rate (`iperf3 -u -b 0 -l 18`, 4 s,
+//! datagrams the server received), and prints the userspace/kernel ratios. For the
+//! userspace datapath it also prints the packets per second of worker CPU time (read from
+//! `/proc/self/task/*/stat`): on a machine where the load generator, the receiver and the
+//! datapath share few cores, the wall-clock rate is bounded by the generator, while the
+//! rate per worker core second says what one core of the datapath can forward.
+//! Figures only: nothing here fails on speed. Needs root and `iperf3`; otherwise prints
+//! `SKIP` and why.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use svcnat_core::model::*;
+use svcnat_core::plan::{Dataplane, NodeContext};
+use svcnat_examples::agent::NodeAgent;
+use svcnat_examples::testbed::{PodSpec, Testbed, TestbedSpec, require_root};
+use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_userspace::{Userspace, UserspaceConfig};
+
+const NODE_PORT: u16 = 30521;
+const SECONDS: u32 = 4;
+const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
+
+struct Figures {
+    tcp_bps: f64,
+    udp_pps: f64,
+    /// Userspace only: (worker CPU seconds during the TCP run, during the UDP run).
+    worker_cpu: Option<(f64, f64)>,
+    tcp_packets: u64,
+    udp_packets: u64,
+}
+
+fn service() -> Service {
+    let mut svc = Service::new(ObjectName::new("default", "perf"));
+    svc.cluster_ips = vec![IpAddr::V4(Ipv4Addr::new(10, 96, 0, 52))];
+    svc.ip_families = vec![IpFamily::V4];
+    svc.service_type = ServiceType::NodePort;
+    let mut sel = BTreeMap::new();
+    sel.insert("app".to_string(), "perf".to_string());
+    svc.selector = Some(LabelSelector::from_labels(sel));
+    for (name, protocol) in [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)] {
+        svc.ports.push(ServicePort {
+            name: name.into(),
+            protocol,
+            port: 5201,
+            target_port: TargetPort::Number(5201),
+            node_port: Some(NODE_PORT),
+            app_protocol: None,
+        });
+    }
+    svc
+}
+
+fn cluster(tb: &Testbed) -> Cluster {
+    let mut c = Cluster::new();
+    let n = tb.node(0);
+    c.upsert_node(Node {
+        name: n.name.clone(),
+        addresses: vec![IpAddr::V4(n.ip)],
+        pod_cidrs: n.pod_cidrs.clone(),
+        zone: None,
+    });
+    let mut pod = Pod::new(ObjectName::new("default", "srv"), IpAddr::V4(POD_IP));
+    pod.labels.insert("app".into(), "perf".into());
+    pod.node_name = Some(n.name.clone());
+    c.upsert_pod(pod);
+    c.upsert_service(service());
+    c
+}
+
+/// CPU seconds used so far by this process's threads whose name starts with `prefix`.
+fn thread_cpu(prefix: &str) -> f64 {
+    let ticks = 100.0; // USER_HZ on Linux
+    let mut total = 0u64;
+    for entry in std::fs::read_dir("/proc/self/task")
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if !comm.trim().starts_with(prefix) {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        // Fields after the parenthesised name: state is field 3, utime 14, stime 15.
+        let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
+        let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
+        total += utime + stime;
+    }
+    total as f64 / ticks
+}
+
+/// Runs iperf3 in `client` and returns its JSON report.
+fn iperf(tb: &Testbed, client: &str, args: &[&str]) -> serde_json::Value {
+    let out = tb
+        .command(client, "iperf3")
+        .args(args)
+        .output()
+        .expect("run iperf3");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("iperf3 {args:?}: {e}\n{text}"))
+}
+
+fn num(v: &serde_json::Value, path: &[&str]) -> Option<f64> {
+    path.iter().try_fold(v, |v, p| v.get(p))?.as_f64()
+}
+
+fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) -> Figures {
+    let tb = Testbed::new(TestbedSpec::new(1, 1).pod(PodSpec::new("srv", 0, IpAddr::V4(POD_IP))))
+        .expect("testbed");
+    let n = tb.node(0);
+    let cidr = "10.244.0.0/16".parse().into_iter().collect::<Vec<_>>();
+    let ctx = NodeContext::new(n.name.clone(), vec![IpAddr::V4(n.ip)], cidr);
+    let mut agent = NodeAgent::new(ctx, make(tb.ns_of_node(0)));
+    agent
+        .apply(&cluster(&tb))
+        .unwrap_or_else(|e| panic!("{name}: sync: {e}"));
+    let pod_ns = tb.ns_of_pod("srv").expect("pod ns").to_string();
+    let mut server: Child = tb
+        .command(&pod_ns, "iperf3")
+        .args(["-s", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start iperf3 -s");
+    std::thread::sleep(Duration::from_millis(300));
+    let client = tb.ns_of_client(0).to_string();
+    let target = tb.node_ip(0).to_string();
+    let port = NODE_PORT.to_string();
+    let secs = SECONDS.to_string();
+
+    let cpu0 = thread_cpu("svcnat-dp");
+    let t = iperf(
+        &tb,
+        &client,
+        &["-c", &target, "-p", &port, "-t", &secs, "-J"],
+    );
+    let cpu1 = thread_cpu("svcnat-dp");
+    let tcp_bps = num(&t, &["end", "sum_received", "bits_per_second"]).unwrap_or(0.0);
+    let tcp_bytes = num(&t, &["end", "sum_received", "bytes"]).unwrap_or(0.0);
+
+    let u = iperf(
+        &tb,
+        &client,
+        &[
+            "-c", &target, "-p", &port, "-u", "-b", "0", "-l", "18", "-t", &secs, "-J",
+        ],
+    );
+    let cpu2 = thread_cpu("svcnat-dp");
+    let sent = num(&u, &["end", "sum", "packets"]).unwrap_or(0.0);
+    let lost = num(&u, &["end", "sum", "lost_packets"]).unwrap_or(0.0);
+    let udp_packets = (sent - lost).max(0.0);
+    let udp_pps = udp_packets / f64::from(SECONDS);
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = agent.cleanup();
+    Figures {
+        tcp_bps,
+        udp_pps,
+        worker_cpu: userspace.then_some((cpu1 - cpu0, cpu2 - cpu1)),
+        // MSS-sized segments, for a packets-per-core-second figure of the TCP run.
+        tcp_packets: (tcp_bytes / 1448.0) as u64,
+        udp_packets: udp_packets as u64,
+    }
+}
+
+fn main() {
+    if let Err(why) = require_root() {
+        println!("SKIP: {why}");
+        return;
+    }
+    if Command::new("iperf3").arg("--version").output().is_err() {
+        println!("SKIP: iperf3 is not installed");
+        return;
+    }
+    let started = Instant::now();
+    let kernel = measure(
+        "iptables",
+        |ns: &str| {
+            Iptables::new(IptablesConfig {
+                runner: Runner::netns(ns),
+                flavour: Some(Flavour::Nft),
+                ..IptablesConfig::default()
+            })
+            .expect("iptables")
+        },
+        false,
+    );
+    let user = measure(
+        "userspace",
+        |ns: &str| {
+            Userspace::start(UserspaceConfig {
+                netns: Some(ns.to_string()),
+                interfaces: vec!["eth0".into(), "vp*".into()],
+                workers: 1,
+                ..UserspaceConfig::default()
+            })
+            .expect("userspace datapath")
+        },
+        true,
+    );
+    println!(
+        "datapath benchmark: NodePort -> one pod, masqueraded, {SECONDS} s per run, same topology"
+    );
+    println!(
+        "{:<28} {:>14} {:>14} {:>8}",
+        "", "iptables (kernel)", "userspace", "ratio"
+    );
+    println!(
+        "{:<28} {:>14.2} {:>14.2} {:>7.2}x",
+        "TCP throughput, Gbit/s",
+        kernel.tcp_bps / 1e9,
+        user.tcp_bps / 1e9,
+        user.tcp_bps / kernel.tcp_bps.max(1.0)
+    );
+    println!(
+        "{:<28} {:>14.0} {:>14.0} {:>7.2}x",
+        "UDP 18-byte datagrams/s",
+        kernel.udp_pps,
+        user.udp_pps,
+        user.udp_pps / kernel.udp_pps.max(1.0)
+    );
+    if let Some((tcp_cpu, udp_cpu)) = user.worker_cpu {
+        let per_core = |packets: u64, cpu: f64| packets as f64 / cpu.max(0.001);
+        println!(
+            "userspace worker CPU: TCP run {tcp_cpu:.2} s for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
+            user.tcp_packets,
+            per_core(user.tcp_packets, tcp_cpu)
+        );
+        println!(
+            "userspace worker CPU: UDP run {udp_cpu:.2} s for {} datagrams = {:.2} Mpps per worker core (target >= 1)",
+            user.udp_packets,
+            per_core(user.udp_packets, udp_cpu) / 1e6
+        );
+    }
+    println!("(took {:.1} s)", started.elapsed().as_secs_f64());
+}
