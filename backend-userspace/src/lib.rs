@@ -8,6 +8,7 @@
 
 pub mod driver;
 pub mod engine;
+pub mod inject;
 mod sys;
 
 pub use driver::{Stats, SyncError, Userspace, UserspaceConfig};

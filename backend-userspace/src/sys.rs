@@ -72,6 +72,18 @@ pub(crate) fn enter_netns(name: &str) -> io::Result<()> {
     Ok(())
 }
 
+/// The interface index of `name` in the calling thread's network namespace.
+pub(crate) fn if_index(name: &str) -> io::Result<u32> {
+    let c =
+        std::ffi::CString::new(name).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // Safety: `c` is a NUL-terminated string that outlives the call.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
 fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T) -> io::Result<()> {
     // Safety: `value` points to a live `T` of the size passed, and `fd` is an open socket.
     let rc = unsafe {
