@@ -1,13 +1,58 @@
 //! The sans-IO datapath engine: frames in, verdicts and frames out.
 //!
-//! Skeleton: types and signatures are final, bodies are being filled in.
+//! [`Engine::handle_frame`] takes one Ethernet frame (and the time, on the caller's
+//! monotonic clock) and decides: rewrite it in place and send it out a port
+//! ([`Verdict::Forward`]), leave it to the kernel, drop it (counted by [`DropReason`]), or
+//! keep it (queued for ARP, or an ARP packet handled). Frames it generates (ARP requests
+//! and replies, ICMP errors, released queued packets) are appended to a caller's `Vec`.
+//! [`Engine::poll_timeout`] / [`Engine::handle_timeout`] drive expiry and ARP retries. The
+//! engine reads no clock and does no I/O, so tests drive whole scenarios in microseconds;
+//! the AF_PACKET driver owns sockets, rings and time.
+//!
+//! Per IPv4/IPv6 packet, in order (kube-proxy's semantics as the [`Plan`] states them):
+//! 1. connection tracking, either direction: apply the connection's translation and route;
+//! 2. frontend lookup: source ranges, backend set (or the `externalTrafficPolicy: Local`
+//!    shortcut for pods and the node), empty set (REJECT with ICMP port unreachable, or
+//!    DROP), Maglev selection with ClientIP affinity, DNAT, masquerade (with hairpin), a new
+//!    connection entry, route;
+//! 3. plain routing between owned ports for non-local destinations (TTL decrement, ICMP
+//!    time exceeded);
+//! 4. everything else goes to the kernel, or is dropped, as [`EngineConfig::unmatched`]
+//!    says.
+//!
+//! Headers are parsed and rewritten by hand at fixed offsets (module `wire`) with RFC 1624
+//! incremental checksum updates, because etherparse's and smoltcp's views are read-only or
+//! re-serialise whole headers. With [`Csum::Partial`] only the pseudo-header part of the L4
+//! checksum is updated (addresses; the ports are summed later by the kernel).
+//!
+//! Not implemented: IPv6 neighbour discovery (IPv6 next hops must be given with
+//! [`Engine::add_neighbour`]), SCTP translation (SCTP frontends go the unmatched way),
+//! VLAN tags (unmatched), ICMP error rate limiting.
 #![forbid(unsafe_code)]
 
+mod conntrack;
+mod neigh;
+mod tables;
+pub mod testing;
+mod wire;
+
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr};
 use std::ops::RangeInclusive;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use svcnat_core::plan::Plan;
+use arc_swap::ArcSwap;
+use parking_lot::{Mutex, RwLock};
+use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
+
+use conntrack::{Conntrack, Created, Hit, Tuple};
+use neigh::{Fib, Neigh, Neighbours, Queued};
+use tables::{Compiled, Registry};
+use wire::*;
+
+pub use conntrack::TcpState;
 
 /// Identifies a port (an interface the datapath owns); the driver uses the interface index.
 pub type PortId = u32;
@@ -193,11 +238,14 @@ pub enum DropReason {
     Unmatched,
     /// A frame arrived on a port the engine does not know.
     UnknownPort,
+    /// A TCP packet that can neither start nor continue a connection (a RST without one):
+    /// conntrack's INVALID, which kube-proxy drops.
+    Invalid,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 15] = [
+    pub const ALL: [DropReason; 16] = [
         DropReason::Truncated,
         DropReason::Malformed,
         DropReason::BadIpChecksum,
@@ -213,6 +261,7 @@ impl DropReason {
         DropReason::NoNeighbour,
         DropReason::Unmatched,
         DropReason::UnknownPort,
+        DropReason::Invalid,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -233,6 +282,7 @@ impl DropReason {
             DropReason::NoNeighbour => "no_neighbour",
             DropReason::Unmatched => "unmatched",
             DropReason::UnknownPort => "unknown_port",
+            DropReason::Invalid => "invalid",
         }
     }
 }
@@ -284,31 +334,159 @@ pub struct Counters {
     pub neighbours: u64,
 }
 
+/// The owned ports and the addresses that are the node's own.
+#[derive(Debug, Default)]
+struct Ports {
+    by_id: HashMap<PortId, PortConfig>,
+    /// Addresses configured on owned ports and answered by proxy ARP.
+    local: HashSet<IpAddr>,
+}
+
+impl Ports {
+    fn addr_of(&self, id: PortId, v6: bool) -> Option<IpAddr> {
+        self.by_id
+            .get(&id)?
+            .addrs
+            .iter()
+            .map(|n| n.addr())
+            .find(|a| a.is_ipv6() == v6)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Stats {
+    rx_packets: AtomicU64,
+    rx_bytes: AtomicU64,
+    forwarded: AtomicU64,
+    kernel: AtomicU64,
+    consumed: AtomicU64,
+    generated: AtomicU64,
+    drops: [AtomicU64; DropReason::ALL.len()],
+}
+
+impl Stats {
+    fn drop(&self, r: DropReason) {
+        let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
+        if let Some(c) = self.drops.get(i) {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Layer-4 facts of a packet.
+#[derive(Clone, Copy, Debug)]
+struct L4 {
+    sport: u16,
+    dport: u16,
+    /// TCP flags (0 for UDP).
+    flags: u8,
+}
+
+/// ICMP types that carry a quoted packet.
+fn is_icmp_error(v6: bool, ty: u8) -> bool {
+    if v6 {
+        matches!(ty, 1..=4)
+    } else {
+        matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+/// Which ICMP error to generate.
+#[derive(Clone, Copy, Debug)]
+enum IcmpKind {
+    PortUnreachable,
+    TimeExceeded,
+}
+
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
+    ports: ArcSwap<Ports>,
+    fib: ArcSwap<Fib>,
+    plan: ArcSwap<Compiled>,
+    registry: Mutex<Registry>,
+    ct: Conntrack,
+    neigh: RwLock<Neighbours>,
+    /// Permanent neighbours (never expire).
+    static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
+    next_sweep: Mutex<Duration>,
+    stats: Stats,
 }
 
 impl Engine {
     /// An engine with no ports, routes or plan.
     pub fn new(cfg: EngineConfig) -> Engine {
-        Engine { cfg }
+        let ct = Conntrack::new(cfg.max_connections, cfg.shards, cfg.timeouts.clone());
+        Engine {
+            ct,
+            ports: ArcSwap::from_pointee(Ports::default()),
+            fib: ArcSwap::from_pointee(Fib::default()),
+            plan: ArcSwap::from_pointee(Compiled::default()),
+            registry: Mutex::new(Registry::default()),
+            neigh: RwLock::new(HashMap::new()),
+            static_neigh: RwLock::new(HashMap::new()),
+            next_sweep: Mutex::new(Duration::ZERO),
+            stats: Stats::default(),
+            cfg,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
     }
 
     /// Replaces the set of owned ports.
     pub fn set_ports(&self, ports: Vec<PortConfig>) {
-        let _ = ports;
+        let mut p = Ports::default();
+        for port in ports {
+            p.local.extend(port.addrs.iter().map(|n| n.addr()));
+            p.local.extend(port.proxy_arp.iter().map(|a| IpAddr::V4(*a)));
+            p.by_id.insert(port.id, port);
+        }
+        self.ports.store(Arc::new(p));
     }
 
     /// Replaces the FIB.
     pub fn set_routes(&self, routes: Vec<Route>) {
-        let _ = routes;
+        self.fib.store(Arc::new(Fib::new(routes)));
     }
 
     /// Compiles and swaps the plan's lookup tables; existing connections keep their endpoint.
     pub fn set_plan(&self, plan: &Plan) {
-        let _ = plan;
+        let compiled = self.registry.lock().compile(plan);
+        self.plan.store(Arc::new(compiled));
+    }
+
+    /// Adds a permanent neighbour (for IPv6 next hops, which the engine does not resolve,
+    /// or entries the driver copies from the kernel's table).
+    pub fn add_neighbour(&self, port: PortId, ip: IpAddr, mac: [u8; 6]) {
+        self.static_neigh.write().insert((port, ip), mac);
+    }
+
+    /// The TCP state of the connection whose original direction is `src:sport -> dst:dport`
+    /// (protocol number `proto`), if tracked; for tests and introspection.
+    pub fn connection_state(
+        &self,
+        proto: u8,
+        src: std::net::SocketAddr,
+        dst: std::net::SocketAddr,
+    ) -> Option<TcpState> {
+        self.ct.state_of(
+            proto,
+            &Tuple {
+                src: src.ip(),
+                dst: dst.ip(),
+                sport: src.port(),
+                dport: dst.port(),
+            },
+        )
+    }
+
+    /// Heap bytes held by the connection table (for memory accounting).
+    pub fn conntrack_heap_bytes(&self) -> usize {
+        self.ct.heap_bytes()
     }
 
     /// Handles one received frame; generated frames are appended to `tx`.
@@ -319,22 +497,889 @@ impl Engine {
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
-        let _ = (now, meta, frame, tx, &self.cfg);
-        Verdict::Kernel
+        self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .rx_bytes
+            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let before = tx.len();
+        let v = self.process(now, meta, frame, tx);
+        let generated = tx.len().saturating_sub(before) as u64;
+        if generated > 0 {
+            self.stats.generated.fetch_add(generated, Ordering::Relaxed);
+        }
+        match v {
+            Verdict::Forward { .. } => self.stats.forwarded.fetch_add(1, Ordering::Relaxed),
+            Verdict::Kernel => self.stats.kernel.fetch_add(1, Ordering::Relaxed),
+            Verdict::Consumed => self.stats.consumed.fetch_add(1, Ordering::Relaxed),
+            Verdict::Drop(r) => {
+                self.stats.drop(r);
+                0
+            }
+        };
+        v
+    }
+
+    fn unmatched(&self) -> Verdict {
+        match self.cfg.unmatched {
+            Unmatched::Kernel => Verdict::Kernel,
+            Unmatched::Drop => Verdict::Drop(DropReason::Unmatched),
+        }
+    }
+
+    fn process(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        frame: &mut [u8],
+        tx: &mut Vec<TxFrame>,
+    ) -> Verdict {
+        let ports = self.ports.load();
+        let Some(port) = ports.by_id.get(&meta.port) else {
+            return Verdict::Drop(DropReason::UnknownPort);
+        };
+        if frame.len() < ETH_LEN {
+            return Verdict::Drop(DropReason::Truncated);
+        }
+        let dst_mac = frame.get(0..6).unwrap_or(&[]);
+        let to_us = dst_mac == port.mac;
+        match rd16(frame, 12) {
+            ETH_ARP => {
+                if !to_us && dst_mac != [0xff; 6] {
+                    return Verdict::Kernel;
+                }
+                self.handle_arp(now, &ports, port, frame, tx)
+            }
+            t @ (ETH_IPV4 | ETH_IPV6) => {
+                if !to_us {
+                    return Verdict::Kernel;
+                }
+                match self.handle_ip(now, meta, &ports, frame, t == ETH_IPV6, tx) {
+                    Ok(v) => v,
+                    Err(r) => Verdict::Drop(r),
+                }
+            }
+            _ => self.unmatched(),
+        }
+    }
+
+    fn handle_ip(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        v6: bool,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let ip = parse_ip(frame, ETH_LEN, v6, true)?;
+        let plan = self.plan.load();
+        let l4 = match (ip.proto, ip.frag) {
+            (_, Frag::Later) => None,
+            (PROTO_TCP, _) => {
+                let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
+                if seg.len() < 20 {
+                    return Err(DropReason::Truncated);
+                }
+                let doff = usize::from(rd8(seg, 12) >> 4) * 4;
+                if doff < 20 {
+                    return Err(DropReason::Malformed);
+                }
+                if doff > seg.len() {
+                    return Err(DropReason::Truncated);
+                }
+                Some(L4 {
+                    sport: rd16(seg, 0),
+                    dport: rd16(seg, 2),
+                    flags: rd8(seg, 13),
+                })
+            }
+            (PROTO_UDP, _) => {
+                let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
+                if seg.len() < 8 {
+                    return Err(DropReason::Truncated);
+                }
+                let ulen = usize::from(rd16(seg, 4));
+                // A GSO super-frame's UDP length may describe one segment; only reject a
+                // length shorter than the header.
+                if ulen < 8 && !(ulen == 0 && v6) {
+                    return Err(DropReason::Malformed);
+                }
+                Some(L4 {
+                    sport: rd16(seg, 0),
+                    dport: rd16(seg, 2),
+                    flags: 0,
+                })
+            }
+            _ => None,
+        };
+        if let Some(l4) = l4 {
+            let tuple = Tuple {
+                src: ip.src,
+                dst: ip.dst,
+                sport: l4.sport,
+                dport: l4.dport,
+            };
+            if ip.frag != Frag::No {
+                if self.ct.lookup(now, ip.proto, &tuple, None).is_some()
+                    || plan.frontend_addrs.contains(&ip.dst)
+                {
+                    return Err(DropReason::Fragment);
+                }
+            } else {
+                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.flags)) {
+                    return self.translate_and_forward(now, meta, ports, frame, &ip, &hit, tx);
+                }
+                if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
+                    return self.new_connection(now, meta, ports, &plan, frame, &ip, l4, tx);
+                }
+            }
+        } else if ip.frag == Frag::Later && plan.frontend_addrs.contains(&ip.dst) {
+            return Err(DropReason::Fragment);
+        } else if ip.frag == Frag::No
+            && ip.proto == if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
+            && ip.l4_len() >= 8
+            && is_icmp_error(v6, rd8(frame, ip.l4))
+            && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, &ip, tx)?
+        {
+            return Ok(v);
+        }
+        // Plain routing between owned ports.
+        if ports.local.contains(&ip.dst) || plan.node_ips.contains(&ip.dst) {
+            return Ok(self.unmatched());
+        }
+        let Some(route) = self.fib.load().lookup(ip.dst) else {
+            return Ok(self.unmatched());
+        };
+        self.forward(now, meta, ports, frame, &ip, route, tx)
+    }
+
+    /// Sends an ICMP error about the packet `ip` in `frame` back where it came from.
+    fn send_icmp_error(
+        &self,
+        ports: &Ports,
+        meta: RxMeta,
+        frame: &[u8],
+        ip: &Ip,
+        kind: IcmpKind,
+        src: Option<IpAddr>,
+        tx: &mut Vec<TxFrame>,
+    ) {
+        // Never about an ICMP error, a non-first fragment, or a multicast destination.
+        if ip.frag == Frag::Later
+            || ip.dst.is_multicast()
+            || (ip.proto == PROTO_ICMP && is_icmp_error(false, rd8(frame, ip.l4)))
+            || (ip.proto == PROTO_ICMPV6 && is_icmp_error(true, rd8(frame, ip.l4)))
+        {
+            return;
+        }
+        let Some(port) = ports.by_id.get(&meta.port) else {
+            return;
+        };
+        let plan = self.plan.load();
+        let Some(src) = src.or_else(|| ports.addr_of(meta.port, ip.v6)).or_else(|| {
+            plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6)
+        }) else {
+            return;
+        };
+        let (ty, code) = match (kind, ip.v6) {
+            (IcmpKind::PortUnreachable, false) => (3, 3),
+            (IcmpKind::TimeExceeded, false) => (11, 0),
+            (IcmpKind::PortUnreachable, true) => (1, 4),
+            (IcmpKind::TimeExceeded, true) => (3, 0),
+        };
+        // RFC 1812: quote as much as fits in 576 bytes; RFC 4443: in the minimum MTU 1280.
+        let max_quote = if ip.v6 { 1280 - 48 } else { 576 - 28 };
+        let qend = ip.end.min(ip.l3 + max_quote);
+        let Some(quote) = frame.get(ip.l3..qend) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(ETH_LEN + 48 + quote.len());
+        out.extend_from_slice(frame.get(6..12).unwrap_or(&[0; 6]));
+        out.extend_from_slice(&port.mac);
+        let l3 = ETH_LEN;
+        let icmp_len = 8 + quote.len();
+        if ip.v6 {
+            out.extend_from_slice(&ETH_IPV6.to_be_bytes());
+            out.extend_from_slice(&[0x60, 0, 0, 0]);
+            out.extend_from_slice(&(icmp_len as u16).to_be_bytes());
+            out.extend_from_slice(&[PROTO_ICMPV6, 64]);
+            out.extend_from_slice(&[0; 32]);
+        } else {
+            out.extend_from_slice(&ETH_IPV4.to_be_bytes());
+            out.extend_from_slice(&[0x45, 0]);
+            out.extend_from_slice(&((20 + icmp_len) as u16).to_be_bytes());
+            out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+            out.extend_from_slice(&[0; 8]);
+        }
+        let l4 = out.len();
+        out.extend_from_slice(&[ty, code, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(quote);
+        let gen_ip = Ip {
+            v6: ip.v6,
+            l3,
+            src,
+            dst: ip.src,
+            proto: if ip.v6 { PROTO_ICMPV6 } else { PROTO_ICMP },
+            l4,
+            end: out.len(),
+            ttl: 64,
+            frag: Frag::No,
+        };
+        wr_ip(&mut out, gen_ip.src_off(), src);
+        wr_ip(&mut out, gen_ip.dst_off(), ip.src);
+        if !ip.v6 {
+            fill_ipv4_checksum(&mut out, l3);
+        }
+        fill_l4_checksum(&mut out, &gen_ip);
+        tx.push(TxFrame {
+            port: meta.port,
+            data: out,
+        });
+    }
+
+    /// Rewrites addresses and ports of the packet to `target`, with checksum updates.
+    fn rewrite(frame: &mut [u8], ip: &Ip, target: &Tuple, csum: Csum) {
+        let mut d_ip = Delta::default();
+        d_ip.ip(ip.src, target.src);
+        d_ip.ip(ip.dst, target.dst);
+        wr_ip(frame, ip.src_off(), target.src);
+        wr_ip(frame, ip.dst_off(), target.dst);
+        if !ip.v6 && !d_ip.is_zero() {
+            let c = rd16(frame, ip.l3 + 10);
+            wr16(frame, ip.l3 + 10, d_ip.apply_complete(c));
+        }
+        let (sport, dport) = (rd16(frame, ip.l4), rd16(frame, ip.l4 + 2));
+        let mut d_all = d_ip;
+        d_all.word(sport, target.sport);
+        d_all.word(dport, target.dport);
+        wr16(frame, ip.l4, target.sport);
+        wr16(frame, ip.l4 + 2, target.dport);
+        let Some(off) = l4_csum_off(ip.proto) else {
+            return;
+        };
+        let at = ip.l4 + off;
+        let c = rd16(frame, at);
+        let new = match csum {
+            Csum::Partial => d_ip.apply_partial(c),
+            Csum::Complete => {
+                if ip.proto == PROTO_UDP && c == 0 && !ip.v6 {
+                    // RFC 768: no checksum.
+                    return;
+                }
+                let n = d_all.apply_complete(c);
+                if n == 0 && ip.proto == PROTO_UDP { 0xffff } else { n }
+            }
+        };
+        wr16(frame, at, new);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn translate_and_forward(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        hit: &Hit,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let target = hit.target();
+        let Some(route) = self.fib.load().lookup(target.dst) else {
+            return Err(DropReason::NoRoute);
+        };
+        if ip.ttl <= 1 {
+            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            return Err(DropReason::TtlExceeded);
+        }
+        Self::rewrite(frame, ip, &target, meta.csum);
+        let ip2 = Ip {
+            src: target.src,
+            dst: target.dst,
+            ..*ip
+        };
+        self.forward(now, meta, ports, frame, &ip2, route, tx)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn new_connection(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        plan: &Compiled,
+        frame: &mut [u8],
+        ip: &Ip,
+        l4: L4,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let Some(fe) = plan.frontends.get(&(ip.dst, ip.proto, l4.dport)) else {
+            return Ok(self.unmatched());
+        };
+        // loadBalancerSourceRanges: "traffic from other sources is dropped".
+        if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src))
+        {
+            return Err(DropReason::SourceRange);
+        }
+        // A RST cannot open a connection: conntrack calls it INVALID.
+        if ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0 {
+            return Err(DropReason::Invalid);
+        }
+        let from_cluster = plan.cluster_cidrs.iter().any(|n| n.contains(&ip.src));
+        // kube-proxy's KUBE-EXT short circuit: pods and the node itself use the
+        // cluster-wide set even under externalTrafficPolicy: Local.
+        let local_source = from_cluster || plan.node_ips.contains(&ip.src);
+        let set = match (&fe.shortcut, local_source) {
+            (Some(s), true) => Some(s),
+            _ => fe.backends.as_ref(),
+        };
+        let reject = |this: &Self, frame: &[u8], tx: &mut Vec<TxFrame>| match fe.on_empty {
+            EmptyAction::Reject => {
+                this.send_icmp_error(
+                    ports,
+                    meta,
+                    frame,
+                    ip,
+                    IcmpKind::PortUnreachable,
+                    Some(ip.dst),
+                    tx,
+                );
+                Err(DropReason::Rejected)
+            }
+            EmptyAction::Drop => Err(DropReason::NoEndpoints),
+        };
+        let Some(set) = set.filter(|s| !s.is_empty()) else {
+            return reject(self, frame, tx);
+        };
+        #[cfg(not(fuzzing))]
+        if meta.csum == Csum::Complete && !l4_checksum_ok(frame, ip) {
+            return Err(DropReason::BadL4Checksum);
+        }
+        let hash = conntrack::fmix64(
+            conntrack::end_hash(ip.src, l4.sport)
+                ^ conntrack::end_hash(ip.dst, l4.dport).rotate_left(17)
+                ^ u64::from(ip.proto),
+        );
+        let Some(ep) = set.select(now.as_secs(), ip.src, hash, fe.affinity) else {
+            return reject(self, frame, tx);
+        };
+        let Some(route) = self.fib.load().lookup(ep.ip()) else {
+            return Err(DropReason::NoRoute);
+        };
+        if ip.ttl <= 1 {
+            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            return Err(DropReason::TtlExceeded);
+        }
+        // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
+        // would answer itself directly.
+        let masquerade = ep.ip() == ip.src
+            || match fe.masquerade {
+                Masquerade::Never => false,
+                Masquerade::Always => true,
+                Masquerade::OffCluster => !from_cluster,
+            };
+        let snat = if masquerade {
+            let a = ports
+                .addr_of(route.0, ip.v6)
+                .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
+                .ok_or(DropReason::SnatExhausted)?;
+            Some(a)
+        } else {
+            None
+        };
+        let orig = Tuple {
+            src: ip.src,
+            dst: ip.dst,
+            sport: l4.sport,
+            dport: l4.dport,
+        };
+        let target = match self.ct.create(
+            now,
+            ip.proto,
+            &orig,
+            (ep.ip(), ep.port()),
+            snat,
+            &self.cfg.snat_ports,
+            l4.flags,
+        )? {
+            Created::New(t) => t[1].reversed(),
+            Created::Existing(hit) => hit.target(),
+        };
+        let route = if target.dst == ep.ip() {
+            route
+        } else {
+            self.fib.load().lookup(target.dst).ok_or(DropReason::NoRoute)?
+        };
+        Self::rewrite(frame, ip, &target, meta.csum);
+        let ip2 = Ip {
+            src: target.src,
+            dst: target.dst,
+            ..*ip
+        };
+        self.forward(now, meta, ports, frame, &ip2, route, tx)
+    }
+
+    /// Translates an ICMP error whose quoted packet belongs to a tracked connection;
+    /// `Ok(None)` when it does not.
+    fn icmp_error_reply(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Option<Verdict>, DropReason> {
+        let il3 = ip.l4 + 8;
+        // The quoted packet is usually cut short: parse its header from what is there.
+        let Some(quoted) = frame.get(..ip.end) else {
+            return Ok(None);
+        };
+        let Some(inner) = parse_quoted(quoted, il3, ip.v6) else {
+            return Ok(None);
+        };
+        if inner.proto != PROTO_TCP && inner.proto != PROTO_UDP {
+            return Ok(None);
+        }
+        if inner.l4 + 4 > ip.end {
+            return Ok(None);
+        }
+        let q = Tuple {
+            src: inner.src,
+            dst: inner.dst,
+            sport: rd16(frame, inner.l4),
+            dport: rd16(frame, inner.l4 + 2),
+        };
+        let Some(hit) = self.ct.lookup(now, inner.proto, &q.reversed(), None) else {
+            return Ok(None);
+        };
+        let d = usize::from(hit.dir);
+        let (this, other) = if d == 0 {
+            (hit.t[0], hit.t[1])
+        } else {
+            (hit.t[1], hit.t[0])
+        };
+        let outer = Tuple {
+            src: if ip.src == this.src { other.dst } else { ip.src },
+            dst: other.src,
+            sport: 0,
+            dport: 0,
+        };
+        let Some(route) = self.fib.load().lookup(outer.dst) else {
+            return Err(DropReason::NoRoute);
+        };
+        if ip.ttl <= 1 {
+            return Err(DropReason::TtlExceeded);
+        }
+        // Inner header: back to the untranslated packet of the other direction.
+        let mut d_in = Delta::default();
+        d_in.ip(inner.src, other.src);
+        d_in.ip(inner.dst, other.dst);
+        wr_ip(frame, inner.src_off(), other.src);
+        wr_ip(frame, inner.dst_off(), other.dst);
+        if !inner.v6 && inner.l3 + 12 <= ip.end {
+            let c = rd16(frame, inner.l3 + 10);
+            wr16(frame, inner.l3 + 10, d_in.apply_complete(c));
+        }
+        let mut d_l4 = d_in;
+        d_l4.word(q.sport, other.sport);
+        d_l4.word(q.dport, other.dport);
+        wr16(frame, inner.l4, other.sport);
+        wr16(frame, inner.l4 + 2, other.dport);
+        if let Some(off) = l4_csum_off(inner.proto)
+            && inner.l4 + off + 2 <= ip.end
+        {
+            let at = inner.l4 + off;
+            let c = rd16(frame, at);
+            if !(inner.proto == PROTO_UDP && c == 0) {
+                let n = d_l4.apply_complete(c);
+                wr16(frame, at, if n == 0 && inner.proto == PROTO_UDP { 0xffff } else { n });
+            }
+        }
+        // Outer header and ICMP checksum (recomputed: errors are rare and short).
+        let mut d_out = Delta::default();
+        d_out.ip(ip.src, outer.src);
+        d_out.ip(ip.dst, outer.dst);
+        wr_ip(frame, ip.src_off(), outer.src);
+        wr_ip(frame, ip.dst_off(), outer.dst);
+        if !ip.v6 {
+            let c = rd16(frame, ip.l3 + 10);
+            wr16(frame, ip.l3 + 10, d_out.apply_complete(c));
+        }
+        let ip2 = Ip {
+            src: outer.src,
+            dst: outer.dst,
+            ..*ip
+        };
+        match meta.csum {
+            Csum::Complete => fill_l4_checksum(frame, &ip2),
+            Csum::Partial => {
+                let acc = if ip.v6 {
+                    pseudo_sum(outer.src, outer.dst, PROTO_ICMPV6, ip.l4_len())
+                } else {
+                    0
+                };
+                wr16(frame, ip.l4 + 2, fold(acc));
+            }
+        }
+        self.forward(now, meta, ports, frame, &ip2, route, tx).map(Some)
+    }
+
+    /// Decrements the TTL, sets MACs and resolves the next hop.
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        (out, nh): (PortId, IpAddr),
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let Some(out_port) = ports.by_id.get(&out) else {
+            return Err(DropReason::NoRoute);
+        };
+        if ip.ttl <= 1 {
+            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            return Err(DropReason::TtlExceeded);
+        }
+        let ttl_off = ip.ttl_off();
+        wr8(frame, ttl_off, ip.ttl - 1);
+        if !ip.v6 {
+            // TTL is the high byte of the word at offset 8.
+            let mut d = Delta::default();
+            d.word(u16::from(ip.ttl) << 8, u16::from(ip.ttl - 1) << 8);
+            let c = rd16(frame, ip.l3 + 10);
+            wr16(frame, ip.l3 + 10, d.apply_complete(c));
+        }
+        wr(frame, 6, &out_port.mac);
+        if let Some(mac) = self.static_neigh.read().get(&(out, nh)) {
+            wr(frame, 0, mac);
+            return Ok(Verdict::Forward { port: out });
+        }
+        {
+            let map = self.neigh.read();
+            if let Some(n) = map.get(&(out, nh))
+                && let Some(mac) = n.mac
+                && (now < n.reachable_until || n.tries > 0)
+            {
+                wr(frame, 0, &mac);
+                return Ok(Verdict::Forward { port: out });
+            }
+        }
+        let IpAddr::V4(target) = nh else {
+            // No IPv6 neighbour discovery: IPv6 next hops must be static.
+            return Err(DropReason::NoNeighbour);
+        };
+        let mut map = self.neigh.write();
+        let incomplete = map.values().filter(|n| n.mac.is_none()).count();
+        let fresh = !map.contains_key(&(out, nh));
+        if fresh && incomplete >= neigh::MAX_INCOMPLETE {
+            return Err(DropReason::NoNeighbour);
+        }
+        let n = map.entry((out, nh)).or_insert(Neigh {
+            mac: None,
+            reachable_until: Duration::ZERO,
+            tries: 0,
+            next_try: now,
+            queue: Vec::new(),
+        });
+        if n.tries == 0 {
+            n.tries = 1;
+            n.next_try = now + neigh::ARP_RETRY;
+            if let Some(f) = self.arp_request(ports, out_port, target) {
+                tx.push(f);
+            }
+        }
+        if let Some(mac) = n.mac {
+            // Stale: keep using it while re-resolving.
+            wr(frame, 0, &mac);
+            return Ok(Verdict::Forward { port: out });
+        }
+        if n.queue.len() >= self.cfg.neighbour_queue {
+            return Err(DropReason::NoNeighbour);
+        }
+        n.queue.push(Queued {
+            frame: frame.to_vec(),
+            csum: meta.csum,
+        });
+        Ok(Verdict::Consumed)
+    }
+
+    fn arp_request(&self, ports: &Ports, port: &PortConfig, target: Ipv4Addr) -> Option<TxFrame> {
+        let plan = self.plan.load();
+        let spa = ports
+            .addr_of(port.id, false)
+            .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv4()));
+        let spa = match spa {
+            Some(IpAddr::V4(a)) => a,
+            // An ARP probe (sender 0.0.0.0, RFC 5227) still gets an answer.
+            _ => Ipv4Addr::UNSPECIFIED,
+        };
+        Some(TxFrame {
+            port: port.id,
+            data: arp_frame(1, port.mac, [0xff; 6], spa, [0; 6], target),
+        })
+    }
+
+    fn handle_arp(
+        &self,
+        now: Duration,
+        ports: &Ports,
+        port: &PortConfig,
+        frame: &[u8],
+        tx: &mut Vec<TxFrame>,
+    ) -> Verdict {
+        let a = ETH_LEN;
+        if frame.len() < a + 28 {
+            return Verdict::Drop(DropReason::Truncated);
+        }
+        if rd16(frame, a) != 1 || rd16(frame, a + 2) != ETH_IPV4 || rd8(frame, a + 4) != 6 || rd8(frame, a + 5) != 4 {
+            return Verdict::Drop(DropReason::Malformed);
+        }
+        let op = rd16(frame, a + 6);
+        let mut sha = [0u8; 6];
+        sha.copy_from_slice(frame.get(a + 8..a + 14).unwrap_or(&[0; 6]));
+        let IpAddr::V4(spa) = rd_ip(frame, a + 14, false) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let IpAddr::V4(tpa) = rd_ip(frame, a + 24, false) else {
+            return Verdict::Drop(DropReason::Malformed);
+        };
+        let proxied = port.proxy_arp.contains(&tpa);
+        let kernel_own = port.addrs.iter().any(|n| n.addr() == IpAddr::V4(tpa));
+        match op {
+            1 => {
+                if proxied || kernel_own {
+                    self.learn(now, ports, port.id, spa, sha, false, tx);
+                }
+                if proxied && !kernel_own {
+                    tx.push(TxFrame {
+                        port: port.id,
+                        data: arp_frame(2, port.mac, sha, tpa, sha, spa),
+                    });
+                    Verdict::Consumed
+                } else {
+                    Verdict::Kernel
+                }
+            }
+            2 => {
+                if self.learn(now, ports, port.id, spa, sha, true, tx) {
+                    Verdict::Consumed
+                } else {
+                    Verdict::Kernel
+                }
+            }
+            _ => Verdict::Drop(DropReason::Malformed),
+        }
+    }
+
+    /// Records `ip -> mac` on `port` and releases queued packets; true when the engine was
+    /// resolving it. Replies create entries only for addresses being resolved; requests
+    /// addressed to us refresh or create them.
+    #[allow(clippy::too_many_arguments)]
+    fn learn(
+        &self,
+        now: Duration,
+        ports: &Ports,
+        port: PortId,
+        spa: Ipv4Addr,
+        sha: [u8; 6],
+        reply: bool,
+        tx: &mut Vec<TxFrame>,
+    ) -> bool {
+        if spa.is_unspecified() || sha == [0; 6] || sha[0] & 1 != 0 {
+            return false;
+        }
+        let key = (port, IpAddr::V4(spa));
+        let mut map = self.neigh.write();
+        let had = map.contains_key(&key);
+        if !had && reply {
+            return false;
+        }
+        let n = map.entry(key).or_insert(Neigh {
+            mac: None,
+            reachable_until: Duration::ZERO,
+            tries: 0,
+            next_try: now,
+            queue: Vec::new(),
+        });
+        let resolving = n.tries > 0;
+        n.mac = Some(sha);
+        n.reachable_until = now + self.cfg.neighbour_reachable;
+        n.tries = 0;
+        let queue = std::mem::take(&mut n.queue);
+        drop(map);
+        let released = queue.len() as u64;
+        for mut q in queue {
+            wr(&mut q.frame, 0, &sha);
+            if q.csum == Csum::Partial
+                && let Some(v6) = match rd16(&q.frame, 12) {
+                    ETH_IPV4 => Some(false),
+                    ETH_IPV6 => Some(true),
+                    _ => None,
+                }
+                && let Ok(ip) = parse_ip(&q.frame, ETH_LEN, v6, false)
+            {
+                complete_partial(&mut q.frame, &ip);
+            }
+            tx.push(TxFrame {
+                port,
+                data: q.frame,
+            });
+        }
+        if released > 0 {
+            self.stats.forwarded.fetch_add(released, Ordering::Relaxed);
+        }
+        let _ = ports;
+        resolving && reply || had && reply
     }
 
     /// When [`Engine::handle_timeout`] should next be called, on the caller's clock.
     pub fn poll_timeout(&self) -> Option<Duration> {
-        None
+        let mut next: Option<Duration> = None;
+        let mut at = |t: Duration| next = Some(next.map_or(t, |n| n.min(t)));
+        if self.ct.len() > 0 {
+            at(*self.next_sweep.lock());
+        }
+        for n in self.neigh.read().values() {
+            if n.tries > 0 {
+                at(n.next_try);
+            } else if n.mac.is_some() {
+                at(n.reachable_until + neigh::STALE_GC);
+            }
+        }
+        next
     }
 
     /// Expires connections and neighbours and retries ARP; frames go to `tx`.
     pub fn handle_timeout(&self, now: Duration, tx: &mut Vec<TxFrame>) {
-        let _ = (now, tx);
+        {
+            let mut next = self.next_sweep.lock();
+            if now >= *next {
+                self.ct.expire(now);
+                *next = now + Duration::from_secs(1);
+            }
+        }
+        let ports = self.ports.load();
+        let mut failed = 0u64;
+        let before = tx.len();
+        {
+            let mut map = self.neigh.write();
+            map.retain(|(port, ip), n| {
+                if n.tries > 0 && now >= n.next_try {
+                    if n.tries < neigh::ARP_TRIES {
+                        n.tries += 1;
+                        n.next_try = now + neigh::ARP_RETRY;
+                        if let (Some(p), IpAddr::V4(t)) = (ports.by_id.get(port), ip)
+                            && let Some(f) = self.arp_request(&ports, p, *t)
+                        {
+                            tx.push(f);
+                        }
+                        return true;
+                    }
+                    // Resolution failed: drop what waited, forget the neighbour.
+                    failed += n.queue.len() as u64;
+                    return false;
+                }
+                !(n.tries == 0 && n.mac.is_some() && now >= n.reachable_until + neigh::STALE_GC)
+            });
+        }
+        for _ in 0..failed {
+            self.stats.drop(DropReason::NoNeighbour);
+        }
+        let generated = tx.len().saturating_sub(before) as u64;
+        self.stats.generated.fetch_add(generated, Ordering::Relaxed);
     }
 
     /// A snapshot of the counters.
     pub fn counters(&self) -> Counters {
-        Counters::default()
+        let s = &self.stats;
+        let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Counters {
+            rx_packets: l(&s.rx_packets),
+            rx_bytes: l(&s.rx_bytes),
+            forwarded: l(&s.forwarded),
+            kernel: l(&s.kernel),
+            consumed: l(&s.consumed),
+            drops: DropReason::ALL
+                .iter()
+                .zip(s.drops.iter())
+                .map(|(r, c)| (*r, l(c)))
+                .collect(),
+            generated: l(&s.generated),
+            connections: self.ct.len() as u64,
+            connections_created: l(&self.ct.created),
+            connections_evicted: l(&self.ct.evicted),
+            connections_expired: l(&self.ct.expired),
+            neighbours: self.neigh.read().len() as u64,
+        }
     }
+}
+
+impl Counters {
+    /// Drops for one reason.
+    pub fn dropped(&self, reason: DropReason) -> u64 {
+        self.drops
+            .iter()
+            .find(|(r, _)| *r == reason)
+            .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// Parses the header of a quoted packet (which may be cut short after its L4 ports).
+fn parse_quoted(b: &[u8], l3: usize, v6: bool) -> Option<Ip> {
+    let (hlen, proto, src_off) = if v6 {
+        (40, rd8(b, l3 + 6), 8)
+    } else {
+        let vihl = rd8(b, l3);
+        if vihl >> 4 != 4 {
+            return None;
+        }
+        (usize::from(vihl & 0x0f) * 4, rd8(b, l3 + 9), 12)
+    };
+    if hlen < 20 || l3 + hlen + 4 > b.len() {
+        return None;
+    }
+    if v6 && rd8(b, l3) >> 4 != 6 {
+        return None;
+    }
+    if !v6 && rd16(b, l3 + 6) & 0x1fff != 0 {
+        return None;
+    }
+    let alen = if v6 { 16 } else { 4 };
+    Some(Ip {
+        v6,
+        l3,
+        src: rd_ip(b, l3 + src_off, v6),
+        dst: rd_ip(b, l3 + src_off + alen, v6),
+        proto,
+        l4: l3 + hlen,
+        end: b.len(),
+        ttl: 0,
+        frag: Frag::No,
+    })
+}
+
+/// An Ethernet ARP frame.
+fn arp_frame(
+    op: u16,
+    sha: [u8; 6],
+    eth_dst: [u8; 6],
+    spa: Ipv4Addr,
+    tha: [u8; 6],
+    tpa: Ipv4Addr,
+) -> Vec<u8> {
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&eth_dst);
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&ETH_ARP.to_be_bytes());
+    f.extend_from_slice(&[0, 1, 0x08, 0x00, 6, 4]);
+    f.extend_from_slice(&op.to_be_bytes());
+    f.extend_from_slice(&sha);
+    f.extend_from_slice(&spa.octets());
+    f.extend_from_slice(&tha);
+    f.extend_from_slice(&tpa.octets());
+    f
 }

@@ -1,0 +1,887 @@
+//! The connection table: both directions of each translated connection, TCP state,
+//! timeouts, and a hard size bound with eviction of unassured entries.
+//!
+//! Layout, chosen for memory (1M IPv4 connections well under 128 MiB): shards, each one
+//! `Mutex` holding a slab of entries per address family and an open-addressing index (linear
+//! probing, backward-shift deletion, load at most 1/2) of 8-byte slots `hash32 | entry<<1 |
+//! direction`. An entry stores the original and the reply tuple (40 bytes for IPv4).
+//!
+//! A connection lives in one shard, chosen from the client end `(src, sport)` of the
+//! original direction; the reply direction's key must hash to the same shard through its
+//! destination `(dst, dport)`, which is the client again, or the masquerade address and a
+//! source port the allocator picks to land in the shard. A packet is looked up in the shard
+//! of its source and, failing that, of its destination.
+
+use std::collections::VecDeque;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::ops::RangeInclusive;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use super::wire::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use super::{DropReason, Timeouts};
+
+/// One direction of a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct Tuple {
+    /// Source address.
+    pub(crate) src: IpAddr,
+    /// Destination address.
+    pub(crate) dst: IpAddr,
+    /// Source port (ICMP: identifier).
+    pub(crate) sport: u16,
+    /// Destination port (ICMP: identifier).
+    pub(crate) dport: u16,
+}
+
+impl Tuple {
+    /// The tuple of a packet going the other way.
+    pub(crate) fn reversed(&self) -> Tuple {
+        Tuple {
+            src: self.dst,
+            dst: self.src,
+            sport: self.dport,
+            dport: self.sport,
+        }
+    }
+}
+
+/// TCP states, as nf_conntrack names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum TcpState {
+    /// Not TCP (UDP, ICMP).
+    None = 0,
+    /// SYN seen from the client.
+    SynSent = 1,
+    /// SYN+ACK seen from the server.
+    SynRecv = 2,
+    /// Handshake completed (or picked up mid-stream).
+    Established = 3,
+    /// FIN seen from one side.
+    FinWait = 4,
+    /// FIN acknowledged by the other side.
+    CloseWait = 5,
+    /// FIN seen from both sides.
+    LastAck = 6,
+    /// Last FIN acknowledged.
+    TimeWait = 7,
+    /// RST seen.
+    Close = 8,
+}
+
+impl TcpState {
+    fn from_u8(v: u8) -> TcpState {
+        match v {
+            1 => TcpState::SynSent,
+            2 => TcpState::SynRecv,
+            3 => TcpState::Established,
+            4 => TcpState::FinWait,
+            5 => TcpState::CloseWait,
+            6 => TcpState::LastAck,
+            7 => TcpState::TimeWait,
+            8 => TcpState::Close,
+            _ => TcpState::None,
+        }
+    }
+}
+
+const F_LIVE: u8 = 1;
+const F_REPLIED: u8 = 2;
+const F_ASSURED: u8 = 4;
+const F_FIN0: u8 = 8;
+const F_FIN1: u8 = 16;
+
+/// An address stored compactly per family.
+trait Addr: Copy + Eq + std::fmt::Debug {
+    fn from_ip(ip: IpAddr) -> Option<Self>;
+    fn to_ip(self) -> IpAddr;
+    fn hash_word(self) -> u64;
+}
+
+impl Addr for Ipv4Addr {
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V4(a) => Some(a),
+            IpAddr::V6(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V4(self)
+    }
+    fn hash_word(self) -> u64 {
+        u64::from(u32::from(self))
+    }
+}
+
+impl Addr for Ipv6Addr {
+    fn from_ip(ip: IpAddr) -> Option<Self> {
+        match ip {
+            IpAddr::V6(a) => Some(a),
+            IpAddr::V4(_) => None,
+        }
+    }
+    fn to_ip(self) -> IpAddr {
+        IpAddr::V6(self)
+    }
+    fn hash_word(self) -> u64 {
+        let v = u128::from(self);
+        fmix64((v >> 64) as u64) ^ (v as u64)
+    }
+}
+
+/// murmur3's 64-bit finalizer.
+pub(crate) fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^= k >> 33;
+    k
+}
+
+/// Hash of one end (address, port), for shard choice.
+pub(crate) fn end_hash(ip: IpAddr, port: u16) -> u64 {
+    let w = match ip {
+        IpAddr::V4(a) => a.hash_word(),
+        IpAddr::V6(a) => a.hash_word(),
+    };
+    fmix64(w ^ (u64::from(port) << 48) ^ 0x5bd1_e995)
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Tup<A> {
+    src: A,
+    dst: A,
+    sport: u16,
+    dport: u16,
+}
+
+impl<A: Addr> Tup<A> {
+    fn from_tuple(t: &Tuple) -> Option<Self> {
+        Some(Tup {
+            src: A::from_ip(t.src)?,
+            dst: A::from_ip(t.dst)?,
+            sport: t.sport,
+            dport: t.dport,
+        })
+    }
+    fn to_tuple(self) -> Tuple {
+        Tuple {
+            src: self.src.to_ip(),
+            dst: self.dst.to_ip(),
+            sport: self.sport,
+            dport: self.dport,
+        }
+    }
+    fn eq(&self, o: &Self) -> bool {
+        self.src == o.src && self.dst == o.dst && self.sport == o.sport && self.dport == o.dport
+    }
+    fn hash(&self, proto: u8) -> u64 {
+        let a = fmix64(self.src.hash_word() ^ 0x9e37_79b9_7f4a_7c15);
+        let b = fmix64(a ^ self.dst.hash_word());
+        fmix64(
+            b ^ (u64::from(self.sport) << 32) ^ (u64::from(self.dport) << 16) ^ u64::from(proto),
+        )
+    }
+}
+
+/// One connection.
+#[derive(Clone, Copy, Debug)]
+struct Entry<A> {
+    /// Original and reply tuples.
+    t: [Tup<A>; 2],
+    /// Expiry, in milliseconds on the caller's clock.
+    expires: u64,
+    /// Reuse generation, to recognise stale eviction-queue items.
+    generation: u32,
+    proto: u8,
+    state: u8,
+    flags: u8,
+}
+
+/// What a lookup found.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Hit {
+    /// Direction of the packet: 0 original (client to frontend), 1 reply.
+    pub(crate) dir: u8,
+    /// Original and reply tuples.
+    pub(crate) t: [Tuple; 2],
+}
+
+impl Hit {
+    /// The packet's new (source, destination, sport, dport) after translation: the
+    /// reverse of the other direction's tuple.
+    pub(crate) fn target(&self) -> Tuple {
+        let other = if self.dir == 0 { self.t[1] } else { self.t[0] };
+        other.reversed()
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Per-family table inside a shard.
+#[derive(Debug)]
+struct Table<A> {
+    entries: Vec<Entry<A>>,
+    free: Vec<u32>,
+    /// Slots: 0 empty, else `hash32 << 32 | (entry << 1 | dir) + 1`.
+    index: Vec<u64>,
+    keys: usize,
+    live: usize,
+    /// Creation order of entries not yet assured: eviction candidates.
+    unassured: VecDeque<(u32, u32)>,
+}
+
+impl<A: Addr> Table<A> {
+    fn new() -> Self {
+        Table {
+            entries: Vec::new(),
+            free: Vec::new(),
+            index: Vec::new(),
+            keys: 0,
+            live: 0,
+            unassured: VecDeque::new(),
+        }
+    }
+
+    fn mask(&self) -> usize {
+        self.index.len().wrapping_sub(1)
+    }
+
+    fn find(&self, proto: u8, k: &Tup<A>) -> Option<(usize, u32, u8)> {
+        if self.index.is_empty() {
+            return None;
+        }
+        let h = k.hash(proto) as u32;
+        let mask = self.mask();
+        let mut i = h as usize & mask;
+        for _ in 0..self.index.len() {
+            let s = *self.index.get(i)?;
+            if s == 0 {
+                return None;
+            }
+            if (s >> 32) as u32 == h {
+                let r = (s as u32).wrapping_sub(1);
+                let (idx, dir) = (r >> 1, (r & 1) as u8);
+                if let Some(e) = self.entries.get(idx as usize)
+                    && e.proto == proto
+                    && e.t.get(usize::from(dir)).is_some_and(|t| t.eq(k))
+                {
+                    return Some((i, idx, dir));
+                }
+            }
+            i = (i + 1) & mask;
+        }
+        None
+    }
+
+    fn insert_key(&mut self, proto: u8, k: &Tup<A>, idx: u32, dir: u8) {
+        if (self.keys + 1) * 2 > self.index.len() {
+            self.grow();
+        }
+        let h = k.hash(proto) as u32;
+        let slot = (u64::from(h) << 32) | u64::from(((idx << 1) | u32::from(dir)) + 1);
+        let mask = self.mask();
+        let mut i = h as usize & mask;
+        for _ in 0..self.index.len() {
+            match self.index.get_mut(i) {
+                Some(s) if *s == 0 => {
+                    *s = slot;
+                    self.keys += 1;
+                    return;
+                }
+                _ => i = (i + 1) & mask,
+            }
+        }
+    }
+
+    fn grow(&mut self) {
+        let n = (self.index.len() * 2).max(64);
+        let old = std::mem::replace(&mut self.index, vec![0; n]);
+        let mask = n - 1;
+        for s in old.into_iter().filter(|&s| s != 0) {
+            let mut i = (s >> 32) as usize & mask;
+            while let Some(x) = self.index.get_mut(i) {
+                if *x == 0 {
+                    *x = s;
+                    break;
+                }
+                i = (i + 1) & mask;
+            }
+        }
+    }
+
+    /// Removes the slot at `pos` with backward-shift deletion.
+    fn remove_slot(&mut self, pos: usize) {
+        let mask = self.mask();
+        let mut i = pos;
+        if let Some(s) = self.index.get_mut(i) {
+            *s = 0;
+        }
+        self.keys = self.keys.saturating_sub(1);
+        let mut j = i;
+        for _ in 0..self.index.len() {
+            j = (j + 1) & mask;
+            let s = self.index.get(j).copied().unwrap_or(0);
+            if s == 0 {
+                return;
+            }
+            let home = (s >> 32) as usize & mask;
+            // Leave it if its home lies cyclically in (i, j].
+            let stays = if i <= j {
+                i < home && home <= j
+            } else {
+                i < home || home <= j
+            };
+            if !stays {
+                if let Some(x) = self.index.get_mut(i) {
+                    *x = s;
+                }
+                if let Some(x) = self.index.get_mut(j) {
+                    *x = 0;
+                }
+                i = j;
+            }
+        }
+    }
+
+    fn remove_entry(&mut self, idx: u32) {
+        let Some(e) = self.entries.get(idx as usize).copied() else {
+            return;
+        };
+        if e.flags & F_LIVE == 0 {
+            return;
+        }
+        for t in &e.t {
+            if let Some((pos, _, _)) = self.find(e.proto, t) {
+                self.remove_slot(pos);
+            }
+        }
+        if let Some(x) = self.entries.get_mut(idx as usize) {
+            x.flags = 0;
+            x.generation = x.generation.wrapping_add(1);
+        }
+        self.free.push(idx);
+        self.live = self.live.saturating_sub(1);
+    }
+
+    /// Evicts the oldest unassured entry; false when there is none.
+    fn evict_one(&mut self) -> bool {
+        while let Some((idx, generation)) = self.unassured.pop_front() {
+            if let Some(e) = self.entries.get(idx as usize)
+                && e.flags & F_LIVE != 0
+                && e.generation == generation
+                && e.flags & F_ASSURED == 0
+            {
+                self.remove_entry(idx);
+                return true;
+            }
+        }
+        false
+    }
+
+    fn compact_queue(&mut self) {
+        let entries = &self.entries;
+        self.unassured.retain(|&(idx, generation)| {
+            entries.get(idx as usize).is_some_and(|e| {
+                e.flags & F_LIVE != 0 && e.generation == generation && e.flags & F_ASSURED == 0
+            })
+        });
+    }
+
+    fn alloc(&mut self, e: Entry<A>) -> Option<u32> {
+        if let Some(idx) = self.free.pop() {
+            let generation = self.entries.get(idx as usize)?.generation;
+            let slot = self.entries.get_mut(idx as usize)?;
+            *slot = Entry { generation, ..e };
+            Some(idx)
+        } else {
+            let idx = u32::try_from(self.entries.len()).ok().filter(|&i| i < (1 << 30))?;
+            self.entries.push(e);
+            Some(idx)
+        }
+    }
+}
+
+/// Kernel-like TCP state transition; returns the new state and flag bits.
+fn tcp_transition(state: TcpState, flags: u8, dir: u8, tcp: u8) -> (TcpState, u8) {
+    use TcpState::*;
+    let mut f = flags;
+    if tcp & TCP_RST != 0 {
+        return (Close, f);
+    }
+    let syn = tcp & TCP_SYN != 0;
+    let ack = tcp & TCP_ACK != 0;
+    let fin = tcp & TCP_FIN != 0;
+    if syn {
+        return match (state, dir, ack) {
+            // A new SYN after the connection closed reopens it (kernel: "reopened").
+            (TimeWait | Close, 0, false) => (SynSent, f & !(F_FIN0 | F_FIN1 | F_ASSURED)),
+            (SynSent, 1, true) => (SynRecv, f),
+            (s, _, _) => (s, f),
+        };
+    }
+    if fin {
+        f |= if dir == 0 { F_FIN0 } else { F_FIN1 };
+        let next = if f & F_FIN0 != 0 && f & F_FIN1 != 0 {
+            LastAck
+        } else {
+            match state {
+                SynSent | SynRecv | Established => FinWait,
+                s => s,
+            }
+        };
+        return (next, f);
+    }
+    if ack {
+        let fin_from_other = if dir == 0 { F_FIN1 } else { F_FIN0 };
+        return match state {
+            SynRecv if dir == 0 => (Established, f),
+            FinWait if f & fin_from_other != 0 => (CloseWait, f),
+            LastAck => (TimeWait, f),
+            s => (s, f),
+        };
+    }
+    (state, f)
+}
+
+fn timeout_of(proto: u8, state: TcpState, flags: u8, t: &Timeouts) -> Duration {
+    match proto {
+        PROTO_TCP => match state {
+            TcpState::SynSent | TcpState::None => t.tcp_syn_sent,
+            TcpState::SynRecv => t.tcp_syn_recv,
+            TcpState::Established => t.tcp_established,
+            TcpState::FinWait => t.tcp_fin_wait,
+            TcpState::CloseWait => t.tcp_close_wait,
+            TcpState::LastAck => t.tcp_last_ack,
+            TcpState::TimeWait => t.tcp_time_wait,
+            TcpState::Close => t.tcp_close,
+        },
+        PROTO_UDP if flags & F_REPLIED != 0 => t.udp_stream,
+        PROTO_UDP => t.udp_unreplied,
+        _ => t.icmp,
+    }
+}
+
+#[derive(Debug)]
+struct Shard {
+    v4: Table<Ipv4Addr>,
+    v6: Table<Ipv6Addr>,
+}
+
+/// Result of [`Conntrack::create`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Created {
+    /// A new entry with these tuples.
+    New([Tuple; 2]),
+    /// Another worker created it first: the packet is part of that connection.
+    Existing(Hit),
+}
+
+/// The sharded connection table.
+#[derive(Debug)]
+pub(crate) struct Conntrack {
+    shards: Box<[Mutex<Shard>]>,
+    per_shard: usize,
+    timeouts: Timeouts,
+    pub(crate) created: AtomicU64,
+    pub(crate) evicted: AtomicU64,
+    pub(crate) expired: AtomicU64,
+}
+
+/// Runs `$body` with `$t` bound to the table of the tuple's family and `$k` to the
+/// compact key.
+macro_rules! with_table {
+    ($shard:expr, $tuple:expr, |$t:ident, $k:ident| $body:expr, $none:expr) => {
+        match $tuple.src {
+            IpAddr::V4(_) => match Tup::<Ipv4Addr>::from_tuple($tuple) {
+                Some($k) => {
+                    let $t = &mut $shard.v4;
+                    $body
+                }
+                None => $none,
+            },
+            IpAddr::V6(_) => match Tup::<Ipv6Addr>::from_tuple($tuple) {
+                Some($k) => {
+                    let $t = &mut $shard.v6;
+                    $body
+                }
+                None => $none,
+            },
+        }
+    };
+}
+
+impl Conntrack {
+    /// A table bounded to `max` connections over about `shards` shards.
+    pub(crate) fn new(max: usize, shards: usize, timeouts: Timeouts) -> Conntrack {
+        let n = shards.clamp(1, 4096).next_power_of_two();
+        let per_shard = max.div_ceil(n).max(1);
+        Conntrack {
+            shards: (0..n)
+                .map(|_| {
+                    Mutex::new(Shard {
+                        v4: Table::new(),
+                        v6: Table::new(),
+                    })
+                })
+                .collect(),
+            per_shard,
+            timeouts,
+            created: AtomicU64::new(0),
+            evicted: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        }
+    }
+
+    fn shard_of(&self, ip: IpAddr, port: u16) -> usize {
+        (end_hash(ip, port) >> 40) as usize & (self.shards.len() - 1)
+    }
+
+    /// Finds the connection of a packet with this tuple and, when `update` carries TCP
+    /// flags (or `Some(0)` for non-TCP), advances its state and refreshes its timeout.
+    pub(crate) fn lookup(
+        &self,
+        now: Duration,
+        proto: u8,
+        tuple: &Tuple,
+        update: Option<u8>,
+    ) -> Option<Hit> {
+        let a = self.shard_of(tuple.src, tuple.sport);
+        let b = self.shard_of(tuple.dst, tuple.dport);
+        if let Some(h) = self.lookup_in(a, now, proto, tuple, update) {
+            return Some(h);
+        }
+        if b != a {
+            return self.lookup_in(b, now, proto, tuple, update);
+        }
+        None
+    }
+
+    fn lookup_in(
+        &self,
+        shard: usize,
+        now: Duration,
+        proto: u8,
+        tuple: &Tuple,
+        update: Option<u8>,
+    ) -> Option<Hit> {
+        let mut s = self.shards.get(shard)?.lock();
+        let now_ms = ms(now);
+        let timeouts = &self.timeouts;
+        let expired = &self.expired;
+        with_table!(
+            s,
+            tuple,
+            |t, k| {
+                let (_, idx, dir) = t.find(proto, &k)?;
+                let e = *t.entries.get(idx as usize)?;
+                if e.expires <= now_ms {
+                    t.remove_entry(idx);
+                    expired.fetch_add(1, Ordering::Relaxed);
+                    return None;
+                }
+                let mut state = TcpState::from_u8(e.state);
+                if let Some(tcp) = update {
+                    let mut flags = e.flags;
+                    if dir == 1 {
+                        flags |= F_REPLIED;
+                    }
+                    if proto == PROTO_TCP {
+                        let (ns, nf) = tcp_transition(state, flags, dir, tcp);
+                        state = ns;
+                        flags = nf;
+                        if flags & F_REPLIED != 0
+                            && matches!(state, TcpState::Established)
+                        {
+                            flags |= F_ASSURED;
+                        }
+                    } else if flags & F_REPLIED != 0 {
+                        flags |= F_ASSURED;
+                    }
+                    let expires = now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
+                    if let Some(x) = t.entries.get_mut(idx as usize) {
+                        x.state = state as u8;
+                        x.flags = flags;
+                        x.expires = expires;
+                    }
+                }
+                Some(Hit {
+                    dir,
+                    t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+                })
+            },
+            None
+        )
+    }
+
+    /// Creates a connection for a packet `orig` (client to frontend) translated to
+    /// `endpoint`. With `snat`, the reply goes to that address and a port from `ports`;
+    /// without, to the client (its port remapped from `ports` only if the reply tuple is
+    /// taken).
+    pub(crate) fn create(
+        &self,
+        now: Duration,
+        proto: u8,
+        orig: &Tuple,
+        endpoint: (IpAddr, u16),
+        snat: Option<IpAddr>,
+        ports: &RangeInclusive<u16>,
+        tcp: u8,
+    ) -> Result<Created, DropReason> {
+        let shard = self.shard_of(orig.src, orig.sport);
+        let mut s = self
+            .shards
+            .get(shard)
+            .ok_or(DropReason::ConntrackFull)?
+            .lock();
+        let now_ms = ms(now);
+        let per_shard = self.per_shard;
+        let timeouts = &self.timeouts;
+        let nshards = self.shards.len();
+        let shard_of = |ip: IpAddr, port: u16| (end_hash(ip, port) >> 40) as usize & (nshards - 1);
+        let (state, flags) = if proto == PROTO_TCP {
+            if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
+                (TcpState::SynSent, F_LIVE)
+            } else {
+                // nf_conntrack_tcp_loose: pick up an established connection mid-stream.
+                (TcpState::Established, F_LIVE)
+            }
+        } else {
+            (TcpState::None, F_LIVE)
+        };
+        let mut evicted = 0;
+        let res = with_table!(
+            s,
+            orig,
+            |t, ko| {
+                if let Some((_, idx, dir)) = t.find(proto, &ko)
+                    && let Some(e) = t.entries.get(idx as usize).copied()
+                {
+                    if e.expires > now_ms {
+                        return Ok(Created::Existing(Hit {
+                            dir,
+                            t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+                        }));
+                    }
+                    t.remove_entry(idx);
+                }
+                while t.live >= per_shard {
+                    if !t.evict_one() {
+                        return Err(DropReason::ConntrackFull);
+                    }
+                    evicted += 1;
+                }
+                let reply_dst = snat.unwrap_or(orig.src);
+                let mut reply = Tuple {
+                    src: endpoint.0,
+                    dst: reply_dst,
+                    sport: endpoint.1,
+                    dport: orig.sport,
+                };
+                let free = |t: &Table<_>, r: &Tuple| {
+                    Tup::from_tuple(r).is_some_and(|kr| t.find(proto, &kr).is_none())
+                };
+                let keep_port = snat.is_none() && free(t, &reply);
+                if !keep_port {
+                    // Port allocation: start at a flow-dependent offset, take the first
+                    // port whose reply key lands in this shard and is unused.
+                    let (lo, hi) = (*ports.start(), *ports.end());
+                    if lo > hi {
+                        return Err(DropReason::SnatExhausted);
+                    }
+                    let span = u32::from(hi - lo) + 1;
+                    let start = (ko.hash(proto) % u64::from(span)) as u32;
+                    let mut found = false;
+                    for i in 0..span {
+                        let p = lo.wrapping_add(((start + i) % span) as u16);
+                        if shard_of(reply_dst, p) != shard {
+                            continue;
+                        }
+                        reply.dport = p;
+                        if free(t, &reply) {
+                            found = true;
+                            break;
+                        }
+                    }
+                    if !found {
+                        return Err(DropReason::SnatExhausted);
+                    }
+                }
+                let Some(kr) = Tup::from_tuple(&reply) else {
+                    return Err(DropReason::Malformed);
+                };
+                let expires = now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
+                let e = Entry {
+                    t: [ko, kr],
+                    expires,
+                    generation: 0,
+                    proto,
+                    state: state as u8,
+                    flags,
+                };
+                let idx = t.alloc(e).ok_or(DropReason::ConntrackFull)?;
+                let generation = t.entries.get(idx as usize).map_or(0, |e| e.generation);
+                t.insert_key(proto, &ko, idx, 0);
+                t.insert_key(proto, &kr, idx, 1);
+                t.live += 1;
+                t.unassured.push_back((idx, generation));
+                if t.unassured.len() > 2 * per_shard + 64 {
+                    t.compact_queue();
+                }
+                Ok(Created::New([*orig, reply]))
+            },
+            Err(DropReason::Malformed)
+        );
+        if evicted > 0 {
+            self.evicted.fetch_add(evicted, Ordering::Relaxed);
+        }
+        if matches!(res, Ok(Created::New(_))) {
+            self.created.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    /// Removes expired entries.
+    pub(crate) fn expire(&self, now: Duration) {
+        let now_ms = ms(now);
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = s.lock();
+            n += sweep(&mut s.v4, now_ms);
+            n += sweep(&mut s.v6, now_ms);
+        }
+        self.expired.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Number of live connections.
+    pub(crate) fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                s.v4.live + s.v6.live
+            })
+            .sum()
+    }
+
+    /// The state of the connection whose original tuple is `orig`, for tests and
+    /// introspection.
+    pub(crate) fn state_of(&self, proto: u8, orig: &Tuple) -> Option<TcpState> {
+        let shard = self.shard_of(orig.src, orig.sport);
+        let mut s = self.shards.get(shard)?.lock();
+        with_table!(
+            s,
+            orig,
+            |t, k| {
+                let (_, idx, _) = t.find(proto, &k)?;
+                t.entries.get(idx as usize).map(|e| TcpState::from_u8(e.state))
+            },
+            None
+        )
+    }
+
+    /// Heap bytes held by the table (entries, index, queues), for memory accounting.
+    pub(crate) fn heap_bytes(&self) -> usize {
+        fn tb<A>(t: &Table<A>) -> usize {
+            t.entries.capacity() * std::mem::size_of::<Entry<A>>()
+                + t.free.capacity() * 4
+                + t.index.capacity() * 8
+                + t.unassured.capacity() * 8
+        }
+        self.shards
+            .iter()
+            .map(|s| {
+                let s = s.lock();
+                tb(&s.v4) + tb(&s.v6)
+            })
+            .sum()
+    }
+}
+
+fn sweep<A: Addr>(t: &mut Table<A>, now_ms: u64) -> u64 {
+    let mut n = 0;
+    for idx in 0..t.entries.len() {
+        let Some(e) = t.entries.get(idx) else {
+            break;
+        };
+        if e.flags & F_LIVE != 0 && e.expires <= now_ms {
+            t.remove_entry(idx as u32);
+            n += 1;
+        }
+    }
+    if t.unassured.len() > t.live * 2 + 64 {
+        t.compact_queue();
+    }
+    n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tup(a: [u8; 4], sp: u16, b: [u8; 4], dp: u16) -> Tuple {
+        Tuple {
+            src: IpAddr::from(a),
+            dst: IpAddr::from(b),
+            sport: sp,
+            dport: dp,
+        }
+    }
+
+    #[test]
+    fn index_survives_many_inserts_and_removals() {
+        let ct = Conntrack::new(10_000, 4, Timeouts::default());
+        let ports = 61000..=65535;
+        let mut origs = Vec::new();
+        for i in 0..5000u32 {
+            let c = [10, 0, (i >> 8) as u8, i as u8];
+            let o = tup(c, 1000 + (i % 7) as u16, [10, 96, 0, 1], 80);
+            let r = ct
+                .create(Duration::ZERO, PROTO_UDP, &o, (IpAddr::from([10, 244, 0, 5]), 8080), None, &ports, 0)
+                .unwrap();
+            assert!(matches!(r, Created::New(_)));
+            origs.push(o);
+        }
+        assert_eq!(ct.len(), 5000);
+        for o in &origs {
+            let h = ct.lookup(Duration::ZERO, PROTO_UDP, o, None).unwrap();
+            assert_eq!(h.dir, 0);
+            let back = h.t[1];
+            let h2 = ct.lookup(Duration::ZERO, PROTO_UDP, &back, None).unwrap();
+            assert_eq!(h2.dir, 1);
+            assert_eq!(h2.target(), o.reversed());
+        }
+        // Expire everything and make sure the index is empty again.
+        ct.expire(Duration::from_secs(31));
+        assert_eq!(ct.len(), 0);
+        for o in &origs {
+            assert!(ct.lookup(Duration::from_secs(31), PROTO_UDP, o, None).is_none());
+        }
+    }
+
+    #[test]
+    fn tcp_handshake_and_close() {
+        use TcpState::*;
+        let mut f = 0;
+        let mut s = SynSent;
+        for (dir, flags, want) in [
+            (1, TCP_SYN | TCP_ACK, SynRecv),
+            (0, TCP_ACK, Established),
+            (0, TCP_FIN | TCP_ACK, FinWait),
+            (1, TCP_ACK, CloseWait),
+            (1, TCP_FIN | TCP_ACK, LastAck),
+            (0, TCP_ACK, TimeWait),
+            (0, TCP_SYN, SynSent),
+        ] {
+            (s, f) = tcp_transition(s, f, dir, flags);
+            assert_eq!(s, want);
+        }
+        assert_eq!(tcp_transition(Established, 0, 1, TCP_RST).0, Close);
+    }
+}

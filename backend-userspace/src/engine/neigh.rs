@@ -1,0 +1,118 @@
+//! The FIB (longest-prefix match over the owned ports' routes) and the neighbour table (ARP
+//! resolution with a bounded queue per unresolved neighbour, retries and expiry).
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use ipnet::IpNet;
+
+use super::{Csum, PortId, Route};
+
+/// Routes grouped by prefix length, longest first.
+#[derive(Debug, Default)]
+pub(crate) struct Fib {
+    v4: Vec<(u8, HashMap<u32, Route>)>,
+    v6: Vec<(u8, HashMap<u128, Route>)>,
+}
+
+fn mask4(len: u8) -> u32 {
+    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) }
+}
+
+fn mask6(len: u8) -> u128 {
+    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) }
+}
+
+impl Fib {
+    /// Builds the FIB; among equal prefixes the first route wins.
+    pub(crate) fn new(routes: Vec<Route>) -> Fib {
+        let mut fib = Fib::default();
+        for r in routes {
+            match r.dst {
+                IpNet::V4(n) => {
+                    let len = n.prefix_len();
+                    let key = u32::from(n.network()) & mask4(len);
+                    let pos = match fib.v4.iter().position(|(l, _)| *l == len) {
+                        Some(p) => p,
+                        None => {
+                            fib.v4.push((len, HashMap::new()));
+                            fib.v4.len() - 1
+                        }
+                    };
+                    if let Some((_, m)) = fib.v4.get_mut(pos) {
+                        m.entry(key).or_insert(r);
+                    }
+                }
+                IpNet::V6(n) => {
+                    let len = n.prefix_len();
+                    let key = u128::from(n.network()) & mask6(len);
+                    let pos = match fib.v6.iter().position(|(l, _)| *l == len) {
+                        Some(p) => p,
+                        None => {
+                            fib.v6.push((len, HashMap::new()));
+                            fib.v6.len() - 1
+                        }
+                    };
+                    if let Some((_, m)) = fib.v6.get_mut(pos) {
+                        m.entry(key).or_insert(r);
+                    }
+                }
+            }
+        }
+        fib.v4.sort_by(|a, b| b.0.cmp(&a.0));
+        fib.v6.sort_by(|a, b| b.0.cmp(&a.0));
+        fib
+    }
+
+    /// The route for a destination: (egress port, next hop).
+    pub(crate) fn lookup(&self, dst: IpAddr) -> Option<(PortId, IpAddr)> {
+        let r = match dst {
+            IpAddr::V4(a) => {
+                let a = u32::from(a);
+                self.v4.iter().find_map(|(l, m)| m.get(&(a & mask4(*l))))
+            }
+            IpAddr::V6(a) => {
+                let a = u128::from(a);
+                self.v6.iter().find_map(|(l, m)| m.get(&(a & mask6(*l))))
+            }
+        }?;
+        Some((r.port, r.gateway.unwrap_or(dst)))
+    }
+}
+
+/// A packet waiting for its next hop's address.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    /// The frame, translated, with the source MAC set.
+    pub(crate) frame: Vec<u8>,
+    /// Checksum state it came with.
+    pub(crate) csum: Csum,
+}
+
+/// A neighbour.
+#[derive(Debug)]
+pub(crate) struct Neigh {
+    /// Its MAC, once known.
+    pub(crate) mac: Option<[u8; 6]>,
+    /// Reachable until then; after, still used while being re-resolved.
+    pub(crate) reachable_until: Duration,
+    /// Requests sent in the current resolution round (0: not resolving).
+    pub(crate) tries: u8,
+    /// When to send the next request or give up.
+    pub(crate) next_try: Duration,
+    /// Packets waiting for the MAC.
+    pub(crate) queue: Vec<Queued>,
+}
+
+/// Requests per resolution round (the kernel's `mcast_solicit` is 3).
+pub(crate) const ARP_TRIES: u8 = 3;
+/// Time between requests.
+pub(crate) const ARP_RETRY: Duration = Duration::from_secs(1);
+/// Unresolved neighbours kept at once (bounds memory under scans).
+pub(crate) const MAX_INCOMPLETE: usize = 1024;
+/// A resolved neighbour not confirmed for this long past reachability is forgotten.
+pub(crate) const STALE_GC: Duration = Duration::from_secs(60);
+
+/// Neighbours by (port, address).
+pub(crate) type Neighbours = HashMap<(PortId, IpAddr), Neigh>;
