@@ -5,9 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use svcnat_examples::skip_unless_root;
-use svcnat_examples::testbed::{ProbeArgs, Testbed, TestbedSpec};
+use svcnat_examples::testbed::{ProbeArgs, Testbed, TestbedSpec, wait_until};
 use svcnat_userspace::{Userspace, UserspaceConfig};
 
 fn sysctl(tb: &Testbed, ns: &str, key: &str) -> String {
@@ -47,8 +48,11 @@ fn takes_over_forwarding_and_gives_it_back() {
         )
         .unwrap();
     assert_eq!(seen.refused(), 3, "{seen:?}");
-    let after = dp.stats().rx_frames;
-    assert!(after >= before + 3, "rings saw {before} -> {after} frames");
+    // A worker counts a block's frames after handling them: give it a moment.
+    let counted = wait_until(Duration::from_secs(5), || {
+        dp.stats().rx_frames >= before + 3
+    });
+    assert!(counted, "rings saw {before} -> {:?}", dp.stats());
 
     drop(dp);
     assert_eq!(sysctl(&tb, &node, "net.ipv4.ip_forward"), "1");
