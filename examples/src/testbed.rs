@@ -917,8 +917,28 @@ impl Testbed {
                 "0",
                 "mcast_snooping",
                 "0",
+                // A switch forwards frames; it does not validate IP headers (with
+                // br_netfilter built in, the bridge would otherwise drop malformed IPv4
+                // before it reaches a node, hiding it from the datapath under test, and
+                // defragment what it forwards).
+                "nf_call_iptables",
+                "0",
+                "nf_call_ip6tables",
+                "0",
+                "nf_call_arptables",
+                "0",
             ],
         )?;
+        // br_netfilter ORs the bridge's options with these per-namespace switches; where
+        // it is not built in, the keys do not exist and there is nothing to turn off.
+        let _ = sysctl_in(
+            &sw,
+            &[
+                "net.bridge.bridge-nf-call-iptables=0".to_string(),
+                "net.bridge.bridge-nf-call-ip6tables=0".to_string(),
+                "net.bridge.bridge-nf-call-arptables=0".to_string(),
+            ],
+        );
         ip_in(&sw, &["link", "set", "br0", "up"])?;
 
         for i in 0..self.nodes.len() {
