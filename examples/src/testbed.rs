@@ -1368,6 +1368,35 @@ impl Testbed {
         run(self.command(ns, program).args(args))
     }
 
+    /// The MAC address of `dev` in `ns`.
+    pub fn mac(&self, ns: &str, dev: &str) -> io::Result<[u8; 6]> {
+        let v = self.link_json(ns, dev)?;
+        let text = v["address"].as_str().unwrap_or_default();
+        let mut mac = [0u8; 6];
+        let mut parts = text.split(':');
+        for b in &mut mac {
+            *b = parts
+                .next()
+                .and_then(|p| u8::from_str_radix(p, 16).ok())
+                .ok_or_else(|| io::Error::other(format!("{ns} {dev}: no MAC in {text:?}")))?;
+        }
+        Ok(mac)
+    }
+
+    /// Frames `dev` in `ns` has received, as the kernel counts them.
+    pub fn rx_packets(&self, ns: &str, dev: &str) -> io::Result<u64> {
+        let v = self.link_json(ns, dev)?;
+        v["stats64"]["rx"]["packets"]
+            .as_u64()
+            .ok_or_else(|| io::Error::other(format!("{ns} {dev}: no rx packet count")))
+    }
+
+    fn link_json(&self, ns: &str, dev: &str) -> io::Result<serde_json::Value> {
+        let out = self.exec_ok(ns, ["ip", "-s", "-j", "link", "show", "dev", dev])?;
+        let v: serde_json::Value = serde_json::from_str(&out).map_err(io::Error::other)?;
+        Ok(v.get(0).cloned().unwrap_or_default())
+    }
+
     /// Runs `svcnat-probe` in `ns` (a client, node or pod namespace) and parses its report.
     pub fn probe(&self, ns: &str, args: ProbeArgs) -> io::Result<ProbeResult> {
         let stdout = run(self.command(ns, &self.binaries.probe).args(args.to_args()))?;

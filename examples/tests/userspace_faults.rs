@@ -31,17 +31,6 @@ struct Setup {
     node_ip: Ipv4Addr,
 }
 
-fn mac_of(tb: &Testbed, ns: &str, dev: &str) -> [u8; 6] {
-    let out = tb.exec_ok(ns, ["ip", "-j", "link", "show", dev]).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let s = v[0]["address"].as_str().unwrap();
-    let mut mac = [0u8; 6];
-    for (b, p) in mac.iter_mut().zip(s.split(':')) {
-        *b = u8::from_str_radix(p, 16).unwrap();
-    }
-    mac
-}
-
 fn setup() -> Setup {
     let pod_ip = Ipv4Addr::new(10, 244, 0, 10);
     let tb = Testbed::new(
@@ -94,8 +83,8 @@ fn setup() -> Setup {
     );
     let mut agent = NodeAgent::new(ctx, dp);
     agent.apply(&cluster).unwrap();
-    let node_mac = mac_of(&tb, tb.ns_of_node(0), "eth0");
-    let client_mac = mac_of(&tb, tb.ns_of_client(0), "eth0");
+    let node_mac = tb.mac(tb.ns_of_node(0), "eth0").unwrap();
+    let client_mac = tb.mac(tb.ns_of_client(0), "eth0").unwrap();
     Setup {
         node_ip: n.ip,
         tb,
@@ -138,15 +127,6 @@ fn fix_ipv4_checksum(f: &mut [u8]) {
     }
     let c = !(sum as u16);
     f[24..26].copy_from_slice(&c.to_be_bytes());
-}
-
-/// Frames received on `eth0` of `ns`, as the kernel counts them.
-fn rx_packets(tb: &Testbed, ns: &str) -> u64 {
-    let out = tb
-        .exec_ok(ns, ["ip", "-s", "-j", "link", "show", "eth0"])
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    v[0]["stats64"]["rx"]["packets"].as_u64().unwrap()
 }
 
 /// Deterministic pseudo-random numbers (xorshift64*).
@@ -261,7 +241,7 @@ fn malformed_frames_at_rate_are_dropped_and_counted() {
     bad.push(f);
     let frames: Vec<Vec<u8>> = bad.iter().cycle().take(100_000).cloned().collect();
     let count_before = s.drops(&[]);
-    let rx_before = rx_packets(&s.tb, s.tb.ns_of_node(0));
+    let rx_before = s.tb.rx_packets(s.tb.ns_of_node(0), "eth0").unwrap();
     let inj = s.injector();
     let mut sent = 0;
     for _ in 0..3 {
@@ -279,7 +259,7 @@ fn malformed_frames_at_rate_are_dropped_and_counted() {
     });
     let st = s.agent.dataplane().stats();
     let dropped = s.drops(&[]) - count_before;
-    let arrived = rx_packets(&s.tb, s.tb.ns_of_node(0)) - rx_before;
+    let arrived = s.tb.rx_packets(s.tb.ns_of_node(0), "eth0").unwrap() - rx_before;
     eprintln!(
         "sent {sent} malformed frames, {arrived} reached the node, the engine dropped {dropped}; {st:?}"
     );
