@@ -708,7 +708,7 @@ impl Engine {
             out.extend_from_slice(&ETH_IPV4.to_be_bytes());
             out.extend_from_slice(&[0x45, 0]);
             out.extend_from_slice(&((20 + icmp_len) as u16).to_be_bytes());
-            out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+            out.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0]);
             out.extend_from_slice(&[0; 8]);
         }
         let l4 = out.len();
