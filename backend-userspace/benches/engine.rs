@@ -46,8 +46,18 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static GLOBAL: Counting = Counting;
 
-fn tcp(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], sp: u16, dp: u16, syn: bool) -> Vec<u8> {
-    let b = PacketBuilder::ethernet2(smac, dmac).ipv4(src, dst, 64).tcp(sp, dp, 1000, 64240);
+fn tcp(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    sp: u16,
+    dp: u16,
+    syn: bool,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv4(src, dst, 64)
+        .tcp(sp, dp, 1000, 64240);
     let b = if syn { b.syn() } else { b.ack(1) };
     let mut out = Vec::new();
     b.write(&mut out, &[0u8; 64]).unwrap();
@@ -71,8 +81,17 @@ fn measure(n: usize, mut f: impl FnMut(usize)) -> f64 {
 fn main() {
     let now = Duration::from_secs(1);
     let mut tx = Vec::new();
-    let e = engine_with(EngineConfig { max_connections: 4_000_000, ..EngineConfig::default() }, true);
-    let meta = |port| RxMeta { port, csum: Csum::Complete };
+    let e = engine_with(
+        EngineConfig {
+            max_connections: 4_000_000,
+            ..EngineConfig::default()
+        },
+        true,
+    );
+    let meta = |port| RxMeta {
+        port,
+        csum: Csum::Complete,
+    };
 
     // An established pod -> ClusterIP connection and a NodePort (SNAT) connection.
     let pod1 = [10, 244, 0, 5];
@@ -81,10 +100,16 @@ fn main() {
     let node = [192, 168, 1, 10];
     let client = [203, 0, 113, 9];
     let mut f = tcp(POD1_MAC, POD1_PORT_MAC, pod1, cip, 40000, 443, true);
-    assert!(matches!(e.handle_frame(now, meta(POD1_PORT), &mut f, &mut tx), Verdict::Forward { .. }));
+    assert!(matches!(
+        e.handle_frame(now, meta(POD1_PORT), &mut f, &mut tx),
+        Verdict::Forward { .. }
+    ));
     let data = tcp(POD1_MAC, POD1_PORT_MAC, pod1, cip, 40000, 443, false);
     let mut np = tcp(ROUTER_MAC, UPLINK_MAC, client, node, 5555, 30443, true);
-    assert!(matches!(e.handle_frame(now, meta(UPLINK), &mut np, &mut tx), Verdict::Forward { .. }));
+    assert!(matches!(
+        e.handle_frame(now, meta(UPLINK), &mut np, &mut tx),
+        Verdict::Forward { .. }
+    ));
     let snat_port = u16::from_be_bytes([np[34], np[35]]);
     let reply = tcp(POD2_MAC, POD2_PORT_MAC, pod2, node, 8443, snat_port, false);
 
@@ -112,7 +137,17 @@ fn main() {
     // New connections: distinct clients (pods) to the ClusterIP; each round uses fresh
     // 5-tuples so every frame creates an entry.
     let syns: Vec<Vec<u8>> = (0..n as u32)
-        .map(|i| tcp(POD1_MAC, POD1_PORT_MAC, [10, 244, (i >> 16) as u8 | 0x80, (i >> 8) as u8], cip, (i & 0xff) as u16 + 1024, 443, true))
+        .map(|i| {
+            tcp(
+                POD1_MAC,
+                POD1_PORT_MAC,
+                [10, 244, (i >> 16) as u8 | 0x80, (i >> 8) as u8],
+                cip,
+                (i & 0xff) as u16 + 1024,
+                443,
+                true,
+            )
+        })
         .collect();
     let mut round = 0u64;
     let new_conn = measure(n, |i| {
@@ -131,16 +166,29 @@ fn main() {
         sum = (sum & 0xffff) + (sum >> 16);
         sum = (sum & 0xffff) + (sum >> 16);
         buf[50..52].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-        let v = e.handle_frame(now + Duration::from_millis(round), meta(POD1_PORT), &mut buf, &mut tx);
+        let v = e.handle_frame(
+            now + Duration::from_millis(round),
+            meta(POD1_PORT),
+            &mut buf,
+            &mut tx,
+        );
         let _ = black_box(v);
     });
     let c = e.counters();
-    assert!(c.connections_created >= 7 * n as u64, "created {}", c.connections_created);
+    assert!(
+        c.connections_created >= 7 * n as u64,
+        "created {}",
+        c.connections_created
+    );
 
     println!("engine bench ({}-byte frames, one core)", data.len());
     println!("  reference copy            {copy:8.1} ns/frame");
     println!("  reference copy + parse    {parse:8.1} ns/frame (etherparse SlicedPacket)");
-    for (name, ns) in [("established forward", established), ("reverse-NAT reply", reverse), ("new connection", new_conn)] {
+    for (name, ns) in [
+        ("established forward", established),
+        ("reverse-NAT reply", reverse),
+        ("new connection", new_conn),
+    ] {
         println!(
             "  {name:<25} {ns:8.1} ns/frame = {:5.2}x copy+parse, {:5.2} Mpps/core",
             ns / parse,
@@ -155,7 +203,13 @@ fn main() {
     tx.shrink_to_fit();
     let target = 1_000_000u32;
     let before = HEAP.load(Ordering::Relaxed);
-    let e = engine_with(EngineConfig { max_connections: 1_100_000, ..EngineConfig::default() }, true);
+    let e = engine_with(
+        EngineConfig {
+            max_connections: 1_100_000,
+            ..EngineConfig::default()
+        },
+        true,
+    );
     for i in 0..target {
         // Clients in 10.244.128.0/17, 256 ports each: 1M distinct tuples.
         let ip = [10, 244, 0x80 | (i >> 16) as u8 & 0x7f, (i >> 8) as u8];
@@ -174,7 +228,11 @@ fn main() {
         used / 1048576.0,
         used / c.connections as f64,
         e.conntrack_heap_bytes() as f64 / 1048576.0,
-        if used < 128.0 * 1048576.0 { "ok" } else { "OVER" }
+        if used < 128.0 * 1048576.0 {
+            "ok"
+        } else {
+            "OVER"
+        }
     );
     assert_eq!(c.connections, u64::from(target));
     assert!(used < 128.0 * 1048576.0);

@@ -23,14 +23,24 @@ fn secs(s: u64) -> Duration {
 fn feed(e: &Engine, at: Duration, port: PortId, frame: &[u8]) -> (Verdict, Vec<u8>, Vec<TxFrame>) {
     let mut f = frame.to_vec();
     let mut tx = Vec::new();
-    let v = e.handle_frame(at, RxMeta { port, csum: Csum::Complete }, &mut f, &mut tx);
+    let v = e.handle_frame(
+        at,
+        RxMeta {
+            port,
+            csum: Csum::Complete,
+        },
+        &mut f,
+        &mut tx,
+    );
     (v, f, tx)
 }
 
 /// (src, dst) socket addresses of an IPv4 TCP/UDP frame.
 fn endpoints(frame: &[u8]) -> (SocketAddr, SocketAddr) {
     let p = SlicedPacket::from_ethernet(frame).unwrap();
-    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else { panic!("not IPv4") };
+    let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4")
+    };
     let (s, d) = (ip.header().source_addr(), ip.header().destination_addr());
     let (sp, dp) = match &p.transport {
         Some(TransportSlice::Tcp(t)) => (t.source_port(), t.destination_port()),
@@ -43,18 +53,45 @@ fn endpoints(frame: &[u8]) -> (SocketAddr, SocketAddr) {
 #[test]
 fn truncated_frames_at_every_length_are_dropped_never_panic() {
     let frames = [
-        tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn),
+        tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            40000,
+            443,
+            F::Syn,
+        ),
         udp(POD2_MAC, POD2_PORT_MAC, POD2, [10, 96, 0, 53], 64, 5353, 53),
         tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, POD1, 64, 5555, 8080, F::Ack),
-        arp(1, POD1_MAC, [0xff; 6], POD1_MAC, POD1, [0; 6], [169, 254, 1, 1]),
+        arp(
+            1,
+            POD1_MAC,
+            [0xff; 6],
+            POD1_MAC,
+            POD1,
+            [0; 6],
+            [169, 254, 1, 1],
+        ),
     ];
     let e = engine();
     let mut checked = 0;
     for (i, full) in frames.iter().enumerate() {
-        let port = if i == 2 { UPLINK } else if i == 1 { POD2_PORT } else { POD1_PORT };
+        let port = if i == 2 {
+            UPLINK
+        } else if i == 1 {
+            POD2_PORT
+        } else {
+            POD1_PORT
+        };
         for len in 0..full.len() {
             let (v, _, tx) = feed(&e, secs(1), port, &full[..len]);
-            assert_eq!(v, Verdict::Drop(DropReason::Truncated), "frame {i} cut to {len} bytes");
+            assert_eq!(
+                v,
+                Verdict::Drop(DropReason::Truncated),
+                "frame {i} cut to {len} bytes"
+            );
             assert!(tx.is_empty());
             checked += 1;
         }
@@ -69,7 +106,8 @@ fn truncated_frames_at_every_length_are_dropped_never_panic() {
 fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u16 {
     let mut s: u32 = 0;
     for w in [src, dst] {
-        s += u32::from(u16::from_be_bytes([w[0], w[1]])) + u32::from(u16::from_be_bytes([w[2], w[3]]));
+        s += u32::from(u16::from_be_bytes([w[0], w[1]]))
+            + u32::from(u16::from_be_bytes([w[2], w[3]]));
     }
     s += u32::from(proto) + len as u32;
     while s > 0xffff {
@@ -80,15 +118,39 @@ fn pseudo(src: [u8; 4], dst: [u8; 4], proto: u8, len: usize) -> u16 {
 
 #[test]
 fn csum_partial_updates_only_the_pseudo_header_sum() {
-    let e = engine_with(EngineConfig { shards: 1, snat_ports: 61000..=61000, ..EngineConfig::default() }, true);
+    let e = engine_with(
+        EngineConfig {
+            shards: 1,
+            snat_ports: 61000..=61000,
+            ..EngineConfig::default()
+        },
+        true,
+    );
     // NodePort: both addresses change (DNAT + SNAT) and both ports.
-    let mut f = tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 30443, F::Syn);
+    let mut f = tcp(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        CLIENT,
+        NODE,
+        64,
+        5555,
+        30443,
+        F::Syn,
+    );
     let seg_len = f.len() - 34;
     let seg_off = 34 + 16;
     let p = pseudo(CLIENT, NODE, TCP, seg_len).to_be_bytes();
     f[seg_off..seg_off + 2].copy_from_slice(&p);
     let mut tx = Vec::new();
-    let v = e.handle_frame(secs(1), RxMeta { port: UPLINK, csum: Csum::Partial }, &mut f, &mut tx);
+    let v = e.handle_frame(
+        secs(1),
+        RxMeta {
+            port: UPLINK,
+            csum: Csum::Partial,
+        },
+        &mut f,
+        &mut tx,
+    );
     assert_eq!(v, Verdict::Forward { port: POD2_PORT });
     let want_field = pseudo(NODE, POD2, TCP, seg_len);
     assert_eq!(u16::from_be_bytes([f[seg_off], f[seg_off + 1]]), want_field);
@@ -102,46 +164,133 @@ fn csum_partial_updates_only_the_pseudo_header_sum() {
         s = (s & 0xffff) + (s >> 16);
     }
     f[seg_off..seg_off + 2].copy_from_slice(&(!(s as u16)).to_be_bytes());
-    assert_eq!(f, tcp(POD2_PORT_MAC, POD2_MAC, NODE, POD2, 63, 61000, 8443, F::Syn));
+    assert_eq!(
+        f,
+        tcp(POD2_PORT_MAC, POD2_MAC, NODE, POD2, 63, 61000, 8443, F::Syn)
+    );
     verify_checksums(&f);
 }
 
 #[test]
 fn syn_flood_evicts_unassured_entries_and_established_survive() {
-    let cfg = EngineConfig { max_connections: 64, shards: 1, ..EngineConfig::default() };
+    let cfg = EngineConfig {
+        max_connections: 64,
+        shards: 1,
+        ..EngineConfig::default()
+    };
     let e = engine_with(cfg, true);
     // One established connection: SYN, SYN+ACK, ACK.
-    let syn = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn);
-    assert!(matches!(feed(&e, secs(1), POD1_PORT, &syn).0, Verdict::Forward { .. }));
-    let sa = tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::SynAck);
-    assert!(matches!(feed(&e, secs(1), POD2_PORT, &sa).0, Verdict::Forward { .. }));
-    let ack = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Ack);
-    assert!(matches!(feed(&e, secs(1), POD1_PORT, &ack).0, Verdict::Forward { .. }));
-    let orig = (SocketAddr::from((POD1, 40000)), SocketAddr::from((LB_CIP, 443)));
-    assert_eq!(e.connection_state(TCP, orig.0, orig.1), Some(TcpState::Established));
+    let syn = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40000,
+        443,
+        F::Syn,
+    );
+    assert!(matches!(
+        feed(&e, secs(1), POD1_PORT, &syn).0,
+        Verdict::Forward { .. }
+    ));
+    let sa = tcp(
+        POD2_MAC,
+        POD2_PORT_MAC,
+        POD2,
+        POD1,
+        64,
+        8443,
+        40000,
+        F::SynAck,
+    );
+    assert!(matches!(
+        feed(&e, secs(1), POD2_PORT, &sa).0,
+        Verdict::Forward { .. }
+    ));
+    let ack = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40000,
+        443,
+        F::Ack,
+    );
+    assert!(matches!(
+        feed(&e, secs(1), POD1_PORT, &ack).0,
+        Verdict::Forward { .. }
+    ));
+    let orig = (
+        SocketAddr::from((POD1, 40000)),
+        SocketAddr::from((LB_CIP, 443)),
+    );
+    assert_eq!(
+        e.connection_state(TCP, orig.0, orig.1),
+        Some(TcpState::Established)
+    );
     // A flood of SYNs from spoofed sources, far beyond the bound.
     for i in 0..5000u32 {
         let src = [203, 0, (i >> 8) as u8, i as u8];
-        let f = tcp(ROUTER_MAC, UPLINK_MAC, src, NODE, 64, 1024 + (i % 50000) as u16, 30443, F::Syn);
+        let f = tcp(
+            ROUTER_MAC,
+            UPLINK_MAC,
+            src,
+            NODE,
+            64,
+            1024 + (i % 50000) as u16,
+            30443,
+            F::Syn,
+        );
         let (v, _, _) = feed(&e, secs(2), UPLINK, &f);
         assert!(matches!(v, Verdict::Forward { .. }), "flood SYN {i}: {v:?}");
     }
     let c = e.counters();
     assert!(c.connections <= 64, "bound exceeded: {}", c.connections);
-    assert!(c.connections_evicted >= 5000 - 63, "evicted {}", c.connections_evicted);
+    assert!(
+        c.connections_evicted >= 5000 - 63,
+        "evicted {}",
+        c.connections_evicted
+    );
     // The established connection still translates both ways.
     let (v, out, _) = feed(&e, secs(3), POD1_PORT, &ack);
     assert_eq!(v, Verdict::Forward { port: POD2_PORT });
     assert_eq!(endpoints(&out).1, SocketAddr::from((POD2, 8443)));
-    assert_eq!(e.connection_state(TCP, orig.0, orig.1), Some(TcpState::Established));
+    assert_eq!(
+        e.connection_state(TCP, orig.0, orig.1),
+        Some(TcpState::Established)
+    );
     // With only established connections left, a new one is refused, not let in.
-    let e = engine_with(EngineConfig { max_connections: 1, shards: 1, ..EngineConfig::default() }, true);
+    let e = engine_with(
+        EngineConfig {
+            max_connections: 1,
+            shards: 1,
+            ..EngineConfig::default()
+        },
+        true,
+    );
     let _ = feed(&e, secs(1), POD1_PORT, &syn);
     let _ = feed(&e, secs(1), POD2_PORT, &sa);
     let _ = feed(&e, secs(1), POD1_PORT, &ack);
-    let other = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40001, 443, F::Syn);
-    assert_eq!(feed(&e, secs(1), POD1_PORT, &other).0, Verdict::Drop(DropReason::ConntrackFull));
-    println!("flood: {} evicted, {} live", c.connections_evicted, c.connections);
+    let other = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40001,
+        443,
+        F::Syn,
+    );
+    assert_eq!(
+        feed(&e, secs(1), POD1_PORT, &other).0,
+        Verdict::Drop(DropReason::ConntrackFull)
+    );
+    println!(
+        "flood: {} evicted, {} live",
+        c.connections_evicted, c.connections
+    );
 }
 
 #[test]
@@ -151,7 +300,21 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
     let s = SocketAddr::from((LB_CIP, 443));
     let mut tx = Vec::new();
     // SYN_SENT: 120 s.
-    let _ = feed(&e, secs(0), POD1_PORT, &tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn));
+    let _ = feed(
+        &e,
+        secs(0),
+        POD1_PORT,
+        &tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            40000,
+            443,
+            F::Syn,
+        ),
+    );
     assert_eq!(e.connection_state(TCP, c, s), Some(TcpState::SynSent));
     assert!(e.poll_timeout().is_some());
     e.handle_timeout(secs(119), &mut tx);
@@ -162,12 +325,78 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
 
     // Full lifecycle; each state has its kernel timeout.
     let steps: [(PortId, Vec<u8>, TcpState, u64); 6] = [
-        (POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn), TcpState::SynSent, 120),
-        (POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::SynAck), TcpState::SynRecv, 60),
-        (POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Ack), TcpState::Established, 432_000),
-        (POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Fin), TcpState::FinWait, 120),
-        (POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Ack), TcpState::CloseWait, 60),
-        (POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Fin), TcpState::LastAck, 30),
+        (
+            POD1_PORT,
+            tcp(
+                POD1_MAC,
+                POD1_PORT_MAC,
+                POD1,
+                LB_CIP,
+                64,
+                40000,
+                443,
+                F::Syn,
+            ),
+            TcpState::SynSent,
+            120,
+        ),
+        (
+            POD2_PORT,
+            tcp(
+                POD2_MAC,
+                POD2_PORT_MAC,
+                POD2,
+                POD1,
+                64,
+                8443,
+                40000,
+                F::SynAck,
+            ),
+            TcpState::SynRecv,
+            60,
+        ),
+        (
+            POD1_PORT,
+            tcp(
+                POD1_MAC,
+                POD1_PORT_MAC,
+                POD1,
+                LB_CIP,
+                64,
+                40000,
+                443,
+                F::Ack,
+            ),
+            TcpState::Established,
+            432_000,
+        ),
+        (
+            POD1_PORT,
+            tcp(
+                POD1_MAC,
+                POD1_PORT_MAC,
+                POD1,
+                LB_CIP,
+                64,
+                40000,
+                443,
+                F::Fin,
+            ),
+            TcpState::FinWait,
+            120,
+        ),
+        (
+            POD2_PORT,
+            tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Ack),
+            TcpState::CloseWait,
+            60,
+        ),
+        (
+            POD2_PORT,
+            tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Fin),
+            TcpState::LastAck,
+            30,
+        ),
     ];
     let mut t = 1000;
     for (port, f, state, timeout) in &steps {
@@ -176,10 +405,28 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
         assert_eq!(e.connection_state(TCP, c, s), Some(*state));
         // Still there just before the timeout.
         e.handle_timeout(secs(t + timeout - 1), &mut tx);
-        assert_eq!(e.connection_state(TCP, c, s), Some(*state), "{state:?} expired early");
+        assert_eq!(
+            e.connection_state(TCP, c, s),
+            Some(*state),
+            "{state:?} expired early"
+        );
         t += timeout - 1;
     }
-    let (v, _, _) = feed(&e, secs(t), POD1_PORT, &tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Ack));
+    let (v, _, _) = feed(
+        &e,
+        secs(t),
+        POD1_PORT,
+        &tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            40000,
+            443,
+            F::Ack,
+        ),
+    );
     assert!(matches!(v, Verdict::Forward { .. }));
     assert_eq!(e.connection_state(TCP, c, s), Some(TcpState::TimeWait));
     e.handle_timeout(secs(t + 119), &mut tx);
@@ -189,8 +436,27 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
 
     // RST: CLOSE, 10 s.
     let t = t + 1000;
-    let _ = feed(&e, secs(t), POD1_PORT, &tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn));
-    let _ = feed(&e, secs(t), POD2_PORT, &tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Rst));
+    let _ = feed(
+        &e,
+        secs(t),
+        POD1_PORT,
+        &tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            40000,
+            443,
+            F::Syn,
+        ),
+    );
+    let _ = feed(
+        &e,
+        secs(t),
+        POD2_PORT,
+        &tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Rst),
+    );
     assert_eq!(e.connection_state(TCP, c, s), Some(TcpState::Close));
     e.handle_timeout(secs(t + 9), &mut tx);
     assert_eq!(e.connection_state(TCP, c, s), Some(TcpState::Close));
@@ -209,7 +475,12 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
     assert!(e.connection_state(UDP, uc, us).is_none());
     let t = t + 1000;
     let _ = feed(&e, secs(t), POD2_PORT, &q);
-    let _ = feed(&e, secs(t), POD1_PORT, &udp(POD1_MAC, POD1_PORT_MAC, POD1, POD2, 64, 53, 5353));
+    let _ = feed(
+        &e,
+        secs(t),
+        POD1_PORT,
+        &udp(POD1_MAC, POD1_PORT_MAC, POD1, POD2, 64, 53, 5353),
+    );
     e.handle_timeout(secs(t + 119), &mut tx);
     assert!(e.connection_state(UDP, uc, us).is_some());
     e.handle_timeout(secs(t + 121), &mut tx);
@@ -223,9 +494,14 @@ fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
     let mut s = Service::new(ObjectName::new("default", "spread"));
     s.cluster_ips = vec![IpAddr::from([10, 96, 0, 77])];
     s.ip_families = vec![IpFamily::V4];
-    s.selector = Some(LabelSelector::from_labels(BTreeMap::from([("app".to_string(), "spread".to_string())])));
+    s.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+        "app".to_string(),
+        "spread".to_string(),
+    )])));
     if affinity {
-        s.session_affinity = SessionAffinity::ClientIp { timeout_seconds: 60 };
+        s.session_affinity = SessionAffinity::ClientIp {
+            timeout_seconds: 60,
+        };
     }
     s.ports.push(ServicePort {
         name: String::new(),
@@ -237,7 +513,10 @@ fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
     });
     c.upsert_service(s);
     for (i, (ip, w)) in pods.iter().enumerate() {
-        let mut p = Pod::new(ObjectName::new("default", format!("spread-{i}")), IpAddr::from(*ip));
+        let mut p = Pod::new(
+            ObjectName::new("default", format!("spread-{i}")),
+            IpAddr::from(*ip),
+        );
         p.labels.insert("app".into(), "spread".into());
         p.node_name = Some("node-b".into());
         p.weight = *w;
@@ -248,16 +527,38 @@ fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
 
 fn spread_syn(i: u32) -> Vec<u8> {
     let src = [10, 244, 0, 5];
-    tcp(POD1_MAC, POD1_PORT_MAC, src, [10, 96, 0, 77], 64, 10000 + (i % 50000) as u16, 80, F::Syn)
+    tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        src,
+        [10, 96, 0, 77],
+        64,
+        10000 + (i % 50000) as u16,
+        80,
+        F::Syn,
+    )
 }
 
 fn spread_syn_from(client: [u8; 4], port: u16) -> Vec<u8> {
-    tcp(POD1_MAC, POD1_PORT_MAC, client, [10, 96, 0, 77], 64, port, 80, F::Syn)
+    tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        client,
+        [10, 96, 0, 77],
+        64,
+        port,
+        80,
+        F::Syn,
+    )
 }
 
 #[test]
 fn weighted_spread_follows_weights() {
-    let pods = [([10, 244, 1, 20], 1), ([10, 244, 1, 21], 2), ([10, 244, 1, 22], 5)];
+    let pods = [
+        ([10, 244, 1, 20], 1),
+        ([10, 244, 1, 21], 2),
+        ([10, 244, 1, 22], 5),
+    ];
     let e = engine();
     e.set_plan(&Plan::compile(&weighted_cluster(&pods, false), &node()));
     let n = 16_000u32;
@@ -265,7 +566,12 @@ fn weighted_spread_follows_weights() {
     for i in 0..n {
         // Many clients and ports: 5-tuples vary in address and port.
         let client = [10, 244, 2 + (i % 7) as u8, (i % 251) as u8];
-        let (v, out, _) = feed(&e, secs(1), POD1_PORT, &spread_syn_from(client, 10000 + (i / 7) as u16));
+        let (v, out, _) = feed(
+            &e,
+            secs(1),
+            POD1_PORT,
+            &spread_syn_from(client, 10000 + (i / 7) as u16),
+        );
         assert_eq!(v, Verdict::Forward { port: UPLINK });
         *count.entry(endpoints(&out).1.ip()).or_default() += 1;
     }
@@ -280,7 +586,11 @@ fn weighted_spread_follows_weights() {
 
 #[test]
 fn client_ip_affinity_pins_a_client_to_one_endpoint() {
-    let pods = [([10, 244, 1, 20], 1), ([10, 244, 1, 21], 1), ([10, 244, 1, 22], 1)];
+    let pods = [
+        ([10, 244, 1, 20], 1),
+        ([10, 244, 1, 21], 1),
+        ([10, 244, 1, 22], 1),
+    ];
     let e = engine();
     e.set_plan(&Plan::compile(&weighted_cluster(&pods, true), &node()));
     let mut per_client: HashMap<[u8; 4], HashSet<IpAddr>> = HashMap::new();
@@ -289,10 +599,16 @@ fn client_ip_affinity_pins_a_client_to_one_endpoint() {
         for p in 0..20u16 {
             let (v, out, _) = feed(&e, secs(1), POD1_PORT, &spread_syn_from(client, 20000 + p));
             assert_eq!(v, Verdict::Forward { port: UPLINK });
-            per_client.entry(client).or_default().insert(endpoints(&out).1.ip());
+            per_client
+                .entry(client)
+                .or_default()
+                .insert(endpoints(&out).1.ip());
         }
     }
-    assert!(per_client.values().all(|s| s.len() == 1), "a client saw several endpoints");
+    assert!(
+        per_client.values().all(|s| s.len() == 1),
+        "a client saw several endpoints"
+    );
     let used: HashSet<IpAddr> = per_client.values().flatten().copied().collect();
     assert!(used.len() > 1, "all clients on one endpoint");
     // Without affinity the same client spreads.
@@ -300,7 +616,12 @@ fn client_ip_affinity_pins_a_client_to_one_endpoint() {
     e.set_plan(&Plan::compile(&weighted_cluster(&pods, false), &node()));
     let mut seen = HashSet::new();
     for p in 0..60u16 {
-        let (_, out, _) = feed(&e, secs(1), POD1_PORT, &spread_syn_from([10, 244, 3, 1], 20000 + p));
+        let (_, out, _) = feed(
+            &e,
+            secs(1),
+            POD1_PORT,
+            &spread_syn_from([10, 244, 3, 1], 20000 + p),
+        );
         seen.insert(endpoints(&out).1.ip());
     }
     assert_eq!(seen.len(), 3);
@@ -308,7 +629,11 @@ fn client_ip_affinity_pins_a_client_to_one_endpoint() {
 
 #[test]
 fn plan_update_keeps_existing_connections() {
-    let before = [([10, 244, 1, 20], 1), ([10, 244, 1, 21], 1), ([10, 244, 1, 22], 1)];
+    let before = [
+        ([10, 244, 1, 20], 1),
+        ([10, 244, 1, 21], 1),
+        ([10, 244, 1, 22], 1),
+    ];
     let e = engine();
     e.set_plan(&Plan::compile(&weighted_cluster(&before, false), &node()));
     let mut chosen = Vec::new();
@@ -319,14 +644,28 @@ fn plan_update_keeps_existing_connections() {
     }
     // Remove .21 (connections to it stay, as the kernel's conntrack keeps them), add .23
     // and .24.
-    let after = [([10, 244, 1, 20], 1), ([10, 244, 1, 22], 1), ([10, 244, 1, 23], 1), ([10, 244, 1, 24], 1)];
+    let after = [
+        ([10, 244, 1, 20], 1),
+        ([10, 244, 1, 22], 1),
+        ([10, 244, 1, 23], 1),
+        ([10, 244, 1, 24], 1),
+    ];
     e.set_plan(&Plan::compile(&weighted_cluster(&after, false), &node()));
     let removed = IpAddr::from([10, 244, 1, 21]);
     assert!(chosen.iter().any(|a| a.ip() == removed));
     for (i, want) in chosen.iter().enumerate() {
         let i = i as u32;
         // A data packet on the existing connection.
-        let f = tcp(POD1_MAC, POD1_PORT_MAC, POD1, [10, 96, 0, 77], 64, 10000 + (i % 50000) as u16, 80, F::Ack);
+        let f = tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            [10, 96, 0, 77],
+            64,
+            10000 + (i % 50000) as u16,
+            80,
+            F::Ack,
+        );
         let (v, out, _) = feed(&e, secs(2), POD1_PORT, &f);
         assert_eq!(v, Verdict::Forward { port: UPLINK });
         assert_eq!(endpoints(&out).1, *want, "connection {i} moved");
@@ -349,7 +688,10 @@ fn plan_update_keeps_existing_connections() {
         }
     }
     println!("plan update: {kept}/{stayed} flows of remaining endpoints kept their endpoint");
-    assert!(kept * 2 >= stayed, "{kept}/{stayed} (random would keep 1/4)");
+    assert!(
+        kept * 2 >= stayed,
+        "{kept}/{stayed} (random would keep 1/4)"
+    );
 }
 
 fn engine_with_plan(pods: &[([u8; 4], u32)]) -> Engine {
@@ -365,7 +707,21 @@ fn masquerade_ports_are_unique_per_endpoint() {
     let mut ports = HashSet::new();
     for i in 0..2000u32 {
         let client = [198, 18, (i >> 8) as u8, i as u8];
-        let (v, out, _) = feed(&e, secs(1), UPLINK, &tcp(ROUTER_MAC, UPLINK_MAC, client, NODE, 64, 5555, 30443, F::Syn));
+        let (v, out, _) = feed(
+            &e,
+            secs(1),
+            UPLINK,
+            &tcp(
+                ROUTER_MAC,
+                UPLINK_MAC,
+                client,
+                NODE,
+                64,
+                5555,
+                30443,
+                F::Syn,
+            ),
+        );
         assert_eq!(v, Verdict::Forward { port: POD2_PORT });
         let (src, _) = endpoints(&out);
         assert_eq!(src.ip(), IpAddr::from(NODE));
@@ -375,27 +731,77 @@ fn masquerade_ports_are_unique_per_endpoint() {
     // Replies find their way back to each client.
     for i in (0..2000u32).step_by(97) {
         let client = [198, 18, (i >> 8) as u8, i as u8];
-        let (_, out, _) = feed(&e, secs(1), UPLINK, &tcp(ROUTER_MAC, UPLINK_MAC, client, NODE, 64, 5555, 30443, F::Ack));
+        let (_, out, _) = feed(
+            &e,
+            secs(1),
+            UPLINK,
+            &tcp(
+                ROUTER_MAC,
+                UPLINK_MAC,
+                client,
+                NODE,
+                64,
+                5555,
+                30443,
+                F::Ack,
+            ),
+        );
         let sport = endpoints(&out).0.port();
-        let (v, back, _) = feed(&e, secs(1), POD2_PORT, &tcp(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64, 8443, sport, F::Ack));
+        let (v, back, _) = feed(
+            &e,
+            secs(1),
+            POD2_PORT,
+            &tcp(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64, 8443, sport, F::Ack),
+        );
         assert_eq!(v, Verdict::Forward { port: UPLINK });
-        assert_eq!(endpoints(&back), (SocketAddr::from((NODE, 30443)), SocketAddr::from((client, 5555))));
+        assert_eq!(
+            endpoints(&back),
+            (
+                SocketAddr::from((NODE, 30443)),
+                SocketAddr::from((client, 5555))
+            )
+        );
     }
 }
 
 #[test]
 fn arp_retries_then_gives_up_and_neighbours_expire() {
     let e = engine_with(EngineConfig::default(), false);
-    let syn = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn);
+    let syn = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40000,
+        443,
+        F::Syn,
+    );
     let (v, _, tx) = feed(&e, secs(10), POD1_PORT, &syn);
     assert_eq!(v, Verdict::Consumed);
     assert_eq!(tx.len(), 1);
     // Queue bound: three packets wait, the fourth is dropped.
     for p in 1..=3u16 {
-        let f = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000 + p, 443, F::Syn);
+        let f = tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            40000 + p,
+            443,
+            F::Syn,
+        );
         let (v, _, tx) = feed(&e, secs(10), POD1_PORT, &f);
         assert!(tx.is_empty(), "one request per round");
-        assert_eq!(v, if p < 3 { Verdict::Consumed } else { Verdict::Drop(DropReason::NoNeighbour) });
+        assert_eq!(
+            v,
+            if p < 3 {
+                Verdict::Consumed
+            } else {
+                Verdict::Drop(DropReason::NoNeighbour)
+            }
+        );
     }
     let mut sent = 0;
     let mut t = secs(10);
@@ -412,14 +818,35 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
     assert_eq!(e.counters().dropped(DropReason::NoNeighbour), 1 + 3);
     // Learn pod2 from its ARP request for the gateway; it is reachable 30 s, then
     // re-resolved while still used, and forgotten when nobody answers.
-    let req = arp(1, POD2_MAC, [0xff; 6], POD2_MAC, POD2, [0; 6], [169, 254, 1, 1]);
+    let req = arp(
+        1,
+        POD2_MAC,
+        [0xff; 6],
+        POD2_MAC,
+        POD2,
+        [0; 6],
+        [169, 254, 1, 1],
+    );
     assert_eq!(feed(&e, secs(100), POD2_PORT, &req).0, Verdict::Consumed);
     let (v, _, tx) = feed(&e, secs(101), POD1_PORT, &syn);
     assert_eq!(v, Verdict::Forward { port: POD2_PORT });
     assert!(tx.is_empty());
-    let f2 = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 41000, 443, F::Syn);
+    let f2 = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        41000,
+        443,
+        F::Syn,
+    );
     let (v, _, tx) = feed(&e, secs(131), POD1_PORT, &f2);
-    assert_eq!(v, Verdict::Forward { port: POD2_PORT }, "stale entry still used");
+    assert_eq!(
+        v,
+        Verdict::Forward { port: POD2_PORT },
+        "stale entry still used"
+    );
     assert_eq!(tx.len(), 1, "re-resolution request");
     let mut tx = Vec::new();
     for s in 132..140 {
@@ -437,7 +864,10 @@ fn ipv6_nat_with_static_neighbours() {
     let mut s = Service::new(ObjectName::new("default", "web6"));
     s.cluster_ips = vec![IpAddr::V6(cip)];
     s.ip_families = vec![IpFamily::V6];
-    s.selector = Some(LabelSelector::from_labels(BTreeMap::from([("app".to_string(), "web6".to_string())])));
+    s.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+        "app".to_string(),
+        "web6".to_string(),
+    )])));
     s.ports.push(ServicePort {
         name: String::new(),
         protocol: Protocol::Udp,
@@ -451,12 +881,24 @@ fn ipv6_nat_with_static_neighbours() {
     p.labels.insert("app".into(), "web6".into());
     p.node_name = Some("node-a".into());
     c.upsert_pod(p);
-    let node = NodeContext::new("node-a", vec![IpAddr::from(NODE)], vec!["fd00:244::/64".parse().unwrap()]);
+    let node = NodeContext::new(
+        "node-a",
+        vec![IpAddr::from(NODE)],
+        vec!["fd00:244::/64".parse().unwrap()],
+    );
     let e = engine();
     e.set_plan(&Plan::compile(&c, &node));
     e.set_routes(vec![
-        Route { dst: "fd00:244::5/128".parse().unwrap(), port: POD2_PORT, gateway: None },
-        Route { dst: "fd00:244::9/128".parse().unwrap(), port: POD1_PORT, gateway: None },
+        Route {
+            dst: "fd00:244::5/128".parse().unwrap(),
+            port: POD2_PORT,
+            gateway: None,
+        },
+        Route {
+            dst: "fd00:244::9/128".parse().unwrap(),
+            port: POD1_PORT,
+            gateway: None,
+        },
     ]);
     e.add_neighbour(POD2_PORT, IpAddr::V6(pod), POD2_MAC);
     e.add_neighbour(POD1_PORT, IpAddr::V6(client), POD1_MAC);
@@ -469,10 +911,26 @@ fn ipv6_nat_with_static_neighbours() {
             .unwrap();
         out
     };
-    let (v, out, _) = feed(&e, secs(1), POD1_PORT, &build(POD1_MAC, POD1_PORT_MAC, client, cip, 64, 7000, 53));
+    let (v, out, _) = feed(
+        &e,
+        secs(1),
+        POD1_PORT,
+        &build(POD1_MAC, POD1_PORT_MAC, client, cip, 64, 7000, 53),
+    );
     assert_eq!(v, Verdict::Forward { port: POD2_PORT });
-    assert_eq!(out, build(POD2_PORT_MAC, POD2_MAC, client, pod, 63, 7000, 5353));
-    let (v, out, _) = feed(&e, secs(1), POD2_PORT, &build(POD2_MAC, POD2_PORT_MAC, pod, client, 64, 5353, 7000));
+    assert_eq!(
+        out,
+        build(POD2_PORT_MAC, POD2_MAC, client, pod, 63, 7000, 5353)
+    );
+    let (v, out, _) = feed(
+        &e,
+        secs(1),
+        POD2_PORT,
+        &build(POD2_MAC, POD2_PORT_MAC, pod, client, 64, 5353, 7000),
+    );
     assert_eq!(v, Verdict::Forward { port: POD1_PORT });
-    assert_eq!(out, build(POD1_PORT_MAC, POD1_MAC, cip, client, 63, 53, 7000));
+    assert_eq!(
+        out,
+        build(POD1_PORT_MAC, POD1_MAC, cip, client, 63, 53, 7000)
+    );
 }

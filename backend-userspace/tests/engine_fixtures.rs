@@ -55,14 +55,50 @@ fn config() -> EngineConfig {
 }
 
 fn cases() -> Vec<Case> {
-    let pod1_syn = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn);
+    let pod1_syn = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40000,
+        443,
+        F::Syn,
+    );
     let pod1_syn_dnat = tcp(POD2_PORT_MAC, POD2_MAC, POD1, POD2, 63, 40000, 8443, F::Syn);
-    let np_syn = tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 30443, F::Syn);
+    let np_syn = tcp(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        CLIENT,
+        NODE,
+        64,
+        5555,
+        30443,
+        F::Syn,
+    );
     let np_syn_out = tcp(POD2_PORT_MAC, POD2_MAC, NODE, POD2, 63, 61000, 8443, F::Syn);
-    let np_reply = tcp(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64, 8443, 61000, F::SynAck);
+    let np_reply = tcp(
+        POD2_MAC,
+        POD2_PORT_MAC,
+        POD2,
+        NODE,
+        64,
+        8443,
+        61000,
+        F::SynAck,
+    );
     let dns_q = udp(POD2_MAC, POD2_PORT_MAC, POD2, [10, 96, 0, 53], 64, 5353, 53);
     let dns_q_out = udp(POD1_PORT_MAC, POD1_MAC, POD2, POD1, 63, 5353, 53);
-    let empty_syn = tcp(POD1_MAC, POD1_PORT_MAC, POD1, [10, 96, 0, 99], 64, 40000, 80, F::Syn);
+    let empty_syn = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        [10, 96, 0, 99],
+        64,
+        40000,
+        80,
+        F::Syn,
+    );
     let transit = tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, POD1, 64, 5555, 8080, F::Syn);
     let transit_ttl1 = tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, POD1, 1, 5555, 8080, F::Syn);
     let mut bad_ip = pod1_syn.clone();
@@ -85,9 +121,30 @@ fn cases() -> Vec<Case> {
             name: "ClusterIP reply reverse NAT",
             unresolved: false,
             setup: vec![on(POD1_PORT, pod1_syn.clone())],
-            input: on(POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::SynAck)),
+            input: on(
+                POD2_PORT,
+                tcp(
+                    POD2_MAC,
+                    POD2_PORT_MAC,
+                    POD2,
+                    POD1,
+                    64,
+                    8443,
+                    40000,
+                    F::SynAck,
+                ),
+            ),
             verdict: Verdict::Forward { port: POD1_PORT },
-            out: Some(tcp(POD1_PORT_MAC, POD1_MAC, LB_CIP, POD1, 63, 443, 40000, F::SynAck)),
+            out: Some(tcp(
+                POD1_PORT_MAC,
+                POD1_MAC,
+                LB_CIP,
+                POD1,
+                63,
+                443,
+                40000,
+                F::SynAck,
+            )),
             tx: vec![],
         },
         Case {
@@ -105,23 +162,65 @@ fn cases() -> Vec<Case> {
             setup: vec![on(UPLINK, np_syn.clone())],
             input: on(POD2_PORT, np_reply.clone()),
             verdict: Verdict::Forward { port: UPLINK },
-            out: Some(tcp(UPLINK_MAC, ROUTER_MAC, NODE, CLIENT, 63, 30443, 5555, F::SynAck)),
+            out: Some(tcp(
+                UPLINK_MAC,
+                ROUTER_MAC,
+                NODE,
+                CLIENT,
+                63,
+                30443,
+                5555,
+                F::SynAck,
+            )),
             tx: vec![],
         },
         Case {
             name: "hairpin: a pod reaching itself through its Service is masqueraded",
             unresolved: false,
             setup: vec![],
-            input: on(POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, LB_CIP, 64, 40001, 443, F::Syn)),
+            input: on(
+                POD2_PORT,
+                tcp(
+                    POD2_MAC,
+                    POD2_PORT_MAC,
+                    POD2,
+                    LB_CIP,
+                    64,
+                    40001,
+                    443,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Forward { port: POD2_PORT },
-            out: Some(tcp(POD2_PORT_MAC, POD2_MAC, NODE, POD2, 63, 61000, 8443, F::Syn)),
+            out: Some(tcp(
+                POD2_PORT_MAC,
+                POD2_MAC,
+                NODE,
+                POD2,
+                63,
+                61000,
+                8443,
+                F::Syn,
+            )),
             tx: vec![],
         },
         Case {
             name: "LoadBalancer source range: allowed client",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, [198, 51, 100, 7], 64, 5555, 443, F::Syn)),
+            input: on(
+                UPLINK,
+                tcp(
+                    ROUTER_MAC,
+                    UPLINK_MAC,
+                    CLIENT,
+                    [198, 51, 100, 7],
+                    64,
+                    5555,
+                    443,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Forward { port: POD2_PORT },
             out: Some(np_syn_out.clone()),
             tx: vec![],
@@ -130,7 +229,19 @@ fn cases() -> Vec<Case> {
             name: "LoadBalancer source range: other client dropped",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, [198, 18, 0, 1], [198, 51, 100, 7], 64, 5555, 443, F::Syn)),
+            input: on(
+                UPLINK,
+                tcp(
+                    ROUTER_MAC,
+                    UPLINK_MAC,
+                    [198, 18, 0, 1],
+                    [198, 51, 100, 7],
+                    64,
+                    5555,
+                    443,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Drop(DropReason::SourceRange),
             out: None,
             tx: vec![],
@@ -144,16 +255,34 @@ fn cases() -> Vec<Case> {
             out: None,
             tx: vec![(
                 POD1_PORT,
-                icmp4(POD1_PORT_MAC, POD1_MAC, [10, 96, 0, 99], POD1, 64,
+                icmp4(
+                    POD1_PORT_MAC,
+                    POD1_MAC,
+                    [10, 96, 0, 99],
+                    POD1,
+                    64,
                     Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                    ip_of(&empty_syn)),
+                    ip_of(&empty_syn),
+                ),
             )],
         },
         Case {
             name: "externalTrafficPolicy Local, no local endpoint: external client dropped",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 30090, F::Syn)),
+            input: on(
+                UPLINK,
+                tcp(
+                    ROUTER_MAC,
+                    UPLINK_MAC,
+                    CLIENT,
+                    NODE,
+                    64,
+                    5555,
+                    30090,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Drop(DropReason::NoEndpoints),
             out: None,
             tx: vec![],
@@ -162,9 +291,30 @@ fn cases() -> Vec<Case> {
             name: "externalTrafficPolicy Local: a pod takes the cluster-wide shortcut",
             unresolved: false,
             setup: vec![],
-            input: on(POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, NODE, 64, 40000, 30090, F::Syn)),
+            input: on(
+                POD1_PORT,
+                tcp(
+                    POD1_MAC,
+                    POD1_PORT_MAC,
+                    POD1,
+                    NODE,
+                    64,
+                    40000,
+                    30090,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Forward { port: UPLINK },
-            out: Some(tcp(UPLINK_MAC, NODE_B_MAC, POD1, [10, 244, 1, 8], 63, 40000, 8080, F::Syn)),
+            out: Some(tcp(
+                UPLINK_MAC,
+                NODE_B_MAC,
+                POD1,
+                [10, 244, 1, 8],
+                63,
+                40000,
+                8080,
+                F::Syn,
+            )),
             tx: vec![],
         },
         Case {
@@ -180,42 +330,114 @@ fn cases() -> Vec<Case> {
             name: "ICMP port unreachable from the endpoint translated back to the client (UDP)",
             unresolved: false,
             setup: vec![on(POD2_PORT, dns_q.clone())],
-            input: on(POD1_PORT, icmp4(POD1_MAC, POD1_PORT_MAC, POD1, POD2, 64,
-                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                ip_of(&udp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 63, 5353, 53)))),
+            input: on(
+                POD1_PORT,
+                icmp4(
+                    POD1_MAC,
+                    POD1_PORT_MAC,
+                    POD1,
+                    POD2,
+                    64,
+                    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+                    ip_of(&udp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 63, 5353, 53)),
+                ),
+            ),
             verdict: Verdict::Forward { port: POD2_PORT },
-            out: Some(icmp4(POD2_PORT_MAC, POD2_MAC, [10, 96, 0, 53], POD2, 63,
+            out: Some(icmp4(
+                POD2_PORT_MAC,
+                POD2_MAC,
+                [10, 96, 0, 53],
+                POD2,
+                63,
                 Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                ip_of(&udp(POD2_MAC, POD2_PORT_MAC, POD2, [10, 96, 0, 53], 63, 5353, 53)))),
+                ip_of(&udp(
+                    POD2_MAC,
+                    POD2_PORT_MAC,
+                    POD2,
+                    [10, 96, 0, 53],
+                    63,
+                    5353,
+                    53,
+                )),
+            )),
             tx: vec![],
         },
         Case {
             name: "ICMP error about a masqueraded NodePort flow translated back (outer and inner SNAT+DNAT)",
             unresolved: false,
             setup: vec![on(UPLINK, np_syn.clone())],
-            input: on(POD2_PORT, icmp4(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64,
-                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                ip_of(&np_syn_out))),
+            input: on(
+                POD2_PORT,
+                icmp4(
+                    POD2_MAC,
+                    POD2_PORT_MAC,
+                    POD2,
+                    NODE,
+                    64,
+                    Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+                    ip_of(&np_syn_out),
+                ),
+            ),
             verdict: Verdict::Forward { port: UPLINK },
-            out: Some(icmp4(UPLINK_MAC, ROUTER_MAC, NODE, CLIENT, 63,
+            out: Some(icmp4(
+                UPLINK_MAC,
+                ROUTER_MAC,
+                NODE,
+                CLIENT,
+                63,
                 Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
-                ip_of(&tcp(POD2_PORT_MAC, POD2_MAC, CLIENT, NODE, 63, 5555, 30443, F::Syn)))),
+                ip_of(&tcp(
+                    POD2_PORT_MAC,
+                    POD2_MAC,
+                    CLIENT,
+                    NODE,
+                    63,
+                    5555,
+                    30443,
+                    F::Syn,
+                )),
+            )),
             tx: vec![],
         },
         Case {
             name: "ARP request for the pods' gateway answered by proxy ARP",
             unresolved: false,
             setup: vec![],
-            input: on(POD1_PORT, arp(1, POD1_MAC, BCAST, POD1_MAC, POD1, [0; 6], [169, 254, 1, 1])),
+            input: on(
+                POD1_PORT,
+                arp(1, POD1_MAC, BCAST, POD1_MAC, POD1, [0; 6], [169, 254, 1, 1]),
+            ),
             verdict: Verdict::Consumed,
             out: None,
-            tx: vec![(POD1_PORT, arp(2, POD1_PORT_MAC, POD1_MAC, POD1_PORT_MAC, [169, 254, 1, 1], POD1_MAC, POD1))],
+            tx: vec![(
+                POD1_PORT,
+                arp(
+                    2,
+                    POD1_PORT_MAC,
+                    POD1_MAC,
+                    POD1_PORT_MAC,
+                    [169, 254, 1, 1],
+                    POD1_MAC,
+                    POD1,
+                ),
+            )],
         },
         Case {
             name: "ARP request for the kernel's own address is left to the kernel",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, arp(1, ROUTER_MAC, BCAST, ROUTER_MAC, [192, 168, 1, 1], [0; 6], NODE)),
+            input: on(
+                UPLINK,
+                arp(
+                    1,
+                    ROUTER_MAC,
+                    BCAST,
+                    ROUTER_MAC,
+                    [192, 168, 1, 1],
+                    [0; 6],
+                    NODE,
+                ),
+            ),
             verdict: Verdict::Kernel,
             out: None,
             tx: vec![],
@@ -227,13 +449,27 @@ fn cases() -> Vec<Case> {
             input: on(POD1_PORT, pod1_syn.clone()),
             verdict: Verdict::Consumed,
             out: None,
-            tx: vec![(POD2_PORT, arp(1, POD2_PORT_MAC, BCAST, POD2_PORT_MAC, NODE, [0; 6], POD2))],
+            tx: vec![(
+                POD2_PORT,
+                arp(1, POD2_PORT_MAC, BCAST, POD2_PORT_MAC, NODE, [0; 6], POD2),
+            )],
         },
         Case {
             name: "ARP reply learned: the queued packet is released",
             unresolved: true,
             setup: vec![on(POD1_PORT, pod1_syn.clone())],
-            input: on(POD2_PORT, arp(2, POD2_MAC, POD2_PORT_MAC, POD2_MAC, POD2, POD2_PORT_MAC, NODE)),
+            input: on(
+                POD2_PORT,
+                arp(
+                    2,
+                    POD2_MAC,
+                    POD2_PORT_MAC,
+                    POD2_MAC,
+                    POD2,
+                    POD2_PORT_MAC,
+                    NODE,
+                ),
+            ),
             verdict: Verdict::Consumed,
             out: None,
             tx: vec![(POD2_PORT, pod1_syn_dnat.clone())],
@@ -244,7 +480,16 @@ fn cases() -> Vec<Case> {
             setup: vec![],
             input: on(UPLINK, transit.clone()),
             verdict: Verdict::Forward { port: POD1_PORT },
-            out: Some(tcp(POD1_PORT_MAC, POD1_MAC, CLIENT, POD1, 63, 5555, 8080, F::Syn)),
+            out: Some(tcp(
+                POD1_PORT_MAC,
+                POD1_MAC,
+                CLIENT,
+                POD1,
+                63,
+                5555,
+                8080,
+                F::Syn,
+            )),
             tx: vec![],
         },
         Case {
@@ -254,19 +499,50 @@ fn cases() -> Vec<Case> {
             input: on(UPLINK, transit_ttl1.clone()),
             verdict: Verdict::Drop(DropReason::TtlExceeded),
             out: None,
-            tx: vec![(UPLINK, icmp4(UPLINK_MAC, ROUTER_MAC, NODE, CLIENT, 64,
-                te(icmpv4::TimeExceededCode::TtlExceededInTransit), ip_of(&transit_ttl1)))],
+            tx: vec![(
+                UPLINK,
+                icmp4(
+                    UPLINK_MAC,
+                    ROUTER_MAC,
+                    NODE,
+                    CLIENT,
+                    64,
+                    te(icmpv4::TimeExceededCode::TtlExceededInTransit),
+                    ip_of(&transit_ttl1),
+                ),
+            )],
         },
         Case {
             name: "TTL expiry on a frontend: time exceeded, no connection",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 1, 5555, 30443, F::Syn)),
+            input: on(
+                UPLINK,
+                tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 1, 5555, 30443, F::Syn),
+            ),
             verdict: Verdict::Drop(DropReason::TtlExceeded),
             out: None,
-            tx: vec![(UPLINK, icmp4(UPLINK_MAC, ROUTER_MAC, NODE, CLIENT, 64,
-                te(icmpv4::TimeExceededCode::TtlExceededInTransit),
-                ip_of(&tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 1, 5555, 30443, F::Syn))))],
+            tx: vec![(
+                UPLINK,
+                icmp4(
+                    UPLINK_MAC,
+                    ROUTER_MAC,
+                    NODE,
+                    CLIENT,
+                    64,
+                    te(icmpv4::TimeExceededCode::TtlExceededInTransit),
+                    ip_of(&tcp(
+                        ROUTER_MAC,
+                        UPLINK_MAC,
+                        CLIENT,
+                        NODE,
+                        1,
+                        5555,
+                        30443,
+                        F::Syn,
+                    )),
+                ),
+            )],
         },
         Case {
             name: "first fragment to a frontend dropped",
@@ -290,7 +566,14 @@ fn cases() -> Vec<Case> {
             name: "fragment of a translated connection dropped",
             unresolved: false,
             setup: vec![on(POD1_PORT, pod1_syn.clone())],
-            input: on(POD2_PORT, fragment(tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Ack), true, 0)),
+            input: on(
+                POD2_PORT,
+                fragment(
+                    tcp(POD2_MAC, POD2_PORT_MAC, POD2, POD1, 64, 8443, 40000, F::Ack),
+                    true,
+                    0,
+                ),
+            ),
             verdict: Verdict::Drop(DropReason::Fragment),
             out: None,
             tx: vec![],
@@ -301,7 +584,20 @@ fn cases() -> Vec<Case> {
             setup: vec![],
             input: on(UPLINK, fragment(transit.clone(), true, 0)),
             verdict: Verdict::Forward { port: POD1_PORT },
-            out: Some(fragment(tcp(POD1_PORT_MAC, POD1_MAC, CLIENT, POD1, 63, 5555, 8080, F::Syn), true, 0)),
+            out: Some(fragment(
+                tcp(
+                    POD1_PORT_MAC,
+                    POD1_MAC,
+                    CLIENT,
+                    POD1,
+                    63,
+                    5555,
+                    8080,
+                    F::Syn,
+                ),
+                true,
+                0,
+            )),
             tx: vec![],
         },
         Case {
@@ -326,7 +622,19 @@ fn cases() -> Vec<Case> {
             name: "RST without a connection is INVALID",
             unresolved: false,
             setup: vec![],
-            input: on(POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Rst)),
+            input: on(
+                POD1_PORT,
+                tcp(
+                    POD1_MAC,
+                    POD1_PORT_MAC,
+                    POD1,
+                    LB_CIP,
+                    64,
+                    40000,
+                    443,
+                    F::Rst,
+                ),
+            ),
             verdict: Verdict::Drop(DropReason::Invalid),
             out: None,
             tx: vec![],
@@ -335,7 +643,19 @@ fn cases() -> Vec<Case> {
             name: "not addressed to our MAC: kernel",
             unresolved: false,
             setup: vec![],
-            input: on(POD1_PORT, tcp(POD1_MAC, [2, 9, 9, 9, 9, 9], POD1, LB_CIP, 64, 40000, 443, F::Syn)),
+            input: on(
+                POD1_PORT,
+                tcp(
+                    POD1_MAC,
+                    [2, 9, 9, 9, 9, 9],
+                    POD1,
+                    LB_CIP,
+                    64,
+                    40000,
+                    443,
+                    F::Syn,
+                ),
+            ),
             verdict: Verdict::Kernel,
             out: None,
             tx: vec![],
@@ -344,7 +664,10 @@ fn cases() -> Vec<Case> {
             name: "to the node's own address, no frontend: kernel",
             unresolved: false,
             setup: vec![],
-            input: on(UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 22, F::Syn)),
+            input: on(
+                UPLINK,
+                tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 22, F::Syn),
+            ),
             verdict: Verdict::Kernel,
             out: None,
             tx: vec![],
@@ -353,9 +676,30 @@ fn cases() -> Vec<Case> {
             name: "TCP loose pickup: a mid-stream ACK to a frontend opens a connection",
             unresolved: false,
             setup: vec![],
-            input: on(POD1_PORT, tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Ack)),
+            input: on(
+                POD1_PORT,
+                tcp(
+                    POD1_MAC,
+                    POD1_PORT_MAC,
+                    POD1,
+                    LB_CIP,
+                    64,
+                    40000,
+                    443,
+                    F::Ack,
+                ),
+            ),
             verdict: Verdict::Forward { port: POD2_PORT },
-            out: Some(tcp(POD2_PORT_MAC, POD2_MAC, POD1, POD2, 63, 40000, 8443, F::Ack)),
+            out: Some(tcp(
+                POD2_PORT_MAC,
+                POD2_MAC,
+                POD1,
+                POD2,
+                63,
+                40000,
+                8443,
+                F::Ack,
+            )),
             tx: vec![],
         },
     ]
@@ -370,14 +714,29 @@ fn fixture_table() {
         let mut tx = Vec::new();
         for s in &case.setup {
             let mut f = s.frame.clone();
-            let v = engine.handle_frame(Duration::from_secs(s.at), RxMeta { port: s.port, csum: s.csum }, &mut f, &mut tx);
-            assert!(!matches!(v, Verdict::Drop(_)), "{}: setup frame dropped: {v:?}", case.name);
+            let v = engine.handle_frame(
+                Duration::from_secs(s.at),
+                RxMeta {
+                    port: s.port,
+                    csum: s.csum,
+                },
+                &mut f,
+                &mut tx,
+            );
+            assert!(
+                !matches!(v, Verdict::Drop(_)),
+                "{}: setup frame dropped: {v:?}",
+                case.name
+            );
         }
         tx.clear();
         let mut frame = case.input.frame.clone();
         let v = engine.handle_frame(
             Duration::from_secs(case.input.at),
-            RxMeta { port: case.input.port, csum: case.input.csum },
+            RxMeta {
+                port: case.input.port,
+                csum: case.input.csum,
+            },
             &mut frame,
             &mut tx,
         );
@@ -387,7 +746,11 @@ fn fixture_table() {
         }
         if let Some(want) = &case.out {
             if &frame != want {
-                bad.push(format!("frame out\n  got  {}\n  want {}", hex(&frame), hex(want)));
+                bad.push(format!(
+                    "frame out\n  got  {}\n  want {}",
+                    hex(&frame),
+                    hex(want)
+                ));
             }
             verify_checksums(&frame);
         }

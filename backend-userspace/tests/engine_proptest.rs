@@ -14,12 +14,34 @@ use svcnat_userspace::engine::*;
 
 /// Valid frames of every kind the engine parses, with the port they arrive on.
 fn seeds() -> Vec<(PortId, Vec<u8>)> {
-    let syn = tcp(POD1_MAC, POD1_PORT_MAC, POD1, LB_CIP, 64, 40000, 443, F::Syn);
-    let np = tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, NODE, 64, 5555, 30443, F::Syn);
+    let syn = tcp(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        LB_CIP,
+        64,
+        40000,
+        443,
+        F::Syn,
+    );
+    let np = tcp(
+        ROUTER_MAC,
+        UPLINK_MAC,
+        CLIENT,
+        NODE,
+        64,
+        5555,
+        30443,
+        F::Syn,
+    );
     let np_out = tcp(POD2_PORT_MAC, POD2_MAC, NODE, POD2, 63, 61000, 8443, F::Syn);
     let mut v6 = Vec::new();
     PacketBuilder::ethernet2(POD1_MAC, POD1_PORT_MAC)
-        .ipv6([0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9], [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10], 64)
+        .ipv6(
+            [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 9],
+            [0xfd, 0, 0, 0x96, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10],
+            64,
+        )
         .tcp(7000, 80, 1, 100)
         .syn()
         .write(&mut v6, b"x")
@@ -27,13 +49,63 @@ fn seeds() -> Vec<(PortId, Vec<u8>)> {
     vec![
         (POD1_PORT, syn.clone()),
         (UPLINK, np),
-        (POD2_PORT, tcp(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64, 8443, 61000, F::SynAck)),
-        (POD2_PORT, udp(POD2_MAC, POD2_PORT_MAC, POD2, [10, 96, 0, 53], 64, 5353, 53)),
-        (UPLINK, tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, POD1, 1, 5555, 8080, F::Ack)),
-        (POD1_PORT, arp(1, POD1_MAC, [0xff; 6], POD1_MAC, POD1, [0; 6], [169, 254, 1, 1])),
-        (POD2_PORT, arp(2, POD2_MAC, POD2_PORT_MAC, POD2_MAC, POD2, POD2_PORT_MAC, NODE)),
-        (POD2_PORT, icmp4(POD2_MAC, POD2_PORT_MAC, POD2, NODE, 64,
-            Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port), &np_out[14..])),
+        (
+            POD2_PORT,
+            tcp(
+                POD2_MAC,
+                POD2_PORT_MAC,
+                POD2,
+                NODE,
+                64,
+                8443,
+                61000,
+                F::SynAck,
+            ),
+        ),
+        (
+            POD2_PORT,
+            udp(POD2_MAC, POD2_PORT_MAC, POD2, [10, 96, 0, 53], 64, 5353, 53),
+        ),
+        (
+            UPLINK,
+            tcp(ROUTER_MAC, UPLINK_MAC, CLIENT, POD1, 1, 5555, 8080, F::Ack),
+        ),
+        (
+            POD1_PORT,
+            arp(
+                1,
+                POD1_MAC,
+                [0xff; 6],
+                POD1_MAC,
+                POD1,
+                [0; 6],
+                [169, 254, 1, 1],
+            ),
+        ),
+        (
+            POD2_PORT,
+            arp(
+                2,
+                POD2_MAC,
+                POD2_PORT_MAC,
+                POD2_MAC,
+                POD2,
+                POD2_PORT_MAC,
+                NODE,
+            ),
+        ),
+        (
+            POD2_PORT,
+            icmp4(
+                POD2_MAC,
+                POD2_PORT_MAC,
+                POD2,
+                NODE,
+                64,
+                Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+                &np_out[14..],
+            ),
+        ),
         (POD1_PORT, fragment(syn, true, 0)),
         (POD1_PORT, v6),
     ]
@@ -41,11 +113,26 @@ fn seeds() -> Vec<(PortId, Vec<u8>)> {
 
 /// An engine that already has connections, so mutations hit the conntrack paths too.
 fn warmed(resolved: bool) -> Engine {
-    let e = engine_with(EngineConfig { max_connections: 256, shards: 2, ..EngineConfig::default() }, resolved);
+    let e = engine_with(
+        EngineConfig {
+            max_connections: 256,
+            shards: 2,
+            ..EngineConfig::default()
+        },
+        resolved,
+    );
     let mut tx = Vec::new();
     for (port, f) in seeds() {
         let mut f = f;
-        let _ = e.handle_frame(Duration::from_secs(1), RxMeta { port, csum: Csum::Complete }, &mut f, &mut tx);
+        let _ = e.handle_frame(
+            Duration::from_secs(1),
+            RxMeta {
+                port,
+                csum: Csum::Complete,
+            },
+            &mut f,
+            &mut tx,
+        );
     }
     e
 }

@@ -182,9 +182,7 @@ impl<A: Addr> Tup<A> {
     fn hash(&self, proto: u8) -> u64 {
         let a = fmix64(self.src.hash_word() ^ 0x9e37_79b9_7f4a_7c15);
         let b = fmix64(a ^ self.dst.hash_word());
-        fmix64(
-            b ^ (u64::from(self.sport) << 32) ^ (u64::from(self.dport) << 16) ^ u64::from(proto),
-        )
+        fmix64(b ^ (u64::from(self.sport) << 32) ^ (u64::from(self.dport) << 16) ^ u64::from(proto))
     }
 }
 
@@ -401,7 +399,9 @@ impl<A: Addr> Table<A> {
             *slot = Entry { generation, ..e };
             Some(idx)
         } else {
-            let idx = u32::try_from(self.entries.len()).ok().filter(|&i| i < (1 << 30))?;
+            let idx = u32::try_from(self.entries.len())
+                .ok()
+                .filter(|&i| i < (1 << 30))?;
             self.entries.push(e);
             Some(idx)
         }
@@ -596,15 +596,14 @@ impl Conntrack {
                         let (ns, nf) = tcp_transition(state, flags, dir, tcp);
                         state = ns;
                         flags = nf;
-                        if flags & F_REPLIED != 0
-                            && matches!(state, TcpState::Established)
-                        {
+                        if flags & F_REPLIED != 0 && matches!(state, TcpState::Established) {
                             flags |= F_ASSURED;
                         }
                     } else if flags & F_REPLIED != 0 {
                         flags |= F_ASSURED;
                     }
-                    let expires = now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
+                    let expires =
+                        now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
                     if let Some(x) = t.entries.get_mut(idx as usize) {
                         x.state = state as u8;
                         x.flags = flags;
@@ -624,6 +623,7 @@ impl Conntrack {
     /// `endpoint`. With `snat`, the reply goes to that address and a port from `ports`;
     /// without, to the client (its port remapped from `ports` only if the reply tuple is
     /// taken).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn create(
         &self,
         now: Duration,
@@ -780,7 +780,9 @@ impl Conntrack {
             orig,
             |t, k| {
                 let (_, idx, _) = t.find(proto, &k)?;
-                t.entries.get(idx as usize).map(|e| TcpState::from_u8(e.state))
+                t.entries
+                    .get(idx as usize)
+                    .map(|e| TcpState::from_u8(e.state))
             },
             None
         )
@@ -843,7 +845,15 @@ mod tests {
             let c = [10, 0, (i >> 8) as u8, i as u8];
             let o = tup(c, 1000 + (i % 7) as u16, [10, 96, 0, 1], 80);
             let r = ct
-                .create(Duration::ZERO, PROTO_UDP, &o, (IpAddr::from([10, 244, 0, 5]), 8080), None, &ports, 0)
+                .create(
+                    Duration::ZERO,
+                    PROTO_UDP,
+                    &o,
+                    (IpAddr::from([10, 244, 0, 5]), 8080),
+                    None,
+                    &ports,
+                    0,
+                )
                 .unwrap();
             assert!(matches!(r, Created::New(_)));
             origs.push(o);
@@ -861,7 +871,10 @@ mod tests {
         ct.expire(Duration::from_secs(31));
         assert_eq!(ct.len(), 0);
         for o in &origs {
-            assert!(ct.lookup(Duration::from_secs(31), PROTO_UDP, o, None).is_none());
+            assert!(
+                ct.lookup(Duration::from_secs(31), PROTO_UDP, o, None)
+                    .is_none()
+            );
         }
     }
 

@@ -442,7 +442,8 @@ impl Engine {
         let mut p = Ports::default();
         for port in ports {
             p.local.extend(port.addrs.iter().map(|n| n.addr()));
-            p.local.extend(port.proxy_arp.iter().map(|a| IpAddr::V4(*a)));
+            p.local
+                .extend(port.proxy_arp.iter().map(|a| IpAddr::V4(*a)));
             p.by_id.insert(port.id, port);
         }
         self.ports.store(Arc::new(p));
@@ -654,6 +655,7 @@ impl Engine {
     }
 
     /// Sends an ICMP error about the packet `ip` in `frame` back where it came from.
+    #[allow(clippy::too_many_arguments)]
     fn send_icmp_error(
         &self,
         ports: &Ports,
@@ -676,9 +678,10 @@ impl Engine {
             return;
         };
         let plan = self.plan.load();
-        let Some(src) = src.or_else(|| ports.addr_of(meta.port, ip.v6)).or_else(|| {
-            plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6)
-        }) else {
+        let Some(src) = src
+            .or_else(|| ports.addr_of(meta.port, ip.v6))
+            .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
+        else {
             return;
         };
         let (ty, code) = match (kind, ip.v6) {
@@ -767,7 +770,11 @@ impl Engine {
                     return;
                 }
                 let n = d_all.apply_complete(c);
-                if n == 0 && ip.proto == PROTO_UDP { 0xffff } else { n }
+                if n == 0 && ip.proto == PROTO_UDP {
+                    0xffff
+                } else {
+                    n
+                }
             }
         };
         wr16(frame, at, new);
@@ -817,8 +824,7 @@ impl Engine {
             return Ok(self.unmatched());
         };
         // loadBalancerSourceRanges: "traffic from other sources is dropped".
-        if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src))
-        {
+        if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src)) {
             return Err(DropReason::SourceRange);
         }
         // A RST cannot open a connection: conntrack calls it INVALID.
@@ -908,7 +914,10 @@ impl Engine {
         let route = if target.dst == ep.ip() {
             route
         } else {
-            self.fib.load().lookup(target.dst).ok_or(DropReason::NoRoute)?
+            self.fib
+                .load()
+                .lookup(target.dst)
+                .ok_or(DropReason::NoRoute)?
         };
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
@@ -960,7 +969,11 @@ impl Engine {
             (hit.t[1], hit.t[0])
         };
         let outer = Tuple {
-            src: if ip.src == this.src { other.dst } else { ip.src },
+            src: if ip.src == this.src {
+                other.dst
+            } else {
+                ip.src
+            },
             dst: other.src,
             sport: 0,
             dport: 0,
@@ -993,7 +1006,15 @@ impl Engine {
             let c = rd16(frame, at);
             if !(inner.proto == PROTO_UDP && c == 0) {
                 let n = d_l4.apply_complete(c);
-                wr16(frame, at, if n == 0 && inner.proto == PROTO_UDP { 0xffff } else { n });
+                wr16(
+                    frame,
+                    at,
+                    if n == 0 && inner.proto == PROTO_UDP {
+                        0xffff
+                    } else {
+                        n
+                    },
+                );
             }
         }
         // Outer header and ICMP checksum (recomputed: errors are rare and short).
@@ -1022,7 +1043,8 @@ impl Engine {
                 wr16(frame, ip.l4 + 2, fold(acc));
             }
         }
-        self.forward(now, meta, ports, frame, &ip2, route, tx).map(Some)
+        self.forward(now, meta, ports, frame, &ip2, route, tx)
+            .map(Some)
     }
 
     /// Decrements the TTL, sets MACs and resolves the next hop.
@@ -1135,7 +1157,11 @@ impl Engine {
         if frame.len() < a + 28 {
             return Verdict::Drop(DropReason::Truncated);
         }
-        if rd16(frame, a) != 1 || rd16(frame, a + 2) != ETH_IPV4 || rd8(frame, a + 4) != 6 || rd8(frame, a + 5) != 4 {
+        if rd16(frame, a) != 1
+            || rd16(frame, a + 2) != ETH_IPV4
+            || rd8(frame, a + 4) != 6
+            || rd8(frame, a + 5) != 4
+        {
             return Verdict::Drop(DropReason::Malformed);
         }
         let op = rd16(frame, a + 6);
@@ -1233,7 +1259,9 @@ impl Engine {
             self.stats.forwarded.fetch_add(released, Ordering::Relaxed);
         }
         let _ = ports;
-        resolving && reply || had && reply
+        // A reply for a neighbour the engine knows or was resolving is handled here (a
+        // reply for an unknown one returned early, left to the kernel).
+        reply && (had || resolving)
     }
 
     /// When [`Engine::handle_timeout`] should next be called, on the caller's clock.

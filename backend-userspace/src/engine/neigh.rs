@@ -17,11 +17,19 @@ pub(crate) struct Fib {
 }
 
 fn mask4(len: u8) -> u32 {
-    if len == 0 { 0 } else { u32::MAX << (32 - u32::from(len.min(32))) }
+    if len == 0 {
+        0
+    } else {
+        u32::MAX << (32 - u32::from(len.min(32)))
+    }
 }
 
 fn mask6(len: u8) -> u128 {
-    if len == 0 { 0 } else { u128::MAX << (128 - u32::from(len.min(128))) }
+    if len == 0 {
+        0
+    } else {
+        u128::MAX << (128 - u32::from(len.min(128)))
+    }
 }
 
 impl Fib {
@@ -60,8 +68,8 @@ impl Fib {
                 }
             }
         }
-        fib.v4.sort_by(|a, b| b.0.cmp(&a.0));
-        fib.v6.sort_by(|a, b| b.0.cmp(&a.0));
+        fib.v4.sort_by_key(|e| std::cmp::Reverse(e.0));
+        fib.v6.sort_by_key(|e| std::cmp::Reverse(e.0));
         fib
     }
 

@@ -14,7 +14,7 @@ use ipnet::IpNet;
 use parking_lot::Mutex;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{BackendSet, BackendSetId, EmptyAction, Masquerade, Plan};
-use svcnat_core::select::{AffinityTable, Maglev, MaglevBackend, MAX_MAGLEV_SIZE};
+use svcnat_core::select::{AffinityTable, MAX_MAGLEV_SIZE, Maglev, MaglevBackend};
 
 use super::wire::{PROTO_TCP, PROTO_UDP};
 
@@ -135,7 +135,12 @@ fn prime_at_least(n: u64) -> u32 {
         if c >= u64::from(MAX_MAGLEV_SIZE) {
             return MAX_MAGLEV_SIZE;
         }
-        let is_prime = c == 2 || (c % 2 == 1 && (3..).step_by(2).take_while(|d| d * d <= c).all(|d| c % d != 0));
+        let is_prime = c == 2
+            || (c % 2 == 1
+                && (3..)
+                    .step_by(2)
+                    .take_while(|d| d * d <= c)
+                    .all(|d| !c.is_multiple_of(d)));
         if is_prime {
             return u32::try_from(c).unwrap_or(MAX_MAGLEV_SIZE);
         }
@@ -238,7 +243,10 @@ impl Registry {
                 (key.addr, proto, key.port),
                 CFrontend {
                     backends: sets.get(&fe.backends).cloned(),
-                    shortcut: fe.local_shortcut.as_ref().and_then(|s| sets.get(s).cloned()),
+                    shortcut: fe
+                        .local_shortcut
+                        .as_ref()
+                        .and_then(|s| sets.get(s).cloned()),
                     masquerade: fe.masquerade,
                     source_ranges: fe.source_ranges.clone(),
                     affinity: fe.affinity_timeout,

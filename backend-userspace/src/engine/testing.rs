@@ -103,26 +103,99 @@ fn service(
 pub fn cluster() -> Cluster {
     let mut c = Cluster::new();
     let v4 = |a, b, c2, d| Ipv4Addr::new(a, b, c2, d);
-    service(&mut c, "web", ServiceType::NodePort, v4(10, 96, 0, 10), Protocol::Tcp, 80, 8080, Some(30080), |_| {});
+    service(
+        &mut c,
+        "web",
+        ServiceType::NodePort,
+        v4(10, 96, 0, 10),
+        Protocol::Tcp,
+        80,
+        8080,
+        Some(30080),
+        |_| {},
+    );
     pod(&mut c, "web-1", POD1_IP, "web", "node-a");
     pod(&mut c, "web-2", POD2_IP, "web", "node-a");
     pod(&mut c, "web-3", POD3_IP, "web", "node-b");
-    service(&mut c, "dns", ServiceType::ClusterIp, v4(10, 96, 0, 53), Protocol::Udp, 53, 53, None, |_| {});
+    service(
+        &mut c,
+        "dns",
+        ServiceType::ClusterIp,
+        v4(10, 96, 0, 53),
+        Protocol::Udp,
+        53,
+        53,
+        None,
+        |_| {},
+    );
     pod(&mut c, "dns-1", POD1_IP, "dns", "node-a");
-    service(&mut c, "empty", ServiceType::ClusterIp, v4(10, 96, 0, 99), Protocol::Tcp, 80, 80, None, |_| {});
-    service(&mut c, "local", ServiceType::NodePort, v4(10, 96, 0, 30), Protocol::Tcp, 80, 8080, Some(30090), |s| {
-        s.external_traffic_policy = TrafficPolicy::Local;
-    });
-    pod(&mut c, "local-1", Ipv4Addr::new(10, 244, 1, 8), "local", "node-b");
-    service(&mut c, "lb", ServiceType::LoadBalancer, v4(10, 96, 0, 40), Protocol::Tcp, 443, 8443, Some(30443), |s| {
-        s.load_balancer_ips = vec![IpAddr::V4(v4(198, 51, 100, 7))];
-        s.load_balancer_source_ranges = vec![ipnet::IpNet::V4(ipnet::Ipv4Net::new(v4(203, 0, 113, 0), 24).unwrap_or_default())];
-    });
+    service(
+        &mut c,
+        "empty",
+        ServiceType::ClusterIp,
+        v4(10, 96, 0, 99),
+        Protocol::Tcp,
+        80,
+        80,
+        None,
+        |_| {},
+    );
+    service(
+        &mut c,
+        "local",
+        ServiceType::NodePort,
+        v4(10, 96, 0, 30),
+        Protocol::Tcp,
+        80,
+        8080,
+        Some(30090),
+        |s| {
+            s.external_traffic_policy = TrafficPolicy::Local;
+        },
+    );
+    pod(
+        &mut c,
+        "local-1",
+        Ipv4Addr::new(10, 244, 1, 8),
+        "local",
+        "node-b",
+    );
+    service(
+        &mut c,
+        "lb",
+        ServiceType::LoadBalancer,
+        v4(10, 96, 0, 40),
+        Protocol::Tcp,
+        443,
+        8443,
+        Some(30443),
+        |s| {
+            s.load_balancer_ips = vec![IpAddr::V4(v4(198, 51, 100, 7))];
+            s.load_balancer_source_ranges = vec![ipnet::IpNet::V4(
+                ipnet::Ipv4Net::new(v4(203, 0, 113, 0), 24).unwrap_or_default(),
+            )];
+        },
+    );
     pod(&mut c, "lb-1", POD2_IP, "lb", "node-a");
-    service(&mut c, "sticky", ServiceType::ClusterIp, v4(10, 96, 0, 20), Protocol::Tcp, 80, 8080, None, |s| {
-        s.session_affinity = SessionAffinity::ClientIp { timeout_seconds: 10800 };
-        s.selector = Some(LabelSelector::from_labels(BTreeMap::from([("app".to_string(), "web".to_string())])));
-    });
+    service(
+        &mut c,
+        "sticky",
+        ServiceType::ClusterIp,
+        v4(10, 96, 0, 20),
+        Protocol::Tcp,
+        80,
+        8080,
+        None,
+        |s| {
+            s.session_affinity = SessionAffinity::ClientIp {
+                timeout_seconds: 10800,
+            };
+            s.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+                "app".to_string(),
+                "web".to_string(),
+            )])));
+        },
+    );
     c
 }
 
@@ -173,17 +246,38 @@ pub fn ports() -> Vec<PortConfig> {
 }
 
 fn net(s: &str) -> ipnet::IpNet {
-    s.parse().unwrap_or(ipnet::IpNet::V4(ipnet::Ipv4Net::default()))
+    s.parse()
+        .unwrap_or(ipnet::IpNet::V4(ipnet::Ipv4Net::default()))
 }
 
 /// The fixture routes.
 pub fn routes() -> Vec<Route> {
     vec![
-        Route { dst: net("0.0.0.0/0"), port: UPLINK, gateway: Some(IpAddr::V4(ROUTER_IP)) },
-        Route { dst: net("192.168.1.0/24"), port: UPLINK, gateway: None },
-        Route { dst: net("10.244.1.0/24"), port: UPLINK, gateway: Some(IpAddr::V4(NODE_B_IP)) },
-        Route { dst: net("10.244.0.5/32"), port: POD1_PORT, gateway: None },
-        Route { dst: net("10.244.0.6/32"), port: POD2_PORT, gateway: None },
+        Route {
+            dst: net("0.0.0.0/0"),
+            port: UPLINK,
+            gateway: Some(IpAddr::V4(ROUTER_IP)),
+        },
+        Route {
+            dst: net("192.168.1.0/24"),
+            port: UPLINK,
+            gateway: None,
+        },
+        Route {
+            dst: net("10.244.1.0/24"),
+            port: UPLINK,
+            gateway: Some(IpAddr::V4(NODE_B_IP)),
+        },
+        Route {
+            dst: net("10.244.0.5/32"),
+            port: POD1_PORT,
+            gateway: None,
+        },
+        Route {
+            dst: net("10.244.0.6/32"),
+            port: POD2_PORT,
+            gateway: None,
+        },
     ]
 }
 
@@ -220,7 +314,11 @@ pub fn fuzz_one(engine: &Engine, data: &[u8]) {
     };
     let meta = RxMeta {
         port: u32::from(sel & 3),
-        csum: if sel & 4 != 0 { Csum::Partial } else { Csum::Complete },
+        csum: if sel & 4 != 0 {
+            Csum::Partial
+        } else {
+            Csum::Complete
+        },
     };
     let mut frame = frame.to_vec();
     let mut tx = Vec::new();

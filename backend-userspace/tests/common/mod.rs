@@ -1,5 +1,11 @@
 //! Frame builders (etherparse) and independent checksum checks shared by the engine tests.
-#![allow(dead_code, unreachable_pub, clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(
+    dead_code,
+    unreachable_pub,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic
+)]
 
 use etherparse::{Icmpv4Type, PacketBuilder, SlicedPacket, TransportSlice};
 
@@ -68,7 +74,15 @@ pub fn udp(
     out
 }
 
-pub fn icmp4(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, ty: Icmpv4Type, quote: &[u8]) -> Vec<u8> {
+pub fn icmp4(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: [u8; 4],
+    dst: [u8; 4],
+    ttl: u8,
+    ty: Icmpv4Type,
+    quote: &[u8],
+) -> Vec<u8> {
     let mut out = Vec::new();
     PacketBuilder::ethernet2(smac, dmac)
         .ipv4(src, dst, ttl)
@@ -78,7 +92,15 @@ pub fn icmp4(smac: [u8; 6], dmac: [u8; 6], src: [u8; 4], dst: [u8; 4], ttl: u8, 
     out
 }
 
-pub fn arp(op: u16, smac: [u8; 6], dmac: [u8; 6], sha: [u8; 6], spa: [u8; 4], tha: [u8; 6], tpa: [u8; 4]) -> Vec<u8> {
+pub fn arp(
+    op: u16,
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    sha: [u8; 6],
+    spa: [u8; 4],
+    tha: [u8; 6],
+    tpa: [u8; 4],
+) -> Vec<u8> {
     let mut f = Vec::new();
     f.extend_from_slice(&dmac);
     f.extend_from_slice(&smac);
@@ -119,15 +141,25 @@ pub fn verify_checksums(frame: &[u8]) {
         return;
     };
     let h = ip.header().to_header();
-    assert_eq!(h.header_checksum, h.calc_header_checksum(), "IPv4 header checksum");
+    assert_eq!(
+        h.header_checksum,
+        h.calc_header_checksum(),
+        "IPv4 header checksum"
+    );
     let (src, dst) = (ip.header().source(), ip.header().destination());
     match &p.transport {
         Some(TransportSlice::Tcp(t)) => {
-            let want = t.to_header().calc_checksum_ipv4_raw(src, dst, t.payload()).unwrap();
+            let want = t
+                .to_header()
+                .calc_checksum_ipv4_raw(src, dst, t.payload())
+                .unwrap();
             assert_eq!(t.checksum(), want, "TCP checksum");
         }
         Some(TransportSlice::Udp(u)) => {
-            let want = u.to_header().calc_checksum_ipv4_raw(src, dst, u.payload()).unwrap();
+            let want = u
+                .to_header()
+                .calc_checksum_ipv4_raw(src, dst, u.payload())
+                .unwrap();
             assert_eq!(u.checksum(), want, "UDP checksum");
         }
         Some(TransportSlice::Icmpv4(i)) => {
@@ -137,4 +169,3 @@ pub fn verify_checksums(frame: &[u8]) {
         _ => {}
     }
 }
-
