@@ -219,3 +219,23 @@ proptest! {
         let _ = e.counters();
     }
 }
+
+#[test]
+fn extreme_times_never_panic() {
+    let e = warmed(false);
+    let mut tx = Vec::new();
+    for (port, f) in seeds() {
+        let mut f = f;
+        let _ = e.handle_frame(
+            Duration::MAX,
+            RxMeta {
+                port,
+                csum: Csum::Complete,
+            },
+            &mut f,
+            &mut tx,
+        );
+    }
+    e.handle_timeout(Duration::MAX, &mut tx);
+    let _ = e.poll_timeout();
+}
