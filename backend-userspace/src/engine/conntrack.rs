@@ -623,6 +623,7 @@ impl Conntrack {
     /// `endpoint`. With `snat`, the reply goes to that address and a port from `ports`;
     /// without, to the client (its port remapped from `ports` only if the reply tuple is
     /// taken).
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn create(
         &self,
         now: Duration,

@@ -655,6 +655,7 @@ impl Engine {
     }
 
     /// Sends an ICMP error about the packet `ip` in `frame` back where it came from.
+    #[allow(clippy::too_many_arguments)]
     fn send_icmp_error(
         &self,
         ports: &Ports,
@@ -710,7 +711,7 @@ impl Engine {
             out.extend_from_slice(&ETH_IPV4.to_be_bytes());
             out.extend_from_slice(&[0x45, 0]);
             out.extend_from_slice(&((20 + icmp_len) as u16).to_be_bytes());
-            out.extend_from_slice(&[0, 0, 0, 0, 64, PROTO_ICMP, 0, 0]);
+            out.extend_from_slice(&[0, 0, 0x40, 0, 64, PROTO_ICMP, 0, 0]);
             out.extend_from_slice(&[0; 8]);
         }
         let l4 = out.len();
@@ -1108,7 +1109,7 @@ impl Engine {
         });
         if n.tries == 0 {
             n.tries = 1;
-            n.next_try = now + neigh::ARP_RETRY;
+            n.next_try = now.saturating_add(neigh::ARP_RETRY);
             if let Some(f) = self.arp_request(ports, out_port, target) {
                 tx.push(f);
             }
@@ -1232,7 +1233,7 @@ impl Engine {
         });
         let resolving = n.tries > 0;
         n.mac = Some(sha);
-        n.reachable_until = now + self.cfg.neighbour_reachable;
+        n.reachable_until = now.saturating_add(self.cfg.neighbour_reachable);
         n.tries = 0;
         let queue = std::mem::take(&mut n.queue);
         drop(map);
@@ -1258,7 +1259,9 @@ impl Engine {
             self.stats.forwarded.fetch_add(released, Ordering::Relaxed);
         }
         let _ = ports;
-        resolving && reply || had && reply
+        // A reply for a neighbour the engine knows or was resolving is handled here (a
+        // reply for an unknown one returned early, left to the kernel).
+        reply && (had || resolving)
     }
 
     /// When [`Engine::handle_timeout`] should next be called, on the caller's clock.
@@ -1272,7 +1275,7 @@ impl Engine {
             if n.tries > 0 {
                 at(n.next_try);
             } else if n.mac.is_some() {
-                at(n.reachable_until + neigh::STALE_GC);
+                at(n.reachable_until.saturating_add(neigh::STALE_GC));
             }
         }
         next
@@ -1284,7 +1287,7 @@ impl Engine {
             let mut next = self.next_sweep.lock();
             if now >= *next {
                 self.ct.expire(now);
-                *next = now + Duration::from_secs(1);
+                *next = now.saturating_add(Duration::from_secs(1));
             }
         }
         let ports = self.ports.load();
@@ -1296,7 +1299,7 @@ impl Engine {
                 if n.tries > 0 && now >= n.next_try {
                     if n.tries < neigh::ARP_TRIES {
                         n.tries += 1;
-                        n.next_try = now + neigh::ARP_RETRY;
+                        n.next_try = now.saturating_add(neigh::ARP_RETRY);
                         if let (Some(p), IpAddr::V4(t)) = (ports.by_id.get(port), ip)
                             && let Some(f) = self.arp_request(&ports, p, *t)
                         {
@@ -1308,7 +1311,9 @@ impl Engine {
                     failed += n.queue.len() as u64;
                     return false;
                 }
-                !(n.tries == 0 && n.mac.is_some() && now >= n.reachable_until + neigh::STALE_GC)
+                !(n.tries == 0
+                    && n.mac.is_some()
+                    && now >= n.reachable_until.saturating_add(neigh::STALE_GC))
             });
         }
         for _ in 0..failed {

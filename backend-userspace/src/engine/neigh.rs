@@ -68,8 +68,8 @@ impl Fib {
                 }
             }
         }
-        fib.v4.sort_by(|a, b| b.0.cmp(&a.0));
-        fib.v6.sort_by(|a, b| b.0.cmp(&a.0));
+        fib.v4.sort_by_key(|e| std::cmp::Reverse(e.0));
+        fib.v6.sort_by_key(|e| std::cmp::Reverse(e.0));
         fib
     }
 

@@ -84,6 +84,9 @@ pub(crate) struct SetReg {
     affinity: Mutex<Option<AffinityTable<IpAddr>>>,
     /// The last compiled form, reused when the plan's set is unchanged.
     last: Mutex<Option<(Arc<BackendSet>, Arc<CSet>)>>,
+    /// The Maglev table size in use: kept while the endpoint count stays in range, since
+    /// a new size remaps every flow.
+    size: Mutex<u32>,
 }
 
 /// A compiled frontend.
@@ -137,7 +140,7 @@ fn prime_at_least(n: u64) -> u32 {
                 && (3..)
                     .step_by(2)
                     .take_while(|d| d * d <= c)
-                    .all(|d| c % d != 0));
+                    .all(|d| !c.is_multiple_of(d)));
         if is_prime {
             return u32::try_from(c).unwrap_or(MAX_MAGLEV_SIZE);
         }
@@ -194,7 +197,16 @@ impl Registry {
             })
             .collect();
         let nonzero = weights.iter().filter(|&&w| w > 0).count() as u64;
-        let size = prime_at_least(nonzero.saturating_mul(SLOTS_PER_ENDPOINT));
+        let size = {
+            let mut size = reg.size.lock();
+            let prev = u64::from(*size);
+            let in_range = prev >= nonzero.saturating_mul(SLOTS_PER_ENDPOINT / 10)
+                && prev <= nonzero.saturating_mul(SLOTS_PER_ENDPOINT * 10).max(1009);
+            if prev == 0 || !in_range {
+                *size = prime_at_least(nonzero.saturating_mul(SLOTS_PER_ENDPOINT));
+            }
+            *size
+        };
         // Only fails with more weighted endpoints than MAX_MAGLEV_SIZE: then the set is
         // treated as empty.
         let maglev = Maglev::build(&backends, size).unwrap_or_default();
