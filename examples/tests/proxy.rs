@@ -421,8 +421,89 @@ fn metrics_health_sigterm_and_cleanup() {
 }
 
 #[test]
+fn proxy_with_the_userspace_backend() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    let userspace = [
+        "--backend",
+        "userspace",
+        "--interfaces",
+        "eth0,vp*",
+        "--workers",
+        "1",
+    ];
+    let mut proxies = vec![
+        RunningProxy::start_with(&tb, 0, &dir.0, &userspace),
+        RunningProxy::start_with(&tb, 1, &dir.0, &userspace),
+    ];
+    for p in &proxies {
+        p.wait_ready();
+    }
+    for node in 0..2 {
+        let r = probe(&tb, node, 60);
+        assert!(r.all_ok(), "NodePort on node {node}: {r}");
+        assert_eq!(
+            r.pods().len(),
+            3,
+            "node {node} spreads over the three pods: {r}"
+        );
+    }
+    // The datapath forwards in the process: no iptables rules, its counters on /metrics.
+    assert!(!iptables_save(&tb, 0).contains("KUBE-"));
+    let metrics = curl(&tb, 0, "/metrics");
+    for want in [
+        "\nsvcnat_services 1\n",
+        "svcnat_userspace_rx_frames_total ",
+        "svcnat_userspace_verdicts_total{verdict=\"forward\"} ",
+        "svcnat_userspace_drops_total{reason=\"truncated\"} ",
+        "\nsvcnat_userspace_connections ",
+    ] {
+        assert!(metrics.contains(want), "no {want:?} in\n{metrics}");
+    }
+    let forwarded = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("svcnat_userspace_verdicts_total{verdict=\"forward\"} "))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(forwarded > 0, "{metrics}");
+
+    // A Service edit reaches the datapath: the selector to a missing label refuses.
+    dir.write("vote-svc.yaml", &service_yaml("missing"));
+    assert!(
+        wait_all_nodes(&tb, 10, refused),
+        "selector change not applied"
+    );
+    dir.write("vote-svc.yaml", &service_yaml("vote"));
+    assert!(
+        wait_all_nodes(&tb, 10, answered),
+        "selector restore not applied"
+    );
+
+    // SIGTERM hands forwarding back to the kernel: no ingress table, forwarding on.
+    let status = proxies[0].terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let out = tb
+        .exec(
+            tb.ns_of_node(0),
+            ["nft", "list", "table", "netdev", "svcnat"],
+        )
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the ingress table outlived the proxy"
+    );
+    let fwd = tb
+        .exec_ok(tb.ns_of_node(0), ["sysctl", "-n", "net.ipv4.ip_forward"])
+        .unwrap();
+    assert_eq!(fwd.trim(), "1");
+    drop(proxies);
+}
+
+#[test]
 fn unbuilt_backends_exit_2() {
-    for backend in ["ipvs", "userspace"] {
+    for backend in ["ipvs"] {
         let out = Command::new(PROXY)
             .args(["--backend", backend, "--manifests", "/nonexistent"])
             .output()
