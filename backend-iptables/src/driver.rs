@@ -355,8 +355,10 @@ fn splice_before_commit(text: &str, table: Table, extra: &str) -> String {
     format!("{text}{header}{extra}COMMIT\n")
 }
 
-/// Chains in `iptables-save` output that svcnat owns: per-service chains and `fixed`.
-fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
+/// Chains in `iptables-save` output that svcnat owns: per-service chains (see
+/// [`is_service_chain`]) and `fixed`. The text comes from the kernel's tables, which anyone
+/// on the node may write: any input is read without a panic.
+pub fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
     saved
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
@@ -368,7 +370,7 @@ fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
 
 /// Whether `iptables-save` output has the jump `rule` in `builtin`; a jump is identified by
 /// its built-in chain and its target, which no two base jumps share.
-fn has_jump(saved: &str, builtin: &str, rule: &[String]) -> bool {
+pub fn has_jump(saved: &str, builtin: &str, rule: &[String]) -> bool {
     let Some(target) = rule.last() else {
         return false;
     };
@@ -406,14 +408,16 @@ pub fn is_service_chain(chain: &str) -> bool {
     PREFIXES.iter().any(|p| chain.starts_with(p))
 }
 
-/// Reads `line N` out of iptables-restore's error message.
-fn failing_line(stderr: &str) -> Option<usize> {
-    let i = stderr.find("line ")?;
-    let digits: String = stderr[i + 5..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+/// Reads the failing line number out of iptables-restore's error message: `line 7 failed`,
+/// `line 12: RULE_APPEND failed`, or (iptables 1.8 when a chain or target is missing)
+/// `Error occurred at line: 3`. `None` when no `line` is followed by a number.
+pub fn failing_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(i, m)| {
+        let rest = stderr[i + m.len()..].strip_prefix(':').unwrap_or(&stderr[i + m.len()..]);
+        let rest = rest.trim_start_matches(' ');
+        let digits = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+        digits.parse().ok()
+    })
 }
 
 fn detect(runner: &Runner) -> Result<Flavour, SyncError> {
@@ -523,6 +527,21 @@ mod tests {
             Some(12)
         );
         assert_eq!(failing_line("something else"), None);
+        // iptables 1.8.9, both flavours, when a rule jumps to a missing chain: the number
+        // follows a colon, and an earlier "line" (in a quoted comment) has none.
+        assert_eq!(
+            failing_line(
+                "iptables-restore v1.8.9 (legacy): Couldn't load target `KUBE-SEP-X':No such \
+                 file or directory\n\nError occurred at line: 3\nTry `iptables-restore -h'"
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            failing_line("--comment \"line x\" ... Error occurred at line: 4"),
+            Some(4)
+        );
+        assert_eq!(failing_line("line 99999999999999999999999999"), None);
+        assert_eq!(failing_line("line"), None);
     }
 
     #[test]
