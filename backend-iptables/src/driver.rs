@@ -413,9 +413,13 @@ pub fn is_service_chain(chain: &str) -> bool {
 /// `Error occurred at line: 3`. `None` when no `line` is followed by a number.
 pub fn failing_line(stderr: &str) -> Option<usize> {
     stderr.match_indices("line").find_map(|(i, m)| {
-        let rest = stderr[i + m.len()..].strip_prefix(':').unwrap_or(&stderr[i + m.len()..]);
+        let rest = stderr[i + m.len()..]
+            .strip_prefix(':')
+            .unwrap_or(&stderr[i + m.len()..]);
         let rest = rest.trim_start_matches(' ');
-        let digits = &rest[..rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len())];
+        let digits = &rest[..rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len())];
         digits.parse().ok()
     })
 }
