@@ -489,6 +489,19 @@ impl Dataplane for Iptables {
         self.full_sync(plan)
     }
 
+    /// The canary check of [`IptablesConfig::canary_interval`], between syncs: `true` when
+    /// it is due and the canary chain is gone from a table.
+    fn drifted(&mut self) -> Result<bool, SyncError> {
+        let due = self
+            .canary_checked
+            .is_none_or(|t| t.elapsed() >= self.canary_interval);
+        if !due || self.applied.is_none() {
+            return Ok(false);
+        }
+        self.canary_checked = Some(Instant::now());
+        Ok(!self.canary_present())
+    }
+
     fn cleanup(&mut self) -> Result<(), SyncError> {
         self.applied = None;
         for (table, chain, rule) in base_jumps() {
