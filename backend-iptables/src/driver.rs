@@ -315,7 +315,7 @@ impl Iptables {
             jumps += missing.len();
             text = splice_before_commit(&text, table, &extra);
         }
-        self.restore(&text)?;
+        self.restore(&nat_first(&text))?;
         let report = SyncReport {
             full: true,
             written: rules.rule_count() + jumps,
@@ -337,6 +337,35 @@ impl Iptables {
             .map(|(_, c)| c.to_string())
             .collect()
     }
+}
+
+/// Restore text with the `nat` table's blocks first, each table's blocks in their order.
+///
+/// `iptables-restore` commits table by table and stops at the first failure. The chains
+/// that can fail to go (someone else's rule still jumps to them) and the rules that carry
+/// traffic (DNAT) are in `nat`; with `nat` first, a failure there leaves every table as it
+/// was, instead of a committed `filter` (REJECT for "no endpoints") over an old `nat`.
+fn nat_first(text: &str) -> String {
+    let mut head = String::new();
+    let mut nat = String::new();
+    let mut rest = String::new();
+    let mut current: Option<bool> = None;
+    for line in text.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            current = Some(table.trim() == "nat");
+        }
+        let out = match current {
+            Some(true) => &mut nat,
+            Some(false) => &mut rest,
+            None => &mut head,
+        };
+        out.push_str(line);
+        out.push('\n');
+        if line.trim() == "COMMIT" {
+            current = None;
+        }
+    }
+    head + &nat + &rest
 }
 
 /// Chains per `*table ... COMMIT` block of a full sync with the nft flavour.
@@ -474,7 +503,7 @@ impl Dataplane for Iptables {
         };
         // On failure `applied` stays None: the kernel kept the old rules and the next sync
         // rewrites everything.
-        self.restore(&text)?;
+        self.restore(&nat_first(&text))?;
         let report = SyncReport {
             full: false,
             written: text.lines().filter(|l| l.starts_with("-A ")).count(),
@@ -535,6 +564,16 @@ impl Dataplane for Iptables {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn nat_blocks_go_first_in_their_order() {
+        let text = "# head\n*filter\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\nCOMMIT\n*filter\n:C - [0:0]\nCOMMIT\n*nat\n-A B -j RETURN\nCOMMIT\n";
+        assert_eq!(
+            nat_first(text),
+            "# head\n*nat\n:B - [0:0]\nCOMMIT\n*nat\n-A B -j RETURN\nCOMMIT\n*filter\n:A - [0:0]\nCOMMIT\n*filter\n:C - [0:0]\nCOMMIT\n"
+        );
+        assert_eq!(nat_first(""), "");
+    }
 
     #[test]
     fn reads_the_failing_line() {

@@ -900,7 +900,9 @@ impl<D: Dataplane> Proxy<D> {
         if self.ready && !self.dirty && self.retry_at.is_none() {
             match self.agent.dataplane().drifted() {
                 Ok(true) => {
-                    warn!("the dataplane's rules were changed from outside (canary gone); full resync");
+                    warn!(
+                        "the dataplane's rules were changed from outside (canary gone); full resync"
+                    );
                     self.last_full = None;
                 }
                 Ok(false) => {}
