@@ -134,10 +134,10 @@ fn service(i: u8, s: &SvcSpec) -> Service {
             app_protocol: None,
         });
     }
-    if s.ports.len() == 1 {
-        if let Some(p) = svc.ports.first_mut() {
-            p.name.clear();
-        }
+    if s.ports.len() == 1
+        && let Some(p) = svc.ports.first_mut()
+    {
+        p.name.clear();
     }
     if let Some(e) = s.external_ip {
         svc.external_ips.push(IpAddr::from([192, 0, 2, e % 4]));
