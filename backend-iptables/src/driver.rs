@@ -315,7 +315,7 @@ impl Iptables {
             jumps += missing.len();
             text = splice_before_commit(&text, table, &extra);
         }
-        self.restore(&text)?;
+        self.restore(&nat_first(&text))?;
         let report = SyncReport {
             full: true,
             written: rules.rule_count() + jumps,
@@ -339,6 +339,35 @@ impl Iptables {
     }
 }
 
+/// Restore text with the `nat` table's blocks first, each table's blocks in their order.
+///
+/// `iptables-restore` commits table by table and stops at the first failure. The chains
+/// that can fail to go (someone else's rule still jumps to them) and the rules that carry
+/// traffic (DNAT) are in `nat`; with `nat` first, a failure there leaves every table as it
+/// was, instead of a committed `filter` (REJECT for "no endpoints") over an old `nat`.
+fn nat_first(text: &str) -> String {
+    let mut head = String::new();
+    let mut nat = String::new();
+    let mut rest = String::new();
+    let mut current: Option<bool> = None;
+    for line in text.lines() {
+        if let Some(table) = line.strip_prefix('*') {
+            current = Some(table.trim() == "nat");
+        }
+        let out = match current {
+            Some(true) => &mut nat,
+            Some(false) => &mut rest,
+            None => &mut head,
+        };
+        out.push_str(line);
+        out.push('\n');
+        if line.trim() == "COMMIT" {
+            current = None;
+        }
+    }
+    head + &nat + &rest
+}
+
 /// Chains per `*table ... COMMIT` block of a full sync with the nft flavour.
 const NFT_BATCH_CHAINS: usize = 500;
 
@@ -355,8 +384,10 @@ fn splice_before_commit(text: &str, table: Table, extra: &str) -> String {
     format!("{text}{header}{extra}COMMIT\n")
 }
 
-/// Chains in `iptables-save` output that svcnat owns: per-service chains and `fixed`.
-fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
+/// Chains in `iptables-save` output that svcnat owns: per-service chains (see
+/// [`is_service_chain`]) and `fixed`. The text comes from the kernel's tables, which anyone
+/// on the node may write: any input is read without a panic.
+pub fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
     saved
         .lines()
         .filter_map(|l| l.strip_prefix(':'))
@@ -368,7 +399,7 @@ fn owned_in_save(saved: &str, fixed: &BTreeSet<String>) -> BTreeSet<String> {
 
 /// Whether `iptables-save` output has the jump `rule` in `builtin`; a jump is identified by
 /// its built-in chain and its target, which no two base jumps share.
-fn has_jump(saved: &str, builtin: &str, rule: &[String]) -> bool {
+pub fn has_jump(saved: &str, builtin: &str, rule: &[String]) -> bool {
     let Some(target) = rule.last() else {
         return false;
     };
@@ -406,14 +437,20 @@ pub fn is_service_chain(chain: &str) -> bool {
     PREFIXES.iter().any(|p| chain.starts_with(p))
 }
 
-/// Reads `line N` out of iptables-restore's error message.
-fn failing_line(stderr: &str) -> Option<usize> {
-    let i = stderr.find("line ")?;
-    let digits: String = stderr[i + 5..]
-        .chars()
-        .take_while(|c| c.is_ascii_digit())
-        .collect();
-    digits.parse().ok()
+/// Reads the failing line number out of iptables-restore's error message: `line 7 failed`,
+/// `line 12: RULE_APPEND failed`, or (iptables 1.8 when a chain or target is missing)
+/// `Error occurred at line: 3`. `None` when no `line` is followed by a number.
+pub fn failing_line(stderr: &str) -> Option<usize> {
+    stderr.match_indices("line").find_map(|(i, m)| {
+        let rest = stderr[i + m.len()..]
+            .strip_prefix(':')
+            .unwrap_or(&stderr[i + m.len()..]);
+        let rest = rest.trim_start_matches(' ');
+        let digits = &rest[..rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len())];
+        digits.parse().ok()
+    })
 }
 
 fn detect(runner: &Runner) -> Result<Flavour, SyncError> {
@@ -466,7 +503,7 @@ impl Dataplane for Iptables {
         };
         // On failure `applied` stays None: the kernel kept the old rules and the next sync
         // rewrites everything.
-        self.restore(&text)?;
+        self.restore(&nat_first(&text))?;
         let report = SyncReport {
             full: false,
             written: text.lines().filter(|l| l.starts_with("-A ")).count(),
@@ -479,6 +516,19 @@ impl Dataplane for Iptables {
 
     fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
         self.full_sync(plan)
+    }
+
+    /// The canary check of [`IptablesConfig::canary_interval`], between syncs: `true` when
+    /// it is due and the canary chain is gone from a table.
+    fn drifted(&mut self) -> Result<bool, SyncError> {
+        let due = self
+            .canary_checked
+            .is_none_or(|t| t.elapsed() >= self.canary_interval);
+        if !due || self.applied.is_none() {
+            return Ok(false);
+        }
+        self.canary_checked = Some(Instant::now());
+        Ok(!self.canary_present())
     }
 
     fn cleanup(&mut self) -> Result<(), SyncError> {
@@ -516,6 +566,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn nat_blocks_go_first_in_their_order() {
+        let text = "# head\n*filter\n:A - [0:0]\nCOMMIT\n*nat\n:B - [0:0]\nCOMMIT\n*filter\n:C - [0:0]\nCOMMIT\n*nat\n-A B -j RETURN\nCOMMIT\n";
+        assert_eq!(
+            nat_first(text),
+            "# head\n*nat\n:B - [0:0]\nCOMMIT\n*nat\n-A B -j RETURN\nCOMMIT\n*filter\n:A - [0:0]\nCOMMIT\n*filter\n:C - [0:0]\nCOMMIT\n"
+        );
+        assert_eq!(nat_first(""), "");
+    }
+
+    #[test]
     fn reads_the_failing_line() {
         assert_eq!(failing_line("iptables-restore: line 7 failed"), Some(7));
         assert_eq!(
@@ -523,6 +583,21 @@ mod tests {
             Some(12)
         );
         assert_eq!(failing_line("something else"), None);
+        // iptables 1.8.9, both flavours, when a rule jumps to a missing chain: the number
+        // follows a colon, and an earlier "line" (in a quoted comment) has none.
+        assert_eq!(
+            failing_line(
+                "iptables-restore v1.8.9 (legacy): Couldn't load target `KUBE-SEP-X':No such \
+                 file or directory\n\nError occurred at line: 3\nTry `iptables-restore -h'"
+            ),
+            Some(3)
+        );
+        assert_eq!(
+            failing_line("--comment \"line x\" ... Error occurred at line: 4"),
+            Some(4)
+        );
+        assert_eq!(failing_line("line 99999999999999999999999999"), None);
+        assert_eq!(failing_line("line"), None);
     }
 
     #[test]

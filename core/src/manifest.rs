@@ -658,6 +658,17 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         field: String::new(),
         error,
     };
+    // The YAML scanner's cost grows with the square of the flow nesting depth, and any
+    // document nested deeper than the decoder's limit fails anyway: refuse it up front,
+    // with the decoder's own message.
+    if let Some(rel) = flow_nesting_over(&doc.text, MAX_FLOW_NESTING) {
+        m.errors.push(whole(
+            ValidateError::Yaml("recursion limit exceeded".into()),
+            doc.line + rel,
+            None,
+        ));
+        return;
+    }
     let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(&doc.text) {
         Ok(v) => v,
         Err(e) => {
@@ -670,6 +681,24 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             return;
         }
     };
+    if !value.is_mapping() {
+        let what = match &value {
+            serde_yaml_ng::Value::Null => "null",
+            serde_yaml_ng::Value::Bool(_) => "a boolean",
+            serde_yaml_ng::Value::Number(_) => "a number",
+            serde_yaml_ng::Value::String(_) => "a string",
+            serde_yaml_ng::Value::Sequence(_) => "a sequence",
+            _ => "a tagged value",
+        };
+        m.errors.push(whole(
+            ValidateError::Decode(format!(
+                "invalid type: {what}, expected an object with apiVersion and kind"
+            )),
+            doc.line,
+            None,
+        ));
+        return;
+    }
     let kind = value.get("kind").and_then(|k| k.as_str()).unwrap_or("");
     let api_version = value
         .get("apiVersion")
@@ -705,6 +734,18 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             document: doc.index,
             object: None,
             field: "kind".into(),
+            error: ValidateError::Required,
+        });
+        return;
+    }
+    // kubectl: "error validating data: apiVersion not set".
+    if api_version.is_empty() {
+        m.errors.push(LoadError {
+            file: file.to_string(),
+            line: doc.line,
+            document: doc.index,
+            object: Some(object),
+            field: "apiVersion".into(),
             error: ValidateError::Required,
         });
         return;
@@ -851,6 +892,131 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             }
         }
     }
+}
+
+/// Flow collections (`[`, `{`) nested deeper than this are refused before decoding: the
+/// decoder (serde_yaml_ng) refuses nesting deeper than 128 levels, but only after its
+/// scanner has read the whole document, in time quadratic in the depth.
+const MAX_FLOW_NESTING: usize = 128;
+
+/// The 0-based line of a YAML document at which flow collections are certainly nested
+/// more than `limit` deep, or `None`.
+///
+/// A lower bound, so it never refuses what the decoder accepts: in block context a `[` or
+/// `{` counts only where a node starts (after the indentation, `- `, `? ` or `: `), never
+/// inside plain, quoted or block scalars or comments; in flow context every bracket outside
+/// quotes and comments counts (YAML 1.2, 7.3.3: plain scalars in flow context cannot hold
+/// flow indicators).
+fn flow_nesting_over(text: &str, limit: usize) -> Option<usize> {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Quote {
+        None,
+        Single,
+        Double,
+    }
+    let mut depth = 0usize;
+    let mut quote = Quote::None;
+    // Indentation of the line that opened a block scalar (`|` or `>`); deeper lines and
+    // blank lines are its content.
+    let mut block_scalar: Option<usize> = None;
+    // Indentation of the line that ended inside a scalar in block context: deeper lines
+    // continue that scalar.
+    let mut continued: Option<usize> = None;
+    for (n, line) in text.lines().enumerate() {
+        let indent = line.len() - line.trim_start_matches(' ').len();
+        if let Some(parent) = block_scalar {
+            if line.trim().is_empty() || indent > parent {
+                continue;
+            }
+            block_scalar = None;
+        }
+        let bytes = line.as_bytes();
+        let mut i = indent;
+        // Whether a node may start here (block context only).
+        let mut node_start = quote == Quote::None
+            && depth == 0
+            && continued.is_none_or(|parent| indent <= parent || line.trim().is_empty());
+        if line.trim().is_empty() {
+            continue;
+        }
+        let mut prev_space = true;
+        while i < bytes.len() {
+            let c = bytes[i];
+            let next_space = bytes.get(i + 1).is_none_or(|b| *b == b' ' || *b == b'\t');
+            match quote {
+                Quote::Double => {
+                    match c {
+                        b'\\' => i += 1,
+                        b'"' => quote = Quote::None,
+                        _ => {}
+                    }
+                    i += 1;
+                    prev_space = false;
+                    continue;
+                }
+                Quote::Single => {
+                    if c == b'\'' {
+                        if bytes.get(i + 1) == Some(&b'\'') {
+                            i += 1;
+                        } else {
+                            quote = Quote::None;
+                        }
+                    }
+                    i += 1;
+                    prev_space = false;
+                    continue;
+                }
+                Quote::None => {}
+            }
+            let is_space = c == b' ' || c == b'\t';
+            if c == b'#' && prev_space {
+                break;
+            }
+            if depth > 0 {
+                match c {
+                    b'[' | b'{' => {
+                        depth += 1;
+                        if depth > limit {
+                            return Some(n);
+                        }
+                    }
+                    b']' | b'}' => depth = depth.saturating_sub(1),
+                    b'"' => quote = Quote::Double,
+                    b'\'' => quote = Quote::Single,
+                    _ => {}
+                }
+            } else if node_start && !is_space {
+                match c {
+                    b'[' | b'{' => depth = 1,
+                    b'"' => quote = Quote::Double,
+                    b'\'' => quote = Quote::Single,
+                    b'|' | b'>' => {
+                        block_scalar = Some(indent);
+                        break;
+                    }
+                    b'-' | b'?' if next_space => {}
+                    b'&' | b'!' => {
+                        // An anchor or a tag; the node follows it.
+                        while i < bytes.len() && bytes[i] != b' ' {
+                            i += 1;
+                        }
+                        continue;
+                    }
+                    _ => node_start = false,
+                }
+                if c != b'-' && c != b'?' {
+                    node_start = false;
+                }
+            } else if depth == 0 && c == b':' && next_space {
+                node_start = true;
+            }
+            prev_space = is_space;
+            i += 1;
+        }
+        continued = (quote == Quote::None && depth == 0 && !node_start && block_scalar.is_none())
+            .then_some(indent);
+    }
+    None
 }
 
 /// serde's messages carry " at line N column M"; the line is reported separately.
@@ -1862,6 +2028,7 @@ fn convert_workload(
         template.spec.as_ref(),
     );
     pod.owner = Some(format!("{kind}/{name}"));
+    let errors_before = ctx.errors.len();
     let selector = match (selector, rc_selector) {
         (Some(s), _) => ctx.selector("spec.selector", &s),
         // "If the selector is empty, it is defaulted to the labels present on the Pod template."
@@ -1870,7 +2037,9 @@ fn convert_workload(
         }
         (None, _) => LabelSelector::from_labels(pod.labels.clone()),
     };
-    if selector.is_empty() {
+    // An invalid requirement was reported already; it left the selector empty, not the
+    // manifest.
+    if selector.is_empty() && ctx.errors.len() == errors_before {
         ctx.err(
             "spec.selector",
             ValidateError::Invalid {
@@ -2540,6 +2709,41 @@ fn safe_suffix(bytes: &[u8], n: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn flow_nesting_is_measured_only_where_flow_collections_start() {
+        let deep = |d: usize| format!("{}{}", "[".repeat(d), "]".repeat(d));
+        let doc = |value: &str| format!("kind: Service\nspec:\n  x: {value}\n");
+        assert_eq!(super::flow_nesting_over(&doc(&deep(128)), 128), None);
+        assert_eq!(super::flow_nesting_over(&doc(&deep(129)), 128), Some(2));
+        // Nesting that spans lines and mixes maps and sequences.
+        let mixed = format!("a:\n  - {}\n{}\n", "{b: [".repeat(70), "]}".repeat(70));
+        assert_eq!(super::flow_nesting_over(&mixed, 128), Some(1));
+        // Brackets that are not flow collections: scalars of every style, comments,
+        // anchors' names, keys.
+        let b = "[".repeat(300);
+        for text in [
+            format!("a: x{b}\n"),
+            format!("a: \"{b}\"\n"),
+            format!("a: '{b}'\n"),
+            format!("a: [\"{b}\", '{b}']\n"),
+            format!("a: 1 # {b}\n"),
+            format!("a: |\n  {b}\n  {b}\nb: 1\n"),
+            format!("- >-\n    {b}\n"),
+            format!("a: long plain\n  {b} continued\n"),
+            format!("\"{b}\": 1\n"),
+            format!("a: \"multi\n  {b}\"\n"),
+        ] {
+            assert_eq!(super::flow_nesting_over(&text, 128), None, "{text}");
+        }
+        // Whatever it refuses, the decoder refuses too.
+        for d in [129, 200] {
+            let text = doc(&deep(d));
+            assert!(super::flow_nesting_over(&text, 128).is_some());
+            assert!(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&text).is_err());
+        }
+        assert!(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&doc(&deep(120))).is_ok());
+    }
+
     use super::*;
 
     const LAB_VOTE: &str = "---

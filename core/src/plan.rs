@@ -1208,6 +1208,15 @@ pub trait Dataplane {
 
     /// Removes everything the backend installed.
     fn cleanup(&mut self) -> Result<(), Self::Error>;
+
+    /// Whether what the backend installed was changed behind its back since the last sync
+    /// (for iptables: someone flushed the tables and the canary chain is gone), so that a
+    /// full resync is due now. The proxy asks between syncs; a backend may rate-limit the
+    /// check and answer `false` until it is due. Backends that cannot tell keep this
+    /// default.
+    fn drifted(&mut self) -> Result<bool, Self::Error> {
+        Ok(false)
+    }
 }
 
 #[cfg(test)]

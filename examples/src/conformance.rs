@@ -455,7 +455,7 @@ fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
     svc.load_balancer_ips = vec![IpAddr::V4(LB_IP)];
     let allowed = f.tb.client_ip(0);
     svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(allowed)];
-    f.set_service(svc);
+    f.set_service(svc.clone());
     let target = sock_ip(IpAddr::V4(LB_IP), 80);
     let ok = f.from_client(0, ProbeArgs::tcp(target).count(20));
     assert!(ok.all_ok(), "client in loadBalancerSourceRanges: {ok}");
@@ -469,6 +469,20 @@ fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
         denied.timeouts(),
         3,
         "denied clients are dropped, not refused: {denied}"
+    );
+    // The range moves to the other client: enforced after an update, both ways.
+    svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(f.tb.client_ip(1))];
+    f.set_service(svc);
+    let ok = f.from_client(1, ProbeArgs::tcp(target).count(10));
+    assert!(
+        ok.all_ok(),
+        "client newly in loadBalancerSourceRanges: {ok}"
+    );
+    let denied = f.from_client(0, ProbeArgs::tcp(target).count(3).timeout_ms(800));
+    assert_eq!(
+        denied.ok(),
+        0,
+        "client no longer in the ranges got through: {denied}"
     );
 }
 

@@ -921,6 +921,21 @@ impl<D: Dataplane> Proxy<D> {
             }
             self.metrics.set_manifest_errors(self.source.broken_files());
         }
+        // Someone changed the rules behind our back (the iptables canary is gone): rewrite
+        // everything now rather than at the next periodic resync. A pending change syncs
+        // anyway, and that sync checks the canary itself.
+        if self.ready && !self.dirty && self.retry_at.is_none() {
+            match self.agent.dataplane().drifted() {
+                Ok(true) => {
+                    warn!(
+                        "the dataplane's rules were changed from outside (canary gone); full resync"
+                    );
+                    self.last_full = None;
+                }
+                Ok(false) => {}
+                Err(e) => warn!("cannot check the dataplane for drift: {e}"),
+            }
+        }
         let min_elapsed = self
             .last_attempt
             .is_none_or(|t| now.saturating_duration_since(t) >= self.config.min_sync_period);
@@ -1210,6 +1225,7 @@ mod tests {
         calls: Vec<&'static str>,
         fail: bool,
         frontends: usize,
+        drifted: bool,
     }
 
     #[derive(Debug)]
@@ -1257,6 +1273,10 @@ mod tests {
         fn cleanup(&mut self) -> Result<(), FakeError> {
             self.calls.push("cleanup");
             Ok(())
+        }
+
+        fn drifted(&mut self) -> Result<bool, FakeError> {
+            Ok(std::mem::take(&mut self.drifted))
         }
     }
 
@@ -1335,6 +1355,22 @@ mod tests {
         let text = metrics.render();
         assert!(text.contains("svcnat_sync_errors_total 2\n"), "{text}");
         assert!(text.contains("svcnat_sync_total{result=\"error\",kind=\"full\"} 2\n"));
+    }
+
+    #[test]
+    fn drift_between_syncs_forces_a_full_resync_at_once() {
+        let d = Scratch::new();
+        d.write("svc.yaml", &svc("vote", "vote", 30000));
+        let (mut p, _) = proxy(&d);
+        let t0 = Instant::now();
+        assert_eq!(p.step(t0).synced, Some((SyncKind::Full, true)));
+        assert_eq!(p.step(ms(t0, 1200)).synced, None);
+        // The rules were flushed from outside: the next step rewrites them, long before
+        // the periodic resync.
+        p.agent().dataplane().drifted = true;
+        assert_eq!(p.step(ms(t0, 1400)).synced, Some((SyncKind::Full, true)));
+        assert_eq!(p.step(ms(t0, 1600)).synced, None);
+        assert_eq!(p.agent().dataplane().calls, ["resync", "resync"]);
     }
 
     #[test]

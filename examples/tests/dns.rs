@@ -483,6 +483,11 @@ fn dig_gets_a_records_nodata_nxdomain_and_refused() {
     // Outside the cluster domain: REFUSED, we are not an open resolver.
     let refused = lab.dig(&["example.com"]);
     assert_eq!(refused.status(), "REFUSED");
+    assert!(
+        refused.flags().contains(&"rd"),
+        "recursion was asked for: {}",
+        refused.text
+    );
     assert!(!refused.flags().contains(&"aa"));
     assert!(!refused.flags().contains(&"ra"));
 

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use svcnat_core::manifest::{ClusterConfig, Manifests};
+use svcnat_core::manifest::{ClusterConfig, Manifests, ValidateError, split_documents};
 use svcnat_core::plan::{NodeContext, Plan};
 
 fuzz_target!(|data: &[u8]| {
@@ -13,8 +13,17 @@ fuzz_target!(|data: &[u8]| {
     let cfg = ClusterConfig::default();
     let mut m = Manifests::from_files([("fuzz.yaml", text)], &cfg);
     let cluster = m.build(&cfg);
+    let docs = split_documents(text);
     for e in &m.errors {
         let _ = e.to_string();
+        // The loader refuses deep nesting before decoding; the decoder must agree.
+        if matches!(&e.error, ValidateError::Yaml(msg) if msg == "recursion limit exceeded") {
+            let doc = docs
+                .iter()
+                .find(|d| d.index == e.document)
+                .expect("the document");
+            assert!(serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&doc.text).is_err());
+        }
     }
     let node = NodeContext::new("node-1", vec![[192, 168, 0, 1].into()], Vec::new());
     let plan = Plan::compile(&cluster, &node);
