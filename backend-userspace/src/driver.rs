@@ -156,6 +156,7 @@ pub struct Userspace {
     nft_applied: Option<String>,
     forwarding_before: Option<String>,
     links: Links,
+    last_drift_check: Option<Instant>,
 }
 
 impl std::fmt::Debug for Userspace {
@@ -232,6 +233,7 @@ impl Userspace {
             nft_applied: None,
             forwarding_before: None,
             links,
+            last_drift_check: None,
         };
         dp.forwarding_before = Some(dp.sysctl_read("net.ipv4.ip_forward")?);
         dp.sysctl_write("net.ipv4.ip_forward", "0")?;
@@ -370,7 +372,27 @@ impl Dataplane for Userspace {
     fn cleanup(&mut self) -> Result<(), SyncError> {
         self.shutdown()
     }
+
+    /// Whether someone removed the ingress table (`nft flush ruleset`): then the kernel
+    /// forwards nothing and delivers NodePort traffic locally, and a resync must restore it.
+    /// Checked at most every [`DRIFT_CHECK_INTERVAL`].
+    fn drifted(&mut self) -> Result<bool, SyncError> {
+        if self.nft_applied.is_none()
+            || self
+                .last_drift_check
+                .is_some_and(|t| t.elapsed() < DRIFT_CHECK_INTERVAL)
+        {
+            return Ok(false);
+        }
+        self.last_drift_check = Some(Instant::now());
+        let mut c = self.command("nft");
+        c.args(["list", "table", "netdev", NFT_TABLE]);
+        Ok(run(c, None).is_err())
+    }
 }
+
+/// How often [`Dataplane::drifted`] looks for the ingress table.
+pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
 
 impl Drop for Userspace {
     fn drop(&mut self) {

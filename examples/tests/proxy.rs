@@ -481,6 +481,23 @@ fn proxy_with_the_userspace_backend() {
         "selector restore not applied"
     );
 
+    // Someone deletes the ingress table on node 1: the drift check notices and a full
+    // resync puts it back.
+    tb.exec_ok(
+        tb.ns_of_node(1),
+        ["nft", "delete", "table", "netdev", "svcnat"],
+    )
+    .unwrap();
+    let restored = wait_until(Duration::from_secs(15), || {
+        tb.exec(
+            tb.ns_of_node(1),
+            ["nft", "list", "table", "netdev", "svcnat"],
+        )
+        .is_ok_and(|o| o.status.success())
+    });
+    assert!(restored, "the ingress table was not restored");
+    assert!(probe(&tb, 1, 5).all_ok());
+
     // SIGTERM hands forwarding back to the kernel: no ingress table, forwarding on.
     let status = proxies[0].terminate();
     assert_eq!(status.code(), Some(0), "exit status {status}");
