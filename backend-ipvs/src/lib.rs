@@ -14,3 +14,4 @@
 
 pub mod driver;
 pub mod message;
+mod nl;
