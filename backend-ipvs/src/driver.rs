@@ -149,7 +149,7 @@ impl Default for IpvsConfig {
 #[non_exhaustive]
 pub enum SyncError {
     /// The kernel refused an operation on a service, destination, device or address.
-    #[error("{op} {object}: {} (errno {errno})", io::Error::from_raw_os_error(*.errno))]
+    #[error("{op} {object}: {} (errno {errno})", strerror(*.errno))]
     Kernel {
         /// The netlink command (`IPVS_CMD_NEW_DEST`, `RTM_NEWADDR`, ...).
         op: &'static str,
@@ -184,6 +184,15 @@ pub enum SyncError {
     /// iptables failed (masquerade and filter rules).
     #[error("iptables: {0}")]
     Iptables(#[from] svcnat_iptables::driver::SyncError),
+}
+
+/// The C library's text for an errno, without Rust's " (os error N)" suffix.
+fn strerror(errno: i32) -> String {
+    let s = io::Error::from_raw_os_error(errno).to_string();
+    match s.rfind(" (os error") {
+        Some(i) => s[..i].to_string(),
+        None => s,
+    }
 }
 
 fn ns_text(ns: Option<&str>) -> String {
@@ -1066,6 +1075,8 @@ impl Dataplane for Ipvs {
         // Ours: services on addresses of our device, or on node addresses (NodePorts).
         let owned = |k: &ServiceKey| on_dev.contains(&k.addr) || node_ips.contains(&k.addr);
         let mut written = self.reconcile(&want.services, &mut have, owned)?;
+        // Keep only what is ours: the cache is what later syncs may change or delete.
+        have.retain(|k, _| want.services.contains_key(k));
         self.have = Some(have);
         written += self.sync_vips(&want.vips, true)?;
         written += self.sync_rules(&want.rules, true)?;

@@ -115,7 +115,7 @@ libs=()
 add_bin() { # SRC DEST
   local src="$1" dest="$2"
   mkdir -p "$root$(dirname "$dest")"
-  rm -f "$root$dest"
+  rm -f "$root$dest" "$root/bin/$(basename "$dest")"
   cp -L "$src" "$root$dest"
   if head -c 4 "$src" | grep -q ELF; then
     strip --strip-debug "$root$dest" 2>/dev/null || true
@@ -214,7 +214,7 @@ accel="${IPVS_VM_ACCEL:-tcg}"
 log="$cache/console.log"
 start=$(date +%s)
 set +e
-timeout --foreground -k 10 "$guard" qemu-system-x86_64 -accel "$accel" -smp 2 -m "$mem" \
+timeout --foreground -k 10 "$guard" qemu-system-x86_64 -accel "$accel" -cpu max -smp 2 -m "$mem" \
   -nographic -no-reboot -nodefaults -serial stdio -monitor none \
   -kernel "$vmlinuz" -initrd "$initrd" \
   -append "console=ttyS0 quiet panic=-1 rdinit=/init" </dev/null | tr -d '\r' | tee "$log"
