@@ -1117,4 +1117,6 @@ impl Destination {
 }
 
 #[cfg(test)]
+mod captured;
+#[cfg(test)]
 mod tests;

@@ -3,6 +3,7 @@
 //! order in which ipvsadm's libipvs (`ipvs_nl_fill_service_attr`) writes a service.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use super::captured::*;
 use super::*;
 
 /// `ipvsadm -A -t 10.96.0.10:80 -s rr` as libipvs sends it (after `nlmsghdr`).
@@ -258,7 +259,14 @@ fn malformed_input_is_an_error_naming_the_attribute() {
 #[test]
 fn arbitrary_bytes_never_panic_and_reparse_equal() {
     // A small deterministic generator walks mutations of the vectors above.
-    let seeds = [NEW_SERVICE_RR, NEW_DEST, DUMP_SERVICE_V6];
+    let seeds = [
+        NEW_SERVICE_RR,
+        NEW_DEST,
+        DUMP_SERVICE_V6,
+        CAPTURED_NEW_DEST,
+        CAPTURED_DUMP_SERVICE,
+        CAPTURED_DUMP_DEST,
+    ];
     let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut parsed = 0;
     for round in 0..20_000 {
@@ -283,4 +291,84 @@ fn arbitrary_bytes_never_panic_and_reparse_equal() {
         }
     }
     assert!(parsed > 1000, "only {parsed} mutations parsed");
+}
+
+/// Clears `NLA_F_NESTED` on the top-level attributes (libnl sets it, this crate does not).
+fn without_nested_flag(genl: &[u8]) -> Vec<u8> {
+    let mut b = genl.to_vec();
+    let mut at = 4;
+    while at + 4 <= b.len() {
+        let len = u16::from_le_bytes([b[at], b[at + 1]]) as usize;
+        b[at + 3] &= 0x7f;
+        at += (len + 3) & !3;
+    }
+    b
+}
+
+#[test]
+fn captured_ipvsadm_new_service_equals_ours() {
+    // Byte for byte what this crate emits, apart from libnl's NLA_F_NESTED.
+    assert_eq!(without_nested_flag(CAPTURED_NEW_SERVICE), NEW_SERVICE_RR);
+    let msg = IpvsMessage::parse_genl(CAPTURED_NEW_SERVICE)
+        .unwrap()
+        .payload;
+    assert_eq!(
+        Service::from_attrs(msg.services().next().unwrap()),
+        Some(rr_service())
+    );
+}
+
+#[test]
+fn captured_ipvsadm_new_dest() {
+    let msg = IpvsMessage::parse_genl(CAPTURED_NEW_DEST).unwrap().payload;
+    assert_eq!(msg.cmd, IpvsCmd::NewDest);
+    let dest = msg.dests().next().unwrap();
+    assert_eq!(
+        Destination::from_attrs(dest, AF_INET),
+        Some(Destination {
+            addr: "10.244.1.5".parse().unwrap(),
+            port: 8080,
+            fwd_method: IP_VS_CONN_F_MASQ,
+            weight: 3,
+            active_conns: 0,
+            inactive_conns: 0,
+        })
+    );
+    assert!(dest.contains(&DestAttr::TunType(0)));
+    assert!(dest.contains(&DestAttr::TunPort(0)));
+    assert_eq!(msg.to_genl_bytes(), without_nested_flag(CAPTURED_NEW_DEST));
+}
+
+#[test]
+fn captured_kernel_dump_replies_round_trip_exactly() {
+    for (name, bytes) in [
+        ("service dump", CAPTURED_DUMP_SERVICE),
+        ("dest dump", CAPTURED_DUMP_DEST),
+        ("get dest", &without_nested_flag(CAPTURED_GET_DEST)[..]),
+    ] {
+        let msg = IpvsMessage::parse_genl(bytes).unwrap().payload;
+        assert_eq!(msg.to_genl_bytes(), bytes, "{name}");
+        // Nothing fell through to `Other`: every attribute the kernel sent is typed.
+        let text = format!("{msg:?}");
+        assert!(!text.contains("Other"), "{name}: {text}");
+    }
+    let svc = IpvsMessage::parse_genl(CAPTURED_DUMP_SERVICE)
+        .unwrap()
+        .payload;
+    let attrs = svc.services().next().unwrap();
+    let s = Service::from_attrs(attrs).unwrap();
+    assert_eq!(s.key, rr_service().key);
+    assert_eq!(s.scheduler, "rr");
+    assert_eq!(s.flags, IP_VS_SVC_F_HASHED);
+    assert!(
+        attrs
+            .iter()
+            .any(|a| matches!(a, ServiceAttr::Stats64(v) if v.len() == 10))
+    );
+    let dest = IpvsMessage::parse_genl(CAPTURED_DUMP_DEST).unwrap().payload;
+    let d = Destination::from_attrs(dest.dests().next().unwrap(), AF_INET).unwrap();
+    assert_eq!(
+        (d.addr, d.port, d.weight),
+        ("10.244.1.5".parse().unwrap(), 8080, 3)
+    );
 }
