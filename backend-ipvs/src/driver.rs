@@ -30,6 +30,8 @@ use std::io;
 use std::net::IpAddr;
 use std::str::FromStr;
 
+use ipnet::IpNet;
+
 use netlink_packet_core::{NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NetlinkMessage};
 use netlink_packet_generic::GenlMessage;
 use netlink_packet_route::RouteNetlinkMessage;
@@ -128,7 +130,8 @@ pub struct IpvsConfig {
     pub iptables: Option<Flavour>,
     /// Set the sysctls IPVS needs in the namespace (`net.ipv4.vs.conntrack=1` so
     /// iptables can masquerade IPVS traffic, `expire_nodest_conn`,
-    /// `expire_quiescent_template`, `ip_forward`), as kube-proxy does.
+    /// `expire_quiescent_template`, `ip_forward`, and `arp_ignore=1`/`arp_announce=2` so
+    /// addresses bound to the dummy device are not answered for in ARP), as kube-proxy does.
     pub sysctls: bool,
 }
 
@@ -317,6 +320,10 @@ impl Ipvs {
                     ("net/ipv4/vs/conntrack", "1"),
                     ("net/ipv4/vs/expire_nodest_conn", "1"),
                     ("net/ipv4/vs/expire_quiescent_template", "1"),
+                    // Service addresses on kube-ipvs0 must not be answered for in ARP on
+                    // other links (another node has the same externalIP bound).
+                    ("net/ipv4/conf/all/arp_ignore", "1"),
+                    ("net/ipv4/conf/all/arp_announce", "2"),
                 ] {
                     if let Err(e) = std::fs::write(format!("/proc/sys/{key}"), value) {
                         errors.push(format!("{}={value}: {e}", key.replace('/', ".")));
@@ -801,8 +808,8 @@ impl Ipvs {
         })
     }
 
-    /// Every address in the namespace, with its interface index.
-    fn addresses(&mut self) -> Result<Vec<(u32, IpAddr)>, SyncError> {
+    /// Every address in the namespace, with its interface index and prefix length.
+    fn addresses(&mut self) -> Result<Vec<(u32, IpAddr, u8)>, SyncError> {
         let replies = self.route(
             "RTM_GETADDR",
             || "(dump)".into(),
@@ -812,18 +819,18 @@ impl Ipvs {
         let mut out = Vec::new();
         for m in replies {
             if let RouteNetlinkMessage::NewAddress(a) = m {
-                let ip = a.attributes.iter().find_map(|x| match x {
+                let local = a.attributes.iter().find_map(|x| match x {
                     AddressAttribute::Local(ip) => Some(*ip),
                     _ => None,
                 });
-                let ip = ip.or_else(|| {
+                let ip = local.or_else(|| {
                     a.attributes.iter().find_map(|x| match x {
                         AddressAttribute::Address(ip) => Some(*ip),
                         _ => None,
                     })
                 });
                 if let Some(ip) = ip {
-                    out.push((a.header.index, ip));
+                    out.push((a.header.index, ip, a.header.prefix_len));
                 }
             }
         }
@@ -846,8 +853,14 @@ impl Ipvs {
         m
     }
 
-    /// Binds `vips` to the device and unbinds every other address on it. Addresses that
-    /// another interface already has (a node address used as an externalIP) are left alone.
+    /// Binds `vips` to the device and unbinds every other address on it.
+    ///
+    /// An address that another interface has (a node address used as an externalIP), or
+    /// that lies inside a subnet another interface is attached to, is not bound: it belongs
+    /// to this node already or to a neighbour on that link (often another node, whose
+    /// address is an externalIP of the same Service), and binding it would swallow the
+    /// neighbour's traffic here, replies to it included. kube-proxy sets `arp_ignore` for a
+    /// related reason.
     fn sync_vips(
         &mut self,
         vips: &BTreeSet<IpAddr>,
@@ -855,26 +868,24 @@ impl Ipvs {
     ) -> Result<usize, SyncError> {
         let index = self.ensure_device()?;
         let need_dump = from_kernel || vips.iter().any(|v| !self.bound.contains(v));
-        let (on_dev, elsewhere): (BTreeSet<IpAddr>, BTreeSet<IpAddr>) = if need_dump {
+        let (on_dev, elsewhere): (BTreeSet<IpAddr>, Vec<IpNet>) = if need_dump {
             let all = self.addresses()?;
             (
                 all.iter()
-                    .filter(|(i, _)| *i == index)
-                    .map(|(_, a)| *a)
+                    .filter(|(i, _, _)| *i == index)
+                    .map(|(_, a, _)| *a)
                     .collect(),
                 all.iter()
-                    .filter(|(i, _)| *i != index)
-                    .map(|(_, a)| *a)
+                    .filter(|(i, _, _)| *i != index)
+                    .filter_map(|(_, a, p)| IpNet::new(*a, *p).ok())
                     .collect(),
             )
         } else {
-            (self.bound.clone(), BTreeSet::new())
+            (self.bound.clone(), Vec::new())
         };
+        let foreign = |ip: &IpAddr| elsewhere.iter().any(|n| n.contains(ip));
         let mut written = 0;
-        for ip in on_dev
-            .iter()
-            .filter(|ip| !vips.contains(ip) || elsewhere.contains(ip))
-        {
+        for ip in on_dev.iter().filter(|ip| !vips.contains(ip) || foreign(ip)) {
             self.route(
                 "RTM_DELADDR",
                 || format!("{ip} on {}", DEFAULT_DEVICE),
@@ -886,7 +897,7 @@ impl Ipvs {
         }
         let mut bound = BTreeSet::new();
         for ip in vips {
-            if elsewhere.contains(ip) {
+            if foreign(ip) {
                 continue;
             }
             if !on_dev.contains(ip) {
@@ -1068,8 +1079,8 @@ impl Dataplane for Ipvs {
         let on_dev: BTreeSet<IpAddr> = self
             .addresses()?
             .into_iter()
-            .filter(|(i, _)| *i == index)
-            .map(|(_, a)| a)
+            .filter(|(i, _, _)| *i == index)
+            .map(|(_, a, _)| a)
             .collect();
         let node_ips: BTreeSet<IpAddr> = want.node_ips.union(&self.node_ips).copied().collect();
         // Ours: services on addresses of our device, or on node addresses (NodePorts).
@@ -1091,8 +1102,8 @@ impl Dataplane for Ipvs {
             Some(i) => self
                 .addresses()?
                 .into_iter()
-                .filter(|(x, _)| *x == i)
-                .map(|(_, a)| a)
+                .filter(|(x, _, _)| *x == i)
+                .map(|(_, a, _)| a)
                 .collect(),
             None => BTreeSet::new(),
         };
