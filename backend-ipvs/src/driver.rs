@@ -310,11 +310,15 @@ impl Ipvs {
     pub fn new(config: IpvsConfig) -> Result<Ipvs, SyncError> {
         let ns = config.netns.clone();
         let sysctls = config.sysctls;
-        let (mut genl, route, sysctl_errors) = in_netns(ns.as_deref(), move || {
-            let genl = NlSocket::open(NETLINK_GENERIC)?;
+        // Sockets and sysctls belong to the namespace of the thread that opens them. The
+        // sysctls are written only once IPVS is known to be there: a kernel without it
+        // is left untouched.
+        let (genl, route, family, sysctl_errors) = in_netns(ns.as_deref(), move || {
+            let mut genl = NlSocket::open(NETLINK_GENERIC)?;
             let route = NlSocket::open(NETLINK_ROUTE)?;
+            let family = resolve_family(&mut genl, crate::message::IPVS_GENL_NAME);
             let mut errors = Vec::new();
-            if sysctls {
+            if sysctls && family.is_ok() {
                 for (key, value) in [
                     ("net/ipv4/ip_forward", "1"),
                     ("net/ipv4/vs/conntrack", "1"),
@@ -330,13 +334,13 @@ impl Ipvs {
                     }
                 }
             }
-            Ok((genl, route, errors))
+            Ok((genl, route, family, errors))
         })
         .map_err(|source| SyncError::Open {
             netns: ns.clone(),
             source,
         })?;
-        let family = match resolve_family(&mut genl, crate::message::IPVS_GENL_NAME) {
+        let family = match family {
             Ok(id) => id,
             Err(NlError::Errno(ENOENT)) => {
                 return Err(SyncError::Unavailable(
@@ -345,7 +349,6 @@ impl Ipvs {
             }
             Err(e) => return Err(SyncError::from_nl("CTRL_CMD_GETFAMILY", "IPVS", e)),
         };
-        // The vs sysctls exist once IPVS is up in the namespace; report failures only now.
         if let Some(e) = sysctl_errors.first() {
             return Err(SyncError::Netlink {
                 op: "sysctl",

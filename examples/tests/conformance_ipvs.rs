@@ -3,7 +3,7 @@
 //!
 //! This machine's kernel has no IPVS, so `suite_in_a_vm` boots Debian's cloud kernel under
 //! qemu (`backend-ipvs/vm/run.sh`) with this test binary, `svcnat-podserver`,
-//! `svcnat-probe`, `ip`, `sysctl` and iptables inside, and runs the `in_vm::` tests there
+//! `svcnat-probe`, `svcnat-proxy`, `ip`, `sysctl` and iptables inside, and runs the `in_vm::` tests there
 //! (`SVCNAT_IPVS_VM=1`). Outside the VM those tests print `SKIP` and return: the VM run is
 //! what checks them, and it fails when any of them fails. Without qemu, `suite_in_a_vm`
 //! prints `SKIP:` (and fails under `CI=true`).
@@ -46,15 +46,101 @@ impl Backend for IpvsBackend {
                  conformance_ipvs::suite_in_a_vm",
             );
         }
-        match scenario {
-            _ => None,
-        }
+        let _ = scenario;
+        None
     }
 }
 
 mod in_vm {
     use super::*;
     svcnat_examples::conformance_suite!(IpvsBackend);
+
+    /// `svcnat-proxy --backend ipvs` in a fresh namespace: programs IPVS from a manifest
+    /// directory, and `--cleanup` removes it.
+    #[test]
+    fn proxy_backend_ipvs() {
+        if !in_vm() {
+            eprintln!("SKIP: runs inside the qemu VM of conformance_ipvs::suite_in_a_vm");
+            return;
+        }
+        use std::io::{BufRead, BufReader};
+        let ns = format!("svpx{}", std::process::id());
+        let run = |args: &[&str]| {
+            let out = Command::new("ip").args(args).output().unwrap();
+            assert!(out.status.success(), "ip {args:?}: {out:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        run(&["netns", "add", &ns]);
+        // IPVS refuses NAT destinations (EINVAL) in a namespace whose loopback is down, and
+        // a node has routes to its pods: set both up as on a node.
+        run(&["-n", &ns, "link", "set", "lo", "up"]);
+        run(&["-n", &ns, "link", "add", "pods", "type", "dummy"]);
+        run(&["-n", &ns, "link", "set", "pods", "up"]);
+        run(&["-n", &ns, "route", "add", "10.244.0.0/16", "dev", "pods"]);
+        let dir = std::env::temp_dir().join(format!("{ns}-manifests"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("web.yaml"),
+            "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: default}\n\
+             spec: {clusterIP: 10.96.7.7, selector: {app: web}, ports: [{port: 80, targetPort: 8080}]}\n\
+             ---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-0, namespace: default, labels: {app: web}}\n\
+             spec: {nodeName: n, containers: [{name: app, image: x}]}\n\
+             status: {podIP: 10.244.0.10, phase: Running, conditions: [{type: Ready, status: 'True'}]}\n",
+        )
+        .unwrap();
+        let proxy = std::env::var("SVCNAT_PROXY")
+            .unwrap_or_else(|_| env!("CARGO_BIN_EXE_svcnat-proxy").to_string());
+        let proxy = proxy.as_str();
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &ns, proxy, "--backend", "ipvs"])
+            .args(["--ipvs-scheduler", "lc", "--node-name", "n"])
+            .args(["--metrics-bind-address", "", "--manifests"])
+            .arg(&dir)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // The first line is `ready` after the first successful sync; a sync that keeps
+        // failing would never print it, so the wait is bounded (a guard, not a speed check).
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(120))
+            .unwrap_or_default();
+        if line.trim() != "ready" {
+            let _ = child.kill();
+            let _ = child.wait();
+            let _ = Command::new("ip").args(["netns", "del", &ns]).status();
+        }
+        assert_eq!(line.trim(), "ready");
+        let table = run(&["netns", "exec", &ns, "ipvsadm", "-Ln"]);
+        let _ = child.kill();
+        let _ = child.wait();
+        println!("{table}");
+        assert!(table.contains("TCP  10.96.7.7:80 lc"), "{table}");
+        assert!(table.contains("-> 10.244.0.10:8080"), "{table}");
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &ns,
+                proxy,
+                "--backend",
+                "ipvs",
+                "--cleanup",
+            ])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        let table = run(&["netns", "exec", &ns, "ipvsadm", "-Ln"]);
+        run(&["netns", "del", &ns]);
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(!table.contains("10.96.7.7"), "{table}");
+    }
 }
 
 #[test]
@@ -88,9 +174,15 @@ fn suite_in_a_vm() {
             "{}:/bin/svcnat-probe",
             env!("CARGO_BIN_EXE_svcnat-probe")
         ))
+        .arg("--file")
+        .arg(format!(
+            "{}:/bin/svcnat-proxy",
+            env!("CARGO_BIN_EXE_svcnat-proxy")
+        ))
         .args(["--env", "SVCNAT_IPVS_VM=1"])
         .args(["--env", "SVCNAT_PODSERVER=/bin/svcnat-podserver"])
         .args(["--env", "SVCNAT_PROBE=/bin/svcnat-probe"])
+        .args(["--env", "SVCNAT_PROXY=/bin/svcnat-proxy"])
         .args(["--", "/bin/conformance-ipvs", "--test-threads=2"])
         // SVCNAT_IPVS_VM_FILTER narrows the run to matching scenarios while debugging.
         .arg(std::env::var("SVCNAT_IPVS_VM_FILTER").unwrap_or_else(|_| "in_vm::".into()))

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //! svcnat-proxy --manifests DIR --node-ip 192.168.50.11 --cluster-cidr 10.244.0.0/16 [-v]
+//! svcnat-proxy --backend ipvs --ipvs-scheduler wrr --manifests DIR --node-ip 192.168.50.11
 //! svcnat-proxy --cleanup
 //! ```
 //!
@@ -30,10 +31,11 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
-use svcnat_core::plan::Dataplane as _;
+use svcnat_core::plan::Dataplane;
 use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use tracing::{error, info, warn};
 
 /// Which dataplane programs the node.
@@ -41,7 +43,8 @@ use tracing::{error, info, warn};
 enum Backend {
     /// iptables rules in kube-proxy's layout, applied with iptables-restore.
     Iptables,
-    /// IPVS virtual servers (not built yet).
+    /// IPVS virtual servers over generic netlink, service addresses on `kube-ipvs0`,
+    /// masquerade with iptables (kube-proxy's IPVS mode).
     Ipvs,
     /// The userspace AF_PACKET datapath (not built yet).
     Userspace,
@@ -80,6 +83,10 @@ struct Args {
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
+    /// The IPVS scheduler with --backend ipvs: rr, wrr, lc, sh or mh (with rr, services
+    /// whose endpoint weights differ get wrr).
+    #[arg(long, value_name = "NAME", default_value = "rr")]
+    ipvs_scheduler: Scheduler,
     /// Changes within this period after a sync are batched into the next sync.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = proxy::parse_duration)]
     min_sync_period: Duration,
@@ -90,7 +97,8 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249", value_parser = parse_bind)]
     metrics_bind_address: Bind,
     /// Remove everything this backend installed (iptables: with both flavours unless
-    /// --iptables-flavour names one), and exit.
+    /// --iptables-flavour names one; ipvs: its virtual services, kube-ipvs0 and its
+    /// iptables chains), and exit.
     #[arg(long)]
     cleanup: bool,
     #[command(flatten)]
@@ -164,10 +172,12 @@ fn main() -> ExitCode {
     let args = Args::parse();
     svcnat_examples::cli::init_logging(args.verbose);
     match args.backend {
-        Backend::Iptables => {}
+        Backend::Iptables | Backend::Ipvs => {}
         other => {
             let name = format!("{other:?}").to_ascii_lowercase();
-            eprintln!("svcnat-proxy: backend {name} is not built yet; use --backend iptables");
+            eprintln!(
+                "svcnat-proxy: backend {name} is not built yet; use --backend iptables or ipvs"
+            );
             return ExitCode::from(2);
         }
     }
@@ -180,28 +190,36 @@ fn main() -> ExitCode {
         FlavourArg::Legacy => Some(Flavour::Legacy),
         FlavourArg::Nft => Some(Flavour::Nft),
     };
+    let ipvs = || {
+        Ipvs::new(IpvsConfig {
+            scheduler: args.ipvs_scheduler,
+            iptables: flavour,
+            ..IpvsConfig::default()
+        })
+    };
     if args.cleanup {
+        if args.backend == Backend::Ipvs {
+            return match ipvs().and_then(|mut d| d.cleanup()) {
+                Ok(()) => {
+                    info!("removed every IPVS service, kube-ipvs0 and the chains svcnat installed");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    error!("ipvs cleanup failed: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
         return cleanup(flavour);
     }
-    let dataplane = match Iptables::new(IptablesConfig {
-        runner: Runner::local(),
-        flavour,
-        ..IptablesConfig::default()
-    }) {
-        Ok(d) => d,
-        Err(e) => {
-            error!("cannot use iptables: {e}");
-            return ExitCode::from(1);
-        }
-    };
-    let Some(manifests) = args.manifests else {
+    if args.manifests.is_none() {
         eprintln!("svcnat-proxy: --manifests DIR is required");
         return ExitCode::from(2);
-    };
-    let Some(node_name) = args.node_name.or_else(hostname) else {
+    }
+    if args.node_name.is_none() && hostname().is_none() {
         eprintln!("svcnat-proxy: cannot tell the hostname; give --node-name");
         return ExitCode::from(2);
-    };
+    }
     if args.node.node_ips.is_empty() {
         warn!("no --node-ip given: NodePort services are served on no address");
     }
@@ -214,6 +232,44 @@ fn main() -> ExitCode {
     {
         warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are (iptables)");
     }
+    match args.backend {
+        Backend::Ipvs => match ipvs() {
+            Ok(d) => {
+                info!(family_id = d.family_id(), scheduler = %args.ipvs_scheduler, "IPVS ready");
+                serve_with(args, d)
+            }
+            Err(e) => {
+                error!("cannot use IPVS: {e}");
+                ExitCode::from(1)
+            }
+        },
+        _ => match Iptables::new(IptablesConfig {
+            runner: Runner::local(),
+            flavour,
+            ..IptablesConfig::default()
+        }) {
+            Ok(d) => {
+                info!(flavour = ?d.flavour(), "iptables ready");
+                serve_with(args, d)
+            }
+            Err(e) => {
+                error!("cannot use iptables: {e}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+/// Runs the proxy loop with a dataplane until a signal.
+fn serve_with<D: Dataplane>(args: Args, dataplane: D) -> ExitCode {
+    let Some(manifests) = args.manifests else {
+        eprintln!("svcnat-proxy: --manifests DIR is required");
+        return ExitCode::from(2);
+    };
+    let Some(node_name) = args.node_name.or_else(hostname) else {
+        eprintln!("svcnat-proxy: cannot tell the hostname; give --node-name");
+        return ExitCode::from(2);
+    };
     let node = args.node.context(node_name);
     let cluster = args.cluster.config();
     let config = ProxyConfig {
@@ -224,7 +280,7 @@ fn main() -> ExitCode {
     info!(
         node = %config.node.node_name,
         node_ips = ?config.node.node_ips,
-        flavour = ?dataplane.flavour(),
+        backend = ?args.backend,
         manifests = %config.manifests.display(),
         "starting"
     );
