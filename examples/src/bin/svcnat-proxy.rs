@@ -3,7 +3,9 @@
 //!
 //! ```text
 //! svcnat-proxy --manifests DIR --node-ip 192.168.50.11 --cluster-cidr 10.244.0.0/16 [-v]
-//! svcnat-proxy --cleanup
+//! svcnat-proxy --backend ipvs --ipvs-scheduler wrr --manifests DIR --node-ip 192.168.50.11
+//! svcnat-proxy --backend userspace --interfaces eth0,vp* --manifests DIR --node-ip ...
+//! svcnat-proxy --cleanup [--backend ipvs|userspace]
 //! ```
 //!
 //! The directory's `*.yaml` and `*.yml` files are polled every 200 ms; a file added, edited
@@ -18,8 +20,7 @@
 //! when given): without `--node-ip` no NodePort is served.
 //!
 //! Exit codes: 0 after a signal or a successful `--cleanup`, 1 when the proxy cannot start
-//! (manifest directory, dataplane, metrics address), 2 for invalid flags and backends that
-//! are not built yet.
+//! (manifest directory, dataplane, metrics address), 2 for invalid flags.
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -34,6 +35,7 @@ use svcnat_core::plan::Dataplane;
 use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use svcnat_userspace::{Userspace, UserspaceConfig};
 use tracing::{error, info, warn};
 
@@ -42,7 +44,7 @@ use tracing::{error, info, warn};
 enum Backend {
     /// iptables rules in kube-proxy's layout, applied with iptables-restore.
     Iptables,
-    /// IPVS virtual servers (not built yet).
+    /// IPVS virtual servers over generic netlink, VIPs on kube-ipvs0, masquerade by iptables.
     Ipvs,
     /// The userspace AF_PACKET datapath: NAT, connection tracking and forwarding in this
     /// process, on the interfaces named by --interfaces.
@@ -82,6 +84,10 @@ struct Args {
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
+    /// The IPVS scheduler with --backend ipvs: rr, wrr, lc, sh or mh (with rr, services
+    /// whose endpoint weights differ get wrr).
+    #[arg(long, value_name = "NAME", default_value = "rr")]
+    ipvs_scheduler: Scheduler,
     /// Userspace backend: the interfaces it owns (names, or prefixes ending in `*`).
     #[arg(
         long,
@@ -199,9 +205,37 @@ fn main() -> ExitCode {
         FlavourArg::Legacy => Some(Flavour::Legacy),
         FlavourArg::Nft => Some(Flavour::Nft),
     };
+    let ipvs = || {
+        Ipvs::new(IpvsConfig {
+            scheduler: args.ipvs_scheduler,
+            iptables: flavour,
+            ..IpvsConfig::default()
+        })
+    };
     match (args.backend, args.cleanup) {
         (Backend::Iptables, true) => cleanup(flavour),
         (Backend::Userspace, true) => cleanup_userspace(),
+        (Backend::Ipvs, true) => match ipvs().and_then(|mut d| d.cleanup()) {
+            Ok(()) => {
+                info!("removed every IPVS service, kube-ipvs0 and the chains svcnat installed");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                error!("ipvs cleanup failed: {e}");
+                ExitCode::from(1)
+            }
+        },
+        (Backend::Ipvs, false) => match ipvs() {
+            Ok(d) => {
+                info!(family_id = d.family_id(), scheduler = %args.ipvs_scheduler, "IPVS backend");
+                let metrics = Arc::new(Metrics::new(args.sync_period));
+                run(args, d, metrics)
+            }
+            Err(e) => {
+                error!("cannot use IPVS: {e}");
+                ExitCode::from(1)
+            }
+        },
         (Backend::Iptables, false) => {
             let dataplane = match Iptables::new(IptablesConfig {
                 runner: Runner::local(),
@@ -237,11 +271,6 @@ fn main() -> ExitCode {
             // Dropping the datapath on exit hands forwarding back to the kernel: without
             // its workers the ingress drops would black-hole the node.
             run(args, dataplane, metrics)
-        }
-        (other, _) => {
-            let name = format!("{other:?}").to_ascii_lowercase();
-            eprintln!("svcnat-proxy: backend {name} is not built yet");
-            ExitCode::from(2)
         }
     }
 }
