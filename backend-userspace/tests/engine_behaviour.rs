@@ -490,7 +490,7 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
 
 /// A cluster with one Service whose endpoints are the given pods (address, weight, node).
 fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let mut s = Service::new(ObjectName::new("default", "spread"));
     s.cluster_ips = vec![IpAddr::from([10, 96, 0, 77])];
     s.ip_families = vec![IpFamily::V4];
@@ -860,7 +860,7 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
 fn ipv6_nat_with_static_neighbours() {
     let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
     let (cip, pod, client) = (v6("fd00:96::10"), v6("fd00:244::5"), v6("fd00:244::9"));
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let mut s = Service::new(ObjectName::new("default", "web6"));
     s.cluster_ips = vec![IpAddr::V6(cip)];
     s.ip_families = vec![IpFamily::V6];

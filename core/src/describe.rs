@@ -861,7 +861,7 @@ vote-qxmfl   1/1     Running   0          5h    10.32.0.5   k-02
 
     #[test]
     fn pods_pending_terminating_and_not_ready() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         let mut pending = Pod::new(
             ObjectName::new("default", "a-pending"),
             IpAddr::from([0, 0, 0, 0]),
@@ -1220,7 +1220,7 @@ Events:                      <none>
         svc.annotations.insert("short".into(), "v".into());
         svc.annotations.insert("long".into(), "x".repeat(200));
         svc.annotations.insert("multi".into(), "one\ntwo\n".into());
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_service(svc);
         let out = describe_service(&c, &ObjectName::new("default", "a"), &at(0)).expect("a");
         let pad = " ".repeat(26);
@@ -1274,7 +1274,7 @@ Events:                      <none>
 
     #[test]
     fn empty_lists_say_no_resources() {
-        let c = Cluster::new();
+        let c = Cluster::simulated();
         assert_eq!(
             get_services(&c, Some("default"), &ViewOptions::default()),
             "No resources found in default namespace.\n"

@@ -17,10 +17,23 @@
 
 #![forbid(unsafe_code)]
 
-pub mod describe;
-pub mod discovery;
-pub mod manifest;
+// The shared vocabulary.
 pub mod model;
+
+// The proxy side: what kube-proxy reads, and what it makes of it.
+pub mod agent;
+pub mod cluster;
+pub mod input;
 pub mod plan;
 pub mod select;
+
+// The controller side: what the control plane does when there is none (manifest world).
+pub mod controller;
+pub mod manifest;
+
+// Views of the same state: cluster DNS, kubectl.
+pub mod describe;
+pub mod discovery;
+
+// Clusters of any size, for benchmarks.
 pub mod synthetic;

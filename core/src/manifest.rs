@@ -298,7 +298,9 @@ impl Manifests {
             }
         }
         b.assign_node_cidrs();
-        let mut cluster = Cluster::new();
+        // The manifest world has no control plane: the cluster runs the EndpointSlice
+        // controller itself (see `crate::controller`).
+        let mut cluster = Cluster::simulated();
         for n in b.nodes.values() {
             cluster.upsert_node(n.clone());
         }
@@ -351,6 +353,7 @@ impl Manifests {
                 _ => {}
             }
         }
+        let mut accepted = Vec::with_capacity(pods.len());
         for (l, mut p) in pods {
             if p.ips.is_empty()
                 && matches!(p.phase, PodPhase::Running | PodPhase::Pending)
@@ -375,8 +378,10 @@ impl Manifests {
             for ip in &p.ips {
                 seen_ips.insert(*ip, p.name.clone());
             }
-            cluster.upsert_pod(p);
+            accepted.push(p);
         }
+        // All at once, so the controller publishes each Service's slices once.
+        let _ = cluster.upsert_pods(accepted);
         for l in &self.objects {
             if let Object::Slices(slices) = &l.object {
                 for s in slices {
@@ -1062,6 +1067,86 @@ fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadE
 /// What a converter returns: the object when it is usable, and its errors (any error drops
 /// the object).
 type Converted = (Option<Object>, Vec<LoadError>);
+
+/// Typed objects (from an API server or a program) validated by the same converters as
+/// manifests; see [`crate::input`].
+pub(crate) mod typed {
+    use super::*;
+
+    /// The validation settings for objects an API server has already accepted: its own
+    /// node port range is not known here, so any port number is accepted.
+    pub(crate) fn config() -> ClusterConfig {
+        ClusterConfig {
+            node_port_range: (1, u16::MAX),
+            ..ClusterConfig::default()
+        }
+    }
+
+    fn run(
+        kind: &str,
+        md: &meta::ObjectMeta,
+        namespaced: bool,
+        f: impl FnOnce(Ctx<'_>) -> Converted,
+    ) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        let config = config();
+        let doc = Document {
+            index: 0,
+            line: 0,
+            text: String::new(),
+        };
+        let object = ObjectRef {
+            kind: kind.to_string(),
+            namespace: if namespaced {
+                md.namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| config.default_namespace.clone())
+            } else {
+                String::new()
+            },
+            name: md.name.clone().unwrap_or_default(),
+        };
+        let ctx = Ctx {
+            file: "",
+            doc: &doc,
+            object: object.clone(),
+            config: &config,
+            errors: Vec::new(),
+        };
+        match f(ctx) {
+            (Some(obj), errors) if errors.is_empty() => Ok(obj),
+            (_, errors) => Err((object, errors)),
+        }
+    }
+
+    /// A Service.
+    pub(crate) fn service(s: &corev1::Service) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Service", &s.metadata, true, |ctx| {
+            convert_service(s.clone(), ctx)
+        })
+    }
+
+    /// An EndpointSlice.
+    pub(crate) fn slice(
+        s: &discovery::EndpointSlice,
+    ) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("EndpointSlice", &s.metadata, true, |ctx| {
+            convert_slice(s.clone(), ctx)
+        })
+    }
+
+    /// A Node.
+    pub(crate) fn node(n: &corev1::Node) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Node", &n.metadata, false, |ctx| {
+            convert_node(n.clone(), ctx)
+        })
+    }
+
+    /// A Pod.
+    pub(crate) fn pod(p: &corev1::Pod) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Pod", &p.metadata, true, |ctx| convert_pod(p.clone(), ctx))
+    }
+}
 
 struct Ctx<'a> {
     file: &'a str,

@@ -67,7 +67,7 @@ fn service() -> Service {
 }
 
 fn cluster(tb: &Testbed) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let n = tb.node(0);
     c.upsert_node(Node {
         name: n.name.clone(),
@@ -149,7 +149,7 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
     let ctx = NodeContext::new(n.name.clone(), vec![IpAddr::V4(n.ip)], cidr);
     let mut agent = NodeAgent::new(ctx, make(tb.ns_of_node(0)));
     agent
-        .apply(&cluster(&tb))
+        .sync(&cluster(&tb))
         .unwrap_or_else(|e| panic!("{name}: sync: {e}"));
     let pod_ns = tb.ns_of_pod("srv").expect("pod ns").to_string();
     let mut server: Child = tb

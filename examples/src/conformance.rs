@@ -177,7 +177,7 @@ impl<B: Backend> Fixture<B> {
             Ok(tb) => tb,
             Err(e) => panic!("testbed: {e}"),
         };
-        let mut cluster = Cluster::new();
+        let mut cluster = Cluster::simulated();
         for (i, n) in tb.nodes().iter().enumerate() {
             cluster.upsert_node(node_object(n, i));
         }
@@ -207,7 +207,7 @@ impl<B: Backend> Fixture<B> {
     /// Syncs every node.
     pub fn sync(&mut self) {
         for (i, a) in self.agents.iter_mut().enumerate() {
-            if let Err(e) = a.apply(&self.cluster) {
+            if let Err(e) = a.sync(&self.cluster) {
                 panic!("sync of node {i} failed: {e}");
             }
         }

@@ -949,7 +949,7 @@ impl<D: Dataplane> Proxy<D> {
         self.last_attempt = Some(now);
         let started = Instant::now();
         let (kind, result) = if self.dirty {
-            let r = self.agent.apply(self.source.cluster());
+            let r = self.agent.sync(self.source.cluster());
             let kind = match &r {
                 Ok(rep) if !rep.full => SyncKind::Partial,
                 Ok(_) => SyncKind::Full,

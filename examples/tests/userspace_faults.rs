@@ -38,7 +38,7 @@ fn setup() -> Setup {
     )
     .unwrap();
     let n = tb.node(0).clone();
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::simulated();
     cluster.upsert_node(Node {
         name: n.name.clone(),
         addresses: vec![IpAddr::V4(n.ip)],
@@ -82,7 +82,7 @@ fn setup() -> Setup {
         vec!["10.244.0.0/16".parse().unwrap()],
     );
     let mut agent = NodeAgent::new(ctx, dp);
-    agent.apply(&cluster).unwrap();
+    agent.sync(&cluster).unwrap();
     let node_mac = tb.mac(tb.ns_of_node(0), "eth0").unwrap();
     let client_mac = tb.mac(tb.ns_of_client(0), "eth0").unwrap();
     Setup {

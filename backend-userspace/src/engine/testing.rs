@@ -101,7 +101,7 @@ fn service(
 
 /// The fixture cluster (see the module docs).
 pub fn cluster() -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let v4 = |a, b, c2, d| Ipv4Addr::new(a, b, c2, d);
     service(
         &mut c,

@@ -227,7 +227,7 @@ pub(crate) fn node_ctx() -> NodeContext {
 
 /// A cluster built by applying `changes` to an empty one.
 pub(crate) fn cluster_from(changes: &[Change]) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     for ch in changes {
         apply_change(&mut c, ch);
     }
