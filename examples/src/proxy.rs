@@ -31,7 +31,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use svcnat_core::manifest::{
-    ClusterConfig, LoadError, Loaded, Manifests, ObjectRef, Source, ValidateError, split_documents,
+    ClusterConfig, LoadError, Loaded, Manifests, Object, ObjectRef, Source, ValidateError,
+    split_documents,
 };
 use svcnat_core::model::Cluster;
 use svcnat_core::plan::{Dataplane, NodeContext, SyncReport};
@@ -292,10 +293,12 @@ impl Claim {
 struct Trial<'a> {
     dir: &'a ManifestDir,
     claims: Vec<Claim>,
-    /// Claim indices in rank order.
+    /// Claim indices in build order: unchanged claims, then changed ones, by rank.
     order: Vec<usize>,
     /// Per claim: its proposed version is in (else its settled one).
     accepted: Vec<bool>,
+    /// Cluster builds made.
+    builds: u64,
 }
 
 impl Trial<'_> {
@@ -321,7 +324,8 @@ impl Trial<'_> {
         out
     }
 
-    fn build(&self, last: Option<usize>) -> (Cluster, Vec<LoadError>) {
+    fn build(&mut self, last: Option<usize>) -> (Cluster, Vec<LoadError>) {
+        self.builds += 1;
         let mut m = Manifests {
             objects: self.objects(last),
             ..Manifests::default()
@@ -373,6 +377,8 @@ pub struct ManifestDir {
     build_errors: Vec<LoadError>,
     /// The rank the next object to come into force gets.
     next_rank: u64,
+    /// Cluster builds made by all reconciles (one when nothing clashes).
+    builds: u64,
 }
 
 impl ManifestDir {
@@ -388,6 +394,7 @@ impl ManifestDir {
             built_from: Vec::new(),
             build_errors: Vec::new(),
             next_rank: 0,
+            builds: 0,
         };
         m.refresh(false)?;
         Ok(m)
@@ -701,24 +708,25 @@ impl ManifestDir {
         let (claims, mut problems) = self.claims();
         let claims = Self::one_per_identity(claims, &mut problems);
         let mut order: Vec<usize> = (0..claims.len()).collect();
-        order.sort_by_key(|&i| claims[i].rank);
+        // The build order: what is in force unchanged first, then the changes, each in
+        // rank order. The API server admits the objects it holds before any update or
+        // create, so a clash is blamed on the change and the holder keeps what it has.
+        order.sort_by_key(|&i| (claims[i].changed(), claims[i].rank));
         let n = claims.len();
         let mut t = Trial {
             dir: self,
             claims,
             order,
             accepted: vec![true; n],
+            builds: 0,
         };
         // Rejections from the trials: claim index -> the errors its version brought.
         let mut rejected: BTreeMap<usize, Vec<LoadError>> = BTreeMap::new();
         let all = t.objects(None);
-        let unchanged = all.len() == self.built_from.len()
-            && all
-                .iter()
-                .zip(&self.built_from)
-                .all(|(a, b)| a.id == b.id && a.object == b.object);
+        let unchanged = same_objects(&all, &self.built_from);
         let (mut cluster, mut errors) = if unchanged {
-            // Same objects in the same order: the same cluster (the build is deterministic).
+            // The same objects as the last build: the same outcome (its order may differ
+            // now, as changes that came in rank among the unchanged; nothing moves).
             (self.cluster.clone(), self.build_errors.clone())
         } else {
             t.build(None)
@@ -795,6 +803,12 @@ impl ManifestDir {
             }
         }
         let built_from = t.objects(None);
+        debug!(
+            objects = built_from.len(),
+            builds = t.builds,
+            "manifest objects reconciled"
+        );
+        self.builds += t.builds;
         self.commit(in_force, problems, cluster, built_from, errors)
     }
 
@@ -808,11 +822,7 @@ impl ManifestDir {
         built_from: Vec<Loaded>,
         errors: Vec<LoadError>,
     ) -> bool {
-        let changed = built_from.len() != self.built_from.len()
-            || built_from
-                .iter()
-                .zip(&self.built_from)
-                .any(|(a, b)| a.id != b.id || a.object != b.object);
+        let changed = !same_objects(&built_from, &self.built_from);
         let paths: BTreeMap<String, String> = self
             .files
             .keys()
@@ -1029,6 +1039,14 @@ fn plain_scalar(v: &str) -> Option<String> {
         .unwrap_or(v);
     let structural = v.starts_with(['[', '{', '&', '*', '!', '|', '>', '#', '"', '\'']);
     (!v.is_empty() && !structural).then(|| v.to_string())
+}
+
+/// Whether two builds have the same objects (identities and contents, in any order).
+fn same_objects(a: &[Loaded], b: &[Loaded]) -> bool {
+    fn by_id(v: &[Loaded]) -> BTreeMap<&Id, &Object> {
+        v.iter().map(|l| (&l.id, &l.object)).collect()
+    }
+    a.len() == b.len() && by_id(a) == by_id(b)
 }
 
 /// Errors in `after` that are not in `before` (compared as text).
@@ -1732,18 +1750,107 @@ mod tests {
         assert_eq!(selector_of(&m, "vote"), None);
     }
 
+    fn problems_of(m: &ManifestDir, file: &str) -> String {
+        m.problems()
+            .get(file)
+            .map(|l| l.join("\n"))
+            .unwrap_or_default()
+    }
+
+    fn node_port_of(m: &ManifestDir, name: &str) -> Option<u16> {
+        m.cluster()
+            .service(&ObjectName::new("default", name))
+            .and_then(|s| s.ports.first().and_then(|p| p.node_port))
+    }
+
     #[test]
-    fn a_file_that_never_loaded_contributes_nothing() {
+    fn one_bad_object_leaves_the_others_of_its_file_in_force() {
         let d = Scratch::new();
-        // One good Service and one bad one in the same file: the file as a whole is out.
+        // One good Service and one bad one (node port 80) in the same file.
         let text = format!("{}---\n{}", svc("good", "vote", 30001), svc("bad", "x", 80));
         d.write("a.yaml", &text);
         d.write("b.yaml", &pod("vote-0", "10.244.0.10"));
         let m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
-        assert_eq!(m.cluster().services().count(), 0);
+        assert_eq!(selector_of(&m, "good").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "bad"), None);
         assert_eq!(m.cluster().pods().count(), 1);
         assert_eq!(m.broken_files(), 1);
-        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["b.yaml"]);
+        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["a.yaml", "b.yaml"]);
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains("a.yaml:25: document 1: Service default/bad: spec.ports[0].nodePort")
+                && p.ends_with("(left out)"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_good_version_and_applies_its_neighbour() {
+        let d = Scratch::new();
+        let two = |a: &str, b: &str| format!("{a}---\n{b}");
+        d.write(
+            "ab.yaml",
+            &two(&svc("a", "vote", 30000), &svc("b", "vote", 30001)),
+        );
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(m.cluster().services().count(), 2);
+
+        // a gets an invalid node port, b a new selector: b changes, a stays as it was.
+        d.write("ab.yaml", &two(&svc("a", "x", 80), &svc("b", "b1", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b1"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(
+            p.contains("ab.yaml:12: document 0: Service default/a: spec.ports[0].nodePort")
+                && p.ends_with("(its last good version stays in force)"),
+            "{p}"
+        );
+
+        // a's document no longer parses: it is matched by the name a line scan finds.
+        let broken = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\nspec: {ports: [\n";
+        d.write("ab.yaml", &two(broken, &svc("b", "b2", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b2"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(p.contains("ab.yaml:"), "{p}");
+        assert!(
+            p.contains(
+                "(its last good version stays in force: Service default/a, matched by name)"
+            ),
+            "{p}"
+        );
+
+        // No name to be found: matched by document index.
+        let nameless = "apiVersion: v1\nkind: Service\nmetadata: {name: a\n";
+        d.write("ab.yaml", &two(nameless, &svc("b", "b3", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b3"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(
+            p.contains("Service default/a, matched by document index)"),
+            "{p}"
+        );
+
+        // b leaves the text: it goes, a's last good version stays.
+        d.write("ab.yaml", nameless);
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "b"), None);
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+
+        // Fixed: applied, no problems left.
+        d.write("ab.yaml", &svc("a", "a1", 30000));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=a1"));
+        assert_eq!(m.broken_files(), 0);
+
+        // A new object that is invalid from the start is left out, and says so.
+        d.write("ab.yaml", &two(&svc("a", "a1", 30000), &svc("c", "c", 80)));
+        assert!(!settle(&mut m), "nothing in force changes");
+        assert_eq!(selector_of(&m, "c"), None);
+        assert!(problems_of(&m, "ab.yaml").ends_with("(left out)"));
     }
 
     #[test]
@@ -1766,6 +1873,148 @@ mod tests {
         assert!(settle(&mut m));
         assert_eq!(selector_of(&m, "a").as_deref(), Some("app=other"));
         assert_eq!(m.broken_files(), 0);
+    }
+
+    #[test]
+    fn a_clash_keeps_the_holder_whichever_name_sorts_first() {
+        let d = Scratch::new();
+        d.write("b.yaml", &svc("b", "vote", 30001));
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        // a.yaml (earlier in name order) arrives claiming b's node port, next to a Pod.
+        let a = format!(
+            "{}{}",
+            svc("a", "vote", 30001),
+            pod("vote-0", "10.244.0.10")
+        );
+        d.write("a.yaml", &a);
+        assert!(settle(&mut m));
+        assert_eq!(
+            node_port_of(&m, "b"),
+            Some(30001),
+            "the holder keeps its port"
+        );
+        assert_eq!(selector_of(&m, "a"), None, "the newcomer loses");
+        assert_eq!(
+            m.cluster().pods().count(),
+            1,
+            "its neighbour is not held back"
+        );
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains("a.yaml:12: document 0: Service default/a: spec.ports[0].nodePort")
+                && p.contains("already allocated (to Service default/b)")
+                && p.ends_with("(left out)"),
+            "{p}"
+        );
+        assert!(!m.problems().contains_key("b.yaml"));
+
+        // Unrelated changes move nothing: another file, another object of a.yaml.
+        d.write("c.yaml", &svc("c", "vote", 30002));
+        assert!(settle(&mut m));
+        d.write("a.yaml", &a.replace("10.244.0.10", "10.244.0.11"));
+        assert!(settle(&mut m));
+        assert_eq!(node_port_of(&m, "b"), Some(30001));
+        assert_eq!(selector_of(&m, "a"), None);
+        assert_eq!(m.cluster().services().count(), 2);
+
+        // A newcomer that sorts after the holder loses the same way.
+        d.write("z.yaml", &svc("z", "vote", 30002));
+        assert!(!settle(&mut m));
+        assert_eq!(node_port_of(&m, "c"), Some(30002));
+        assert!(problems_of(&m, "z.yaml").contains("already allocated (to Service default/c)"));
+
+        // A restart has no history: the earlier file in name order holds (a over b), as
+        // a fresh API server would admit them in that order.
+        let fresh = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(node_port_of(&fresh, "a"), Some(30001));
+        assert_eq!(selector_of(&fresh, "b"), None);
+        assert_eq!(node_port_of(&fresh, "c"), Some(30002));
+        assert_eq!(selector_of(&fresh, "z"), None);
+        // ...and from then on it holds, whatever b.yaml does.
+        drop(m);
+        let mut m = fresh;
+        d.write("b.yaml", &svc("b", "other", 30001));
+        assert!(!settle(&mut m));
+        assert_eq!(node_port_of(&m, "a"), Some(30001));
+        assert_eq!(selector_of(&m, "b"), None);
+
+        // Once the holder lets go, a retried newcomer gets it.
+        d.remove("a.yaml");
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=other"));
+    }
+
+    #[test]
+    fn one_identity_one_object_across_files() {
+        let d = Scratch::new();
+        d.write("b.yaml", &svc("vote", "b", 30001));
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        // The same Service in a file that sorts first: the file that has it keeps it.
+        d.write("a.yaml", &svc("vote", "a", 30002));
+        assert!(!settle(&mut m));
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=b"));
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains(
+                "a.yaml:1: document 0: Service default/vote: metadata.name: Duplicate value"
+            ) && p.contains("b.yaml:1"),
+            "{p}"
+        );
+        // b.yaml lets go of it: a.yaml's version comes in.
+        d.write("b.yaml", &pod("vote-0", "10.244.0.10"));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=a"));
+        assert_eq!(m.broken_files(), 0);
+    }
+
+    #[test]
+    fn a_json_file_loads() {
+        let d = Scratch::new();
+        let json = r#"{
+  "apiVersion": "v1",
+  "kind": "Service",
+  "metadata": {"name": "vote"},
+  "spec": {
+    "type": "NodePort",
+    "selector": {"app": "vote"},
+    "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30000}]
+  }
+}
+"#;
+        d.write("svc.json", json);
+        d.write("notes.jsonl", json);
+        let m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=vote"));
+        assert_eq!(node_port_of(&m, "vote"), Some(30000));
+        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["svc.json"]);
+    }
+
+    #[test]
+    fn trials_are_only_for_the_objects_that_clash() {
+        let d = Scratch::new();
+        for i in 0..40 {
+            d.write(
+                &format!("s{i:02}.yaml"),
+                &svc(&format!("s{i}"), "vote", 30100 + i),
+            );
+        }
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(m.builds, 1);
+        // A clean change: one build.
+        d.write("s05.yaml", &svc("s5", "other", 30105));
+        assert!(settle(&mut m));
+        assert_eq!(m.builds, 2);
+        // A clash, a clean edit and a new object at once: all together, the versions in
+        // force, the clean changes together, then the clash alone; not one per object.
+        d.write("s06.yaml", &svc("s6", "other", 30107));
+        d.write("s08.yaml", &svc("s8", "other", 30108));
+        d.write("t.yaml", &svc("t", "vote", 30200));
+        assert!(settle(&mut m));
+        assert_eq!(m.builds, 2 + 4);
+        assert_eq!(selector_of(&m, "s6").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "s8").as_deref(), Some("app=other"));
+        assert_eq!(node_port_of(&m, "t"), Some(30200));
+        assert_eq!(m.problems().keys().collect::<Vec<_>>(), ["s06.yaml"]);
     }
 
     #[test]
