@@ -1,16 +1,32 @@
 //! The node proxy behind `svcnat-proxy`: a directory of manifests in, a programmed
 //! dataplane out, with Prometheus metrics and a health check on the side.
 //!
-//! - [`ManifestDir`] is the source. It polls a directory for `*.yaml` and `*.yml` files
-//!   (names, sizes, modification times and inodes; a file changed in the last second is
-//!   also re-read, as its time stamp cannot tell two quick writes apart) and keeps, per
-//!   file, the **last text that loaded cleanly**. A change is read only once it has held
-//!   still for one poll, so a file caught half-written is not applied. The cluster is
-//!   built from the last good texts of all files in name order. A file whose new text has
-//!   any [`LoadError`], or whose new text makes another file fail (a node port or cluster
-//!   IP that another Service holds, as the API server refuses an update that clashes),
-//!   is rejected as a whole: its previous good text stays in force, and a file that never
-//!   loaded cleanly contributes nothing. Rejections are logged with file, line and field.
+//! - [`ManifestDir`] is the source. It polls a directory for `*.yaml`, `*.yml` and `*.json`
+//!   files (names, sizes, modification times and inodes; a file changed in the last second
+//!   is also re-read, as its time stamp cannot tell two quick writes apart). A change is
+//!   read only once it has held still for one poll, so a file caught half-written is not
+//!   applied. It keeps the **last good version per object**, as `kubectl apply` users
+//!   expect: an object is identified by kind, namespace (after defaulting) and name, and
+//!   the objects in force are, per file, those of its current text that are valid and fit
+//!   with the rest. An object of the text that is invalid (a syntax or validation error,
+//!   or a clash with another object: a node port, cluster IP or Pod IP already held, the
+//!   same identity in another file) keeps its last good version in force if it had one,
+//!   else it is left out; objects no longer in the text are removed, and so are all of a
+//!   deleted file's. A document whose YAML does not parse has no identity: the last good
+//!   versions of what it held stay, matched by the kind and name a line scan of it finds,
+//!   else by document index. An unreadable file keeps all of its objects.
+//! - Clashes go as at the API server, which refuses the create or update that clashes:
+//!   the object in force keeps what it holds and the newcomer (or the changed version)
+//!   loses, whichever file sorts first, so ownership never moves because an unrelated
+//!   file changed. Objects in force enter the build first, in the order they came into
+//!   force, then the changes. The cluster is built once with every change; only when that
+//!   build has errors are the changes tried again: the versions in force, the changes
+//!   without errors together, then each clashing change on its own, last. History is not
+//!   persisted: a fresh [`ManifestDir`] (a restart, `svcnat-ctl`) admits objects in file
+//!   name and document order, so there the earlier file holds.
+//! - [`ManifestDir::problems`] lists per file what is not in force and why (`file:line:
+//!   document: object: field: error`), and what is in force instead (`its last good version
+//!   stays in force`, or `left out`); the same lines are logged when they first appear.
 //! - [`Proxy`] is the loop: it polls the source, coalesces changes into at most one sync
 //!   per `min_sync_period` (kube-proxy's `--min-sync-period`), syncs through a
 //!   [`NodeAgent`] (which diffs the new plan against the old one), and rewrites everything
@@ -310,13 +326,7 @@ impl Trial<'_> {
             if Some(i) == last {
                 continue;
             }
-            let c = &self.claims[i];
-            let v = if self.accepted[i] {
-                c.proposed()
-            } else {
-                c.settled()
-            };
-            out.extend(v.cloned());
+            out.extend(self.version(i).cloned());
         }
         if let Some(v) = last.and_then(|i| self.claims[i].proposed()) {
             out.push(v.clone());
@@ -334,30 +344,35 @@ impl Trial<'_> {
         (cluster, m.errors)
     }
 
+    /// The version of claim `i` in the build (without a trial).
+    fn version(&self, i: usize) -> Option<&Loaded> {
+        let c = &self.claims[i];
+        if self.accepted[i] {
+            c.proposed()
+        } else {
+            c.settled()
+        }
+    }
+
     /// The claims in the build that an error is about: the object it names in its file,
     /// else (a Pod of a workload) the objects of its document.
     fn hit(&self, e: &LoadError) -> Vec<usize> {
-        let in_file = |i: &usize| {
-            self.claims[*i]
-                .proposed()
-                .is_some_and(|l| l.source.file == e.file)
-        };
-        let named: Vec<usize> = (0..self.claims.len())
-            .filter(in_file)
-            .filter(|&i| e.object.as_ref() == self.claims[i].id())
+        let in_build: Vec<(usize, &Loaded)> = (0..self.claims.len())
+            .filter_map(|i| self.version(i).map(|l| (i, l)))
+            .filter(|(_, l)| l.source.file == e.file)
+            .collect();
+        let named: Vec<usize> = in_build
+            .iter()
+            .filter(|(_, l)| e.object.as_ref() == Some(&l.id))
+            .map(|(i, _)| *i)
             .collect();
         if !named.is_empty() {
             return named;
         }
-        (0..self.claims.len())
-            .filter(in_file)
-            .filter(|&i| {
-                let c = &self.claims[i];
-                [c.proposed(), c.settled()]
-                    .into_iter()
-                    .flatten()
-                    .any(|l| l.source.document == e.document)
-            })
+        in_build
+            .iter()
+            .filter(|(_, l)| l.source.document == e.document)
+            .map(|(i, _)| *i)
             .collect()
     }
 }
@@ -723,7 +738,7 @@ impl ManifestDir {
         // Rejections from the trials: claim index -> the errors its version brought.
         let mut rejected: BTreeMap<usize, Vec<LoadError>> = BTreeMap::new();
         let all = t.objects(None);
-        let unchanged = same_objects(&all, &self.built_from);
+        let unchanged = same_objects(&all, &self.built_from, true);
         let (mut cluster, mut errors) = if unchanged {
             // The same objects as the last build: the same outcome (its order may differ
             // now, as changes that came in rank among the unchanged; nothing moves).
@@ -740,12 +755,7 @@ impl ManifestDir {
         let mut in_force: BTreeMap<String, BTreeMap<Id, Held>> = BTreeMap::new();
         for &i in &t.order {
             let c = &t.claims[i];
-            let v = if t.accepted[i] {
-                c.proposed()
-            } else {
-                c.settled()
-            };
-            if let Some(v) = v
+            if let Some(v) = t.version(i)
                 && !left_out.contains(&i)
             {
                 in_force.entry(c.file.clone()).or_default().insert(
@@ -822,7 +832,7 @@ impl ManifestDir {
         built_from: Vec<Loaded>,
         errors: Vec<LoadError>,
     ) -> bool {
-        let changed = !same_objects(&built_from, &self.built_from);
+        let changed = !same_objects(&built_from, &self.built_from, false);
         let paths: BTreeMap<String, String> = self
             .files
             .keys()
@@ -996,7 +1006,8 @@ fn guess_identity(doc: &str, config: &ClusterConfig) -> Option<Id> {
             if let Some(v) = body.strip_prefix("kind:") {
                 kind = plain_scalar(v);
             } else if let Some(v) = body.strip_prefix("metadata:") {
-                in_metadata = plain_scalar(v).is_none();
+                // Block style only: nothing after the colon but a comment.
+                in_metadata = v.trim().is_empty() || v.trim_start().starts_with('#');
                 child_indent = None;
             }
             continue;
@@ -1041,12 +1052,16 @@ fn plain_scalar(v: &str) -> Option<String> {
     (!v.is_empty() && !structural).then(|| v.to_string())
 }
 
-/// Whether two builds have the same objects (identities and contents, in any order).
-fn same_objects(a: &[Loaded], b: &[Loaded]) -> bool {
-    fn by_id(v: &[Loaded]) -> BTreeMap<&Id, &Object> {
-        v.iter().map(|l| (&l.id, &l.object)).collect()
+/// Whether two builds have the same objects (identities and contents, in any order), and
+/// with `sources` from the same places (the lines errors point at).
+fn same_objects(a: &[Loaded], b: &[Loaded], sources: bool) -> bool {
+    type Key<'a> = (&'a Object, Option<&'a Source>);
+    fn by_id(v: &[Loaded], sources: bool) -> BTreeMap<&Id, Key<'_>> {
+        v.iter()
+            .map(|l| (&l.id, (&l.object, sources.then_some(&l.source))))
+            .collect()
     }
-    a.len() == b.len() && by_id(a) == by_id(b)
+    a.len() == b.len() && by_id(a, sources) == by_id(b, sources)
 }
 
 /// Errors in `after` that are not in `before` (compared as text).
