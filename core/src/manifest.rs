@@ -233,6 +233,8 @@ pub struct Workload {
 pub struct Loaded {
     /// Where it came from.
     pub source: Source,
+    /// Its identity: kind, namespace (after defaulting; empty when cluster-scoped), name.
+    pub id: ObjectRef,
     /// The object.
     pub object: Object,
     /// The document's text, to point later errors (clashes) at the field's line.
@@ -888,6 +890,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 if let Some(obj) = obj {
                     m.objects.push(Loaded {
                         source,
+                        id: object,
                         object: obj,
                         text: std::sync::Arc::from(doc.text.as_str()),
                     });

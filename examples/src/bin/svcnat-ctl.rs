@@ -33,7 +33,7 @@ use svcnat_examples::proxy::ManifestDir;
     about = "kubectl-style views of a manifest directory, and the NAT plan of a node"
 )]
 struct Cli {
-    /// Directory of manifests (*.yaml, *.yml).
+    /// Directory of manifests (*.yaml, *.yml, *.json).
     #[arg(long, value_name = "DIR")]
     manifests: PathBuf,
     #[command(flatten)]
