@@ -220,6 +220,17 @@ impl ManifestDir {
         out
     }
 
+    /// Warnings of the texts in force, where nothing was left out (kinds svcnat does not
+    /// read, deprecated apiVersions); read again from those texts on each call.
+    pub fn warnings(&self) -> Vec<LoadError> {
+        let texts: Vec<(String, Arc<str>)> = self
+            .good_texts()
+            .into_iter()
+            .map(|(n, t)| (self.path_of(&n), t))
+            .collect();
+        Manifests::from_files(texts.iter().map(|(p, t)| (p.as_str(), &**t)), &self.config).warnings
+    }
+
     /// How many files have problems ([`ManifestDir::problems`]).
     pub fn broken_files(&self) -> usize {
         self.problems().len()
