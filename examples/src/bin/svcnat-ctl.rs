@@ -46,7 +46,7 @@ use svcnat_examples::proxy::ManifestDir;
     about = "kubectl-style views of a manifest directory, and the NAT plan of a node"
 )]
 struct Cli {
-    /// Directory of manifests (*.yaml, *.yml) [required].
+    /// Directory of manifests (*.yaml, *.yml); required.
     #[arg(long, value_name = "DIR", global = true)]
     manifests: Option<PathBuf>,
     #[command(flatten)]
