@@ -158,6 +158,30 @@ pub fn to_api(slice: &EndpointSlice) -> discovery::EndpointSlice {
         .filter(|e| e.weight != DEFAULT_WEIGHT)
         .map(|e| format!("{}={}", e.ip, e.weight))
         .collect();
+    let endpoints: Vec<discovery::Endpoint> = slice
+        .endpoints
+        .iter()
+        .map(|e| discovery::Endpoint {
+            addresses: vec![e.ip.to_string()],
+            conditions: Some(discovery::EndpointConditions {
+                ready: Some(e.ready),
+                serving: Some(e.serving),
+                terminating: Some(e.terminating),
+            }),
+            hostname: e.hostname.clone(),
+            node_name: e.node_name.clone(),
+            zone: e.zone.clone(),
+            target_ref: e.pod.as_ref().map(|p| corev1::ObjectReference {
+                kind: Some("Pod".into()),
+                name: Some(p.clone()),
+                namespace: Some(slice.service.namespace.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .collect();
+    // `endpoints` is optional in k8s-openapi's types from 1.36 on.
+    k8s_openapi::k8s_if_ge_1_36! { let endpoints = Some(endpoints); }
     discovery::EndpointSlice {
         metadata: meta::ObjectMeta {
             name: Some(slice.name.clone()),
@@ -174,30 +198,7 @@ pub fn to_api(slice: &EndpointSlice) -> discovery::EndpointSlice {
             ..Default::default()
         },
         address_type: address_type.into(),
-        endpoints: Some(
-            slice
-                .endpoints
-                .iter()
-                .map(|e| discovery::Endpoint {
-                    addresses: vec![e.ip.to_string()],
-                    conditions: Some(discovery::EndpointConditions {
-                        ready: Some(e.ready),
-                        serving: Some(e.serving),
-                        terminating: Some(e.terminating),
-                    }),
-                    hostname: e.hostname.clone(),
-                    node_name: e.node_name.clone(),
-                    zone: e.zone.clone(),
-                    target_ref: e.pod.as_ref().map(|p| corev1::ObjectReference {
-                        kind: Some("Pod".into()),
-                        name: Some(p.clone()),
-                        namespace: Some(slice.service.namespace.clone()),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                })
-                .collect(),
-        ),
+        endpoints,
         ports: Some(
             slice
                 .ports

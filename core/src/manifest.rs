@@ -828,7 +828,10 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         "Service" => decode::<corev1::Service>(&text, &ctx).map(|s| convert_service(s, ctx)),
         "Pod" => decode::<corev1::Pod>(&text, &ctx).map(|p| convert_pod(p, ctx)),
         "Deployment" => decode::<apps::Deployment>(&text, &ctx).map(|d| {
-            let spec = d.spec;
+            // The application picks the Kubernetes version; `spec` is optional in
+            // k8s-openapi's types before 1.37.
+            k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+            k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
             convert_workload(
                 "Deployment",
                 d.metadata,
@@ -840,7 +843,10 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             )
         }),
         "ReplicaSet" => decode::<apps::ReplicaSet>(&text, &ctx).map(|d| {
-            let spec = d.spec;
+            // The application picks the Kubernetes version; `spec` is optional in
+            // k8s-openapi's types before 1.37.
+            k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+            k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
             convert_workload(
                 "ReplicaSet",
                 d.metadata,
@@ -2288,7 +2294,10 @@ fn convert_slice(e: discovery::EndpointSlice, mut ctx: Ctx<'_>) -> Converted {
     };
     let mut endpoints = Vec::new();
     if family.is_some() {
-        for (i, ep) in e.endpoints.iter().flatten().enumerate() {
+        // `endpoints` is optional in k8s-openapi's types from 1.36 on.
+        k8s_openapi::k8s_if_le_1_35! { let slice_endpoints: &[discovery::Endpoint] = &e.endpoints; }
+        k8s_openapi::k8s_if_ge_1_36! { let slice_endpoints = e.endpoints.as_deref().unwrap_or_default(); }
+        for (i, ep) in slice_endpoints.iter().enumerate() {
             let c = ep.conditions.clone().unwrap_or_default();
             // "ready ... nil should be interpreted as true"; "serving ... nil should be
             // interpreted as ready"; "terminating ... nil should be interpreted as false".

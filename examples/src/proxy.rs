@@ -455,6 +455,17 @@ impl ManifestDir {
             .collect()
     }
 
+    /// Warnings of the texts last read, where nothing was left out (kinds svcnat does not
+    /// read, deprecated apiVersions); read again from those texts on each call.
+    pub fn warnings(&self) -> Vec<LoadError> {
+        let texts: Vec<(String, Arc<str>)> = self
+            .files
+            .iter()
+            .filter_map(|(n, f)| f.disk.clone().map(|t| (self.path_of(n), t)))
+            .collect();
+        Manifests::from_files(texts.iter().map(|(p, t)| (p.as_str(), &**t)), &self.config).warnings
+    }
+
     /// How many files have problems ([`ManifestDir::problems`]).
     pub fn broken_files(&self) -> usize {
         self.files
