@@ -448,14 +448,12 @@ fn small_cluster(pods: &[(&str, &str, &str, bool, bool, u32)]) -> Cluster {
     let mut l = BTreeMap::new();
     l.insert("app".to_string(), "app".to_string());
     svc.selector = Some(LabelSelector::from_labels(l));
-    svc.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: None,
-        app_protocol: None,
-    });
+    svc.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Tcp,
+        80,
+        TargetPort::Number(8080),
+    ));
     c.upsert_service(svc);
     for (name, addr, node, ready, terminating, weight) in pods {
         let mut p = Pod::new(ObjectName::new("default", *name), ip(addr));

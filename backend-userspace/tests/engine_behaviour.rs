@@ -503,14 +503,12 @@ fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
             timeout_seconds: 60,
         };
     }
-    s.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: None,
-        app_protocol: None,
-    });
+    s.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Tcp,
+        80,
+        TargetPort::Number(8080),
+    ));
     c.upsert_service(s);
     for (i, (ip, w)) in pods.iter().enumerate() {
         let mut p = Pod::new(
@@ -868,14 +866,12 @@ fn ipv6_nat_with_static_neighbours() {
         "app".to_string(),
         "web6".to_string(),
     )])));
-    s.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Udp,
-        port: 53,
-        target_port: TargetPort::Number(5353),
-        node_port: None,
-        app_protocol: None,
-    });
+    s.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Udp,
+        53,
+        TargetPort::Number(5353),
+    ));
     c.upsert_service(s);
     let mut p = Pod::new(ObjectName::new("default", "web6-1"), IpAddr::V6(pod));
     p.labels.insert("app".into(), "web6".into());

@@ -19,6 +19,7 @@ use crate::model::{
 
 /// Options shared by all views.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ViewOptions {
     /// The current time in seconds since the epoch, for the AGE column; `None` shows `<unknown>`.
     pub now: Option<i64>,

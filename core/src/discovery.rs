@@ -60,6 +60,7 @@ const MAX_CNAME_CHAIN: usize = 8;
 
 /// Settings of the cluster DNS.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiscoveryConfig {
     /// The cluster domain, e.g. `cluster.local` (case and a trailing dot do not matter).
     pub cluster_domain: String,
@@ -337,6 +338,7 @@ impl Answer {
 
 /// A stub resolver's search settings, as in `resolv.conf`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SearchConfig {
     /// The `search` list, in order.
     pub search: Vec<String>,

@@ -29,6 +29,7 @@ use crate::model::*;
 
 /// Settings of the simulated cluster that manifests are loaded into.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClusterConfig {
     /// Namespace for objects that name none (kubectl's context namespace).
     pub default_namespace: String,

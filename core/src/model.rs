@@ -199,6 +199,7 @@ impl fmt::Display for TargetPort {
 
 /// One entry of `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct ServicePort {
     /// Port name (empty when the Service has a single unnamed port).
     pub name: String,
@@ -212,6 +213,26 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     /// `appProtocol`, kept for display.
     pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// A port: `protocol` `port` on the Service's addresses, `target_port` on the
+    /// endpoints; no node port, no appProtocol.
+    pub fn new(
+        name: impl Into<String>,
+        protocol: Protocol,
+        port: u16,
+        target_port: TargetPort,
+    ) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol,
+            port,
+            target_port,
+            node_port: None,
+            app_protocol: None,
+        }
+    }
 }
 
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
@@ -247,6 +268,7 @@ pub enum SessionAffinity {
 
 /// A Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Service {
     /// Namespace and name.
     pub name: ServiceName,

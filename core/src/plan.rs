@@ -46,6 +46,7 @@ pub enum ChainIdStyle {
 
 /// The node a plan is compiled for, and the proxy's settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct NodeContext {
     /// This node's name (`--hostname-override`): decides which endpoints are local.
     pub node_name: String,
@@ -1207,6 +1208,7 @@ fn same_family(n: &IpNet, f: IpFamily) -> bool {
 
 /// What a backend reports after programming a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SyncReport {
     /// Whether everything was rewritten (as opposed to only what the diff touched).
     pub full: bool,
@@ -1216,6 +1218,28 @@ pub struct SyncReport {
     pub frontends: usize,
     /// Endpoints now programmed.
     pub endpoints: usize,
+}
+
+impl SyncReport {
+    /// A report with explicit counts.
+    pub fn new(full: bool, written: usize, frontends: usize, endpoints: usize) -> SyncReport {
+        SyncReport {
+            full,
+            written,
+            frontends,
+            endpoints,
+        }
+    }
+
+    /// A report of having programmed all of `plan`: its frontends and endpoints counted.
+    pub fn of_plan(plan: &Plan, full: bool, written: usize) -> SyncReport {
+        SyncReport::new(
+            full,
+            written,
+            plan.frontends().count(),
+            plan.endpoint_count(),
+        )
+    }
 }
 
 /// A datapath that programs plans: implemented by each backend.

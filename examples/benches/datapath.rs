@@ -54,13 +54,10 @@ fn service() -> Service {
     sel.insert("app".to_string(), "perf".to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
     for (name, protocol) in [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)] {
-        svc.ports.push(ServicePort {
-            name: name.into(),
-            protocol,
-            port: 5201,
-            target_port: TargetPort::Number(5201),
-            node_port: Some(NODE_PORT),
-            app_protocol: None,
+        svc.ports.push({
+            let mut sp = ServicePort::new(name, protocol, 5201, TargetPort::Number(5201));
+            sp.node_port = Some(NODE_PORT);
+            sp
         });
     }
     svc

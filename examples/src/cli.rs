@@ -44,11 +44,13 @@ pub struct ClusterArgs {
 impl ClusterArgs {
     /// The cluster configuration these flags describe.
     pub fn config(&self) -> ClusterConfig {
-        ClusterConfig {
-            default_namespace: self.default_namespace.clone(),
-            service_cidrs: self.service_cidrs.clone(),
-            pod_cidrs: self.pod_cidrs.clone(),
-            node_port_range: self.node_port_range,
+        {
+            let mut cfg = ClusterConfig::default();
+            cfg.default_namespace = self.default_namespace.clone();
+            cfg.service_cidrs = self.service_cidrs.clone();
+            cfg.pod_cidrs = self.pod_cidrs.clone();
+            cfg.node_port_range = self.node_port_range;
+            cfg
         }
     }
 }
@@ -131,10 +133,11 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// The node context of node `name` these flags describe.
     pub fn context(&self, name: String) -> NodeContext {
-        NodeContext {
-            nodeport_addresses: self.nodeport_addresses.clone(),
-            masquerade_all: self.masquerade_all,
-            ..NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone())
+        {
+            let mut ctx = NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone());
+            ctx.nodeport_addresses = self.nodeport_addresses.clone();
+            ctx.masquerade_all = self.masquerade_all;
+            ctx
         }
     }
 }

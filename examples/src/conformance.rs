@@ -324,18 +324,16 @@ pub fn service(
     let mut sel = BTreeMap::new();
     sel.insert(key.to_string(), value.to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
-    svc.ports.push(ServicePort {
-        name: String::new(),
+    svc.ports.push(ServicePort::new(
+        String::new(),
         protocol,
         port,
-        target_port: TargetPort::Number(if protocol == Protocol::Udp {
+        TargetPort::Number(if protocol == Protocol::Udp {
             POD_UDP
         } else {
             POD_TCP
         }),
-        node_port: None,
-        app_protocol: None,
-    });
+    ));
     svc
 }
 

@@ -2100,12 +2100,12 @@ mod tests {
                 return Err(FakeError);
             }
             self.frontends = plan.frontends().count();
-            Ok(SyncReport {
-                full: false,
-                written: diff.ops.len(),
-                frontends: self.frontends,
-                endpoints: plan.endpoint_count(),
-            })
+            Ok(SyncReport::new(
+                false,
+                diff.ops.len(),
+                self.frontends,
+                plan.endpoint_count(),
+            ))
         }
 
         fn resync(&mut self, plan: &Plan) -> Result<SyncReport, FakeError> {
@@ -2114,12 +2114,12 @@ mod tests {
                 return Err(FakeError);
             }
             self.frontends = plan.frontends().count();
-            Ok(SyncReport {
-                full: true,
-                written: 7,
-                frontends: self.frontends,
-                endpoints: plan.endpoint_count(),
-            })
+            Ok(SyncReport::new(
+                true,
+                7,
+                self.frontends,
+                plan.endpoint_count(),
+            ))
         }
 
         fn cleanup(&mut self) -> Result<(), FakeError> {
@@ -2249,12 +2249,7 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
         let health = http_get(addr, "/healthz");
         assert!(health.starts_with("HTTP/1.1 503 "), "{health}");
-        let report = SyncReport {
-            full: true,
-            written: 12,
-            frontends: 2,
-            endpoints: 3,
-        };
+        let report = SyncReport::new(true, 12, 2, 3);
         metrics.sync_ok(Instant::now(), Duration::from_millis(3), &report, 1);
         let health = http_get(addr, "/healthz");
         assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");

@@ -56,13 +56,10 @@ fn setup() -> Setup {
     let mut sel = BTreeMap::new();
     sel.insert("app".to_string(), "web".to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
-    svc.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: Some(NODE_PORT),
-        app_protocol: None,
+    svc.ports.push({
+        let mut sp = ServicePort::new("", Protocol::Tcp, 80, TargetPort::Number(8080));
+        sp.node_port = Some(NODE_PORT);
+        sp
     });
     cluster.upsert_service(svc);
     let dp = Userspace::start(UserspaceConfig {

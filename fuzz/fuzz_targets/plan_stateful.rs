@@ -118,21 +118,14 @@ fn service(i: u8, s: &SvcSpec) -> Service {
         if !seen.insert((port, protocol)) {
             continue;
         }
-        svc.ports.push(ServicePort {
-            name: format!("p{n}"),
-            protocol,
-            port,
-            target_port: if p.named_target {
+        svc.ports.push({ let mut sp = ServicePort::new(format!("p{n}"), protocol, port, if p.named_target {
                 TargetPort::Name("http".into())
             } else {
                 TargetPort::Number(8080 + u16::from(p.port % 4))
-            },
-            node_port: svc
+            }); sp.node_port = svc
                 .service_type
                 .has_node_ports()
-                .then_some(30000 + u16::from(p.node_port % 8)),
-            app_protocol: None,
-        });
+                .then_some(30000 + u16::from(p.node_port % 8)); sp });
     }
     if s.ports.len() == 1
         && let Some(p) = svc.ports.first_mut()

@@ -34,7 +34,7 @@ use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use svcnat_core::describe::{self, ViewOptions};
 use svcnat_core::manifest::{LoadError, ValidateError};
 use svcnat_core::model::{Cluster, ObjectName};
-use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan};
+use svcnat_core::plan::{ChainIdStyle, Plan};
 use svcnat_examples::cli::{ClusterArgs, NodeArgs};
 use svcnat_examples::proxy::ManifestDir;
 
@@ -324,12 +324,14 @@ fn main() -> ExitCode {
         }
     };
     let cluster = dir.cluster();
-    let opts = ViewOptions {
-        now: SystemTime::now()
+    let opts = {
+        let mut opts = ViewOptions::default();
+        opts.now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .ok()
-            .and_then(|d| i64::try_from(d.as_secs()).ok()),
-        wide: cli.output == Some(Output::Wide),
+            .and_then(|d| i64::try_from(d.as_secs()).ok());
+        opts.wide = cli.output == Some(Output::Wide);
+        opts
     };
     let scope = if cli.all_namespaces {
         Scope::All
@@ -351,12 +353,13 @@ fn main() -> ExitCode {
             node,
             chain_ids,
         } => {
-            let node = NodeContext {
-                chain_ids: match chain_ids {
+            let node = {
+                let mut ctx = node.context(node_name);
+                ctx.chain_ids = match chain_ids {
                     ChainIds::Current => ChainIdStyle::Current,
                     ChainIds::Legacy => ChainIdStyle::Legacy,
-                },
-                ..node.context(node_name)
+                };
+                ctx
             };
             Shown::view(Plan::compile(cluster, &node).render())
         }

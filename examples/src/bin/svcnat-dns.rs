@@ -97,10 +97,12 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot handle SIGTERM/SIGINT: {e}"))?;
 
     let cluster = args.cluster.config();
-    let discovery = DiscoveryConfig {
-        cluster_domain: args.cluster_domain,
-        ttl: args.ttl,
-        pod_records: !args.no_pod_records,
+    let discovery = {
+        let mut dc = DiscoveryConfig::default();
+        dc.cluster_domain = args.cluster_domain;
+        dc.ttl = args.ttl;
+        dc.pod_records = !args.no_pod_records;
+        dc
     };
     let dir_name = args.manifests.display().to_string();
     let mut dir = ManifestDir::open(&args.manifests, cluster)
