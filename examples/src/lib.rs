@@ -13,6 +13,7 @@
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
 pub use svcnat_core::agent;
+pub mod api;
 pub mod cli;
 pub mod conformance;
 pub mod dns;

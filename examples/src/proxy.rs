@@ -47,8 +47,8 @@ use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use svcnat_core::manifest::{
-    ClusterConfig, LoadError, Loaded, Manifests, Object, ObjectRef, Source, ValidateError,
-    split_documents,
+    ClusterConfig, LoadError, Loaded, Manifests, Object, ObjectRef, Source as Origin,
+    ValidateError, split_documents,
 };
 use svcnat_core::model::Cluster;
 use svcnat_core::plan::{Dataplane, NodeContext, SyncReport};
@@ -685,7 +685,7 @@ impl ManifestDir {
         claims: Vec<Claim>,
         problems: &mut BTreeMap<String, Vec<Problem>>,
     ) -> Vec<Claim> {
-        let mut owner: BTreeMap<Id, (String, bool, Option<Source>)> = BTreeMap::new();
+        let mut owner: BTreeMap<Id, (String, bool, Option<Origin>)> = BTreeMap::new();
         for c in &claims {
             let Some(id) = c.id() else { continue };
             let holds = c.held.is_some();
@@ -957,7 +957,7 @@ fn parse(path: &str, text: &str, config: &ClusterConfig) -> (Parsed, Vec<LoadErr
     let mut m = Manifests::default();
     m.add_file(path, text, config);
     let mut p = Parsed::default();
-    let mut first: BTreeMap<Id, Source> = BTreeMap::new();
+    let mut first: BTreeMap<Id, Origin> = BTreeMap::new();
     for l in m.objects {
         if let Some(s) = first.get(&l.id) {
             // kubectl applies both and the last one wins; a directory has no "last", so
@@ -1066,7 +1066,7 @@ fn plain_scalar(v: &str) -> Option<String> {
 /// Whether two builds have the same objects (identities and contents, in any order), and
 /// with `sources` from the same places (the lines errors point at).
 fn same_objects(a: &[Loaded], b: &[Loaded], sources: bool) -> bool {
-    type Key<'a> = (&'a Object, Option<&'a Source>);
+    type Key<'a> = (&'a Object, Option<&'a Origin>);
     fn by_id(v: &[Loaded], sources: bool) -> BTreeMap<&Id, Key<'_>> {
         v.iter()
             .map(|l| (&l.id, (&l.object, sources.then_some(&l.source))))
@@ -1086,14 +1086,120 @@ fn new_errors(after: &[LoadError], before: &[LoadError]) -> Vec<LoadError> {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Sources
+// ---------------------------------------------------------------------------------------------
+
+/// Where the proxy's cluster comes from: a [`ManifestDir`], or an API server
+/// ([`crate::api::ApiSource`]; its pure part [`crate::api::ApiState`] is a source too).
+pub trait Source {
+    /// Takes in what changed since the last poll; returns whether the cluster changed. An
+    /// error means the source cannot be read now; the cluster then stays as it was.
+    fn poll(&mut self) -> Result<bool, String>;
+    /// The cluster to program.
+    fn cluster(&self) -> &Cluster;
+    /// Whether the cluster is complete enough to program. Until then the proxy syncs
+    /// nothing, so a restart never replaces the rules in force with an empty plan.
+    fn is_ready(&self) -> bool {
+        true
+    }
+    /// Counters and state for `/metrics` and `/healthz`.
+    fn status(&self) -> SourceStatus;
+    /// Called after each successful sync, which programmed everything taken in so far:
+    /// returns the trigger times of those changes (for
+    /// `kubeproxy_network_programming_duration_seconds`) and forgets them.
+    fn take_programmed(&mut self) -> Vec<SystemTime> {
+        Vec::new()
+    }
+    /// What the source is, for logs: `the manifest directory DIR`, `the API server URL`.
+    fn describe(&self) -> String;
+}
+
+/// Which kind of source a [`SourceStatus`] describes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A manifest directory.
+    #[default]
+    Manifests,
+    /// A Kubernetes API server.
+    Api,
+}
+
+/// A source's counters and state, as `/metrics` and `/healthz` show them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SourceStatus {
+    /// Which kind of source.
+    pub kind: SourceKind,
+    /// Problems now: manifest files with problems, or API objects refused as invalid.
+    pub problems: usize,
+    /// Objects refused as invalid so far (API).
+    pub invalid_total: u64,
+    /// Service changes taken in so far (API; kube-proxy's service change count).
+    pub service_changes: Option<u64>,
+    /// EndpointSlice changes taken in so far (API).
+    pub endpoint_changes: Option<u64>,
+    /// Services with Service changes not programmed yet.
+    pub service_changes_pending: usize,
+    /// Services with EndpointSlice changes not programmed yet.
+    pub endpoint_changes_pending: usize,
+    /// Watch failures so far, per resource (API).
+    pub watch_errors: BTreeMap<&'static str, u64>,
+    /// Since when the API server does not answer, and its last error.
+    pub unreachable_since: Option<(SystemTime, String)>,
+    /// What the source waits for before the first sync (`the first list of services`).
+    pub waiting_for: Option<String>,
+}
+
+impl SourceStatus {
+    /// A status with nothing to report.
+    pub fn new(kind: SourceKind) -> SourceStatus {
+        SourceStatus {
+            kind,
+            ..SourceStatus::default()
+        }
+    }
+}
+
+impl Source for ManifestDir {
+    fn poll(&mut self) -> Result<bool, String> {
+        ManifestDir::poll(self).map_err(|e| e.to_string())
+    }
+
+    fn cluster(&self) -> &Cluster {
+        ManifestDir::cluster(self)
+    }
+
+    fn status(&self) -> SourceStatus {
+        SourceStatus {
+            problems: self.broken_files(),
+            ..SourceStatus::new(SourceKind::Manifests)
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!("the manifest directory {}", self.dir.display())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Metrics
 // ---------------------------------------------------------------------------------------------
 
-/// Upper bounds of the sync duration histogram: 1 ms doubling to 16.384 s, as kube-proxy's
+/// Upper bounds of the sync duration histograms: 1 ms doubling to 16.384 s, as kube-proxy's
 /// `sync_proxy_rules_duration_seconds` (`ExponentialBuckets(0.001, 2, 15)`).
 const BUCKETS_MS: [u64; 15] = [
     1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384,
 ];
+
+/// Upper bounds of kube-proxy's `network_programming_duration_seconds`: 0.25 s and 0.5 s,
+/// every second to 59 s, every 5 s to 115 s, every 30 s to 5 min.
+fn programming_buckets() -> Vec<f64> {
+    let mut b = vec![0.25, 0.5];
+    b.extend((1..=59).map(f64::from));
+    b.extend((0..12).map(|i| f64::from(60 + 5 * i)));
+    b.extend((0..7).map(|i| f64::from(120 + 30 * i)));
+    b
+}
 
 /// Whether a sync rewrote everything or applied a diff.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1113,11 +1219,66 @@ impl SyncKind {
     }
 }
 
-#[derive(Debug, Default)]
-struct MetricsState {
-    buckets: [u64; BUCKETS_MS.len()],
+/// A Prometheus histogram with fixed upper bounds (seconds).
+#[derive(Clone, Debug)]
+struct Histogram {
+    bounds: Vec<f64>,
+    /// Observations per bucket (not cumulative); the last slot is `+Inf`.
+    counts: Vec<u64>,
     count: u64,
     sum: f64,
+}
+
+impl Histogram {
+    fn new(bounds: Vec<f64>) -> Histogram {
+        Histogram {
+            counts: vec![0; bounds.len() + 1],
+            bounds,
+            count: 0,
+            sum: 0.0,
+        }
+    }
+
+    fn sync() -> Histogram {
+        Histogram::new(BUCKETS_MS.iter().map(|ms| *ms as f64 / 1000.0).collect())
+    }
+
+    fn observe(&mut self, secs: f64) {
+        let i = self
+            .bounds
+            .iter()
+            .position(|b| secs <= *b)
+            .unwrap_or(self.bounds.len());
+        if let Some(c) = self.counts.get_mut(i) {
+            *c += 1;
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+
+    fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        let mut cumulative = 0;
+        for (b, c) in self.bounds.iter().zip(&self.counts) {
+            cumulative += c;
+            let _ = writeln!(out, "{name}_bucket{{le=\"{b}\"}} {cumulative}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}",
+            self.count, self.sum, self.count
+        );
+    }
+}
+
+#[derive(Debug)]
+struct MetricsState {
+    /// Every sync attempt, and by kind.
+    sync: Histogram,
+    sync_full: Histogram,
+    sync_partial: Histogram,
+    /// From a change's trigger time to the end of the sync that programmed it.
+    programming: Histogram,
     /// Syncs by (ok, full).
     totals: BTreeMap<(bool, bool), u64>,
     errors: u64,
@@ -1125,18 +1286,55 @@ struct MetricsState {
     endpoints: usize,
     frontends: usize,
     rules_written: usize,
-    manifest_errors: usize,
+    source: SourceStatus,
     last_sync_unix: f64,
+    last_queued_unix: f64,
     last_ok: Option<Instant>,
+    last_ok_wall: Option<SystemTime>,
+    /// When the metrics were made (for "no sync yet" in `/healthz`).
+    started_wall: SystemTime,
+}
+
+impl Default for MetricsState {
+    fn default() -> Self {
+        MetricsState {
+            sync: Histogram::sync(),
+            sync_full: Histogram::sync(),
+            sync_partial: Histogram::sync(),
+            programming: Histogram::new(programming_buckets()),
+            totals: BTreeMap::new(),
+            errors: 0,
+            services: 0,
+            endpoints: 0,
+            frontends: 0,
+            rules_written: 0,
+            source: SourceStatus::default(),
+            last_sync_unix: 0.0,
+            last_queued_unix: 0.0,
+            last_ok: None,
+            last_ok_wall: None,
+            started_wall: SystemTime::now(),
+        }
+    }
 }
 
 /// Renders a dataplane's own metrics (Prometheus text) when `/metrics` is scraped.
 pub type DataplaneMetrics = Box<dyn Fn() -> String + Send + Sync>;
 
+/// What `/healthz` answers: healthy or not, and a body that says why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Health {
+    /// 200 when true, 503 when false.
+    pub healthy: bool,
+    /// `ok` or `stale: ...`, then the last sync time, the current time, and what the
+    /// source waits for or cannot reach.
+    pub body: String,
+}
+
 /// The proxy's counters and gauges, shared with the metrics server.
 pub struct Metrics {
     state: Mutex<MetricsState>,
-    sync_period: Duration,
+    stale_after: Duration,
     dataplane: Mutex<Option<DataplaneMetrics>>,
 }
 
@@ -1144,18 +1342,41 @@ impl std::fmt::Debug for Metrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Metrics")
             .field("state", &self.state)
-            .field("sync_period", &self.sync_period)
+            .field("stale_after", &self.stale_after)
             .finish_non_exhaustive()
     }
 }
 
+/// Seconds since the Unix epoch.
+fn unix(t: SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// RFC 3339 in UTC, to the millisecond.
+fn rfc3339(t: SystemTime) -> String {
+    use k8s_openapi::jiff::{Timestamp, Unit};
+    Timestamp::try_from(t)
+        .and_then(|t| t.round(Unit::Millisecond))
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| format!("{:.3}", unix(t)))
+}
+
 impl Metrics {
     /// Empty metrics; `/healthz` passes while the last successful sync is younger than
-    /// twice `sync_period`.
+    /// twice `sync_period` (kube-proxy's health timeout).
     pub fn new(sync_period: Duration) -> Metrics {
+        Metrics::with_stale_after(sync_period * 2)
+    }
+
+    /// Empty metrics; `/healthz` passes while the last successful sync is at most
+    /// `stale_after` old. Keep it above the sync period: the periodic resync is what keeps
+    /// a proxy with nothing to change healthy.
+    pub fn with_stale_after(stale_after: Duration) -> Metrics {
         Metrics {
             state: Mutex::new(MetricsState::default()),
-            sync_period,
+            stale_after,
             dataplane: Mutex::new(None),
         }
     }
@@ -1170,55 +1391,113 @@ impl Metrics {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn observe(s: &mut MetricsState, took: Duration) {
-        let ms = took.as_secs_f64() * 1000.0;
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b as f64
-                && let Some(c) = s.buckets.get_mut(i)
-            {
-                *c += 1;
-                break;
-            }
+    fn observe(s: &mut MetricsState, took: Duration, full: bool) {
+        let secs = took.as_secs_f64();
+        s.sync.observe(secs);
+        if full {
+            s.sync_full.observe(secs);
+        } else {
+            s.sync_partial.observe(secs);
         }
-        s.count += 1;
-        s.sum += took.as_secs_f64();
     }
 
     /// Records a successful sync at `at` that took `took`; `services` is the number of
     /// Services in the cluster it programmed.
     pub fn sync_ok(&self, at: Instant, took: Duration, report: &SyncReport, services: usize) {
         let mut s = self.lock();
-        Self::observe(&mut s, took);
+        Self::observe(&mut s, took, report.full);
         *s.totals.entry((true, report.full)).or_default() += 1;
         s.services = services;
         s.endpoints = report.endpoints;
         s.frontends = report.frontends;
         s.rules_written = report.written;
-        s.last_sync_unix = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs_f64())
-            .unwrap_or(0.0);
+        let wall = SystemTime::now();
+        s.last_sync_unix = unix(wall);
         s.last_ok = Some(at);
+        s.last_ok_wall = Some(wall);
     }
 
     /// Records a failed sync of the given kind.
     pub fn sync_failed(&self, took: Duration, kind: SyncKind) {
         let mut s = self.lock();
-        Self::observe(&mut s, took);
+        Self::observe(&mut s, took, kind == SyncKind::Full);
         *s.totals.entry((false, kind == SyncKind::Full)).or_default() += 1;
         s.errors += 1;
     }
 
-    /// Sets the number of manifest files with problems.
-    pub fn set_manifest_errors(&self, files: usize) {
-        self.lock().manifest_errors = files;
+    /// Records that a sync which ended at `end` programmed changes triggered at
+    /// `triggers` (one per Service).
+    pub fn programmed(&self, end: SystemTime, triggers: &[SystemTime]) {
+        let mut s = self.lock();
+        for t in triggers {
+            // A trigger "in the future" (clock skew between nodes) counts as zero.
+            let latency = end.duration_since(*t).unwrap_or_default();
+            s.programming.observe(latency.as_secs_f64());
+        }
     }
 
-    /// Whether the last successful sync happened within twice the sync period of `now`.
+    /// Records that a change was taken in at `at`, to be programmed by the next sync.
+    pub fn queued(&self, at: SystemTime) {
+        self.lock().last_queued_unix = unix(at);
+    }
+
+    /// Sets the source's counters and state.
+    pub fn set_source(&self, status: SourceStatus) {
+        self.lock().source = status;
+    }
+
+    /// Sets the number of manifest files with problems.
+    pub fn set_manifest_errors(&self, files: usize) {
+        self.lock().source.problems = files;
+    }
+
+    /// Whether the last successful sync is at most the staleness limit old at `now`.
     pub fn healthy_at(&self, now: Instant) -> bool {
-        self.lock()
-            .last_ok
-            .is_some_and(|t| now.saturating_duration_since(t) <= self.sync_period * 2)
+        self.health_at(now, SystemTime::now()).healthy
+    }
+
+    /// `/healthz` at `now` (monotonic, for the check) and `wall` (for the body).
+    /// Healthy while the last successful sync is at most the staleness limit old; the
+    /// periodic resync refreshes it when nothing changes.
+    pub fn health_at(&self, now: Instant, wall: SystemTime) -> Health {
+        let s = self.lock();
+        let age = s.last_ok.map(|t| now.saturating_duration_since(t));
+        let healthy = age.is_some_and(|a| a <= self.stale_after);
+        let limit = self.stale_after.as_secs_f64();
+        let mut body = match age {
+            Some(_) if healthy => "ok\n".to_string(),
+            Some(a) => format!(
+                "stale: the last successful sync is {:.1}s old (limit {limit}s)\n",
+                a.as_secs_f64()
+            ),
+            None => format!(
+                "stale: no successful sync since the start at {}\n",
+                rfc3339(s.started_wall)
+            ),
+        };
+        match (s.last_ok_wall, age) {
+            (Some(w), Some(a)) => {
+                let _ = writeln!(
+                    body,
+                    "last successful sync: {} ({:.1}s ago)",
+                    rfc3339(w),
+                    a.as_secs_f64()
+                );
+            }
+            _ => body.push_str("last successful sync: never\n"),
+        }
+        let _ = writeln!(body, "current time: {}", rfc3339(wall));
+        if let Some(w) = &s.source.waiting_for {
+            let _ = writeln!(body, "waiting for {w}");
+        }
+        if let Some((since, error)) = &s.source.unreachable_since {
+            let _ = writeln!(
+                body,
+                "API server not reachable since {}: {error}",
+                rfc3339(*since)
+            );
+        }
+        Health { healthy, body }
     }
 
     /// The metrics in the Prometheus text exposition format (version 0.0.4).
@@ -1228,25 +1507,25 @@ impl Metrics {
         let head = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        head(
+        s.sync.render(
             &mut out,
-            "svcnat_sync_duration_seconds",
-            "histogram",
+            "kubeproxy_sync_proxy_rules_duration_seconds",
             "How long one sync of the dataplane took (partial or full).",
         );
-        let mut cumulative = 0;
-        for (b, c) in BUCKETS_MS.iter().zip(s.buckets) {
-            cumulative += c;
-            let le = *b as f64 / 1000.0;
-            let _ = writeln!(
-                out,
-                "svcnat_sync_duration_seconds_bucket{{le=\"{le}\"}} {cumulative}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "svcnat_sync_duration_seconds_bucket{{le=\"+Inf\"}} {}\nsvcnat_sync_duration_seconds_sum {}\nsvcnat_sync_duration_seconds_count {}",
-            s.count, s.sum, s.count
+        s.sync_full.render(
+            &mut out,
+            "kubeproxy_sync_full_proxy_rules_duration_seconds",
+            "How long one full sync (everything rewritten) took.",
+        );
+        s.sync_partial.render(
+            &mut out,
+            "kubeproxy_sync_partial_proxy_rules_duration_seconds",
+            "How long one partial sync (only what changed) took.",
+        );
+        s.programming.render(
+            &mut out,
+            "kubeproxy_network_programming_duration_seconds",
+            "From an EndpointSlice's last-change-trigger-time to the end of the sync that programmed it, per Service.",
         );
         head(
             &mut out,
@@ -1265,14 +1544,50 @@ impl Metrics {
                 );
             }
         }
-        head(
-            &mut out,
+        let mut counters: Vec<(&str, &str, u64)> = vec![(
             "svcnat_sync_errors_total",
-            "counter",
             "Syncs of the dataplane that failed.",
-        );
-        let _ = writeln!(out, "svcnat_sync_errors_total {}", s.errors);
-        let gauges: [(&str, &str, String); 6] = [
+            s.errors,
+        )];
+        let src = &s.source;
+        if let Some(n) = src.service_changes {
+            counters.push((
+                "kubeproxy_sync_proxy_rules_service_changes_total",
+                "Service changes taken in from the API server.",
+                n,
+            ));
+        }
+        if let Some(n) = src.endpoint_changes {
+            counters.push((
+                "kubeproxy_sync_proxy_rules_endpoint_changes_total",
+                "EndpointSlice changes taken in from the API server.",
+                n,
+            ));
+        }
+        if src.kind == SourceKind::Api {
+            counters.push((
+                "svcnat_api_invalid_objects_total",
+                "API objects refused as invalid (each refusal of each version).",
+                src.invalid_total,
+            ));
+        }
+        for (name, help, value) in counters {
+            head(&mut out, name, "counter", help);
+            let _ = writeln!(out, "{name} {value}");
+        }
+        if src.kind == SourceKind::Api {
+            let name = "svcnat_api_watch_errors_total";
+            head(
+                &mut out,
+                name,
+                "counter",
+                "Failed list or watch requests, per resource (retried with backoff).",
+            );
+            for (resource, n) in &src.watch_errors {
+                let _ = writeln!(out, "{name}{{resource=\"{resource}\"}} {n}");
+            }
+        }
+        let mut gauges: Vec<(&str, &str, String)> = vec![
             (
                 "svcnat_services",
                 "Services in the cluster at the last successful sync.",
@@ -1294,16 +1609,45 @@ impl Metrics {
                 s.rules_written.to_string(),
             ),
             (
-                "svcnat_manifest_errors",
-                "Manifest files with problems: rejected texts, or objects left out.",
-                s.manifest_errors.to_string(),
-            ),
-            (
-                "svcnat_last_sync_timestamp_seconds",
+                "kubeproxy_sync_proxy_rules_last_timestamp_seconds",
                 "Unix time of the last successful sync.",
                 format!("{:.3}", s.last_sync_unix),
             ),
+            (
+                "kubeproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+                "Unix time a change was last taken in for the next sync.",
+                format!("{:.3}", s.last_queued_unix),
+            ),
         ];
+        match src.kind {
+            SourceKind::Manifests => gauges.push((
+                "svcnat_manifest_errors",
+                "Manifest files with problems: rejected texts, or objects left out.",
+                src.problems.to_string(),
+            )),
+            SourceKind::Api => {
+                gauges.push((
+                    "kubeproxy_sync_proxy_rules_service_changes_pending",
+                    "Services with Service changes not programmed yet.",
+                    src.service_changes_pending.to_string(),
+                ));
+                gauges.push((
+                    "kubeproxy_sync_proxy_rules_endpoint_changes_pending",
+                    "Services with EndpointSlice changes not programmed yet.",
+                    src.endpoint_changes_pending.to_string(),
+                ));
+                gauges.push((
+                    "svcnat_api_invalid_objects",
+                    "API objects refused as invalid now (their last good version, if any, stays in force).",
+                    src.problems.to_string(),
+                ));
+                gauges.push((
+                    "svcnat_api_reachable",
+                    "1 while the API server answers, 0 since a watch failed until it answers again.",
+                    u8::from(src.unreachable_since.is_none()).to_string(),
+                ));
+            }
+        }
         for (name, help, value) in gauges {
             head(&mut out, name, "gauge", help);
             let _ = writeln!(out, "{name} {value}");
@@ -1321,23 +1665,46 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` and `GET /healthz` on `addr` from a background thread; returns
-/// the bound address (useful with port 0). Connections are answered one at a time, each
-/// with a 2 s read and write timeout.
+/// At most this many metrics connections are answered at once; more are closed unanswered.
+const MAX_METRICS_CONNECTIONS: usize = 16;
+/// A request must arrive whole within this time.
+const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// Serves `GET /metrics` and `GET /healthz` on `addr` from background threads; returns
+/// the bound address (useful with port 0). Each connection gets its own thread, at most
+/// [`MAX_METRICS_CONNECTIONS`] at once; a request must arrive within 2 s and fit in 16 KiB.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
+    let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     thread::Builder::new()
         .name("svcnat-metrics".into())
         .spawn(move || {
             for stream in listener.incoming() {
-                match stream {
-                    Ok(s) => {
+                let s = match stream {
+                    Ok(s) => s,
+                    Err(e) => {
+                        debug!(error = %e, "metrics accept");
+                        continue;
+                    }
+                };
+                if open.fetch_add(1, Ordering::SeqCst) >= MAX_METRICS_CONNECTIONS {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    debug!("too many metrics connections; closing one unanswered");
+                    continue;
+                }
+                let (metrics, done) = (metrics.clone(), open.clone());
+                let spawned = thread::Builder::new()
+                    .name("svcnat-metrics-conn".into())
+                    .spawn(move || {
                         if let Err(e) = answer(s, &metrics) {
                             debug!(error = %e, "metrics connection");
                         }
-                    }
-                    Err(e) => debug!(error = %e, "metrics accept"),
+                        done.fetch_sub(1, Ordering::SeqCst);
+                    });
+                if let Err(e) = spawned {
+                    open.fetch_sub(1, Ordering::SeqCst);
+                    debug!(error = %e, "cannot start a metrics connection thread");
                 }
             }
         })?;
@@ -1346,11 +1713,16 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> 
 
 /// Reads one HTTP request and writes the response.
 fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
-    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(2)))?;
+    let deadline = Instant::now() + REQUEST_DEADLINE;
+    stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 1024];
     while !(buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "request too slow"));
+        }
+        stream.set_read_timeout(Some(left))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             break;
@@ -1372,15 +1744,13 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
             metrics.render(),
         ),
         ("GET" | "HEAD", "/healthz") => {
-            if metrics.healthy_at(Instant::now()) {
-                ("200 OK", "text/plain; charset=utf-8", "ok".to_string())
+            let h = metrics.health_at(Instant::now(), SystemTime::now());
+            let status = if h.healthy {
+                "200 OK"
             } else {
-                (
-                    "503 Service Unavailable",
-                    "text/plain; charset=utf-8",
-                    "no successful sync within twice the sync period".to_string(),
-                )
-            }
+                "503 Service Unavailable"
+            };
+            (status, "text/plain; charset=utf-8", h.body)
         }
         ("GET" | "HEAD", _) => (
             "404 Not Found",
@@ -1412,7 +1782,7 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
 // The loop
 // ---------------------------------------------------------------------------------------------
 
-/// Settings of the proxy loop.
+/// Settings of the proxy loop over a manifest directory.
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
     /// The manifest directory.
@@ -1441,22 +1811,58 @@ impl ProxyConfig {
             poll_interval: DEFAULT_POLL_INTERVAL,
         }
     }
+
+    /// The loop's settings, without the directory's.
+    pub fn sync_config(&self) -> SyncConfig {
+        SyncConfig {
+            node: self.node.clone(),
+            min_sync_period: self.min_sync_period,
+            sync_period: self.sync_period,
+            poll_interval: self.poll_interval,
+        }
+    }
+}
+
+/// Settings of the proxy loop over any [`Source`].
+#[derive(Clone, Debug)]
+pub struct SyncConfig {
+    /// This node and the proxy's masquerade settings.
+    pub node: NodeContext,
+    /// Changes within this period after a sync are batched into the next one.
+    pub min_sync_period: Duration,
+    /// Everything is rewritten this often, to repair drift.
+    pub sync_period: Duration,
+    /// How often the source is polled.
+    pub poll_interval: Duration,
+}
+
+impl SyncConfig {
+    /// kube-proxy's defaults (1 s minimum, 30 s full resync) and a 200 ms poll.
+    pub fn new(node: NodeContext) -> Self {
+        SyncConfig {
+            node,
+            min_sync_period: Duration::from_secs(1),
+            sync_period: Duration::from_secs(30),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
 }
 
 /// What one [`Proxy::step`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Step {
-    /// The directory was polled.
+    /// The source was polled.
     pub polled: bool,
     /// A sync ran: its kind and whether it succeeded.
     pub synced: Option<(SyncKind, bool)>,
 }
 
-/// The node proxy: a manifest directory kept in step with a dataplane.
+/// The node proxy: a source (a manifest directory by default) kept in step with a
+/// dataplane.
 #[derive(Debug)]
-pub struct Proxy<D: Dataplane> {
-    config: ProxyConfig,
-    source: ManifestDir,
+pub struct Proxy<D: Dataplane, S: Source = ManifestDir> {
+    config: SyncConfig,
+    source: S,
     agent: NodeAgent<D>,
     metrics: Arc<Metrics>,
     /// The cluster changed since the last successful sync.
@@ -1469,10 +1875,12 @@ pub struct Proxy<D: Dataplane> {
     /// The agent's next apply rewrites everything (first sync, or after a failure).
     full_next: bool,
     ready: bool,
-    dir_error: Option<String>,
+    source_error: Option<String>,
+    /// The source said it is not ready yet (logged once).
+    waiting: bool,
 }
 
-impl<D: Dataplane> Proxy<D> {
+impl<D: Dataplane> Proxy<D, ManifestDir> {
     /// Reads the manifest directory (failing when it cannot be listed); nothing is synced
     /// before the first [`Proxy::step`].
     pub fn new(config: ProxyConfig, dataplane: D, metrics: Arc<Metrics>) -> io::Result<Self> {
@@ -1483,9 +1891,22 @@ impl<D: Dataplane> Proxy<D> {
             services = source.cluster().services().count(),
             "manifests loaded"
         );
-        metrics.set_manifest_errors(source.broken_files());
+        Ok(Proxy::with_source(
+            source,
+            config.sync_config(),
+            dataplane,
+            metrics,
+        ))
+    }
+}
+
+impl<D: Dataplane, S: Source> Proxy<D, S> {
+    /// A proxy over `source`; nothing is synced before the first [`Proxy::step`], nor
+    /// before the source is ready.
+    pub fn with_source(source: S, config: SyncConfig, dataplane: D, metrics: Arc<Metrics>) -> Self {
+        metrics.set_source(source.status());
         let agent = NodeAgent::new(config.node.clone(), dataplane);
-        Ok(Proxy {
+        Proxy {
             backoff: Duration::ZERO,
             config,
             source,
@@ -1498,8 +1919,9 @@ impl<D: Dataplane> Proxy<D> {
             retry_at: None,
             full_next: true,
             ready: false,
-            dir_error: None,
-        })
+            source_error: None,
+            waiting: false,
+        }
     }
 
     /// Whether a sync has succeeded yet.
@@ -1507,9 +1929,14 @@ impl<D: Dataplane> Proxy<D> {
         self.ready
     }
 
-    /// The manifest source.
-    pub fn source(&self) -> &ManifestDir {
+    /// The source.
+    pub fn source(&self) -> &S {
         &self.source
+    }
+
+    /// The source, to change (tests feed events through it).
+    pub fn source_mut(&mut self) -> &mut S {
+        &mut self.source
     }
 
     /// The node agent (plan and dataplane).
@@ -1517,30 +1944,45 @@ impl<D: Dataplane> Proxy<D> {
         &mut self.agent
     }
 
-    /// Polls the directory when a poll is due, then syncs when one is due: after a change
+    fn poll(&mut self) {
+        match self.source.poll() {
+            Ok(changed) => {
+                if self.source_error.take().is_some() {
+                    info!(source = %self.source.describe(), "the source is readable again");
+                }
+                if changed {
+                    self.dirty = true;
+                    self.metrics.queued(SystemTime::now());
+                }
+            }
+            Err(e) => {
+                if self.source_error.as_deref() != Some(e.as_str()) {
+                    warn!(source = %self.source.describe(), error = %e, "cannot read the source; everything stays as it is");
+                }
+                self.source_error = Some(e);
+            }
+        }
+        self.metrics.set_source(self.source.status());
+    }
+
+    /// Polls the source when a poll is due, then syncs when one is due: after a change
     /// (at most once per `min_sync_period`, so changes coalesce), and a full resync every
-    /// `sync_period`. Time is a parameter so tests can drive it.
+    /// `sync_period`. Nothing is synced while the source is not ready. Time is a
+    /// parameter so tests can drive it.
     pub fn step(&mut self, now: Instant) -> Step {
         let mut step = Step::default();
         if self.next_poll.is_none_or(|t| now >= t) {
             self.next_poll = Some(now + self.config.poll_interval);
             step.polled = true;
-            match self.source.poll() {
-                Ok(changed) => {
-                    if self.dir_error.take().is_some() {
-                        info!(dir = %self.source.dir().display(), "manifest directory readable again");
-                    }
-                    self.dirty |= changed;
-                }
-                Err(e) => {
-                    let text = e.to_string();
-                    if self.dir_error.as_deref() != Some(text.as_str()) {
-                        warn!(dir = %self.source.dir().display(), error = %e, "cannot list the manifest directory; everything stays as it is");
-                    }
-                    self.dir_error = Some(text);
-                }
+            self.poll();
+        }
+        if !self.source.is_ready() {
+            if !self.waiting {
+                let why = self.source.status().waiting_for.unwrap_or_default();
+                info!(source = %self.source.describe(), "waiting for {why} before the first sync");
+                self.waiting = true;
             }
-            self.metrics.set_manifest_errors(self.source.broken_files());
+            return step;
         }
         // Someone changed the rules behind our back (the iptables canary is gone): rewrite
         // everything now rather than at the next periodic resync. A pending change syncs
@@ -1567,6 +2009,12 @@ impl<D: Dataplane> Proxy<D> {
         if !(min_elapsed && retry_ok && (self.dirty || full_due)) {
             return step;
         }
+        step.synced = Some(self.sync(now));
+        step
+    }
+
+    /// One sync: the diff when something changed, else everything.
+    fn sync(&mut self, now: Instant) -> (SyncKind, bool) {
         self.last_attempt = Some(now);
         let started = Instant::now();
         let (kind, result) = if self.dirty {
@@ -1585,7 +2033,12 @@ impl<D: Dataplane> Proxy<D> {
         let services = self.source.cluster().services().count();
         match result {
             Ok(report) => {
+                let end = SystemTime::now();
                 self.metrics.sync_ok(now, took, &report, services);
+                // Everything taken in before the sync is programmed now.
+                let triggers = self.source.take_programmed();
+                self.metrics.programmed(end, &triggers);
+                self.metrics.set_source(self.source.status());
                 info!(
                     kind = kind.as_str(),
                     services,
@@ -1603,7 +2056,7 @@ impl<D: Dataplane> Proxy<D> {
                 self.retry_at = None;
                 self.backoff = Duration::ZERO;
                 self.ready = true;
-                step.synced = Some((kind, true));
+                (kind, true)
             }
             Err(e) => {
                 self.metrics.sync_failed(took, kind);
@@ -1619,10 +2072,9 @@ impl<D: Dataplane> Proxy<D> {
                     retry_in_ms = self.backoff.as_millis() as u64,
                     "sync failed: {e}"
                 );
-                step.synced = Some((kind, false));
+                (kind, false)
             }
         }
-        step
     }
 
     /// Runs [`Proxy::step`] until `stop` is set (checked every 50 ms), calling `on_ready`
