@@ -2633,8 +2633,12 @@ mod tests {
         assert!(text.contains("svcnat_sync_total{result=\"ok\",kind=\"partial\"} 1\n"));
         assert!(text.contains("svcnat_services 1\n"));
         assert!(text.contains("svcnat_frontends 2\n"));
-        assert!(text.contains("svcnat_sync_duration_seconds_count 3\n"));
-        assert!(text.contains("svcnat_sync_duration_seconds_bucket{le=\"16.384\"} 3\n"));
+        assert!(text.contains("kubeproxy_sync_proxy_rules_duration_seconds_count 3\n"));
+        assert!(
+            text.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"} 3\n")
+        );
+        assert!(text.contains("kubeproxy_sync_full_proxy_rules_duration_seconds_count 2\n"));
+        assert!(text.contains("kubeproxy_sync_partial_proxy_rules_duration_seconds_count 1\n"));
         assert!(metrics.healthy_at(ms(t0, 30_000)));
         assert!(!metrics.healthy_at(ms(t0, 90_001)));
     }
@@ -2705,11 +2709,14 @@ mod tests {
         metrics.sync_ok(Instant::now(), Duration::from_millis(3), &report, 1);
         let health = http_get(addr, "/healthz");
         assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");
-        assert!(health.ends_with("\r\n\r\nok"), "{health}");
+        assert!(
+            health.contains("\r\n\r\nok\nlast successful sync: "),
+            "{health}"
+        );
         let m = http_get(addr, "/metrics?x=1");
         assert!(m.contains("Content-Type: text/plain; version=0.0.4"), "{m}");
-        assert!(m.contains("svcnat_sync_duration_seconds_bucket{le=\"0.002\"} 0\n"));
-        assert!(m.contains("svcnat_sync_duration_seconds_bucket{le=\"0.004\"} 1\n"));
+        assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.002\"} 0\n"));
+        assert!(m.contains("kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.004\"} 1\n"));
         assert!(m.contains("svcnat_rules_written 12\n"));
         assert!(m.contains("svcnat_endpoints 3\n"));
         assert!(http_get(addr, "/nope").starts_with("HTTP/1.1 404 "));
@@ -2718,5 +2725,246 @@ mod tests {
         let mut out = String::new();
         s.read_to_string(&mut out).unwrap();
         assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
+    }
+
+    #[test]
+    fn health_goes_stale_only_without_successful_syncs() {
+        let metrics = Metrics::with_stale_after(Duration::from_secs(60));
+        let t0 = Instant::now();
+        let wall = SystemTime::now();
+        let h = metrics.health_at(t0, wall);
+        assert!(!h.healthy);
+        assert!(
+            h.body
+                .starts_with("stale: no successful sync since the start at "),
+            "{}",
+            h.body
+        );
+        assert!(
+            h.body.contains("\nlast successful sync: never\n"),
+            "{}",
+            h.body
+        );
+        metrics.sync_ok(
+            t0,
+            Duration::from_millis(1),
+            &SyncReport::new(true, 1, 1, 1),
+            1,
+        );
+        let h = metrics.health_at(ms(t0, 60_000), wall);
+        assert!(h.healthy, "{}", h.body);
+        assert!(
+            h.body.starts_with("ok\nlast successful sync: "),
+            "{}",
+            h.body
+        );
+        assert!(h.body.contains("(60.0s ago)\ncurrent time: "), "{}", h.body);
+        let h = metrics.health_at(ms(t0, 61_000), wall);
+        assert!(!h.healthy);
+        assert!(
+            h.body
+                .starts_with("stale: the last successful sync is 61.0s old (limit 60s)\n"),
+            "{}",
+            h.body
+        );
+        // Why: the API server is gone.
+        let mut status = SourceStatus::new(SourceKind::Api);
+        status.unreachable_since = Some((
+            UNIX_EPOCH + Duration::from_secs(1_700_000_000),
+            "connection refused".into(),
+        ));
+        metrics.set_source(status);
+        let h = metrics.health_at(ms(t0, 61_000), wall);
+        assert!(
+            h.body.ends_with(
+                "API server not reachable since 2023-11-14T22:13:20Z: connection refused\n"
+            ),
+            "{}",
+            h.body
+        );
+        assert!(metrics.render().contains("\nsvcnat_api_reachable 0\n"));
+    }
+
+    #[test]
+    fn a_quiet_proxy_stays_healthy_and_a_failing_one_does_not() {
+        let d = Scratch::new();
+        d.write("svc.yaml", &svc("vote", "vote", 30000));
+        let (mut p, metrics) = proxy(&d);
+        let t0 = Instant::now();
+        // Nothing changes for ten minutes: the periodic resync keeps /healthz at 200.
+        for t in (0..600_000).step_by(1000) {
+            p.step(ms(t0, t));
+            assert!(metrics.healthy_at(ms(t0, t)), "at {t} ms");
+        }
+        let full = p.agent().dataplane().calls.len();
+        assert_eq!(full, 20, "one resync every 30 s");
+        // The dataplane starts failing right after the resync at 600 s: retries back
+        // off, no sync succeeds, and /healthz turns 503 once the last success is older
+        // than twice the sync period.
+        assert_eq!(p.step(ms(t0, 600_000)).synced, Some((SyncKind::Full, true)));
+        p.agent().dataplane().fail = true;
+        for t in (601_000..=720_000).step_by(1000) {
+            p.step(ms(t0, t));
+            let healthy = metrics.healthy_at(ms(t0, t));
+            assert_eq!(healthy, t <= 660_000, "at {t} ms");
+        }
+        assert!(p.agent().dataplane().calls.len() > full + 2);
+    }
+
+    fn api_service(name: &str, ip: &str) -> k8s_openapi::api::core::v1::Service {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "namespace": "ns"},
+            "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [{"port": 80, "targetPort": 8080}]}
+        }))
+        .unwrap()
+    }
+
+    fn api_slice(
+        name: &str,
+        service: &str,
+        ips: &[&str],
+        trigger: SystemTime,
+    ) -> k8s_openapi::api::discovery::v1::EndpointSlice {
+        let trigger = k8s_openapi::jiff::Timestamp::try_from(trigger)
+            .unwrap()
+            .to_string();
+        let endpoints: Vec<serde_json::Value> = ips
+            .iter()
+            .map(|ip| serde_json::json!({"addresses": [ip], "conditions": {"ready": true}}))
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "metadata": {
+                "name": name, "namespace": "ns",
+                "labels": {"kubernetes.io/service-name": service},
+                "annotations": {crate::api::TRIGGER_TIME_ANNOTATION: trigger}
+            },
+            "addressType": "IPv4",
+            "endpoints": endpoints,
+            "ports": [{"name": "", "port": 8080, "protocol": "TCP"}]
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_api_fed_proxy_waits_for_the_lists_and_measures_programming() {
+        use crate::api::{ApiEvent, ApiState, ApiStateConfig, Resource};
+        use kube::runtime::watcher::Event;
+        let wall = SystemTime::now();
+        let state = ApiState::new(ApiStateConfig {
+            node_name: "node-0".into(),
+            service_proxy_name: None,
+            started: wall - Duration::from_secs(60),
+        });
+        let node = NodeContext::new(
+            "node-0",
+            vec![IpAddr::from([192, 168, 50, 11])],
+            vec!["10.244.0.0/16".parse().unwrap()],
+        );
+        let metrics = Arc::new(Metrics::new(Duration::from_secs(30)));
+        let mut p = Proxy::with_source(
+            state,
+            SyncConfig::new(node),
+            Fake::default(),
+            metrics.clone(),
+        );
+        let t0 = Instant::now();
+
+        // Nothing listed yet: no sync at all, however long (an empty plan would wipe the
+        // rules a previous run left).
+        for t in (0..40_000).step_by(200) {
+            assert_eq!(p.step(ms(t0, t)).synced, None, "at {t} ms");
+        }
+        assert!(p.agent().dataplane().calls.is_empty());
+        let h = metrics.health_at(ms(t0, 40_000), SystemTime::now());
+        assert!(!h.healthy);
+        assert!(
+            h.body
+                .contains("\nwaiting for the first list of services and endpointslices\n"),
+            "{}",
+            h.body
+        );
+
+        // The lists arrive: one full sync.
+        let st = p.source_mut();
+        st.handle(ApiEvent::Service(Event::Init));
+        st.handle(ApiEvent::Service(Event::InitApply(api_service(
+            "web",
+            "10.96.0.10",
+        ))));
+        st.handle(ApiEvent::Service(Event::InitDone));
+        st.handle(ApiEvent::EndpointSlice(Event::Init));
+        st.handle(ApiEvent::EndpointSlice(Event::InitApply(api_slice(
+            "web-1",
+            "web",
+            &["10.244.0.5"],
+            wall - Duration::from_secs(120),
+        ))));
+        st.handle(ApiEvent::EndpointSlice(Event::InitDone));
+        assert_eq!(p.step(ms(t0, 40_000)).synced, Some((SyncKind::Full, true)));
+        assert_eq!(p.agent().plan().endpoint_count(), 1);
+        assert!(metrics.healthy_at(ms(t0, 40_000)));
+
+        // An endpoint is added, 3 s after its Pod became ready: a partial sync after the
+        // minimum sync period, and one latency observation of at least 3 s.
+        let trigger = SystemTime::now() - Duration::from_secs(3);
+        p.source_mut()
+            .handle(ApiEvent::EndpointSlice(Event::Apply(api_slice(
+                "web-1",
+                "web",
+                &["10.244.0.5", "10.244.0.6"],
+                trigger,
+            ))));
+        assert_eq!(p.step(ms(t0, 40_200)).synced, None);
+        let text = metrics.render();
+        assert!(
+            text.contains("\nkubeproxy_sync_proxy_rules_endpoint_changes_pending 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nkubeproxy_network_programming_duration_seconds_count 0\n"),
+            "{text}"
+        );
+        assert_eq!(
+            p.step(ms(t0, 41_000)).synced,
+            Some((SyncKind::Partial, true))
+        );
+        assert_eq!(p.agent().plan().endpoint_count(), 2);
+        let text = metrics.render();
+        for want in [
+            "\nkubeproxy_network_programming_duration_seconds_count 1\n",
+            "\nkubeproxy_network_programming_duration_seconds_bucket{le=\"2\"} 0\n",
+            "\nkubeproxy_network_programming_duration_seconds_bucket{le=\"60\"} 1\n",
+            "\nkubeproxy_sync_proxy_rules_endpoint_changes_total 2\n",
+            "\nkubeproxy_sync_proxy_rules_service_changes_total 1\n",
+            "\nkubeproxy_sync_proxy_rules_endpoint_changes_pending 0\n",
+            "\nsvcnat_api_reachable 1\n",
+            "\nsvcnat_api_invalid_objects 0\n",
+        ] {
+            assert!(text.contains(want), "{want:?} in {text}");
+        }
+
+        // The API server goes away: nothing is removed, the periodic resync goes on,
+        // and /healthz says so while staying healthy.
+        p.source_mut().handle(ApiEvent::WatchError {
+            resource: Resource::Services,
+            error: "connection refused".into(),
+            at: SystemTime::now(),
+        });
+        assert_eq!(p.step(ms(t0, 41_200)).synced, None);
+        assert_eq!(p.step(ms(t0, 70_000)).synced, Some((SyncKind::Full, true)));
+        assert_eq!(p.agent().plan().endpoint_count(), 2);
+        let h = metrics.health_at(ms(t0, 70_000), SystemTime::now());
+        assert!(h.healthy);
+        assert!(
+            h.body.contains("\nAPI server not reachable since "),
+            "{}",
+            h.body
+        );
+        let text = metrics.render();
+        assert!(
+            text.contains("\nsvcnat_api_watch_errors_total{resource=\"services\"} 1\n"),
+            "{text}"
+        );
+        assert!(text.contains("\nsvcnat_api_reachable 0\n"), "{text}");
     }
 }
