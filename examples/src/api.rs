@@ -123,12 +123,12 @@ impl fmt::Display for Resource {
 /// What the watchers hand to [`ApiState::handle`].
 #[derive(Clone, Debug)]
 pub enum ApiEvent {
-    /// A Service watch event.
-    Service(Event<corev1::Service>),
+    /// A Service watch event (boxed, as the others: objects are large).
+    Service(Box<Event<corev1::Service>>),
     /// An EndpointSlice watch event.
-    EndpointSlice(Event<discovery::EndpointSlice>),
+    EndpointSlice(Box<Event<discovery::EndpointSlice>>),
     /// A watch event of this node's Node.
-    Node(Event<corev1::Node>),
+    Node(Box<Event<corev1::Node>>),
     /// A watch failed (the watcher retries with backoff; nothing is deleted).
     WatchError {
         /// Which watch.
@@ -140,6 +140,23 @@ pub enum ApiEvent {
     },
     /// The API server answered a request again (after watch errors).
     Reachable,
+}
+
+impl ApiEvent {
+    /// A Service watch event.
+    pub fn service(event: Event<corev1::Service>) -> ApiEvent {
+        ApiEvent::Service(Box::new(event))
+    }
+
+    /// An EndpointSlice watch event.
+    pub fn slice(event: Event<discovery::EndpointSlice>) -> ApiEvent {
+        ApiEvent::EndpointSlice(Box::new(event))
+    }
+
+    /// A watch event of this node's Node.
+    pub fn node(event: Event<corev1::Node>) -> ApiEvent {
+        ApiEvent::Node(Box::new(event))
+    }
 }
 
 /// Namespace (empty for a Node) and name of an object.
@@ -261,9 +278,9 @@ impl ApiState {
     /// Takes in one event; returns the Services it changed.
     pub fn handle(&mut self, event: ApiEvent) -> Changed {
         match event {
-            ApiEvent::Service(e) => self.handle_watch(e),
-            ApiEvent::EndpointSlice(e) => self.handle_watch(e),
-            ApiEvent::Node(e) => self.handle_watch(e),
+            ApiEvent::Service(e) => self.handle_watch(*e),
+            ApiEvent::EndpointSlice(e) => self.handle_watch(*e),
+            ApiEvent::Node(e) => self.handle_watch(*e),
             ApiEvent::WatchError {
                 resource,
                 error,
@@ -303,8 +320,12 @@ impl ApiState {
     }
 
     fn handle_watch<K: Watched>(&mut self, event: Event<K>) -> Changed {
-        self.reachable();
         let r = K::RESOURCE;
+        if !matches!(event, Event::Init) {
+            // An object or the end of a list came from the server. (`Init` does not
+            // prove it: the watcher emits it before each list attempt.)
+            self.reachable();
+        }
         match event {
             Event::Init => {
                 debug!(resource = %r, "listing");
@@ -558,7 +579,7 @@ impl Watched for corev1::Service {
     }
 
     fn wrap(event: Event<Self>) -> ApiEvent {
-        ApiEvent::Service(event)
+        ApiEvent::service(event)
     }
 }
 
@@ -597,7 +618,7 @@ impl Watched for discovery::EndpointSlice {
     }
 
     fn wrap(event: Event<Self>) -> ApiEvent {
-        ApiEvent::EndpointSlice(event)
+        ApiEvent::slice(event)
     }
 }
 
@@ -619,7 +640,7 @@ impl Watched for corev1::Node {
     }
 
     fn wrap(event: Event<Self>) -> ApiEvent {
-        ApiEvent::Node(event)
+        ApiEvent::node(event)
     }
 }
 
@@ -1025,16 +1046,16 @@ mod tests {
         slices: Vec<discovery::EndpointSlice>,
     ) -> Changed {
         let mut changed = Changed::new();
-        st.handle(ApiEvent::Service(Event::Init));
+        st.handle(ApiEvent::service(Event::Init));
         for s in services {
-            changed.extend(st.handle(ApiEvent::Service(Event::InitApply(s))));
+            changed.extend(st.handle(ApiEvent::service(Event::InitApply(s))));
         }
-        changed.extend(st.handle(ApiEvent::Service(Event::InitDone)));
-        st.handle(ApiEvent::EndpointSlice(Event::Init));
+        changed.extend(st.handle(ApiEvent::service(Event::InitDone)));
+        st.handle(ApiEvent::slice(Event::Init));
         for s in slices {
-            changed.extend(st.handle(ApiEvent::EndpointSlice(Event::InitApply(s))));
+            changed.extend(st.handle(ApiEvent::slice(Event::InitApply(s))));
         }
-        changed.extend(st.handle(ApiEvent::EndpointSlice(Event::InitDone)));
+        changed.extend(st.handle(ApiEvent::slice(Event::InitDone)));
         changed
     }
 
@@ -1050,21 +1071,21 @@ mod tests {
     fn nothing_is_ready_before_services_and_slices_are_listed() {
         let mut st = state(None);
         assert!(!st.is_listed());
-        st.handle(ApiEvent::Service(Event::Init));
-        st.handle(ApiEvent::Service(Event::InitApply(svc("a", "10.96.0.1"))));
+        st.handle(ApiEvent::service(Event::Init));
+        st.handle(ApiEvent::service(Event::InitApply(svc("a", "10.96.0.1"))));
         assert!(!st.is_listed());
         assert_eq!(
             st.status().waiting_for.as_deref(),
             Some("the first list of services and endpointslices")
         );
-        st.handle(ApiEvent::Service(Event::InitDone));
+        st.handle(ApiEvent::service(Event::InitDone));
         assert_eq!(
             st.status().waiting_for.as_deref(),
             Some("the first list of endpointslices")
         );
         // The Node does not gate the first sync.
-        st.handle(ApiEvent::EndpointSlice(Event::Init));
-        st.handle(ApiEvent::EndpointSlice(Event::InitDone));
+        st.handle(ApiEvent::slice(Event::Init));
+        st.handle(ApiEvent::slice(Event::InitDone));
         assert!(st.is_listed());
         assert_eq!(st.status().waiting_for, None);
         assert_eq!(names(st.cluster()), ["a"]);
@@ -1081,7 +1102,7 @@ mod tests {
                 slice("b-1", "b", "10.244.0.2"),
             ],
         );
-        st.handle(ApiEvent::Service(Event::Apply(svc("c", "10.96.0.3"))));
+        st.handle(ApiEvent::service(Event::Apply(svc("c", "10.96.0.3"))));
         assert!(st.take_changed());
         assert_eq!(names(st.cluster()), ["a", "b", "c"]);
 
@@ -1102,38 +1123,42 @@ mod tests {
         assert_eq!(status.watch_errors["services"], 1);
 
         // Back, with a re-list: b and slice b-1 were deleted meanwhile.
-        st.handle(ApiEvent::Service(Event::Init));
+        st.handle(ApiEvent::service(Event::Init));
+        assert!(
+            st.status().unreachable_since.is_some(),
+            "Init precedes every list attempt, failed or not"
+        );
+        st.handle(ApiEvent::service(Event::InitApply(svc("a", "10.96.0.1"))));
         assert_eq!(
             st.status().unreachable_since,
             None,
-            "an event means the API answers"
+            "an object means the API answers"
         );
-        st.handle(ApiEvent::Service(Event::InitApply(svc("a", "10.96.0.1"))));
-        st.handle(ApiEvent::Service(Event::InitApply(svc("c", "10.96.0.3"))));
+        st.handle(ApiEvent::service(Event::InitApply(svc("c", "10.96.0.3"))));
         // Until InitDone, nothing is deleted.
         assert_eq!(names(st.cluster()), ["a", "b", "c"]);
-        let changed = st.handle(ApiEvent::Service(Event::InitDone));
+        let changed = st.handle(ApiEvent::service(Event::InitDone));
         assert_eq!(changed, Changed::from([ServiceName::new("ns", "b")]));
         assert_eq!(names(st.cluster()), ["a", "c"]);
 
-        st.handle(ApiEvent::EndpointSlice(Event::Init));
-        st.handle(ApiEvent::EndpointSlice(Event::InitApply(slice(
+        st.handle(ApiEvent::slice(Event::Init));
+        st.handle(ApiEvent::slice(Event::InitApply(slice(
             "a-1",
             "a",
             "10.244.0.1",
         ))));
         assert_eq!(slices_of(st.cluster(), "b"), ["b-1"]);
-        st.handle(ApiEvent::EndpointSlice(Event::InitDone));
+        st.handle(ApiEvent::slice(Event::InitDone));
         assert!(slices_of(st.cluster(), "b").is_empty());
         assert_eq!(slices_of(st.cluster(), "a"), ["a-1"]);
 
         // An interrupted re-list forgets what it saw: the next one starts afresh.
-        st.handle(ApiEvent::Service(Event::Init));
-        st.handle(ApiEvent::Service(Event::InitApply(svc("a", "10.96.0.1"))));
+        st.handle(ApiEvent::service(Event::Init));
+        st.handle(ApiEvent::service(Event::InitApply(svc("a", "10.96.0.1"))));
         st.handle(error(Resource::Services, 9));
-        st.handle(ApiEvent::Service(Event::Init));
-        st.handle(ApiEvent::Service(Event::InitApply(svc("c", "10.96.0.3"))));
-        st.handle(ApiEvent::Service(Event::InitDone));
+        st.handle(ApiEvent::service(Event::Init));
+        st.handle(ApiEvent::service(Event::InitApply(svc("c", "10.96.0.3"))));
+        st.handle(ApiEvent::service(Event::InitDone));
         assert_eq!(names(st.cluster()), ["c"]);
     }
 
@@ -1146,7 +1171,7 @@ mod tests {
 
         // A bad version of a: refused, its last good version stays.
         let bad = svc_with("a", "10.96.0.1", 70000, json!({}));
-        assert!(st.handle(ApiEvent::Service(Event::Apply(bad))).is_empty());
+        assert!(st.handle(ApiEvent::service(Event::Apply(bad))).is_empty());
         assert_eq!(st.cluster().generation(), generation);
         assert!(!st.take_changed());
         let a = st.cluster().service(&ServiceName::new("ns", "a")).unwrap();
@@ -1160,16 +1185,16 @@ mod tests {
 
         // A bad new object and a good one: the good one is taken.
         let bad_d = svc_with("d", "10.96.0.4", 0, json!({}));
-        st.handle(ApiEvent::Service(Event::Apply(bad_d)));
-        st.handle(ApiEvent::Service(Event::Apply(svc("e", "10.96.0.5"))));
+        st.handle(ApiEvent::service(Event::Apply(bad_d)));
+        st.handle(ApiEvent::service(Event::Apply(svc("e", "10.96.0.5"))));
         assert_eq!(names(st.cluster()), ["a", "e"]);
         let status = st.status();
         assert_eq!((status.problems, status.invalid_total), (2, 2));
 
         // A bad slice next to a good one.
         let bad_slice = slice("a-bad", "a", "10.244.0.300");
-        st.handle(ApiEvent::EndpointSlice(Event::Apply(bad_slice)));
-        st.handle(ApiEvent::EndpointSlice(Event::Apply(slice(
+        st.handle(ApiEvent::slice(Event::Apply(bad_slice)));
+        st.handle(ApiEvent::slice(Event::Apply(slice(
             "a-1",
             "a",
             "10.244.0.1",
@@ -1178,7 +1203,7 @@ mod tests {
         assert_eq!(st.status().problems, 3);
 
         // Fixed, or deleted: no longer a problem.
-        st.handle(ApiEvent::Service(Event::Apply(svc_with(
+        st.handle(ApiEvent::service(Event::Apply(svc_with(
             "a",
             "10.96.0.1",
             81,
@@ -1192,7 +1217,7 @@ mod tests {
                 .port,
             81
         );
-        st.handle(ApiEvent::Service(Event::Delete(svc("d", "10.96.0.4"))));
+        st.handle(ApiEvent::service(Event::Delete(svc("d", "10.96.0.4"))));
         assert_eq!(st.status().problems, 1);
         assert_eq!(st.status().invalid_total, 3);
     }
@@ -1206,7 +1231,7 @@ mod tests {
             vec![slice("s-1", "a", "10.244.0.1")],
         );
         assert_eq!(slices_of(st.cluster(), "a"), ["s-1"]);
-        let changed = st.handle(ApiEvent::EndpointSlice(Event::Apply(slice(
+        let changed = st.handle(ApiEvent::slice(Event::Apply(slice(
             "s-1",
             "b",
             "10.244.0.1",
@@ -1218,7 +1243,7 @@ mod tests {
         assert!(slices_of(st.cluster(), "a").is_empty());
         assert_eq!(slices_of(st.cluster(), "b"), ["s-1"]);
         // Deleted by name, wherever it is now.
-        st.handle(ApiEvent::EndpointSlice(Event::Delete(slice(
+        st.handle(ApiEvent::slice(Event::Delete(slice(
             "s-1",
             "a",
             "10.244.0.1",
@@ -1251,7 +1276,7 @@ mod tests {
         );
         assert_eq!(names(st.cluster()), ["plain"]);
         // Relabelled for another proxy: as if deleted.
-        let changed = st.handle(ApiEvent::Service(Event::Apply(svc_with(
+        let changed = st.handle(ApiEvent::service(Event::Apply(svc_with(
             "plain",
             "10.96.0.1",
             80,
@@ -1324,7 +1349,7 @@ mod tests {
 
         let at = |s: i64| UNIX_EPOCH + T0 + Duration::from_secs(s as u64);
         let ev = |name: &str, svc: &str, ip: &str, t: i64| {
-            ApiEvent::EndpointSlice(Event::Apply(slice_with(
+            ApiEvent::slice(Event::Apply(slice_with(
                 name,
                 svc,
                 ip,
@@ -1338,7 +1363,7 @@ mod tests {
         // The same object again changes nothing: no change, no trigger.
         st.handle(ev("b-1", "b", "10.244.0.4", 5));
         // A bad annotation is no trigger, but the change counts.
-        st.handle(ApiEvent::EndpointSlice(Event::Apply(slice_with(
+        st.handle(ApiEvent::slice(Event::Apply(slice_with(
             "b-2",
             "b",
             "10.244.0.5",
@@ -1376,13 +1401,13 @@ mod tests {
             serde_json::from_value(json!({"metadata": {"name": name}})).unwrap()
         };
         let mut st = state(None);
-        st.handle(ApiEvent::Node(Event::Init));
-        st.handle(ApiEvent::Node(Event::InitApply(node("node-1"))));
-        st.handle(ApiEvent::Node(Event::InitApply(node("node-2"))));
-        st.handle(ApiEvent::Node(Event::InitDone));
+        st.handle(ApiEvent::node(Event::Init));
+        st.handle(ApiEvent::node(Event::InitApply(node("node-1"))));
+        st.handle(ApiEvent::node(Event::InitApply(node("node-2"))));
+        st.handle(ApiEvent::node(Event::InitDone));
         let nodes: Vec<&str> = st.cluster().nodes().map(|n| n.name.as_str()).collect();
         assert_eq!(nodes, ["node-1"]);
-        st.handle(ApiEvent::Node(Event::Delete(node("node-1"))));
+        st.handle(ApiEvent::node(Event::Delete(node("node-1"))));
         assert_eq!(st.cluster().nodes().count(), 0);
     }
 

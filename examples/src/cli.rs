@@ -1,5 +1,6 @@
 //! Command-line pieces the programs share, so that `svcnat-proxy`, `svcnat-dns` and
-//! `svcnat-ctl` read one manifest directory the same way and allocate the same cluster IPs.
+//! `svcnat-ctl` read one manifest directory the same way and allocate the same cluster IPs,
+//! and pick a manifest directory or an API server the same way ([`ApiArgs`], [`input`]).
 
 use ipnet::IpNet;
 use svcnat_core::manifest::ClusterConfig;
@@ -81,21 +82,31 @@ pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
 }
 
 /// Logs to stderr, quiet by default: warnings and errors; `-v` info, `-vv` debug, `-vvv`
-/// trace.
+/// trace. kube-rs's client logs each failed request as an error; those are shown from
+/// `-vv` on (the API source reports an outage once, and how long it lasted).
 pub fn init_logging(verbose: u8) {
     use std::io::IsTerminal as _;
-    use tracing_subscriber::filter::LevelFilter;
+    use tracing_subscriber::filter::{LevelFilter, Targets};
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     let level = match verbose {
         0 => LevelFilter::WARN,
         1 => LevelFilter::INFO,
         2 => LevelFilter::DEBUG,
         _ => LevelFilter::TRACE,
     };
-    tracing_subscriber::fmt()
+    let kube = if verbose >= 2 {
+        level
+    } else {
+        LevelFilter::OFF
+    };
+    let filter = Targets::new()
+        .with_default(level)
+        .with_target("kube_client", kube);
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_max_level(level)
-        .init();
+        .with_ansi(std::io::stderr().is_terminal());
+    tracing_subscriber::registry().with(fmt).with(filter).init();
 }
 
 /// A flag the first SIGTERM or SIGINT sets (a clean stop); a second signal exits at once.
@@ -142,9 +153,116 @@ impl NodeArgs {
     }
 }
 
+/// How a program follows an API server instead of a manifest directory.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct ApiArgs {
+    /// Follow the API server of this kubeconfig file (its current context) instead of a
+    /// manifest directory. Without --kubeconfig and --manifests, the in-cluster
+    /// configuration (service account) is used when there is one.
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Take only Services labelled service.kubernetes.io/service-proxy-name=NAME (default:
+    /// only those without that label, as kube-proxy).
+    #[arg(long, value_name = "NAME", value_parser = parse_label_value)]
+    pub service_proxy_name: Option<String>,
+}
+
+/// Where a program's cluster comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Input {
+    /// A manifest directory.
+    Manifests(std::path::PathBuf),
+    /// An API server.
+    Api(crate::api::ClientSource),
+}
+
+/// Picks the input: `--manifests DIR`, `--kubeconfig FILE`, else the in-cluster
+/// configuration when `in_cluster` (see [`crate::api::in_cluster_available`]), else an
+/// error that says what to give.
+pub fn input(
+    manifests: Option<&std::path::Path>,
+    api: &ApiArgs,
+    in_cluster: bool,
+) -> Result<Input, String> {
+    match (manifests, &api.kubeconfig) {
+        (Some(_), Some(_)) => Err("give --manifests or --kubeconfig, not both".into()),
+        (Some(dir), None) => Ok(Input::Manifests(dir.to_path_buf())),
+        (None, Some(file)) => Ok(Input::Api(crate::api::ClientSource::Kubeconfig(
+            file.clone(),
+        ))),
+        (None, None) if in_cluster => Ok(Input::Api(crate::api::ClientSource::InCluster)),
+        (None, None) => Err(format!(
+            "give --manifests DIR or --kubeconfig FILE (no in-cluster configuration: it needs \
+             KUBERNETES_SERVICE_HOST, KUBERNETES_SERVICE_PORT and {})",
+            crate::api::SERVICE_ACCOUNT_TOKEN
+        )),
+    }
+}
+
+/// A label value as the API server accepts it: at most 63 characters, alphanumerics, `-`,
+/// `_` and `.`, beginning and ending with an alphanumeric (empty is not useful here).
+pub fn parse_label_value(s: &str) -> Result<String, String> {
+    let ok_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+    let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_alphanumeric());
+    if s.is_empty()
+        || s.len() > 63
+        || !s.chars().all(ok_char)
+        || !edge(s.chars().next())
+        || !edge(s.chars().last())
+    {
+        return Err(format!(
+            "{s:?} is not a label value (at most 63 characters: alphanumerics, '-', '_', '.', \
+             beginning and ending with an alphanumeric)"
+        ));
+    }
+    Ok(s.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
+
     use super::*;
+
+    #[test]
+    fn picks_manifests_a_kubeconfig_or_the_cluster() {
+        use crate::api::ClientSource;
+        use std::path::{Path, PathBuf};
+        let none = ApiArgs::default();
+        let kc = ApiArgs {
+            kubeconfig: Some(PathBuf::from("/k")),
+            ..ApiArgs::default()
+        };
+        assert_eq!(
+            input(Some(Path::new("/m")), &none, true),
+            Ok(Input::Manifests(PathBuf::from("/m")))
+        );
+        assert_eq!(
+            input(None, &kc, true),
+            Ok(Input::Api(ClientSource::Kubeconfig(PathBuf::from("/k"))))
+        );
+        assert_eq!(
+            input(None, &none, true),
+            Ok(Input::Api(ClientSource::InCluster))
+        );
+        let e = input(None, &none, false).unwrap_err();
+        assert!(
+            e.starts_with("give --manifests DIR or --kubeconfig FILE"),
+            "{e}"
+        );
+        assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
+        assert!(input(Some(Path::new("/m")), &kc, true).is_err());
+    }
+
+    #[test]
+    fn label_values_as_the_api_server_takes_them() {
+        assert_eq!(parse_label_value("svcnat"), Ok("svcnat".into()));
+        assert!(parse_label_value("a.b-c_d9").is_ok());
+        assert!(parse_label_value("-a").is_err());
+        assert!(parse_label_value("a b").is_err());
+        assert!(parse_label_value("").is_err());
+        assert!(parse_label_value(&"a".repeat(64)).is_err());
+    }
 
     #[test]
     fn reads_port_ranges_as_kube_apiserver() {

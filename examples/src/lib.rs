@@ -2,14 +2,17 @@
 //!
 //! The programs that show svcnat at work, and the harness their end-to-end tests share:
 //! - [`agent`]: the node loop, which lives in `svcnat-core` (re-exported here).
+//! - [`api`]: the API source of `svcnat-proxy`: watch events into a proxy-only cluster
+//!   (pure [`api::ApiState`]), and the kube-rs watchers on a background runtime.
 //! - [`cli`]: flags the programs share.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
 //!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
 //!   every step applied to a watched manifest directory and observed with real traffic.
-//! - [`proxy`]: the node proxy behind `svcnat-proxy`: a manifest directory with per-file
-//!   last-good state, the coalescing sync loop, `/metrics` and `/healthz`.
+//! - [`proxy`]: the node proxy behind `svcnat-proxy`: the coalescing sync loop over a
+//!   [`proxy::Source`] (a manifest directory with per-object last-good state, or the API),
+//!   `/metrics` and `/healthz`.
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
 pub use svcnat_core::agent;

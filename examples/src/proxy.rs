@@ -27,12 +27,18 @@
 //! - [`ManifestDir::problems`] lists per file what is not in force and why (`file:line:
 //!   document: object: field: error`), and what is in force instead (`its last good version
 //!   stays in force`, or `left out`); the same lines are logged when they first appear.
+//! - [`Source`] is what the loop reads: a [`ManifestDir`], or an API server
+//!   ([`crate::api::ApiSource`]). A source may say it is not ready (the API before its first
+//!   lists): nothing is synced until it is.
 //! - [`Proxy`] is the loop: it polls the source, coalesces changes into at most one sync
 //!   per `min_sync_period` (kube-proxy's `--min-sync-period`), syncs through a
 //!   [`NodeAgent`] (which diffs the new plan against the old one), and rewrites everything
 //!   every `sync_period` to repair drift. A failed sync is retried with a growing delay.
-//! - [`Metrics`] holds the counters and renders them in the Prometheus text format;
-//!   [`serve`] answers `GET /metrics` and `GET /healthz` on a small HTTP server.
+//! - [`Metrics`] holds the counters (kube-proxy's names where kube-proxy has the metric)
+//!   and renders them in the Prometheus text format; [`Metrics::health_at`] is `/healthz`:
+//!   503 once the last successful sync is older than the staleness limit (twice the sync
+//!   period by default; the periodic resync keeps a quiet proxy healthy), with a body that
+//!   says why. [`serve`] answers `GET /metrics` and `GET /healthz` on a small HTTP server.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write as _;
@@ -1672,7 +1678,7 @@ const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Serves `GET /metrics` and `GET /healthz` on `addr` from background threads; returns
 /// the bound address (useful with port 0). Each connection gets its own thread, at most
-/// [`MAX_METRICS_CONNECTIONS`] at once; a request must arrive within 2 s and fit in 16 KiB.
+/// 16 at once; a request must arrive within 2 s and fit in 16 KiB.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
@@ -2886,20 +2892,20 @@ mod tests {
 
         // The lists arrive: one full sync.
         let st = p.source_mut();
-        st.handle(ApiEvent::Service(Event::Init));
-        st.handle(ApiEvent::Service(Event::InitApply(api_service(
+        st.handle(ApiEvent::service(Event::Init));
+        st.handle(ApiEvent::service(Event::InitApply(api_service(
             "web",
             "10.96.0.10",
         ))));
-        st.handle(ApiEvent::Service(Event::InitDone));
-        st.handle(ApiEvent::EndpointSlice(Event::Init));
-        st.handle(ApiEvent::EndpointSlice(Event::InitApply(api_slice(
+        st.handle(ApiEvent::service(Event::InitDone));
+        st.handle(ApiEvent::slice(Event::Init));
+        st.handle(ApiEvent::slice(Event::InitApply(api_slice(
             "web-1",
             "web",
             &["10.244.0.5"],
             wall - Duration::from_secs(120),
         ))));
-        st.handle(ApiEvent::EndpointSlice(Event::InitDone));
+        st.handle(ApiEvent::slice(Event::InitDone));
         assert_eq!(p.step(ms(t0, 40_000)).synced, Some((SyncKind::Full, true)));
         assert_eq!(p.agent().plan().endpoint_count(), 1);
         assert!(metrics.healthy_at(ms(t0, 40_000)));
@@ -2908,7 +2914,7 @@ mod tests {
         // minimum sync period, and one latency observation of at least 3 s.
         let trigger = SystemTime::now() - Duration::from_secs(3);
         p.source_mut()
-            .handle(ApiEvent::EndpointSlice(Event::Apply(api_slice(
+            .handle(ApiEvent::slice(Event::Apply(api_slice(
                 "web-1",
                 "web",
                 &["10.244.0.5", "10.244.0.6"],

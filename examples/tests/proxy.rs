@@ -354,21 +354,26 @@ fn metrics_health_sigterm_and_cleanup() {
 
     let metrics = curl(&tb, 0, "/metrics");
     for want in [
-        "svcnat_sync_duration_seconds_bucket{le=\"0.001\"}",
-        "svcnat_sync_duration_seconds_bucket{le=\"16.384\"}",
-        "svcnat_sync_duration_seconds_bucket{le=\"+Inf\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"0.001\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"16.384\"}",
+        "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"}",
+        "kubeproxy_sync_full_proxy_rules_duration_seconds_count ",
         "\nsvcnat_services 1\n",
         "\nsvcnat_frontends 2\n",
         "\nsvcnat_endpoints 3\n",
         "\nsvcnat_manifest_errors 0\n",
         "\nsvcnat_sync_errors_total 0\n",
         "svcnat_sync_total{result=\"ok\",kind=\"full\"} ",
-        "\nsvcnat_last_sync_timestamp_seconds ",
+        "\nkubeproxy_sync_proxy_rules_last_timestamp_seconds ",
         "\nsvcnat_rules_written ",
     ] {
         assert!(metrics.contains(want), "no {want:?} in\n{metrics}");
     }
-    assert_eq!(curl(&tb, 0, "/healthz"), "ok");
+    let health = curl(&tb, 0, "/healthz");
+    assert!(
+        health.starts_with("ok\nlast successful sync: ") && health.contains("\ncurrent time: "),
+        "{health}"
+    );
 
     // Drift: someone flushes the NodePort chain on node 1; the next periodic full resync
     // rewrites it.

@@ -1,12 +1,22 @@
-//! `svcnat-proxy`: the node proxy. It does on one node what kube-proxy does, with a
-//! directory of manifests in place of the API server.
+//! `svcnat-proxy`: the node proxy. It does on one node what kube-proxy does, following an
+//! API server (`--kubeconfig`, or in-cluster) or a directory of manifests.
 //!
 //! ```text
+//! svcnat-proxy --kubeconfig FILE --node-name NODE --node-ip 192.168.50.11 [--service-proxy-name NAME]
+//! svcnat-proxy                    # in a Pod: the in-cluster configuration (service account)
 //! svcnat-proxy --manifests DIR --node-ip 192.168.50.11 --cluster-cidr 10.244.0.0/16 [-v]
 //! svcnat-proxy --backend ipvs --ipvs-scheduler wrr --manifests DIR --node-ip 192.168.50.11
 //! svcnat-proxy --backend userspace --interfaces eth0,vp* --manifests DIR --node-ip ...
 //! svcnat-proxy --cleanup [--backend ipvs|userspace]
 //! ```
+//!
+//! From an API server it watches Services and EndpointSlices (kube-proxy's label selector:
+//! none labelled `service.kubernetes.io/service-proxy-name` unless it equals
+//! `--service-proxy-name`, no headless ones) and this node's Node; nothing is synced before
+//! Services and EndpointSlices have been listed, and nothing is removed because the API
+//! server is unreachable (a re-list removes what was deleted meanwhile). `/healthz` turns
+//! 503 once the last successful sync is older than `--healthz-stale-after` (default: twice
+//! `--sync-period`), and says why.
 //!
 //! The directory's `*.yaml`, `*.yml` and `*.json` files are polled every 200 ms; a file
 //! added, edited or removed is applied within a second (changes within `--min-sync-period`
@@ -20,7 +30,8 @@
 //! when given): without `--node-ip` no NodePort is served.
 //!
 //! Exit codes: 0 after a signal or a successful `--cleanup`, 1 when the proxy cannot start
-//! (manifest directory, dataplane, metrics address), 2 for invalid flags.
+//! (manifest directory, kubeconfig, dataplane, metrics address), 2 for invalid flags
+//! (also: neither `--manifests` nor `--kubeconfig` outside a cluster).
 
 use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
@@ -32,8 +43,9 @@ use std::time::Duration;
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
 use svcnat_core::plan::Dataplane;
-use svcnat_examples::cli::{ClusterArgs, NodeArgs};
-use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig};
+use svcnat_examples::api::{self, ApiConfig, ApiSource};
+use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
+use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Source};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use svcnat_userspace::{Userspace, UserspaceConfig};
@@ -62,20 +74,24 @@ enum FlavourArg {
     Nft,
 }
 
-/// The node proxy: programs Kubernetes Service load balancing from a manifest directory.
+/// The node proxy: programs Kubernetes Service load balancing from an API server or a
+/// manifest directory.
 #[derive(Debug, Parser)]
 #[command(
     name = "svcnat-proxy",
     version,
-    about = "The svcnat node proxy: Kubernetes Service load balancing from a manifest directory"
+    about = "The svcnat node proxy: Kubernetes Service load balancing from an API server or a manifest directory"
 )]
 struct Args {
     /// The dataplane.
     #[arg(long, value_enum, default_value_t = Backend::Iptables)]
     backend: Backend,
-    /// Directory of manifests (*.yaml, *.yml, *.json), watched for changes.
-    #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
+    /// Directory of manifests (*.yaml, *.yml, *.json), watched for changes, instead of an
+    /// API server.
+    #[arg(long, value_name = "DIR")]
     manifests: Option<PathBuf>,
+    #[command(flatten)]
+    api: ApiArgs,
     /// This node's name, which decides which endpoints are local [default: the hostname].
     #[arg(long, value_name = "NAME")]
     node_name: Option<String>,
@@ -105,6 +121,10 @@ struct Args {
     /// Everything is rewritten this often, to repair drift.
     #[arg(long, value_name = "DUR", default_value = "30s", value_parser = proxy::parse_duration)]
     sync_period: Duration,
+    /// /healthz answers 503 once the last successful sync is older than this [default:
+    /// twice --sync-period]; it must exceed --sync-period.
+    #[arg(long, value_name = "DUR", value_parser = proxy::parse_duration)]
+    healthz_stale_after: Option<Duration>,
     /// Where /metrics and /healthz are served; empty disables the server.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249", value_parser = parse_bind)]
     metrics_bind_address: Bind,
@@ -200,6 +220,31 @@ fn main() -> ExitCode {
         eprintln!("svcnat-proxy: --sync-period must be above zero");
         return ExitCode::from(2);
     }
+    let stale_after = args.healthz_stale_after.unwrap_or(args.sync_period * 2);
+    if stale_after <= args.sync_period {
+        // The periodic resync is what refreshes /healthz when nothing changes.
+        eprintln!(
+            "svcnat-proxy: --healthz-stale-after ({stale_after:?}) must exceed --sync-period ({:?})",
+            args.sync_period
+        );
+        return ExitCode::from(2);
+    }
+    let input = if args.cleanup {
+        None
+    } else {
+        match svcnat_examples::cli::input(
+            args.manifests.as_deref(),
+            &args.api,
+            api::in_cluster_available(),
+        ) {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!("svcnat-proxy: {e}");
+                return ExitCode::from(2);
+            }
+        }
+    };
+    let metrics = || Arc::new(Metrics::with_stale_after(stale_after));
     let flavour = match args.iptables_flavour {
         FlavourArg::Auto => None,
         FlavourArg::Legacy => Some(Flavour::Legacy),
@@ -228,8 +273,7 @@ fn main() -> ExitCode {
         (Backend::Ipvs, false) => match ipvs() {
             Ok(d) => {
                 info!(family_id = d.family_id(), scheduler = %args.ipvs_scheduler, "IPVS backend");
-                let metrics = Arc::new(Metrics::new(args.sync_period));
-                run(args, d, metrics)
+                run(args, input, d, metrics())
             }
             Err(e) => {
                 error!("cannot use IPVS: {e}");
@@ -249,8 +293,7 @@ fn main() -> ExitCode {
                 }
             };
             info!(flavour = ?dataplane.flavour(), "iptables backend");
-            let metrics = Arc::new(Metrics::new(args.sync_period));
-            run(args, dataplane, metrics)
+            run(args, input, dataplane, metrics())
         }
         (Backend::Userspace, false) => {
             let dataplane = match Userspace::start(UserspaceConfig {
@@ -265,23 +308,28 @@ fn main() -> ExitCode {
                 }
             };
             info!(interfaces = ?args.interfaces, "userspace backend");
-            let metrics = Arc::new(Metrics::new(args.sync_period));
+            let metrics = metrics();
             let stats = dataplane.stats_source();
             metrics.set_dataplane(Box::new(move || stats().prometheus()));
             // Dropping the datapath on exit hands forwarding back to the kernel: without
             // its workers the ingress drops would black-hole the node.
-            run(args, dataplane, metrics)
+            run(args, input, dataplane, metrics)
         }
     }
 }
 
 /// Runs the proxy loop over `dataplane` until a signal.
-fn run<D: Dataplane>(args: Args, dataplane: D, metrics: Arc<Metrics>) -> ExitCode {
-    let Some(manifests) = args.manifests else {
-        eprintln!("svcnat-proxy: --manifests DIR is required");
+fn run<D: Dataplane>(
+    args: Args,
+    input: Option<Input>,
+    dataplane: D,
+    metrics: Arc<Metrics>,
+) -> ExitCode {
+    let Some(input) = input else {
+        eprintln!("svcnat-proxy: give --manifests DIR or --kubeconfig FILE");
         return ExitCode::from(2);
     };
-    let Some(node_name) = args.node_name.or_else(hostname) else {
+    let Some(node_name) = args.node_name.clone().or_else(hostname) else {
         eprintln!("svcnat-proxy: cannot tell the hostname; give --node-name");
         return ExitCode::from(2);
     };
@@ -297,17 +345,16 @@ fn run<D: Dataplane>(args: Args, dataplane: D, metrics: Arc<Metrics>) -> ExitCod
     {
         warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are");
     }
-    let node = args.node.context(node_name);
-    let cluster = args.cluster.config();
+    let node = args.node.context(node_name.clone());
     let config = ProxyConfig {
         min_sync_period: args.min_sync_period,
         sync_period: args.sync_period,
-        ..ProxyConfig::new(manifests, cluster, node)
+        ..ProxyConfig::new(PathBuf::new(), args.cluster.config(), node)
     };
     info!(
         node = %config.node.node_name,
         node_ips = ?config.node.node_ips,
-        manifests = %config.manifests.display(),
+        input = ?input,
         "starting"
     );
 
@@ -329,15 +376,48 @@ fn run<D: Dataplane>(args: Args, dataplane: D, metrics: Arc<Metrics>) -> ExitCod
             }
         }
     }
-    let dir = config.manifests.display().to_string();
-    let mut proxy = match Proxy::new(config, dataplane, metrics) {
-        Ok(p) => p,
-        Err(e) => {
-            error!("cannot read the manifest directory {dir}: {e}");
-            return ExitCode::from(1);
+    match input {
+        Input::Manifests(dir) => {
+            if args.api.service_proxy_name.is_some() {
+                warn!("--service-proxy-name applies to an API server only; ignored");
+            }
+            let config = ProxyConfig {
+                manifests: dir,
+                ..config
+            };
+            let shown = config.manifests.display().to_string();
+            match Proxy::new(config, dataplane, metrics) {
+                Ok(mut p) => drive(&mut p, &stop),
+                Err(e) => {
+                    error!("cannot read the manifest directory {shown}: {e}");
+                    ExitCode::from(1)
+                }
+            }
         }
-    };
-    proxy.run(&stop, || {
+        Input::Api(client) => {
+            let source = match ApiSource::start(ApiConfig {
+                client,
+                node_name,
+                service_proxy_name: args.api.service_proxy_name.clone(),
+            }) {
+                Ok(s) => s,
+                Err(e) => {
+                    error!("cannot follow the API server: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            let mut p = Proxy::with_source(source, config.sync_config(), dataplane, metrics);
+            drive(&mut p, &stop)
+        }
+    }
+}
+
+/// Runs the loop until a signal, printing `ready` after the first successful sync.
+fn drive<D: Dataplane, S: Source>(
+    proxy: &mut Proxy<D, S>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> ExitCode {
+    proxy.run(stop, || {
         let mut out = std::io::stdout().lock();
         // Nobody reading stdout is no reason to stop proxying.
         let _ = writeln!(out, "ready");
@@ -392,6 +472,24 @@ mod tests {
             "{d:?}"
         );
         assert!(Args::try_parse_from(["svcnat-proxy", "--cleanup"]).is_ok());
-        assert!(Args::try_parse_from(["svcnat-proxy"]).is_err());
+        // Neither --manifests nor --kubeconfig: decided at run time (in-cluster or not).
+        assert!(Args::try_parse_from(["svcnat-proxy"]).is_ok());
+        let k = Args::try_parse_from([
+            "svcnat-proxy",
+            "--kubeconfig",
+            "/k",
+            "--service-proxy-name",
+            "svcnat",
+            "--healthz-stale-after",
+            "2m",
+        ])
+        .map_err(|e| e.to_string());
+        assert!(
+            matches!(&k, Ok(k) if k.api.kubeconfig.is_some()
+                && k.api.service_proxy_name.as_deref() == Some("svcnat")
+                && k.healthz_stale_after == Some(Duration::from_secs(120))),
+            "{k:?}"
+        );
+        assert!(Args::try_parse_from(["svcnat-proxy", "--service-proxy-name", "a b"]).is_err());
     }
 }
