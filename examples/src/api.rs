@@ -1423,4 +1423,77 @@ mod tests {
         assert!(st.unreachable_since().is_none());
         assert_eq!(st.status().watch_errors["endpointslices"], 2);
     }
+
+    /// A kubeconfig for `server`, in a file removed on drop.
+    struct TempKubeconfig(PathBuf);
+
+    impl TempKubeconfig {
+        fn new(server: &str) -> TempKubeconfig {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let path = std::env::temp_dir().join(format!(
+                "svcnat-api-kubeconfig-{}-{}.yaml",
+                std::process::id(),
+                N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            ));
+            let text = format!(
+                "apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {{server: \"{server}\"}}\nusers:\n- name: u\n  user: {{token: t}}\ncontexts:\n- name: x\n  context: {{cluster: c, user: u}}\ncurrent-context: x\n"
+            );
+            std::fs::write(&path, text).unwrap();
+            TempKubeconfig(path)
+        }
+    }
+
+    impl Drop for TempKubeconfig {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_missing_kubeconfig_is_named() {
+        let err = ApiSource::start(ApiConfig {
+            client: ClientSource::Kubeconfig("/nonexistent/kubeconfig".into()),
+            node_name: "n1".into(),
+            service_proxy_name: None,
+        })
+        .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("kubeconfig /nonexistent/kubeconfig: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_unreachable_api_server_is_reported_and_nothing_is_ready() {
+        // A loopback port nobody listens on.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let kc = TempKubeconfig::new(&format!("http://127.0.0.1:{port}"));
+        let mut source = ApiSource::start(ApiConfig {
+            client: ClientSource::Kubeconfig(kc.0.clone()),
+            node_name: "n1".into(),
+            service_proxy_name: None,
+        })
+        .unwrap();
+        assert!(source.describe().contains(&format!("127.0.0.1:{port}")));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while source.state().unreachable_since().is_none() && std::time::Instant::now() < deadline {
+            assert_eq!(source.poll(), Ok(false));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let status = source.status();
+        let (_, error) = status.unreachable_since.clone().unwrap();
+        assert!(error.contains("Connection refused"), "{error}");
+        assert!(!source.is_ready());
+        assert!(status.watch_errors.values().sum::<u64>() >= 1, "{status:?}");
+        assert_eq!(source.cluster().services().count(), 0);
+        // Dropping the source stops its thread promptly.
+        let t = std::time::Instant::now();
+        drop(source);
+        assert!(t.elapsed() < Duration::from_secs(3));
+    }
 }
