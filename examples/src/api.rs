@@ -209,6 +209,8 @@ pub struct ApiState {
     trackers: BTreeMap<Resource, Tracker>,
     /// Objects refused as invalid, with the message last logged.
     invalid: BTreeMap<(Resource, Key), String>,
+    /// Objects with a version in the cluster.
+    applied: BTreeSet<(Resource, Key)>,
     invalid_total: u64,
     service_changes: u64,
     endpoint_changes: u64,
@@ -235,6 +237,7 @@ impl ApiState {
                 .map(|r| (*r, Tracker::default()))
                 .collect(),
             invalid: BTreeMap::new(),
+            applied: BTreeSet::new(),
             invalid_total: 0,
             service_changes: 0,
             endpoint_changes: 0,
@@ -370,6 +373,7 @@ impl ApiState {
         self.tracker(r).known.insert(key.clone());
         match obj.apply_to(&mut self.cluster) {
             Ok(changed) => {
+                self.applied.insert((r, key.clone()));
                 if self.invalid.remove(&(r, key.clone())).is_some() {
                     info!(resource = %r, object = %show(r, &key), "valid again");
                 }
@@ -398,22 +402,13 @@ impl ApiState {
     }
 
     /// Whether a version of the object is in the cluster.
-    fn in_force(&self, r: Resource, (ns, name): &Key) -> bool {
-        match r {
-            Resource::Services => self
-                .cluster
-                .service(&ServiceName::new(ns.clone(), name.clone()))
-                .is_some(),
-            Resource::Node => self.cluster.node(name).is_some(),
-            Resource::EndpointSlices => self
-                .cluster
-                .services_in(ns)
-                .any(|s| self.cluster.slices_of(&s.name).any(|x| x.name == *name)),
-        }
+    fn in_force(&self, r: Resource, key: &Key) -> bool {
+        self.applied.contains(&(r, key.clone()))
     }
 
     fn delete(&mut self, r: Resource, key: &Key) -> Changed {
         self.tracker(r).known.remove(key);
+        self.applied.remove(&(r, key.clone()));
         self.invalid.remove(&(r, key.clone()));
         let (ns, name) = key;
         let changed = match r {
