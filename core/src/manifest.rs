@@ -27,6 +27,8 @@ use sha2::{Digest, Sha256};
 
 use crate::model::*;
 
+mod json;
+
 /// Settings of the simulated cluster that manifests are loaded into.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ClusterConfig {
@@ -178,6 +180,16 @@ pub enum ValidateError {
     /// A field that is not allowed in this context.
     #[error("Forbidden: {0}")]
     Forbidden(String),
+    /// The document is not valid JSON (a `.json` file).
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// Fields the API type does not have (a typo, or a field removed from the API): the
+    /// API server's strict field validation, kubectl's default, refuses the object.
+    #[error(
+        "strict decoding error: {}",
+        .0.iter().map(|f| format!("unknown field {f:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownFields(Vec<String>),
 }
 
 /// One problem found while loading: where, which object, which field, what.
@@ -268,8 +280,14 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// Parses one file's text and appends its objects and errors.
+    /// Parses one file's text and appends its objects and errors. A file whose name ends
+    /// in `.json` is read as JSON (one object, a `List`, or a stream of objects), any
+    /// other as multi-document YAML.
     pub fn add_file(&mut self, file: &str, text: &str, config: &ClusterConfig) {
+        if is_json_file(file) {
+            json::add_file(self, file, text, config);
+            return;
+        }
         for doc in split_documents(text) {
             load_document(self, file, &doc, config);
         }
@@ -422,7 +440,7 @@ fn error_at(l: &Loaded, object: ObjectRef, field: String, error: ValidateError) 
     let src = &l.source;
     LoadError {
         file: src.file.clone(),
-        line: src.line + locate_field(&l.text, &field).unwrap_or(0),
+        line: src.line + locate(&src.file, &l.text, &field).unwrap_or(0),
         document: src.document,
         object: Some(object),
         field,
@@ -499,20 +517,7 @@ pub fn split_documents(text: &str) -> Vec<Document> {
 /// cannot follow give the deepest line it did find.
 pub fn locate_field(doc: &str, path: &str) -> Option<usize> {
     let lines: Vec<&str> = doc.lines().collect();
-    let mut segs = Vec::new();
-    for part in path.split('.') {
-        let (key, rest) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        if !key.is_empty() {
-            segs.push(Seg::Key(key));
-        }
-        for idx in rest.split('[').filter(|s| !s.is_empty()) {
-            let n = idx.trim_end_matches(']').parse().ok()?;
-            segs.push(Seg::Index(n));
-        }
-    }
+    let segs = path_segments(path)?;
     // (line index of the current node, indentation of its children must exceed this)
     let mut pos: Option<usize> = None;
     let mut parent_indent: isize = -1;
@@ -600,10 +605,30 @@ pub fn locate_field(doc: &str, path: &str) -> Option<usize> {
     pos
 }
 
+/// One step of a field path: a key, or an index into a list.
 #[derive(Clone, Copy)]
 enum Seg<'a> {
     Key(&'a str),
     Index(usize),
+}
+
+/// `spec.ports[1].nodePort` as its steps; `None` when an index is not a number.
+fn path_segments(path: &str) -> Option<Vec<Seg<'_>>> {
+    let mut segs = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            segs.push(Seg::Key(key));
+        }
+        for idx in rest.split('[').filter(|s| !s.is_empty()) {
+            let n = idx.trim_end_matches(']').parse().ok()?;
+            segs.push(Seg::Index(n));
+        }
+    }
+    Some(segs)
 }
 
 fn indent_of(line: &str) -> (usize, &str) {
@@ -658,26 +683,20 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         field: String::new(),
         error,
     };
-    // The YAML scanner's cost grows with the square of the flow nesting depth, and any
-    // document nested deeper than the decoder's limit fails anyway: refuse it up front,
-    // with the decoder's own message.
-    if let Some(rel) = flow_nesting_over(&doc.text, MAX_FLOW_NESTING) {
-        m.errors.push(whole(
-            ValidateError::Yaml("recursion limit exceeded".into()),
-            doc.line + rel,
-            None,
-        ));
-        return;
-    }
-    let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(&doc.text) {
+    let is_json = is_json_file(file);
+    let parsed = if is_json {
+        json::parse_value(&doc.text)
+            .map_err(|(rel, message)| whole(ValidateError::Json(message), doc.line + rel, None))
+    } else {
+        parse_yaml(doc).map_err(|e| LoadError {
+            file: file.to_string(),
+            ..*e
+        })
+    };
+    let value = match parsed {
         Ok(v) => v,
         Err(e) => {
-            let line = doc.line
-                + e.location()
-                    .map(|l| l.line().saturating_sub(1))
-                    .unwrap_or(0);
-            m.errors
-                .push(whole(ValidateError::Yaml(strip_location(&e)), line, None));
+            m.errors.push(e);
             return;
         }
     };
@@ -759,6 +778,28 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             .cloned()
             .unwrap_or_default();
         for (i, item) in items.into_iter().enumerate() {
+            if is_json {
+                // A JSON item is a slice of the List's text: its errors keep their lines.
+                let Some(span) = json::span(&doc.text, &format!("items[{i}]")) else {
+                    continue;
+                };
+                let before = m.errors.len();
+                let start = doc.text.get(..span.start).unwrap_or("");
+                let sub = Document {
+                    index: doc.index,
+                    line: doc.line + start.matches('\n').count(),
+                    text: doc.text.get(span).unwrap_or("").to_string(),
+                };
+                load_document(m, file, &sub, config);
+                for e in &mut m.errors[before..] {
+                    e.field = if e.field.is_empty() {
+                        format!("items[{i}]")
+                    } else {
+                        format!("items[{i}].{}", e.field)
+                    };
+                }
+                continue;
+            }
             match serde_yaml_ng::to_string(&item) {
                 Ok(text) => {
                     let before = m.errors.len();
@@ -786,18 +827,26 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
     }
     let mut text = std::borrow::Cow::Borrowed(doc.text.as_str());
     if let Some(canon) = canonical_api_version(kind, api_version) {
-        let rewritten: Vec<String> = doc
-            .text
-            .lines()
-            .map(|l| {
-                if l.starts_with("apiVersion:") {
-                    format!("apiVersion: {canon}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        text = std::borrow::Cow::Owned(rewritten.join("\n"));
+        if is_json {
+            if let Some(span) = json::span(&doc.text, "apiVersion") {
+                let mut rewritten = doc.text.clone();
+                rewritten.replace_range(span, &format!("{canon:?}"));
+                text = std::borrow::Cow::Owned(rewritten);
+            }
+        } else {
+            let rewritten: Vec<String> = doc
+                .text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("apiVersion:") {
+                        format!("apiVersion: {canon}")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            text = std::borrow::Cow::Owned(rewritten.join("\n"));
+        }
         m.warnings.push(LoadError {
             file: file.to_string(),
             line: doc.line,
@@ -892,6 +941,37 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             }
         }
     }
+}
+
+/// Parses a YAML document into a generic value.
+fn parse_yaml(doc: &Document) -> Result<serde_yaml_ng::Value, Box<LoadError>> {
+    // The caller fills in the file.
+    let whole = |error, line| {
+        Box::new(LoadError {
+            file: String::new(),
+            line,
+            document: doc.index,
+            object: None,
+            field: String::new(),
+            error,
+        })
+    };
+    // The YAML scanner's cost grows with the square of the flow nesting depth, and any
+    // document nested deeper than the decoder's limit fails anyway: refuse it up front,
+    // with the decoder's own message.
+    if let Some(rel) = flow_nesting_over(&doc.text, MAX_FLOW_NESTING) {
+        return Err(whole(
+            ValidateError::Yaml("recursion limit exceeded".into()),
+            doc.line + rel,
+        ));
+    }
+    serde_yaml_ng::from_str(&doc.text).map_err(|e| {
+        let line = doc.line
+            + e.location()
+                .map(|l| l.line().saturating_sub(1))
+                .unwrap_or(0);
+        whole(ValidateError::Yaml(strip_location(&e)), line)
+    })
 }
 
 /// Flow collections (`[`, `{`) nested deeper than this are refused before decoding: the
@@ -1029,7 +1109,13 @@ fn strip_location(e: &serde_yaml_ng::Error) -> String {
 }
 
 fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadError>> {
-    serde_yaml_ng::from_str::<T>(text).map_err(|e| {
+    if is_json_file(ctx.file) {
+        return json::decode(text, ctx);
+    }
+    let mut unknown = Vec::new();
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let decoded = serde_ignored::deserialize(de, |path| unknown.push(api_path(&path)));
+    let value = decoded.map_err(|e| {
         let rel = e
             .location()
             .map(|l| l.line().saturating_sub(1))
@@ -1056,7 +1142,61 @@ fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadE
             field,
             error: ValidateError::Decode(message),
         })
-    })
+    })?;
+    strict(unknown, ctx)?;
+    Ok(value)
+}
+
+/// Strict field validation, as `kubectl apply` asks of the API server by default
+/// (`--validate=strict`): "strict decoding error: unknown field \"spec.ipFamily\"" for
+/// every field the API type does not have; the object is refused. The error points at the
+/// first unknown field's line.
+fn strict(unknown: Vec<String>, ctx: &Ctx<'_>) -> Result<(), Box<LoadError>> {
+    let Some(first) = unknown.first() else {
+        return Ok(());
+    };
+    let field = first.clone();
+    let line = locate(ctx.file, &ctx.doc.text, &field)
+        .map(|l| ctx.doc.line + l)
+        .unwrap_or(ctx.doc.line);
+    Err(Box::new(LoadError {
+        file: ctx.file.to_string(),
+        line,
+        document: ctx.doc.index,
+        object: Some(ctx.object.clone()),
+        field,
+        error: ValidateError::UnknownFields(unknown),
+    }))
+}
+
+/// A path from `serde_ignored` in the API server's spelling: `spec.ports[0].name`.
+fn api_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", api_path(parent)),
+        Path::Map { parent, key } => match api_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => api_path(parent),
+    }
+}
+
+/// Whether a file is read as JSON: its name ends in `.json`, as kubectl decides.
+fn is_json_file(file: &str) -> bool {
+    file.ends_with(".json")
+}
+
+/// The 0-based line of a field path in a document of `file`, JSON or YAML.
+fn locate(file: &str, doc: &str, path: &str) -> Option<usize> {
+    if is_json_file(file) {
+        json::locate(doc, path)
+    } else {
+        locate_field(doc, path)
+    }
 }
 
 /// What a converter returns: the object when it is usable, and its errors (any error drops
@@ -1084,7 +1224,7 @@ enum NameRule {
 impl Ctx<'_> {
     fn err(&mut self, field: impl Into<String>, error: ValidateError) {
         let field = field.into();
-        let line = locate_field(&self.doc.text, &field)
+        let line = locate(self.file, &self.doc.text, &field)
             .map(|l| self.doc.line + l)
             .unwrap_or(self.doc.line);
         self.errors.push(LoadError {
@@ -2745,6 +2885,31 @@ mod tests {
     }
 
     use super::*;
+
+    /// What strict field validation rests on: k8s-openapi's Deserialize impls skip unknown
+    /// fields with `IgnoredAny`, and `serde_ignored` reports each of them with its path,
+    /// through serde_yaml_ng's and serde_json's deserializers alike.
+    #[test]
+    fn serde_ignored_reports_unknown_fields_of_k8s_openapi_types() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: a, nmae: b}\nspec:\n  ipFamily: IPv4\n  ports:\n  - port: 80\n    protocl: TCP\n";
+        let mut seen = Vec::new();
+        let de = serde_yaml_ng::Deserializer::from_str(yaml);
+        let svc: Result<corev1::Service, _> =
+            serde_ignored::deserialize(de, |p| seen.push(api_path(&p)));
+        assert!(svc.is_ok(), "{svc:?}");
+        assert_eq!(
+            seen,
+            ["metadata.nmae", "spec.ipFamily", "spec.ports[0].protocl"]
+        );
+        let json = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+            "spec": {"ports": [{"port": 80}, {"port": 81, "nodeport": 1}]}}"#;
+        let mut seen = Vec::new();
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let svc: Result<corev1::Service, _> =
+            serde_ignored::deserialize(de, |p| seen.push(api_path(&p)));
+        assert!(svc.is_ok(), "{svc:?}");
+        assert_eq!(seen, ["spec.ports[1].nodeport"]);
+    }
 
     const LAB_VOTE: &str = "---
 apiVersion: v1
