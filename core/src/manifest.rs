@@ -228,16 +228,21 @@ impl std::error::Error for LoadError {}
 /// A workload that creates Pods from a template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// `Deployment`, `ReplicaSet` or `ReplicationController`.
+    /// `Deployment`, `ReplicaSet`, `ReplicationController`, `StatefulSet` or `DaemonSet`.
     pub kind: String,
     /// Namespace and name.
     pub name: ObjectName,
-    /// `spec.replicas`.
+    /// `spec.replicas` (a DaemonSet has none: one Pod per eligible Node).
     pub replicas: u32,
-    /// The Pod template; its name, IPs and node are filled in per replica.
+    /// The Pod template; its name, IPs and node are filled in per replica. A StatefulSet's
+    /// template carries `spec.serviceName` as its `subdomain`.
     pub template: Pod,
     /// Whether the template sets `spec.nodeName`.
     pub pinned_node: bool,
+    /// A StatefulSet's first ordinal (`spec.ordinals.start`); 0 for other kinds.
+    pub first_ordinal: u32,
+    /// The template's `spec.nodeSelector`, which a DaemonSet's Nodes must match.
+    pub node_selector: BTreeMap<String, String>,
 }
 
 /// A validated object with its origin.
@@ -258,7 +263,7 @@ pub enum Object {
     Service(Service),
     /// A Pod (its IP may still be unallocated).
     Pod(Pod),
-    /// A Deployment, ReplicaSet or ReplicationController.
+    /// A Deployment, ReplicaSet, ReplicationController, StatefulSet or DaemonSet.
     Workload(Workload),
     /// An EndpointSlice, or an Endpoints object converted to slices.
     Slices(Vec<EndpointSlice>),
@@ -904,6 +909,13 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 spec.template,
                 ctx,
             )
+        }),
+        "StatefulSet" => {
+            decode::<apps::StatefulSet>(&text, &ctx).map(|d| convert_stateful_set(d, ctx))
+        }
+        "DaemonSet" => decode::<apps::DaemonSet>(&text, &ctx).map(|d| {
+            warn_node_selector(m, &text, &ctx, &d.spec.template);
+            convert_daemon_set(d, ctx)
         }),
         "Endpoints" => decode::<corev1::Endpoints>(&text, &ctx).map(|e| convert_endpoints(e, ctx)),
         "EndpointSlice" => {
@@ -2178,13 +2190,19 @@ fn convert_workload(
         (None, _) => LabelSelector::from_labels(pod.labels.clone()),
     };
     // An invalid requirement was reported already; it left the selector empty, not the
-    // manifest.
+    // manifest. "empty selector is invalid for deployment" (ReplicaSets say so too),
+    // "... for statefulset", "... for daemonset".
     if selector.is_empty() && ctx.errors.len() == errors_before {
+        let what = match kind {
+            "StatefulSet" => "statefulset",
+            "DaemonSet" => "daemonset",
+            _ => "deployment",
+        };
         ctx.err(
             "spec.selector",
             ValidateError::Invalid {
                 value: "{}".into(),
-                reason: "empty selector is invalid for deployment".into(),
+                reason: format!("empty selector is invalid for {what}"),
             },
         );
     } else if !selector.matches(&pod.labels) {
@@ -2197,13 +2215,153 @@ fn convert_workload(
         );
     }
     let pinned_node = pod.node_name.is_some();
+    let node_selector = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
     ctx.finish(Object::Workload(Workload {
         kind: kind.to_string(),
         name: ObjectName::new(ns, name),
         replicas,
         template: pod,
         pinned_node,
+        first_ordinal: 0,
+        node_selector,
     }))
+}
+
+/// A StatefulSet: a workload whose Pods are `name-<ordinal>`, each with its own DNS name
+/// `name-<ordinal>.<serviceName>` under the headless Service `spec.serviceName`.
+fn convert_stateful_set(d: apps::StatefulSet, mut ctx: Ctx<'_>) -> Converted {
+    let spec = d.spec;
+    // apps validation: "serviceName", when set, must be a DNS-1123 label (it becomes each
+    // Pod's spec.subdomain).
+    let service_name = spec.service_name.filter(|s| !s.is_empty());
+    if let Some(sn) = &service_name
+        && let Some(reason) = dns_label_error(sn, false)
+    {
+        ctx.err(
+            "spec.serviceName",
+            ValidateError::Invalid {
+                value: sn.clone(),
+                reason,
+            },
+        );
+    }
+    // "ordinals.start ... must be greater than or equal to 0"; Pods are numbered from it.
+    let first_ordinal = match spec.ordinals.and_then(|o| o.start) {
+        None => 0,
+        Some(s) => u32::try_from(s).unwrap_or_else(|_| {
+            ctx.err(
+                "spec.ordinals.start",
+                ValidateError::Invalid {
+                    value: s.to_string(),
+                    reason: "must be greater than or equal to 0".into(),
+                },
+            );
+            0
+        }),
+    };
+    if let Some(p) = spec
+        .pod_management_policy
+        .as_deref()
+        .filter(|p| !matches!(*p, "OrderedReady" | "Parallel"))
+    {
+        ctx.err(
+            "spec.podManagementPolicy",
+            ValidateError::Unsupported {
+                value: p.to_string(),
+                supported: "\"OrderedReady\", \"Parallel\"",
+            },
+        );
+    }
+    let (mut obj, errors) = convert_workload(
+        "StatefulSet",
+        d.metadata,
+        spec.replicas,
+        Some(spec.selector),
+        None,
+        Some(spec.template),
+        ctx,
+    );
+    if let Some(Object::Workload(w)) = &mut obj {
+        // The StatefulSet controller sets each Pod's "subdomain" to spec.serviceName (and
+        // its hostname to the Pod's name, in Builder::expand).
+        w.template.subdomain = service_name;
+        w.first_ordinal = first_ordinal;
+    }
+    (obj, errors)
+}
+
+/// A DaemonSet: a workload with one Pod per eligible Node, no replica count.
+fn convert_daemon_set(d: apps::DaemonSet, ctx: Ctx<'_>) -> Converted {
+    let spec = d.spec;
+    let (mut obj, errors) = convert_workload(
+        "DaemonSet",
+        d.metadata,
+        None,
+        Some(spec.selector),
+        None,
+        Some(spec.template),
+        ctx,
+    );
+    if let Some(Object::Workload(w)) = &mut obj {
+        w.replicas = 0;
+    }
+    (obj, errors)
+}
+
+/// The Node labels the model knows: what the kubelet sets on every Node
+/// (`kubernetes.io/hostname`, `kubernetes.io/os`; svcnat's Nodes are Linux) and the zone.
+const KNOWN_NODE_LABELS: [&str; 3] = [
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "topology.kubernetes.io/zone",
+];
+
+/// The value of a known Node label for `node`.
+fn node_label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    match key {
+        "kubernetes.io/hostname" => Some(node.name.as_str()),
+        "kubernetes.io/os" => Some("linux"),
+        "topology.kubernetes.io/zone" => node.zone.as_deref(),
+        _ => None,
+    }
+}
+
+/// Warns about a DaemonSet's `nodeSelector` keys the model has no Node labels for: they
+/// are not evaluated (every Node passes them).
+fn warn_node_selector(
+    m: &mut Manifests,
+    text: &str,
+    ctx: &Ctx<'_>,
+    template: &corev1::PodTemplateSpec,
+) {
+    let selector = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.as_ref());
+    for key in selector.into_iter().flat_map(|s| s.keys()) {
+        if KNOWN_NODE_LABELS.contains(&key.as_str()) {
+            continue;
+        }
+        let field = format!("spec.template.spec.nodeSelector.{key}");
+        m.warnings.push(LoadError {
+            file: ctx.file.to_string(),
+            line: ctx.doc.line + locate(ctx.file, text, &field).unwrap_or(0),
+            document: ctx.doc.index,
+            object: Some(ctx.object.clone()),
+            field,
+            error: ValidateError::Invalid {
+                value: key.clone(),
+                reason: format!(
+                    "not evaluated: Nodes carry only the labels {} here; every Node matches",
+                    KNOWN_NODE_LABELS.join(", ")
+                ),
+            },
+        });
+    }
 }
 
 fn parse_weights(ctx: &mut Ctx<'_>, md: &meta::ObjectMeta) -> BTreeMap<IpAddr, u32> {
@@ -2709,8 +2867,14 @@ impl<'a> Builder<'a> {
             .find(|np| !used.contains(np))
     }
 
-    /// Replicas of a workload as Pods, placed round-robin on the Nodes in name order.
+    /// Replicas of a workload as Pods, placed round-robin on the Nodes in name order; a
+    /// DaemonSet's, one on each eligible Node.
     fn expand(&self, w: &Workload) -> Vec<Pod> {
+        match w.kind.as_str() {
+            "StatefulSet" => return self.expand_stateful_set(w),
+            "DaemonSet" => return self.expand_daemon_set(w),
+            _ => {}
+        }
         let nodes: Vec<&String> = self.nodes.keys().collect();
         let template_hash = {
             let h = Sha256::digest(format!("{:?}", w.template.labels).as_bytes());
@@ -2729,6 +2893,56 @@ impl<'a> Builder<'a> {
                 if !w.pinned_node && !nodes.is_empty() {
                     p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
                 }
+                p
+            })
+            .collect()
+    }
+
+    /// A StatefulSet's Pods: "Each Pod in a StatefulSet derives its hostname from the name
+    /// of the StatefulSet and the ordinal of the Pod. The pattern for the constructed
+    /// hostname is $(statefulset name)-$(ordinal)"; the subdomain is `spec.serviceName`.
+    fn expand_stateful_set(&self, w: &Workload) -> Vec<Pod> {
+        let nodes: Vec<&String> = self.nodes.keys().collect();
+        (0..w.replicas)
+            .map(|i| {
+                let mut p = w.template.clone();
+                let name = format!(
+                    "{}-{}",
+                    w.name.name,
+                    u64::from(w.first_ordinal) + u64::from(i)
+                );
+                p.hostname = Some(name.clone());
+                p.name.name = name;
+                if !w.pinned_node && !nodes.is_empty() {
+                    p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// A DaemonSet's Pods: one on every Node that the template's `nodeSelector` (as far as
+    /// the model knows the Node's labels) and `nodeName` allow, named after the DaemonSet
+    /// with a suffix derived from the Node.
+    fn expand_daemon_set(&self, w: &Workload) -> Vec<Pod> {
+        self.nodes
+            .values()
+            .filter(|n| {
+                // The DaemonSet controller: a template's nodeName limits it to that Node;
+                // "nodeSelector ... must match a node's labels for the pod to be scheduled".
+                (!w.pinned_node || w.template.node_name.as_deref() == Some(n.name.as_str()))
+                    && w.node_selector.iter().all(|(k, v)| match node_label(n, k) {
+                        Some(have) => have == v,
+                        // A Node without a zone lacks that label; a key the model keeps
+                        // no labels for is not evaluated (a load warning says so).
+                        None => !KNOWN_NODE_LABELS.contains(&k.as_str()),
+                    })
+            })
+            .map(|n| {
+                let mut p = w.template.clone();
+                let digest = Sha256::digest(format!("{}/{}@{}", w.kind, w.name, n.name).as_bytes());
+                p.name.name = format!("{}-{}", w.name.name, safe_suffix(&digest, 5));
+                p.node_name = Some(n.name.clone());
                 p
             })
             .collect()
