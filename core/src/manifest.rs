@@ -878,6 +878,17 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             },
         });
     }
+    // YAML merge keys (`<<: *defaults`), which kubectl's YAML reader applies: the typed
+    // decoder would see `<<` as a field, so the merged document is decoded instead (its
+    // decode errors' lines are those of the merged text; validation errors still point
+    // into the original).
+    if !is_json
+        && doc.text.contains("<<")
+        && has_merge_key(&value)
+        && let Some(merged) = merge_keys(value.clone(), canonical_api_version(kind, api_version))
+    {
+        text = std::borrow::Cow::Owned(merged);
+    }
     let ctx = Ctx {
         file,
         doc,
@@ -967,6 +978,36 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             }
         }
     }
+}
+
+/// Whether a YAML value holds a merge key (`<<`) anywhere.
+fn has_merge_key(value: &serde_yaml_ng::Value) -> bool {
+    use serde_yaml_ng::Value;
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Mapping(m) => {
+                if m.contains_key("<<") {
+                    return true;
+                }
+                stack.extend(m.values());
+            }
+            Value::Sequence(s) => stack.extend(s),
+            Value::Tagged(t) => stack.push(&t.value),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The document with its merge keys applied (and its apiVersion replaced, when it is read
+/// as another), as YAML text; `None` when a merge key is malformed.
+fn merge_keys(mut value: serde_yaml_ng::Value, api_version: Option<&str>) -> Option<String> {
+    value.apply_merge().ok()?;
+    if let (Some(v), Some(m)) = (api_version, value.as_mapping_mut()) {
+        m.insert("apiVersion".into(), v.into());
+    }
+    serde_yaml_ng::to_string(&value).ok()
 }
 
 /// Parses a YAML document into a generic value.

@@ -293,3 +293,83 @@ fn json_file_with_yaml_is_a_json_error() {
         ["svc.json:3: document 0: invalid JSON: expected value"]
     );
 }
+
+/// Errors found after loading (a node port clash) and warnings (an old apiVersion, read as
+/// the current one) point at their JSON lines too.
+#[test]
+fn json_clashes_and_old_api_versions_have_lines() {
+    let svc = |name: &str| {
+        format!(
+            r#"{{
+  "apiVersion": "v1",
+  "kind": "Service",
+  "metadata": {{"name": "{name}"}},
+  "spec": {{
+    "type": "NodePort",
+    "selector": {{"app": "web"}},
+    "ports": [{{"port": 80, "nodePort": 30080}}]
+  }}
+}}
+"#
+        )
+    };
+    let deployment = r#"{"apiVersion": "extensions/v1beta1", "kind": "Deployment",
+ "metadata": {"name": "web"},
+ "spec": {"replicas": 2, "selector": {"matchLabels": {"app": "web"}},
+          "template": {"metadata": {"labels": {"app": "web"}},
+                       "spec": {"containers": [{"name": "web", "image": "nginx"}]}}}}
+"#;
+    let text = format!("{}{}{deployment}", svc("first"), svc("second"));
+    let (m, c) = load(&[("web.json", &text)]);
+    let errors: Vec<_> = m.errors.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        errors,
+        [
+            "web.json:18: document 1: Service default/second: spec.ports[0].nodePort: Invalid \
+          value: 30080: provided port is already allocated (to Service default/first)"
+        ]
+    );
+    let warnings: Vec<_> = m.warnings.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "web.json:21: document 2: Deployment default/web: apiVersion: Invalid value: \
+          \"extensions/v1beta1\": deprecated; read as apps/v1"
+        ]
+    );
+    assert_eq!(c.pods().count(), 2);
+    assert_eq!(c.services().count(), 1);
+}
+
+/// YAML merge keys, which kubectl's YAML reader applies, are applied (and `<<` is not an
+/// unknown field).
+#[test]
+fn yaml_merge_keys_are_applied() {
+    let text = "apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports:
+  - &http {name: http, port: 80, targetPort: 8080}
+  - <<: *http
+    name: alt
+    port: 9090
+";
+    let (m, c) = load(&[("svc.yaml", text)]);
+    assert!(m.errors.is_empty(), "{:?}", m.errors);
+    let svc = c.service(&ObjectName::new("default", "web")).unwrap();
+    let ports: Vec<_> = svc
+        .ports
+        .iter()
+        .map(|p| (p.name.as_str(), p.port, format!("{:?}", p.target_port)))
+        .collect();
+    assert_eq!(
+        ports,
+        [
+            ("http", 80, "Number(8080)".to_string()),
+            // The target port comes from the merged item.
+            ("alt", 9090, "Number(8080)".to_string())
+        ]
+    );
+}
