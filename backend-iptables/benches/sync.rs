@@ -145,8 +145,8 @@ fn main() {
                     let mut pod = cluster.pod(&target).cloned().expect("pod");
                     pod.ready = i % 2 == 1;
                     let t = Instant::now();
-                    let affected = cluster.upsert_pod(pod);
-                    let diff = p.update(&cluster, &affected);
+                    let _ = cluster.upsert_pod(pod);
+                    let diff = p.update(&cluster);
                     assert!(!diff.is_empty());
                     let report = dp.sync(&p, &diff).unwrap();
                     assert!(!report.full);

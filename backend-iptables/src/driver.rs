@@ -316,12 +316,7 @@ impl Iptables {
             text = splice_before_commit(&text, table, &extra);
         }
         self.restore(&nat_first(&text))?;
-        let report = SyncReport {
-            full: true,
-            written: rules.rule_count() + jumps,
-            frontends: plan.frontends().count(),
-            endpoints: plan.endpoint_count(),
-        };
+        let report = SyncReport::of_plan(plan, true, rules.rule_count() + jumps);
         self.applied = Some(rules);
         self.canary_checked = Some(Instant::now());
         Ok(report)
@@ -492,24 +487,18 @@ impl Dataplane for Iptables {
             return self.full_sync(plan);
         };
         let Some(text) = rules.update(plan, diff) else {
-            let report = SyncReport {
-                full: false,
-                written: 0,
-                frontends: plan.frontends().count(),
-                endpoints: plan.endpoint_count(),
-            };
+            let report = SyncReport::of_plan(plan, false, 0);
             self.applied = Some(rules);
             return Ok(report);
         };
         // On failure `applied` stays None: the kernel kept the old rules and the next sync
         // rewrites everything.
         self.restore(&nat_first(&text))?;
-        let report = SyncReport {
-            full: false,
-            written: text.lines().filter(|l| l.starts_with("-A ")).count(),
-            frontends: plan.frontends().count(),
-            endpoints: plan.endpoint_count(),
-        };
+        let report = SyncReport::of_plan(
+            plan,
+            false,
+            text.lines().filter(|l| l.starts_with("-A ")).count(),
+        );
         self.applied = Some(rules);
         Ok(report)
     }

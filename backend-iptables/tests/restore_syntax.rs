@@ -312,8 +312,8 @@ fn partial_updates_apply_on_top_of_a_full_restore() {
         let mut rules = Ruleset::new(&plan);
         ns.restore(&restore, &rules.full_restore());
         // An endpoint goes away: one KUBE-SVC chain rewritten, one KUBE-SEP deleted.
-        let affected = cluster.remove_pod(&ObjectName::new("instavote", "vote-dx8f4"));
-        let diff = plan.update(&cluster, &affected);
+        let _ = cluster.remove_pod(&ObjectName::new("instavote", "vote-dx8f4"));
+        let diff = plan.update(&cluster);
         let text = rules.update(&plan, &diff).unwrap();
         assert!(text.contains("-X KUBE-SEP-"));
         ns.restore(&restore, &text);

@@ -316,8 +316,8 @@ fn scaling_changes_the_distribution() {
     let pkt = tcp("10.32.0.77", VOTE_CIP, 80);
     // Scale down to three.
     for pod in ["vote-dx8f4", "vote-986cl"] {
-        let affected = cluster.remove_pod(&ObjectName::new("instavote", pod));
-        let diff = plan.update(&cluster, &affected);
+        let _ = cluster.remove_pod(&ObjectName::new("instavote", pod));
+        let diff = plan.update(&cluster);
         model.apply(&rules.update(&plan, &diff).unwrap()).unwrap();
     }
     let t = Tracer::from_model(&model, plan.node().node_ips.clone()).unwrap();
@@ -336,8 +336,8 @@ fn scaling_changes_the_distribution() {
         );
         p.labels.insert("role".into(), "vote".into());
         p.node_name = Some("k-03".into());
-        let affected = cluster.upsert_pod(p);
-        let diff = plan.update(&cluster, &affected);
+        let _ = cluster.upsert_pod(p);
+        let diff = plan.update(&cluster);
         model.apply(&rules.update(&plan, &diff).unwrap()).unwrap();
     }
     let t = Tracer::from_model(&model, plan.node().node_ips.clone()).unwrap();
@@ -441,21 +441,19 @@ fn external_traffic_policy_local() {
 /// A cluster with one Service and the given pods (name, ip, node, ready, terminating,
 /// weight).
 fn small_cluster(pods: &[(&str, &str, &str, bool, bool, u32)]) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let mut svc = Service::new(ObjectName::new("default", "app"));
     svc.cluster_ips = vec![ip("10.96.0.50")];
     svc.ip_families = vec![IpFamily::V4];
     let mut l = BTreeMap::new();
     l.insert("app".to_string(), "app".to_string());
     svc.selector = Some(LabelSelector::from_labels(l));
-    svc.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: None,
-        app_protocol: None,
-    });
+    svc.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Tcp,
+        80,
+        TargetPort::Number(8080),
+    ));
     c.upsert_service(svc);
     for (name, addr, node, ready, terminating, weight) in pods {
         let mut p = Pod::new(ObjectName::new("default", *name), ip(addr));

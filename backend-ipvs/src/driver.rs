@@ -1019,12 +1019,12 @@ impl Ipvs {
 
     fn report(&self, full: bool, written: usize) -> SyncReport {
         let have = self.have.as_ref();
-        SyncReport {
+        SyncReport::new(
             full,
             written,
-            frontends: have.map_or(0, BTreeMap::len),
-            endpoints: have.map_or(0, |h| h.values().map(|s| s.dests.len()).sum()),
-        }
+            have.map_or(0, BTreeMap::len),
+            have.map_or(0, |h| h.values().map(|s| s.dests.len()).sum()),
+        )
     }
 }
 

@@ -130,9 +130,10 @@ status: {podIP: 10.244.0.11, phase: Running, conditions: [{type: Ready, status: 
 }
 
 fn plan(web1: bool) -> Plan {
-    let cfg = ClusterConfig {
-        default_namespace: "default".into(),
-        ..ClusterConfig::default()
+    let cfg = {
+        let mut cfg = ClusterConfig::default();
+        cfg.default_namespace = "default".into();
+        cfg
     };
     let text = manifests(web1);
     let mut m = Manifests::from_files([("vm.yaml", text.as_str())], &cfg);

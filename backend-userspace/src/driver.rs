@@ -318,12 +318,7 @@ impl Userspace {
     }
 
     fn report(&self, plan: &Plan, full: bool) -> SyncReport {
-        SyncReport {
-            full,
-            written: plan.frontends().count(),
-            frontends: plan.frontends().count(),
-            endpoints: plan.endpoint_count(),
-        }
+        SyncReport::of_plan(plan, full, plan.frontends().count())
     }
 
     /// Stops the workers and hands forwarding back to the kernel.

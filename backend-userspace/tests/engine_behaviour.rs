@@ -490,7 +490,7 @@ fn tcp_and_udp_timeouts_via_handle_timeout() {
 
 /// A cluster with one Service whose endpoints are the given pods (address, weight, node).
 fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let mut s = Service::new(ObjectName::new("default", "spread"));
     s.cluster_ips = vec![IpAddr::from([10, 96, 0, 77])];
     s.ip_families = vec![IpFamily::V4];
@@ -503,14 +503,12 @@ fn weighted_cluster(pods: &[([u8; 4], u32)], affinity: bool) -> Cluster {
             timeout_seconds: 60,
         };
     }
-    s.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: None,
-        app_protocol: None,
-    });
+    s.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Tcp,
+        80,
+        TargetPort::Number(8080),
+    ));
     c.upsert_service(s);
     for (i, (ip, w)) in pods.iter().enumerate() {
         let mut p = Pod::new(
@@ -860,7 +858,7 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
 fn ipv6_nat_with_static_neighbours() {
     let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
     let (cip, pod, client) = (v6("fd00:96::10"), v6("fd00:244::5"), v6("fd00:244::9"));
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let mut s = Service::new(ObjectName::new("default", "web6"));
     s.cluster_ips = vec![IpAddr::V6(cip)];
     s.ip_families = vec![IpFamily::V6];
@@ -868,14 +866,12 @@ fn ipv6_nat_with_static_neighbours() {
         "app".to_string(),
         "web6".to_string(),
     )])));
-    s.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Udp,
-        port: 53,
-        target_port: TargetPort::Number(5353),
-        node_port: None,
-        app_protocol: None,
-    });
+    s.ports.push(ServicePort::new(
+        String::new(),
+        Protocol::Udp,
+        53,
+        TargetPort::Number(5353),
+    ));
     c.upsert_service(s);
     let mut p = Pod::new(ObjectName::new("default", "web6-1"), IpAddr::V6(pod));
     p.labels.insert("app".into(), "web6".into());

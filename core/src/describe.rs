@@ -13,15 +13,19 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
 use crate::model::{
-    Cluster, IpFamily, IpFamilyPolicy, Pod, PodPhase, Service, ServiceName, ServiceType,
-    SessionAffinity, TargetPort,
+    Cluster, IpFamily, IpFamilyPolicy, ObjectName, Pod, PodPhase, Service, ServiceName,
+    ServiceType, SessionAffinity, TargetPort,
 };
 
 /// Options shared by all views.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct ViewOptions {
     /// The current time in seconds since the epoch, for the AGE column; `None` shows `<unknown>`.
     pub now: Option<i64>,
+    /// `-o wide`: the extra columns kubectl prints (`get svc`: SELECTOR; `get pods`: IP
+    /// and NODE), and load balancer addresses in full.
+    pub wide: bool,
 }
 
 /// The annotation `kubectl describe` never shows.
@@ -35,42 +39,99 @@ const MAX_ENDPOINTS: usize = 3;
 
 /// `kubectl get svc` (`namespace` None: `kubectl get svc -A`, with a NAMESPACE column).
 pub fn get_services(cluster: &Cluster, namespace: Option<&str>, opts: &ViewOptions) -> String {
-    let rows = cluster
-        .services()
-        .filter(|s| in_namespace(&s.name.namespace, namespace))
+    services_table(
+        cluster
+            .services()
+            .filter(|s| in_namespace(&s.name.namespace, namespace)),
+        namespace,
+        opts,
+    )
+}
+
+/// `kubectl get svc NAME -n NS`; `None` when the Service does not exist.
+pub fn get_service(cluster: &Cluster, name: &ServiceName, opts: &ViewOptions) -> Option<String> {
+    let svc = cluster.service(name)?;
+    Some(services_table(
+        std::iter::once(svc),
+        Some(&name.namespace),
+        opts,
+    ))
+}
+
+fn services_table<'a>(
+    services: impl Iterator<Item = &'a Service>,
+    namespace: Option<&str>,
+    opts: &ViewOptions,
+) -> String {
+    let rows = services
         .map(|s| {
-            (
-                s.name.namespace.as_str(),
-                vec![
-                    s.name.name.clone(),
-                    s.service_type.as_str().to_string(),
-                    cluster_ip_cell(s),
-                    external_ip_cell(s),
-                    ports_cell(s),
-                    age(s.created, opts.now),
-                ],
-            )
+            let mut cells = vec![
+                s.name.name.clone(),
+                s.service_type.as_str().to_string(),
+                cluster_ip_cell(s),
+                external_ip_cell(s, opts.wide),
+                ports_cell(s),
+                age(s.created, opts.now),
+            ];
+            // kubectl's printService: `if options.Wide`, the selector as FormatLabels.
+            if opts.wide {
+                cells.push(selector_cell(s));
+            }
+            (s.name.namespace.as_str(), cells)
         })
         .collect();
-    table(
-        &[
-            "NAME",
-            "TYPE",
-            "CLUSTER-IP",
-            "EXTERNAL-IP",
-            "PORT(S)",
-            "AGE",
-        ],
-        rows,
-        namespace,
-    )
+    let mut headers = vec![
+        "NAME",
+        "TYPE",
+        "CLUSTER-IP",
+        "EXTERNAL-IP",
+        "PORT(S)",
+        "AGE",
+    ];
+    if opts.wide {
+        headers.push("SELECTOR");
+    }
+    table(&headers, rows, namespace)
 }
 
 /// `kubectl get endpoints`: ready `ip:port` entries per Service, as kubectl's formatEndpoints.
 pub fn get_endpoints(cluster: &Cluster, namespace: Option<&str>, opts: &ViewOptions) -> String {
-    let rows = cluster
-        .services()
-        .filter(|s| in_namespace(&s.name.namespace, namespace))
+    endpoints_table(
+        cluster,
+        cluster
+            .services()
+            .filter(|s| in_namespace(&s.name.namespace, namespace)),
+        namespace,
+        opts,
+    )
+}
+
+/// `kubectl get endpoints NAME -n NS`; `None` when there is no such Endpoints object (no
+/// Service, or a Service without a selector that nobody wrote endpoints for).
+pub fn get_endpoints_of(
+    cluster: &Cluster,
+    name: &ServiceName,
+    opts: &ViewOptions,
+) -> Option<String> {
+    let svc = cluster.service(name)?;
+    if !has_endpoints_object(cluster, svc) {
+        return None;
+    }
+    Some(endpoints_table(
+        cluster,
+        std::iter::once(svc),
+        Some(&name.namespace),
+        opts,
+    ))
+}
+
+fn endpoints_table<'a>(
+    cluster: &Cluster,
+    services: impl Iterator<Item = &'a Service>,
+    namespace: Option<&str>,
+    opts: &ViewOptions,
+) -> String {
+    let rows = services
         .filter(|s| has_endpoints_object(cluster, s))
         .map(|s| {
             (
@@ -88,32 +149,66 @@ pub fn get_endpoints(cluster: &Cluster, namespace: Option<&str>, opts: &ViewOpti
 
 /// `kubectl get pods -o wide` with the columns NAME READY STATUS RESTARTS AGE IP NODE.
 pub fn get_pods_wide(cluster: &Cluster, namespace: Option<&str>, opts: &ViewOptions) -> String {
-    let rows = cluster
-        .pods()
-        .filter(|p| in_namespace(&p.name.namespace, namespace))
+    let opts = ViewOptions {
+        wide: true,
+        ..opts.clone()
+    };
+    get_pods(cluster, namespace, &opts)
+}
+
+/// `kubectl get pods`: NAME READY STATUS RESTARTS AGE, and IP NODE with
+/// [`ViewOptions::wide`].
+pub fn get_pods(cluster: &Cluster, namespace: Option<&str>, opts: &ViewOptions) -> String {
+    pods_table(
+        cluster
+            .pods()
+            .filter(|p| in_namespace(&p.name.namespace, namespace)),
+        namespace,
+        opts,
+    )
+}
+
+/// `kubectl get pods NAME -n NS`; `None` when the Pod does not exist.
+pub fn get_pod(cluster: &Cluster, name: &ObjectName, opts: &ViewOptions) -> Option<String> {
+    let pod = cluster.pod(name)?;
+    Some(pods_table(
+        std::iter::once(pod),
+        Some(&name.namespace),
+        opts,
+    ))
+}
+
+fn pods_table<'a>(
+    pods: impl Iterator<Item = &'a Pod>,
+    namespace: Option<&str>,
+    opts: &ViewOptions,
+) -> String {
+    let rows = pods
         .map(|p| {
             let ready = usize::from(p.ready && p.phase == PodPhase::Running);
-            (
-                p.name.namespace.as_str(),
-                vec![
-                    p.name.name.clone(),
-                    format!("{ready}/1"),
-                    pod_status(p).to_string(),
-                    "0".to_string(),
-                    age(p.created, opts.now),
+            let mut cells = vec![
+                p.name.name.clone(),
+                format!("{ready}/1"),
+                pod_status(p).to_string(),
+                "0".to_string(),
+                age(p.created, opts.now),
+            ];
+            if opts.wide {
+                cells.push(
                     p.ips
                         .first()
                         .map_or_else(|| "<none>".to_string(), IpAddr::to_string),
-                    p.node_name.clone().unwrap_or_else(|| "<none>".to_string()),
-                ],
-            )
+                );
+                cells.push(p.node_name.clone().unwrap_or_else(|| "<none>".to_string()));
+            }
+            (p.name.namespace.as_str(), cells)
         })
         .collect();
-    table(
-        &["NAME", "READY", "STATUS", "RESTARTS", "AGE", "IP", "NODE"],
-        rows,
-        namespace,
-    )
+    let mut headers = vec!["NAME", "READY", "STATUS", "RESTARTS", "AGE"];
+    if opts.wide {
+        headers.extend(["IP", "NODE"]);
+    }
+    table(&headers, rows, namespace)
 }
 
 /// `kubectl describe service`; `None` when the Service does not exist.
@@ -131,11 +226,7 @@ pub fn describe_service(
     field(&mut w, "Namespace", &svc.name.namespace);
     labels_field(&mut w, "Labels", &svc.labels);
     annotations_field(&mut w, &svc.annotations);
-    let selector = match &svc.selector {
-        Some(sel) if !sel.is_empty() => sel.to_string(),
-        _ => "<none>".to_string(),
-    };
-    field(&mut w, "Selector", &selector);
+    field(&mut w, "Selector", &selector_cell(svc));
     field(&mut w, "Type", svc.service_type.as_str());
     // The API server sets ipFamilyPolicy and ipFamilies on every Service but ExternalName.
     if !external_name {
@@ -269,20 +360,30 @@ fn cluster_ip_cell(s: &Service) -> String {
     }
 }
 
-/// EXTERNAL-IP, as kubectl's getServiceExternalIP (non-wide).
-fn external_ip_cell(s: &Service) -> String {
+/// `spec.selector` as kubectl's `labels.FormatLabels`: `app=vote,tier=front` (sorted by
+/// key), `<none>` without a selector.
+fn selector_cell(s: &Service) -> String {
+    match &s.selector {
+        Some(sel) if !sel.is_empty() => sel.to_string(),
+        _ => "<none>".to_string(),
+    }
+}
+
+/// EXTERNAL-IP, as kubectl's getServiceExternalIP.
+fn external_ip_cell(s: &Service, wide: bool) -> String {
     let external = join_ips(&s.external_ips, ",");
     match s.service_type {
         ServiceType::ClusterIp | ServiceType::NodePort => or_none(external),
         ServiceType::LoadBalancer => {
-            // Ingress addresses: sorted, deduplicated, clipped to 16 bytes.
+            // loadBalancerStatusStringer: sorted, deduplicated, and `if !wide && len(r) >
+            // loadBalancerWidth` clipped to 16 bytes.
             let set: BTreeSet<String> = s
                 .load_balancer_ips
                 .iter()
                 .map(|ip| ip.to_string())
                 .collect();
             let mut lb = set.into_iter().collect::<Vec<_>>().join(",");
-            if lb.len() > LOAD_BALANCER_WIDTH {
+            if !wide && lb.len() > LOAD_BALANCER_WIDTH {
                 lb.truncate(LOAD_BALANCER_WIDTH - 3);
                 lb.push_str("...");
             }
@@ -685,6 +786,14 @@ mod tests {
     fn at(secs_after_t0: i64) -> ViewOptions {
         ViewOptions {
             now: Some(T0 + secs_after_t0),
+            ..ViewOptions::default()
+        }
+    }
+
+    fn wide(secs_after_t0: i64) -> ViewOptions {
+        ViewOptions {
+            wide: true,
+            ..at(secs_after_t0)
         }
     }
 
@@ -861,7 +970,7 @@ vote-qxmfl   1/1     Running   0          5h    10.32.0.5   k-02
 
     #[test]
     fn pods_pending_terminating_and_not_ready() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         let mut pending = Pod::new(
             ObjectName::new("default", "a-pending"),
             IpAddr::from([0, 0, 0, 0]),
@@ -1220,7 +1329,7 @@ Events:                      <none>
         svc.annotations.insert("short".into(), "v".into());
         svc.annotations.insert("long".into(), "x".repeat(200));
         svc.annotations.insert("multi".into(), "one\ntwo\n".into());
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_service(svc);
         let out = describe_service(&c, &ObjectName::new("default", "a"), &at(0)).expect("a");
         let pad = " ".repeat(26);
@@ -1274,7 +1383,7 @@ Events:                      <none>
 
     #[test]
     fn empty_lists_say_no_resources() {
-        let c = Cluster::new();
+        let c = Cluster::simulated();
         assert_eq!(
             get_services(&c, Some("default"), &ViewOptions::default()),
             "No resources found in default namespace.\n"
@@ -1282,6 +1391,117 @@ Events:                      <none>
         assert_eq!(
             get_endpoints(&c, None, &ViewOptions::default()),
             "No resources found\n"
+        );
+    }
+
+    #[test]
+    fn get_svc_wide_adds_the_selector_column_last() {
+        let c = load(&format!(
+            "{ODD_SERVICES}---
+apiVersion: v1
+kind: Service
+metadata:
+  name: front
+  creationTimestamp: \"2024-01-01T00:00:00Z\"
+spec:
+  clusterIP: 10.96.7.9
+  selector: {{tier: front, app: vote}}
+  ports:
+  - {{port: 80}}
+"
+        ));
+        // kubectl's order: NAME TYPE CLUSTER-IP EXTERNAL-IP PORT(S) AGE SELECTOR; the
+        // selector sorted by key; `<none>` for ExternalName and selector-less Services.
+        assert_eq!(
+            get_services(&c, Some("instavote"), &wide(60)),
+            "\
+NAME         TYPE           CLUSTER-IP   EXTERNAL-IP      PORT(S)         AGE         SELECTOR
+db           ClusterIP      None         <none>           5432/TCP        60s         app=db
+ext          ExternalName   <none>       db.example.com   <none>          60s         <none>
+front        ClusterIP      10.96.7.9    <none>           80/TCP          60s         app=vote,tier=front
+lb           LoadBalancer   10.96.7.7    203.0.113.10     80:30080/TCP    60s         app=web
+lb-pending   LoadBalancer   10.96.7.8    <pending>        443:30443/TCP   <unknown>   <none>
+"
+        );
+    }
+
+    #[test]
+    fn wide_shows_load_balancer_addresses_in_full() {
+        let yaml = ODD_SERVICES.replace(
+            "    - ip: 203.0.113.10\n",
+            "    - ip: 203.0.113.10\n    - ip: 203.0.113.11\n",
+        );
+        let c = load(&yaml);
+        let lb = ObjectName::new("instavote", "lb");
+        let narrow = get_service(&c, &lb, &at(60)).expect("lb");
+        // `r[0:(loadBalancerWidth-3)] + "..."`: 13 bytes and the dots.
+        assert!(narrow.contains("   203.0.113.10,...   "), "{narrow}");
+        let full = get_service(&c, &lb, &wide(60)).expect("lb");
+        assert!(full.contains("   203.0.113.10,203.0.113.11   "), "{full}");
+    }
+
+    #[test]
+    fn get_one_object_by_name() {
+        let c = vote_lab(VOTE_SVC);
+        assert_eq!(
+            get_service(&c, &vote(), &at(660)).as_deref(),
+            Some(
+                "\
+NAME   TYPE       CLUSTER-IP       EXTERNAL-IP   PORT(S)        AGE
+vote   NodePort   10.108.108.157   <none>        80:30000/TCP   11m
+"
+            )
+        );
+        assert_eq!(
+            get_endpoints_of(&c, &vote(), &at(60)).as_deref(),
+            Some(
+                "\
+NAME   ENDPOINTS                                            AGE
+vote   10.32.0.4:80,10.32.0.5:80,10.32.0.6:80 + 2 more...   60s
+"
+            )
+        );
+        let pod = ObjectName::new("instavote", "vote-9rrfz");
+        assert_eq!(
+            get_pod(&c, &pod, &at(3600)).as_deref(),
+            Some(
+                "\
+NAME         READY   STATUS    RESTARTS   AGE
+vote-9rrfz   1/1     Running   0          60m
+"
+            )
+        );
+        assert_eq!(
+            get_pod(&c, &pod, &wide(3600)).as_deref(),
+            Some(
+                "\
+NAME         READY   STATUS    RESTARTS   AGE   IP          NODE
+vote-9rrfz   1/1     Running   0          60m   10.38.0.4   k-03
+"
+            )
+        );
+        let missing = ObjectName::new("instavote", "nosuch");
+        assert_eq!(get_service(&c, &missing, &at(0)), None);
+        assert_eq!(get_endpoints_of(&c, &missing, &at(0)), None);
+        assert_eq!(get_pod(&c, &missing, &at(0)), None);
+        // The name is looked up in the namespace given, not in every namespace.
+        let elsewhere = ObjectName::new("default", "vote");
+        assert_eq!(get_service(&c, &elsewhere, &at(0)), None);
+    }
+
+    #[test]
+    fn a_service_without_selector_or_endpoints_has_no_endpoints_object() {
+        let c = load(ODD_SERVICES);
+        // ExternalName: no selector, no slices; the endpoints controller writes nothing.
+        let ext = ObjectName::new("instavote", "ext");
+        assert!(get_service(&c, &ext, &at(0)).is_some());
+        assert_eq!(get_endpoints_of(&c, &ext, &at(0)), None);
+        // A Service with a selector has one, even when it selects nothing.
+        let db = ObjectName::new("instavote", "db");
+        assert!(
+            get_endpoints_of(&c, &db, &at(0)).is_some_and(|t| t.contains("\ndb     <none>      ")),
+            "{:?}",
+            get_endpoints_of(&c, &db, &at(0))
         );
     }
 }

@@ -38,9 +38,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use crate::model::{
-    Cluster, Endpoint, IpFamily, PodPhase, Protocol, Service, ServicePort, ServiceType, TargetPort,
-};
+use crate::model::{Cluster, Endpoint, IpFamily, PodPhase, Protocol, Service, ServiceType};
 
 /// The default cluster domain (kubelet's `--cluster-domain`).
 pub const DEFAULT_CLUSTER_DOMAIN: &str = "cluster.local";
@@ -62,6 +60,7 @@ const MAX_CNAME_CHAIN: usize = 8;
 
 /// Settings of the cluster DNS.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct DiscoveryConfig {
     /// The cluster domain, e.g. `cluster.local` (case and a trailing dot do not matter).
     pub cluster_domain: String,
@@ -339,6 +338,7 @@ impl Answer {
 
 /// A stub resolver's search settings, as in `resolv.conf`.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SearchConfig {
     /// The `search` list, in order.
     pub search: Vec<String>,
@@ -845,38 +845,15 @@ impl Builder {
     }
 }
 
-/// The endpoints whose addresses a headless Service publishes, whatever their ports.
-///
-/// [`Cluster::endpoints`] works per Service port, so a headless Service without ports
-/// would have no addresses, and a Pod that lacks a named target port would be missing;
-/// the EndpointSlice controller publishes both. With a selector we ask for the endpoints
-/// of the same Service with one numeric port; without, we read the slices directly.
+/// The endpoints whose addresses a headless Service publishes, whatever their ports: every
+/// endpoint of its EndpointSlices (a Pod without the Service's named port, or a Service
+/// without ports, still has an address), in the Service's families.
 fn address_endpoints(cluster: &Cluster, svc: &Service) -> Vec<Endpoint> {
-    if svc.selector.is_some() {
-        let mut probe = svc.clone();
-        probe.ports = vec![ServicePort {
-            name: String::new(),
-            protocol: Protocol::Tcp,
-            port: 1,
-            target_port: TargetPort::Number(1),
-            node_port: None,
-            app_protocol: None,
-        }];
-        cluster
-            .endpoints(&probe)
-            .into_values()
-            .flat_map(|(_, list)| list.into_iter().map(|pe| pe.endpoint))
-            .collect()
-    } else {
-        cluster
-            .slices_of(&svc.name)
-            .flat_map(|s| s.endpoints.iter())
-            .filter(|e| {
-                svc.ip_families.is_empty() || svc.ip_families.contains(&IpFamily::of(&e.ip))
-            })
-            .cloned()
-            .collect()
-    }
+    cluster
+        .addresses(svc)
+        .into_iter()
+        .filter(|e| svc.ip_families.is_empty() || svc.ip_families.contains(&IpFamily::of(&e.ip)))
+        .collect()
 }
 
 /// The label that names an endpoint under its Service: its hostname, or its dashed IP.
@@ -1029,7 +1006,9 @@ fn zone_serial(
 mod tests {
     use super::*;
     use crate::manifest::{ClusterConfig, Manifests};
-    use crate::model::{EndpointPort, EndpointSlice, LabelSelector, ObjectName, Pod, ServicePort};
+    use crate::model::{
+        EndpointPort, EndpointSlice, LabelSelector, ObjectName, Pod, ServicePort, TargetPort,
+    };
 
     const D: &str = "cluster.local";
 
@@ -1259,7 +1238,7 @@ spec:
 
     #[test]
     fn dual_stack_service_answers_each_family_for_its_own_type() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_service(service("default", "web", &["10.96.0.20", "fd00:96::20"]));
         c.upsert_service(service("default", "v4only", &["10.96.0.21"]));
         let r = resolver(&c);
@@ -1300,7 +1279,7 @@ spec:
     }
 
     fn headless_cluster() -> (Cluster, Service) {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         for (i, host) in [Some("web-0"), Some("web-1"), None].iter().enumerate() {
             let mut p = pod(
                 "shop",
@@ -1387,7 +1366,7 @@ spec:
 
     #[test]
     fn headless_without_ports_and_selectorless_slices_still_have_addresses() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_pod(pod("db", "pg-0", "10.244.2.5", &[("app", "pg")]));
         let mut portless = Service::new(ObjectName::new("db", "pg"));
         portless.headless = true;
@@ -1456,7 +1435,7 @@ spec:
 
     #[test]
     fn srv_for_a_normal_service() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         let mut svc = service("default", "kubernetes", &["10.96.0.1"]);
         svc.ports.push(port("https", Protocol::Tcp, 443, 6443));
         svc.ports.push(port("dns", Protocol::Udp, 53, 53));
@@ -1736,7 +1715,7 @@ spec:
 
     #[test]
     fn cname_loops_stop() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         for (name, target) in [
             ("a", "b.loop.svc.cluster.local"),
             ("b", "a.loop.svc.cluster.local"),
@@ -1772,7 +1751,7 @@ spec:
 
     #[test]
     fn empty_non_terminals_and_apex_are_nodata() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.add_namespace("empty");
         c.upsert_service(service("default", "web", &["10.96.0.20"]));
         let r = resolver(&c);
@@ -1804,7 +1783,7 @@ spec:
 
     #[test]
     fn name_server_glue_comes_from_the_kube_dns_service() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_service(service("kube-system", "kube-dns", &["10.96.0.10"]));
         let r = resolver(&c);
         assert_eq!(
@@ -1948,7 +1927,7 @@ spec:
 
     #[test]
     fn pod_records_are_verified() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_pod(pod("default", "a", "10.244.1.5", &[]));
         let mut dual = pod("default", "b", "10.244.1.6", &[]);
         dual.ips.push(ip("fd00:10:244::6"));
@@ -1997,7 +1976,7 @@ spec:
 
     #[test]
     fn custom_domain_and_ttl() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         c.upsert_service(service("default", "web", &["10.96.0.20"]));
         let r = Resolver::new(
             &c,
@@ -2043,7 +2022,7 @@ spec:
 
     #[test]
     fn any_returns_everything_at_a_name() {
-        let mut c = Cluster::new();
+        let mut c = Cluster::simulated();
         let mut svc = service("default", "web", &["10.96.0.20", "fd00:96::20"]);
         svc.ports.push(port("http", Protocol::Tcp, 80, 8080));
         c.upsert_service(svc);

@@ -45,6 +45,7 @@ use service::convert_service;
 
 /// Settings of the simulated cluster that manifests are loaded into.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ClusterConfig {
     /// Namespace for objects that name none (kubectl's context namespace).
     pub default_namespace: String,
@@ -264,6 +265,8 @@ pub struct Workload {
 pub struct Loaded {
     /// Where it came from.
     pub source: Source,
+    /// Its identity: kind, namespace (after defaulting; empty when cluster-scoped), name.
+    pub id: ObjectRef,
     /// The object.
     pub object: Object,
     /// The document's text, to point later errors (clashes) at the field's line.
@@ -335,7 +338,9 @@ impl Manifests {
             }
         }
         b.assign_node_cidrs();
-        let mut cluster = Cluster::new();
+        // The manifest world has no control plane: the cluster runs the EndpointSlice
+        // controller itself (see `crate::controller`).
+        let mut cluster = Cluster::simulated();
         for n in b.nodes.values() {
             cluster.upsert_node(n.clone());
         }
@@ -388,6 +393,7 @@ impl Manifests {
                 _ => {}
             }
         }
+        let mut accepted = Vec::with_capacity(pods.len());
         for (l, mut p) in pods {
             if p.ips.is_empty()
                 && matches!(p.phase, PodPhase::Running | PodPhase::Pending)
@@ -412,8 +418,10 @@ impl Manifests {
             for ip in &p.ips {
                 seen_ips.insert(*ip, p.name.clone());
             }
-            cluster.upsert_pod(p);
+            accepted.push(p);
         }
+        // All at once, so the controller publishes each Service's slices once.
+        let _ = cluster.upsert_pods(accepted);
         for l in &self.objects {
             if let Object::Slices(slices) = &l.object {
                 for s in slices {
@@ -900,7 +908,10 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         "Service" => decode::<corev1::Service>(&text, &ctx).map(|s| convert_service(s, ctx)),
         "Pod" => decode::<corev1::Pod>(&text, &ctx).map(|p| convert_pod(p, ctx)),
         "Deployment" => decode::<apps::Deployment>(&text, &ctx).map(|d| {
-            let spec = d.spec;
+            // The application picks the Kubernetes version; `spec` is optional in
+            // k8s-openapi's types before 1.37.
+            k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+            k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
             convert_workload(
                 "Deployment",
                 d.metadata,
@@ -912,7 +923,10 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             )
         }),
         "ReplicaSet" => decode::<apps::ReplicaSet>(&text, &ctx).map(|d| {
-            let spec = d.spec;
+            // The application picks the Kubernetes version; `spec` is optional in
+            // k8s-openapi's types before 1.37.
+            k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+            k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
             convert_workload(
                 "ReplicaSet",
                 d.metadata,
@@ -939,7 +953,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             decode::<apps::StatefulSet>(&text, &ctx).map(|d| convert_stateful_set(d, ctx))
         }
         "DaemonSet" => decode::<apps::DaemonSet>(&text, &ctx).map(|d| {
-            warn_node_selector(m, &text, &ctx, &d.spec.template);
+            warn_node_selector(m, &text, &ctx, &d);
             convert_daemon_set(d, ctx)
         }),
         "Endpoints" => decode::<corev1::Endpoints>(&text, &ctx).map(|e| convert_endpoints(e, ctx)),
@@ -969,6 +983,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 if let Some(obj) = obj {
                     m.objects.push(Loaded {
                         source,
+                        id: object,
                         object: obj,
                         text: std::sync::Arc::from(doc.text.as_str()),
                     });
@@ -1269,6 +1284,86 @@ fn locate(file: &str, doc: &str, path: &str) -> Option<usize> {
 /// What a converter returns: the object when it is usable, and its errors (any error drops
 /// the object).
 type Converted = (Option<Object>, Vec<LoadError>);
+
+/// Typed objects (from an API server or a program) validated by the same converters as
+/// manifests; see [`crate::input`].
+pub(crate) mod typed {
+    use super::*;
+
+    /// The validation settings for objects an API server has already accepted: its own
+    /// node port range is not known here, so any port number is accepted.
+    pub(crate) fn config() -> ClusterConfig {
+        ClusterConfig {
+            node_port_range: (1, u16::MAX),
+            ..ClusterConfig::default()
+        }
+    }
+
+    fn run(
+        kind: &str,
+        md: &meta::ObjectMeta,
+        namespaced: bool,
+        f: impl FnOnce(Ctx<'_>) -> Converted,
+    ) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        let config = config();
+        let doc = Document {
+            index: 0,
+            line: 0,
+            text: String::new(),
+        };
+        let object = ObjectRef {
+            kind: kind.to_string(),
+            namespace: if namespaced {
+                md.namespace
+                    .clone()
+                    .filter(|n| !n.is_empty())
+                    .unwrap_or_else(|| config.default_namespace.clone())
+            } else {
+                String::new()
+            },
+            name: md.name.clone().unwrap_or_default(),
+        };
+        let ctx = Ctx {
+            file: "",
+            doc: &doc,
+            object: object.clone(),
+            config: &config,
+            errors: Vec::new(),
+        };
+        match f(ctx) {
+            (Some(obj), errors) if errors.is_empty() => Ok(obj),
+            (_, errors) => Err((object, errors)),
+        }
+    }
+
+    /// A Service.
+    pub(crate) fn service(s: &corev1::Service) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Service", &s.metadata, true, |ctx| {
+            convert_service(s.clone(), ctx)
+        })
+    }
+
+    /// An EndpointSlice.
+    pub(crate) fn slice(
+        s: &discovery::EndpointSlice,
+    ) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("EndpointSlice", &s.metadata, true, |ctx| {
+            convert_slice(s.clone(), ctx)
+        })
+    }
+
+    /// A Node.
+    pub(crate) fn node(n: &corev1::Node) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Node", &n.metadata, false, |ctx| {
+            convert_node(n.clone(), ctx)
+        })
+    }
+
+    /// A Pod.
+    pub(crate) fn pod(p: &corev1::Pod) -> Result<Object, (ObjectRef, Vec<LoadError>)> {
+        run("Pod", &p.metadata, true, |ctx| convert_pod(p.clone(), ctx))
+    }
+}
 
 struct Ctx<'a> {
     file: &'a str,
@@ -1812,7 +1907,10 @@ fn convert_workload(
 /// A StatefulSet: a workload whose Pods are `name-<ordinal>`, each with its own DNS name
 /// `name-<ordinal>.<serviceName>` under the headless Service `spec.serviceName`.
 fn convert_stateful_set(d: apps::StatefulSet, mut ctx: Ctx<'_>) -> Converted {
-    let spec = d.spec;
+    // The application picks the Kubernetes version; `spec` is optional in k8s-openapi's
+    // types before 1.37.
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
     // apps validation: "serviceName", when set, must be a DNS-1123 label (it becomes each
     // Pod's spec.subdomain).
     let service_name = spec.service_name.filter(|s| !s.is_empty());
@@ -1874,7 +1972,8 @@ fn convert_stateful_set(d: apps::StatefulSet, mut ctx: Ctx<'_>) -> Converted {
 
 /// A DaemonSet: a workload with one Pod per eligible Node, no replica count.
 fn convert_daemon_set(d: apps::DaemonSet, ctx: Ctx<'_>) -> Converted {
-    let spec = d.spec;
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
     let (mut obj, errors) = convert_workload(
         "DaemonSet",
         d.metadata,
@@ -1910,15 +2009,11 @@ fn node_label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
 
 /// Warns about a DaemonSet's `nodeSelector` keys the model has no Node labels for: they
 /// are not evaluated (every Node passes them).
-fn warn_node_selector(
-    m: &mut Manifests,
-    text: &str,
-    ctx: &Ctx<'_>,
-    template: &corev1::PodTemplateSpec,
-) {
-    let selector = template
-        .spec
-        .as_ref()
+fn warn_node_selector(m: &mut Manifests, text: &str, ctx: &Ctx<'_>, d: &apps::DaemonSet) {
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.as_ref(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = Some(&d.spec); }
+    let selector = spec
+        .and_then(|s| s.template.spec.as_ref())
         .and_then(|s| s.node_selector.as_ref());
     for key in selector.into_iter().flat_map(|s| s.keys()) {
         if KNOWN_NODE_LABELS.contains(&key.as_str()) {
@@ -2076,7 +2171,10 @@ fn convert_slice(e: discovery::EndpointSlice, mut ctx: Ctx<'_>) -> Converted {
     };
     let mut endpoints = Vec::new();
     if family.is_some() {
-        for (i, ep) in e.endpoints.iter().flatten().enumerate() {
+        // `endpoints` is optional in k8s-openapi's types from 1.36 on.
+        k8s_openapi::k8s_if_le_1_35! { let slice_endpoints: &[discovery::Endpoint] = &e.endpoints; }
+        k8s_openapi::k8s_if_ge_1_36! { let slice_endpoints = e.endpoints.as_deref().unwrap_or_default(); }
+        for (i, ep) in slice_endpoints.iter().enumerate() {
             let c = ep.conditions.clone().unwrap_or_default();
             // "ready ... nil should be interpreted as true"; "serving ... nil should be
             // interpreted as ready"; "terminating ... nil should be interpreted as false".

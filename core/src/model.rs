@@ -1,16 +1,15 @@
 //! The Kubernetes service model: Services, ports, Pods, Nodes, EndpointSlices and label
 //! selectors, reduced to what a node proxy and a cluster DNS need.
 //!
-//! These are svcnat's own types, not the API types: the [`crate::manifest`] loader turns
-//! `k8s-openapi` objects into them after validating them, so that everything downstream
-//! (the plan compiler, discovery, describe) works on values that are known to be valid.
-//! [`Cluster`] holds the objects and derives endpoints from Pods the way the EndpointSlice
-//! controller does.
+//! These are svcnat's own types, not the API types: the typed input ([`crate::input`]) and
+//! the manifest loader ([`crate::manifest`]) turn `k8s-openapi` objects into them after
+//! validating them, so that everything downstream (the plan compiler, discovery, describe)
+//! works on values that are known to be valid. [`Cluster`] (in [`crate::cluster`]) holds
+//! them.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::IpAddr;
-use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -200,6 +199,7 @@ impl fmt::Display for TargetPort {
 
 /// One entry of `spec.ports`.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct ServicePort {
     /// Port name (empty when the Service has a single unnamed port).
     pub name: String,
@@ -213,6 +213,26 @@ pub struct ServicePort {
     pub node_port: Option<u16>,
     /// `appProtocol`, kept for display.
     pub app_protocol: Option<String>,
+}
+
+impl ServicePort {
+    /// A port: `protocol` `port` on the Service's addresses, `target_port` on the
+    /// endpoints; no node port, no appProtocol.
+    pub fn new(
+        name: impl Into<String>,
+        protocol: Protocol,
+        port: u16,
+        target_port: TargetPort,
+    ) -> ServicePort {
+        ServicePort {
+            name: name.into(),
+            protocol,
+            port,
+            target_port,
+            node_port: None,
+            app_protocol: None,
+        }
+    }
 }
 
 /// `externalTrafficPolicy` / `internalTrafficPolicy`.
@@ -248,6 +268,7 @@ pub enum SessionAffinity {
 
 /// A Service.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Service {
     /// Namespace and name.
     pub name: ServiceName,
@@ -327,6 +348,23 @@ impl Service {
     /// Whether kube-proxy programs anything for this Service: not headless, not ExternalName.
     pub fn is_proxied(&self) -> bool {
         !self.headless && self.service_type != ServiceType::ExternalName
+    }
+
+    /// `spec.ipFamilies`; when it is empty, the families of the cluster IPs (the API server
+    /// defaults `ipFamilies` from `clusterIPs`), so a Service built by hand with addresses
+    /// only is not silently left out.
+    pub fn families(&self) -> Vec<IpFamily> {
+        if !self.ip_families.is_empty() {
+            return self.ip_families.clone();
+        }
+        let mut out: Vec<IpFamily> = Vec::new();
+        for ip in self.cluster_ips.iter().chain(&self.external_ips) {
+            let f = IpFamily::of(ip);
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+        out
     }
 
     /// The primary cluster IP.
@@ -587,295 +625,8 @@ pub struct PortEndpoint {
     pub port: u16,
 }
 
-/// Nodes, Services, Pods and EndpointSlices: the state a proxy and a DNS server work from.
-///
-/// Pods are indexed by namespace and label so that deriving the endpoints of one Service
-/// costs in proportion to the Pods it selects, not to the size of the cluster.
-#[derive(Clone, Debug, Default)]
-pub struct Cluster {
-    services: BTreeMap<ServiceName, Arc<Service>>,
-    pods: BTreeMap<ObjectName, Arc<Pod>>,
-    nodes: BTreeMap<String, Node>,
-    slices: BTreeMap<ServiceName, BTreeMap<String, Arc<EndpointSlice>>>,
-    namespaces: BTreeSet<String>,
-    /// (namespace, label key, label value) -> pod names.
-    label_index: BTreeMap<(String, String, String), BTreeSet<String>>,
-}
-
-impl Cluster {
-    /// An empty cluster.
-    pub fn new() -> Cluster {
-        Cluster::default()
-    }
-
-    /// Adds or replaces a Service; returns the previous one.
-    pub fn upsert_service(&mut self, svc: Service) -> Option<Arc<Service>> {
-        self.namespaces.insert(svc.name.namespace.clone());
-        self.services.insert(svc.name.clone(), Arc::new(svc))
-    }
-
-    /// Removes a Service.
-    pub fn remove_service(&mut self, name: &ServiceName) -> Option<Arc<Service>> {
-        self.services.remove(name)
-    }
-
-    /// Adds or replaces a Pod; returns the Services whose endpoints may have changed.
-    pub fn upsert_pod(&mut self, pod: Pod) -> BTreeSet<ServiceName> {
-        let mut affected = BTreeSet::new();
-        if let Some(old) = self.remove_pod_entry(&pod.name) {
-            affected.extend(self.services_selecting(&old));
-        }
-        affected.extend(self.services_selecting(&pod));
-        let ns = pod.name.namespace.clone();
-        for (k, v) in &pod.labels {
-            self.label_index
-                .entry((ns.clone(), k.clone(), v.clone()))
-                .or_default()
-                .insert(pod.name.name.clone());
-        }
-        self.namespaces.insert(ns);
-        self.pods.insert(pod.name.clone(), Arc::new(pod));
-        affected
-    }
-
-    /// Removes a Pod; returns the Services whose endpoints may have changed.
-    pub fn remove_pod(&mut self, name: &ObjectName) -> BTreeSet<ServiceName> {
-        match self.remove_pod_entry(name) {
-            Some(old) => self.services_selecting(&old),
-            None => BTreeSet::new(),
-        }
-    }
-
-    fn remove_pod_entry(&mut self, name: &ObjectName) -> Option<Arc<Pod>> {
-        let old = self.pods.remove(name)?;
-        for (k, v) in &old.labels {
-            let key = (name.namespace.clone(), k.clone(), v.clone());
-            if let Some(set) = self.label_index.get_mut(&key) {
-                set.remove(&name.name);
-                if set.is_empty() {
-                    self.label_index.remove(&key);
-                }
-            }
-        }
-        Some(old)
-    }
-
-    /// Adds or replaces an EndpointSlice (for Services without a selector).
-    pub fn upsert_slice(&mut self, slice: EndpointSlice) {
-        self.namespaces.insert(slice.service.namespace.clone());
-        self.slices
-            .entry(slice.service.clone())
-            .or_default()
-            .insert(slice.name.clone(), Arc::new(slice));
-    }
-
-    /// Removes an EndpointSlice.
-    pub fn remove_slice(&mut self, service: &ServiceName, name: &str) {
-        if let Some(m) = self.slices.get_mut(service) {
-            m.remove(name);
-            if m.is_empty() {
-                self.slices.remove(service);
-            }
-        }
-    }
-
-    /// Adds or replaces a Node.
-    pub fn upsert_node(&mut self, node: Node) {
-        self.nodes.insert(node.name.clone(), node);
-    }
-
-    /// Records a namespace.
-    pub fn add_namespace(&mut self, ns: impl Into<String>) {
-        self.namespaces.insert(ns.into());
-    }
-
-    /// A Service by name.
-    pub fn service(&self, name: &ServiceName) -> Option<&Service> {
-        self.services.get(name).map(|s| s.as_ref())
-    }
-
-    /// All Services in name order.
-    pub fn services(&self) -> impl Iterator<Item = &Service> {
-        self.services.values().map(|s| s.as_ref())
-    }
-
-    /// A Pod by name.
-    pub fn pod(&self, name: &ObjectName) -> Option<&Pod> {
-        self.pods.get(name).map(|p| p.as_ref())
-    }
-
-    /// All Pods in name order.
-    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
-        self.pods.values().map(|p| p.as_ref())
-    }
-
-    /// All Nodes in name order.
-    pub fn nodes(&self) -> impl Iterator<Item = &Node> {
-        self.nodes.values()
-    }
-
-    /// A Node by name.
-    pub fn node(&self, name: &str) -> Option<&Node> {
-        self.nodes.get(name)
-    }
-
-    /// Known namespaces.
-    pub fn namespaces(&self) -> impl Iterator<Item = &str> {
-        self.namespaces.iter().map(String::as_str)
-    }
-
-    /// User-supplied EndpointSlices of a Service.
-    pub fn slices_of(&self, name: &ServiceName) -> impl Iterator<Item = &EndpointSlice> {
-        self.slices
-            .get(name)
-            .into_iter()
-            .flat_map(|m| m.values().map(|s| s.as_ref()))
-    }
-
-    /// Services in the Pod's namespace whose selector matches the Pod's labels.
-    pub fn services_selecting(&self, pod: &Pod) -> BTreeSet<ServiceName> {
-        let ns = &pod.name.namespace;
-        let lo = ObjectName::new(ns.clone(), String::new());
-        self.services
-            .range(lo..)
-            .take_while(|(k, _)| &k.namespace == ns)
-            .filter(|(_, s)| {
-                s.selector
-                    .as_ref()
-                    .is_some_and(|sel| sel.matches(&pod.labels))
-            })
-            .map(|(k, _)| k.clone())
-            .collect()
-    }
-
-    /// Pods of a namespace that a selector matches, in name order.
-    pub fn select_pods<'a>(&'a self, namespace: &str, selector: &LabelSelector) -> Vec<&'a Pod> {
-        // Start from the smallest posting list of the matchLabels terms; an empty
-        // matchLabels falls back to a scan of the namespace.
-        let mut best: Option<&BTreeSet<String>> = None;
-        for (k, v) in &selector.match_labels {
-            let key = (namespace.to_string(), k.clone(), v.clone());
-            match self.label_index.get(&key) {
-                None => return Vec::new(),
-                Some(set) => {
-                    if best.is_none_or(|b| set.len() < b.len()) {
-                        best = Some(set);
-                    }
-                }
-            }
-        }
-        match best {
-            Some(names) => names
-                .iter()
-                .filter_map(|n| self.pods.get(&ObjectName::new(namespace, n.clone())))
-                .map(|p| p.as_ref())
-                .filter(|p| selector.matches(&p.labels))
-                .collect(),
-            None => {
-                let lo = ObjectName::new(namespace, String::new());
-                self.pods
-                    .range(lo..)
-                    .take_while(|(k, _)| k.namespace == namespace)
-                    .map(|(_, p)| p.as_ref())
-                    .filter(|p| selector.matches(&p.labels))
-                    .collect()
-            }
-        }
-    }
-
-    /// The endpoints of every port of a Service, keyed by Service port name.
-    ///
-    /// With a selector this is what the EndpointSlice controller publishes: one endpoint
-    /// per selected Pod that has an IP and has not finished (Succeeded/Failed Pods are
-    /// dropped). `ready` = Pod Ready and not terminating; `serving` = Pod Ready;
-    /// `publishNotReadyAddresses` makes every such Pod ready. A named `targetPort` is
-    /// resolved in each Pod's container ports ("a Pod that does not expose the named port is
-    /// left out for that port"). Without a selector, the user-supplied slices are used.
-    pub fn endpoints(&self, svc: &Service) -> BTreeMap<String, (Protocol, Vec<PortEndpoint>)> {
-        let mut out: BTreeMap<String, (Protocol, Vec<PortEndpoint>)> = BTreeMap::new();
-        for sp in &svc.ports {
-            out.insert(sp.name.clone(), (sp.protocol, Vec::new()));
-        }
-        match &svc.selector {
-            Some(selector) => {
-                for pod in self.select_pods(&svc.name.namespace, selector) {
-                    if matches!(pod.phase, PodPhase::Succeeded | PodPhase::Failed) {
-                        continue;
-                    }
-                    let node_zone = pod
-                        .node_name
-                        .as_ref()
-                        .and_then(|n| self.nodes.get(n))
-                        .and_then(|n| n.zone.clone());
-                    for ip in &pod.ips {
-                        if !svc.ip_families.is_empty()
-                            && !svc.ip_families.contains(&IpFamily::of(ip))
-                        {
-                            continue;
-                        }
-                        let ready =
-                            svc.publish_not_ready_addresses || (pod.ready && !pod.terminating);
-                        let serving = svc.publish_not_ready_addresses || pod.ready;
-                        let hostname = match (&pod.hostname, &pod.subdomain) {
-                            (Some(h), Some(sd)) if sd == &svc.name.name => Some(h.clone()),
-                            _ => None,
-                        };
-                        let ep = Endpoint {
-                            ip: *ip,
-                            ready,
-                            serving,
-                            terminating: pod.terminating,
-                            node_name: pod.node_name.clone(),
-                            zone: node_zone.clone(),
-                            hostname,
-                            pod: Some(pod.name.name.clone()),
-                            weight: pod.weight,
-                        };
-                        for sp in &svc.ports {
-                            let port = match &sp.target_port {
-                                TargetPort::Number(n) => Some(*n),
-                                TargetPort::Name(name) => pod
-                                    .ports
-                                    .iter()
-                                    .find(|cp| &cp.name == name && cp.protocol == sp.protocol)
-                                    .map(|cp| cp.port),
-                            };
-                            if let (Some(port), Some((_, list))) = (port, out.get_mut(&sp.name)) {
-                                list.push(PortEndpoint {
-                                    endpoint: ep.clone(),
-                                    port,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            None => {
-                for slice in self.slices_of(&svc.name) {
-                    for p in &slice.ports {
-                        let Some((proto, list)) = out.get_mut(&p.name) else {
-                            continue;
-                        };
-                        if *proto != p.protocol {
-                            continue;
-                        }
-                        for ep in &slice.endpoints {
-                            list.push(PortEndpoint {
-                                endpoint: ep.clone(),
-                                port: p.port,
-                            });
-                        }
-                    }
-                }
-            }
-        }
-        for (_, list) in out.values_mut() {
-            list.sort_by_key(|e| (e.endpoint.ip, e.port));
-            list.dedup_by(|a, b| a.endpoint.ip == b.endpoint.ip && a.port == b.port);
-        }
-        out
-    }
-}
+/// The cluster state lives in [`crate::cluster`]; re-exported here for existing paths.
+pub use crate::cluster::Cluster;
 
 #[cfg(test)]
 mod tests {
@@ -930,117 +681,5 @@ mod tests {
             .to_string(),
             "app=vote,tier in (back,front),!x"
         );
-    }
-
-    fn vote_cluster() -> Cluster {
-        let mut c = Cluster::new();
-        for i in 0..5u8 {
-            let mut p = Pod::new(
-                ObjectName::new("instavote", format!("vote-{i}")),
-                IpAddr::from([10, 244, 1, 10 + i]),
-            );
-            p.labels = labels(&[("role", "vote")]);
-            p.ports.push(ContainerPort {
-                name: "http".into(),
-                port: 8080,
-                protocol: Protocol::Tcp,
-            });
-            c.upsert_pod(p);
-        }
-        c
-    }
-
-    fn vote_service(target: TargetPort) -> Service {
-        let mut s = Service::new(ObjectName::new("instavote", "vote"));
-        s.selector = Some(LabelSelector::from_labels(labels(&[("role", "vote")])));
-        s.ports.push(ServicePort {
-            name: String::new(),
-            protocol: Protocol::Tcp,
-            port: 80,
-            target_port: target,
-            node_port: None,
-            app_protocol: None,
-        });
-        s
-    }
-
-    #[test]
-    fn selector_derives_endpoints_and_missing_label_empties_them() {
-        let mut c = vote_cluster();
-        let svc = vote_service(TargetPort::Number(80));
-        c.upsert_service(svc.clone());
-        let eps = c.endpoints(&svc);
-        assert_eq!(eps[""].1.len(), 5);
-        let mut broken = svc.clone();
-        broken.selector = Some(LabelSelector::from_labels(labels(&[("role", "nosuch")])));
-        assert!(c.endpoints(&broken)[""].1.is_empty());
-    }
-
-    #[test]
-    fn named_target_port_resolves_per_pod() {
-        let mut c = vote_cluster();
-        let mut odd = Pod::new(
-            ObjectName::new("instavote", "vote-odd"),
-            IpAddr::from([10, 244, 2, 1]),
-        );
-        odd.labels = labels(&[("role", "vote")]);
-        c.upsert_pod(odd);
-        let svc = vote_service(TargetPort::Name("http".into()));
-        let eps = c.endpoints(&svc);
-        let list = &eps[""].1;
-        assert_eq!(list.len(), 5, "the pod without the named port is left out");
-        assert!(list.iter().all(|e| e.port == 8080));
-    }
-
-    #[test]
-    fn pod_updates_report_affected_services() {
-        let mut c = vote_cluster();
-        let svc = vote_service(TargetPort::Number(80));
-        c.upsert_service(svc.clone());
-        let mut p = c
-            .pod(&ObjectName::new("instavote", "vote-0"))
-            .cloned()
-            .expect("pod");
-        p.labels = labels(&[("role", "other")]);
-        let affected = c.upsert_pod(p);
-        assert!(affected.contains(&svc.name));
-        assert_eq!(c.endpoints(&svc)[""].1.len(), 4);
-        let affected = c.remove_pod(&ObjectName::new("instavote", "vote-1"));
-        assert!(affected.contains(&svc.name));
-        assert_eq!(c.endpoints(&svc)[""].1.len(), 3);
-    }
-
-    #[test]
-    fn terminating_and_not_ready_conditions() {
-        let mut c = vote_cluster();
-        let mut p = c
-            .pod(&ObjectName::new("instavote", "vote-0"))
-            .cloned()
-            .expect("pod");
-        p.terminating = true;
-        c.upsert_pod(p);
-        let mut p = c
-            .pod(&ObjectName::new("instavote", "vote-1"))
-            .cloned()
-            .expect("pod");
-        p.ready = false;
-        c.upsert_pod(p);
-        let svc = vote_service(TargetPort::Number(80));
-        let eps = c.endpoints(&svc);
-        let by_ip = |last: u8| {
-            eps[""]
-                .1
-                .iter()
-                .find(|e| e.endpoint.ip == IpAddr::from([10, 244, 1, last]))
-                .cloned()
-                .expect("endpoint")
-        };
-        let t = by_ip(10);
-        assert!(!t.endpoint.ready && t.endpoint.serving && t.endpoint.terminating);
-        let nr = by_ip(11);
-        assert!(!nr.endpoint.ready && !nr.endpoint.serving && !nr.endpoint.terminating);
-        let mut publish = svc.clone();
-        publish.publish_not_ready_addresses = true;
-        assert!(c.endpoints(&publish)[""].1.iter().all(|e| e.endpoint.ready));
     }
 }

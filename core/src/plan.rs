@@ -27,6 +27,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use sha2::{Digest, Sha256};
 
+use crate::cluster::Generation;
 use crate::model::*;
 use crate::select;
 
@@ -45,6 +46,7 @@ pub enum ChainIdStyle {
 
 /// The node a plan is compiled for, and the proxy's settings.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
 pub struct NodeContext {
     /// This node's name (`--hostname-override`): decides which endpoints are local.
     pub node_name: String,
@@ -349,6 +351,8 @@ pub struct Plan {
     health_checks: BTreeMap<ServiceName, HealthCheck>,
     owned: BTreeMap<ServiceName, Owned>,
     conflicts: BTreeSet<Conflict>,
+    /// The cluster history this plan reflects, for [`Plan::update`].
+    basis: Option<Generation>,
 }
 
 impl PartialEq for Plan {
@@ -372,6 +376,7 @@ impl Plan {
             health_checks: BTreeMap::new(),
             owned: BTreeMap::new(),
             conflicts: BTreeSet::new(),
+            basis: None,
         }
     }
 
@@ -382,6 +387,7 @@ impl Plan {
             let entries = compile_service(cluster, svc, node);
             plan.insert_entries(&svc.name, entries);
         }
+        plan.basis = Some(cluster.generation());
         plan
     }
 
@@ -487,15 +493,31 @@ impl Plan {
             .retain(|c| &c.loser != service && &c.winner != service);
     }
 
-    /// Recompiles the given Services (added, changed or removed in `cluster`) in place and
-    /// returns the diff from the previous plan. Costs in proportion to the Services named,
-    /// not to the cluster; equals `Plan::diff(&old, &Plan::compile(cluster, node))`.
-    pub fn update<'a>(
-        &mut self,
-        cluster: &Cluster,
-        changed: impl IntoIterator<Item = &'a ServiceName>,
-    ) -> PlanDiff {
-        let changed: BTreeSet<&ServiceName> = changed.into_iter().collect();
+    /// Brings the plan up to date with `cluster` and returns the diff from the previous
+    /// plan: equals `Plan::diff(&old, &Plan::compile(cluster, node))`.
+    ///
+    /// When the plan was compiled from (or last updated with) the same cluster, only the
+    /// Services its journal names as changed since then are recompiled, so the cost is in
+    /// proportion to what changed, not to the cluster; otherwise (another cluster value, or
+    /// a journal that forgot that far back) the whole plan is recompiled.
+    #[must_use = "the diff is what a dataplane must apply"]
+    pub fn update(&mut self, cluster: &Cluster) -> PlanDiff {
+        let changed = self.basis.and_then(|basis| cluster.changed_since(basis));
+        let diff = match changed {
+            Some(changed) => self.update_services(cluster, changed),
+            None => {
+                let new = Plan::compile(cluster, &self.node);
+                let diff = Plan::diff(self, &new);
+                *self = new;
+                diff
+            }
+        };
+        self.basis = Some(cluster.generation());
+        diff
+    }
+
+    /// Recompiles the named Services in place and returns the diff.
+    fn update_services(&mut self, cluster: &Cluster, changed: BTreeSet<&ServiceName>) -> PlanDiff {
         let mut fresh: BTreeMap<&ServiceName, ServiceEntries> = BTreeMap::new();
         for name in &changed {
             let entries = cluster
@@ -522,6 +544,9 @@ impl Plan {
             let diff = Plan::diff(self, &new);
             *self = new;
             return diff;
+        }
+        if changed.is_empty() {
+            return PlanDiff::default();
         }
         let mut old_fe = BTreeMap::new();
         let mut old_sets = BTreeMap::new();
@@ -589,6 +614,7 @@ impl Plan {
     }
 
     /// The ordered operations that turn `old` into `new`.
+    #[must_use = "the diff is what a dataplane must apply"]
     pub fn diff(old: &Plan, new: &Plan) -> PlanDiff {
         let node = (old.node != new.node).then(|| new.node.clone());
         diff_parts(
@@ -786,6 +812,7 @@ pub enum Op {
 /// updated, frontends removed, added and updated, backend sets removed, health checks.
 /// Applying them in order never leaves a frontend pointing at a missing set.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[must_use = "a diff does nothing until a dataplane applies it"]
 pub struct PlanDiff {
     /// The operations, in the order to apply them.
     pub ops: Vec<Op>,
@@ -1011,7 +1038,7 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
             .get(&sp.name)
             .map(|(_, v)| v.as_slice())
             .unwrap_or(&[]);
-        for family in &svc.ip_families {
+        for family in &svc.families() {
             let fam_eps = eps
                 .iter()
                 .filter(|e| IpFamily::of(&e.endpoint.ip) == *family);
@@ -1181,6 +1208,7 @@ fn same_family(n: &IpNet, f: IpFamily) -> bool {
 
 /// What a backend reports after programming a plan.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct SyncReport {
     /// Whether everything was rewritten (as opposed to only what the diff touched).
     pub full: bool,
@@ -1190,6 +1218,28 @@ pub struct SyncReport {
     pub frontends: usize,
     /// Endpoints now programmed.
     pub endpoints: usize,
+}
+
+impl SyncReport {
+    /// A report with explicit counts.
+    pub fn new(full: bool, written: usize, frontends: usize, endpoints: usize) -> SyncReport {
+        SyncReport {
+            full,
+            written,
+            frontends,
+            endpoints,
+        }
+    }
+
+    /// A report of having programmed all of `plan`: its frontends and endpoints counted.
+    pub fn of_plan(plan: &Plan, full: bool, written: usize) -> SyncReport {
+        SyncReport::new(
+            full,
+            written,
+            plan.frontends().count(),
+            plan.endpoint_count(),
+        )
+    }
 }
 
 /// A datapath that programs plans: implemented by each backend.
@@ -1551,7 +1601,7 @@ spec: {externalIPs: [192.0.2.1], ports: [{port: 80}]}
         let a = ObjectName::new("instavote", "a");
         c.remove_service(&a);
         let old = plan.clone();
-        let diff = plan.update(&c, [&a]);
+        let diff = plan.update(&c);
         assert_eq!(plan, Plan::compile(&c, &n));
         assert_eq!(diff, Plan::diff(&old, &plan));
         assert_eq!(
@@ -1567,7 +1617,8 @@ spec: {externalIPs: [192.0.2.1], ports: [{port: 80}]}
         let mut plan = Plan::compile(&c, &n);
         let old = plan.clone();
         let affected = c.remove_pod(&ObjectName::new("instavote", "vote-dx8f4"));
-        let diff = plan.update(&c, &affected);
+        assert_eq!(affected.len(), 1);
+        let diff = plan.update(&c);
         assert_eq!(plan, Plan::compile(&c, &n));
         assert_eq!(diff, Plan::diff(&old, &plan));
         assert_eq!(diff.apply(&old), plan);

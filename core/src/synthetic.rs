@@ -34,7 +34,7 @@ impl Shape {
 /// cluster IP is the i-th address after 10.96.0.16 and Pod j of Service i has the
 /// `(i * endpoints + j)`-th address of 10.244.0.0/14. Sizes beyond those ranges wrap.
 pub fn cluster(shape: &Shape) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     for s in 0..shape.services {
         let ns = format!("ns{}", s % 10);
         let app = format!("svc-{s}");
@@ -61,6 +61,7 @@ pub fn cluster(shape: &Shape) -> Cluster {
             app_protocol: None,
         });
         c.upsert_service(svc);
+        let mut pods = Vec::with_capacity(shape.endpoints as usize);
         for e in 0..shape.endpoints {
             let n = s.wrapping_mul(shape.endpoints).wrapping_add(e);
             let mut p = Pod::new(
@@ -74,8 +75,9 @@ pub fn cluster(shape: &Shape) -> Cluster {
                 let i = n as usize % shape.nodes.len();
                 p.node_name = shape.nodes.get(i).cloned();
             }
-            c.upsert_pod(p);
+            pods.push(p);
         }
+        let _ = c.upsert_pods(pods);
     }
     c
 }

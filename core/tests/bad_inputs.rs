@@ -156,9 +156,10 @@ fn a_huge_manifest_loads_whole() {
         .unwrap();
     }
     assert!(text.len() > 20_000_000, "{} bytes", text.len());
-    let cfg = ClusterConfig {
-        pod_cidrs: vec!["10.0.0.0/8".parse().unwrap()],
-        ..ClusterConfig::default()
+    let cfg = {
+        let mut cfg = ClusterConfig::default();
+        cfg.pod_cidrs = vec!["10.0.0.0/8".parse().unwrap()];
+        cfg
     };
     let mut m = Manifests::from_files([("huge.yaml", text.as_str())], &cfg);
     let cluster = m.build(&cfg);

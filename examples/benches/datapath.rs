@@ -54,20 +54,17 @@ fn service() -> Service {
     sel.insert("app".to_string(), "perf".to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
     for (name, protocol) in [("tcp", Protocol::Tcp), ("udp", Protocol::Udp)] {
-        svc.ports.push(ServicePort {
-            name: name.into(),
-            protocol,
-            port: 5201,
-            target_port: TargetPort::Number(5201),
-            node_port: Some(NODE_PORT),
-            app_protocol: None,
+        svc.ports.push({
+            let mut sp = ServicePort::new(name, protocol, 5201, TargetPort::Number(5201));
+            sp.node_port = Some(NODE_PORT);
+            sp
         });
     }
     svc
 }
 
 fn cluster(tb: &Testbed) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let n = tb.node(0);
     c.upsert_node(Node {
         name: n.name.clone(),
@@ -149,7 +146,7 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
     let ctx = NodeContext::new(n.name.clone(), vec![IpAddr::V4(n.ip)], cidr);
     let mut agent = NodeAgent::new(ctx, make(tb.ns_of_node(0)));
     agent
-        .apply(&cluster(&tb))
+        .sync(&cluster(&tb))
         .unwrap_or_else(|e| panic!("{name}: sync: {e}"));
     let pod_ns = tb.ns_of_pod("srv").expect("pod ns").to_string();
     let mut server: Child = tb

@@ -5,18 +5,20 @@ use ipnet::IpNet;
 use svcnat_core::manifest::ClusterConfig;
 use svcnat_core::plan::NodeContext;
 
-/// How manifests become a cluster: the flags behind [`ClusterConfig`].
+/// How manifests become a cluster: the flags behind [`ClusterConfig`]. They are global: a
+/// program with subcommands takes them before or after the subcommand.
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClusterArgs {
     /// Namespace of objects that name none (and of views without -n or -A).
-    #[arg(long, value_name = "NS", default_value = "default")]
+    #[arg(long, value_name = "NS", default_value = "default", global = true)]
     pub default_namespace: String,
     /// Range for cluster IPs that manifests leave unset (one per family).
     #[arg(
         long = "service-cidr",
         value_name = "CIDR",
         default_value = "10.96.0.0/12",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     pub service_cidrs: Vec<IpNet>,
     /// Range for pod IPs of workloads and Nodes without podCIDR (one per family).
@@ -24,21 +26,58 @@ pub struct ClusterArgs {
         long = "pod-cidr",
         value_name = "CIDR",
         default_value = "10.244.0.0/16",
-        value_delimiter = ','
+        value_delimiter = ',',
+        global = true
     )]
     pub pod_cidrs: Vec<IpNet>,
+    /// Ports reserved for NodePort Services, inclusive (kube-apiserver's flag; `MIN-MAX`).
+    #[arg(
+        long = "service-node-port-range",
+        value_name = "MIN-MAX",
+        default_value = "30000-32767",
+        value_parser = parse_port_range,
+        global = true
+    )]
+    pub node_port_range: (u16, u16),
 }
 
 impl ClusterArgs {
     /// The cluster configuration these flags describe.
     pub fn config(&self) -> ClusterConfig {
-        ClusterConfig {
-            default_namespace: self.default_namespace.clone(),
-            service_cidrs: self.service_cidrs.clone(),
-            pod_cidrs: self.pod_cidrs.clone(),
-            ..ClusterConfig::default()
+        {
+            let mut cfg = ClusterConfig::default();
+            cfg.default_namespace = self.default_namespace.clone();
+            cfg.service_cidrs = self.service_cidrs.clone();
+            cfg.pod_cidrs = self.pod_cidrs.clone();
+            cfg.node_port_range = self.node_port_range;
+            cfg
         }
     }
+}
+
+/// Reads a port range as kube-apiserver reads `--service-node-port-range` (Go's
+/// `utilnet.ParsePortRange`, hyphen and single-port forms): `30000-32767`, or `30000` for
+/// one port.
+pub fn parse_port_range(text: &str) -> Result<(u16, u16), String> {
+    let text = text.trim();
+    let (low, high) = text.split_once('-').unwrap_or((text, text));
+    let port = |s: &str| -> Result<u16, String> {
+        match s.trim().parse::<u32>() {
+            Ok(0) => Err(format!("port 0 is not a valid node port: {text}")),
+            // ParsePortRange: "the port range cannot be greater than 65535".
+            Ok(p) => u16::try_from(p)
+                .map_err(|_| format!("the port range cannot be greater than 65535: {text}")),
+            Err(_) => Err(format!(
+                "{s:?} is not a port number (want MIN-MAX, e.g. 30000-32767)"
+            )),
+        }
+    };
+    let (low, high) = (port(low)?, port(high)?);
+    // ParsePortRange: "end port cannot be less than start port".
+    if high < low {
+        return Err(format!("end port cannot be less than start port: {text}"));
+    }
+    Ok((low, high))
 }
 
 /// Logs to stderr, quiet by default: warnings and errors; `-v` info, `-vv` debug, `-vvv`
@@ -94,10 +133,38 @@ pub struct NodeArgs {
 impl NodeArgs {
     /// The node context of node `name` these flags describe.
     pub fn context(&self, name: String) -> NodeContext {
-        NodeContext {
-            nodeport_addresses: self.nodeport_addresses.clone(),
-            masquerade_all: self.masquerade_all,
-            ..NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone())
+        {
+            let mut ctx = NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone());
+            ctx.nodeport_addresses = self.nodeport_addresses.clone();
+            ctx.masquerade_all = self.masquerade_all;
+            ctx
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_port_ranges_as_kube_apiserver() {
+        assert_eq!(parse_port_range("30000-32767"), Ok((30000, 32767)));
+        assert_eq!(parse_port_range(" 8000-8100 "), Ok((8000, 8100)));
+        assert_eq!(parse_port_range("31000"), Ok((31000, 31000)));
+        assert_eq!(
+            parse_port_range("32767-30000"),
+            Err("end port cannot be less than start port: 32767-30000".into())
+        );
+        assert_eq!(
+            parse_port_range("30000-70000"),
+            Err("the port range cannot be greater than 65535: 30000-70000".into())
+        );
+        assert_eq!(
+            parse_port_range("0-100"),
+            Err("port 0 is not a valid node port: 0-100".into())
+        );
+        assert!(parse_port_range("30000:32767").is_err());
+        assert!(parse_port_range("-5").is_err());
+        assert!(parse_port_range("").is_err());
     }
 }

@@ -177,7 +177,7 @@ impl<B: Backend> Fixture<B> {
             Ok(tb) => tb,
             Err(e) => panic!("testbed: {e}"),
         };
-        let mut cluster = Cluster::new();
+        let mut cluster = Cluster::simulated();
         for (i, n) in tb.nodes().iter().enumerate() {
             cluster.upsert_node(node_object(n, i));
         }
@@ -207,7 +207,7 @@ impl<B: Backend> Fixture<B> {
     /// Syncs every node.
     pub fn sync(&mut self) {
         for (i, a) in self.agents.iter_mut().enumerate() {
-            if let Err(e) = a.apply(&self.cluster) {
+            if let Err(e) = a.sync(&self.cluster) {
                 panic!("sync of node {i} failed: {e}");
             }
         }
@@ -324,18 +324,16 @@ pub fn service(
     let mut sel = BTreeMap::new();
     sel.insert(key.to_string(), value.to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
-    svc.ports.push(ServicePort {
-        name: String::new(),
+    svc.ports.push(ServicePort::new(
+        String::new(),
         protocol,
         port,
-        target_port: TargetPort::Number(if protocol == Protocol::Udp {
+        TargetPort::Number(if protocol == Protocol::Udp {
             POD_UDP
         } else {
             POD_TCP
         }),
-        node_port: None,
-        app_protocol: None,
-    });
+    ));
     svc
 }
 

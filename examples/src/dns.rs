@@ -17,8 +17,8 @@
 //!   an idle timeout).
 //!
 //! The manifests come from the proxy's [`ManifestDir`](crate::proxy::ManifestDir), so the
-//! DNS server and the proxy apply the same files by the same rules (a file with errors
-//! keeps its last good text) and allocate the same cluster IPs from the same flags.
+//! DNS server and the proxy apply the same files by the same rules (an invalid object
+//! keeps its last good version) and allocate the same cluster IPs from the same flags.
 //!
 //! Errors and limits on the wire, in the order they are checked: fewer than 12 bytes or
 //! the QR bit set: dropped (no reply to a reply); an opcode other than QUERY: NOTIMP; a

@@ -251,9 +251,10 @@ impl Lab {
         crate::testbed::require_root().map_err(LabError::Unsupported)?;
         let dir = std::env::temp_dir().join(format!("svcnat-lab-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(setup("manifest directory"))?;
-        let config = ClusterConfig {
-            default_namespace: NAMESPACE.into(),
-            ..ClusterConfig::default()
+        let config = {
+            let mut cfg = ClusterConfig::default();
+            cfg.default_namespace = NAMESPACE.into();
+            cfg
         };
         let spec = TestbedSpec::new(2, 1).pod(PodSpec::new("coredns", 0, ip(DNS_POD_IP)).tcp(9153));
         let tb = Testbed::new(spec).map_err(setup("testbed"))?;

@@ -1,8 +1,7 @@
 //! # svcnat-examples
 //!
 //! The programs that show svcnat at work, and the harness their end-to-end tests share:
-//! - [`agent`]: the loop that keeps one node's plan in step with the cluster and syncs it
-//!   into a dataplane.
+//! - [`agent`]: the node loop, which lives in `svcnat-core` (re-exported here).
 //! - [`cli`]: flags the programs share.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
@@ -13,7 +12,7 @@
 //!   last-good state, the coalescing sync loop, `/metrics` and `/healthz`.
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
-pub mod agent;
+pub use svcnat_core::agent;
 pub mod cli;
 pub mod conformance;
 pub mod dns;

@@ -1,16 +1,32 @@
 //! The node proxy behind `svcnat-proxy`: a directory of manifests in, a programmed
 //! dataplane out, with Prometheus metrics and a health check on the side.
 //!
-//! - [`ManifestDir`] is the source. It polls a directory for `*.yaml` and `*.yml` files
-//!   (names, sizes, modification times and inodes; a file changed in the last second is
-//!   also re-read, as its time stamp cannot tell two quick writes apart) and keeps, per
-//!   file, the **last text that loaded cleanly**. A change is read only once it has held
-//!   still for one poll, so a file caught half-written is not applied. The cluster is
-//!   built from the last good texts of all files in name order. A file whose new text has
-//!   any [`LoadError`], or whose new text makes another file fail (a node port or cluster
-//!   IP that another Service holds, as the API server refuses an update that clashes),
-//!   is rejected as a whole: its previous good text stays in force, and a file that never
-//!   loaded cleanly contributes nothing. Rejections are logged with file, line and field.
+//! - [`ManifestDir`] is the source. It polls a directory for `*.yaml`, `*.yml` and `*.json`
+//!   files (names, sizes, modification times and inodes; a file changed in the last second
+//!   is also re-read, as its time stamp cannot tell two quick writes apart). A change is
+//!   read only once it has held still for one poll, so a file caught half-written is not
+//!   applied. It keeps the **last good version per object**, as `kubectl apply` users
+//!   expect: an object is identified by kind, namespace (after defaulting) and name, and
+//!   the objects in force are, per file, those of its current text that are valid and fit
+//!   with the rest. An object of the text that is invalid (a syntax or validation error,
+//!   or a clash with another object: a node port, cluster IP or Pod IP already held, the
+//!   same identity in another file) keeps its last good version in force if it had one,
+//!   else it is left out; objects no longer in the text are removed, and so are all of a
+//!   deleted file's. A document whose YAML does not parse has no identity: the last good
+//!   versions of what it held stay, matched by the kind and name a line scan of it finds,
+//!   else by document index. An unreadable file keeps all of its objects.
+//! - Clashes go as at the API server, which refuses the create or update that clashes:
+//!   the object in force keeps what it holds and the newcomer (or the changed version)
+//!   loses, whichever file sorts first, so ownership never moves because an unrelated
+//!   file changed. Objects in force enter the build first, in the order they came into
+//!   force, then the changes. The cluster is built once with every change; only when that
+//!   build has errors are the changes tried again: the versions in force, the changes
+//!   without errors together, then each clashing change on its own, last. History is not
+//!   persisted: a fresh [`ManifestDir`] (a restart, `svcnat-ctl`) admits objects in file
+//!   name and document order, so there the earlier file holds.
+//! - [`ManifestDir::problems`] lists per file what is not in force and why (`file:line:
+//!   document: object: field: error`), and what is in force instead (`its last good version
+//!   stays in force`, or `left out`); the same lines are logged when they first appear.
 //! - [`Proxy`] is the loop: it polls the source, coalesces changes into at most one sync
 //!   per `min_sync_period` (kube-proxy's `--min-sync-period`), syncs through a
 //!   [`NodeAgent`] (which diffs the new plan against the old one), and rewrites everything
@@ -30,7 +46,10 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use svcnat_core::manifest::{ClusterConfig, LoadError, Manifests};
+use svcnat_core::manifest::{
+    ClusterConfig, LoadError, Loaded, Manifests, Object, ObjectRef, Source, ValidateError,
+    split_documents,
+};
 use svcnat_core::model::Cluster;
 use svcnat_core::plan::{Dataplane, NodeContext, SyncReport};
 use tracing::{debug, error, info, warn};
@@ -129,7 +148,11 @@ impl Stamp {
     }
 }
 
-/// One manifest file: what is on disk, and what is in force.
+/// Identity of a manifest object: kind, namespace (after defaulting; empty when
+/// cluster-scoped) and name, as `kubectl apply` matches an object to the live one.
+type Id = ObjectRef;
+
+/// One manifest file: what is on disk, and which of its objects are in force.
 #[derive(Debug, Default)]
 struct FileState {
     /// Stamp of the text last read.
@@ -138,15 +161,223 @@ struct FileState {
     racy: bool,
     /// The text last read; `None` when it could not be read.
     disk: Option<Arc<str>>,
-    /// The last text that loaded cleanly: what the cluster is built from.
-    good: Option<Arc<str>>,
-    /// Why the text on disk is not in force (empty when it is).
-    errors: Vec<String>,
-    /// The disk text is new since the last reconcile (its warnings are not logged yet).
+    /// The text on disk loaded on its own; `None` until read, or when unreadable.
+    parsed: Option<Parsed>,
+    /// Why the file cannot be read (its objects in force stay in force).
+    unreadable: Option<String>,
+    /// The disk text is new since the last reconcile (its problems are logged again).
     fresh: bool,
+    /// The objects of this file in force, by identity, with their rank.
+    in_force: BTreeMap<Id, Held>,
+    /// What of the text on disk is not in force, and what is instead.
+    problems: Vec<Problem>,
 }
 
-/// A directory of manifests with per-file last-good state; see the [module](self) docs.
+/// An object version in force, with its rank: objects enter the build in rank order,
+/// so an object keeps its place (and what it holds) while newer ones come after it.
+#[derive(Clone, Debug)]
+struct Held {
+    loaded: Loaded,
+    rank: u64,
+}
+
+/// A file's text loaded on its own: valid objects, invalid ones, unparseable documents.
+#[derive(Debug, Default)]
+struct Parsed {
+    /// Valid objects in document order, the first one of each identity.
+    valid: Vec<Loaded>,
+    /// Errors of objects whose identity is known (also later duplicates of an identity).
+    invalid: Vec<(Id, LoadError)>,
+    /// Errors of documents without identity (YAML that does not parse, no kind or name),
+    /// with the identity a line scan of the document suggests, if any.
+    unnamed: Vec<(LoadError, Option<Id>)>,
+}
+
+/// Something in a file's text that is not in force, and what is in force instead.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Problem {
+    /// Line in the file, for the order of the report (0 for the whole file).
+    line: usize,
+    /// What is wrong, `file:line: document N: object: field: error`.
+    error: String,
+    /// What is in force instead.
+    instead: Instead,
+}
+
+/// What is in force in place of a version that is not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Instead {
+    /// Nothing: the object (or document) is left out.
+    Nothing,
+    /// The object's last good version.
+    LastGood,
+    /// The last good versions of the objects a document without identity held, and how
+    /// they were matched to it.
+    LastGoodOf(Vec<Id>, &'static str),
+    /// The last good versions of every object of the file (it cannot be read).
+    WholeFile,
+}
+
+impl Problem {
+    fn of(e: &LoadError, instead: Instead) -> Problem {
+        Problem {
+            line: e.line,
+            error: e.to_string(),
+            instead,
+        }
+    }
+
+    /// What stays in force, for the logs: `its last good version stays in force`, ...
+    fn outcome(&self) -> &'static str {
+        match self.instead {
+            Instead::Nothing => "left out",
+            Instead::LastGood | Instead::LastGoodOf(..) => "its last good version stays in force",
+            Instead::WholeFile => "the last good versions of its objects stay in force",
+        }
+    }
+
+    /// The objects kept for a document without identity, and how they were matched.
+    fn detail(&self) -> Option<String> {
+        let Instead::LastGoodOf(ids, how) = &self.instead else {
+            return None;
+        };
+        let ids: Vec<String> = ids.iter().map(ToString::to_string).collect();
+        Some(format!("{}, matched by {how}", ids.join(", ")))
+    }
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({}", self.error, self.outcome())?;
+        if let Some(d) = self.detail() {
+            write!(f, ": {d}")?;
+        }
+        write!(f, ")")
+    }
+}
+
+/// One object that a file's current text (or its last good version) puts forward.
+#[derive(Debug)]
+struct Claim {
+    /// The file's name.
+    file: String,
+    /// The version from the text on disk, when it is valid.
+    current: Option<Loaded>,
+    /// The version of this file in force until now.
+    held: Option<Held>,
+    /// Place in the build: the held rank, or a new one after all held objects.
+    rank: u64,
+}
+
+impl Claim {
+    fn id(&self) -> Option<&Id> {
+        self.current
+            .as_ref()
+            .or(self.held.as_ref().map(|h| &h.loaded))
+            .map(|l| &l.id)
+    }
+
+    /// Whether the current version differs from the one in force (or is new).
+    fn changed(&self) -> bool {
+        match (&self.current, &self.held) {
+            (Some(c), Some(h)) => c.object != h.loaded.object,
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
+    }
+
+    /// The version in force if the change (if any) is not accepted.
+    fn settled(&self) -> Option<&Loaded> {
+        if self.changed() {
+            self.held.as_ref().map(|h| &h.loaded)
+        } else {
+            self.current
+                .as_ref()
+                .or(self.held.as_ref().map(|h| &h.loaded))
+        }
+    }
+
+    /// The version in force if the change is accepted.
+    fn proposed(&self) -> Option<&Loaded> {
+        self.current
+            .as_ref()
+            .or(self.held.as_ref().map(|h| &h.loaded))
+    }
+}
+
+/// The claims of one reconcile and the state of the search for the versions that fit.
+struct Trial<'a> {
+    dir: &'a ManifestDir,
+    claims: Vec<Claim>,
+    /// Claim indices in build order: unchanged claims, then changed ones, by rank.
+    order: Vec<usize>,
+    /// Per claim: its proposed version is in (else its settled one).
+    accepted: Vec<bool>,
+    /// Cluster builds made.
+    builds: u64,
+}
+
+impl Trial<'_> {
+    /// The versions in force per `accepted`, in rank order; `last` goes at the end with
+    /// its proposed version, so that a clash with anything else is blamed on it.
+    fn objects(&self, last: Option<usize>) -> Vec<Loaded> {
+        let mut out = Vec::with_capacity(self.order.len());
+        for &i in &self.order {
+            if Some(i) == last {
+                continue;
+            }
+            out.extend(self.version(i).cloned());
+        }
+        if let Some(v) = last.and_then(|i| self.claims[i].proposed()) {
+            out.push(v.clone());
+        }
+        out
+    }
+
+    fn build(&mut self, last: Option<usize>) -> (Cluster, Vec<LoadError>) {
+        self.builds += 1;
+        let mut m = Manifests {
+            objects: self.objects(last),
+            ..Manifests::default()
+        };
+        let cluster = m.build(&self.dir.config);
+        (cluster, m.errors)
+    }
+
+    /// The version of claim `i` in the build (without a trial).
+    fn version(&self, i: usize) -> Option<&Loaded> {
+        let c = &self.claims[i];
+        if self.accepted[i] {
+            c.proposed()
+        } else {
+            c.settled()
+        }
+    }
+
+    /// The claims in the build that an error is about: the object it names in its file,
+    /// else (a Pod of a workload) the objects of its document.
+    fn hit(&self, e: &LoadError) -> Vec<usize> {
+        let in_build: Vec<(usize, &Loaded)> = (0..self.claims.len())
+            .filter_map(|i| self.version(i).map(|l| (i, l)))
+            .filter(|(_, l)| l.source.file == e.file)
+            .collect();
+        let named: Vec<usize> = in_build
+            .iter()
+            .filter(|(_, l)| e.object.as_ref() == Some(&l.id))
+            .map(|(i, _)| *i)
+            .collect();
+        if !named.is_empty() {
+            return named;
+        }
+        in_build
+            .iter()
+            .filter(|(_, l)| l.source.document == e.document)
+            .map(|(i, _)| *i)
+            .collect()
+    }
+}
+
+/// A directory of manifests with per-object last-good state; see the [module](self) docs.
 #[derive(Debug)]
 pub struct ManifestDir {
     dir: PathBuf,
@@ -155,15 +386,19 @@ pub struct ManifestDir {
     /// Stamps seen by the previous poll: a change is read once it held still for a poll.
     seen: BTreeMap<String, Stamp>,
     cluster: Cluster,
-    /// The texts `cluster` was built from.
-    built_from: BTreeMap<String, Arc<str>>,
-    /// Errors of the current build (objects left out of files that are in force).
+    /// The objects `cluster` was built from, in rank order.
+    built_from: Vec<Loaded>,
+    /// Errors of the build of `cluster` (objects it left out).
     build_errors: Vec<LoadError>,
+    /// The rank the next object to come into force gets.
+    next_rank: u64,
+    /// Cluster builds made by all reconciles (one when nothing clashes).
+    builds: u64,
 }
 
 impl ManifestDir {
-    /// Reads every manifest in `dir` now and builds the cluster from the files that load
-    /// cleanly. Fails when the directory cannot be listed.
+    /// Reads every manifest in `dir` now and builds the cluster from the objects that are
+    /// valid and fit together. Fails when the directory cannot be listed.
     pub fn open(dir: impl Into<PathBuf>, config: ClusterConfig) -> io::Result<ManifestDir> {
         let mut m = ManifestDir {
             dir: dir.into(),
@@ -171,8 +406,10 @@ impl ManifestDir {
             files: BTreeMap::new(),
             seen: BTreeMap::new(),
             cluster: Cluster::new(),
-            built_from: BTreeMap::new(),
+            built_from: Vec::new(),
             build_errors: Vec::new(),
+            next_rank: 0,
+            builds: 0,
         };
         m.refresh(false)?;
         Ok(m)
@@ -183,63 +420,67 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Looks for changes; returns whether the texts in force changed (and so the cluster).
-    /// Fails when the directory cannot be listed; everything then stays as it was.
+    /// Looks for changes; returns whether the objects in force changed (and so the
+    /// cluster). Fails when the directory cannot be listed; everything then stays as it was.
     pub fn poll(&mut self) -> io::Result<bool> {
         self.refresh(true)
     }
 
-    /// The cluster built from the last good texts.
+    /// The cluster built from the objects in force.
     pub fn cluster(&self) -> &Cluster {
         &self.cluster
     }
 
-    /// Manifest files (by name) whose text is in force.
+    /// Manifest files (by name) with at least one object in force.
     pub fn loaded_files(&self) -> impl Iterator<Item = &str> {
         self.files
             .iter()
-            .filter(|(_, f)| f.good.is_some())
+            .filter(|(_, f)| !f.in_force.is_empty())
             .map(|(n, _)| n.as_str())
     }
 
-    /// Files with problems and what they are (one line each, `file:line: ...`): files
-    /// whose text on disk is not in force, and files in force that lost an object.
+    /// Files with problems and what they are, one line each: what of the text on disk is
+    /// not in force and why (`file:line: ...`), then in parentheses what is in force
+    /// instead (`its last good version stays in force`, or `left out`).
     pub fn problems(&self) -> BTreeMap<String, Vec<String>> {
-        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for (name, f) in &self.files {
-            if !f.errors.is_empty() {
-                out.entry(name.clone())
-                    .or_default()
-                    .extend(f.errors.iter().cloned());
-            }
-        }
-        for e in &self.build_errors {
-            let name = self.name_of(&e.file);
-            out.entry(name).or_default().push(e.to_string());
-        }
-        out
+        self.files
+            .iter()
+            .filter(|(_, f)| !f.problems.is_empty())
+            .map(|(n, f)| {
+                (
+                    n.clone(),
+                    f.problems.iter().map(|p| p.to_string()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    /// Warnings of the texts last read, where nothing was left out (kinds svcnat does not
+    /// read, deprecated apiVersions); read again from those texts on each call.
+    pub fn warnings(&self) -> Vec<LoadError> {
+        let texts: Vec<(String, Arc<str>)> = self
+            .files
+            .iter()
+            .filter_map(|(n, f)| f.disk.clone().map(|t| (self.path_of(n), t)))
+            .collect();
+        Manifests::from_files(texts.iter().map(|(p, t)| (p.as_str(), &**t)), &self.config).warnings
     }
 
     /// How many files have problems ([`ManifestDir::problems`]).
     pub fn broken_files(&self) -> usize {
-        self.problems().len()
+        self.files
+            .values()
+            .filter(|f| !f.problems.is_empty())
+            .count()
     }
 
     fn path_of(&self, name: &str) -> String {
         self.dir.join(name).display().to_string()
     }
 
-    /// The file name of a path that [`ManifestDir::path_of`] made.
-    fn name_of(&self, path: &str) -> String {
-        Path::new(path)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| path.to_string())
-    }
-
-    /// The manifest files in the directory with their stamps: `*.yaml` and `*.yml`,
-    /// following symbolic links (as a ConfigMap volume presents files), skipping hidden
-    /// names and anything that is not a regular file.
+    /// The manifest files in the directory with their stamps: `*.yaml`, `*.yml` and
+    /// `*.json`, following symbolic links (as a ConfigMap volume presents files), skipping
+    /// hidden names and anything that is not a regular file.
     fn scan(&self) -> io::Result<BTreeMap<String, Stamp>> {
         let mut out = BTreeMap::new();
         for entry in fs::read_dir(&self.dir)? {
@@ -247,7 +488,8 @@ impl ManifestDir {
             let Ok(name) = entry.file_name().into_string() else {
                 continue;
             };
-            if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            let manifest = [".yaml", ".yml", ".json"].iter().any(|e| name.ends_with(e));
+            if name.starts_with('.') || !manifest {
                 continue;
             }
             // A file may vanish between listing and stat; the next poll sees it gone.
@@ -275,13 +517,14 @@ impl ManifestDir {
             let Some(stamp) = now else {
                 if let Some(f) = self.files.remove(&name) {
                     touched = true;
-                    if f.good.is_some() {
+                    if !f.in_force.is_empty() {
                         info!(file = %self.path_of(&name), "manifest file removed");
                     }
                 }
                 continue;
             };
             let path = self.path_of(&name);
+            let config = &self.config;
             let state = self.files.entry(name.clone()).or_default();
             if state.read == Some(stamp) && !state.racy {
                 continue;
@@ -291,9 +534,15 @@ impl ManifestDir {
             state.racy = stamp.is_recent(wall);
             match text {
                 Ok(t) => {
-                    if state.disk.as_deref() != Some(t.as_str()) {
+                    if state.disk.as_deref() != Some(t.as_str()) || state.unreadable.is_some() {
                         debug!(file = %path, bytes = t.len(), "manifest file read");
+                        let (parsed, warnings) = parse(&path, &t, config);
+                        for w in &warnings {
+                            warn!(file = %path, "{w}");
+                        }
+                        state.parsed = Some(parsed);
                         state.disk = Some(t.into());
+                        state.unreadable = None;
                         state.fresh = true;
                         touched = true;
                     }
@@ -304,12 +553,13 @@ impl ManifestDir {
                 }
                 Err(e) => {
                     let msg = format!("{path}: cannot read: {e}");
-                    if state.errors != [msg.clone()] {
-                        warn!(file = %path, error = %e, "cannot read manifest file; its last good version stays in force");
+                    if state.unreadable.as_deref() != Some(msg.as_str()) {
+                        state.disk = None;
+                        state.parsed = None;
+                        state.unreadable = Some(msg);
+                        state.fresh = true;
+                        touched = true;
                     }
-                    state.disk = None;
-                    state.errors = vec![msg];
-                    touched = true;
                 }
             }
         }
@@ -317,150 +567,521 @@ impl ManifestDir {
         Ok(touched && self.reconcile())
     }
 
-    fn good_texts(&self) -> BTreeMap<String, Arc<str>> {
-        self.files
-            .iter()
-            .filter_map(|(n, f)| f.good.clone().map(|t| (n.clone(), t)))
-            .collect()
-    }
-
-    fn build(&self, texts: &BTreeMap<String, Arc<str>>) -> (Cluster, Vec<LoadError>) {
-        let paths: Vec<(String, &str)> = texts
-            .iter()
-            .map(|(n, t)| (self.path_of(n), t.as_ref()))
-            .collect();
-        let mut m =
-            Manifests::from_files(paths.iter().map(|(p, t)| (p.as_str(), *t)), &self.config);
-        let cluster = m.build(&self.config);
-        (cluster, m.errors)
-    }
-
-    /// Decides which texts are in force after files changed; returns whether they changed.
-    fn reconcile(&mut self) -> bool {
-        // What the cluster was built from last time (a removed file is already gone from
-        // `files`, so this is the reference for "changed").
-        let before = std::mem::take(&mut self.built_from);
-        let mut good = self.good_texts();
-        let (mut cluster, mut errors) = if good == before {
-            (self.cluster.clone(), self.build_errors.clone())
-        } else {
-            self.build(&good)
-        };
-        // Texts that are new on disk, or were rejected before and may fit now.
-        let mut candidates = Vec::new();
-        for (name, f) in &mut self.files {
-            let Some(disk) = f.disk.clone() else {
+    /// What each file puts forward: the valid objects of its text, and the last good
+    /// versions of its objects that are invalid now.
+    fn claims(&mut self) -> (Vec<Claim>, BTreeMap<String, Vec<Problem>>) {
+        let mut claims = Vec::new();
+        let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
+        for (name, f) in &self.files {
+            let held = |id: &Id| f.in_force.get(id).cloned();
+            let Some(p) = &f.parsed else {
+                // Unreadable (or not read yet): everything of it in force stays.
+                if let Some(msg) = &f.unreadable {
+                    problems.entry(name.clone()).or_default().push(Problem {
+                        line: 0,
+                        error: msg.clone(),
+                        instead: Instead::WholeFile,
+                    });
+                }
+                for h in f.in_force.values() {
+                    claims.push(Claim {
+                        file: name.clone(),
+                        current: None,
+                        held: Some(h.clone()),
+                        rank: h.rank,
+                    });
+                }
                 continue;
             };
-            if f.good.as_ref() == Some(&disk) {
-                if !f.errors.is_empty() {
-                    info!(file = %self.dir.join(name).display(), "manifest file is back to its last good version");
-                    f.errors.clear();
-                }
-                f.fresh = false;
-                continue;
+            let valid: BTreeSet<&Id> = p.valid.iter().map(|l| &l.id).collect();
+            for l in &p.valid {
+                claims.push(Claim {
+                    file: name.clone(),
+                    current: Some(l.clone()),
+                    held: held(&l.id),
+                    rank: 0,
+                });
             }
-            candidates.push((name.clone(), disk, f.fresh));
-        }
-        // First each file on its own: syntax and validation errors.
-        let mut valid = Vec::new();
-        for (name, text, fresh) in candidates {
-            let mut alone = Manifests::default();
-            alone.add_file(&self.path_of(&name), &text, &self.config);
-            if fresh {
-                for w in &alone.warnings {
-                    warn!(file = %self.path_of(&name), "{w}");
+            // An invalid object keeps its last good version ("an invalid object never
+            // stops the others", and never removes itself either).
+            let mut kept: BTreeSet<&Id> = BTreeSet::new();
+            for (id, _) in &p.invalid {
+                if !valid.contains(id)
+                    && let Some(h) = held(id)
+                    && kept.insert(id)
+                {
+                    claims.push(Claim {
+                        file: name.clone(),
+                        current: None,
+                        held: Some(h),
+                        rank: 0,
+                    });
                 }
             }
-            if alone.errors.is_empty() {
-                valid.push((name, text));
-            } else {
-                let lines = alone.errors.iter().map(ToString::to_string).collect();
-                self.reject(&name, lines);
-            }
-        }
-        // Then together with the files in force: a text is rejected when the cluster built
-        // with it has an error that it did not have before. All at once first (one build
-        // in the common case), then one by one in name order.
-        if !valid.is_empty() {
-            let mut all = good.clone();
-            all.extend(valid.iter().cloned());
-            let (c, e) = self.build(&all);
-            if new_errors(&e, &errors).is_empty() {
-                for (name, _) in &valid {
-                    self.accept(name);
-                }
-                good = all;
-                cluster = c;
-                errors = e;
-            } else {
-                for (name, text) in valid {
-                    let mut trial = good.clone();
-                    trial.insert(name.clone(), text);
-                    let (c, e) = self.build(&trial);
-                    let new = new_errors(&e, &errors);
-                    if new.is_empty() {
-                        self.accept(&name);
-                        good = trial;
-                        cluster = c;
-                        errors = e;
-                    } else {
-                        self.reject(&name, new);
+            // A document without identity: keep the last good versions of what it held,
+            // matched by the identity a line scan finds, else by document index.
+            let named: BTreeSet<&Id> = valid
+                .iter()
+                .copied()
+                .chain(p.invalid.iter().map(|(id, _)| id))
+                .chain(p.unnamed.iter().filter_map(|(_, g)| g.as_ref()))
+                .collect();
+            for (e, guess) in &p.unnamed {
+                let (ids, how): (Vec<&Id>, _) = match guess {
+                    Some(g) => (f.in_force.keys().filter(|id| *id == g).collect(), "name"),
+                    None => (
+                        f.in_force
+                            .iter()
+                            .filter(|(id, h)| {
+                                !named.contains(id) && h.loaded.source.document == e.document
+                            })
+                            .map(|(id, _)| id)
+                            .collect(),
+                        "document index",
+                    ),
+                };
+                let ids: Vec<&Id> = ids.into_iter().filter(|id| !valid.contains(id)).collect();
+                for id in &ids {
+                    if kept.insert(id)
+                        && let Some(h) = held(id)
+                    {
+                        claims.push(Claim {
+                            file: name.clone(),
+                            current: None,
+                            held: Some(h),
+                            rank: 0,
+                        });
                     }
                 }
+                let instead = if ids.is_empty() {
+                    Instead::Nothing
+                } else {
+                    Instead::LastGoodOf(ids.into_iter().cloned().collect(), how)
+                };
+                problems
+                    .entry(name.clone())
+                    .or_default()
+                    .push(Problem::of(e, instead));
             }
         }
-        for f in self.files.values_mut() {
+        // Claims start in file, then document order; a held object keeps its rank, and
+        // new ones rank after every held one in that order.
+        for c in &mut claims {
+            match &c.held {
+                Some(h) => c.rank = h.rank,
+                None => {
+                    c.rank = self.next_rank;
+                    self.next_rank += 1;
+                }
+            }
+        }
+        (claims, problems)
+    }
+
+    /// One identity, one object: when several files define it, the file that has it in
+    /// force keeps it, else the first file in name order (the API server refuses to
+    /// create an object that exists).
+    fn one_per_identity(
+        claims: Vec<Claim>,
+        problems: &mut BTreeMap<String, Vec<Problem>>,
+    ) -> Vec<Claim> {
+        let mut owner: BTreeMap<Id, (String, bool, Option<Source>)> = BTreeMap::new();
+        for c in &claims {
+            let Some(id) = c.id() else { continue };
+            let holds = c.held.is_some();
+            let src = c.proposed().map(|l| l.source.clone());
+            match owner.get(id) {
+                Some((_, true, _)) => {}
+                Some((_, false, _)) if !holds => {}
+                _ => {
+                    owner.insert(id.clone(), (c.file.clone(), holds, src));
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(claims.len());
+        for c in claims {
+            let (Some(id), Some(l)) = (c.id(), c.proposed()) else {
+                continue;
+            };
+            match owner.get(id) {
+                Some((file, _, src)) if *file != c.file => {
+                    let at = src
+                        .as_ref()
+                        .map(|s| format!("{}:{}", s.file, s.line))
+                        .unwrap_or_default();
+                    let error = LoadError {
+                        file: l.source.file.clone(),
+                        line: l.source.line,
+                        document: l.source.document,
+                        object: Some(id.clone()),
+                        field: "metadata.name".into(),
+                        error: ValidateError::Duplicate(format!("{id} is already defined at {at}")),
+                    };
+                    problems
+                        .entry(c.file.clone())
+                        .or_default()
+                        .push(Problem::of(&error, Instead::Nothing));
+                }
+                _ => out.push(c),
+            }
+        }
+        out
+    }
+
+    /// Decides which object versions are in force after files changed; returns whether
+    /// they changed.
+    fn reconcile(&mut self) -> bool {
+        let (claims, mut problems) = self.claims();
+        let claims = Self::one_per_identity(claims, &mut problems);
+        let mut order: Vec<usize> = (0..claims.len()).collect();
+        // The build order: what is in force unchanged first, then the changes, each in
+        // rank order. The API server admits the objects it holds before any update or
+        // create, so a clash is blamed on the change and the holder keeps what it has.
+        order.sort_by_key(|&i| (claims[i].changed(), claims[i].rank));
+        let n = claims.len();
+        let mut t = Trial {
+            dir: self,
+            claims,
+            order,
+            accepted: vec![true; n],
+            builds: 0,
+        };
+        // Rejections from the trials: claim index -> the errors its version brought.
+        let mut rejected: BTreeMap<usize, Vec<LoadError>> = BTreeMap::new();
+        let all = t.objects(None);
+        let unchanged = same_objects(&all, &self.built_from, true);
+        let (mut cluster, mut errors) = if unchanged {
+            // The same objects as the last build: the same outcome (its order may differ
+            // now, as changes that came in rank among the unchanged; nothing moves).
+            (self.cluster.clone(), self.build_errors.clone())
+        } else {
+            t.build(None)
+        };
+        if !unchanged && !errors.is_empty() {
+            (cluster, errors) = Self::search(&mut t, &errors, &mut rejected);
+        }
+        // What is in force: each claim's accepted or settled version, unless the build
+        // left it out.
+        let left_out: BTreeSet<usize> = errors.iter().flat_map(|e| t.hit(e)).collect();
+        let mut in_force: BTreeMap<String, BTreeMap<Id, Held>> = BTreeMap::new();
+        for &i in &t.order {
+            let c = &t.claims[i];
+            if let Some(v) = t.version(i)
+                && !left_out.contains(&i)
+            {
+                in_force.entry(c.file.clone()).or_default().insert(
+                    v.id.clone(),
+                    Held {
+                        loaded: v.clone(),
+                        rank: c.rank,
+                    },
+                );
+            }
+        }
+        // Problems: rejected changes, objects the build left out, invalid objects.
+        for (i, lines) in &rejected {
+            let c = &t.claims[*i];
+            let instead = if c.held.is_some() && !left_out.contains(i) {
+                Instead::LastGood
+            } else {
+                Instead::Nothing
+            };
+            for e in lines {
+                problems
+                    .entry(c.file.clone())
+                    .or_default()
+                    .push(Problem::of(e, instead.clone()));
+            }
+        }
+        for e in &errors {
+            for i in t.hit(e) {
+                problems
+                    .entry(t.claims[i].file.clone())
+                    .or_default()
+                    .push(Problem::of(e, Instead::Nothing));
+            }
+        }
+        for (name, f) in &self.files {
+            let Some(p) = &f.parsed else { continue };
+            let mine = in_force.get(name);
+            for (id, e) in &p.invalid {
+                // Kept when this file has a version of it in force that is not from the
+                // text on disk (a duplicate in the text is simply left out).
+                let kept = mine.and_then(|m| m.get(id)).is_some_and(|h| {
+                    !p.valid
+                        .iter()
+                        .any(|l| l.id == *id && l.object == h.loaded.object)
+                });
+                let instead = if kept {
+                    Instead::LastGood
+                } else {
+                    Instead::Nothing
+                };
+                problems
+                    .entry(name.clone())
+                    .or_default()
+                    .push(Problem::of(e, instead));
+            }
+        }
+        let built_from = t.objects(None);
+        debug!(
+            objects = built_from.len(),
+            builds = t.builds,
+            "manifest objects reconciled"
+        );
+        self.builds += t.builds;
+        self.commit(in_force, problems, cluster, built_from, errors)
+    }
+
+    /// Puts the outcome of a reconcile in force and logs what changed; returns whether
+    /// the objects in force changed.
+    fn commit(
+        &mut self,
+        mut in_force: BTreeMap<String, BTreeMap<Id, Held>>,
+        mut problems: BTreeMap<String, Vec<Problem>>,
+        cluster: Cluster,
+        built_from: Vec<Loaded>,
+        errors: Vec<LoadError>,
+    ) -> bool {
+        let changed = !same_objects(&built_from, &self.built_from, false);
+        let paths: BTreeMap<String, String> = self
+            .files
+            .keys()
+            .map(|n| (n.clone(), self.path_of(n)))
+            .collect();
+        for (name, f) in &mut self.files {
+            let path = paths.get(name).map(String::as_str).unwrap_or(name);
+            let mut now = problems.remove(name).unwrap_or_default();
+            now.sort_by_key(|p| p.line);
+            for p in &now {
+                if f.fresh || !f.problems.contains(p) {
+                    let detail = p
+                        .detail()
+                        .map(|d| format!("; kept: {d}"))
+                        .unwrap_or_default();
+                    warn!(file = %path, "manifest object rejected ({}): {}{detail}", p.outcome(), p.error);
+                }
+            }
+            let objects = in_force.remove(name).unwrap_or_default();
+            if now.is_empty() && (f.fresh || !f.problems.is_empty()) {
+                info!(file = %path, objects = objects.len(), "manifest file applied");
+            }
+            f.in_force = objects;
+            f.problems = now;
             f.fresh = false;
         }
-        let old: BTreeSet<String> = self.build_errors.iter().map(|e| e.to_string()).collect();
-        for e in &errors {
-            if !old.contains(&e.to_string()) {
-                warn!(file = %e.file, "object left out: {e}");
-            }
-        }
-        let changed = good != before;
         self.cluster = cluster;
-        self.built_from = good;
+        self.built_from = built_from;
         self.build_errors = errors;
         changed
     }
 
-    fn accept(&mut self, name: &str) {
-        let path = self.path_of(name);
-        if let Some(f) = self.files.get_mut(name) {
-            info!(file = %path, "manifest file applied");
-            f.good = f.disk.clone();
-            f.errors.clear();
+    /// Finds the changes that fit, after the build with all of them failed: the versions
+    /// in force before, then the changes without errors all at once, then each change
+    /// with errors on its own (after everything else, so a clash is blamed on it), until
+    /// no more fits. Returns the cluster and the errors it has.
+    fn search(
+        t: &mut Trial<'_>,
+        errors: &[LoadError],
+        rejected: &mut BTreeMap<usize, Vec<LoadError>>,
+    ) -> (Cluster, Vec<LoadError>) {
+        let suspects: BTreeSet<usize> = errors.iter().flat_map(|e| t.hit(e)).collect();
+        let changed: Vec<usize> = t
+            .order
+            .iter()
+            .copied()
+            .filter(|&i| t.claims[i].changed())
+            .collect();
+        for &i in &changed {
+            t.accepted[i] = false;
         }
-    }
-
-    fn reject(&mut self, name: &str, lines: Vec<String>) {
-        let path = self.path_of(name);
-        let Some(f) = self.files.get_mut(name) else {
-            return;
-        };
-        if f.fresh || f.errors != lines {
-            let keeps = if f.good.is_some() {
-                "its last good version stays in force"
+        let (mut cluster, mut errs) = t.build(None);
+        let calm: Vec<usize> = changed
+            .iter()
+            .copied()
+            .filter(|i| !suspects.contains(i))
+            .collect();
+        let mut pending: Vec<usize> = changed
+            .iter()
+            .copied()
+            .filter(|i| suspects.contains(i))
+            .collect();
+        if !calm.is_empty() {
+            for &i in &calm {
+                t.accepted[i] = true;
+            }
+            let (c, e) = t.build(None);
+            if new_errors(&e, &errs).is_empty() {
+                (cluster, errs) = (c, e);
             } else {
-                "it never loaded cleanly and contributes nothing"
-            };
-            for l in &lines {
-                warn!(file = %path, "manifest file rejected ({keeps}): {l}");
+                for &i in &calm {
+                    t.accepted[i] = false;
+                }
+                pending = changed.clone();
             }
         }
-        f.errors = lines;
+        let mut moved = false;
+        loop {
+            let mut progress = false;
+            let mut still = Vec::new();
+            for i in pending {
+                let (c, e) = t.build(Some(i));
+                let new = new_errors(&e, &errs);
+                if new.is_empty() {
+                    t.accepted[i] = true;
+                    rejected.remove(&i);
+                    (cluster, errs) = (c, e);
+                    progress = true;
+                    moved = true;
+                } else {
+                    rejected.insert(i, new);
+                    still.push(i);
+                }
+            }
+            pending = still;
+            if !progress || pending.is_empty() {
+                break;
+            }
+        }
+        if moved {
+            // The trials put each change last; build once more in rank order.
+            (cluster, errs) = t.build(None);
+        }
+        (cluster, errs)
     }
 }
 
-/// Errors in `after` that are not in `before`, as text.
-fn new_errors(after: &[LoadError], before: &[LoadError]) -> Vec<String> {
+/// Loads one file's text on its own and sorts what it holds by identity; returns the
+/// warnings too.
+fn parse(path: &str, text: &str, config: &ClusterConfig) -> (Parsed, Vec<LoadError>) {
+    let mut m = Manifests::default();
+    m.add_file(path, text, config);
+    let mut p = Parsed::default();
+    let mut first: BTreeMap<Id, Source> = BTreeMap::new();
+    for l in m.objects {
+        if let Some(s) = first.get(&l.id) {
+            // kubectl applies both and the last one wins; a directory has no "last", so
+            // the first definition is used and the other is reported.
+            let e = LoadError {
+                file: path.to_string(),
+                line: l.source.line,
+                document: l.source.document,
+                object: Some(l.id.clone()),
+                field: "metadata.name".into(),
+                error: ValidateError::Duplicate(format!(
+                    "{} is already defined at {}:{} (document {}), which is used",
+                    l.id, s.file, s.line, s.document
+                )),
+            };
+            p.invalid.push((l.id, e));
+            continue;
+        }
+        first.insert(l.id.clone(), l.source.clone());
+        p.valid.push(l);
+    }
+    let mut docs = None;
+    for e in m.errors {
+        match &e.object {
+            Some(o) if !o.kind.is_empty() && !o.name.is_empty() => p.invalid.push((o.clone(), e)),
+            _ => {
+                let docs = docs.get_or_insert_with(|| split_documents(text));
+                let guess = docs
+                    .iter()
+                    .find(|d| d.index == e.document)
+                    .and_then(|d| guess_identity(&d.text, config));
+                p.unnamed.push((e, guess));
+            }
+        }
+    }
+    (p, m.warnings)
+}
+
+/// The identity a block-style document names, read line by line without a YAML parser:
+/// a top-level `kind:`, and `name:` and `namespace:` directly under a top-level
+/// `metadata:`. For documents that do not parse, to match them with their last good
+/// version; `None` when it finds no kind or no name (or a `List`, which holds many).
+fn guess_identity(doc: &str, config: &ClusterConfig) -> Option<Id> {
+    let mut kind = None;
+    let mut name = None;
+    let mut namespace = None;
+    let mut in_metadata = false;
+    let mut child_indent = None;
+    for line in doc.lines() {
+        let body = line.trim_start_matches(' ');
+        if body.trim().is_empty() || body.starts_with('#') {
+            continue;
+        }
+        let indent = line.len() - body.len();
+        if indent == 0 {
+            in_metadata = false;
+            if let Some(v) = body.strip_prefix("kind:") {
+                kind = plain_scalar(v);
+            } else if let Some(v) = body.strip_prefix("metadata:") {
+                // Block style only: nothing after the colon but a comment.
+                in_metadata = v.trim().is_empty() || v.trim_start().starts_with('#');
+                child_indent = None;
+            }
+            continue;
+        }
+        if !in_metadata || *child_indent.get_or_insert(indent) != indent {
+            continue;
+        }
+        if let Some(v) = body.strip_prefix("name:") {
+            name = plain_scalar(v);
+        } else if let Some(v) = body.strip_prefix("namespace:") {
+            namespace = plain_scalar(v);
+        }
+    }
+    let kind = kind?;
+    let name = name?;
+    // As the loader: Namespace and Node are cluster-scoped; others default the namespace.
+    let namespace = match kind.as_str() {
+        "List" => return None,
+        "Namespace" | "Node" => String::new(),
+        _ => namespace.unwrap_or_else(|| config.default_namespace.clone()),
+    };
+    Some(ObjectRef {
+        kind,
+        namespace,
+        name,
+    })
+}
+
+/// The value of `key: value` when it is a plain or quoted scalar on the same line.
+fn plain_scalar(v: &str) -> Option<String> {
+    let v = match v.find(" #") {
+        Some(i) => &v[..i],
+        None => v,
+    }
+    .trim();
+    let v = v
+        .strip_prefix('"')
+        .and_then(|x| x.strip_suffix('"'))
+        .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+        .unwrap_or(v);
+    let structural = v.starts_with(['[', '{', '&', '*', '!', '|', '>', '#', '"', '\'']);
+    (!v.is_empty() && !structural).then(|| v.to_string())
+}
+
+/// Whether two builds have the same objects (identities and contents, in any order), and
+/// with `sources` from the same places (the lines errors point at).
+fn same_objects(a: &[Loaded], b: &[Loaded], sources: bool) -> bool {
+    type Key<'a> = (&'a Object, Option<&'a Source>);
+    fn by_id(v: &[Loaded], sources: bool) -> BTreeMap<&Id, Key<'_>> {
+        v.iter()
+            .map(|l| (&l.id, (&l.object, sources.then_some(&l.source))))
+            .collect()
+    }
+    a.len() == b.len() && by_id(a, sources) == by_id(b, sources)
+}
+
+/// Errors in `after` that are not in `before` (compared as text).
+fn new_errors(after: &[LoadError], before: &[LoadError]) -> Vec<LoadError> {
     let old: BTreeSet<String> = before.iter().map(ToString::to_string).collect();
     after
         .iter()
-        .map(ToString::to_string)
-        .filter(|e| !old.contains(e))
+        .filter(|e| !old.contains(&e.to_string()))
+        .cloned()
         .collect()
 }
 
@@ -949,7 +1570,7 @@ impl<D: Dataplane> Proxy<D> {
         self.last_attempt = Some(now);
         let started = Instant::now();
         let (kind, result) = if self.dirty {
-            let r = self.agent.apply(self.source.cluster());
+            let r = self.agent.sync(self.source.cluster());
             let kind = match &r {
                 Ok(rep) if !rep.full => SyncKind::Partial,
                 Ok(_) => SyncKind::Full,
@@ -1155,18 +1776,107 @@ mod tests {
         assert_eq!(selector_of(&m, "vote"), None);
     }
 
+    fn problems_of(m: &ManifestDir, file: &str) -> String {
+        m.problems()
+            .get(file)
+            .map(|l| l.join("\n"))
+            .unwrap_or_default()
+    }
+
+    fn node_port_of(m: &ManifestDir, name: &str) -> Option<u16> {
+        m.cluster()
+            .service(&ObjectName::new("default", name))
+            .and_then(|s| s.ports.first().and_then(|p| p.node_port))
+    }
+
     #[test]
-    fn a_file_that_never_loaded_contributes_nothing() {
+    fn one_bad_object_leaves_the_others_of_its_file_in_force() {
         let d = Scratch::new();
-        // One good Service and one bad one in the same file: the file as a whole is out.
+        // One good Service and one bad one (node port 80) in the same file.
         let text = format!("{}---\n{}", svc("good", "vote", 30001), svc("bad", "x", 80));
         d.write("a.yaml", &text);
         d.write("b.yaml", &pod("vote-0", "10.244.0.10"));
         let m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
-        assert_eq!(m.cluster().services().count(), 0);
+        assert_eq!(selector_of(&m, "good").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "bad"), None);
         assert_eq!(m.cluster().pods().count(), 1);
         assert_eq!(m.broken_files(), 1);
-        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["b.yaml"]);
+        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["a.yaml", "b.yaml"]);
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains("a.yaml:25: document 1: Service default/bad: spec.ports[0].nodePort")
+                && p.ends_with("(left out)"),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn an_invalid_edit_keeps_the_last_good_version_and_applies_its_neighbour() {
+        let d = Scratch::new();
+        let two = |a: &str, b: &str| format!("{a}---\n{b}");
+        d.write(
+            "ab.yaml",
+            &two(&svc("a", "vote", 30000), &svc("b", "vote", 30001)),
+        );
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(m.cluster().services().count(), 2);
+
+        // a gets an invalid node port, b a new selector: b changes, a stays as it was.
+        d.write("ab.yaml", &two(&svc("a", "x", 80), &svc("b", "b1", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b1"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(
+            p.contains("ab.yaml:12: document 0: Service default/a: spec.ports[0].nodePort")
+                && p.ends_with("(its last good version stays in force)"),
+            "{p}"
+        );
+
+        // a's document no longer parses: it is matched by the name a line scan finds.
+        let broken = "apiVersion: v1\nkind: Service\nmetadata:\n  name: a\nspec: {ports: [\n";
+        d.write("ab.yaml", &two(broken, &svc("b", "b2", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b2"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(p.contains("ab.yaml:"), "{p}");
+        assert!(
+            p.contains(
+                "(its last good version stays in force: Service default/a, matched by name)"
+            ),
+            "{p}"
+        );
+
+        // No name to be found: matched by document index.
+        let nameless = "apiVersion: v1\nkind: Service\nmetadata: {name: a\n";
+        d.write("ab.yaml", &two(nameless, &svc("b", "b3", 30001)));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b3"));
+        let p = problems_of(&m, "ab.yaml");
+        assert!(
+            p.contains("Service default/a, matched by document index)"),
+            "{p}"
+        );
+
+        // b leaves the text: it goes, a's last good version stays.
+        d.write("ab.yaml", nameless);
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "b"), None);
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+
+        // Fixed: applied, no problems left.
+        d.write("ab.yaml", &svc("a", "a1", 30000));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=a1"));
+        assert_eq!(m.broken_files(), 0);
+
+        // A new object that is invalid from the start is left out, and says so.
+        d.write("ab.yaml", &two(&svc("a", "a1", 30000), &svc("c", "c", 80)));
+        assert!(!settle(&mut m), "nothing in force changes");
+        assert_eq!(selector_of(&m, "c"), None);
+        assert!(problems_of(&m, "ab.yaml").ends_with("(left out)"));
     }
 
     #[test]
@@ -1189,6 +1899,148 @@ mod tests {
         assert!(settle(&mut m));
         assert_eq!(selector_of(&m, "a").as_deref(), Some("app=other"));
         assert_eq!(m.broken_files(), 0);
+    }
+
+    #[test]
+    fn a_clash_keeps_the_holder_whichever_name_sorts_first() {
+        let d = Scratch::new();
+        d.write("b.yaml", &svc("b", "vote", 30001));
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        // a.yaml (earlier in name order) arrives claiming b's node port, next to a Pod.
+        let a = format!(
+            "{}{}",
+            svc("a", "vote", 30001),
+            pod("vote-0", "10.244.0.10")
+        );
+        d.write("a.yaml", &a);
+        assert!(settle(&mut m));
+        assert_eq!(
+            node_port_of(&m, "b"),
+            Some(30001),
+            "the holder keeps its port"
+        );
+        assert_eq!(selector_of(&m, "a"), None, "the newcomer loses");
+        assert_eq!(
+            m.cluster().pods().count(),
+            1,
+            "its neighbour is not held back"
+        );
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains("a.yaml:12: document 0: Service default/a: spec.ports[0].nodePort")
+                && p.contains("already allocated (to Service default/b)")
+                && p.ends_with("(left out)"),
+            "{p}"
+        );
+        assert!(!m.problems().contains_key("b.yaml"));
+
+        // Unrelated changes move nothing: another file, another object of a.yaml.
+        d.write("c.yaml", &svc("c", "vote", 30002));
+        assert!(settle(&mut m));
+        d.write("a.yaml", &a.replace("10.244.0.10", "10.244.0.11"));
+        assert!(settle(&mut m));
+        assert_eq!(node_port_of(&m, "b"), Some(30001));
+        assert_eq!(selector_of(&m, "a"), None);
+        assert_eq!(m.cluster().services().count(), 2);
+
+        // A newcomer that sorts after the holder loses the same way.
+        d.write("z.yaml", &svc("z", "vote", 30002));
+        assert!(!settle(&mut m));
+        assert_eq!(node_port_of(&m, "c"), Some(30002));
+        assert!(problems_of(&m, "z.yaml").contains("already allocated (to Service default/c)"));
+
+        // A restart has no history: the earlier file in name order holds (a over b), as
+        // a fresh API server would admit them in that order.
+        let fresh = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(node_port_of(&fresh, "a"), Some(30001));
+        assert_eq!(selector_of(&fresh, "b"), None);
+        assert_eq!(node_port_of(&fresh, "c"), Some(30002));
+        assert_eq!(selector_of(&fresh, "z"), None);
+        // ...and from then on it holds, whatever b.yaml does.
+        drop(m);
+        let mut m = fresh;
+        d.write("b.yaml", &svc("b", "other", 30001));
+        assert!(!settle(&mut m));
+        assert_eq!(node_port_of(&m, "a"), Some(30001));
+        assert_eq!(selector_of(&m, "b"), None);
+
+        // Once the holder lets go, a retried newcomer gets it.
+        d.remove("a.yaml");
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=other"));
+    }
+
+    #[test]
+    fn one_identity_one_object_across_files() {
+        let d = Scratch::new();
+        d.write("b.yaml", &svc("vote", "b", 30001));
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        // The same Service in a file that sorts first: the file that has it keeps it.
+        d.write("a.yaml", &svc("vote", "a", 30002));
+        assert!(!settle(&mut m));
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=b"));
+        let p = problems_of(&m, "a.yaml");
+        assert!(
+            p.contains(
+                "a.yaml:1: document 0: Service default/vote: metadata.name: Duplicate value"
+            ) && p.contains("b.yaml:1"),
+            "{p}"
+        );
+        // b.yaml lets go of it: a.yaml's version comes in.
+        d.write("b.yaml", &pod("vote-0", "10.244.0.10"));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=a"));
+        assert_eq!(m.broken_files(), 0);
+    }
+
+    #[test]
+    fn a_json_file_loads() {
+        let d = Scratch::new();
+        let json = r#"{
+  "apiVersion": "v1",
+  "kind": "Service",
+  "metadata": {"name": "vote"},
+  "spec": {
+    "type": "NodePort",
+    "selector": {"app": "vote"},
+    "ports": [{"port": 80, "targetPort": 8080, "nodePort": 30000}]
+  }
+}
+"#;
+        d.write("svc.json", json);
+        d.write("notes.jsonl", json);
+        let m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=vote"));
+        assert_eq!(node_port_of(&m, "vote"), Some(30000));
+        assert_eq!(m.loaded_files().collect::<Vec<_>>(), ["svc.json"]);
+    }
+
+    #[test]
+    fn trials_are_only_for_the_objects_that_clash() {
+        let d = Scratch::new();
+        for i in 0..40 {
+            d.write(
+                &format!("s{i:02}.yaml"),
+                &svc(&format!("s{i}"), "vote", 30100 + i),
+            );
+        }
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(m.builds, 1);
+        // A clean change: one build.
+        d.write("s05.yaml", &svc("s5", "other", 30105));
+        assert!(settle(&mut m));
+        assert_eq!(m.builds, 2);
+        // A clash, a clean edit and a new object at once: all together, the versions in
+        // force, the clean changes together, then the clash alone; not one per object.
+        d.write("s06.yaml", &svc("s6", "other", 30107));
+        d.write("s08.yaml", &svc("s8", "other", 30108));
+        d.write("t.yaml", &svc("t", "vote", 30200));
+        assert!(settle(&mut m));
+        assert_eq!(m.builds, 2 + 4);
+        assert_eq!(selector_of(&m, "s6").as_deref(), Some("app=vote"));
+        assert_eq!(selector_of(&m, "s8").as_deref(), Some("app=other"));
+        assert_eq!(node_port_of(&m, "t"), Some(30200));
+        assert_eq!(m.problems().keys().collect::<Vec<_>>(), ["s06.yaml"]);
     }
 
     #[test]
@@ -1248,12 +2100,12 @@ mod tests {
                 return Err(FakeError);
             }
             self.frontends = plan.frontends().count();
-            Ok(SyncReport {
-                full: false,
-                written: diff.ops.len(),
-                frontends: self.frontends,
-                endpoints: plan.endpoint_count(),
-            })
+            Ok(SyncReport::new(
+                false,
+                diff.ops.len(),
+                self.frontends,
+                plan.endpoint_count(),
+            ))
         }
 
         fn resync(&mut self, plan: &Plan) -> Result<SyncReport, FakeError> {
@@ -1262,12 +2114,12 @@ mod tests {
                 return Err(FakeError);
             }
             self.frontends = plan.frontends().count();
-            Ok(SyncReport {
-                full: true,
-                written: 7,
-                frontends: self.frontends,
-                endpoints: plan.endpoint_count(),
-            })
+            Ok(SyncReport::new(
+                true,
+                7,
+                self.frontends,
+                plan.endpoint_count(),
+            ))
         }
 
         fn cleanup(&mut self) -> Result<(), FakeError> {
@@ -1397,12 +2249,7 @@ mod tests {
         let addr = serve("127.0.0.1:0".parse().unwrap(), metrics.clone()).unwrap();
         let health = http_get(addr, "/healthz");
         assert!(health.starts_with("HTTP/1.1 503 "), "{health}");
-        let report = SyncReport {
-            full: true,
-            written: 12,
-            frontends: 2,
-            endpoints: 3,
-        };
+        let report = SyncReport::new(true, 12, 2, 3);
         metrics.sync_ok(Instant::now(), Duration::from_millis(3), &report, 1);
         let health = http_get(addr, "/healthz");
         assert!(health.starts_with("HTTP/1.1 200 OK\r\n"), "{health}");

@@ -622,7 +622,7 @@ fn reload_adds_redis_and_a_broken_edit_keeps_the_last_good_answer() {
     skip_unless_root!();
     skip_unless_tools!();
     // A file with an error from the start: reported with file, line and field; the other
-    // files load (the proxy's rules: a file that never loaded cleanly contributes nothing).
+    // objects load (the proxy's rules: an object that never loaded is left out).
     let mut lab = lab(|dir| {
         dir.write(
             "bad.yaml",

@@ -15,7 +15,7 @@ use svcnat_examples::testbed::{Testbed, TestbedSpec};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner, SyncError};
 
 fn cluster(services: &[&str]) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     for (i, name) in services.iter().enumerate() {
         c.upsert_service(service(
             name,

@@ -38,7 +38,7 @@ fn setup() -> Setup {
     )
     .unwrap();
     let n = tb.node(0).clone();
-    let mut cluster = Cluster::new();
+    let mut cluster = Cluster::simulated();
     cluster.upsert_node(Node {
         name: n.name.clone(),
         addresses: vec![IpAddr::V4(n.ip)],
@@ -56,13 +56,10 @@ fn setup() -> Setup {
     let mut sel = BTreeMap::new();
     sel.insert("app".to_string(), "web".to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
-    svc.ports.push(ServicePort {
-        name: String::new(),
-        protocol: Protocol::Tcp,
-        port: 80,
-        target_port: TargetPort::Number(8080),
-        node_port: Some(NODE_PORT),
-        app_protocol: None,
+    svc.ports.push({
+        let mut sp = ServicePort::new("", Protocol::Tcp, 80, TargetPort::Number(8080));
+        sp.node_port = Some(NODE_PORT);
+        sp
     });
     cluster.upsert_service(svc);
     let dp = Userspace::start(UserspaceConfig {
@@ -82,7 +79,7 @@ fn setup() -> Setup {
         vec!["10.244.0.0/16".parse().unwrap()],
     );
     let mut agent = NodeAgent::new(ctx, dp);
-    agent.apply(&cluster).unwrap();
+    agent.sync(&cluster).unwrap();
     let node_mac = tb.mac(tb.ns_of_node(0), "eth0").unwrap();
     let client_mac = tb.mac(tb.ns_of_client(0), "eth0").unwrap();
     Setup {

@@ -87,13 +87,10 @@ fn service(
     let mut sel = BTreeMap::new();
     sel.insert("app".to_string(), name.to_string());
     s.selector = Some(LabelSelector::from_labels(sel));
-    s.ports.push(ServicePort {
-        name: String::new(),
-        protocol: proto,
-        port,
-        target_port: TargetPort::Number(target),
-        node_port,
-        app_protocol: None,
+    s.ports.push({
+        let mut sp = ServicePort::new("", proto, port, TargetPort::Number(target));
+        sp.node_port = node_port;
+        sp
     });
     edit(&mut s);
     c.upsert_service(s);
@@ -101,7 +98,7 @@ fn service(
 
 /// The fixture cluster (see the module docs).
 pub fn cluster() -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     let v4 = |a, b, c2, d| Ipv4Addr::new(a, b, c2, d);
     service(
         &mut c,

@@ -125,24 +125,26 @@ pub(crate) fn service(i: u8, s: &SvcSpec) -> Service {
         svc.selector = Some(LabelSelector::from_labels(l));
     }
     for p in 0..s.ports {
-        svc.ports.push(ServicePort {
-            name: if s.ports > 1 {
-                format!("p{p}")
-            } else {
-                String::new()
-            },
-            protocol: if s.udp && p == 1 {
-                Protocol::Udp
-            } else {
-                Protocol::Tcp
-            },
-            port: 80 + u16::from(p),
-            target_port: TargetPort::Number(8080 + u16::from(p)),
-            node_port: svc
+        svc.ports.push({
+            let mut sp = ServicePort::new(
+                if s.ports > 1 {
+                    format!("p{p}")
+                } else {
+                    String::new()
+                },
+                if s.udp && p == 1 {
+                    Protocol::Udp
+                } else {
+                    Protocol::Tcp
+                },
+                80 + u16::from(p),
+                TargetPort::Number(8080 + u16::from(p)),
+            );
+            sp.node_port = svc
                 .service_type
                 .has_node_ports()
-                .then_some(30000 + u16::from(i) * 10 + u16::from(p)),
-            app_protocol: None,
+                .then_some(30000 + u16::from(i) * 10 + u16::from(p));
+            sp
         });
     }
     if let Some(e) = s.external_ip {
@@ -227,7 +229,7 @@ pub(crate) fn node_ctx() -> NodeContext {
 
 /// A cluster built by applying `changes` to an empty one.
 pub(crate) fn cluster_from(changes: &[Change]) -> Cluster {
-    let mut c = Cluster::new();
+    let mut c = Cluster::simulated();
     for ch in changes {
         apply_change(&mut c, ch);
     }

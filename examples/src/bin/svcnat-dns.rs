@@ -8,9 +8,9 @@
 //! ```
 //!
 //! The manifests are read exactly as `svcnat-proxy` reads them (the same
-//! [`ManifestDir`]): every `*.yaml`/`*.yml` file in name order, polled every 250 ms, a file
-//! with errors reported on stderr with file, line and field while its last good text stays
-//! in force. Give both programs the same directory, `--default-namespace`,
+//! [`ManifestDir`]): every `*.yaml`/`*.yml`/`*.json` file in name order, polled every 250 ms,
+//! an invalid object reported on stderr with file, line and field while its last good
+//! version stays in force. Give both programs the same directory, `--default-namespace`,
 //! `--service-cidr` and `--pod-cidr`, and they allocate the same cluster IPs (explicit
 //! `clusterIP`s make it certain).
 //!
@@ -53,7 +53,7 @@ const POLL_INTERVAL: Duration = Duration::from_millis(250);
     about = "The svcnat cluster DNS server: Service and Pod names from a manifest directory"
 )]
 struct Args {
-    /// Directory of manifests (*.yaml, *.yml), watched for changes.
+    /// Directory of manifests (*.yaml, *.yml, *.json), watched for changes.
     #[arg(long, value_name = "DIR")]
     manifests: PathBuf,
     /// Where to serve UDP and TCP (repeatable).
@@ -97,10 +97,12 @@ fn run(args: Args) -> Result<(), String> {
         .map_err(|e| format!("cannot handle SIGTERM/SIGINT: {e}"))?;
 
     let cluster = args.cluster.config();
-    let discovery = DiscoveryConfig {
-        cluster_domain: args.cluster_domain,
-        ttl: args.ttl,
-        pod_records: !args.no_pod_records,
+    let discovery = {
+        let mut dc = DiscoveryConfig::default();
+        dc.cluster_domain = args.cluster_domain;
+        dc.ttl = args.ttl;
+        dc.pod_records = !args.no_pod_records;
+        dc
     };
     let dir_name = args.manifests.display().to_string();
     let mut dir = ManifestDir::open(&args.manifests, cluster)

@@ -8,10 +8,10 @@
 //! svcnat-proxy --cleanup [--backend ipvs|userspace]
 //! ```
 //!
-//! The directory's `*.yaml` and `*.yml` files are polled every 200 ms; a file added, edited
-//! or removed is applied within a second (changes within `--min-sync-period` of the last
-//! sync are batched into one). A file with an error is reported on stderr with file, line
-//! and field, and its last good text stays in force. Everything is rewritten every
+//! The directory's `*.yaml`, `*.yml` and `*.json` files are polled every 200 ms; a file
+//! added, edited or removed is applied within a second (changes within `--min-sync-period`
+//! of the last sync are batched into one). An invalid object is reported on stderr with
+//! file, line and field, and its last good version stays in force (per object). Everything is rewritten every
 //! `--sync-period` to repair drift. `ready` is printed on stdout after the first successful
 //! sync. SIGTERM or SIGINT stops the proxy and leaves its rules in place, as kube-proxy
 //! does; `--cleanup` removes them (with both iptables flavours unless one is named).
@@ -73,7 +73,7 @@ struct Args {
     /// The dataplane.
     #[arg(long, value_enum, default_value_t = Backend::Iptables)]
     backend: Backend,
-    /// Directory of manifests (*.yaml, *.yml), watched for changes.
+    /// Directory of manifests (*.yaml, *.yml, *.json), watched for changes.
     #[arg(long, value_name = "DIR", required_unless_present = "cleanup")]
     manifests: Option<PathBuf>,
     /// This node's name, which decides which endpoints are local [default: the hostname].
