@@ -700,6 +700,34 @@ fn canonical_api_version(kind: &str, api_version: &str) -> Option<&'static str> 
     }
 }
 
+/// Kinds the API server keeps outside namespaces (`kubectl api-resources --namespaced=false`,
+/// the built-in ones): their objects are named without a namespace, in errors and in the
+/// skipped-kinds report alike.
+const CLUSTER_SCOPED_KINDS: &[&str] = &[
+    "APIService",
+    "CSIDriver",
+    "CSINode",
+    "CertificateSigningRequest",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ComponentStatus",
+    "CustomResourceDefinition",
+    "FlowSchema",
+    "IngressClass",
+    "MutatingWebhookConfiguration",
+    "Namespace",
+    "Node",
+    "PersistentVolume",
+    "PriorityClass",
+    "PriorityLevelConfiguration",
+    "RuntimeClass",
+    "StorageClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "ValidatingWebhookConfiguration",
+    "VolumeAttachment",
+];
+
 fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &ClusterConfig) {
     let source = Source {
         file: file.to_string(),
@@ -762,7 +790,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             .unwrap_or("")
             .to_string()
     };
-    let cluster_scoped = matches!(kind, "Namespace" | "Node" | "List");
+    let cluster_scoped = kind == "List" || CLUSTER_SCOPED_KINDS.contains(&kind);
     let object = ObjectRef {
         kind: kind.to_string(),
         namespace: if cluster_scoped {

@@ -58,10 +58,15 @@ fn the_deployment_manifests_are_valid_and_expand() {
     // Only the RBAC kinds are skipped (svcnat does not read them).
     for w in &m.warnings {
         match &w.error {
-            ValidateError::UnsupportedKind(k) => assert!(
-                ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&k.as_str()),
-                "{w}"
-            ),
+            ValidateError::UnsupportedKind(k) => {
+                assert!(
+                    ["ServiceAccount", "ClusterRole", "ClusterRoleBinding"].contains(&k.as_str()),
+                    "{w}"
+                );
+                // Cluster-scoped kinds are named without a namespace.
+                let ns = &w.object.as_ref().expect("object").namespace;
+                assert_eq!(ns.is_empty(), k.starts_with("Cluster"), "{w}");
+            }
             _ => panic!("unexpected warning: {w}"),
         }
     }
