@@ -1,20 +1,31 @@
 //! The cluster DNS server behind `svcnat-dns`: [`core::discovery`](svcnat_core::discovery)
-//! answers on the wire.
+//! answers on the wire, and what the cluster does not answer forwarded upstream for allowed
+//! clients.
 //!
-//! Two layers, each usable alone:
+//! Layers, each usable alone:
 //! - [`handle_query`] is sans-IO: one DNS message in (bytes from a UDP datagram or a TCP
 //!   frame without its length prefix), at most one message out. It parses with
 //!   `hickory-proto`, asks a [`Resolver`], and builds the response: id, opcode and RD
 //!   copied, QR set, AA for names in our zones (the cluster domain and the reverse zones),
-//!   RA clear (we never recurse). NXDOMAIN and NODATA carry the zone's SOA; names outside
-//!   our zones are REFUSED (no open resolver). UDP responses that do not fit 512 bytes, or
-//!   the client's EDNS payload size, lose the additional section and then everything but
-//!   the question, with TC set (RFC 2181 section 9).
+//!   RA clear. NXDOMAIN and NODATA carry the zone's SOA; names outside our zones are
+//!   REFUSED (no open resolver). UDP responses that do not fit 512 bytes, or the client's
+//!   EDNS payload size, lose the additional section and then everything but the question,
+//!   with TC set (RFC 2181 section 9).
+//! - [`handle_query_step`] is the same with recursion allowed for the client: RA set, and
+//!   a [`Step::Forward`] with a [`Pending`] query for names outside our zones, reverse
+//!   names the cluster lacks, and ExternalName targets outside the cluster. [`Pending`]
+//!   builds the upstream query, checks the answer ([`Pending::accepts`]: id and question)
+//!   and turns it into the client's response (still sans-IO).
+//! - [`forward::Forwarder`] sends pending queries upstream (random ids and source ports,
+//!   UDP then TCP on truncation, a bounded table of queries in flight, a timeout).
+//! - [`rrl::RateLimiter`] is the pure response-rate limiter (token bucket per client
+//!   network, bounded table, slip).
 //! - [`Server`] owns the current [`Resolver`] behind an `RwLock<Arc<_>>`: a query holds
 //!   the lock only to clone the `Arc`, a reload only to swap it, so reloads never stall
 //!   queries. [`Server::serve_udp`] and [`Server::serve_tcp`] are the blocking socket
 //!   loops (std only; TCP frames carry the 2-byte length, several queries per connection,
-//!   an idle timeout).
+//!   an idle timeout); with a forwarder, UDP workers hand forwarded queries over and go
+//!   on, and every UDP response is charged to the rate limiter first.
 //!
 //! The manifests come from the proxy's [`ManifestDir`](crate::proxy::ManifestDir), so the
 //! DNS server and the proxy apply the same files by the same rules (an invalid object

@@ -98,9 +98,9 @@ struct Args {
     /// Threads per UDP socket [default: one per CPU, at most 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     udp_workers: Option<u16>,
-    /// Forward names outside the cluster to this server (ADDR[:PORT], port 53 by
-    /// default), or to the nameservers of this resolv.conf file (repeatable) [default:
-    /// forwarding off].
+    /// Forward names outside the cluster to this server (an address, with a port or 53),
+    /// or to the nameservers of this resolv.conf file (repeatable) [default: forwarding
+    /// off].
     #[arg(long, value_name = "ADDR[:PORT]|FILE")]
     upstream: Vec<String>,
     /// How long a forwarded query may wait for the upstreams before SERVFAIL.
@@ -372,6 +372,10 @@ mod tests {
         assert_eq!(a.upstream_timeout, Duration::from_secs(2));
         assert_eq!(a.rrl_responses_per_second, 100);
         assert_eq!((a.rrl_burst, a.rrl_slip), (None, 2));
+        assert_eq!(
+            usize::from(a.upstream_max_in_flight),
+            forward::DEFAULT_MAX_IN_FLIGHT
+        );
         assert!(a.allow_recursion.is_empty());
         let a = Args::try_parse_from([
             "svcnat-dns",

@@ -464,6 +464,20 @@ options ndots:2
             parse_upstream("2001:db8::1").unwrap(),
             ["[2001:db8::1]:53".parse().unwrap()]
         );
+        let file = std::env::temp_dir().join(format!("svcnat-resolv-{}.conf", std::process::id()));
+        std::fs::write(&file, "nameserver 192.0.2.53\nnameserver 192.0.2.54\n").unwrap();
+        let got = parse_upstream(&file.display().to_string());
+        std::fs::write(&file, "search example\n").unwrap();
+        let none = parse_upstream(&file.display().to_string());
+        let _ = std::fs::remove_file(&file);
+        assert_eq!(
+            got.unwrap(),
+            [
+                "192.0.2.53:53".parse().unwrap(),
+                "192.0.2.54:53".parse().unwrap()
+            ]
+        );
+        assert!(none.unwrap_err().ends_with("no `nameserver` line"));
         let err = parse_upstream("/nonexistent/resolv.conf").unwrap_err();
         assert!(
             err.starts_with("--upstream /nonexistent/resolv.conf: neither"),
