@@ -836,3 +836,97 @@ pub(crate) fn now_rfc3339() -> String {
 pub(crate) fn in_namespace(key: &str, namespace: Option<&str>) -> bool {
     namespace.is_none_or(|ns| namespace_of_key(key) == ns)
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn svc(name: &str, spec: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "ns"}, "spec": spec})
+    }
+
+    #[test]
+    fn an_update_that_changes_nothing_commits_nothing() {
+        let mut store = Store::new(100, 10);
+        let (first, written) = store
+            .apply(svc("web", json!({"ports": [{"port": 80}]})))
+            .unwrap();
+        assert!(written);
+        assert_eq!(first["metadata"]["resourceVersion"], "101");
+        let (again, written) = store
+            .apply(svc("web", json!({"ports": [{"port": 80}]})))
+            .unwrap();
+        assert!(!written);
+        assert_eq!(store.rv, 101);
+        assert_eq!(again, first);
+        let (changed, written) = store
+            .apply(svc("web", json!({"ports": [{"port": 81}]})))
+            .unwrap();
+        assert!(written);
+        assert_eq!(changed["metadata"]["generation"], 2);
+        assert_eq!(changed["metadata"]["uid"], first["metadata"]["uid"]);
+        assert_eq!(
+            changed["spec"]["clusterIP"], first["spec"]["clusterIP"],
+            "allocated IP kept"
+        );
+    }
+
+    #[test]
+    fn node_ports_are_allocated_once_and_kept() {
+        let mut store = Store::new(1, 10);
+        let spec =
+            json!({"type": "NodePort", "ports": [{"port": 80}, {"port": 53, "protocol": "UDP"}]});
+        let (a, _) = store.apply(svc("a", spec.clone())).unwrap();
+        assert_eq!(a["spec"]["ports"][0]["nodePort"], 30000);
+        assert_eq!(a["spec"]["ports"][1]["nodePort"], 30001);
+        assert_eq!(a["spec"]["externalTrafficPolicy"], "Cluster");
+        let (b, _) = store.apply(svc("b", spec.clone())).unwrap();
+        assert_eq!(b["spec"]["ports"][0]["nodePort"], 30002);
+        let (a2, written) = store.apply(svc("a", spec)).unwrap();
+        assert!(!written, "same ports, same allocation: no change");
+        assert_eq!(a2["spec"]["ports"][1]["nodePort"], 30001);
+        let (h, _) = store.apply(svc("h", json!({"clusterIP": "None"}))).unwrap();
+        assert_eq!(h["spec"]["ipFamilyPolicy"], "RequireDualStack");
+        assert_eq!(h["spec"]["clusterIPs"], json!(["None"]));
+        let err = store
+            .apply(svc("x", json!({"clusterIP": "10.0.0.300"})))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("Service ns/x: spec.clusterIP"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn snapshots_rewind_and_history_is_bounded() {
+        let mut store = Store::new(10, 3);
+        store.apply(svc("a", json!({}))).unwrap(); // 11
+        store.apply(svc("b", json!({}))).unwrap(); // 12
+        store.delete("Service", "ns", "a").unwrap(); // 13
+        let at_12 = store.snapshot("services", 12).unwrap();
+        assert_eq!(at_12.keys().collect::<Vec<_>>(), ["ns/a", "ns/b"]);
+        let now = store.snapshot("services", 13).unwrap();
+        assert_eq!(now.keys().collect::<Vec<_>>(), ["ns/b"]);
+        store.apply(svc("c", json!({}))).unwrap(); // 14: the change at 11 falls out
+        assert_eq!(store.compacted, 11);
+        assert!(store.snapshot("services", 10).is_err());
+        assert_eq!(
+            store
+                .changes_after(11)
+                .unwrap()
+                .map(|c| c.rv)
+                .collect::<Vec<_>>(),
+            [12, 13, 14]
+        );
+        store.compact();
+        assert_eq!(store.compacted, 15);
+        assert_eq!(
+            store.changes_after(14).err(),
+            Some(Expired {
+                asked: 14,
+                oldest: 15
+            })
+        );
+    }
+}
