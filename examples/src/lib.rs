@@ -4,6 +4,8 @@
 //! - [`agent`]: the node loop, which lives in `svcnat-core` (re-exported here).
 //! - [`cli`]: flags the programs share.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
+//! - [`fakeapi`]: a fake Kubernetes API server (HTTPS, list/watch as kube-rs uses them)
+//!   for tests of the programs that follow an API server.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
 //!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
@@ -16,6 +18,7 @@ pub use svcnat_core::agent;
 pub mod cli;
 pub mod conformance;
 pub mod dns;
+pub mod fakeapi;
 pub mod lab;
 pub mod proxy;
 pub mod testbed;
