@@ -14,6 +14,59 @@
 //! - [`driver`] applies rules with `iptables-restore --noflush` (legacy or nft flavour),
 //!   reconciles with `iptables-save`, and implements [`svcnat_core::plan::Dataplane`].
 
+//!
+//! Render a plan as `iptables-restore` input, and trace a packet through the rules:
+//!
+//! ```
+//! use std::net::IpAddr;
+//! use svcnat_core::manifest::{ClusterConfig, Manifests};
+//! use svcnat_core::model::Protocol;
+//! use svcnat_core::plan::{NodeContext, Plan};
+//! use svcnat_iptables::render::Ruleset;
+//! use svcnat_iptables::trace::{Hook, Packet, RecentTable, Tracer, Verdict};
+//!
+//! let yaml = "\
+//! apiVersion: v1
+//! kind: Service
+//! metadata: {name: web, namespace: default}
+//! spec:
+//!   clusterIP: 10.96.0.80
+//!   selector: {app: web}
+//!   ports: [{port: 80, targetPort: 8080}]
+//! ---
+//! apiVersion: v1
+//! kind: Pod
+//! metadata: {name: web-0, namespace: default, labels: {app: web}}
+//! spec: {nodeName: node-1, containers: [{name: web, image: nginx}]}
+//! status: {podIP: 10.244.1.5}
+//! ";
+//! let config = ClusterConfig::default();
+//! let mut m = Manifests::from_files([("web.yaml", yaml)], &config);
+//! let cluster = m.build(&config);
+//! let node_ip: IpAddr = "192.168.50.11".parse()?;
+//! let node = NodeContext::new("node-1", vec![node_ip], vec!["10.244.0.0/16".parse()?]);
+//! let plan = Plan::compile(&cluster, &node);
+//!
+//! // What `iptables-restore --noflush` would be given.
+//! let rules = Ruleset::new(&plan);
+//! let text = rules.full_restore();
+//! assert!(text.contains("-j DNAT --to-destination 10.244.1.5:8080"));
+//!
+//! // A pod connecting to the ClusterIP is translated to the only endpoint.
+//! let tracer = Tracer::new(&rules, vec![node_ip])?;
+//! let pkt = Packet {
+//!     src: "10.244.2.9".parse()?,
+//!     src_port: 40000,
+//!     dst: "10.96.0.80".parse()?,
+//!     dst_port: 80,
+//!     protocol: Protocol::Tcp,
+//! };
+//! let trace = tracer.trace(&pkt, Hook::Prerouting, &mut || 0.5, &mut RecentTable::new(), 0)?;
+//! assert_eq!(trace.verdict, Verdict::Dnat("10.244.1.5:8080".parse()?));
+//! assert!(trace.visited("KUBE-SERVICES"));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
 pub mod driver;
 pub mod render;
 pub mod trace;

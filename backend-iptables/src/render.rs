@@ -784,6 +784,103 @@ fn reject_target(family: IpFamily) -> &'static str {
     }
 }
 
+/// What every part of one Service port's rendering needs: its names, frontends, sets and
+/// the node facts, gathered once.
+struct UnitCx<'a> {
+    node: &'a NodeContext,
+    family: IpFamily,
+    spn: &'a ServicePortName,
+    /// The Service port as comments spell it (`ns/name:port`).
+    name: String,
+    ext_chain: String,
+    fw_chain: String,
+    fes: Vec<(FrontendKey, &'a Frontend)>,
+    sets: BTreeMap<&'a BackendSetId, &'a BackendSet>,
+    /// kube-proxy's local detector: the first cluster CIDR of the family.
+    cluster_cidr: Option<String>,
+    affinity: Option<u32>,
+    /// The first external frontend: it decides the `KUBE-EXT-` chain.
+    ext_fe: Option<&'a Frontend>,
+    /// "usesExternalTrafficChain := hasEndpoints && svcInfo.ExternallyAccessible()"
+    uses_ext: bool,
+    /// The source ranges of the first firewalled load balancer frontend.
+    fw_ranges: Vec<IpNet>,
+    /// Whether a `KUBE-FW-` chain is rendered.
+    uses_fw: bool,
+}
+
+impl<'a> UnitCx<'a> {
+    fn new(
+        plan: &'a Plan,
+        family: IpFamily,
+        spn: &'a ServicePortName,
+        keys: &[FrontendKey],
+        set_ids: &'a [BackendSetId],
+    ) -> UnitCx<'a> {
+        let node = plan.node();
+        let style = node.chain_ids;
+        let hash = spn.chain_hash(style);
+        let fes: Vec<(FrontendKey, &Frontend)> = keys
+            .iter()
+            .filter_map(|k| plan.frontend(k).map(|f| (*k, f.as_ref())))
+            .collect();
+        let sets = set_ids
+            .iter()
+            .filter_map(|id| plan.backend_set(id).map(|s| (id, s.as_ref())))
+            .collect();
+        let cluster_cidr = node
+            .cluster_cidrs
+            .iter()
+            .find(|n| {
+                matches!(
+                    (n, family),
+                    (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
+                )
+            })
+            .map(|n| n.trunc().to_string());
+        let affinity = fes.iter().find_map(|(_, f)| f.affinity_timeout);
+        let ext_fe = fes
+            .iter()
+            .find(|(k, _)| k.kind.is_external())
+            .map(|(_, f)| *f);
+        let fw_ranges: Vec<IpNet> = fes
+            .iter()
+            .find(|(k, f)| k.kind == FrontendKind::LoadBalancer && !f.source_ranges.is_empty())
+            .map(|(_, f)| f.source_ranges.clone())
+            .unwrap_or_default();
+        let mut cx = UnitCx {
+            node,
+            family,
+            spn,
+            name: spn.spelled(style),
+            ext_chain: format!("KUBE-EXT-{hash}"),
+            fw_chain: format!("KUBE-FW-{hash}"),
+            fes,
+            sets,
+            cluster_cidr,
+            affinity,
+            ext_fe,
+            uses_ext: false,
+            fw_ranges,
+            uses_fw: false,
+        };
+        cx.uses_ext = ext_fe.is_some_and(|f| {
+            cx.usable(&f.backends).is_some()
+                || f.local_shortcut
+                    .as_ref()
+                    .is_some_and(|s| cx.usable(s).is_some())
+        });
+        cx.uses_fw = cx.uses_ext && !cx.fw_ranges.is_empty();
+        cx
+    }
+
+    /// A set with no endpoint that can take a new connection gets no chain; its frontends
+    /// REJECT or DROP in the filter table instead.
+    fn usable(&self, id: &BackendSetId) -> Option<&'a BackendSet> {
+        self.sets.get(id).copied().filter(|s| !s.is_empty())
+    }
+}
+
 /// Renders one Service port's chains and shared rules from its frontends and sets.
 ///
 /// The plan gives all external frontends of a Service port the same backend set, shortcut
@@ -797,320 +894,319 @@ fn render_unit(
     keys: Vec<FrontendKey>,
     set_ids: Vec<BackendSetId>,
 ) -> Unit {
-    let node = plan.node();
-    let style = node.chain_ids;
-    let name = spn.spelled(style);
-    let hash = spn.chain_hash(style);
-    let ext_chain = format!("KUBE-EXT-{hash}");
-    let fw_chain = format!("KUBE-FW-{hash}");
-    let fes: Vec<(FrontendKey, &Frontend)> = keys
-        .iter()
-        .filter_map(|k| plan.frontend(k).map(|f| (*k, f.as_ref())))
-        .collect();
-    let sets: BTreeMap<&BackendSetId, &BackendSet> = set_ids
-        .iter()
-        .filter_map(|id| plan.backend_set(id).map(|s| (id, s.as_ref())))
-        .collect();
-    // A set with no endpoint that can take a new connection gets no chain; its frontends
-    // REJECT or DROP in the filter table instead.
-    let usable = |id: &BackendSetId| sets.get(id).copied().filter(|s| !s.is_empty());
-    // kube-proxy's local detector: the first cluster CIDR of the family.
-    let cluster_cidr: Option<String> = node
-        .cluster_cidrs
-        .iter()
-        .find(|n| {
-            matches!(
-                (n, family),
-                (IpNet::V4(_), IpFamily::V4) | (IpNet::V6(_), IpFamily::V6)
-            )
-        })
-        .map(|n| n.trunc().to_string());
-    let affinity = fes.iter().find_map(|(_, f)| f.affinity_timeout);
-
+    let cx = UnitCx::new(plan, family, spn, &keys, &set_ids);
     let mut shared: [Vec<String>; SHARED] = Default::default();
-    // Chains of the referenced, non-empty sets; first the cluster IP masquerade rules.
+    // Chains of the referenced, usable sets, in id order; first the cluster IP masquerade
+    // rules that the frontends put there.
     let mut set_rules: BTreeMap<&BackendSetId, Vec<String>> = BTreeMap::new();
-    for (_, f) in &fes {
+    for (_, f) in &cx.fes {
         for id in std::iter::once(&f.backends).chain(f.local_shortcut.as_ref()) {
-            if usable(id).is_some() {
+            if cx.usable(id).is_some() {
                 set_rules.entry(id).or_default();
             }
         }
     }
-
-    let ext_fe = fes
-        .iter()
-        .find(|(k, _)| k.kind.is_external())
-        .map(|(_, f)| *f);
-    // "usesExternalTrafficChain := hasEndpoints && svcInfo.ExternallyAccessible()"
-    let uses_ext = ext_fe.is_some_and(|f| {
-        usable(&f.backends).is_some()
-            || f.local_shortcut
-                .as_ref()
-                .is_some_and(|s| usable(s).is_some())
-    });
-    let fw_ranges: Vec<IpNet> = fes
-        .iter()
-        .find(|(k, f)| k.kind == FrontendKind::LoadBalancer && !f.source_ranges.is_empty())
-        .map(|(_, f)| f.source_ranges.clone())
-        .unwrap_or_default();
-    let uses_fw = uses_ext && !fw_ranges.is_empty();
-
-    for (k, f) in &fes {
-        let target = usable(&f.backends);
-        let (empty_comment, empty_target) = match f.on_empty {
-            EmptyAction::Reject => (format!("{name} has no endpoints"), reject_target(family)),
-            EmptyAction::Drop => (format!("{name} has no local endpoints"), "DROP"),
-        };
-        let addr = host(k.addr);
-        let empty_rule = || {
-            Rule::new()
-                .dst(&addr)
-                .proto(k.protocol)
-                .comment(&empty_comment)
-                .dport(k.protocol, k.port)
-                .jump(empty_target)
-        };
-        let nat_rule = |comment: &str, chain: &str| {
-            Rule::new()
-                .dst(&addr)
-                .proto(k.protocol)
-                .comment(comment)
-                .dport(k.protocol, k.port)
-                .jump(chain)
-        };
-        match k.kind {
-            FrontendKind::ClusterIp => match target {
-                Some(s) => {
-                    let comment = format!("{name} cluster IP");
-                    let masq = match (f.masquerade, &cluster_cidr) {
-                        (Masquerade::Always, _) => Some(Rule::new()),
-                        // Off-cluster traffic to a cluster IP "might bounce off-node, we
-                        // masquerade here".
-                        (Masquerade::OffCluster, Some(cidr)) => Some(Rule::new().src(true, cidr)),
-                        _ => None,
-                    };
-                    if let Some(r) = masq {
-                        let rule = r
-                            .dst(&addr)
-                            .proto(k.protocol)
-                            .comment(&comment)
-                            .dport(k.protocol, k.port)
-                            .jump(MARK_MASQ_CHAIN);
-                        set_rules.entry(&f.backends).or_default().push(rule);
-                    }
-                    shared[NAT_SERVICES].push(nat_rule(&comment, &set_chain(s)));
-                }
-                None => shared[FILTER_SERVICES].push(empty_rule()),
-            },
-            FrontendKind::ExternalIp => {
-                if uses_ext {
-                    shared[NAT_SERVICES].push(nat_rule(&format!("{name} external IP"), &ext_chain));
-                }
-                if target.is_none() {
-                    shared[FILTER_EXTERNAL].push(empty_rule());
-                }
-            }
-            FrontendKind::LoadBalancer => {
-                if uses_ext {
-                    let firewalled = uses_fw && !f.source_ranges.is_empty();
-                    let chain = if firewalled { &fw_chain } else { &ext_chain };
-                    shared[NAT_SERVICES].push(nat_rule(&format!("{name} loadbalancer IP"), chain));
-                    if firewalled {
-                        // "If the packet was able to reach the end of firewall chain, then it
-                        // did not get DNATed, so it will match the KUBE-PROXY-FIREWALL rule."
-                        shared[FILTER_FIREWALL].push(
-                            Rule::new()
-                                .dst(&addr)
-                                .proto(k.protocol)
-                                .comment(&format!("{name} traffic not accepted by {fw_chain}"))
-                                .dport(k.protocol, k.port)
-                                .jump("DROP"),
-                        );
-                    }
-                }
-                if target.is_none() {
-                    shared[FILTER_EXTERNAL].push(empty_rule());
-                }
-            }
-            FrontendKind::NodePort => {
-                if uses_ext {
-                    shared[NAT_NODEPORTS].push(nat_rule(&name, &ext_chain));
-                }
-                if target.is_none() {
-                    shared[FILTER_EXTERNAL].push(empty_rule());
-                }
-            }
-        }
+    for (k, f) in &cx.fes {
+        frontend_rules(&cx, k, f, &mut shared, &mut set_rules);
     }
-
     let mut chains: Vec<(String, Vec<String>)> = Vec::new();
     let mut seps: Vec<(String, &PlanEndpoint)> = Vec::new();
     let mut sep_names: BTreeSet<String> = BTreeSet::new();
-    for (id, mut rules) in set_rules {
-        let Some(set) = usable(id) else { continue };
-        // p_i = w_i / sum_{j >= i} w_j; the last live endpoint takes the rest. Drained
-        // (zero weight) endpoints get no rule at all.
-        let live: Vec<(&PlanEndpoint, String, Probability)> = set
-            .endpoints
-            .iter()
-            .zip(set.probabilities())
-            .filter(|(e, _)| e.weight > 0)
-            .map(|(e, p)| (e, format!("KUBE-SEP-{}", set.endpoint_chain(style, e)), p))
-            .collect();
-        if let Some(t) = affinity {
-            for (ep, sep, _) in &live {
-                rules.push(
-                    Rule::new()
-                        .comment(&format!("{name} -> {}", ep.addr))
-                        .raw(&format!(
-                            "-m recent --rcheck --seconds {t} --reap --name {sep} --mask {} --rsource",
-                            recent_mask(family)
-                        ))
-                        .jump(sep),
-                );
-            }
-        }
-        for (ep, sep, p) in &live {
-            let r = Rule::new().comment(&format!("{name} -> {}", ep.addr));
-            let r = if p.is_one() {
-                r
-            } else {
-                r.raw(&format!(
-                    "-m statistic --mode random --probability {}",
-                    p.to_decimal(10)
-                ))
-            };
-            rules.push(r.jump(sep));
-        }
-        for (ep, sep, _) in live {
+    for (id, rules) in set_rules {
+        let Some(set) = cx.usable(id) else { continue };
+        let (rules, live) = service_chain(&cx, set, rules);
+        for (sep, ep) in live {
             if sep_names.insert(sep.clone()) {
                 seps.push((sep, ep));
             }
         }
         chains.push((set_chain(set), rules));
     }
-
-    if uses_ext && let Some(f) = ext_fe {
-        let mut rules = Vec::new();
-        let masq_comment = format!("masquerade traffic for {name} external destinations");
-        match (f.masquerade, &cluster_cidr) {
-            (Masquerade::Always, _) => {
-                rules.push(Rule::new().comment(&masq_comment).jump(MARK_MASQ_CHAIN));
-            }
-            (Masquerade::OffCluster, Some(cidr)) => rules.push(
-                Rule::new()
-                    .src(true, cidr)
-                    .comment(&masq_comment)
-                    .jump(MARK_MASQ_CHAIN),
-            ),
-            _ => {}
-        }
-        if let Some(s) = f.local_shortcut.as_ref().and_then(&usable) {
-            let short = set_chain(s);
-            // "Treat all locally-originated pod -> external destination traffic as a
-            // special-case. It is subject to neither form of traffic policy."
-            if let Some(cidr) = &cluster_cidr {
-                rules.push(
-                    Rule::new()
-                        .src(false, cidr)
-                        .comment(&format!("pod traffic for {name} external destinations"))
-                        .jump(&short),
-                );
-            }
-            // "Locally originated traffic (not a pod, but the host node) still needs
-            // masquerade because the LBIP itself is a local address."
-            rules.push(
-                Rule::new()
-                    .comment(&format!(
-                        "masquerade LOCAL traffic for {name} external destinations"
-                    ))
-                    .raw("-m addrtype --src-type LOCAL")
-                    .jump(MARK_MASQ_CHAIN),
-            );
-            rules.push(
-                Rule::new()
-                    .comment(&format!(
-                        "route LOCAL traffic for {name} external destinations"
-                    ))
-                    .raw("-m addrtype --src-type LOCAL")
-                    .jump(&short),
-            );
-        }
-        if let Some(t) = usable(&f.backends) {
-            rules.push(Rule::new().jump(&set_chain(t)));
-        }
-        chains.push((ext_chain.clone(), rules));
+    if cx.uses_ext
+        && let Some(f) = cx.ext_fe
+    {
+        chains.push((cx.ext_chain.clone(), external_chain(&cx, f)));
     }
-
-    if uses_fw {
-        let mut rules = Vec::new();
-        let comment = format!("{name} loadbalancer IP");
-        for range in &fw_ranges {
-            rules.push(
-                Rule::new()
-                    .src(false, &range.trunc().to_string())
-                    .comment(&comment)
-                    .jump(&ext_chain),
-            );
-        }
-        // "For VIP-like LBs, the VIP is often added as a local address ... a request from
-        // a node to the VIP will ... loop back with the source IP set to the VIP."
-        let allow_from_node = fw_ranges
-            .iter()
-            .any(|n| node.node_ips.iter().any(|ip| n.contains(ip)));
-        if allow_from_node {
-            for (k, f) in &fes {
-                if k.kind == FrontendKind::LoadBalancer && !f.source_ranges.is_empty() {
-                    rules.push(
-                        Rule::new()
-                            .src(false, &host(k.addr))
-                            .comment(&comment)
-                            .jump(&ext_chain),
-                    );
-                }
-            }
-        }
-        rules.push(
-            Rule::new()
-                .comment(&format!(
-                    "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
-                ))
-                .end(),
-        );
-        chains.push((fw_chain, rules));
+    if cx.uses_fw {
+        chains.push((cx.fw_chain.clone(), firewall_chain(&cx)));
     }
-
     for (sep, ep) in seps {
-        let mut rules = Vec::new();
-        // Hairpin: an endpoint reaching itself through the Service is masqueraded, or it
-        // would answer itself directly.
-        rules.push(
-            Rule::new()
-                .src(false, &host(ep.addr.ip()))
-                .comment(&name)
-                .jump(MARK_MASQ_CHAIN),
-        );
-        let mut r = Rule::new().proto(spn.protocol).comment(&name);
-        if affinity.is_some() {
-            r = r.raw(&format!(
-                "-m recent --set --name {sep} --mask {} --rsource",
-                recent_mask(family)
-            ));
-        }
-        rules.push(
-            r.raw(&format!("-m {}", spn.protocol.as_lower()))
-                .jump(&format!("DNAT --to-destination {}", ep.addr)),
-        );
+        let rules = endpoint_chain(&cx, &sep, ep);
         chains.push((sep, rules));
     }
-
     Unit {
         frontends: keys,
         sets: set_ids,
         chains,
         shared,
     }
+}
+
+/// One frontend's rules in the shared chains: the jump from `KUBE-SERVICES` or
+/// `KUBE-NODEPORTS` to its chain, and its REJECT or DROP in the filter table when it has
+/// no usable endpoint; a cluster IP's masquerade rule goes first in its set's chain.
+fn frontend_rules<'a>(
+    cx: &UnitCx<'a>,
+    k: &FrontendKey,
+    f: &'a Frontend,
+    shared: &mut [Vec<String>; SHARED],
+    set_rules: &mut BTreeMap<&'a BackendSetId, Vec<String>>,
+) {
+    let name = &cx.name;
+    let target = cx.usable(&f.backends);
+    let (empty_comment, empty_target) = match f.on_empty {
+        EmptyAction::Reject => (format!("{name} has no endpoints"), reject_target(cx.family)),
+        EmptyAction::Drop => (format!("{name} has no local endpoints"), "DROP"),
+    };
+    let addr = host(k.addr);
+    let to_frontend = || Rule::new().dst(&addr).proto(k.protocol);
+    let empty_rule = || {
+        to_frontend()
+            .comment(&empty_comment)
+            .dport(k.protocol, k.port)
+            .jump(empty_target)
+    };
+    let nat_rule = |comment: &str, chain: &str| {
+        to_frontend()
+            .comment(comment)
+            .dport(k.protocol, k.port)
+            .jump(chain)
+    };
+    match k.kind {
+        FrontendKind::ClusterIp => match target {
+            Some(s) => {
+                let comment = format!("{name} cluster IP");
+                let masq = match (f.masquerade, &cx.cluster_cidr) {
+                    (Masquerade::Always, _) => Some(Rule::new()),
+                    // Off-cluster traffic to a cluster IP "might bounce off-node, we
+                    // masquerade here".
+                    (Masquerade::OffCluster, Some(cidr)) => Some(Rule::new().src(true, cidr)),
+                    _ => None,
+                };
+                if let Some(r) = masq {
+                    let rule = r
+                        .dst(&addr)
+                        .proto(k.protocol)
+                        .comment(&comment)
+                        .dport(k.protocol, k.port)
+                        .jump(MARK_MASQ_CHAIN);
+                    set_rules.entry(&f.backends).or_default().push(rule);
+                }
+                shared[NAT_SERVICES].push(nat_rule(&comment, &set_chain(s)));
+            }
+            None => shared[FILTER_SERVICES].push(empty_rule()),
+        },
+        FrontendKind::ExternalIp => {
+            if cx.uses_ext {
+                shared[NAT_SERVICES].push(nat_rule(&format!("{name} external IP"), &cx.ext_chain));
+            }
+            if target.is_none() {
+                shared[FILTER_EXTERNAL].push(empty_rule());
+            }
+        }
+        FrontendKind::LoadBalancer => {
+            if cx.uses_ext {
+                let firewalled = cx.uses_fw && !f.source_ranges.is_empty();
+                let chain = if firewalled {
+                    &cx.fw_chain
+                } else {
+                    &cx.ext_chain
+                };
+                shared[NAT_SERVICES].push(nat_rule(&format!("{name} loadbalancer IP"), chain));
+                if firewalled {
+                    // "If the packet was able to reach the end of firewall chain, then it
+                    // did not get DNATed, so it will match the KUBE-PROXY-FIREWALL rule."
+                    shared[FILTER_FIREWALL].push(
+                        to_frontend()
+                            .comment(&format!("{name} traffic not accepted by {}", cx.fw_chain))
+                            .dport(k.protocol, k.port)
+                            .jump("DROP"),
+                    );
+                }
+            }
+            if target.is_none() {
+                shared[FILTER_EXTERNAL].push(empty_rule());
+            }
+        }
+        FrontendKind::NodePort => {
+            if cx.uses_ext {
+                shared[NAT_NODEPORTS].push(nat_rule(name, &cx.ext_chain));
+            }
+            if target.is_none() {
+                shared[FILTER_EXTERNAL].push(empty_rule());
+            }
+        }
+    }
+}
+
+/// A `KUBE-SVC-`/`KUBE-SVL-` chain after the rules already in it: with ClientIP affinity,
+/// first a `recent` check per endpoint; then the probability cascade
+/// p_i = w_i / sum_{j >= i} w_j, the last live endpoint taking the rest. Drained (zero
+/// weight) endpoints get no rule at all. Also returns the live endpoints' `KUBE-SEP-`
+/// chains.
+fn service_chain<'a>(
+    cx: &UnitCx<'_>,
+    set: &'a BackendSet,
+    mut rules: Vec<String>,
+) -> (Vec<String>, Vec<(String, &'a PlanEndpoint)>) {
+    let name = &cx.name;
+    let style = cx.node.chain_ids;
+    let live: Vec<(&PlanEndpoint, String, Probability)> = set
+        .endpoints
+        .iter()
+        .zip(set.probabilities())
+        .filter(|(e, _)| e.weight > 0)
+        .map(|(e, p)| (e, format!("KUBE-SEP-{}", set.endpoint_chain(style, e)), p))
+        .collect();
+    if let Some(t) = cx.affinity {
+        for (ep, sep, _) in &live {
+            rules.push(
+                Rule::new()
+                    .comment(&format!("{name} -> {}", ep.addr))
+                    .raw(&format!(
+                        "-m recent --rcheck --seconds {t} --reap --name {sep} --mask {} --rsource",
+                        recent_mask(cx.family)
+                    ))
+                    .jump(sep),
+            );
+        }
+    }
+    for (ep, sep, p) in &live {
+        let r = Rule::new().comment(&format!("{name} -> {}", ep.addr));
+        let r = if p.is_one() {
+            r
+        } else {
+            r.raw(&format!(
+                "-m statistic --mode random --probability {}",
+                p.to_decimal(10)
+            ))
+        };
+        rules.push(r.jump(sep));
+    }
+    let seps = live.into_iter().map(|(ep, sep, _)| (sep, ep)).collect();
+    (rules, seps)
+}
+
+/// The `KUBE-EXT-` chain: masquerade external traffic as the frontend says, send pods' and
+/// the node's own traffic to the local shortcut when there is one, then the rest to the
+/// frontend's set.
+fn external_chain(cx: &UnitCx<'_>, f: &Frontend) -> Vec<String> {
+    let name = &cx.name;
+    let mut rules = Vec::new();
+    let masq_comment = format!("masquerade traffic for {name} external destinations");
+    match (f.masquerade, &cx.cluster_cidr) {
+        (Masquerade::Always, _) => {
+            rules.push(Rule::new().comment(&masq_comment).jump(MARK_MASQ_CHAIN));
+        }
+        (Masquerade::OffCluster, Some(cidr)) => rules.push(
+            Rule::new()
+                .src(true, cidr)
+                .comment(&masq_comment)
+                .jump(MARK_MASQ_CHAIN),
+        ),
+        _ => {}
+    }
+    if let Some(s) = f.local_shortcut.as_ref().and_then(|id| cx.usable(id)) {
+        let short = set_chain(s);
+        // "Treat all locally-originated pod -> external destination traffic as a
+        // special-case. It is subject to neither form of traffic policy."
+        if let Some(cidr) = &cx.cluster_cidr {
+            rules.push(
+                Rule::new()
+                    .src(false, cidr)
+                    .comment(&format!("pod traffic for {name} external destinations"))
+                    .jump(&short),
+            );
+        }
+        // "Locally originated traffic (not a pod, but the host node) still needs
+        // masquerade because the LBIP itself is a local address."
+        rules.push(
+            Rule::new()
+                .comment(&format!(
+                    "masquerade LOCAL traffic for {name} external destinations"
+                ))
+                .raw("-m addrtype --src-type LOCAL")
+                .jump(MARK_MASQ_CHAIN),
+        );
+        rules.push(
+            Rule::new()
+                .comment(&format!(
+                    "route LOCAL traffic for {name} external destinations"
+                ))
+                .raw("-m addrtype --src-type LOCAL")
+                .jump(&short),
+        );
+    }
+    if let Some(t) = cx.usable(&f.backends) {
+        rules.push(Rule::new().jump(&set_chain(t)));
+    }
+    rules
+}
+
+/// The `KUBE-FW-` chain: `loadBalancerSourceRanges` (and the node's own load balancer
+/// addresses, when a range holds a node IP) go on to `KUBE-EXT-`; the rest falls through
+/// to `KUBE-PROXY-FIREWALL`'s DROP.
+fn firewall_chain(cx: &UnitCx<'_>) -> Vec<String> {
+    let name = &cx.name;
+    let mut rules = Vec::new();
+    let comment = format!("{name} loadbalancer IP");
+    for range in &cx.fw_ranges {
+        rules.push(
+            Rule::new()
+                .src(false, &range.trunc().to_string())
+                .comment(&comment)
+                .jump(&cx.ext_chain),
+        );
+    }
+    // "For VIP-like LBs, the VIP is often added as a local address ... a request from
+    // a node to the VIP will ... loop back with the source IP set to the VIP."
+    let allow_from_node = cx
+        .fw_ranges
+        .iter()
+        .any(|n| cx.node.node_ips.iter().any(|ip| n.contains(ip)));
+    if allow_from_node {
+        for (k, f) in &cx.fes {
+            if k.kind == FrontendKind::LoadBalancer && !f.source_ranges.is_empty() {
+                rules.push(
+                    Rule::new()
+                        .src(false, &host(k.addr))
+                        .comment(&comment)
+                        .jump(&cx.ext_chain),
+                );
+            }
+        }
+    }
+    rules.push(
+        Rule::new()
+            .comment(&format!(
+                "other traffic to {name} will be dropped by KUBE-PROXY-FIREWALL"
+            ))
+            .end(),
+    );
+    rules
+}
+
+/// A `KUBE-SEP-` chain: hairpin masquerade, the affinity mark, and the DNAT.
+fn endpoint_chain(cx: &UnitCx<'_>, sep: &str, ep: &PlanEndpoint) -> Vec<String> {
+    let name = &cx.name;
+    let protocol = cx.spn.protocol;
+    // Hairpin: an endpoint reaching itself through the Service is masqueraded, or it
+    // would answer itself directly.
+    let hairpin = Rule::new()
+        .src(false, &host(ep.addr.ip()))
+        .comment(name)
+        .jump(MARK_MASQ_CHAIN);
+    let mut r = Rule::new().proto(protocol).comment(name);
+    if cx.affinity.is_some() {
+        r = r.raw(&format!(
+            "-m recent --set --name {sep} --mask {} --rsource",
+            recent_mask(cx.family)
+        ));
+    }
+    let dnat = r
+        .raw(&format!("-m {}", protocol.as_lower()))
+        .jump(&format!("DNAT --to-destination {}", ep.addr));
+    vec![hairpin, dnat]
 }
 
 fn borrow(changes: &[Change]) -> Vec<Item<'_>> {

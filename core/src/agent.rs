@@ -20,11 +20,11 @@
 //!     type Error = Infallible;
 //!     fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, Infallible> {
 //!         self.partial += 1;
-//!         Ok(SyncReport { full: false, written: diff.ops.len(), frontends: plan.frontends().count(), endpoints: plan.endpoint_count() })
+//!         Ok(SyncReport::of_plan(plan, false, diff.ops.len()))
 //!     }
 //!     fn resync(&mut self, plan: &Plan) -> Result<SyncReport, Infallible> {
 //!         self.full += 1;
-//!         Ok(SyncReport { full: true, written: 0, frontends: plan.frontends().count(), endpoints: plan.endpoint_count() })
+//!         Ok(SyncReport::of_plan(plan, true, 0))
 //!     }
 //!     fn cleanup(&mut self) -> Result<(), Infallible> { Ok(()) }
 //! }

@@ -32,6 +32,31 @@
 //!
 //! Like the rest of the crate this is pure: the zone serial is a hash of the zone's
 //! content, not a clock, and record order is the index order (the server may rotate it).
+//!
+//! ```
+//! use svcnat_core::discovery::{DiscoveryConfig, QueryType, Resolver, SearchConfig};
+//! use svcnat_core::manifest::{ClusterConfig, Manifests};
+//!
+//! let yaml = "\
+//! apiVersion: v1
+//! kind: Service
+//! metadata: {name: redis, namespace: instavote}
+//! spec: {clusterIP: 10.96.0.20, ports: [{name: redis, port: 6379}]}
+//! ";
+//! let config = ClusterConfig::default();
+//! let mut m = Manifests::from_files([("redis.yaml", yaml)], &config);
+//! let cluster = m.build(&config);
+//! let resolver = Resolver::new(&cluster, DiscoveryConfig::default());
+//!
+//! // A fully qualified name...
+//! let answer = resolver.query("redis.instavote.svc.cluster.local", QueryType::A);
+//! assert_eq!(answer.addresses(), ["10.96.0.20".parse::<std::net::IpAddr>()?]);
+//! // ...and `redis` as a Pod in namespace instavote looks it up (search list, ndots:5).
+//! let search = SearchConfig::for_pod("instavote", "cluster.local");
+//! let r = resolver.resolve("redis", QueryType::A, &search);
+//! assert_eq!(r.fqdn.as_deref(), Some("redis.instavote.svc.cluster.local."));
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};

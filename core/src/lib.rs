@@ -7,10 +7,28 @@
 //! [`discovery`] answers cluster DNS names from the same state, and [`describe`] renders
 //! `kubectl get/describe`-style views.
 //!
+//! The crate plays two roles, kept apart as they are on a cluster:
+//!
 //! ```text
-//! manifests ──manifest──► Cluster ──Plan::compile──► Plan ──Plan::diff──► PlanDiff ──► Dataplane
-//!                            └──discovery::Resolver (A/AAAA/SRV/PTR/CNAME)
+//!  API server (kube-rs watch) ── typed apply/delete (input) ──────────────┐ Services,
+//!                                                                         │ EndpointSlices,
+//!  manifests ── manifest (validate like the API server) ── controller ────┤ Nodes
+//!               workloads -> Pods, placement, IPs          Pods -> slices │
+//!                                                                         ▼
+//!                                  cluster::Cluster (journal of changed Services)
+//!                                     │                          │
+//!                   discovery::Resolver, describe     Plan::compile / Plan::update
+//!                                                                │ PlanDiff
+//!                                              agent::NodeAgent ──► Dataplane (backends)
 //! ```
+//!
+//! - **The proxy side** ([`cluster`], [`input`], [`plan`], [`select`], [`agent`]) reads what
+//!   kube-proxy reads: Services, EndpointSlices and Nodes. It never reads a selector:
+//!   endpoints come only from EndpointSlices, merged as kube-proxy's endpoint-slice cache
+//!   merges them.
+//! - **The controller side** ([`controller`], [`manifest`]) does what the control plane does
+//!   when there is none: workloads to Pods, placement and IPs, and Pods to EndpointSlices as
+//!   the EndpointSlice controller writes them. The lab, the sandbox and the tests live there.
 //!
 //! Nothing here performs I/O, reads a clock or draws random numbers: time and seeds are
 //! parameters, maps are ordered, and the same input always yields the same plan.

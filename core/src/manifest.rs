@@ -1,16 +1,28 @@
-//! Loading Kubernetes manifests: multi-document YAML in, a validated [`Cluster`] out.
+//! Loading Kubernetes manifests: multi-document YAML or JSON in, a validated [`Cluster`]
+//! out.
 //!
 //! Documents are decoded with the Kubernetes API types from `k8s-openapi`, so real
-//! manifests load unchanged, and YAML is read with `serde_yaml_ng` (a maintained fork of the
-//! archived `serde_yaml`, with the same data model and error locations). Each object is then
-//! validated the way the API server validates it. Every error names the file, line,
-//! document, object and field; an invalid object is left out and every other object still
-//! loads. The text comes in as a string: this module does no I/O.
+//! manifests load unchanged. YAML is read with `serde_yaml_ng` (a maintained fork of the
+//! archived `serde_yaml`, with the same data model and error locations); a file whose name
+//! ends in `.json` is read with `serde_json` as one object, a `List`, or a stream of
+//! objects, as kubectl reads it. Decoding is strict, like kubectl's default
+//! `--validate=strict`: a field the API type does not have refuses the object
+//! ("strict decoding error: unknown field ..."). Each object is then validated the way the
+//! API server validates it. Every error names the file, line, document, object and field;
+//! an invalid object is left out and every other object still loads. The text comes in as
+//! a string: this module does no I/O.
 //!
-//! Workloads (Deployment, ReplicaSet, ReplicationController) are expanded into Pods, as the
-//! controllers and the scheduler would: deterministic names, round-robin placement on the
-//! Nodes, and Pod IPs from each Node's pod CIDR. ClusterIPs and node ports that a manifest
+//! Workloads (Deployment, ReplicaSet, ReplicationController, StatefulSet, DaemonSet) are
+//! expanded into Pods, as the controllers and the scheduler would: deterministic names,
+//! round-robin placement on the Nodes (a StatefulSet's Pods are `name-0`, `name-1`, ...
+//! with per-Pod DNS names under `spec.serviceName`; a DaemonSet has one Pod per eligible
+//! Node), and Pod IPs from each Node's pod CIDR. ClusterIPs and node ports that a manifest
 //! leaves out are allocated deterministically from the configured ranges.
+//!
+//! The module's parts: reading text into documents (this file for YAML, `json` for JSON),
+//! the converters that validate one object each (`service` for Services, this file for the
+//! other kinds), and the Builder that expands, allocates and rejects clashes across
+//! objects.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -21,11 +33,15 @@ use k8s_openapi::api::apps::v1 as apps;
 use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::discovery::v1 as discovery;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde::de::DeserializeOwned;
 use sha2::{Digest, Sha256};
 
 use crate::model::*;
+
+mod json;
+mod service;
+
+use service::convert_service;
 
 /// Settings of the simulated cluster that manifests are loaded into.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -179,6 +195,16 @@ pub enum ValidateError {
     /// A field that is not allowed in this context.
     #[error("Forbidden: {0}")]
     Forbidden(String),
+    /// The document is not valid JSON (a `.json` file).
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// Fields the API type does not have (a typo, or a field removed from the API): the
+    /// API server's strict field validation, kubectl's default, refuses the object.
+    #[error(
+        "strict decoding error: {}",
+        .0.iter().map(|f| format!("unknown field {f:?}")).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownFields(Vec<String>),
 }
 
 /// One problem found while loading: where, which object, which field, what.
@@ -212,21 +238,30 @@ impl fmt::Display for LoadError {
     }
 }
 
-impl std::error::Error for LoadError {}
+impl std::error::Error for LoadError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.error)
+    }
+}
 
 /// A workload that creates Pods from a template.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// `Deployment`, `ReplicaSet` or `ReplicationController`.
+    /// `Deployment`, `ReplicaSet`, `ReplicationController`, `StatefulSet` or `DaemonSet`.
     pub kind: String,
     /// Namespace and name.
     pub name: ObjectName,
-    /// `spec.replicas`.
+    /// `spec.replicas` (a DaemonSet has none: one Pod per eligible Node).
     pub replicas: u32,
-    /// The Pod template; its name, IPs and node are filled in per replica.
+    /// The Pod template; its name, IPs and node are filled in per replica. A StatefulSet's
+    /// template carries `spec.serviceName` as its `subdomain`.
     pub template: Pod,
     /// Whether the template sets `spec.nodeName`.
     pub pinned_node: bool,
+    /// A StatefulSet's first ordinal (`spec.ordinals.start`); 0 for other kinds.
+    pub first_ordinal: u32,
+    /// The template's `spec.nodeSelector`, which a DaemonSet's Nodes must match.
+    pub node_selector: BTreeMap<String, String>,
 }
 
 /// A validated object with its origin.
@@ -249,7 +284,7 @@ pub enum Object {
     Service(Service),
     /// A Pod (its IP may still be unallocated).
     Pod(Pod),
-    /// A Deployment, ReplicaSet or ReplicationController.
+    /// A Deployment, ReplicaSet, ReplicationController, StatefulSet or DaemonSet.
     Workload(Workload),
     /// An EndpointSlice, or an Endpoints object converted to slices.
     Slices(Vec<EndpointSlice>),
@@ -271,8 +306,14 @@ pub struct Manifests {
 }
 
 impl Manifests {
-    /// Parses one file's text and appends its objects and errors.
+    /// Parses one file's text and appends its objects and errors. A file whose name ends
+    /// in `.json` is read as JSON (one object, a `List`, or a stream of objects), any
+    /// other as multi-document YAML.
     pub fn add_file(&mut self, file: &str, text: &str, config: &ClusterConfig) {
+        if is_json_file(file) {
+            json::add_file(self, file, text, config);
+            return;
+        }
         for doc in split_documents(text) {
             load_document(self, file, &doc, config);
         }
@@ -430,7 +471,7 @@ fn error_at(l: &Loaded, object: ObjectRef, field: String, error: ValidateError) 
     let src = &l.source;
     LoadError {
         file: src.file.clone(),
-        line: src.line + locate_field(&l.text, &field).unwrap_or(0),
+        line: src.line + locate(&src.file, &l.text, &field).unwrap_or(0),
         document: src.document,
         object: Some(object),
         field,
@@ -507,20 +548,7 @@ pub fn split_documents(text: &str) -> Vec<Document> {
 /// cannot follow give the deepest line it did find.
 pub fn locate_field(doc: &str, path: &str) -> Option<usize> {
     let lines: Vec<&str> = doc.lines().collect();
-    let mut segs = Vec::new();
-    for part in path.split('.') {
-        let (key, rest) = match part.find('[') {
-            Some(i) => (&part[..i], &part[i..]),
-            None => (part, ""),
-        };
-        if !key.is_empty() {
-            segs.push(Seg::Key(key));
-        }
-        for idx in rest.split('[').filter(|s| !s.is_empty()) {
-            let n = idx.trim_end_matches(']').parse().ok()?;
-            segs.push(Seg::Index(n));
-        }
-    }
+    let segs = path_segments(path)?;
     // (line index of the current node, indentation of its children must exceed this)
     let mut pos: Option<usize> = None;
     let mut parent_indent: isize = -1;
@@ -608,10 +636,30 @@ pub fn locate_field(doc: &str, path: &str) -> Option<usize> {
     pos
 }
 
+/// One step of a field path: a key, or an index into a list.
 #[derive(Clone, Copy)]
 enum Seg<'a> {
     Key(&'a str),
     Index(usize),
+}
+
+/// `spec.ports[1].nodePort` as its steps; `None` when an index is not a number.
+fn path_segments(path: &str) -> Option<Vec<Seg<'_>>> {
+    let mut segs = Vec::new();
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, rest) = match part.find('[') {
+            Some(i) => (&part[..i], &part[i..]),
+            None => (part, ""),
+        };
+        if !key.is_empty() {
+            segs.push(Seg::Key(key));
+        }
+        for idx in rest.split('[').filter(|s| !s.is_empty()) {
+            let n = idx.trim_end_matches(']').parse().ok()?;
+            segs.push(Seg::Index(n));
+        }
+    }
+    Some(segs)
 }
 
 fn indent_of(line: &str) -> (usize, &str) {
@@ -652,6 +700,34 @@ fn canonical_api_version(kind: &str, api_version: &str) -> Option<&'static str> 
     }
 }
 
+/// Kinds the API server keeps outside namespaces (`kubectl api-resources --namespaced=false`,
+/// the built-in ones): their objects are named without a namespace, in errors and in the
+/// skipped-kinds report alike.
+const CLUSTER_SCOPED_KINDS: &[&str] = &[
+    "APIService",
+    "CSIDriver",
+    "CSINode",
+    "CertificateSigningRequest",
+    "ClusterRole",
+    "ClusterRoleBinding",
+    "ComponentStatus",
+    "CustomResourceDefinition",
+    "FlowSchema",
+    "IngressClass",
+    "MutatingWebhookConfiguration",
+    "Namespace",
+    "Node",
+    "PersistentVolume",
+    "PriorityClass",
+    "PriorityLevelConfiguration",
+    "RuntimeClass",
+    "StorageClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+    "ValidatingWebhookConfiguration",
+    "VolumeAttachment",
+];
+
 fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &ClusterConfig) {
     let source = Source {
         file: file.to_string(),
@@ -666,26 +742,20 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
         field: String::new(),
         error,
     };
-    // The YAML scanner's cost grows with the square of the flow nesting depth, and any
-    // document nested deeper than the decoder's limit fails anyway: refuse it up front,
-    // with the decoder's own message.
-    if let Some(rel) = flow_nesting_over(&doc.text, MAX_FLOW_NESTING) {
-        m.errors.push(whole(
-            ValidateError::Yaml("recursion limit exceeded".into()),
-            doc.line + rel,
-            None,
-        ));
-        return;
-    }
-    let value: serde_yaml_ng::Value = match serde_yaml_ng::from_str(&doc.text) {
+    let is_json = is_json_file(file);
+    let parsed = if is_json {
+        json::parse_value(&doc.text)
+            .map_err(|(rel, message)| whole(ValidateError::Json(message), doc.line + rel, None))
+    } else {
+        parse_yaml(doc).map_err(|e| LoadError {
+            file: file.to_string(),
+            ..*e
+        })
+    };
+    let value = match parsed {
         Ok(v) => v,
         Err(e) => {
-            let line = doc.line
-                + e.location()
-                    .map(|l| l.line().saturating_sub(1))
-                    .unwrap_or(0);
-            m.errors
-                .push(whole(ValidateError::Yaml(strip_location(&e)), line, None));
+            m.errors.push(e);
             return;
         }
     };
@@ -720,7 +790,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             .unwrap_or("")
             .to_string()
     };
-    let cluster_scoped = matches!(kind, "Namespace" | "Node" | "List");
+    let cluster_scoped = kind == "List" || CLUSTER_SCOPED_KINDS.contains(&kind);
     let object = ObjectRef {
         kind: kind.to_string(),
         namespace: if cluster_scoped {
@@ -767,6 +837,28 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             .cloned()
             .unwrap_or_default();
         for (i, item) in items.into_iter().enumerate() {
+            if is_json {
+                // A JSON item is a slice of the List's text: its errors keep their lines.
+                let Some(span) = json::span(&doc.text, &format!("items[{i}]")) else {
+                    continue;
+                };
+                let before = m.errors.len();
+                let start = doc.text.get(..span.start).unwrap_or("");
+                let sub = Document {
+                    index: doc.index,
+                    line: doc.line + start.matches('\n').count(),
+                    text: doc.text.get(span).unwrap_or("").to_string(),
+                };
+                load_document(m, file, &sub, config);
+                for e in &mut m.errors[before..] {
+                    e.field = if e.field.is_empty() {
+                        format!("items[{i}]")
+                    } else {
+                        format!("items[{i}].{}", e.field)
+                    };
+                }
+                continue;
+            }
             match serde_yaml_ng::to_string(&item) {
                 Ok(text) => {
                     let before = m.errors.len();
@@ -794,18 +886,26 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
     }
     let mut text = std::borrow::Cow::Borrowed(doc.text.as_str());
     if let Some(canon) = canonical_api_version(kind, api_version) {
-        let rewritten: Vec<String> = doc
-            .text
-            .lines()
-            .map(|l| {
-                if l.starts_with("apiVersion:") {
-                    format!("apiVersion: {canon}")
-                } else {
-                    l.to_string()
-                }
-            })
-            .collect();
-        text = std::borrow::Cow::Owned(rewritten.join("\n"));
+        if is_json {
+            if let Some(span) = json::span(&doc.text, "apiVersion") {
+                let mut rewritten = doc.text.clone();
+                rewritten.replace_range(span, &format!("{canon:?}"));
+                text = std::borrow::Cow::Owned(rewritten);
+            }
+        } else {
+            let rewritten: Vec<String> = doc
+                .text
+                .lines()
+                .map(|l| {
+                    if l.starts_with("apiVersion:") {
+                        format!("apiVersion: {canon}")
+                    } else {
+                        l.to_string()
+                    }
+                })
+                .collect();
+            text = std::borrow::Cow::Owned(rewritten.join("\n"));
+        }
         m.warnings.push(LoadError {
             file: file.to_string(),
             line: doc.line,
@@ -817,6 +917,17 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 reason: format!("deprecated; read as {canon}"),
             },
         });
+    }
+    // YAML merge keys (`<<: *defaults`), which kubectl's YAML reader applies: the typed
+    // decoder would see `<<` as a field, so the merged document is decoded instead (its
+    // decode errors' lines are those of the merged text; validation errors still point
+    // into the original).
+    if !is_json
+        && doc.text.contains("<<")
+        && has_merge_key(&value)
+        && let Some(merged) = merge_keys(value.clone(), canonical_api_version(kind, api_version))
+    {
+        text = std::borrow::Cow::Owned(merged);
     }
     let ctx = Ctx {
         file,
@@ -870,6 +981,13 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                 ctx,
             )
         }),
+        "StatefulSet" => {
+            decode::<apps::StatefulSet>(&text, &ctx).map(|d| convert_stateful_set(d, ctx))
+        }
+        "DaemonSet" => decode::<apps::DaemonSet>(&text, &ctx).map(|d| {
+            warn_node_selector(m, &text, &ctx, &d);
+            convert_daemon_set(d, ctx)
+        }),
         "Endpoints" => decode::<corev1::Endpoints>(&text, &ctx).map(|e| convert_endpoints(e, ctx)),
         "EndpointSlice" => {
             decode::<discovery::EndpointSlice>(&text, &ctx).map(|e| convert_slice(e, ctx))
@@ -907,6 +1025,67 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
             }
         }
     }
+}
+
+/// Whether a YAML value holds a merge key (`<<`) anywhere.
+fn has_merge_key(value: &serde_yaml_ng::Value) -> bool {
+    use serde_yaml_ng::Value;
+    let mut stack = vec![value];
+    while let Some(v) = stack.pop() {
+        match v {
+            Value::Mapping(m) => {
+                if m.contains_key("<<") {
+                    return true;
+                }
+                stack.extend(m.values());
+            }
+            Value::Sequence(s) => stack.extend(s),
+            Value::Tagged(t) => stack.push(&t.value),
+            _ => {}
+        }
+    }
+    false
+}
+
+/// The document with its merge keys applied (and its apiVersion replaced, when it is read
+/// as another), as YAML text; `None` when a merge key is malformed.
+fn merge_keys(mut value: serde_yaml_ng::Value, api_version: Option<&str>) -> Option<String> {
+    value.apply_merge().ok()?;
+    if let (Some(v), Some(m)) = (api_version, value.as_mapping_mut()) {
+        m.insert("apiVersion".into(), v.into());
+    }
+    serde_yaml_ng::to_string(&value).ok()
+}
+
+/// Parses a YAML document into a generic value.
+fn parse_yaml(doc: &Document) -> Result<serde_yaml_ng::Value, Box<LoadError>> {
+    // The caller fills in the file.
+    let whole = |error, line| {
+        Box::new(LoadError {
+            file: String::new(),
+            line,
+            document: doc.index,
+            object: None,
+            field: String::new(),
+            error,
+        })
+    };
+    // The YAML scanner's cost grows with the square of the flow nesting depth, and any
+    // document nested deeper than the decoder's limit fails anyway: refuse it up front,
+    // with the decoder's own message.
+    if let Some(rel) = flow_nesting_over(&doc.text, MAX_FLOW_NESTING) {
+        return Err(whole(
+            ValidateError::Yaml("recursion limit exceeded".into()),
+            doc.line + rel,
+        ));
+    }
+    serde_yaml_ng::from_str(&doc.text).map_err(|e| {
+        let line = doc.line
+            + e.location()
+                .map(|l| l.line().saturating_sub(1))
+                .unwrap_or(0);
+        whole(ValidateError::Yaml(strip_location(&e)), line)
+    })
 }
 
 /// Flow collections (`[`, `{`) nested deeper than this are refused before decoding: the
@@ -1044,7 +1223,13 @@ fn strip_location(e: &serde_yaml_ng::Error) -> String {
 }
 
 fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadError>> {
-    serde_yaml_ng::from_str::<T>(text).map_err(|e| {
+    if is_json_file(ctx.file) {
+        return json::decode(text, ctx);
+    }
+    let mut unknown = Vec::new();
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    let decoded = serde_ignored::deserialize(de, |path| unknown.push(api_path(&path)));
+    let value = decoded.map_err(|e| {
         let rel = e
             .location()
             .map(|l| l.line().saturating_sub(1))
@@ -1071,7 +1256,61 @@ fn decode<T: DeserializeOwned>(text: &str, ctx: &Ctx<'_>) -> Result<T, Box<LoadE
             field,
             error: ValidateError::Decode(message),
         })
-    })
+    })?;
+    strict(unknown, ctx)?;
+    Ok(value)
+}
+
+/// Strict field validation, as `kubectl apply` asks of the API server by default
+/// (`--validate=strict`): "strict decoding error: unknown field \"spec.ipFamily\"" for
+/// every field the API type does not have; the object is refused. The error points at the
+/// first unknown field's line.
+fn strict(unknown: Vec<String>, ctx: &Ctx<'_>) -> Result<(), Box<LoadError>> {
+    let Some(first) = unknown.first() else {
+        return Ok(());
+    };
+    let field = first.clone();
+    let line = locate(ctx.file, &ctx.doc.text, &field)
+        .map(|l| ctx.doc.line + l)
+        .unwrap_or(ctx.doc.line);
+    Err(Box::new(LoadError {
+        file: ctx.file.to_string(),
+        line,
+        document: ctx.doc.index,
+        object: Some(ctx.object.clone()),
+        field,
+        error: ValidateError::UnknownFields(unknown),
+    }))
+}
+
+/// A path from `serde_ignored` in the API server's spelling: `spec.ports[0].name`.
+fn api_path(path: &serde_ignored::Path<'_>) -> String {
+    use serde_ignored::Path;
+    match path {
+        Path::Root => String::new(),
+        Path::Seq { parent, index } => format!("{}[{index}]", api_path(parent)),
+        Path::Map { parent, key } => match api_path(parent) {
+            p if p.is_empty() => key.clone(),
+            p => format!("{p}.{key}"),
+        },
+        Path::Some { parent }
+        | Path::NewtypeStruct { parent }
+        | Path::NewtypeVariant { parent } => api_path(parent),
+    }
+}
+
+/// Whether a file is read as JSON: its name ends in `.json`, as kubectl decides.
+fn is_json_file(file: &str) -> bool {
+    file.ends_with(".json")
+}
+
+/// The 0-based line of a field path in a document of `file`, JSON or YAML.
+fn locate(file: &str, doc: &str, path: &str) -> Option<usize> {
+    if is_json_file(file) {
+        json::locate(doc, path)
+    } else {
+        locate_field(doc, path)
+    }
 }
 
 /// What a converter returns: the object when it is usable, and its errors (any error drops
@@ -1179,7 +1418,7 @@ enum NameRule {
 impl Ctx<'_> {
     fn err(&mut self, field: impl Into<String>, error: ValidateError) {
         let field = field.into();
-        let line = locate_field(&self.doc.text, &field)
+        let line = locate(self.file, &self.doc.text, &field)
             .map(|l| self.doc.line + l)
             .unwrap_or(self.doc.line);
         self.errors.push(LoadError {
@@ -1479,483 +1718,6 @@ fn timestamp(t: Option<&meta::Time>) -> Option<i64> {
     t.map(|t| t.0.as_second())
 }
 
-fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted {
-    let md = &s.metadata;
-    let name = md.name.clone().unwrap_or_default();
-    ctx.check_name("metadata.name", &name, NameRule::Label1035);
-    let namespace = ctx.namespace(md);
-    let mut svc = Service::new(ObjectName::new(namespace, name));
-    svc.labels = ctx.labels("metadata.labels", md.labels.as_ref());
-    svc.annotations = md.annotations.clone().unwrap_or_default();
-    svc.created = timestamp(md.creation_timestamp.as_ref());
-    let spec = s.spec.unwrap_or_default();
-    svc.service_type = match spec.type_.as_deref() {
-        None | Some("ClusterIP") => ServiceType::ClusterIp,
-        Some("NodePort") => ServiceType::NodePort,
-        Some("LoadBalancer") => ServiceType::LoadBalancer,
-        Some("ExternalName") => ServiceType::ExternalName,
-        Some(other) => {
-            ctx.err(
-                "spec.type",
-                ValidateError::Unsupported {
-                    value: other.to_string(),
-                    supported: "\"ClusterIP\", \"ExternalName\", \"LoadBalancer\", \"NodePort\"",
-                },
-            );
-            return (None, ctx.errors);
-        }
-    };
-    let ty = svc.service_type;
-    // Selector: a Service selects with matchLabels only; empty means "no selector".
-    if let Some(sel) = spec.selector.as_ref().filter(|m| !m.is_empty()) {
-        let labels = ctx.labels("spec.selector", Some(sel));
-        svc.selector = Some(LabelSelector::from_labels(labels));
-    }
-    // Cluster IPs.
-    let mut ips: Vec<String> = spec.cluster_ips.clone().unwrap_or_default();
-    if let Some(primary) = spec.cluster_ip.as_ref().filter(|s| !s.is_empty()) {
-        match ips.first() {
-            None => ips.push(primary.clone()),
-            Some(first) if first != primary => ctx.err(
-                "spec.clusterIPs[0]",
-                ValidateError::Invalid {
-                    value: first.clone(),
-                    reason: format!("must be equal to spec.clusterIP ({primary})"),
-                },
-            ),
-            _ => {}
-        }
-    }
-    if ty == ServiceType::ExternalName {
-        if !ips.is_empty() && ips.iter().any(|ip| ip != "None") {
-            ctx.err(
-                "spec.clusterIP",
-                ValidateError::Forbidden("may not be set for type ExternalName".into()),
-            );
-        }
-        match spec.external_name.as_deref() {
-            None | Some("") => ctx.err("spec.externalName", ValidateError::Required),
-            Some(n) => {
-                let n = n.trim_end_matches('.');
-                if let Some(reason) = dns_subdomain_error(&n.to_ascii_lowercase()) {
-                    ctx.err(
-                        "spec.externalName",
-                        ValidateError::Invalid {
-                            value: n.to_string(),
-                            reason,
-                        },
-                    );
-                }
-                svc.external_name = Some(n.to_string());
-            }
-        }
-    } else if ips.first().map(String::as_str) == Some("None") {
-        svc.headless = true;
-        if ips.len() > 1 {
-            ctx.err(
-                "spec.clusterIPs",
-                ValidateError::Invalid {
-                    value: ips.join(","),
-                    reason: "a headless service must have only \"None\"".into(),
-                },
-            );
-        }
-        if ty != ServiceType::ClusterIp {
-            ctx.err(
-                "spec.clusterIP",
-                ValidateError::Invalid {
-                    value: "None".into(),
-                    reason: format!("may not be set to 'None' for {} services", ty.as_str()),
-                },
-            );
-        }
-    } else {
-        for (i, s) in ips.iter().enumerate() {
-            let field = if i == 0 {
-                "spec.clusterIP".to_string()
-            } else {
-                format!("spec.clusterIPs[{i}]")
-            };
-            if let Some(ip) = ctx.ip(&field, s) {
-                if svc
-                    .cluster_ips
-                    .iter()
-                    .any(|o| IpFamily::of(o) == IpFamily::of(&ip))
-                {
-                    ctx.err(
-                        field,
-                        ValidateError::Invalid {
-                            value: s.clone(),
-                            reason: "may not be of the same IP family as another clusterIP".into(),
-                        },
-                    );
-                } else {
-                    svc.cluster_ips.push(ip);
-                }
-            }
-        }
-    }
-    // IP families.
-    for (i, f) in spec.ip_families.iter().flatten().enumerate() {
-        let fam = match f.as_str() {
-            "IPv4" => IpFamily::V4,
-            "IPv6" => IpFamily::V6,
-            other => {
-                ctx.err(
-                    format!("spec.ipFamilies[{i}]"),
-                    ValidateError::Unsupported {
-                        value: other.to_string(),
-                        supported: "\"IPv4\", \"IPv6\"",
-                    },
-                );
-                continue;
-            }
-        };
-        if svc.ip_families.contains(&fam) {
-            ctx.err(
-                format!("spec.ipFamilies[{i}]"),
-                ValidateError::Duplicate(f.clone()),
-            );
-        } else {
-            svc.ip_families.push(fam);
-        }
-    }
-    svc.ip_family_policy = match spec.ip_family_policy.as_deref() {
-        None | Some("SingleStack") => IpFamilyPolicy::SingleStack,
-        Some("PreferDualStack") => IpFamilyPolicy::PreferDualStack,
-        Some("RequireDualStack") => IpFamilyPolicy::RequireDualStack,
-        Some(other) => {
-            ctx.err(
-                "spec.ipFamilyPolicy",
-                ValidateError::Unsupported {
-                    value: other.to_string(),
-                    supported: "\"PreferDualStack\", \"RequireDualStack\", \"SingleStack\"",
-                },
-            );
-            IpFamilyPolicy::SingleStack
-        }
-    };
-    if svc.ip_family_policy == IpFamilyPolicy::SingleStack
-        && (svc.ip_families.len() > 1 || svc.cluster_ips.len() > 1)
-    {
-        ctx.err(
-            "spec.ipFamilyPolicy",
-            ValidateError::Invalid {
-                value: "SingleStack".into(),
-                reason: "must be 'RequireDualStack' or 'PreferDualStack' when multiple IP families are specified".into(),
-            },
-        );
-    }
-    for (i, ip) in svc.cluster_ips.iter().enumerate() {
-        if let Some(f) = svc.ip_families.get(i)
-            && *f != IpFamily::of(ip)
-        {
-            ctx.err(
-                format!("spec.ipFamilies[{i}]"),
-                ValidateError::Invalid {
-                    value: f.as_str().into(),
-                    reason: format!("does not match the family of clusterIPs[{i}] ({ip})"),
-                },
-            );
-        }
-    }
-    if svc.ip_families.is_empty() {
-        svc.ip_families = svc.cluster_ips.iter().map(IpFamily::of).collect();
-    }
-    // Ports.
-    let ports = spec.ports.clone().unwrap_or_default();
-    if ports.is_empty() && ty != ServiceType::ExternalName && !svc.headless {
-        ctx.err("spec.ports", ValidateError::Required);
-    }
-    let mut seen_names = BTreeSet::new();
-    let mut seen_ports = BTreeSet::new();
-    let mut seen_node_ports = BTreeSet::new();
-    for (i, p) in ports.iter().enumerate() {
-        let f = format!("spec.ports[{i}]");
-        let name = p.name.clone().unwrap_or_default();
-        if ports.len() > 1 && name.is_empty() {
-            ctx.err(format!("{f}.name"), ValidateError::Required);
-        }
-        if !name.is_empty() {
-            if let Some(reason) = dns_label_error(&name, false) {
-                ctx.err(
-                    format!("{f}.name"),
-                    ValidateError::Invalid {
-                        value: name.clone(),
-                        reason,
-                    },
-                );
-            }
-            if !seen_names.insert(name.clone()) {
-                ctx.err(
-                    format!("{f}.name"),
-                    ValidateError::Duplicate(format!("{name:?}")),
-                );
-            }
-        }
-        let Some(protocol) = ctx.protocol(&format!("{f}.protocol"), p.protocol.as_ref()) else {
-            continue;
-        };
-        let Some(port) = ctx.port(&format!("{f}.port"), p.port) else {
-            continue;
-        };
-        if !seen_ports.insert((port, protocol)) {
-            ctx.err(
-                f.clone(),
-                ValidateError::Duplicate(format!(
-                    "{{\"Port\":{port},\"Protocol\":\"{protocol}\"}}"
-                )),
-            );
-        }
-        let target_port = match &p.target_port {
-            None => TargetPort::Number(port),
-            Some(IntOrString::Int(n)) => match ctx.port(&format!("{f}.targetPort"), *n) {
-                Some(n) => TargetPort::Number(n),
-                None => continue,
-            },
-            Some(IntOrString::String(s)) => {
-                // A string of digits is a number in YAML written as a string.
-                if let Ok(n) = s.parse::<i32>() {
-                    match ctx.port(&format!("{f}.targetPort"), n) {
-                        Some(n) => TargetPort::Number(n),
-                        None => continue,
-                    }
-                } else if let Some(reason) = port_name_error(s) {
-                    ctx.err(
-                        format!("{f}.targetPort"),
-                        ValidateError::Invalid {
-                            value: s.clone(),
-                            reason,
-                        },
-                    );
-                    continue;
-                } else {
-                    TargetPort::Name(s.clone())
-                }
-            }
-        };
-        let node_port = match p.node_port {
-            None | Some(0) => None,
-            Some(np) if !ty.has_node_ports() => {
-                ctx.err(
-                    format!("{f}.nodePort"),
-                    ValidateError::Forbidden(format!(
-                        "may not be used when `type` is '{}'",
-                        ty.as_str()
-                    )),
-                );
-                let _ = np;
-                None
-            }
-            Some(np) => {
-                let (min, max) = ctx.config.node_port_range;
-                match u16::try_from(np) {
-                    Ok(v) if (min..=max).contains(&v) => {
-                        if !seen_node_ports.insert((v, protocol)) {
-                            ctx.err(
-                                format!("{f}.nodePort"),
-                                ValidateError::Duplicate(format!("{v}")),
-                            );
-                        }
-                        Some(v)
-                    }
-                    _ => {
-                        ctx.err(
-                            format!("{f}.nodePort"),
-                            ValidateError::NodePortOutOfRange {
-                                value: np.into(),
-                                min,
-                                max,
-                            },
-                        );
-                        None
-                    }
-                }
-            }
-        };
-        svc.ports.push(ServicePort {
-            name,
-            protocol,
-            port,
-            target_port,
-            node_port,
-            app_protocol: p.app_protocol.clone(),
-        });
-    }
-    // External addresses.
-    for (i, s) in spec.external_ips.iter().flatten().enumerate() {
-        if let Some(ip) = ctx.ip(&format!("spec.externalIPs[{i}]"), s) {
-            if ip.is_unspecified() || ip.is_loopback() {
-                ctx.err(
-                    format!("spec.externalIPs[{i}]"),
-                    ValidateError::Invalid {
-                        value: s.clone(),
-                        reason: "may not be unspecified or loopback".into(),
-                    },
-                );
-            } else {
-                svc.external_ips.push(ip);
-            }
-        }
-    }
-    if let Some(s) = spec.load_balancer_ip.as_ref().filter(|s| !s.is_empty()) {
-        svc.requested_load_balancer_ip = ctx.ip("spec.loadBalancerIP", s);
-    }
-    if let Some(status) = s.status.as_ref().and_then(|st| st.load_balancer.as_ref()) {
-        for (i, ing) in status.ingress.iter().flatten().enumerate() {
-            if let Some(s) = &ing.ip
-                && let Some(ip) = ctx.ip(&format!("status.loadBalancer.ingress[{i}].ip"), s)
-                && !svc.load_balancer_ips.contains(&ip)
-            {
-                svc.load_balancer_ips.push(ip);
-            }
-        }
-    }
-    if svc.load_balancer_ips.is_empty()
-        && let Some(ip) = svc.requested_load_balancer_ip
-    {
-        svc.load_balancer_ips.push(ip);
-    }
-    if !svc.load_balancer_ips.is_empty() && ty != ServiceType::LoadBalancer {
-        ctx.err(
-            "spec.loadBalancerIP",
-            ValidateError::Forbidden("may only be used when `type` is 'LoadBalancer'".into()),
-        );
-    }
-    for (i, s) in spec
-        .load_balancer_source_ranges
-        .iter()
-        .flatten()
-        .enumerate()
-    {
-        if let Some(n) = ctx.cidr(&format!("spec.loadBalancerSourceRanges[{i}]"), s) {
-            svc.load_balancer_source_ranges.push(n);
-        }
-    }
-    if !svc.load_balancer_source_ranges.is_empty() && ty != ServiceType::LoadBalancer {
-        ctx.err(
-            "spec.loadBalancerSourceRanges",
-            ValidateError::Forbidden("may only be used when `type` is 'LoadBalancer'".into()),
-        );
-    }
-    // Affinity.
-    match spec.session_affinity.as_deref() {
-        None | Some("None") => {
-            if spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .is_some()
-            {
-                ctx.err(
-                    "spec.sessionAffinityConfig",
-                    ValidateError::Forbidden(
-                        "must not be set when session affinity is None".into(),
-                    ),
-                );
-            }
-        }
-        Some("ClientIP") => {
-            let t = spec
-                .session_affinity_config
-                .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds);
-            let timeout = match t {
-                None => DEFAULT_AFFINITY_TIMEOUT,
-                Some(t) if t > 0 && (t as u32) <= MAX_AFFINITY_TIMEOUT => t as u32,
-                Some(t) => {
-                    ctx.err(
-                        "spec.sessionAffinityConfig.clientIP.timeoutSeconds",
-                        ValidateError::Invalid {
-                            value: t.to_string(),
-                            reason: format!(
-                                "must be greater than 0 and less than {MAX_AFFINITY_TIMEOUT}"
-                            ),
-                        },
-                    );
-                    DEFAULT_AFFINITY_TIMEOUT
-                }
-            };
-            svc.session_affinity = SessionAffinity::ClientIp {
-                timeout_seconds: timeout,
-            };
-        }
-        Some(other) => ctx.err(
-            "spec.sessionAffinity",
-            ValidateError::Unsupported {
-                value: other.to_string(),
-                supported: "\"ClientIP\", \"None\"",
-            },
-        ),
-    }
-    // Traffic policies.
-    let policy = |ctx: &mut Ctx<'_>, field: &str, v: Option<&str>| match v {
-        None | Some("Cluster") => TrafficPolicy::Cluster,
-        Some("Local") => TrafficPolicy::Local,
-        Some(other) => {
-            ctx.err(
-                field,
-                ValidateError::Unsupported {
-                    value: other.to_string(),
-                    supported: "\"Cluster\", \"Local\"",
-                },
-            );
-            TrafficPolicy::Cluster
-        }
-    };
-    svc.external_traffic_policy = policy(
-        &mut ctx,
-        "spec.externalTrafficPolicy",
-        spec.external_traffic_policy.as_deref(),
-    );
-    svc.internal_traffic_policy = policy(
-        &mut ctx,
-        "spec.internalTrafficPolicy",
-        spec.internal_traffic_policy.as_deref(),
-    );
-    // "externalTrafficPolicy ... may only be set on services with an external address":
-    // NodePort, LoadBalancer, or externalIPs.
-    if spec.external_traffic_policy.is_some()
-        && !ty.has_node_ports()
-        && svc.external_ips.is_empty()
-        && svc.external_traffic_policy == TrafficPolicy::Local
-    {
-        ctx.err(
-            "spec.externalTrafficPolicy",
-            ValidateError::Invalid {
-                value: "Local".into(),
-                reason: "may only be set for services with external addresses (NodePort, LoadBalancer or externalIPs)".into(),
-            },
-        );
-    }
-    if let Some(h) = spec.health_check_node_port.filter(|h| *h != 0) {
-        if ty != ServiceType::LoadBalancer || svc.external_traffic_policy != TrafficPolicy::Local {
-            ctx.err(
-                "spec.healthCheckNodePort",
-                ValidateError::Forbidden(
-                    "may only be set when `type` is 'LoadBalancer' and `externalTrafficPolicy` is 'Local'".into(),
-                ),
-            );
-        } else {
-            let (min, max) = ctx.config.node_port_range;
-            match u16::try_from(h) {
-                Ok(v) if (min..=max).contains(&v) => svc.health_check_node_port = Some(v),
-                _ => ctx.err(
-                    "spec.healthCheckNodePort",
-                    ValidateError::NodePortOutOfRange {
-                        value: h.into(),
-                        min,
-                        max,
-                    },
-                ),
-            }
-        }
-    }
-    svc.publish_not_ready_addresses = spec.publish_not_ready_addresses.unwrap_or(false);
-    ctx.finish(Object::Service(svc))
-}
-
 fn pod_from_spec(
     ctx: &mut Ctx<'_>,
     prefix: &str,
@@ -2133,13 +1895,19 @@ fn convert_workload(
         (None, _) => LabelSelector::from_labels(pod.labels.clone()),
     };
     // An invalid requirement was reported already; it left the selector empty, not the
-    // manifest.
+    // manifest. "empty selector is invalid for deployment" (ReplicaSets say so too),
+    // "... for statefulset", "... for daemonset".
     if selector.is_empty() && ctx.errors.len() == errors_before {
+        let what = match kind {
+            "StatefulSet" => "statefulset",
+            "DaemonSet" => "daemonset",
+            _ => "deployment",
+        };
         ctx.err(
             "spec.selector",
             ValidateError::Invalid {
                 value: "{}".into(),
-                reason: "empty selector is invalid for deployment".into(),
+                reason: format!("empty selector is invalid for {what}"),
             },
         );
     } else if !selector.matches(&pod.labels) {
@@ -2152,13 +1920,153 @@ fn convert_workload(
         );
     }
     let pinned_node = pod.node_name.is_some();
+    let node_selector = template
+        .spec
+        .as_ref()
+        .and_then(|s| s.node_selector.clone())
+        .unwrap_or_default();
     ctx.finish(Object::Workload(Workload {
         kind: kind.to_string(),
         name: ObjectName::new(ns, name),
         replicas,
         template: pod,
         pinned_node,
+        first_ordinal: 0,
+        node_selector,
     }))
+}
+
+/// A StatefulSet: a workload whose Pods are `name-<ordinal>`, each with its own DNS name
+/// `name-<ordinal>.<serviceName>` under the headless Service `spec.serviceName`.
+fn convert_stateful_set(d: apps::StatefulSet, mut ctx: Ctx<'_>) -> Converted {
+    // The application picks the Kubernetes version; `spec` is optional in k8s-openapi's
+    // types before 1.37.
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
+    // apps validation: "serviceName", when set, must be a DNS-1123 label (it becomes each
+    // Pod's spec.subdomain).
+    let service_name = spec.service_name.filter(|s| !s.is_empty());
+    if let Some(sn) = &service_name
+        && let Some(reason) = dns_label_error(sn, false)
+    {
+        ctx.err(
+            "spec.serviceName",
+            ValidateError::Invalid {
+                value: sn.clone(),
+                reason,
+            },
+        );
+    }
+    // "ordinals.start ... must be greater than or equal to 0"; Pods are numbered from it.
+    let first_ordinal = match spec.ordinals.and_then(|o| o.start) {
+        None => 0,
+        Some(s) => u32::try_from(s).unwrap_or_else(|_| {
+            ctx.err(
+                "spec.ordinals.start",
+                ValidateError::Invalid {
+                    value: s.to_string(),
+                    reason: "must be greater than or equal to 0".into(),
+                },
+            );
+            0
+        }),
+    };
+    if let Some(p) = spec
+        .pod_management_policy
+        .as_deref()
+        .filter(|p| !matches!(*p, "OrderedReady" | "Parallel"))
+    {
+        ctx.err(
+            "spec.podManagementPolicy",
+            ValidateError::Unsupported {
+                value: p.to_string(),
+                supported: "\"OrderedReady\", \"Parallel\"",
+            },
+        );
+    }
+    let (mut obj, errors) = convert_workload(
+        "StatefulSet",
+        d.metadata,
+        spec.replicas,
+        Some(spec.selector),
+        None,
+        Some(spec.template),
+        ctx,
+    );
+    if let Some(Object::Workload(w)) = &mut obj {
+        // The StatefulSet controller sets each Pod's "subdomain" to spec.serviceName (and
+        // its hostname to the Pod's name, in Builder::expand).
+        w.template.subdomain = service_name;
+        w.first_ordinal = first_ordinal;
+    }
+    (obj, errors)
+}
+
+/// A DaemonSet: a workload with one Pod per eligible Node, no replica count.
+fn convert_daemon_set(d: apps::DaemonSet, ctx: Ctx<'_>) -> Converted {
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.unwrap_or_default(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = d.spec; }
+    let (mut obj, errors) = convert_workload(
+        "DaemonSet",
+        d.metadata,
+        None,
+        Some(spec.selector),
+        None,
+        Some(spec.template),
+        ctx,
+    );
+    if let Some(Object::Workload(w)) = &mut obj {
+        w.replicas = 0;
+    }
+    (obj, errors)
+}
+
+/// The Node labels the model knows: what the kubelet sets on every Node
+/// (`kubernetes.io/hostname`, `kubernetes.io/os`; svcnat's Nodes are Linux) and the zone.
+const KNOWN_NODE_LABELS: [&str; 3] = [
+    "kubernetes.io/hostname",
+    "kubernetes.io/os",
+    "topology.kubernetes.io/zone",
+];
+
+/// The value of a known Node label for `node`.
+fn node_label<'a>(node: &'a Node, key: &str) -> Option<&'a str> {
+    match key {
+        "kubernetes.io/hostname" => Some(node.name.as_str()),
+        "kubernetes.io/os" => Some("linux"),
+        "topology.kubernetes.io/zone" => node.zone.as_deref(),
+        _ => None,
+    }
+}
+
+/// Warns about a DaemonSet's `nodeSelector` keys the model has no Node labels for: they
+/// are not evaluated (every Node passes them).
+fn warn_node_selector(m: &mut Manifests, text: &str, ctx: &Ctx<'_>, d: &apps::DaemonSet) {
+    k8s_openapi::k8s_if_le_1_36! { let spec = d.spec.as_ref(); }
+    k8s_openapi::k8s_if_ge_1_37! { let spec = Some(&d.spec); }
+    let selector = spec
+        .and_then(|s| s.template.spec.as_ref())
+        .and_then(|s| s.node_selector.as_ref());
+    for key in selector.into_iter().flat_map(|s| s.keys()) {
+        if KNOWN_NODE_LABELS.contains(&key.as_str()) {
+            continue;
+        }
+        let field = format!("spec.template.spec.nodeSelector.{key}");
+        m.warnings.push(LoadError {
+            file: ctx.file.to_string(),
+            line: ctx.doc.line + locate(ctx.file, text, &field).unwrap_or(0),
+            document: ctx.doc.index,
+            object: Some(ctx.object.clone()),
+            field,
+            error: ValidateError::Invalid {
+                value: key.clone(),
+                reason: format!(
+                    "not evaluated: Nodes carry only the labels {} here; every Node matches",
+                    KNOWN_NODE_LABELS.join(", ")
+                ),
+            },
+        });
+    }
 }
 
 fn parse_weights(ctx: &mut Ctx<'_>, md: &meta::ObjectMeta) -> BTreeMap<IpAddr, u32> {
@@ -2667,8 +2575,14 @@ impl<'a> Builder<'a> {
             .find(|np| !used.contains(np))
     }
 
-    /// Replicas of a workload as Pods, placed round-robin on the Nodes in name order.
+    /// Replicas of a workload as Pods, placed round-robin on the Nodes in name order; a
+    /// DaemonSet's, one on each eligible Node.
     fn expand(&self, w: &Workload) -> Vec<Pod> {
+        match w.kind.as_str() {
+            "StatefulSet" => return self.expand_stateful_set(w),
+            "DaemonSet" => return self.expand_daemon_set(w),
+            _ => {}
+        }
         let nodes: Vec<&String> = self.nodes.keys().collect();
         let template_hash = {
             let h = Sha256::digest(format!("{:?}", w.template.labels).as_bytes());
@@ -2687,6 +2601,56 @@ impl<'a> Builder<'a> {
                 if !w.pinned_node && !nodes.is_empty() {
                     p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
                 }
+                p
+            })
+            .collect()
+    }
+
+    /// A StatefulSet's Pods: "Each Pod in a StatefulSet derives its hostname from the name
+    /// of the StatefulSet and the ordinal of the Pod. The pattern for the constructed
+    /// hostname is $(statefulset name)-$(ordinal)"; the subdomain is `spec.serviceName`.
+    fn expand_stateful_set(&self, w: &Workload) -> Vec<Pod> {
+        let nodes: Vec<&String> = self.nodes.keys().collect();
+        (0..w.replicas)
+            .map(|i| {
+                let mut p = w.template.clone();
+                let name = format!(
+                    "{}-{}",
+                    w.name.name,
+                    u64::from(w.first_ordinal) + u64::from(i)
+                );
+                p.hostname = Some(name.clone());
+                p.name.name = name;
+                if !w.pinned_node && !nodes.is_empty() {
+                    p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
+                }
+                p
+            })
+            .collect()
+    }
+
+    /// A DaemonSet's Pods: one on every Node that the template's `nodeSelector` (as far as
+    /// the model knows the Node's labels) and `nodeName` allow, named after the DaemonSet
+    /// with a suffix derived from the Node.
+    fn expand_daemon_set(&self, w: &Workload) -> Vec<Pod> {
+        self.nodes
+            .values()
+            .filter(|n| {
+                // The DaemonSet controller: a template's nodeName limits it to that Node;
+                // "nodeSelector ... must match a node's labels for the pod to be scheduled".
+                (!w.pinned_node || w.template.node_name.as_deref() == Some(n.name.as_str()))
+                    && w.node_selector.iter().all(|(k, v)| match node_label(n, k) {
+                        Some(have) => have == v,
+                        // A Node without a zone lacks that label; a key the model keeps
+                        // no labels for is not evaluated (a load warning says so).
+                        None => !KNOWN_NODE_LABELS.contains(&k.as_str()),
+                    })
+            })
+            .map(|n| {
+                let mut p = w.template.clone();
+                let digest = Sha256::digest(format!("{}/{}@{}", w.kind, w.name, n.name).as_bytes());
+                p.name.name = format!("{}-{}", w.name.name, safe_suffix(&digest, 5));
+                p.node_name = Some(n.name.clone());
                 p
             })
             .collect()
@@ -2843,6 +2807,31 @@ mod tests {
     }
 
     use super::*;
+
+    /// What strict field validation rests on: k8s-openapi's Deserialize impls skip unknown
+    /// fields with `IgnoredAny`, and `serde_ignored` reports each of them with its path,
+    /// through serde_yaml_ng's and serde_json's deserializers alike.
+    #[test]
+    fn serde_ignored_reports_unknown_fields_of_k8s_openapi_types() {
+        let yaml = "apiVersion: v1\nkind: Service\nmetadata: {name: a, nmae: b}\nspec:\n  ipFamily: IPv4\n  ports:\n  - port: 80\n    protocl: TCP\n";
+        let mut seen = Vec::new();
+        let de = serde_yaml_ng::Deserializer::from_str(yaml);
+        let svc: Result<corev1::Service, _> =
+            serde_ignored::deserialize(de, |p| seen.push(api_path(&p)));
+        assert!(svc.is_ok(), "{svc:?}");
+        assert_eq!(
+            seen,
+            ["metadata.nmae", "spec.ipFamily", "spec.ports[0].protocl"]
+        );
+        let json = r#"{"apiVersion": "v1", "kind": "Service", "metadata": {"name": "a"},
+            "spec": {"ports": [{"port": 80}, {"port": 81, "nodeport": 1}]}}"#;
+        let mut seen = Vec::new();
+        let de = &mut serde_json::Deserializer::from_str(json);
+        let svc: Result<corev1::Service, _> =
+            serde_ignored::deserialize(de, |p| seen.push(api_path(&p)));
+        assert!(svc.is_ok(), "{svc:?}");
+        assert_eq!(seen, ["spec.ports[1].nodeport"]);
+    }
 
     const LAB_VOTE: &str = "---
 apiVersion: v1

@@ -1,5 +1,5 @@
-//! Bad input: every case under `tests/bad_inputs/` (a `*.yaml` file, or a directory whose
-//! `*.yaml` files load in name order like `kubectl apply -f DIR`) is loaded and built, and
+//! Bad input: every case under `tests/bad_inputs/` (a `*.yaml` or `*.json` file, or a
+//! directory whose `*.yaml` and `*.json` files load in name order like `kubectl apply -f DIR`) is loaded and built, and
 //! the exact errors and warnings `manifest::LoadError` prints, together with what survived
 //! (each Service with its endpoint count, each Pod, EndpointSlice and Node), must equal the
 //! case's `.expected` file: every bad object is named with its field, and nothing good in
@@ -33,11 +33,11 @@ fn cases() -> Vec<(String, Vec<PathBuf>)> {
             let mut files: Vec<PathBuf> = fs::read_dir(&p)
                 .unwrap()
                 .map(|e| e.unwrap().path())
-                .filter(|f| f.extension().is_some_and(|e| e == "yaml"))
+                .filter(|f| f.extension().is_some_and(|e| e == "yaml" || e == "json"))
                 .collect();
             files.sort();
             cases.push((name, files));
-        } else if p.extension().is_some_and(|e| e == "yaml") {
+        } else if p.extension().is_some_and(|e| e == "yaml" || e == "json") {
             cases.push((name, vec![p]));
         }
     }

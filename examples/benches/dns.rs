@@ -262,6 +262,8 @@ fn start_svcnat(bench: &Bench, workers: usize) -> Server {
         .arg(bench.dir.join("manifests"))
         .args(["--listen", &format!("127.0.0.1:{SVCNAT_PORT}")])
         .args(["--udp-workers", &workers.to_string()])
+        // One load generator on loopback is one client network: no response-rate limit.
+        .args(["--rrl-responses-per-second", "0"])
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())

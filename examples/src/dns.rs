@@ -1,20 +1,31 @@
 //! The cluster DNS server behind `svcnat-dns`: [`core::discovery`](svcnat_core::discovery)
-//! answers on the wire.
+//! answers on the wire, and what the cluster does not answer forwarded upstream for allowed
+//! clients.
 //!
-//! Two layers, each usable alone:
+//! Layers, each usable alone:
 //! - [`handle_query`] is sans-IO: one DNS message in (bytes from a UDP datagram or a TCP
 //!   frame without its length prefix), at most one message out. It parses with
 //!   `hickory-proto`, asks a [`Resolver`], and builds the response: id, opcode and RD
 //!   copied, QR set, AA for names in our zones (the cluster domain and the reverse zones),
-//!   RA clear (we never recurse). NXDOMAIN and NODATA carry the zone's SOA; names outside
-//!   our zones are REFUSED (no open resolver). UDP responses that do not fit 512 bytes, or
-//!   the client's EDNS payload size, lose the additional section and then everything but
-//!   the question, with TC set (RFC 2181 section 9).
+//!   RA clear. NXDOMAIN and NODATA carry the zone's SOA; names outside our zones are
+//!   REFUSED (no open resolver). UDP responses that do not fit 512 bytes, or the client's
+//!   EDNS payload size, lose the additional section and then everything but the question,
+//!   with TC set (RFC 2181 section 9).
+//! - [`handle_query_step`] is the same with recursion allowed for the client: RA set, and
+//!   a [`Step::Forward`] with a [`Pending`] query for names outside our zones, reverse
+//!   names the cluster lacks, and ExternalName targets outside the cluster. [`Pending`]
+//!   builds the upstream query, checks the answer ([`Pending::accepts`]: id and question)
+//!   and turns it into the client's response (still sans-IO).
+//! - [`forward::Forwarder`] sends pending queries upstream (random ids and source ports,
+//!   UDP then TCP on truncation, a bounded table of queries in flight, a timeout).
+//! - [`rrl::RateLimiter`] is the pure response-rate limiter (token bucket per client
+//!   network, bounded table, slip).
 //! - [`Server`] owns the current [`Resolver`] behind an `RwLock<Arc<_>>`: a query holds
 //!   the lock only to clone the `Arc`, a reload only to swap it, so reloads never stall
 //!   queries. [`Server::serve_udp`] and [`Server::serve_tcp`] are the blocking socket
 //!   loops (std only; TCP frames carry the 2-byte length, several queries per connection,
-//!   an idle timeout).
+//!   an idle timeout); with a forwarder, UDP workers hand forwarded queries over and go
+//!   on, and every UDP response is charged to the rate limiter first.
 //!
 //! The manifests come from the proxy's [`ManifestDir`](crate::proxy::ManifestDir), so the
 //! DNS server and the proxy apply the same files by the same rules (an invalid object
@@ -27,13 +38,18 @@
 //! other than IN (or ANY): REFUSED; zone transfers: REFUSED; other types the resolver has
 //! no records of (TXT, MX, HTTPS, ...): NODATA or NXDOMAIN.
 
+pub mod forward;
+pub mod rrl;
+
 use std::fmt;
 use std::io::{self, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use ipnet::IpNet;
 
 use hickory_proto::op::{Edns, Header, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA, CNAME, NS, PTR, SOA, SRV};
@@ -41,6 +57,9 @@ use hickory_proto::rr::{DNSClass, Name, RData, Record as WireRecord, RecordType}
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use svcnat_core::discovery::{Answer, QueryType, Rcode, Record, RecordData, Resolver};
 use tracing::{debug, warn};
+
+use self::forward::Forwarder;
+use self::rrl::{RateLimiter, RrlConfig, Verdict};
 
 /// The largest UDP response without EDNS (RFC 1035 4.2.1).
 pub const UDP_MIN_PAYLOAD: usize = 512;
@@ -120,7 +139,7 @@ pub fn rcode_name(rcode: ResponseCode) -> String {
 }
 
 /// Answers one DNS message from `resolver`; `None` means send nothing (too short to have a
-/// header, or not a query).
+/// header, or not a query). Names outside the cluster's zones are REFUSED.
 pub fn handle_query(resolver: &Resolver, query: &[u8], transport: Transport) -> Option<Vec<u8>> {
     handle_query_outcome(resolver, query, transport).0
 }
@@ -131,6 +150,34 @@ pub fn handle_query_outcome(
     query: &[u8],
     transport: Transport,
 ) -> (Option<Vec<u8>>, Outcome) {
+    match handle_query_step(resolver, query, transport, false) {
+        (Step::Reply(out), outcome) => (out, outcome),
+        // Without recursion nothing is forwarded; answer as an upstream failure would.
+        (Step::Forward(pending), _) => pending.fail(),
+    }
+}
+
+/// What to do with one query: reply now, or ask an upstream server first.
+#[derive(Debug)]
+pub enum Step {
+    /// Send these bytes (`None`: send nothing).
+    Reply(Option<Vec<u8>>),
+    /// Ask an upstream server [`Pending::upstream_query`], then reply with
+    /// [`Pending::complete`] (or [`Pending::fail`] when no upstream answered).
+    Forward(Box<Pending>),
+}
+
+/// Answers one DNS message like [`handle_query_outcome`], forwarding when `recursion` is
+/// allowed for this client: names outside the cluster's zones, reverse names the cluster
+/// does not have (CoreDNS's `fallthrough in-addr.arpa ip6.arpa`), and the targets of
+/// ExternalName CNAMEs that point outside the cluster. With `recursion`, responses carry
+/// RA.
+pub fn handle_query_step(
+    resolver: &Resolver,
+    query: &[u8],
+    transport: Transport,
+    recursion: bool,
+) -> (Step, Outcome) {
     let mut outcome = Outcome {
         qname: None,
         qtype: None,
@@ -140,17 +187,17 @@ pub fn handle_query_outcome(
     // RFC 1035 4.1.1: every message starts with a 12-byte header. Without one there is no
     // id to answer to.
     let Ok(header) = Header::read(&mut BinDecoder::new(query)) else {
-        return (None, outcome);
+        return (Step::Reply(None), outcome);
     };
     // Never answer a response: two servers could bounce errors at each other forever.
     if header.message_type == MessageType::Response {
-        return (None, outcome);
+        return (Step::Reply(None), outcome);
     }
     let header_only = |rcode: ResponseCode, outcome: &mut Outcome| {
         let mut msg = Message::error_msg(header.id, header.op_code, rcode);
         msg.metadata.recursion_desired = header.recursion_desired;
         outcome.rcode = Some(rcode);
-        msg.to_vec().ok()
+        Step::Reply(msg.to_vec().ok())
     };
     if header.op_code != OpCode::Query {
         // RFC 1035 4.1.1: "4 Not Implemented - The name server does not support the
@@ -174,7 +221,9 @@ pub fn handle_query_outcome(
     let qname = question.name().to_ascii();
     let mut response = Message::response(header.id, OpCode::Query);
     response.metadata.recursion_desired = header.recursion_desired;
-    response.metadata.recursion_available = false;
+    // RFC 1035 4.1.1: RA "denotes whether recursive query support is available in the
+    // name server": for this client.
+    response.metadata.recursion_available = recursion;
     response.add_query(question.clone());
     let mut limit = match transport {
         Transport::Udp => UDP_MIN_PAYLOAD,
@@ -195,11 +244,22 @@ pub fn handle_query_outcome(
         if edns.version() > 0 {
             response.metadata.response_code = ResponseCode::BADVERS;
             outcome.rcode = Some(ResponseCode::BADVERS);
-            return (response.to_vec().ok(), outcome);
+            return (Step::Reply(response.to_vec().ok()), outcome);
         }
     }
-    let rcode = match answer_question(resolver, &qname, question, &mut response) {
-        Ok(rcode) => rcode,
+    outcome.qname = Some(qname.clone());
+    outcome.qtype = Some(question.query_type());
+    let rcode = match answer_question(resolver, &qname, question, &mut response, recursion) {
+        Ok(Local::Answered(rcode)) => rcode,
+        Ok(Local::Forward(upstream)) => {
+            let pending = Box::new(Pending {
+                response,
+                question: upstream,
+                limit,
+                outcome: outcome.clone(),
+            });
+            return (Step::Forward(pending), outcome);
+        }
         Err(e) => {
             warn!("cannot encode the answer to {}: {e}", question.name());
             response.answers.clear();
@@ -211,25 +271,157 @@ pub fn handle_query_outcome(
     };
     response.metadata.response_code = rcode;
     outcome.rcode = Some(rcode);
-    outcome.qname = Some(qname);
-    outcome.qtype = Some(question.query_type());
     let (out, truncated) = encode_within(&mut response, limit);
     outcome.truncated = truncated;
-    (out, outcome)
+    (Step::Reply(out), outcome)
 }
 
-/// Fills the answer, authority and additional sections and the AA bit; returns the rcode.
+/// A query waiting for an upstream server's answer: the response so far (header, question,
+/// OPT, and the cluster's own CNAME records for an ExternalName) and the question to ask.
+#[derive(Debug)]
+pub struct Pending {
+    response: Message,
+    question: Query,
+    limit: usize,
+    outcome: Outcome,
+}
+
+impl Pending {
+    /// The question to ask upstream (the client's, or an ExternalName's target).
+    pub fn question(&self) -> &Query {
+        &self.question
+    }
+
+    /// What happened so far, for logs.
+    pub fn outcome(&self) -> &Outcome {
+        &self.outcome
+    }
+
+    /// The query to send upstream with the id `id`: the question, RD set, and an OPT
+    /// record advertising [`EDNS_PAYLOAD`] (so that fewer answers come back truncated).
+    pub fn upstream_query(&self, id: u16) -> Option<Vec<u8>> {
+        let mut query = Message::query();
+        query.metadata.id = id;
+        query.metadata.recursion_desired = true;
+        query.add_query(self.question.clone());
+        let mut edns = Edns::new();
+        edns.set_max_payload(EDNS_PAYLOAD);
+        edns.set_version(0);
+        query.set_edns(edns);
+        query.to_vec().ok()
+    }
+
+    /// Parses `bytes` as the upstream's answer to [`Pending::upstream_query`]`(id)`: a
+    /// response with that id, opcode QUERY, and exactly our question (name compared
+    /// without case, RFC 4343). Anything else is not ours (a late answer, a forgery) and
+    /// gives `None`.
+    pub fn accepts(&self, id: u16, bytes: &[u8]) -> Option<Message> {
+        let message = Message::from_vec(bytes).ok()?;
+        let ours = message.metadata.id == id
+            && message.metadata.message_type == MessageType::Response
+            && message.metadata.op_code == OpCode::Query
+            && matches!(message.queries.as_slice(), [q]
+                if q.query_type() == self.question.query_type()
+                    && q.query_class() == self.question.query_class()
+                    && q.name() == self.question.name());
+        ours.then_some(message)
+    }
+
+    /// The client's response built from the upstream's answer: its rcode and sections
+    /// after our own records, the client's id and question, RA set, AA only when the
+    /// cluster answered part of it (the ExternalName CNAME), within the client's size
+    /// limit.
+    pub fn complete(mut self, upstream: Message) -> (Option<Vec<u8>>, Outcome) {
+        let rcode = upstream.metadata.response_code;
+        // An extended rcode (BADVERS...) belongs to our exchange with the upstream, not to
+        // the client's.
+        if u16::from(rcode) > 15 {
+            return self.fail();
+        }
+        let response = &mut self.response;
+        response.metadata.authoritative = !response.answers.is_empty();
+        response.metadata.recursion_available = true;
+        response.metadata.response_code = rcode;
+        // A truncated answer we could not complete stays truncated (TC) for the client.
+        response.metadata.truncation = upstream.metadata.truncation;
+        response.answers.extend(upstream.answers);
+        response.authorities.clear();
+        response.authorities.extend(upstream.authorities);
+        response.additionals.clear();
+        response.additionals.extend(upstream.additionals);
+        self.outcome.rcode = Some(rcode);
+        let (out, truncated) = encode_within(response, self.limit);
+        self.outcome.truncated = truncated;
+        (out, self.outcome)
+    }
+
+    /// The client's response when no upstream answered in time: SERVFAIL (RFC 1035
+    /// 4.1.1: "the name server was unable to process this query due to a problem with the
+    /// name server"). The cluster's own records are dropped with the rest.
+    pub fn fail(self) -> (Option<Vec<u8>>, Outcome) {
+        self.reply_with(ResponseCode::ServFail)
+    }
+
+    /// The client's response when too many queries are already waiting upstream: REFUSED,
+    /// as CoreDNS's `forward` answers past its `max_concurrent`.
+    pub fn refuse(self) -> (Option<Vec<u8>>, Outcome) {
+        self.reply_with(ResponseCode::Refused)
+    }
+
+    fn reply_with(mut self, rcode: ResponseCode) -> (Option<Vec<u8>>, Outcome) {
+        let response = &mut self.response;
+        response.answers.clear();
+        response.authorities.clear();
+        response.additionals.clear();
+        response.metadata.authoritative = false;
+        response.metadata.response_code = rcode;
+        self.outcome.rcode = Some(rcode);
+        let (out, truncated) = encode_within(response, self.limit);
+        self.outcome.truncated = truncated;
+        (out, self.outcome)
+    }
+}
+
+/// The response to a query over its client's rate limit on a slip turn: the id, the
+/// question, TC set and nothing else, so that a real client asks again over TCP (BIND's
+/// RRL "slip"). `None` for what would get no answer anyway.
+pub fn slip_response(query: &[u8]) -> Option<Vec<u8>> {
+    let request = Message::from_vec(query).ok()?;
+    if request.metadata.message_type != MessageType::Query
+        || request.metadata.op_code != OpCode::Query
+    {
+        return None;
+    }
+    let mut response = Message::response(request.metadata.id, OpCode::Query);
+    response.metadata.recursion_desired = request.metadata.recursion_desired;
+    response.metadata.truncation = true;
+    response.add_queries(request.queries);
+    response.to_vec().ok()
+}
+
+/// What the cluster's zones say about a question.
+enum Local {
+    /// Answered (the response's sections and AA are filled); the rcode.
+    Answered(ResponseCode),
+    /// Ask upstream this question; the response holds what the cluster adds in front.
+    Forward(Query),
+}
+
+/// Fills the answer, authority and additional sections and the AA bit, or says what to ask
+/// upstream (only with `recursion`).
 fn answer_question(
     resolver: &Resolver,
     name: &str,
     question: &Query,
     response: &mut Message,
-) -> Result<ResponseCode, String> {
+    recursion: bool,
+) -> Result<Local, String> {
     if !matches!(question.query_class(), DNSClass::IN | DNSClass::ANY) {
         // Our zones are class IN; Chaos `version.bind` and friends are not ours to answer.
-        return Ok(ResponseCode::Refused);
+        return Ok(Local::Answered(ResponseCode::Refused));
     }
-    let answer = match question.query_type() {
+    let qtype = question.query_type();
+    let answer = match qtype {
         RecordType::A => resolver.query(name, QueryType::A),
         RecordType::AAAA => resolver.query(name, QueryType::Aaaa),
         RecordType::CNAME => resolver.query(name, QueryType::Cname),
@@ -238,14 +430,23 @@ fn answer_question(
         RecordType::NS => resolver.query(name, QueryType::Ns),
         RecordType::SOA => resolver.query(name, QueryType::Soa),
         RecordType::ANY => resolver.query(name, QueryType::Any),
-        // We serve no zone transfers.
-        RecordType::AXFR | RecordType::IXFR => return Ok(ResponseCode::Refused),
+        // We serve no zone transfers, nor forward them.
+        RecordType::AXFR | RecordType::IXFR => return Ok(Local::Answered(ResponseCode::Refused)),
         _ => answer_other_type(resolver, name),
     };
     let rcode = match answer.rcode {
         Rcode::NoError => ResponseCode::NoError,
+        Rcode::NxDomain if recursion && is_reverse_name(name) => {
+            // CoreDNS's default Corefile: `kubernetes cluster.local in-addr.arpa ip6.arpa
+            // { fallthrough in-addr.arpa ip6.arpa }`: reverse names the cluster does not
+            // have go on to `forward`.
+            return Ok(Local::Forward(question.clone()));
+        }
         Rcode::NxDomain => ResponseCode::NXDomain,
-        Rcode::Refused => return Ok(ResponseCode::Refused),
+        // Outside our zones: forwarded for allowed clients, else REFUSED (no open
+        // resolver).
+        Rcode::Refused if recursion => return Ok(Local::Forward(question.clone())),
+        Rcode::Refused => return Ok(Local::Answered(ResponseCode::Refused)),
     };
     // RFC 1035 4.1.1: AA "specifies that the responding name server is an authority for
     // the domain name in question section": every name the resolver does not refuse.
@@ -253,13 +454,42 @@ fn answer_question(
     for r in &answer.records {
         response.add_answer(wire_record(r)?);
     }
+    if recursion && let Some(target) = external_target(resolver, &answer, qtype) {
+        // An ExternalName pointing outside: CoreDNS completes the CNAME with the
+        // upstream's answer for the target, so that pods resolve it in one query.
+        let mut target = wire_name(&target)?;
+        target.set_fqdn(true);
+        let mut upstream = Query::query(target, qtype);
+        upstream.set_query_class(DNSClass::IN);
+        return Ok(Local::Forward(upstream));
+    }
     for r in &answer.authority {
         response.add_authority(wire_record(r)?);
     }
     for r in &answer.additional {
         response.add_additional(wire_record(r)?);
     }
-    Ok(rcode)
+    Ok(Local::Answered(rcode))
+}
+
+/// The target of the CNAME chain that ends `answer`, when it leaves the cluster's zones and
+/// the question asks for more than the CNAME itself.
+fn external_target(resolver: &Resolver, answer: &Answer, qtype: RecordType) -> Option<String> {
+    if matches!(qtype, RecordType::CNAME | RecordType::ANY) || answer.rcode != Rcode::NoError {
+        return None;
+    }
+    let RecordData::Cname(target) = &answer.records.last()?.data else {
+        return None;
+    };
+    (resolver.query(target, QueryType::Soa).rcode == Rcode::Refused).then(|| target.clone())
+}
+
+/// Whether `name` lies in `in-addr.arpa` or `ip6.arpa`.
+fn is_reverse_name(name: &str) -> bool {
+    let name = name.trim_end_matches('.').to_ascii_lowercase();
+    ["in-addr.arpa", "ip6.arpa"]
+        .iter()
+        .any(|zone| name == *zone || name.ends_with(&format!(".{zone}")))
 }
 
 /// A question of a type the resolver has no records of (TXT, MX, HTTPS, ...): NXDOMAIN when
@@ -357,21 +587,32 @@ fn encode_within(response: &mut Message, limit: usize) -> (Option<Vec<u8>>, bool
 // Server: the current resolver, and the socket loops
 // ---------------------------------------------------------------------------------------------
 
-/// Serves DNS from a resolver that can be replaced while queries run.
+/// Serves DNS from a resolver that can be replaced while queries run, forwarding for
+/// allowed clients when it has a [`Forwarder`], rate limiting UDP responses when it has a
+/// [`RateLimiter`].
 #[derive(Debug)]
 pub struct Server {
     resolver: RwLock<Arc<Resolver>>,
     tcp_connections: AtomicUsize,
     tcp_idle_timeout: Duration,
+    forwarder: Option<Forwarder>,
+    allow_recursion: Vec<IpNet>,
+    rrl: Option<Mutex<RateLimiter>>,
+    /// The rate limiter's time origin.
+    epoch: Instant,
 }
 
 impl Server {
-    /// A server answering from `resolver`.
+    /// A server answering from `resolver`, forwarding nothing and limiting nothing.
     pub fn new(resolver: Resolver) -> Server {
         Server {
             resolver: RwLock::new(Arc::new(resolver)),
             tcp_connections: AtomicUsize::new(0),
             tcp_idle_timeout: TCP_IDLE_TIMEOUT,
+            forwarder: None,
+            allow_recursion: Vec::new(),
+            rrl: None,
+            epoch: Instant::now(),
         }
     }
 
@@ -379,6 +620,26 @@ impl Server {
     pub fn with_tcp_idle_timeout(mut self, timeout: Duration) -> Server {
         self.tcp_idle_timeout = timeout;
         self
+    }
+
+    /// Forwards names the cluster does not answer through `forwarder`, for clients inside
+    /// `allow` only (everyone else keeps getting REFUSED for them).
+    pub fn with_forwarder(mut self, forwarder: Forwarder, allow: Vec<IpNet>) -> Server {
+        self.forwarder = Some(forwarder);
+        self.allow_recursion = allow;
+        self
+    }
+
+    /// Limits the UDP responses each client network gets (see [`rrl`]).
+    pub fn with_rate_limit(mut self, config: RrlConfig) -> Server {
+        self.rrl = Some(Mutex::new(RateLimiter::new(config)));
+        self
+    }
+
+    /// Whether `client` gets forwarding (and RA).
+    pub fn recursion_for(&self, client: IpAddr) -> bool {
+        let client = client.to_canonical();
+        self.forwarder.is_some() && self.allow_recursion.iter().any(|n| n.contains(&client))
     }
 
     /// The resolver queries are answered from now.
@@ -401,19 +662,45 @@ impl Server {
         drop(old);
     }
 
-    /// Answers one message with the current resolver (see [`handle_query`]), logging it at
-    /// debug level.
+    /// Answers one message with the current resolver (see [`handle_query_step`]), logging
+    /// it at debug level. A forwarded query blocks the caller until the upstream answers
+    /// or the forwarder's timeout passes. No rate limit applies here.
     pub fn handle(&self, query: &[u8], transport: Transport, peer: SocketAddr) -> Option<Vec<u8>> {
         let resolver = self.resolver();
-        let (out, outcome) = handle_query_outcome(&resolver, query, transport);
+        let recursion = self.recursion_for(peer.ip());
+        let (out, outcome) = match handle_query_step(&resolver, query, transport, recursion) {
+            (Step::Reply(out), outcome) => (out, outcome),
+            (Step::Forward(pending), _) => match &self.forwarder {
+                Some(f) => f.forward_blocking(pending, transport == Transport::Tcp),
+                None => pending.fail(),
+            },
+        };
         debug!("{peer} {transport:?} {outcome}");
         out
     }
 
+    /// The rate limiter's verdict on one more UDP response to `peer` (always
+    /// [`Verdict::Send`] without a limiter).
+    fn rate_limit(&self, peer: IpAddr) -> Verdict {
+        let Some(rrl) = &self.rrl else {
+            return Verdict::Send;
+        };
+        let now = self.epoch.elapsed();
+        rrl.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .check(peer, now)
+    }
+
     /// Answers datagrams on `socket` until `stop` is set (checked every 250 ms). Several
-    /// threads may serve clones of one socket.
+    /// threads may serve clones of one socket. Forwarded queries are answered from the
+    /// forwarder's thread, so a slow upstream never holds a worker.
+    ///
+    /// Every response is charged to the client's network first (RRL): over the budget the
+    /// query is dropped unanswered, or answered with TC on a slip turn.
     pub fn serve_udp(&self, socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
         socket.set_read_timeout(Some(STOP_POLL))?;
+        // The forwarder's replies go out through a clone of the socket.
+        let replies = Arc::new(socket.try_clone()?);
         let mut buf = vec![0u8; UDP_RECV_BUFFER];
         while !stop.load(Ordering::Relaxed) {
             let (len, peer) = match socket.recv_from(&mut buf) {
@@ -426,13 +713,57 @@ impl Server {
             let Some(query) = buf.get(..len) else {
                 continue;
             };
-            if let Some(response) = self.handle(query, Transport::Udp, peer)
+            let response = match self.rate_limit(peer.ip()) {
+                Verdict::Send => self.handle_udp(query, peer, &replies),
+                Verdict::Slip => {
+                    debug!("{peer} Udp over the rate limit: truncated");
+                    slip_response(query)
+                }
+                Verdict::Drop => {
+                    debug!("{peer} Udp over the rate limit: dropped");
+                    None
+                }
+            };
+            if let Some(response) = response
                 && let Err(e) = socket.send_to(&response, peer)
             {
                 debug!("send to {peer}: {e}");
             }
         }
         Ok(())
+    }
+
+    /// One UDP query: the response to send now, or `None` (nothing, or the forwarder
+    /// sends it later through `replies`).
+    fn handle_udp(
+        &self,
+        query: &[u8],
+        peer: SocketAddr,
+        replies: &Arc<UdpSocket>,
+    ) -> Option<Vec<u8>> {
+        let resolver = self.resolver();
+        let recursion = self.recursion_for(peer.ip());
+        match handle_query_step(&resolver, query, Transport::Udp, recursion) {
+            (Step::Reply(out), outcome) => {
+                debug!("{peer} Udp {outcome}");
+                out
+            }
+            (Step::Forward(pending), _) => {
+                let Some(forwarder) = &self.forwarder else {
+                    return pending.fail().0;
+                };
+                let replies = Arc::clone(replies);
+                forwarder.spawn(pending, false, move |out, outcome| {
+                    debug!("{peer} Udp {outcome} (forwarded)");
+                    if let Some(out) = out
+                        && let Err(e) = replies.send_to(&out, peer)
+                    {
+                        debug!("send to {peer}: {e}");
+                    }
+                });
+                None
+            }
+        }
     }
 
     /// Accepts connections on `listener` until `stop` is set, serving each in its own
@@ -889,6 +1220,379 @@ status: {podIP: 10.244.0.20}
         let out = ask(&r, "many.default.svc.cluster.local", 33);
         assert_eq!(out[2] & 0x02, 0, "no TC for the additional section");
         assert_eq!(counts(&out), [1, 9, 0, 0]);
+    }
+
+    /// The lab plus an ExternalName Service `ext` pointing at `example.org`.
+    fn lab_with_external() -> Resolver {
+        resolver_of(&format!(
+            "{LAB}---\napiVersion: v1\nkind: Service\nmetadata: {{name: ext, namespace: instavote}}\n\
+             spec: {{type: ExternalName, externalName: example.org}}\n"
+        ))
+    }
+
+    /// Steps one query with recursion allowed and expects it to be forwarded.
+    fn forwarded(r: &Resolver, query: &[u8], transport: Transport) -> Box<Pending> {
+        match handle_query_step(r, query, transport, true) {
+            (Step::Forward(p), _) => p,
+            (Step::Reply(out), outcome) => panic!("answered locally: {outcome} {out:?}"),
+        }
+    }
+
+    /// The upstream's answer to `query` (bytes as sent upstream): `ips` as A records.
+    fn upstream_answer(query: &[u8], ips: &[&str]) -> Message {
+        let q = parse(query);
+        let mut m = Message::response(q.metadata.id, OpCode::Query);
+        m.metadata.recursion_available = true;
+        m.add_queries(q.queries.clone());
+        for ip in ips {
+            m.add_answer(WireRecord::from_rdata(
+                q.queries[0].name().clone(),
+                300,
+                RData::A(A(ip.parse().unwrap())),
+            ));
+        }
+        m
+    }
+
+    #[test]
+    fn outside_names_are_forwarded_with_a_fresh_id_and_the_clients_restored() {
+        let r = lab();
+        let q = query_bytes(0xbeef, RD, "Example.ORG", T_A, None);
+        let p = forwarded(&r, &q, Transport::Udp);
+        assert_eq!(p.question().name().to_ascii(), "Example.ORG.");
+        let up = p.upstream_query(0x1234).unwrap();
+        let m = parse(&up);
+        assert_eq!(m.metadata.id, 0x1234);
+        assert!(m.metadata.recursion_desired);
+        assert_eq!(m.metadata.message_type, MessageType::Query);
+        assert_eq!(m.queries.len(), 1);
+        assert_eq!(m.queries[0].query_type(), RecordType::A);
+        assert_eq!(m.edns.as_ref().map(|e| e.max_payload()), Some(EDNS_PAYLOAD));
+
+        // The answer must carry our id and our question (any case).
+        let answer = upstream_answer(&up, &["192.0.2.80"]).to_vec().unwrap();
+        assert!(p.accepts(0x1235, &answer).is_none(), "another id");
+        let mut other = upstream_answer(&up, &["192.0.2.80"]);
+        other.queries[0].set_query_type(RecordType::AAAA);
+        assert!(
+            p.accepts(0x1234, &other.to_vec().unwrap()).is_none(),
+            "another type"
+        );
+        let mut other = upstream_answer(&up, &["192.0.2.80"]);
+        other.queries[0].set_name(Name::from_ascii("example.net.").unwrap());
+        assert!(
+            p.accepts(0x1234, &other.to_vec().unwrap()).is_none(),
+            "another name"
+        );
+        assert!(p.accepts(0x1234, &up).is_none(), "a query is no answer");
+        assert!(
+            p.accepts(0x1234, &answer[..answer.len() - 3]).is_none(),
+            "cut short"
+        );
+        let mut lower = upstream_answer(&up, &["192.0.2.80"]);
+        lower.queries[0].set_name(Name::from_ascii("example.org.").unwrap());
+        assert!(
+            p.accepts(0x1234, &lower.to_vec().unwrap()).is_some(),
+            "case"
+        );
+
+        let accepted = p.accepts(0x1234, &answer).unwrap();
+        let (out, outcome) = p.complete(accepted);
+        let out = out.unwrap();
+        assert_eq!(&out[..2], &[0xbe, 0xef], "the client's id");
+        // QR, RD | RA; no AA (not ours).
+        assert_eq!((out[2], out[3]), (0b1000_0001, 0b1000_0000));
+        assert_eq!(counts(&out), [1, 1, 0, 0], "no OPT: the client sent none");
+        let m = parse(&out);
+        assert_eq!(m.queries[0].name().to_ascii(), "Example.ORG.");
+        assert_eq!(
+            m.answers[0].data,
+            RData::A(A("192.0.2.80".parse().unwrap()))
+        );
+        assert_eq!(outcome.rcode, Some(ResponseCode::NoError));
+    }
+
+    #[test]
+    fn without_recursion_outside_names_stay_refused_and_ra_clear() {
+        let r = lab();
+        let q = query_bytes(1, RD, "example.org", T_A, None);
+        let (step, _) = handle_query_step(&r, &q, Transport::Udp, false);
+        let Step::Reply(Some(out)) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((rcode(&out), out[3] & 0x80), (5, 0));
+        // With recursion, cluster names are answered locally, with RA.
+        let q = query_bytes(2, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let (step, _) = handle_query_step(&r, &q, Transport::Udp, true);
+        let Step::Reply(Some(out)) = step else {
+            panic!("{step:?}")
+        };
+        assert_eq!((out[2], out[3]), (0b1000_0101, 0b1000_0000), "AA, RD, RA");
+        // Class CHAOS and zone transfers are never forwarded.
+        let mut q = query_bytes(3, RD, "version.bind", T_TXT, None);
+        let n = q.len();
+        q[n - 1] = 3;
+        assert!(matches!(
+            handle_query_step(&r, &q, Transport::Udp, true).0,
+            Step::Reply(Some(ref out)) if rcode(out) == 5
+        ));
+        let q = query_bytes(4, RD, "example.org", 252, None);
+        assert!(matches!(
+            handle_query_step(&r, &q, Transport::Tcp, true).0,
+            Step::Reply(Some(ref out)) if rcode(out) == 5
+        ));
+    }
+
+    #[test]
+    fn upstream_failure_is_servfail_and_a_full_table_refused() {
+        let r = lab();
+        let q = query_bytes(0x0a0b, RD, "example.org", T_A, Some((1232, 0)));
+        let (out, outcome) = forwarded(&r, &q, Transport::Udp).fail();
+        let out = out.unwrap();
+        assert_eq!(&out[..2], &[0x0a, 0x0b]);
+        assert_eq!(rcode(&out), 2, "SERVFAIL");
+        assert_eq!(out[3] & 0x80, 0x80, "RA");
+        assert_eq!(counts(&out), [1, 0, 0, 1], "question and OPT");
+        assert_eq!(outcome.rcode, Some(ResponseCode::ServFail));
+        let (out, _) = forwarded(&r, &q, Transport::Udp).refuse();
+        assert_eq!(rcode(&out.unwrap()), 5);
+    }
+
+    #[test]
+    fn external_name_cnames_are_completed_from_upstream() {
+        let r = lab_with_external();
+        let q = query_bytes(7, RD, "ext.instavote.svc.cluster.local", T_A, None);
+        // Without recursion: the CNAME alone, as before.
+        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        assert_eq!(counts(&out), [1, 1, 0, 0]);
+        let p = forwarded(&r, &q, Transport::Udp);
+        assert_eq!(p.question().name().to_ascii(), "example.org.");
+        assert_eq!(p.question().query_type(), RecordType::A);
+        let up = p.upstream_query(99).unwrap();
+        let answer = upstream_answer(&up, &["192.0.2.80", "192.0.2.81"]);
+        let (out, _) = p.complete(answer);
+        let out = out.unwrap();
+        assert_eq!(&out[..2], &[0, 7]);
+        assert_eq!(out[2] & 0x04, 0x04, "AA: the CNAME is ours");
+        let m = parse(&out);
+        let data: Vec<_> = m.answers.iter().map(|a| a.data.clone()).collect();
+        assert_eq!(
+            data,
+            [
+                RData::CNAME(CNAME(Name::from_ascii("example.org.").unwrap())),
+                RData::A(A("192.0.2.80".parse().unwrap())),
+                RData::A(A("192.0.2.81".parse().unwrap())),
+            ]
+        );
+        assert_eq!(
+            m.answers[0].name.to_ascii(),
+            "ext.instavote.svc.cluster.local."
+        );
+        // The upstream's NXDOMAIN for the target is the answer's rcode (RFC 6604), the
+        // CNAME stays.
+        let p = forwarded(&r, &q, Transport::Udp);
+        let mut nx = upstream_answer(&p.upstream_query(5).unwrap(), &[]);
+        nx.metadata.response_code = ResponseCode::NXDomain;
+        let out = p.complete(nx).0.unwrap();
+        assert_eq!((rcode(&out), counts(&out)), (3, [1, 1, 0, 0]));
+        // Asking for the CNAME itself needs nothing from upstream.
+        let q = query_bytes(8, RD, "ext.instavote.svc.cluster.local", 5, None);
+        assert!(matches!(
+            handle_query_step(&r, &q, Transport::Udp, true).0,
+            Step::Reply(Some(_))
+        ));
+    }
+
+    #[test]
+    fn reverse_names_the_cluster_lacks_fall_through_to_upstream() {
+        let r = lab();
+        let q = query_bytes(1, RD, "8.8.8.8.in-addr.arpa", 12, None);
+        assert_eq!(
+            forwarded(&r, &q, Transport::Udp).question().query_type(),
+            RecordType::PTR
+        );
+        // Without recursion: NXDOMAIN from our reverse zone, as before.
+        assert_eq!(rcode(&handle_query(&r, &q, Transport::Udp).unwrap()), 3);
+        // A reverse name the cluster has is answered locally.
+        let q = query_bytes(1, RD, "6.77.102.10.in-addr.arpa", 12, None);
+        assert!(matches!(
+            handle_query_step(&r, &q, Transport::Udp, true).0,
+            Step::Reply(Some(ref out)) if counts(out)[1] == 1
+        ));
+    }
+
+    #[test]
+    fn forwarded_answers_are_truncated_for_udp_clients() {
+        let r = lab();
+        let ips: Vec<String> = (0..60).map(|i| format!("192.0.2.{i}")).collect();
+        let ips: Vec<&str> = ips.iter().map(String::as_str).collect();
+        let q = query_bytes(1, RD, "example.org", T_A, None);
+        let p = forwarded(&r, &q, Transport::Udp);
+        let answer = upstream_answer(&p.upstream_query(1).unwrap(), &ips);
+        let (out, outcome) = p.complete(answer.clone());
+        let out = out.unwrap();
+        assert!(out.len() <= UDP_MIN_PAYLOAD && outcome.truncated);
+        assert_eq!((out[2] & 0x02, counts(&out)), (0x02, [1, 0, 0, 0]));
+        let p = forwarded(&r, &q, Transport::Tcp);
+        let out = p.complete(answer).0.unwrap();
+        assert_eq!(counts(&out), [1, 60, 0, 0]);
+        // An upstream answer that stayed truncated is passed on truncated.
+        let p = forwarded(&r, &q, Transport::Tcp);
+        let mut tc = upstream_answer(&p.upstream_query(1).unwrap(), &["192.0.2.1"]);
+        tc.metadata.truncation = true;
+        let out = p.complete(tc).0.unwrap();
+        assert_eq!(out[2] & 0x02, 0x02);
+    }
+
+    #[test]
+    fn slip_responses_are_truncated_echoes_of_the_question() {
+        let q = query_bytes(0x5151, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let out = slip_response(&q).unwrap();
+        assert_eq!(&out[..2], &[0x51, 0x51]);
+        assert_eq!((out[2], out[3]), (0b1000_0011, 0), "QR, TC, RD");
+        assert_eq!(counts(&out), [1, 0, 0, 0]);
+        assert_eq!(&out[12..], &q[12..], "the question");
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        assert_eq!(slip_response(&response), None);
+        assert_eq!(slip_response(&[1, 2, 3]), None);
+    }
+
+    /// A stub upstream on loopback UDP: answers A questions with 192.0.2.80 and records
+    /// the ids it saw; `silent` makes it answer nothing.
+    type Seen = Arc<Mutex<Vec<(u16, SocketAddr)>>>;
+
+    fn stub_upstream(silent: bool) -> (SocketAddr, Seen) {
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = Arc::clone(&seen);
+        thread::spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = socket.recv_from(&mut buf) {
+                let q = parse(&buf[..n]);
+                log.lock().unwrap().push((q.metadata.id, from));
+                if !silent {
+                    let answer = upstream_answer(&buf[..n], &["192.0.2.80"]);
+                    let _ = socket.send_to(&answer.to_vec().unwrap(), from);
+                }
+            }
+        });
+        (addr, seen)
+    }
+
+    fn udp_server(
+        server: Server,
+    ) -> (
+        SocketAddr,
+        Arc<AtomicBool>,
+        thread::JoinHandle<io::Result<()>>,
+    ) {
+        let server = Arc::new(server);
+        let stop = Arc::new(AtomicBool::new(false));
+        let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = socket.local_addr().unwrap();
+        let worker = {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || server.serve_udp(&socket, &stop))
+        };
+        (addr, stop, worker)
+    }
+
+    fn udp_ask(server: SocketAddr, query: &[u8]) -> Option<Vec<u8>> {
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(3)))
+            .unwrap();
+        client.send_to(query, server).unwrap();
+        let mut buf = [0u8; 2048];
+        let (n, _) = client.recv_from(&mut buf).ok()?;
+        Some(buf[..n].to_vec())
+    }
+
+    #[test]
+    fn udp_forwarding_on_loopback_with_random_ids_and_ports() {
+        let (upstream, seen) = stub_upstream(false);
+        let forwarder = Forwarder::new(forward::ForwardConfig::new(vec![upstream])).unwrap();
+        let server =
+            Server::new(lab()).with_forwarder(forwarder, vec!["127.0.0.0/8".parse().unwrap()]);
+        assert!(server.recursion_for("127.0.0.1".parse().unwrap()));
+        assert!(!server.recursion_for("192.0.2.1".parse().unwrap()));
+        let (addr, stop, worker) = udp_server(server);
+        for id in [1u16, 1, 1, 1] {
+            let out = udp_ask(addr, &query_bytes(id, RD, "example.org", T_A, None)).unwrap();
+            assert_eq!(&out[..2], &id.to_be_bytes());
+            assert_eq!(rcode(&out), 0);
+            assert_eq!(
+                parse(&out).answers[0].data,
+                RData::A(A("192.0.2.80".parse().unwrap()))
+            );
+        }
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 4);
+        let ids: std::collections::HashSet<u16> = seen.iter().map(|s| s.0).collect();
+        let ports: std::collections::HashSet<u16> = seen.iter().map(|s| s.1.port()).collect();
+        assert!(ids.len() >= 3 && ports.len() >= 3, "{seen:?}");
+        assert!(!ids.contains(&1));
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_silent_upstream_gives_servfail_after_the_timeout() {
+        let (upstream, seen) = stub_upstream(true);
+        let mut config = forward::ForwardConfig::new(vec![upstream]);
+        config.timeout = Duration::from_millis(300);
+        let forwarder = Forwarder::new(config).unwrap();
+        let server =
+            Server::new(lab()).with_forwarder(forwarder, vec!["127.0.0.0/8".parse().unwrap()]);
+        let (addr, stop, worker) = udp_server(server);
+        let started = std::time::Instant::now();
+        let out = udp_ask(addr, &query_bytes(9, RD, "example.org", T_A, None)).unwrap();
+        let took = started.elapsed();
+        assert_eq!((rcode(&out), &out[..2]), (2, &[0u8, 9][..]));
+        assert!(
+            took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+            "{took:?}"
+        );
+        assert_eq!(seen.lock().unwrap().len(), 1);
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn udp_responses_are_rate_limited_per_network() {
+        let mut config = RrlConfig::new(1, 3);
+        config.slip = 2;
+        let server = Server::new(lab()).with_rate_limit(config);
+        let (addr, stop, worker) = udp_server(server);
+        let q = query_bytes(3, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        // Refill is one response a second: the seven queries take well under that.
+        client
+            .set_read_timeout(Some(Duration::from_millis(150)))
+            .unwrap();
+        let mut got = Vec::new();
+        for _ in 0..7 {
+            client.send_to(&q, addr).unwrap();
+            let mut buf = [0u8; 2048];
+            got.push(match client.recv_from(&mut buf) {
+                Ok((n, _)) if buf[2] & 0x02 != 0 => {
+                    assert_eq!(counts(&buf[..n]), [1, 0, 0, 0]);
+                    "slip"
+                }
+                Ok(_) => "answer",
+                Err(_) => "dropped",
+            });
+        }
+        assert_eq!(
+            got,
+            [
+                "answer", "answer", "answer", "dropped", "slip", "dropped", "slip"
+            ]
+        );
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
     }
 
     #[test]

@@ -6,6 +6,8 @@
 //!   (pure [`api::ApiState`]), and the kube-rs watchers on a background runtime.
 //! - [`cli`]: flags the programs share.
 //! - [`conformance`]: the scenarios every backend must pass with real traffic.
+//! - [`fakeapi`]: a fake Kubernetes API server (HTTPS, list/watch as kube-rs uses them)
+//!   for tests of the programs that follow an API server.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
 //!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
@@ -20,6 +22,7 @@ pub mod api;
 pub mod cli;
 pub mod conformance;
 pub mod dns;
+pub mod fakeapi;
 pub mod lab;
 pub mod proxy;
 pub mod testbed;

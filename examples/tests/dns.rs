@@ -221,6 +221,11 @@ impl Dns {
         for l in listen {
             cmd.args(["--listen", l]);
         }
+        Dns::spawn(cmd)
+    }
+
+    /// Runs `cmd` (an `svcnat-dns` command line) and waits for `ready`.
+    fn spawn(mut cmd: Command) -> Dns {
         let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -697,4 +702,482 @@ fn reload_adds_redis_and_a_broken_edit_keeps_the_last_good_answer() {
     // SIGTERM: a clean exit.
     let status = lab.dns.terminate();
     assert!(status.success(), "{status:?}\n{}", lab.dns.stderr());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forwarding and rate limiting: one bare namespace per test
+// ---------------------------------------------------------------------------------------------
+//
+// The namespace holds only `lo`, with 10.244.0.5 and 10.244.1.5 (inside the default pod
+// CIDR, so allowed to recurse; two /24s for the rate limit) and 192.0.2.5 (outside) added
+// to it. svcnat-dns listens on 127.0.0.1:53 and forwards to a stub upstream on
+// 127.0.0.1:5300 (UDP and TCP) that this test process serves from a thread that entered
+// the namespace.
+
+use std::net::{SocketAddr, TcpListener, UdpSocket};
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use hickory_proto::op::{Message, OpCode, Query, ResponseCode};
+use hickory_proto::rr::rdata::A;
+use hickory_proto::rr::{Name, RData, Record, RecordType};
+
+const ALLOWED: &str = "10.244.0.5";
+const ALLOWED_OTHER_NET: &str = "10.244.1.5";
+const OUTSIDE: &str = "192.0.2.5";
+const UPSTREAM: &str = "127.0.0.1:5300";
+const EXAMPLE_ORG_IP: &str = "192.0.2.80";
+
+/// A network namespace with only `lo` up and the test's client addresses; deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(tag: &str) -> Netns {
+        let name = format!("svcnat-fwd-{}-{tag}", std::process::id());
+        // A leftover from an interrupted run of this process id.
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
+        let ns = Netns(name);
+        ns.ip(&["netns", "add", &ns.0]);
+        ns.ip(&["-n", &ns.0, "link", "set", "lo", "up"]);
+        for addr in [ALLOWED, ALLOWED_OTHER_NET, OUTSIDE] {
+            ns.ip(&[
+                "-n",
+                &ns.0,
+                "addr",
+                "add",
+                &format!("{addr}/32"),
+                "dev",
+                "lo",
+            ]);
+        }
+        ns
+    }
+
+    fn ip(&self, args: &[&str]) {
+        let status = Command::new("ip").args(args).status().unwrap();
+        assert!(status.success(), "ip {args:?}");
+    }
+
+    /// Runs `f` on a thread inside the namespace (sockets it opens stay in it).
+    fn run<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
+        let file = std::fs::File::open(format!("/run/netns/{}", self.0)).unwrap();
+        thread::scope(|s| {
+            s.spawn(move || {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+                f()
+            })
+            .join()
+            .unwrap()
+        })
+    }
+
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.0, program]);
+        cmd
+    }
+
+    /// `dig @127.0.0.1 -b SOURCE ARGS` in the namespace.
+    fn dig(&self, source: &str, args: &[&str]) -> Dig {
+        let out = self
+            .command("dig")
+            .args(["+time=3", "+tries=1", "@127.0.0.1", "-b", source])
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "dig {args:?}: {text}");
+        Dig { text }
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// What the stub upstream saw: transport, id, client address, question name.
+#[derive(Clone, Debug)]
+struct Seen {
+    tcp: bool,
+    id: u16,
+    from: SocketAddr,
+    name: String,
+}
+
+/// A stub upstream resolver on 127.0.0.1:5300 in a namespace. It answers `example.org` A
+/// with 192.0.2.80, `big.example.org` with 60 A records over TCP and with TC over UDP,
+/// stays silent for `timeout.*`, and says NXDOMAIN to the rest.
+struct Upstream {
+    seen: Arc<Mutex<Vec<Seen>>>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Upstream {
+    fn start(ns: &Netns) -> Upstream {
+        let (udp, tcp) = ns.run(|| {
+            let udp = UdpSocket::bind(UPSTREAM).unwrap();
+            let tcp = TcpListener::bind(UPSTREAM).unwrap();
+            (udp, tcp)
+        });
+        udp.set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        {
+            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+            threads.push(thread::spawn(move || {
+                let mut buf = [0u8; 2048];
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((n, from)) = udp.recv_from(&mut buf) else {
+                        continue;
+                    };
+                    if let Some(out) = stub_answer(&buf[..n], false, from, &seen) {
+                        let _ = udp.send_to(&out, from);
+                    }
+                }
+            }));
+        }
+        {
+            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
+            threads.push(thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((mut stream, from)) = tcp.accept() else {
+                        thread::sleep(Duration::from_millis(10));
+                        continue;
+                    };
+                    stream.set_nonblocking(false).unwrap();
+                    stream
+                        .set_read_timeout(Some(Duration::from_secs(2)))
+                        .unwrap();
+                    let mut len = [0u8; 2];
+                    if stream.read_exact(&mut len).is_err() {
+                        continue;
+                    }
+                    let mut q = vec![0u8; usize::from(u16::from_be_bytes(len))];
+                    if stream.read_exact(&mut q).is_err() {
+                        continue;
+                    }
+                    if let Some(out) = stub_answer(&q, true, from, &seen) {
+                        let mut frame = (out.len() as u16).to_be_bytes().to_vec();
+                        frame.extend_from_slice(&out);
+                        let _ = std::io::Write::write_all(&mut stream, &frame);
+                    }
+                }
+            }));
+        }
+        Upstream {
+            seen,
+            stop,
+            threads,
+        }
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn stub_answer(
+    query: &[u8],
+    tcp: bool,
+    from: SocketAddr,
+    seen: &Mutex<Vec<Seen>>,
+) -> Option<Vec<u8>> {
+    let q = Message::from_vec(query).ok()?;
+    let question = q.queries.first()?.clone();
+    let name = question.name().to_ascii().to_ascii_lowercase();
+    seen.lock().unwrap().push(Seen {
+        tcp,
+        id: q.metadata.id,
+        from,
+        name: name.clone(),
+    });
+    if name.starts_with("timeout.") {
+        return None;
+    }
+    let mut m = Message::response(q.metadata.id, OpCode::Query);
+    m.metadata.recursion_desired = q.metadata.recursion_desired;
+    m.metadata.recursion_available = true;
+    m.add_query(question.clone());
+    let a = |ip: String| {
+        Record::from_rdata(
+            question.name().clone(),
+            300,
+            RData::A(A(ip.parse().unwrap())),
+        )
+    };
+    match (name.as_str(), question.query_type()) {
+        ("example.org.", RecordType::A) => {
+            m.add_answer(a(EXAMPLE_ORG_IP.to_string()));
+        }
+        ("example.org.", _) => {}
+        ("big.example.org.", RecordType::A) if !tcp => m.metadata.truncation = true,
+        ("big.example.org.", RecordType::A) => {
+            for i in 1..=60 {
+                m.add_answer(a(format!("198.51.100.{i}")));
+            }
+        }
+        _ => m.metadata.response_code = ResponseCode::NXDomain,
+    }
+    m.to_vec().ok()
+}
+
+/// A query for `name` with id `id`, RD set.
+fn query(id: u16, name: &str, rtype: RecordType) -> Vec<u8> {
+    let mut m = Message::query();
+    m.metadata.id = id;
+    m.metadata.recursion_desired = true;
+    m.add_query(Query::query(Name::from_ascii(name).unwrap(), rtype));
+    m.to_vec().unwrap()
+}
+
+/// svcnat-dns in `ns` on 127.0.0.1:53, forwarding to the stub, with `extra` flags.
+fn forwarding_dns(ns: &Netns, dir: &ManifestDir, extra: &[&str]) -> Dns {
+    let mut cmd = ns.command(env!("CARGO_BIN_EXE_svcnat-dns"));
+    cmd.arg("--manifests")
+        .arg(dir.path())
+        .args(["--default-namespace", "instavote", "-vv"])
+        .args(["--listen", "127.0.0.1:53", "--upstream", UPSTREAM])
+        .args(extra);
+    Dns::spawn(cmd)
+}
+
+/// The manifests: redis, and an ExternalName Service `ext` pointing at example.org.
+fn forwarding_manifests() -> ManifestDir {
+    let dir = ManifestDir::new();
+    dir.write("redis-svc.yaml", &redis_svc(REDIS_IP));
+    dir.write(
+        "ext.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\n\
+         spec: {type: ExternalName, externalName: example.org}\n",
+    );
+    dir
+}
+
+/// Sends `queries` one at a time from `source` over UDP inside `ns`, waiting up to `wait`
+/// for each answer; `None` where nothing came back. Also returns the client's port.
+fn udp_exchanges(
+    ns: &Netns,
+    source: &str,
+    queries: Vec<Vec<u8>>,
+    wait: Duration,
+) -> (Vec<Option<Message>>, u16) {
+    let source: IpAddr = source.parse().unwrap();
+    ns.run(move || {
+        let socket = UdpSocket::bind(SocketAddr::new(source, 0)).unwrap();
+        socket.set_read_timeout(Some(wait)).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let answers = queries
+            .iter()
+            .map(|q| {
+                socket.send_to(q, "127.0.0.1:53").unwrap();
+                let mut buf = [0u8; 4096];
+                socket
+                    .recv_from(&mut buf)
+                    .ok()
+                    .map(|(n, _)| Message::from_vec(&buf[..n]).unwrap())
+            })
+            .collect();
+        (answers, port)
+    })
+}
+
+fn a_records(m: &Message) -> Vec<String> {
+    m.answers
+        .iter()
+        .filter_map(|r| match &r.data {
+            RData::A(a) => Some(a.0.to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn allowed_clients_get_forwarded_answers_and_others_refused() {
+    skip_unless_root!();
+    skip_unless_tools!();
+    let ns = Netns::new("allow");
+    let upstream = Upstream::start(&ns);
+    let dir = forwarding_manifests();
+    let dns = forwarding_dns(&ns, &dir, &[]);
+
+    // An allowed client (inside the pod CIDR): the upstream's answer, with its own id.
+    let (answers, client_port) = udp_exchanges(
+        &ns,
+        ALLOWED,
+        vec![query(0x4242, "example.org.", RecordType::A)],
+        Duration::from_secs(3),
+    );
+    let m = answers[0].as_ref().expect("an answer");
+    assert_eq!(m.metadata.id, 0x4242);
+    assert_eq!(m.metadata.response_code, ResponseCode::NoError);
+    assert!(m.metadata.recursion_available, "RA for allowed clients");
+    assert!(!m.metadata.authoritative);
+    assert_eq!(a_records(m), [EXAMPLE_ORG_IP], "{}", dns.stderr());
+    // The upstream saw a new id from a port of svcnat-dns's own, over UDP.
+    let seen = upstream.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(!seen[0].tcp);
+    assert_ne!(seen[0].id, 0x4242, "a fresh id upstream");
+    assert_ne!(seen[0].from.port(), client_port);
+    assert_ne!(seen[0].from.port(), 53);
+
+    // A client outside the allowed networks: REFUSED, and nothing goes upstream.
+    let (answers, _) = udp_exchanges(
+        &ns,
+        OUTSIDE,
+        vec![query(0x4343, "example.org.", RecordType::A)],
+        Duration::from_secs(3),
+    );
+    let m = answers[0].as_ref().expect("an answer");
+    assert_eq!(m.metadata.id, 0x4343);
+    assert_eq!(m.metadata.response_code, ResponseCode::Refused);
+    assert!(!m.metadata.recursion_available);
+    assert_eq!(upstream.seen().len(), 1);
+    // Cluster names still answer for everyone.
+    let d = ns.dig(OUTSIDE, &["redis.instavote.svc.cluster.local", "+short"]);
+    assert_eq!(d.text.trim(), REDIS_IP);
+
+    // The ExternalName Service: CNAME completed with the upstream's A for the allowed
+    // client; the CNAME alone for the other.
+    let d = ns.dig(ALLOWED, &["ext.instavote.svc.cluster.local", "A"]);
+    assert_eq!(d.status(), "NOERROR", "{}", d.text);
+    assert_eq!(d.answers("CNAME"), ["example.org."], "{}", d.text);
+    assert_eq!(d.answers("A"), [EXAMPLE_ORG_IP], "{}", d.text);
+    assert!(d.flags().contains(&"ra"), "{}", d.text);
+    let d = ns.dig(OUTSIDE, &["ext.instavote.svc.cluster.local", "A"]);
+    assert_eq!(d.answers("CNAME"), ["example.org."]);
+    assert!(d.answers("A").is_empty(), "{}", d.text);
+
+    // A TCP client is forwarded over TCP.
+    let before = upstream.seen().len();
+    let d = ns.dig(ALLOWED, &["+tcp", "example.org", "A"]);
+    assert_eq!(d.answers("A"), [EXAMPLE_ORG_IP], "{}", d.text);
+    let seen = upstream.seen();
+    assert!(seen[before..].iter().all(|s| s.tcp), "{seen:?}");
+
+    // A truncated upstream answer is asked again over TCP: all 60 records arrive.
+    let d = ns.dig(ALLOWED, &["big.example.org", "A"]);
+    assert_eq!(d.answers("A").len(), 60, "{}", d.text);
+    let big: Vec<bool> = upstream
+        .seen()
+        .iter()
+        .filter(|s| s.name == "big.example.org.")
+        .map(|s| s.tcp)
+        .collect();
+    assert_eq!(big, [false, true], "UDP, then TCP after TC");
+    // Every upstream query used its own source port and id.
+    let seen = upstream.seen();
+    let udp: Vec<&Seen> = seen.iter().filter(|s| !s.tcp).collect();
+    let ports: std::collections::BTreeSet<u16> = udp.iter().map(|s| s.from.port()).collect();
+    let ids: std::collections::BTreeSet<u16> = seen.iter().map(|s| s.id).collect();
+    assert!(ports.len() >= udp.len() - 1, "{seen:?}");
+    assert!(ids.len() >= seen.len() - 1, "{seen:?}");
+}
+
+#[test]
+fn a_silent_upstream_gives_servfail_within_the_timeout() {
+    skip_unless_root!();
+    skip_unless_tools!();
+    let ns = Netns::new("timeout");
+    let upstream = Upstream::start(&ns);
+    let dir = forwarding_manifests();
+    let dns = forwarding_dns(&ns, &dir, &["--upstream-timeout", "1s"]);
+    let started = Instant::now();
+    let (answers, _) = udp_exchanges(
+        &ns,
+        ALLOWED,
+        vec![query(0x0909, "timeout.example.org.", RecordType::A)],
+        Duration::from_secs(5),
+    );
+    let took = started.elapsed();
+    let m = answers[0].as_ref().expect("SERVFAIL, not silence");
+    assert_eq!(m.metadata.id, 0x0909);
+    assert_eq!(
+        m.metadata.response_code,
+        ResponseCode::ServFail,
+        "{}",
+        dns.stderr()
+    );
+    assert!(
+        took >= Duration::from_millis(950) && took < Duration::from_millis(1900),
+        "{took:?}"
+    );
+    assert_eq!(upstream.seen().len(), 1);
+}
+
+#[test]
+fn the_rate_limit_drops_and_slips_per_client_network() {
+    skip_unless_root!();
+    skip_unless_tools!();
+    let ns = Netns::new("rrl");
+    let _upstream = Upstream::start(&ns);
+    let dir = forwarding_manifests();
+    // 1 response a second, 4 at once; one over-limit response in two slips.
+    let dns = forwarding_dns(
+        &ns,
+        &dir,
+        &["--rrl-responses-per-second", "1", "--rrl-burst", "4"],
+    );
+    let name = "redis.instavote.svc.cluster.local.";
+    let queries: Vec<Vec<u8>> = (0..10).map(|i| query(i, name, RecordType::A)).collect();
+    let (answers, _) = udp_exchanges(&ns, ALLOWED, queries.clone(), Duration::from_millis(100));
+    let kinds: Vec<&str> = answers
+        .iter()
+        .map(|a| match a {
+            None => "drop",
+            Some(m) if m.metadata.truncation => {
+                assert!(m.answers.is_empty());
+                assert_eq!(m.queries.len(), 1, "the question comes back");
+                "slip"
+            }
+            Some(m) => {
+                assert_eq!(a_records(m), [REDIS_IP]);
+                "answer"
+            }
+        })
+        .collect();
+    let count = |k: &str| kinds.iter().filter(|x| **x == k).count();
+    // Within the first second: the burst of 4, then drop and slip in turn (a refill on a
+    // slow machine may add one answer).
+    assert!((4..=5).contains(&count("answer")), "{kinds:?}");
+    assert_eq!(
+        &kinds[..5],
+        ["answer", "answer", "answer", "answer", "drop"],
+        "{kinds:?}\n{}",
+        dns.stderr()
+    );
+    assert!(count("slip") >= 2 && count("drop") >= 2, "{kinds:?}");
+    // Another /24 has its own budget.
+    let (answers, _) = udp_exchanges(
+        &ns,
+        ALLOWED_OTHER_NET,
+        queries[..4].to_vec(),
+        Duration::from_secs(2),
+    );
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.as_ref().is_some_and(|m| a_records(m) == [REDIS_IP])),
+        "{answers:?}"
+    );
+    // A limited client that retries over TCP, as the slip asks it to, gets its answer.
+    let d = ns.dig(ALLOWED, &["+tcp", name, "A"]);
+    assert_eq!(d.answers("A"), [REDIS_IP], "{}", d.text);
 }

@@ -5,6 +5,10 @@
 //! svcnat-dns --manifests DIR [--listen ADDR:PORT]... [--cluster-domain cluster.local]
 //!            [--default-namespace default] [--service-cidr 10.96.0.0/12]
 //!            [--pod-cidr 10.244.0.0/16] [--ttl 5] [--udp-workers N] [-v|-vv]
+//!            [--upstream ADDR[:PORT]|RESOLV_CONF]... [--upstream-timeout 2s]
+//!            [--upstream-max-in-flight 256] [--allow-recursion CIDR]...
+//!            [--rrl-responses-per-second 100] [--rrl-burst N] [--rrl-slip 2]
+//!            [--rrl-exempt CIDR]...
 //! ```
 //!
 //! The manifests are read exactly as `svcnat-proxy` reads them (the same
@@ -23,6 +27,24 @@
 //! status 0 (a second signal exits at once). Logs go to stderr: warnings by default, `-v`
 //! info, `-vv` debug (one line per query).
 //!
+//! Forwarding (CoreDNS's `forward . /etc/resolv.conf`) is off unless `--upstream` names a
+//! server (`192.0.2.53`, `192.0.2.53:5353`, `[2001:db8::53]:53`) or a `resolv.conf` to read
+//! the `nameserver`s from (`--upstream /etc/resolv.conf`); it is not on by default because
+//! the host's resolv.conf often names a stub that is unreachable from where svcnat-dns runs
+//! (systemd-resolved's 127.0.0.53 seen from another network namespace) or svcnat-dns
+//! itself (a forwarding loop). With upstreams, names outside the cluster domain, reverse
+//! names the cluster does not have, and the targets of ExternalName Services outside the
+//! cluster are forwarded for clients inside `--allow-recursion` (repeatable; default: the
+//! `--pod-cidr` and `--service-cidr` ranges), who also see RA. Everyone else keeps getting
+//! REFUSED for them: not an open resolver. No answer within `--upstream-timeout`: SERVFAIL.
+//!
+//! Every UDP response is charged to the client's network (/24, /56) against a token bucket
+//! of `--rrl-responses-per-second` (0: no limit) with a burst of `--rrl-burst` (default: one
+//! second's worth); over it, responses are dropped except every `--rrl-slip`-th, sent
+//! truncated so that real clients retry over TCP (BIND's RRL). TCP is not limited (its
+//! clients cannot spoof their address). A Kubernetes node's pods usually share one /24:
+//! raise the rate, or `--rrl-exempt` the pod CIDR, on busy nodes.
+//!
 //! Exit codes: 0 after a signal, 1 when the server cannot start (manifest directory,
 //! listen address), 2 for invalid flags.
 
@@ -36,10 +58,13 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use clap::{ArgAction, Parser};
+use ipnet::IpNet;
 use svcnat_core::discovery::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_TTL, DiscoveryConfig, Resolver};
 use svcnat_examples::cli::ClusterArgs;
+use svcnat_examples::dns::forward::{self, ForwardConfig, Forwarder};
+use svcnat_examples::dns::rrl::{self, RrlConfig};
 use svcnat_examples::dns::{Server, wake_tcp};
-use svcnat_examples::proxy::ManifestDir;
+use svcnat_examples::proxy::{self, ManifestDir};
 use tracing::{error, info, warn};
 
 /// How often the manifest directory is looked at.
@@ -73,6 +98,36 @@ struct Args {
     /// Threads per UDP socket [default: one per CPU, at most 4].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
     udp_workers: Option<u16>,
+    /// Forward names outside the cluster to this server (an address, with a port or 53),
+    /// or to the nameservers of this resolv.conf file (repeatable) [default: forwarding
+    /// off].
+    #[arg(long, value_name = "ADDR[:PORT]|FILE")]
+    upstream: Vec<String>,
+    /// How long a forwarded query may wait for the upstreams before SERVFAIL.
+    #[arg(long, value_name = "DUR", default_value = "2s", value_parser = proxy::parse_duration)]
+    upstream_timeout: Duration,
+    /// How many forwarded queries may wait at once; more are REFUSED.
+    #[arg(long, value_name = "N", default_value = "256",
+          value_parser = clap::value_parser!(u16).range(1..))]
+    upstream_max_in_flight: u16,
+    /// Clients that get forwarding (repeatable, or comma-separated) [default: the pod and
+    /// service CIDRs].
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    allow_recursion: Vec<IpNet>,
+    /// UDP responses per second each client network (/24, /56) gets; 0 turns the limit
+    /// off.
+    #[arg(long, value_name = "N", default_value_t = rrl::DEFAULT_RESPONSES_PER_SECOND)]
+    rrl_responses_per_second: u32,
+    /// Responses a quiet client network may get at once [default: one second's worth].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    rrl_burst: Option<u32>,
+    /// Send every N-th response over the limit truncated (TC) instead of dropping it, so
+    /// that real clients retry over TCP; 0 drops them all.
+    #[arg(long, value_name = "N", default_value_t = rrl::DEFAULT_SLIP)]
+    rrl_slip: u32,
+    /// Clients the rate limit never applies to (repeatable, or comma-separated).
+    #[arg(long, value_name = "CIDR", value_delimiter = ',')]
+    rrl_exempt: Vec<IpNet>,
     /// More logs on stderr: -v for info, -vv for debug, one line per query (default:
     /// warnings and errors).
     #[arg(short, long, action = ArgAction::Count)]
@@ -117,7 +172,35 @@ fn run(args: Args) -> Result<(), String> {
         );
         r
     };
-    let server = Arc::new(Server::new(resolver(&dir)));
+    let mut server = Server::new(resolver(&dir));
+    if let Some(forwarder) = forwarder(
+        &args.upstream,
+        args.upstream_timeout,
+        usize::from(args.upstream_max_in_flight),
+        &args.listen,
+    )? {
+        let allow = if args.allow_recursion.is_empty() {
+            let mut allow = args.cluster.pod_cidrs.clone();
+            allow.extend(args.cluster.service_cidrs.iter().copied());
+            allow
+        } else {
+            args.allow_recursion.clone()
+        };
+        info!(
+            upstreams = ?forwarder.config().upstreams,
+            allow_recursion = ?allow,
+            "forwarding names outside the cluster"
+        );
+        server = server.with_forwarder(forwarder, allow);
+    }
+    if args.rrl_responses_per_second > 0 {
+        let rate = args.rrl_responses_per_second;
+        let mut config = RrlConfig::new(rate, args.rrl_burst.unwrap_or(rate));
+        config.slip = args.rrl_slip;
+        config.exempt = args.rrl_exempt.clone();
+        server = server.with_rate_limit(config);
+    }
+    let server = Arc::new(server);
 
     // Bind everything before serving anything, so a bad address fails the start.
     let mut sockets = Vec::new();
@@ -206,6 +289,38 @@ fn run(args: Args) -> Result<(), String> {
     Ok(())
 }
 
+/// The forwarder the `--upstream` flags ask for, if any.
+fn forwarder(
+    values: &[String],
+    timeout: Duration,
+    max_in_flight: usize,
+    listen: &[SocketAddr],
+) -> Result<Option<Forwarder>, String> {
+    let mut upstreams = Vec::new();
+    for value in values {
+        for addr in forward::parse_upstream(value)? {
+            // Forwarding to ourselves would loop until the timeout.
+            if listen.contains(&addr) {
+                return Err(format!(
+                    "--upstream {value}: {addr} is one of our --listen addresses (a forwarding loop)"
+                ));
+            }
+            if !upstreams.contains(&addr) {
+                upstreams.push(addr);
+            }
+        }
+    }
+    if upstreams.is_empty() {
+        return Ok(None);
+    }
+    let mut config = ForwardConfig::new(upstreams);
+    config.timeout = timeout;
+    config.max_in_flight = max_in_flight;
+    Forwarder::new(config)
+        .map(Some)
+        .map_err(|e| format!("cannot start the forwarder: {e}"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -240,6 +355,7 @@ mod tests {
         assert_eq!(a.listen.len(), 2);
         assert_eq!(a.cluster.service_cidrs.len(), 2);
         assert_eq!(a.verbose, 2);
+        assert!(a.upstream.is_empty(), "forwarding is off by default");
         assert!(
             Args::try_parse_from(["svcnat-dns"]).is_err(),
             "--manifests is required"
@@ -247,6 +363,61 @@ mod tests {
         assert!(
             Args::try_parse_from(["svcnat-dns", "--manifests", "/m", "--udp-workers", "0"])
                 .is_err()
+        );
+    }
+
+    #[test]
+    fn forwarding_and_rate_limit_flags() {
+        let a = Args::try_parse_from(["svcnat-dns", "--manifests", "/m"]).unwrap();
+        assert_eq!(a.upstream_timeout, Duration::from_secs(2));
+        assert_eq!(a.rrl_responses_per_second, 100);
+        assert_eq!((a.rrl_burst, a.rrl_slip), (None, 2));
+        assert_eq!(
+            usize::from(a.upstream_max_in_flight),
+            forward::DEFAULT_MAX_IN_FLIGHT
+        );
+        assert!(a.allow_recursion.is_empty());
+        let a = Args::try_parse_from([
+            "svcnat-dns",
+            "--manifests=/m",
+            "--upstream",
+            "192.0.2.53",
+            "--upstream=[2001:db8::53]:5353",
+            "--upstream-timeout",
+            "500ms",
+            "--allow-recursion",
+            "10.244.0.0/16,fd00::/64",
+            "--rrl-responses-per-second",
+            "0",
+        ])
+        .unwrap();
+        assert_eq!(a.upstream_timeout, Duration::from_millis(500));
+        assert_eq!(a.allow_recursion.len(), 2);
+        let f = forwarder(&a.upstream, a.upstream_timeout, 8, &a.listen)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            f.config().upstreams,
+            [
+                "192.0.2.53:53".parse::<SocketAddr>().unwrap(),
+                "[2001:db8::53]:5353".parse().unwrap()
+            ]
+        );
+        assert!(
+            forwarder(&[], a.upstream_timeout, 8, &a.listen)
+                .unwrap()
+                .is_none()
+        );
+        let looped = forwarder(
+            &["127.0.0.1".to_string()],
+            a.upstream_timeout,
+            8,
+            &["127.0.0.1:53".parse().unwrap()],
+        )
+        .unwrap_err();
+        assert!(looped.contains("forwarding loop"), "{looped}");
+        assert!(
+            Args::try_parse_from(["svcnat-dns", "--manifests", "/m", "--rrl-burst", "0"]).is_err()
         );
     }
 }
