@@ -453,14 +453,8 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::tests::labels;
     use std::net::IpAddr;
-
-    fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
-    }
 
     fn vote_cluster() -> Cluster {
         let mut c = Cluster::simulated();

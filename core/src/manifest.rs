@@ -728,6 +728,21 @@ const CLUSTER_SCOPED_KINDS: &[&str] = &[
     "VolumeAttachment",
 ];
 
+/// Errors of a `List`'s item `i` name the field below `items[i]`; with `line`, they point
+/// at it (items re-serialized from YAML have no lines of their own).
+fn prefix_item_errors(errors: &mut [LoadError], i: usize, line: Option<usize>) {
+    for e in errors {
+        e.field = if e.field.is_empty() {
+            format!("items[{i}]")
+        } else {
+            format!("items[{i}].{}", e.field)
+        };
+        if let Some(line) = line {
+            e.line = line;
+        }
+    }
+}
+
 fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &ClusterConfig) {
     let source = Source {
         file: file.to_string(),
@@ -850,13 +865,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                     text: doc.text.get(span).unwrap_or("").to_string(),
                 };
                 load_document(m, file, &sub, config);
-                for e in &mut m.errors[before..] {
-                    e.field = if e.field.is_empty() {
-                        format!("items[{i}]")
-                    } else {
-                        format!("items[{i}].{}", e.field)
-                    };
-                }
+                prefix_item_errors(&mut m.errors[before..], i, None);
                 continue;
             }
             match serde_yaml_ng::to_string(&item) {
@@ -868,14 +877,7 @@ fn load_document(m: &mut Manifests, file: &str, doc: &Document, config: &Cluster
                         text,
                     };
                     load_document(m, file, &sub, config);
-                    for e in &mut m.errors[before..] {
-                        e.field = if e.field.is_empty() {
-                            format!("items[{i}]")
-                        } else {
-                            format!("items[{i}].{}", e.field)
-                        };
-                        e.line = doc.line;
-                    }
+                    prefix_item_errors(&mut m.errors[before..], i, Some(doc.line));
                 }
                 Err(e) => m
                     .errors
