@@ -89,11 +89,18 @@ pub enum Resource {
     EndpointSlices,
     /// This node's Node.
     Node,
+    /// Pods, all namespaces (cluster DNS's pod records).
+    Pods,
 }
 
 impl Resource {
     /// Every watched resource.
-    pub const ALL: [Resource; 3] = [Resource::Services, Resource::EndpointSlices, Resource::Node];
+    pub const ALL: [Resource; 4] = [
+        Resource::Services,
+        Resource::EndpointSlices,
+        Resource::Node,
+        Resource::Pods,
+    ];
 
     /// The resource's name as the API spells it (`services`, `endpointslices`, `nodes`).
     pub fn as_str(self) -> &'static str {
@@ -101,6 +108,7 @@ impl Resource {
             Resource::Services => "services",
             Resource::EndpointSlices => "endpointslices",
             Resource::Node => "nodes",
+            Resource::Pods => "pods",
         }
     }
 
@@ -110,6 +118,7 @@ impl Resource {
             Resource::Services => "Service",
             Resource::EndpointSlices => "EndpointSlice",
             Resource::Node => "Node",
+            Resource::Pods => "Pod",
         }
     }
 }
@@ -129,6 +138,8 @@ pub enum ApiEvent {
     EndpointSlice(Box<Event<discovery::EndpointSlice>>),
     /// A watch event of this node's Node.
     Node(Box<Event<corev1::Node>>),
+    /// A Pod watch event (cluster DNS only).
+    Pod(Box<Event<corev1::Pod>>),
     /// A watch failed (the watcher retries with backoff; nothing is deleted).
     WatchError {
         /// Which watch.
@@ -156,6 +167,11 @@ impl ApiEvent {
     /// A watch event of this node's Node.
     pub fn node(event: Event<corev1::Node>) -> ApiEvent {
         ApiEvent::Node(Box::new(event))
+    }
+
+    /// A Pod watch event.
+    pub fn pod(event: Event<corev1::Pod>) -> ApiEvent {
+        ApiEvent::Pod(Box::new(event))
     }
 }
 
@@ -188,9 +204,27 @@ struct Tracker {
     errors: u64,
 }
 
+/// Who follows the API server: what is watched, and which objects are taken.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ApiRole {
+    /// The node proxy, as kube-proxy: Services and EndpointSlices by kube-proxy's label
+    /// selector, no headless Services, this node's Node.
+    #[default]
+    Proxy,
+    /// The cluster DNS, as CoreDNS's `kubernetes` plugin: every Service (headless and
+    /// ExternalName too, whatever proxy serves them) and EndpointSlice, and with `pods`
+    /// every Pod (for `pods verified` records).
+    Dns {
+        /// Watch Pods too.
+        pods: bool,
+    },
+}
+
 /// Settings of the pure state.
 #[derive(Clone, Debug)]
 pub struct ApiStateConfig {
+    /// Who follows the API server.
+    pub role: ApiRole,
     /// This node's name: only its Node is taken.
     pub node_name: String,
     /// `--service-proxy-name`: take only Services (and slices) labelled with it.
@@ -258,8 +292,10 @@ impl ApiState {
     /// cluster is incomplete and programming it would drop rules that are still wanted
     /// (kube-proxy waits for the same two informers).
     pub fn is_listed(&self) -> bool {
+        let pods = matches!(self.config.role, ApiRole::Dns { pods: true });
         [Resource::Services, Resource::EndpointSlices]
             .iter()
+            .chain(pods.then_some(&Resource::Pods))
             .all(|r| self.trackers.get(r).is_some_and(|t| t.listed))
     }
 
@@ -284,6 +320,7 @@ impl ApiState {
             ApiEvent::Service(e) => self.handle_watch(*e),
             ApiEvent::EndpointSlice(e) => self.handle_watch(*e),
             ApiEvent::Node(e) => self.handle_watch(*e),
+            ApiEvent::Pod(e) => self.handle_watch(*e),
             ApiEvent::WatchError {
                 resource,
                 error,
@@ -415,6 +452,7 @@ impl ApiState {
             Resource::Services => self.cluster.delete_service(ns, name),
             Resource::EndpointSlices => self.cluster.delete_endpoint_slice(ns, name),
             Resource::Node => self.cluster.delete_node(name),
+            Resource::Pods => self.cluster.delete_pod(ns, name),
         };
         self.record(r, &changed, None);
         changed
@@ -435,7 +473,7 @@ impl ApiState {
                 self.endpoint_changes += 1;
                 self.endpoints_pending.extend(changed.iter().cloned());
             }
-            Resource::Node => {}
+            Resource::Node | Resource::Pods => {}
         }
         if let Some(t) = trigger {
             for svc in changed {
@@ -556,6 +594,10 @@ impl Watched for corev1::Service {
     }
 
     fn wanted(&self, config: &ApiStateConfig) -> bool {
+        if let ApiRole::Dns { .. } = config.role {
+            // Cluster DNS answers for every Service, headless ones above all.
+            return true;
+        }
         // kube-proxy skips headless Services (`clusterIP: None`); so does the plan.
         let headless = self
             .spec
@@ -586,10 +628,11 @@ impl Watched for discovery::EndpointSlice {
     }
 
     fn wanted(&self, config: &ApiStateConfig) -> bool {
-        selected(
-            self.metadata.labels.as_ref(),
-            config.service_proxy_name.as_deref(),
-        )
+        config.role != ApiRole::Proxy
+            || selected(
+                self.metadata.labels.as_ref(),
+                config.service_proxy_name.as_deref(),
+            )
     }
 
     fn apply_to(&self, cluster: &mut Cluster) -> Result<Changed, InvalidObject> {
@@ -639,6 +682,27 @@ impl Watched for corev1::Node {
     }
 }
 
+impl Watched for corev1::Pod {
+    const RESOURCE: Resource = Resource::Pods;
+
+    fn key(&self) -> Key {
+        key_of(&self.metadata, true)
+    }
+
+    fn wanted(&self, config: &ApiStateConfig) -> bool {
+        matches!(config.role, ApiRole::Dns { pods: true })
+    }
+
+    fn apply_to(&self, cluster: &mut Cluster) -> Result<Changed, InvalidObject> {
+        // A proxy-only cluster stores Pods for DNS and views; they never become endpoints.
+        cluster.apply_pod(self)
+    }
+
+    fn wrap(event: Event<Self>) -> ApiEvent {
+        ApiEvent::pod(event)
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // The plumbing
 // ---------------------------------------------------------------------------------------------
@@ -674,6 +738,8 @@ pub struct ApiConfig {
     pub node_name: String,
     /// `--service-proxy-name`.
     pub service_proxy_name: Option<String>,
+    /// Who follows the API server (what is watched).
+    pub role: ApiRole,
 }
 
 /// Why an [`ApiSource`] cannot start.
@@ -774,7 +840,11 @@ impl ApiSource {
         let watch = Watch {
             client,
             node_name: config.node_name.clone(),
-            selector: label_selector(config.service_proxy_name.as_deref()),
+            selector: match config.role {
+                ApiRole::Proxy => label_selector(config.service_proxy_name.as_deref()),
+                ApiRole::Dns { .. } => String::new(),
+            },
+            role: config.role,
             tx,
         };
         info!(server = %server, selector = %watch.selector, node = %watch.node_name, "watching the API server");
@@ -792,6 +862,7 @@ impl ApiSource {
             .map_err(|e| ApiError::Client(format!("cannot start the watcher thread: {e}")))?;
         Ok(ApiSource {
             state: ApiState::new(ApiStateConfig {
+                role: config.role,
                 node_name: config.node_name,
                 service_proxy_name: config.service_proxy_name,
                 started: SystemTime::now(),
@@ -878,6 +949,7 @@ struct Watch {
     client: kube::Client,
     node_name: String,
     selector: String,
+    role: ApiRole,
     tx: mpsc::Sender<ApiEvent>,
 }
 
@@ -902,14 +974,31 @@ impl Watch {
             self.tx.clone(),
             &failing,
         );
-        let nodes = forward::<corev1::Node>(
-            kube::Api::all(self.client.clone()),
-            node,
-            self.tx.clone(),
-            &failing,
-        );
-        let probe = probe(self.client, self.tx, &failing);
-        futures::join!(services, slices, nodes, probe);
+        // The proxy watches its own Node; cluster DNS may watch every Pod instead.
+        let nodes = async {
+            if self.role == ApiRole::Proxy {
+                forward::<corev1::Node>(
+                    kube::Api::all(self.client.clone()),
+                    node,
+                    self.tx.clone(),
+                    &failing,
+                )
+                .await;
+            }
+        };
+        let pods = async {
+            if self.role == (ApiRole::Dns { pods: true }) {
+                forward::<corev1::Pod>(
+                    kube::Api::all(self.client.clone()),
+                    watcher::Config::default().timeout(WATCH_TIMEOUT_SECS),
+                    self.tx.clone(),
+                    &failing,
+                )
+                .await;
+            }
+        };
+        let probe = probe(self.client.clone(), self.tx.clone(), &failing);
+        futures::join!(services, slices, nodes, pods, probe);
     }
 }
 
@@ -977,6 +1066,7 @@ mod tests {
 
     fn state(proxy_name: Option<&str>) -> ApiState {
         ApiState::new(ApiStateConfig {
+            role: ApiRole::Proxy,
             node_name: "node-1".into(),
             service_proxy_name: proxy_name.map(String::from),
             started: UNIX_EPOCH + T0,
@@ -1447,6 +1537,7 @@ mod tests {
     #[test]
     fn a_missing_kubeconfig_is_named() {
         let err = ApiSource::start(ApiConfig {
+            role: ApiRole::Proxy,
             client: ClientSource::Kubeconfig("/nonexistent/kubeconfig".into()),
             node_name: "n1".into(),
             service_proxy_name: None,
@@ -1469,6 +1560,7 @@ mod tests {
             .port();
         let kc = TempKubeconfig::new(&format!("http://127.0.0.1:{port}"));
         let mut source = ApiSource::start(ApiConfig {
+            role: ApiRole::Proxy,
             client: ClientSource::Kubeconfig(kc.0.clone()),
             node_name: "n1".into(),
             service_proxy_name: None,

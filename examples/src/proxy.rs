@@ -2857,6 +2857,7 @@ mod tests {
         use kube::runtime::watcher::Event;
         let wall = SystemTime::now();
         let state = ApiState::new(ApiStateConfig {
+            role: crate::api::ApiRole::Proxy,
             node_name: "node-0".into(),
             service_proxy_name: None,
             started: wall - Duration::from_secs(60),

@@ -81,6 +81,7 @@ fn follows_the_api_server_through_an_outage() {
     api.apply_json(slice("a-1", "a", &["10.244.0.5"])).unwrap();
 
     let mut source = ApiSource::start(ApiConfig {
+        role: svcnat_examples::api::ApiRole::Proxy,
         client: ClientSource::Kubeconfig(api.kubeconfig_path().to_path_buf()),
         node_name: "node-1".into(),
         service_proxy_name: None,

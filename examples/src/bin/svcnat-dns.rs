@@ -1,8 +1,8 @@
 //! `svcnat-dns`: the cluster DNS server (what CoreDNS's `kubernetes` plugin does), serving
-//! `svcnat_core::discovery` on UDP and TCP from a directory of manifests.
+//! `svcnat_core::discovery` on UDP and TCP from a directory of manifests or an API server.
 //!
 //! ```text
-//! svcnat-dns --manifests DIR [--listen ADDR:PORT]... [--cluster-domain cluster.local]
+//! svcnat-dns (--manifests DIR | --kubeconfig FILE | in-cluster) [--listen ADDR:PORT]... [--cluster-domain cluster.local]
 //!            [--default-namespace default] [--service-cidr 10.96.0.0/12]
 //!            [--pod-cidr 10.244.0.0/16] [--ttl 5] [--udp-workers N] [-v|-vv]
 //!            [--upstream ADDR[:PORT]|RESOLV_CONF]... [--upstream-timeout 2s]
@@ -17,6 +17,14 @@
 //! version stays in force. Give both programs the same directory, `--default-namespace`,
 //! `--service-cidr` and `--pod-cidr`, and they allocate the same cluster IPs (explicit
 //! `clusterIP`s make it certain).
+//!
+//! With `--kubeconfig FILE` (or, with neither flag, the in-cluster service account when
+//! `KUBERNETES_SERVICE_HOST`/`PORT` and the token are there) it follows the API server as
+//! CoreDNS does: every Service (headless and ExternalName included, whatever proxy serves
+//! them), every EndpointSlice (hostnames of headless endpoints), and every Pod unless
+//! `--no-pod-records`; it waits up to 5 s for the first lists before serving, and swaps
+//! the zone as watch events arrive. An unreachable API server leaves the last zone in
+//! force; the watchers retry with backoff and re-list after `410 Gone`.
 //!
 //! Each `--listen` address (default `0.0.0.0:53`, repeatable) gets a UDP socket served by
 //! `--udp-workers` threads (default: one per CPU, at most 4) and a TCP listener (a thread per
@@ -60,27 +68,37 @@ use std::time::{Duration, Instant};
 use clap::{ArgAction, Parser};
 use ipnet::IpNet;
 use svcnat_core::discovery::{DEFAULT_CLUSTER_DOMAIN, DEFAULT_TTL, DiscoveryConfig, Resolver};
+use svcnat_examples::api::{ApiConfig, ApiRole, ApiSource, in_cluster_available};
 use svcnat_examples::cli::ClusterArgs;
+use svcnat_examples::cli::{ApiArgs, Input, input};
 use svcnat_examples::dns::forward::{self, ForwardConfig, Forwarder};
 use svcnat_examples::dns::rrl::{self, RrlConfig};
 use svcnat_examples::dns::{Server, wake_tcp};
-use svcnat_examples::proxy::{self, ManifestDir};
+use svcnat_examples::proxy::{self, ManifestDir, Source};
 use tracing::{error, info, warn};
 
 /// How often the manifest directory is looked at.
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
+/// How long to wait for the API server's first lists before serving (CoreDNS waits 5 s).
+const API_WAIT: Duration = Duration::from_secs(5);
 
 /// The cluster DNS server: Service and Pod names from a manifest directory.
 #[derive(Debug, Parser)]
 #[command(
     name = "svcnat-dns",
     version,
-    about = "The svcnat cluster DNS server: Service and Pod names from a manifest directory"
+    about = "The svcnat cluster DNS server: Service and Pod names from a manifest directory or an API server"
 )]
 struct Args {
     /// Directory of manifests (*.yaml, *.yml, *.json), watched for changes.
     #[arg(long, value_name = "DIR")]
-    manifests: PathBuf,
+    manifests: Option<PathBuf>,
+    /// Follow the API server of this kubeconfig file (its current context) instead of a
+    /// manifest directory: every Service and EndpointSlice, and Pods unless
+    /// --no-pod-records. Without --kubeconfig and --manifests, the in-cluster configuration
+    /// (service account) is used when there is one.
+    #[arg(long, value_name = "FILE", conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
     /// Where to serve UDP and TCP (repeatable).
     #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:53")]
     listen: Vec<SocketAddr>,
@@ -159,20 +177,59 @@ fn run(args: Args) -> Result<(), String> {
         dc.pod_records = !args.no_pod_records;
         dc
     };
-    let dir_name = args.manifests.display().to_string();
-    let mut dir = ManifestDir::open(&args.manifests, cluster)
-        .map_err(|e| format!("cannot read the manifest directory {dir_name}: {e}"))?;
-    let resolver = |dir: &ManifestDir| {
+    let api_args = ApiArgs {
+        kubeconfig: args.kubeconfig.clone(),
+        service_proxy_name: None,
+    };
+    let mut dir: Box<dyn Source> = match input(
+        args.manifests.as_deref(),
+        &api_args,
+        in_cluster_available(),
+    )? {
+        Input::Manifests(path) => {
+            Box::new(ManifestDir::open(&path, cluster).map_err(|e| {
+                format!("cannot read the manifest directory {}: {e}", path.display())
+            })?)
+        }
+        Input::Api(client) => {
+            let mut source = ApiSource::start(ApiConfig {
+                client,
+                node_name: String::new(),
+                service_proxy_name: None,
+                role: ApiRole::Dns {
+                    pods: !args.no_pod_records,
+                },
+            })
+            .map_err(|e| e.to_string())?;
+            // As CoreDNS's kubernetes plugin: wait for the first lists (at most
+            // API_WAIT) before serving, so that cluster names do not start as NXDOMAIN.
+            let deadline = Instant::now() + API_WAIT;
+            while !source.is_ready() && Instant::now() < deadline {
+                if let Err(e) = source.poll() {
+                    return Err(format!("the API source stopped: {e}"));
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            if !source.is_ready() {
+                warn!(
+                    "the API server has not listed Services and EndpointSlices within {API_WAIT:?}; serving what is known and reloading as it arrives"
+                );
+            }
+            Box::new(source)
+        }
+    };
+    let dir_name = dir.describe();
+    let resolver = |dir: &dyn Source| {
         let r = Resolver::new(dir.cluster(), discovery.clone());
         info!(
             services = dir.cluster().services().count(),
-            files = dir.loaded_files().count(),
             serial = r.serial(),
+            source = %dir.describe(),
             "zone loaded"
         );
         r
     };
-    let mut server = Server::new(resolver(&dir));
+    let mut server = Server::new(resolver(dir.as_ref()));
     if let Some(forwarder) = forwarder(
         &args.upstream,
         args.upstream_timeout,
@@ -258,15 +315,13 @@ fn run(args: Args) -> Result<(), String> {
             Ok(changed) => {
                 dir_failing = false;
                 if changed {
-                    server.set_resolver(resolver(&dir));
+                    server.set_resolver(resolver(dir.as_ref()));
                 }
             }
             Err(e) => {
                 // Keep serving what we have; say so once.
                 if !dir_failing {
-                    warn!(
-                        "cannot read the manifest directory {dir_name}: {e}; serving the last load"
-                    );
+                    warn!("cannot read {dir_name}: {e}; serving the last load");
                 }
                 dir_failing = true;
             }
@@ -357,8 +412,9 @@ mod tests {
         assert_eq!(a.verbose, 2);
         assert!(a.upstream.is_empty(), "forwarding is off by default");
         assert!(
-            Args::try_parse_from(["svcnat-dns"]).is_err(),
-            "--manifests is required"
+            Args::try_parse_from(["svcnat-dns", "--manifests", "/m", "--kubeconfig", "/k"])
+                .is_err(),
+            "one input"
         );
         assert!(
             Args::try_parse_from(["svcnat-dns", "--manifests", "/m", "--udp-workers", "0"])

@@ -396,6 +396,7 @@ fn run<D: Dataplane>(
         }
         Input::Api(client) => {
             let source = match ApiSource::start(ApiConfig {
+                role: svcnat_examples::api::ApiRole::Proxy,
                 client,
                 node_name,
                 service_proxy_name: args.api.service_proxy_name.clone(),
