@@ -368,6 +368,13 @@ fn proxy_follows_the_api_server_with_real_traffic() {
     svcnat_examples::skip_unless_root!();
     let tb = testbed();
     let api = api_server(&tb);
+    // The server listens in node 0's namespace only: nothing answers in this (the root)
+    // namespace at its address.
+    let root = std::net::TcpStream::connect_timeout(&api.addr(), Duration::from_secs(2));
+    assert!(
+        root.is_err(),
+        "the fake API server answers in the root namespace"
+    );
     let front = Published::create(&api, &tb, FRONT, &WEB);
     let proxy = RunningProxy::start(&tb, api.kubeconfig_path(), &[]);
     proxy.wait_ready();
@@ -636,4 +643,19 @@ fn api_faults_with_traffic_flowing() {
     assert_spread(&tb, FRONT, &["web-2"], 20);
     drop(held);
     drop(proxy);
+}
+
+#[test]
+fn a_missing_namespace_is_named() {
+    let err = FakeApiServer::with_options(FakeApiOptions::default().netns("svcnat-no-such-ns"))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("/run/netns/svcnat-no-such-ns"), "{err}");
+    let err = FakeApiServer::with_options(FakeApiOptions::default().netns("../etc"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("bad network namespace name \"../etc\""),
+        "{err}"
+    );
 }
