@@ -6,7 +6,9 @@
 //! [`FakeApiServer`] instead, through the kubeconfig it writes.
 //!
 //! The server runs on a background thread with its own tokio runtime (tests stay sync),
-//! bound to `127.0.0.1:0`: HTTP/1.1 (hyper) over TLS (rustls) with a CA and a server
+//! bound to `127.0.0.1:0` (in the caller's network namespace, or in the one
+//! [`FakeApiOptions::netns`] names, so that a proxy run inside a test namespace reaches it
+//! without anything bound in the root namespace): HTTP/1.1 (hyper) over TLS (rustls) with a CA and a server
 //! certificate for `127.0.0.1` and `localhost` made by rcgen at start. It serves core/v1
 //! `services`, `nodes`, `pods`, `namespaces` and discovery.k8s.io/v1 `endpointslices`.
 //!
@@ -202,6 +204,9 @@ pub struct FakeApiOptions {
     pub history_limit: usize,
     /// The resource version the store starts at.
     pub start_resource_version: u64,
+    /// The network namespace (a name under `/run/netns`) whose loopback the server
+    /// listens on; `None`: the caller's.
+    pub netns: Option<String>,
 }
 
 impl Default for FakeApiOptions {
@@ -210,6 +215,7 @@ impl Default for FakeApiOptions {
             bookmark_interval: Duration::from_secs(60),
             history_limit: 100_000,
             start_resource_version: 1000,
+            netns: None,
         }
     }
 }
@@ -226,6 +232,16 @@ impl FakeApiOptions {
     #[must_use]
     pub fn history_limit(mut self, changes: usize) -> Self {
         self.history_limit = changes;
+        self
+    }
+
+    /// Listens on the loopback of the network namespace `/run/netns/NAME` instead of the
+    /// caller's (also after [`FakeApiServer::start`]), so that a program run in that
+    /// namespace (`ip netns exec NAME ...`) reaches it at `127.0.0.1` and nothing is
+    /// bound or routed in the caller's namespace.
+    #[must_use]
+    pub fn netns(mut self, name: impl Into<String>) -> Self {
+        self.netns = Some(name.into());
         self
     }
 }
@@ -460,7 +476,10 @@ impl FakeApiServer {
     pub fn with_options(options: FakeApiOptions) -> Result<Self, FakeApiError> {
         let pki = make_pki().map_err(|e| FakeApiError::Tls(e.to_string()))?;
         let acceptor = tls_acceptor(&pki)?;
-        let listener = bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))?;
+        let listener = bind(
+            SocketAddr::from((Ipv4Addr::LOCALHOST, 0)),
+            options.netns.as_deref(),
+        )?;
         let addr = listener
             .local_addr()
             .map_err(|e| FakeApiError::io("local address", e))?;
@@ -658,7 +677,7 @@ impl FakeApiServer {
         {
             return Ok(());
         }
-        let listener = bind(self.shared.addr)?;
+        let listener = bind(self.shared.addr, self.shared.options.netns.as_deref())?;
         self.listen(listener);
         Ok(())
     }
@@ -687,7 +706,44 @@ impl FakeApiServer {
     }
 }
 
-fn bind(addr: SocketAddr) -> Result<std::net::TcpListener, FakeApiError> {
+/// Binds `addr` in the caller's network namespace, or in `/run/netns/NETNS` from a short-lived
+/// thread that enters it (`setns(2)` changes only the calling thread's namespace; the socket
+/// stays in the namespace it was made in, whichever thread uses it later).
+fn bind(addr: SocketAddr, netns: Option<&str>) -> Result<std::net::TcpListener, FakeApiError> {
+    let Some(name) = netns else {
+        return bind_here(addr);
+    };
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
+        return Err(FakeApiError::io(
+            format!("bind {addr}"),
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad network namespace name {name:?}"),
+            ),
+        ));
+    }
+    let path = format!("/run/netns/{name}");
+    let file =
+        std::fs::File::open(&path).map_err(|e| FakeApiError::io(format!("open {path}"), e))?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                FakeApiError::io(format!("enter network namespace {path}"), e.into())
+            })?;
+            bind_here(addr).map_err(|e| match e {
+                FakeApiError::Io { what, source } => FakeApiError::Io {
+                    what: format!("{what} in network namespace {name}"),
+                    source,
+                },
+                other => other,
+            })
+        })
+        .join()
+        .unwrap_or_else(|_| Err(FakeApiError::Runtime("the bind thread panicked".into())))
+    })
+}
+
+fn bind_here(addr: SocketAddr) -> Result<std::net::TcpListener, FakeApiError> {
     // std sets SO_REUSEADDR, so the port can be bound again right after a stop.
     let listener = std::net::TcpListener::bind(addr)
         .map_err(|e| FakeApiError::io(format!("bind {addr}"), e))?;
