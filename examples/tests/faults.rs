@@ -528,7 +528,7 @@ fn a_vanished_manifest_directory_keeps_the_last_rules_until_it_returns() {
     // Renamed away: reported, and the rules stay.
     fs::rename(&dir.0, dir.away()).unwrap();
     assert!(
-        proxy.logged("cannot list the manifest directory", 5),
+        proxy.logged("cannot read the source; everything stays as it is", 5),
         "{}",
         proxy.stderr()
     );
@@ -549,7 +549,7 @@ fn a_vanished_manifest_directory_keeps_the_last_rules_until_it_returns() {
         wait_until(Duration::from_secs(5), || refused(&tb, NODE_PORT)),
         "the returned contents were not applied"
     );
-    assert!(proxy.logged("manifest directory readable again", 5));
+    assert!(proxy.logged("the source is readable again", 5));
     dir.write("vote.yaml", &service_yaml("vote", "vote", NODE_PORT));
     assert!(wait_until(Duration::from_secs(5), || answered(
         &tb, NODE_PORT
@@ -560,7 +560,7 @@ fn a_vanished_manifest_directory_keeps_the_last_rules_until_it_returns() {
     assert!(
         wait_until(Duration::from_secs(5), || proxy
             .stderr()
-            .matches("cannot list the manifest directory")
+            .matches("cannot read the source; everything stays as it is")
             .count()
             == 2),
         "{}",
