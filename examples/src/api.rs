@@ -1014,6 +1014,12 @@ async fn forward<K: Watched>(
     while let Some(item) = stream.next().await {
         let event = match item {
             Ok(e) => K::wrap(e),
+            // "410 Gone / Expired": the server answered, our resourceVersion is too old; the
+            // watcher re-lists. Not an outage: nothing to report as unreachable.
+            Err(watcher::Error::WatchError(status)) if status.code == 410 => {
+                debug!(resource = %K::RESOURCE, "resourceVersion expired (410); re-listing");
+                continue;
+            }
             Err(e) => {
                 failing.set();
                 ApiEvent::WatchError {
