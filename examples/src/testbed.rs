@@ -84,6 +84,108 @@ pub fn in_ci() -> bool {
     )
 }
 
+/// A long-running program a test starts (`svcnat-proxy`, `svcnat-dns`): its stderr is echoed
+/// with a label (so a failing test shows it) and kept for assertions, a `ready` line on its
+/// stdout is noticed, and it is killed when dropped, also on panic.
+#[derive(Debug)]
+pub struct Daemon {
+    child: Child,
+    label: String,
+    stderr: std::sync::Arc<std::sync::Mutex<String>>,
+    ready: Receiver<()>,
+}
+
+impl Daemon {
+    /// Starts `cmd` with piped stdout and stderr.
+    pub fn spawn(mut cmd: Command, label: &str) -> io::Result<Daemon> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let (tx, ready) = mpsc::channel();
+        if let Some(stdout) = child.stdout.take() {
+            thread::spawn(move || {
+                for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                    if line.trim() == "ready" {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        let stderr = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        if let Some(pipe) = child.stderr.take() {
+            let (sink, label) = (stderr.clone(), label.to_string());
+            thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    eprintln!("[{label}] {line}");
+                    let mut s = sink.lock().unwrap_or_else(|e| e.into_inner());
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        Ok(Daemon {
+            child,
+            label: label.to_string(),
+            stderr,
+            ready,
+        })
+    }
+
+    /// Waits for `ready` on stdout; the error carries the program's stderr so far.
+    pub fn wait_ready(&self, timeout: std::time::Duration) -> Result<(), String> {
+        self.ready.recv_timeout(timeout).map_err(|_| {
+            format!(
+                "{} never printed ready within {timeout:?}; stderr:\n{}",
+                self.label,
+                self.stderr()
+            )
+        })
+    }
+
+    /// Everything it wrote on stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Whether `what` appears on its stderr within `timeout`.
+    pub fn logged(&self, what: &str, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if self.stderr().contains(what) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// The process id.
+    pub fn id(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The process.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 /// Checks that this machine can build a testbed: root (effective uid 0), `ip` from iproute2
 /// and `sysctl`. `Err` carries the reason to print.
 pub fn require_root() -> Result<(), String> {

@@ -20,17 +20,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::{Arc, Mutex, mpsc};
-use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use svcnat_examples::fakeapi::{FakeApiOptions, FakeApiServer, Verb};
-use svcnat_examples::testbed::{PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until};
+use svcnat_examples::testbed::{
+    Daemon, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until,
+};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_svcnat-proxy");
 /// The namespace of every Service.
@@ -167,70 +165,26 @@ impl Published {
 }
 
 /// `svcnat-proxy --kubeconfig` running inside node 0's namespace.
-struct RunningProxy {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    ready: mpsc::Receiver<()>,
-}
+struct RunningProxy(#[allow(dead_code)] Daemon);
 
 impl RunningProxy {
     fn start(tb: &Testbed, kubeconfig: &Path, extra: &[&str]) -> RunningProxy {
-        let mut child = tb
-            .command(tb.ns_of_node(0), PROXY)
-            .args(["--backend", "iptables"])
+        let mut cmd = tb.command(tb.ns_of_node(0), PROXY);
+        cmd.args(["--backend", "iptables"])
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .args(["--node-name", &tb.node(0).name])
             .args(["--node-ip", &tb.node_ip(0).to_string()])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .args(["--metrics-bind-address", "127.0.0.1:10249", "-v"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start svcnat-proxy");
-        let (tx, ready) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                eprintln!("[proxy] {line}");
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        RunningProxy {
-            child,
-            stderr,
-            ready,
-        }
+            .args(extra);
+        RunningProxy(Daemon::spawn(cmd, "proxy").expect("start svcnat-proxy"))
     }
 
     fn wait_ready(&self) {
-        if self.ready.recv_timeout(CONVERGE).is_err() {
-            panic!(
-                "svcnat-proxy never printed ready; stderr:\n{}",
-                self.stderr.lock().unwrap()
-            );
+        if let Err(e) = self.0.wait_ready(CONVERGE) {
+            panic!("{e}");
         }
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

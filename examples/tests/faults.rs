@@ -17,19 +17,19 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::Duration;
 
 use svcnat_core::manifest::{ClusterConfig, Manifests};
 use svcnat_core::model::Cluster;
 use svcnat_core::plan::{Dataplane, NodeContext, Plan};
-use svcnat_examples::testbed::{PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until};
+use svcnat_examples::testbed::{
+    Daemon, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until,
+};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner, SyncError};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_svcnat-proxy");
@@ -176,74 +176,37 @@ fn rules_by_chain(save: &str) -> BTreeMap<String, Vec<String>> {
 }
 
 /// `svcnat-proxy` running inside the node namespace.
-struct RunningProxy {
-    child: Child,
-    stderr: Arc<Mutex<String>>,
-    ready: mpsc::Receiver<()>,
-}
+struct RunningProxy(Daemon);
 
 impl RunningProxy {
     fn start(tb: &Testbed, dir: &Path, extra: &[&str]) -> RunningProxy {
-        let mut child = tb
-            .command(tb.ns_of_node(0), PROXY)
-            .args(["--node-name", "node-0"])
+        let mut cmd = tb.command(tb.ns_of_node(0), PROXY);
+        cmd.args(["--node-name", "node-0"])
             .args(["--node-ip", &tb.node_ip(0).to_string()])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .arg("--manifests")
             .arg(dir)
             .arg("-v")
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start svcnat-proxy");
-        let (tx, ready) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                eprintln!("[proxy] {line}");
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        RunningProxy {
-            child,
-            stderr,
-            ready,
-        }
+            .args(extra);
+        RunningProxy(Daemon::spawn(cmd, "proxy").expect("start svcnat-proxy"))
     }
 
     fn wait_ready(&self) {
-        if self.ready.recv_timeout(Duration::from_secs(120)).is_err() {
-            panic!(
-                "svcnat-proxy never printed ready; stderr:\n{}",
-                self.stderr()
-            );
+        if let Err(e) = self.0.wait_ready(Duration::from_secs(120)) {
+            panic!("{e}");
         }
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.0.stderr()
     }
 
     fn logged(&self, what: &str, secs: u64) -> bool {
-        wait_until(Duration::from_secs(secs), || self.stderr().contains(what))
+        self.0.logged(what, Duration::from_secs(secs))
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.0.id()
     }
 
     fn kill9(&mut self) {
@@ -252,16 +215,7 @@ impl RunningProxy {
             .status()
             .unwrap();
         assert!(st.success());
-        self.child.wait().unwrap();
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        self.0.child().wait().unwrap();
     }
 }
 

@@ -5,16 +5,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, ExitStatus};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use svcnat_examples::testbed::{PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until};
+use svcnat_examples::testbed::{
+    Daemon, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec, wait_until,
+};
 
 const PROXY: &str = env!("CARGO_BIN_EXE_svcnat-proxy");
 const CTL: &str = env!("CARGO_BIN_EXE_svcnat-ctl");
@@ -104,10 +104,8 @@ fn write_cluster(tb: &Testbed, dir: &Scratch) {
 
 /// `svcnat-proxy` running inside a node namespace.
 struct RunningProxy {
-    child: Child,
+    daemon: Daemon,
     ns: String,
-    stderr: Arc<Mutex<String>>,
-    ready: mpsc::Receiver<()>,
 }
 
 impl RunningProxy {
@@ -117,83 +115,40 @@ impl RunningProxy {
 
     fn start_with(tb: &Testbed, node: usize, dir: &Path, extra: &[&str]) -> RunningProxy {
         let ns = tb.ns_of_node(node).to_string();
-        let mut child = tb
-            .command(&ns, PROXY)
-            .args(["--node-name", &format!("node-{node}")])
+        let mut cmd = tb.command(&ns, PROXY);
+        cmd.args(["--node-name", &format!("node-{node}")])
             .args(["--node-ip", &tb.node_ip(node).to_string()])
             .args(["--cluster-cidr", "10.244.0.0/16"])
             .arg("--manifests")
             .arg(dir)
             .args(["--metrics-bind-address", "127.0.0.1:10249", "-v"])
-            .args(extra)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("start svcnat-proxy");
-        let (tx, ready) = mpsc::channel();
-        let stdout = child.stdout.take().expect("stdout");
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let sink = stderr.clone();
-        let pipe = child.stderr.take().expect("stderr");
-        thread::spawn(move || {
-            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                eprintln!("[node-{node}] {line}");
-                let mut s = sink.lock().unwrap();
-                s.push_str(&line);
-                s.push('\n');
-            }
-        });
-        RunningProxy {
-            child,
-            ns,
-            stderr,
-            ready,
-        }
+            .args(extra);
+        let daemon = Daemon::spawn(cmd, &format!("node-{node}")).expect("start svcnat-proxy");
+        RunningProxy { daemon, ns }
     }
 
     fn wait_ready(&self) {
-        if self.ready.recv_timeout(Duration::from_secs(30)).is_err() {
-            panic!(
-                "svcnat-proxy in {} never printed ready; stderr:\n{}",
-                self.ns,
-                self.stderr()
-            );
+        if let Err(e) = self.daemon.wait_ready(Duration::from_secs(30)) {
+            panic!("in {}: {e}", self.ns);
         }
     }
 
     fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
+        self.daemon.stderr()
     }
 
     /// Sends SIGTERM and waits for the exit.
     fn terminate(&mut self) -> ExitStatus {
-        let pid = self.child.id().to_string();
+        let pid = self.daemon.child().id().to_string();
         let st = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(st.success(), "kill -TERM {pid}");
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
+            if let Some(status) = self.daemon.child().try_wait().unwrap() {
                 return status;
             }
             assert!(Instant::now() < deadline, "svcnat-proxy ignored SIGTERM");
             thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for RunningProxy {
-    fn drop(&mut self) {
-        if self.child.try_wait().ok().flatten().is_none() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
         }
     }
 }
