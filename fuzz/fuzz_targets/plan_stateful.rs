@@ -118,14 +118,23 @@ fn service(i: u8, s: &SvcSpec) -> Service {
         if !seen.insert((port, protocol)) {
             continue;
         }
-        svc.ports.push({ let mut sp = ServicePort::new(format!("p{n}"), protocol, port, if p.named_target {
-                TargetPort::Name("http".into())
-            } else {
-                TargetPort::Number(8080 + u16::from(p.port % 4))
-            }); sp.node_port = svc
+        svc.ports.push({
+            let mut sp = ServicePort::new(
+                format!("p{n}"),
+                protocol,
+                port,
+                if p.named_target {
+                    TargetPort::Name("http".into())
+                } else {
+                    TargetPort::Number(8080 + u16::from(p.port % 4))
+                },
+            );
+            sp.node_port = svc
                 .service_type
                 .has_node_ports()
-                .then_some(30000 + u16::from(p.node_port % 8)); sp });
+                .then_some(30000 + u16::from(p.node_port % 8));
+            sp
+        });
     }
     if s.ports.len() == 1
         && let Some(p) = svc.ports.first_mut()
