@@ -929,11 +929,24 @@ impl Source for ApiSource {
     }
 }
 
-/// Whether some watch fails, and a wake-up for the probe when one starts to.
-#[derive(Debug, Default)]
+/// Whether some watch fails, a wake-up for the probe when one starts to, and a signal
+/// from the probe to the watchers once the API server answers again.
+#[derive(Debug)]
 struct Failing {
     flag: std::sync::atomic::AtomicBool,
     notify: tokio::sync::Notify,
+    /// Bumped each time the probe sees the API server answer after an outage.
+    recovered: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Failing {
+    fn default() -> Failing {
+        Failing {
+            flag: std::sync::atomic::AtomicBool::new(false),
+            notify: tokio::sync::Notify::new(),
+            recovered: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 impl Failing {
@@ -941,6 +954,12 @@ impl Failing {
         if !self.flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
             self.notify.notify_one();
         }
+    }
+
+    /// The probe got an answer: watchers waiting out a backoff start over now.
+    fn clear(&self) {
+        self.flag.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.recovered.send_modify(|n| *n = n.wrapping_add(1));
     }
 }
 
@@ -1002,22 +1021,46 @@ impl Watch {
     }
 }
 
-/// Runs one watcher (kube-rs's default backoff between failures) and sends its events
-/// until the receiver is gone.
+/// Runs one watcher (kube-rs's default backoff between failures, as client-go's: 0.8 s
+/// doubling to 30 s) and sends its events until the receiver is gone. A watcher waiting out
+/// its backoff starts over (a fresh list and watch) as soon as the probe sees the API server
+/// answer again: after an outage the proxy catches up within one probe interval instead of
+/// the backoff it grew meanwhile, while a server that stays down still sees few requests.
+/// A watcher restarted once that fails again without a single event in between (say, a
+/// 403 on one resource while the probe's Services answer) stays in its backoff.
 async fn forward<K: Watched>(
     api: kube::Api<K>,
     config: watcher::Config,
     tx: mpsc::Sender<ApiEvent>,
     failing: &Failing,
 ) {
-    let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
-    while let Some(item) = stream.next().await {
+    let start = || Box::pin(watcher::watcher(api.clone(), config.clone()).default_backoff());
+    let mut stream = start();
+    let mut recovered = failing.recovered.subscribe();
+    let mut in_error = false;
+    let mut restarted = false;
+    loop {
+        let item = tokio::select! {
+            item = stream.next() => item,
+            changed = recovered.changed() => {
+                if changed.is_ok() && in_error && !restarted {
+                    info!(resource = %K::RESOURCE, "API server answers again; watching anew");
+                    stream = start();
+                    (in_error, restarted) = (false, true);
+                }
+                continue;
+            }
+        };
+        let Some(item) = item else { return };
+        in_error = item.is_err();
+        restarted &= in_error;
         let event = match item {
             Ok(e) => K::wrap(e),
             // "410 Gone / Expired": the server answered, our resourceVersion is too old; the
             // watcher re-lists. Not an outage: nothing to report as unreachable.
             Err(watcher::Error::WatchError(status)) if status.code == 410 => {
                 debug!(resource = %K::RESOURCE, "resourceVersion expired (410); re-listing");
+                in_error = false;
                 continue;
             }
             Err(e) => {
@@ -1049,9 +1092,7 @@ async fn probe(client: kube::Client, tx: mpsc::Sender<ApiEvent>, failing: &Faili
         tokio::time::sleep(PROBE_INTERVAL).await;
         match api.list_metadata(&params).await {
             Ok(_) => {
-                failing
-                    .flag
-                    .store(false, std::sync::atomic::Ordering::SeqCst);
+                failing.clear();
                 if tx.send(ApiEvent::Reachable).await.is_err() {
                     return;
                 }

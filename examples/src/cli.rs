@@ -43,6 +43,36 @@ pub struct ClusterArgs {
 }
 
 impl ClusterArgs {
+    /// The flags' defaults (as if none was given).
+    pub fn defaults() -> ClusterArgs {
+        #[derive(clap::Parser)]
+        struct Only {
+            #[command(flatten)]
+            cluster: ClusterArgs,
+        }
+        <Only as clap::Parser>::parse_from(["defaults"]).cluster
+    }
+
+    /// The flags that differ from their defaults, by name (`--service-cidr`, ...): a
+    /// program for which they mean nothing says it ignores them.
+    pub fn changed(&self) -> Vec<&'static str> {
+        let d = ClusterArgs::defaults();
+        let mut out = Vec::new();
+        if self.default_namespace != d.default_namespace {
+            out.push("--default-namespace");
+        }
+        if self.service_cidrs != d.service_cidrs {
+            out.push("--service-cidr");
+        }
+        if self.pod_cidrs != d.pod_cidrs {
+            out.push("--pod-cidr");
+        }
+        if self.node_port_range != d.node_port_range {
+            out.push("--service-node-port-range");
+        }
+        out
+    }
+
     /// The cluster configuration these flags describe.
     pub fn config(&self) -> ClusterConfig {
         {
@@ -252,6 +282,33 @@ mod tests {
         );
         assert!(e.contains("KUBERNETES_SERVICE_HOST"), "{e}");
         assert!(input(Some(Path::new("/m")), &kc, true).is_err());
+    }
+
+    #[test]
+    fn names_the_cluster_flags_that_were_changed() {
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            c: ClusterArgs,
+        }
+        use clap::Parser as _;
+        assert!(P::parse_from(["p"]).c.changed().is_empty());
+        // The default spelled out is not a change.
+        assert!(
+            P::parse_from(["p", "--service-cidr", "10.96.0.0/12"])
+                .c
+                .changed()
+                .is_empty()
+        );
+        let c = P::parse_from([
+            "p",
+            "--pod-cidr",
+            "10.1.0.0/16",
+            "--service-node-port-range",
+            "31000",
+        ])
+        .c;
+        assert_eq!(c.changed(), ["--pod-cidr", "--service-node-port-range"]);
     }
 
     #[test]

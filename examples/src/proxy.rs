@@ -1671,46 +1671,80 @@ impl Metrics {
     }
 }
 
-/// At most this many metrics connections are answered at once; more are closed unanswered.
+/// At most this many connections are answered at once per server; more are closed
+/// unanswered. The health server has its own budget, so a flood of slow metrics scrapers
+/// cannot starve a load balancer's health checks.
 const MAX_METRICS_CONNECTIONS: usize = 16;
 /// A request must arrive whole within this time.
 const REQUEST_DEADLINE: Duration = Duration::from_secs(2);
+
+/// What a server answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Routes {
+    /// `/metrics` and `/healthz` (kube-proxy's `--metrics-bind-address` server).
+    Metrics,
+    /// `/healthz` and `/livez` only (kube-proxy's `--healthz-bind-address` server, which
+    /// cloud load balancers probe on every node).
+    Health,
+}
+
+impl Routes {
+    fn name(self) -> &'static str {
+        match self {
+            Routes::Metrics => "metrics",
+            Routes::Health => "healthz",
+        }
+    }
+}
 
 /// Serves `GET /metrics` and `GET /healthz` on `addr` from background threads; returns
 /// the bound address (useful with port 0). Each connection gets its own thread, at most
 /// 16 at once; a request must arrive within 2 s and fit in 16 KiB.
 pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> {
+    serve_routes(addr, metrics, Routes::Metrics)
+}
+
+/// Serves `routes` on `addr` as [`serve`] does, with a connection budget of its own.
+pub fn serve_routes(
+    addr: SocketAddr,
+    metrics: Arc<Metrics>,
+    routes: Routes,
+) -> io::Result<SocketAddr> {
     let listener = TcpListener::bind(addr)?;
     let bound = listener.local_addr()?;
     let open = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let what = routes.name();
     thread::Builder::new()
-        .name("svcnat-metrics".into())
+        .name(format!("svcnat-{what}"))
         .spawn(move || {
             for stream in listener.incoming() {
                 let s = match stream {
                     Ok(s) => s,
                     Err(e) => {
-                        debug!(error = %e, "metrics accept");
+                        debug!(error = %e, server = what, "accept");
                         continue;
                     }
                 };
                 if open.fetch_add(1, Ordering::SeqCst) >= MAX_METRICS_CONNECTIONS {
                     open.fetch_sub(1, Ordering::SeqCst);
-                    debug!("too many metrics connections; closing one unanswered");
+                    debug!(
+                        server = what,
+                        "too many connections; closing one unanswered"
+                    );
                     continue;
                 }
                 let (metrics, done) = (metrics.clone(), open.clone());
                 let spawned = thread::Builder::new()
-                    .name("svcnat-metrics-conn".into())
+                    .name(format!("svcnat-{what}-conn"))
                     .spawn(move || {
-                        if let Err(e) = answer(s, &metrics) {
-                            debug!(error = %e, "metrics connection");
+                        if let Err(e) = answer(s, &metrics, routes) {
+                            debug!(error = %e, server = what, "connection");
                         }
                         done.fetch_sub(1, Ordering::SeqCst);
                     });
                 if let Err(e) = spawned {
                     open.fetch_sub(1, Ordering::SeqCst);
-                    debug!(error = %e, "cannot start a metrics connection thread");
+                    debug!(error = %e, server = what, "cannot start a connection thread");
                 }
             }
         })?;
@@ -1718,7 +1752,7 @@ pub fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> io::Result<SocketAddr> 
 }
 
 /// Reads one HTTP request and writes the response.
-fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
+fn answer(mut stream: TcpStream, metrics: &Metrics, routes: Routes) -> io::Result<()> {
     let deadline = Instant::now() + REQUEST_DEADLINE;
     stream.set_write_timeout(Some(REQUEST_DEADLINE))?;
     let mut buf = Vec::new();
@@ -1744,12 +1778,17 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
     let target = words.next().unwrap_or_default();
     let path = target.split('?').next().unwrap_or_default();
     let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
+        ("GET" | "HEAD", "/metrics") if routes == Routes::Metrics => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        ("GET" | "HEAD", "/healthz") => {
+        // /livez (kube-proxy's, on the health server): alive and syncing. Unlike /healthz
+        // it would ignore node conditions in kube-proxy; svcnat reports none yet, so the two
+        // answer alike.
+        ("GET" | "HEAD", "/healthz") | ("GET" | "HEAD", "/livez")
+            if path == "/healthz" || routes == Routes::Health =>
+        {
             let h = metrics.health_at(Instant::now(), SystemTime::now());
             let status = if h.healthy {
                 "200 OK"
@@ -1761,7 +1800,11 @@ fn answer(mut stream: TcpStream, metrics: &Metrics) -> io::Result<()> {
         ("GET" | "HEAD", _) => (
             "404 Not Found",
             "text/plain; charset=utf-8",
-            "not found: try /metrics or /healthz\n".to_string(),
+            match routes {
+                Routes::Metrics => "not found: try /metrics or /healthz\n",
+                Routes::Health => "not found: try /healthz or /livez\n",
+            }
+            .to_string(),
         ),
         _ => (
             "405 Method Not Allowed",

@@ -165,7 +165,7 @@ impl Published {
 }
 
 /// `svcnat-proxy --kubeconfig` running inside node 0's namespace.
-struct RunningProxy(#[allow(dead_code)] Daemon);
+struct RunningProxy(Daemon);
 
 impl RunningProxy {
     fn start(tb: &Testbed, kubeconfig: &Path, extra: &[&str]) -> RunningProxy {
@@ -461,6 +461,7 @@ fn api_faults_with_traffic_flowing() {
     assert_spread(&tb, CART, &WEB, 10);
     let lists = api.requests(Verb::List, "services");
     api.start().unwrap();
+    let restarted = Instant::now();
     let mut front_checks = 0;
     let gone = wait_until(CONVERGE, || {
         // front answers throughout.
@@ -470,6 +471,21 @@ fn api_faults_with_traffic_flowing() {
         gone(&tb, CART)
     });
     assert!(gone, "cart still answers after the API server returned");
+    eprintln!(
+        "the deletion made during a {:.1} s outage was programmed {:.1} s after the API server returned",
+        (restarted - stopped).as_secs_f64(),
+        restarted.elapsed().as_secs_f64()
+    );
+    // The watchers did not wait out the backoff they grew during the outage: the probe's
+    // first answer restarted them (kube-rs's backoff alone took ~13 s after a 6 s outage).
+    assert!(
+        proxy
+            .0
+            .stderr()
+            .contains("API server answers again; watching anew"),
+        "{}",
+        proxy.0.stderr()
+    );
     assert!(front_checks >= 1);
     assert!(
         api.requests(Verb::List, "services") > lists,

@@ -551,7 +551,7 @@ fn a_vanished_manifest_directory_keeps_the_last_rules_until_it_returns() {
 }
 
 #[test]
-fn metrics_bind_loopback_by_default() {
+fn metrics_on_loopback_health_on_every_address_each_with_its_own_budget() {
     svcnat_examples::skip_unless_root!();
     let tb = testbed();
     let dir = Scratch::new();
@@ -589,6 +589,51 @@ fn metrics_bind_loopback_by_default() {
         .exec(tb.ns_of_node(0), ["curl", "-sS", "--max-time", "5", &url])
         .unwrap();
     assert!(!out.status.success(), "metrics bound beyond loopback");
+
+    // kube-proxy's health port answers on every address (load balancers probe it), with
+    // /healthz and /livez only.
+    let health = format!("http://{}:10256", tb.node_ip(0));
+    let get = |ns: &str, path: &str| {
+        tb.exec_ok(
+            ns,
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                &format!("{health}{path}"),
+            ],
+        )
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+    };
+    let client = tb.ns_of_client(0);
+    let healthz = get(client, "/healthz");
+    assert!(
+        healthz.starts_with("ok\n") && healthz.ends_with("\n200"),
+        "{healthz}"
+    );
+    assert!(get(client, "/livez").ends_with("\n200"));
+    let metrics = get(client, "/metrics");
+    assert!(metrics.ends_with("\n404"), "{metrics}");
+
+    // 16 idle connections take every metrics slot: a 17th metrics request is closed
+    // unanswered, while the health port, with a budget of its own, still answers.
+    let script = format!(
+        "for fd in $(seq 3 18); do eval \"exec $fd<>/dev/tcp/127.0.0.1/10249\"; done; \
+         sleep 0.2; \
+         echo metrics=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 1 http://127.0.0.1:10249/metrics); \
+         echo health=$(curl -s -o /dev/null -w '%{{http_code}}' --max-time 1 {health}/healthz)"
+    );
+    let out = tb
+        .exec_ok(tb.ns_of_node(0), ["bash", "-c", &script])
+        .expect("starvation script");
+    assert!(
+        out.contains("metrics=000"),
+        "the metrics cap did not engage: {out}"
+    );
+    assert!(out.contains("health=200"), "health checks starved: {out}");
     drop(proxy);
     tb.exec_ok(tb.ns_of_node(0), [PROXY, "--cleanup"]).unwrap();
 }

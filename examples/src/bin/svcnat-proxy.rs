@@ -29,8 +29,12 @@
 //! NodePorts are served on the `--node-ip` addresses (those inside `--nodeport-addresses`
 //! when given): without `--node-ip` no NodePort is served.
 //!
+//! `/metrics` and `/healthz` are served on `--metrics-bind-address` (loopback by default);
+//! `/healthz` and `/livez` alone on `--healthz-bind-address` (`0.0.0.0:10256`, kube-proxy's
+//! health port), each server with its own connection budget.
+//!
 //! Exit codes: 0 after a signal or a successful `--cleanup`, 1 when the proxy cannot start
-//! (manifest directory, kubeconfig, dataplane, metrics address), 2 for invalid flags
+//! (manifest directory, kubeconfig, dataplane, metrics or health address), 2 for invalid flags
 //! (also: neither `--manifests` nor `--kubeconfig` outside a cluster).
 
 use std::io::Write as _;
@@ -45,7 +49,7 @@ use ipnet::IpNet;
 use svcnat_core::plan::Dataplane;
 use svcnat_examples::api::{self, ApiConfig, ApiSource};
 use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
-use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Source};
+use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Routes, Source};
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use svcnat_userspace::{Userspace, UserspaceConfig};
@@ -128,6 +132,11 @@ struct Args {
     /// Where /metrics and /healthz are served; empty disables the server.
     #[arg(long, value_name = "ADDR:PORT", default_value = "127.0.0.1:10249", value_parser = parse_bind)]
     metrics_bind_address: Bind,
+    /// Where /healthz and /livez alone are served (kube-proxy's health port, which load
+    /// balancers probe on every node), with a connection budget of its own; empty
+    /// disables it.
+    #[arg(long, value_name = "ADDR:PORT", default_value = "0.0.0.0:10256", value_parser = parse_bind)]
+    healthz_bind_address: Bind,
     /// Remove everything this backend installed (iptables: with both flavours unless
     /// --iptables-flavour names one), and exit.
     #[arg(long)]
@@ -367,11 +376,23 @@ fn run<D: Dataplane>(
         }
     };
 
-    if let Bind(Some(addr)) = args.metrics_bind_address {
-        match proxy::serve(addr, metrics.clone()) {
-            Ok(bound) => info!(address = %bound, "serving /metrics and /healthz"),
+    for (bind, routes, flag) in [
+        (
+            args.metrics_bind_address,
+            Routes::Metrics,
+            "--metrics-bind-address",
+        ),
+        (
+            args.healthz_bind_address,
+            Routes::Health,
+            "--healthz-bind-address",
+        ),
+    ] {
+        let Bind(Some(addr)) = bind else { continue };
+        match proxy::serve_routes(addr, metrics.clone(), routes) {
+            Ok(bound) => info!(address = %bound, ?routes, "serving"),
             Err(e) => {
-                error!("cannot serve metrics on {addr}: {e}");
+                error!("cannot serve {flag} {addr}: {e}");
                 return ExitCode::from(1);
             }
         }
@@ -395,6 +416,15 @@ fn run<D: Dataplane>(
             }
         }
         Input::Api(client) => {
+            let ignored = args.cluster.changed();
+            if !ignored.is_empty() {
+                // The API server allocates addresses and ports; these describe how a
+                // manifest directory is turned into a cluster.
+                warn!(
+                    "{} apply to a manifest directory only; ignored with an API server",
+                    ignored.join(", ")
+                );
+            }
             let source = match ApiSource::start(ApiConfig {
                 role: svcnat_examples::api::ApiRole::Proxy,
                 client,
