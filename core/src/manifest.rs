@@ -2276,17 +2276,18 @@ fn convert_slice(e: discovery::EndpointSlice, mut ctx: Ctx<'_>) -> Converted {
 fn convert_node(n: corev1::Node, mut ctx: Ctx<'_>) -> Converted {
     let name = n.metadata.name.clone().unwrap_or_default();
     ctx.check_name("metadata.name", &name, NameRule::Subdomain);
-    let mut node = Node {
-        name,
-        addresses: Vec::new(),
-        pod_cidrs: Vec::new(),
-        zone: n
-            .metadata
-            .labels
+    let mut node = Node::new(name);
+    node.zone = n
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get("topology.kubernetes.io/zone"))
+        .cloned();
+    node.terminating = n.metadata.deletion_timestamp.is_some()
+        || n.spec
             .as_ref()
-            .and_then(|l| l.get("topology.kubernetes.io/zone"))
-            .cloned(),
-    };
+            .and_then(|s| s.taints.as_ref())
+            .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
     if let Some(spec) = &n.spec {
         let mut cidrs: Vec<String> = spec.pod_cidrs.clone().unwrap_or_default();
         if let Some(c) = spec.pod_cidr.as_ref().filter(|c| !c.is_empty())

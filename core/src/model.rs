@@ -558,6 +558,7 @@ impl Pod {
 
 /// A Node.
 #[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Node {
     /// Node name.
     pub name: String,
@@ -567,7 +568,27 @@ pub struct Node {
     pub pod_cidrs: Vec<IpNet>,
     /// `topology.kubernetes.io/zone`.
     pub zone: Option<String>,
+    /// The Node is going away: `metadata.deletionTimestamp` is set, or the cluster
+    /// autoscaler tainted it `ToBeDeletedByClusterAutoscaler`. kube-proxy then fails its
+    /// `/healthz` so that load balancers drain the node (KEP-3836).
+    pub terminating: bool,
 }
+
+impl Node {
+    /// A Node named `name` with no addresses, pod CIDRs or zone, not terminating.
+    pub fn new(name: impl Into<String>) -> Node {
+        Node {
+            name: name.into(),
+            addresses: Vec::new(),
+            pod_cidrs: Vec::new(),
+            zone: None,
+            terminating: false,
+        }
+    }
+}
+
+/// The taint the cluster autoscaler puts on a Node it is about to delete.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// An endpoint of an EndpointSlice: one address with its conditions.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -66,11 +66,11 @@ fn service() -> Service {
 fn cluster(tb: &Testbed) -> Cluster {
     let mut c = Cluster::simulated();
     let n = tb.node(0);
-    c.upsert_node(Node {
-        name: n.name.clone(),
-        addresses: vec![IpAddr::V4(n.ip)],
-        pod_cidrs: n.pod_cidrs.clone(),
-        zone: None,
+    c.upsert_node({
+        let mut node = Node::new(n.name.clone());
+        node.addresses = vec![IpAddr::V4(n.ip)];
+        node.pod_cidrs = n.pod_cidrs.clone();
+        node
     });
     let mut pod = Pod::new(ObjectName::new("default", "srv"), IpAddr::V4(POD_IP));
     pod.labels.insert("app".into(), "perf".into());

@@ -288,12 +288,10 @@ impl<B: Backend> Drop for Fixture<B> {
 }
 
 fn node_object(n: &NodeSpec, _i: usize) -> Node {
-    Node {
-        name: n.name.clone(),
-        addresses: vec![IpAddr::V4(n.ip)],
-        pod_cidrs: n.pod_cidrs.clone(),
-        zone: None,
-    }
+    let mut node = Node::new(n.name.clone());
+    node.addresses = vec![IpAddr::V4(n.ip)];
+    node.pod_cidrs = n.pod_cidrs.clone();
+    node
 }
 
 fn pod_object(p: &TestPod) -> Pod {

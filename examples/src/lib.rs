@@ -15,6 +15,8 @@
 //! - [`proxy`]: the node proxy behind `svcnat-proxy`: the coalescing sync loop over a
 //!   [`proxy::Source`] (a manifest directory with per-object last-good state, or the API),
 //!   `/metrics` and `/healthz`.
+//! - [`svchealth`]: kube-proxy's service health server (`healthCheckNodePort` of
+//!   `externalTrafficPolicy: Local` Services).
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
 pub use svcnat_core::agent;
@@ -25,4 +27,5 @@ pub mod dns;
 pub mod fakeapi;
 pub mod lab;
 pub mod proxy;
+pub mod svchealth;
 pub mod testbed;

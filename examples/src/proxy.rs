@@ -1299,6 +1299,8 @@ struct MetricsState {
     last_ok_wall: Option<SystemTime>,
     /// When the metrics were made (for "no sync yet" in `/healthz`).
     started_wall: SystemTime,
+    /// This node's Node is being deleted or tainted for deletion.
+    node_terminating: bool,
 }
 
 impl Default for MetricsState {
@@ -1320,6 +1322,7 @@ impl Default for MetricsState {
             last_ok: None,
             last_ok_wall: None,
             started_wall: SystemTime::now(),
+            node_terminating: false,
         }
     }
 }
@@ -1462,16 +1465,40 @@ impl Metrics {
         self.health_at(now, SystemTime::now()).healthy
     }
 
+    /// Records whether this node's Node is being deleted (or tainted for deletion by the
+    /// cluster autoscaler): `/healthz` then fails so that load balancers drain the node,
+    /// while `/livez` does not (the proxy itself is fine).
+    pub fn set_node_terminating(&self, terminating: bool) {
+        self.lock().node_terminating = terminating;
+    }
+
     /// `/healthz` at `now` (monotonic, for the check) and `wall` (for the body).
-    /// Healthy while the last successful sync is at most the staleness limit old; the
-    /// periodic resync refreshes it when nothing changes.
+    /// Healthy while the last successful sync is at most the staleness limit old (the
+    /// periodic resync refreshes it when nothing changes) and this node is not being
+    /// deleted.
     pub fn health_at(&self, now: Instant, wall: SystemTime) -> Health {
+        self.check(now, wall, true)
+    }
+
+    /// `/livez` at `now`: as [`Metrics::health_at`], but a Node being deleted does not
+    /// count (kube-proxy's `/livez`: restarting the proxy would not help).
+    pub fn liveness_at(&self, now: Instant, wall: SystemTime) -> Health {
+        self.check(now, wall, false)
+    }
+
+    fn check(&self, now: Instant, wall: SystemTime, node_aware: bool) -> Health {
         let s = self.lock();
         let age = s.last_ok.map(|t| now.saturating_duration_since(t));
-        let healthy = age.is_some_and(|a| a <= self.stale_after);
+        let fresh = age.is_some_and(|a| a <= self.stale_after);
+        let draining = node_aware && s.node_terminating;
+        let healthy = fresh && !draining;
         let limit = self.stale_after.as_secs_f64();
         let mut body = match age {
-            Some(_) if healthy => "ok\n".to_string(),
+            Some(_) if draining => {
+                "node terminating: this Node is being deleted or tainted ToBeDeletedByClusterAutoscaler\n"
+                    .to_string()
+            }
+            Some(_) if fresh => "ok\n".to_string(),
             Some(a) => format!(
                 "stale: the last successful sync is {:.1}s old (limit {limit}s)\n",
                 a.as_secs_f64()
@@ -1783,13 +1810,16 @@ fn answer(mut stream: TcpStream, metrics: &Metrics, routes: Routes) -> io::Resul
             "text/plain; version=0.0.4; charset=utf-8",
             metrics.render(),
         ),
-        // /livez (kube-proxy's, on the health server): alive and syncing. Unlike /healthz
-        // it would ignore node conditions in kube-proxy; svcnat reports none yet, so the two
-        // answer alike.
+        // /livez (kube-proxy's, on the health server): alive and syncing; unlike /healthz
+        // it ignores a Node being deleted.
         ("GET" | "HEAD", "/healthz") | ("GET" | "HEAD", "/livez")
             if path == "/healthz" || routes == Routes::Health =>
         {
-            let h = metrics.health_at(Instant::now(), SystemTime::now());
+            let h = if path == "/livez" {
+                metrics.liveness_at(Instant::now(), SystemTime::now())
+            } else {
+                metrics.health_at(Instant::now(), SystemTime::now())
+            };
             let status = if h.healthy {
                 "200 OK"
             } else {
@@ -1927,6 +1957,8 @@ pub struct Proxy<D: Dataplane, S: Source = ManifestDir> {
     source_error: Option<String>,
     /// The source said it is not ready yet (logged once).
     waiting: bool,
+    /// The health check node ports of `externalTrafficPolicy: Local` Services, when served.
+    service_health: Option<crate::svchealth::ServiceHealth>,
 }
 
 impl<D: Dataplane> Proxy<D, ManifestDir> {
@@ -1970,7 +2002,14 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             ready: false,
             source_error: None,
             waiting: false,
+            service_health: None,
         }
+    }
+
+    /// Serves the health check node ports of the plan's `externalTrafficPolicy: Local`
+    /// Services with `health`, following the plan after every successful sync.
+    pub fn serve_service_health(&mut self, health: crate::svchealth::ServiceHealth) {
+        self.service_health = Some(health);
     }
 
     /// Whether a sync has succeeded yet.
@@ -2012,6 +2051,12 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             }
         }
         self.metrics.set_source(self.source.status());
+        self.metrics.set_node_terminating(
+            self.source
+                .cluster()
+                .node(&self.config.node.node_name)
+                .is_some_and(|n| n.terminating),
+        );
     }
 
     /// Polls the source when a poll is due, then syncs when one is due: after a change
@@ -2105,6 +2150,9 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
                 self.retry_at = None;
                 self.backoff = Duration::ZERO;
                 self.ready = true;
+                if let Some(h) = &mut self.service_health {
+                    h.update(self.agent.plan());
+                }
                 (kind, true)
             }
             Err(e) => {

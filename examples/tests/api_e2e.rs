@@ -615,6 +615,107 @@ fn api_faults_with_traffic_flowing() {
     drop(proxy);
 }
 
+/// `GET url` from client 0: status code and body.
+fn client_get(tb: &Testbed, url: &str) -> (u16, String) {
+    let out = tb
+        .exec_ok(
+            tb.ns_of_client(0),
+            [
+                "curl",
+                "-sS",
+                "--max-time",
+                "5",
+                "-w",
+                "\n%{http_code}",
+                url,
+            ],
+        )
+        .expect("curl from the client");
+    let (body, code) = out.trim_end().rsplit_once('\n').expect("a status line");
+    (code.parse().expect("a status code"), body.to_string())
+}
+
+/// What a cloud load balancer sees from node 0: the healthCheckNodePort of an
+/// `externalTrafficPolicy: Local` Service says whether the node has local endpoints, and
+/// kube-proxy's health port fails while the Node is being deleted (so the node is drained)
+/// while `/livez` does not.
+#[test]
+fn load_balancer_health_checks_follow_local_endpoints_and_node_deletion() {
+    svcnat_examples::skip_unless_root!();
+    let tb = testbed();
+    let api = api_server(&tb);
+    let hc_port = 32001;
+    let mut svc = service(FRONT);
+    svc["spec"]["type"] = json!("LoadBalancer");
+    svc["spec"]["externalTrafficPolicy"] = json!("Local");
+    svc["spec"]["healthCheckNodePort"] = json!(hc_port);
+    let stored = api.apply_json(svc).unwrap();
+    let front = Published {
+        svc: FRONT,
+        uid: stored["metadata"]["uid"].as_str().unwrap().to_string(),
+    };
+    front.set(&api, &tb, &WEB);
+    let proxy = RunningProxy::start(&tb, api.kubeconfig_path(), &[]);
+    proxy.wait_ready();
+    let hc = format!("http://{}:{hc_port}/healthz", tb.node_ip(0));
+    let health = format!("http://{}:10256", tb.node_ip(0));
+
+    // Two of the three endpoints run on node 0.
+    let (code, body) = client_get(&tb, &hc);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        v,
+        json!({"service": {"namespace": NS, "name": "front"}, "localEndpoints": 2,
+               "serviceProxyHealthy": true})
+    );
+    // Only the pod on node 1 left: node 0 must not get the load balancer's traffic.
+    front.set(&api, &tb, &["web-2"]);
+    assert!(
+        wait_until(CONVERGE, || client_get(&tb, &hc).0 == 503),
+        "the health check still passes without local endpoints"
+    );
+    assert!(client_get(&tb, &hc).1.contains("\"localEndpoints\":0"));
+    front.set(&api, &tb, &["web-1"]);
+    assert!(
+        wait_until(CONVERGE, || client_get(&tb, &hc).0 == 200),
+        "the health check never passed again"
+    );
+
+    // The cluster autoscaler taints node 0 for deletion: /healthz fails, /livez does not.
+    assert_eq!(client_get(&tb, &format!("{health}/healthz")).0, 200);
+    let node = tb.node(0);
+    let tainted = |taints: Value| {
+        json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": node.name},
+            "spec": {"podCIDR": node.pod_cidrs[0].to_string(),
+                     "podCIDRs": [node.pod_cidrs[0].to_string()], "taints": taints},
+            "status": {"addresses": [{"type": "InternalIP", "address": node.ip.to_string()}]}
+        })
+    };
+    api.apply_json(tainted(json!([{"key": "ToBeDeletedByClusterAutoscaler",
+        "value": "1732000000", "effect": "NoSchedule"}])))
+        .unwrap();
+    assert!(
+        wait_until(CONVERGE, || client_get(&tb, &format!("{health}/healthz")).0
+            == 503),
+        "/healthz passes on a node being deleted"
+    );
+    let (code, body) = client_get(&tb, &format!("{health}/healthz"));
+    assert!(body.starts_with("node terminating"), "{code} {body}");
+    assert_eq!(client_get(&tb, &format!("{health}/livez")).0, 200);
+    // Traffic is still served meanwhile (draining is the load balancer's decision).
+    assert_spread(&tb, FRONT, &["web-1"], 5);
+    api.apply_json(tainted(json!([]))).unwrap();
+    assert!(
+        wait_until(CONVERGE, || client_get(&tb, &format!("{health}/healthz")).0
+            == 200),
+        "/healthz never recovered after the taint was removed"
+    );
+    drop(proxy);
+}
+
 #[test]
 fn a_missing_namespace_is_named() {
     let err = FakeApiServer::with_options(FakeApiOptions::default().netns("svcnat-no-such-ns"))

@@ -39,11 +39,11 @@ fn setup() -> Setup {
     .unwrap();
     let n = tb.node(0).clone();
     let mut cluster = Cluster::simulated();
-    cluster.upsert_node(Node {
-        name: n.name.clone(),
-        addresses: vec![IpAddr::V4(n.ip)],
-        pod_cidrs: n.pod_cidrs.clone(),
-        zone: None,
+    cluster.upsert_node({
+        let mut node = Node::new(n.name.clone());
+        node.addresses = vec![IpAddr::V4(n.ip)];
+        node.pod_cidrs = n.pod_cidrs.clone();
+        node
     });
     let mut pod = Pod::new(ObjectName::new("default", "web-0"), IpAddr::V4(pod_ip));
     pod.labels.insert("app".into(), "web".into());

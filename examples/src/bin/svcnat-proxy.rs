@@ -50,6 +50,7 @@ use svcnat_core::plan::Dataplane;
 use svcnat_examples::api::{self, ApiConfig, ApiSource};
 use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
 use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Routes, Source};
+use svcnat_examples::svchealth::ServiceHealth;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use svcnat_userspace::{Userspace, UserspaceConfig};
@@ -397,6 +398,21 @@ fn run<D: Dataplane>(
             }
         }
     }
+    // kube-proxy's service health server: the healthCheckNodePort of every
+    // externalTrafficPolicy: Local Service, on the --nodeport-addresses when given, else on
+    // every address.
+    let health_addresses = if config.node.nodeport_addresses.is_empty() {
+        Vec::new()
+    } else {
+        config.node.nodeport_ips().collect()
+    };
+    let service_health = match ServiceHealth::new(health_addresses, metrics.clone()) {
+        Ok(h) => h,
+        Err(e) => {
+            error!("cannot start the service health server: {e}");
+            return ExitCode::from(1);
+        }
+    };
     match input {
         Input::Manifests(dir) => {
             if args.api.service_proxy_name.is_some() {
@@ -408,7 +424,10 @@ fn run<D: Dataplane>(
             };
             let shown = config.manifests.display().to_string();
             match Proxy::new(config, dataplane, metrics) {
-                Ok(mut p) => drive(&mut p, &stop),
+                Ok(mut p) => {
+                    p.serve_service_health(service_health);
+                    drive(&mut p, &stop)
+                }
                 Err(e) => {
                     error!("cannot read the manifest directory {shown}: {e}");
                     ExitCode::from(1)
@@ -438,6 +457,7 @@ fn run<D: Dataplane>(
                 }
             };
             let mut p = Proxy::with_source(source, config.sync_config(), dataplane, metrics);
+            p.serve_service_health(service_health);
             drive(&mut p, &stop)
         }
     }
