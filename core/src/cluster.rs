@@ -294,25 +294,31 @@ impl Cluster {
     pub fn upsert_node(&mut self, node: Node) {
         let name = node.name.clone();
         let old = self.nodes.insert(name.clone(), node);
+        let zone_changed = old.as_ref().map(|n| &n.zone) != self.nodes.get(&name).map(|n| &n.zone);
+        if zone_changed {
+            self.zone_changed(&name);
+        }
+    }
+
+    /// A Node's zone changed: the controller copies zones into endpoints (and hints), and
+    /// a plan chooses topology by its own node's zone, so every Service is recompiled
+    /// (rare: a proxy watches only its own Node).
+    fn zone_changed(&mut self, node: &str) {
         if let Some(mut ctl) = self.controller.take() {
-            // The controller copies each Node's zone into its endpoints.
-            let zone_changed =
-                old.as_ref().map(|n| &n.zone) != self.nodes.get(&name).map(|n| &n.zone);
-            if zone_changed {
-                ctl.node_zone_changed(self, &name);
-            }
+            ctl.node_zone_changed(self, node);
             self.controller = Some(ctl);
+        }
+        let names: Vec<ServiceName> = self.services.keys().cloned().collect();
+        for name in &names {
+            self.journal.record(name);
         }
     }
 
     /// Removes a Node.
     pub fn remove_node(&mut self, name: &str) -> Option<Node> {
         let old = self.nodes.remove(name)?;
-        if let Some(mut ctl) = self.controller.take() {
-            if old.zone.is_some() {
-                ctl.node_zone_changed(self, name);
-            }
-            self.controller = Some(ctl);
+        if old.zone.is_some() {
+            self.zone_changed(name);
         }
         Some(old)
     }
@@ -529,6 +535,8 @@ mod tests {
             hostname: None,
             pod: None,
             weight: DEFAULT_WEIGHT,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         }
     }
 

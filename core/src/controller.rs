@@ -76,20 +76,19 @@ pub fn endpoint_slices<'a>(
             if !svc.ip_families.is_empty() && !svc.ip_families.contains(&family) {
                 continue;
             }
-            groups
-                .entry((family, ports.clone()))
-                .or_default()
-                .push(Endpoint {
-                    ip: *ip,
-                    ready,
-                    serving,
-                    terminating: pod.terminating,
-                    node_name: pod.node_name.clone(),
-                    zone: zone.clone(),
-                    hostname: hostname.clone(),
-                    pod: Some(pod.name.name.clone()),
-                    weight: pod.weight,
-                });
+            groups.entry((family, ports.clone())).or_default().push({
+                let mut ep = Endpoint::new(*ip);
+                ep.ready = ready;
+                ep.serving = serving;
+                ep.terminating = pod.terminating;
+                ep.node_name = pod.node_name.clone();
+                ep.zone = zone.clone();
+                ep.hostname = hostname.clone();
+                ep.pod = Some(pod.name.name.clone());
+                ep.weight = pod.weight;
+                set_hints(&mut ep, svc.traffic_distribution);
+                ep
+            });
         }
     }
     let mut out = Vec::new();
@@ -104,6 +103,18 @@ pub fn endpoint_slices<'a>(
         }
     }
     out
+}
+
+/// The hints the controller writes for `spec.trafficDistribution` (its `trafficdist`
+/// heuristics): the endpoint's own zone for `PreferClose`/`PreferSameZone`, and also its own
+/// node for `PreferSameNode`. An endpoint without a zone (or node) gets no such hint; a
+/// proxy then ignores that kind of hint for the whole Service.
+fn set_hints(ep: &mut Endpoint, distribution: Option<TrafficDistribution>) {
+    let Some(d) = distribution else { return };
+    ep.zone_hints = ep.zone.iter().cloned().collect();
+    if d == TrafficDistribution::PreferSameNode {
+        ep.node_hints = ep.node_name.iter().cloned().collect();
+    }
 }
 
 /// The Service ports a Pod serves, with the port on the Pod: numbers as given, names
@@ -171,6 +182,22 @@ pub fn to_api(slice: &EndpointSlice) -> discovery::EndpointSlice {
             hostname: e.hostname.clone(),
             node_name: e.node_name.clone(),
             zone: e.zone.clone(),
+            hints: (!e.zone_hints.is_empty() || !e.node_hints.is_empty()).then(|| {
+                discovery::EndpointHints {
+                    for_zones: (!e.zone_hints.is_empty()).then(|| {
+                        e.zone_hints
+                            .iter()
+                            .map(|z| discovery::ForZone { name: z.clone() })
+                            .collect()
+                    }),
+                    for_nodes: (!e.node_hints.is_empty()).then(|| {
+                        e.node_hints
+                            .iter()
+                            .map(|n| discovery::ForNode { name: n.clone() })
+                            .collect()
+                    }),
+                }
+            }),
             target_ref: e.pod.as_ref().map(|p| corev1::ObjectReference {
                 kind: Some("Pod".into()),
                 name: Some(p.clone()),

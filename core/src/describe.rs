@@ -267,12 +267,17 @@ pub fn describe_service(
     if let Some(ip) = svc.requested_load_balancer_ip {
         field(&mut w, "Desired LoadBalancer IP", &ip.to_string());
     }
-    if !svc.load_balancer_ips.is_empty() {
+    if !svc.load_balancer_ips.is_empty() || !svc.load_balancer_proxy_ips.is_empty() {
         // The API server gives every ingress IP the default ipMode VIP.
         let list: Vec<String> = svc
             .load_balancer_ips
             .iter()
             .map(|ip| format!("{ip} (VIP)"))
+            .chain(
+                svc.load_balancer_proxy_ips
+                    .iter()
+                    .map(|ip| format!("{ip} (Proxy)")),
+            )
             .collect();
         field(&mut w, "LoadBalancer Ingress", &list.join(", "));
     }
@@ -380,6 +385,7 @@ fn external_ip_cell(s: &Service, wide: bool) -> String {
             let set: BTreeSet<String> = s
                 .load_balancer_ips
                 .iter()
+                .chain(&s.load_balancer_proxy_ips)
                 .map(|ip| ip.to_string())
                 .collect();
             let mut lb = set.into_iter().collect::<Vec<_>>().join(",");

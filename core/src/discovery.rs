@@ -1412,6 +1412,8 @@ spec:
             hostname: host.map(str::to_string),
             pod: None,
             weight: 1,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
         };
         c.upsert_slice(EndpointSlice {
             service: manual.name.clone(),

@@ -2157,6 +2157,8 @@ fn convert_endpoints(e: corev1::Endpoints, mut ctx: Ctx<'_>) -> Converted {
                         .filter(|r| r.kind.as_deref() == Some("Pod"))
                         .and_then(|r| r.name.clone()),
                     weight: weights.get(&ip).copied().unwrap_or(DEFAULT_WEIGHT),
+                    zone_hints: Vec::new(),
+                    node_hints: Vec::new(),
                 });
             }
         }
@@ -2242,6 +2244,18 @@ fn convert_slice(e: discovery::EndpointSlice, mut ctx: Ctx<'_>) -> Converted {
                         .filter(|r| r.kind.as_deref() == Some("Pod"))
                         .and_then(|r| r.name.clone()),
                     weight: weights.get(&ip).copied().unwrap_or(DEFAULT_WEIGHT),
+                    zone_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_zones.iter().flatten())
+                        .map(|z| z.name.clone())
+                        .collect(),
+                    node_hints: ep
+                        .hints
+                        .iter()
+                        .flat_map(|h| h.for_nodes.iter().flatten())
+                        .map(|n| n.name.clone())
+                        .collect(),
                 });
             }
         }

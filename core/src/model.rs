@@ -293,6 +293,11 @@ pub struct Service {
     /// `spec.loadBalancerIP` here when the status names none (it acts as the cloud's
     /// load balancer controller).
     pub load_balancer_ips: Vec<IpAddr>,
+    /// `status.loadBalancer.ingress[].ip` with `ipMode: Proxy`: the load balancer
+    /// delivers that traffic to the node itself (with the node's address as destination),
+    /// so no rule is written for these addresses, as kube-proxy does. Not in
+    /// `load_balancer_ips`.
+    pub load_balancer_proxy_ips: Vec<IpAddr>,
     /// `spec.loadBalancerIP` (deprecated in Kubernetes, still common).
     pub requested_load_balancer_ip: Option<IpAddr>,
     /// `spec.loadBalancerSourceRanges`.
@@ -313,8 +318,44 @@ pub struct Service {
     pub external_name: Option<String>,
     /// `spec.publishNotReadyAddresses`.
     pub publish_not_ready_addresses: bool,
+    /// `spec.trafficDistribution`: read by the EndpointSlice controller, which writes the
+    /// hints the proxy follows (the proxy itself reads only hints).
+    pub traffic_distribution: Option<TrafficDistribution>,
     /// `metadata.creationTimestamp`, seconds since the epoch, when given.
     pub created: Option<i64>,
+}
+
+/// `spec.trafficDistribution`: where the EndpointSlice controller asks proxies to send a
+/// Service's traffic (as hints on each endpoint).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum TrafficDistribution {
+    /// `PreferClose` (GA in 1.33): the same zone, the older name of `PreferSameZone`.
+    PreferClose,
+    /// `PreferSameZone`: endpoints in the client node's zone when it has some.
+    PreferSameZone,
+    /// `PreferSameNode`: endpoints on the client's node when it has some, else the zone's.
+    PreferSameNode,
+}
+
+impl TrafficDistribution {
+    /// The API spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrafficDistribution::PreferClose => "PreferClose",
+            TrafficDistribution::PreferSameZone => "PreferSameZone",
+            TrafficDistribution::PreferSameNode => "PreferSameNode",
+        }
+    }
+
+    /// Reads the API spelling.
+    pub fn parse(s: &str) -> Option<TrafficDistribution> {
+        match s {
+            "PreferClose" => Some(TrafficDistribution::PreferClose),
+            "PreferSameZone" => Some(TrafficDistribution::PreferSameZone),
+            "PreferSameNode" => Some(TrafficDistribution::PreferSameNode),
+            _ => None,
+        }
+    }
 }
 
 impl Service {
@@ -331,6 +372,7 @@ impl Service {
             ports: Vec::new(),
             external_ips: Vec::new(),
             load_balancer_ips: Vec::new(),
+            load_balancer_proxy_ips: Vec::new(),
             requested_load_balancer_ip: None,
             load_balancer_source_ranges: Vec::new(),
             session_affinity: SessionAffinity::None,
@@ -341,6 +383,7 @@ impl Service {
             ip_family_policy: IpFamilyPolicy::SingleStack,
             external_name: None,
             publish_not_ready_addresses: false,
+            traffic_distribution: None,
             created: None,
         }
     }
@@ -592,6 +635,7 @@ pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
 
 /// An endpoint of an EndpointSlice: one address with its conditions.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[non_exhaustive]
 pub struct Endpoint {
     /// The address.
     pub ip: IpAddr,
@@ -611,6 +655,29 @@ pub struct Endpoint {
     pub pod: Option<String>,
     /// Weight (svcnat extension).
     pub weight: u32,
+    /// `hints.forZones[].name`: the zones whose proxies should use this endpoint.
+    pub zone_hints: Vec<String>,
+    /// `hints.forNodes[].name`: the nodes whose proxies should use this endpoint.
+    pub node_hints: Vec<String>,
+}
+
+impl Endpoint {
+    /// A ready, serving endpoint at `ip` with the default weight and nothing else set.
+    pub fn new(ip: IpAddr) -> Endpoint {
+        Endpoint {
+            ip,
+            ready: true,
+            serving: true,
+            terminating: false,
+            node_name: None,
+            zone: None,
+            hostname: None,
+            pod: None,
+            weight: DEFAULT_WEIGHT,
+            zone_hints: Vec::new(),
+            node_hints: Vec::new(),
+        }
+    }
 }
 
 /// A port of an EndpointSlice.

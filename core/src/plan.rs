@@ -1013,6 +1013,53 @@ fn usable<'a>(
         .collect()
 }
 
+/// Which hints a node follows for one Service port (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Every endpoint: hints missing on some ready endpoint, or none for this node/zone.
+    All,
+    /// Endpoints hinted for this node: every ready endpoint has a node hint and one is
+    /// for this node.
+    SameNode,
+    /// Endpoints hinted for this node's zone: every ready endpoint has a zone hint and one
+    /// is for this zone.
+    SameZone,
+}
+
+fn topology<'a>(
+    eps: impl Iterator<Item = &'a PortEndpoint>,
+    node: &str,
+    zone: Option<&str>,
+) -> Topology {
+    let (mut any, mut all_node, mut for_node, mut all_zone, mut for_zone) =
+        (false, true, false, true, false);
+    for e in eps.filter(|e| e.endpoint.ready) {
+        any = true;
+        let ep = &e.endpoint;
+        all_node &= !ep.node_hints.is_empty();
+        for_node |= ep.node_hints.iter().any(|n| n == node);
+        all_zone &= !ep.zone_hints.is_empty();
+        for_zone |= zone.is_some_and(|z| ep.zone_hints.iter().any(|h| h == z));
+    }
+    if !any {
+        Topology::All
+    } else if all_node && for_node {
+        Topology::SameNode
+    } else if all_zone && for_zone {
+        Topology::SameZone
+    } else {
+        Topology::All
+    }
+}
+
+fn available(e: &PortEndpoint, mode: Topology, node: &str, zone: Option<&str>) -> bool {
+    match mode {
+        Topology::All => true,
+        Topology::SameNode => e.endpoint.node_hints.iter().any(|n| n == node),
+        Topology::SameZone => zone.is_some_and(|z| e.endpoint.zone_hints.iter().any(|h| h == z)),
+    }
+}
+
 fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> ServiceEntries {
     let mut out = ServiceEntries::default();
     if !svc.is_proxied() {
@@ -1027,6 +1074,9 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
     let ext_local = svc.external_policy_local();
     let int_local = svc.internal_traffic_policy == TrafficPolicy::Local;
     let mut local_ready: BTreeSet<IpAddr> = BTreeSet::new();
+    let zone = cluster
+        .node(&node.node_name)
+        .and_then(|n| n.zone.as_deref());
     for sp in &svc.ports {
         let spn = ServicePortName {
             service: svc.name.clone(),
@@ -1051,15 +1101,25 @@ fn compile_service(cluster: &Cluster, svc: &Service, node: &NodeContext) -> Serv
                 terminating,
                 node: e.endpoint.node_name.clone(),
             };
-            let cluster_set = BackendSet {
-                id: BackendSetId {
-                    service_port: spn.clone(),
-                    locality: Locality::Cluster,
-                    family: *family,
-                },
-                chain: chain.clone(),
-                endpoints: usable(fam_eps.clone()).into_iter().map(to_plan).collect(),
-            };
+            // Topology applies to the Cluster set only, and only to ready endpoints: when it
+            // applies, some ready endpoint is available, so the terminating fallback never
+            // sees it.
+            let mode = topology(fam_eps.clone(), &node.node_name, zone);
+            let cluster_set =
+                BackendSet {
+                    id: BackendSetId {
+                        service_port: spn.clone(),
+                        locality: Locality::Cluster,
+                        family: *family,
+                    },
+                    chain: chain.clone(),
+                    endpoints: usable(fam_eps.clone().filter(|e| {
+                        !e.endpoint.ready || available(e, mode, &node.node_name, zone)
+                    }))
+                    .into_iter()
+                    .map(to_plan)
+                    .collect(),
+                };
             let local_set = (ext_local || int_local).then(|| BackendSet {
                 id: BackendSetId {
                     service_port: spn.clone(),
@@ -1667,5 +1727,175 @@ spec: {externalIPs: [192.0.2.1], ports: [{port: 80}]}
         assert!(last_fe < first_set);
         let p0 = Plan::compile(&c0, &n);
         assert_eq!(Plan::diff(&p0, &p1).apply(&p0), p1);
+    }
+
+    /// Three nodes in two zones, web pods on each, a Service with `distribution` (a
+    /// `trafficDistribution` value or none). The controller writes hints; the plan follows
+    /// them as kube-proxy's topology logic does.
+    fn zoned(distribution: &str, extra_pod: &str) -> Cluster {
+        let td = if distribution.is_empty() {
+            String::new()
+        } else {
+            format!("  trafficDistribution: {distribution}\n")
+        };
+        let mut text = String::new();
+        for (n, zone, ip) in [("n1", "a", 1), ("n2", "a", 2), ("n3", "b", 3)] {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {n}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\nstatus:\n  addresses: [{{type: InternalIP, address: 192.168.0.{ip}}}]\n"
+            ));
+        }
+        for (i, n) in ["n1", "n2", "n3", "n3"].iter().enumerate() {
+            text.push_str(&format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata: {{name: web-{i}, labels: {{app: web}}}}\nspec: {{nodeName: {n}, containers: [{{name: a, image: x}}]}}\nstatus: {{podIP: 10.244.0.{}}}\n",
+                10 + i
+            ));
+        }
+        text.push_str(extra_pod);
+        text.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: web}}\nspec:\n  clusterIP: 10.96.0.70\n  selector: {{app: web}}\n  ports: [{{port: 80, targetPort: 8080}}]\n{td}"
+        ));
+        load(&text)
+    }
+
+    fn cluster_endpoints(c: &Cluster, node_name: &str) -> Vec<String> {
+        let n = NodeContext::new(node_name, vec![], vec![]);
+        let p = Plan::compile(c, &n);
+        let (_, set) = p
+            .backend_sets()
+            .find(|(id, _)| id.locality == Locality::Cluster)
+            .expect("a cluster set");
+        set.endpoints.iter().map(|e| e.addr.to_string()).collect()
+    }
+
+    #[test]
+    fn topology_follows_zone_hints() {
+        let c = zoned("PreferClose", "");
+        // Zone a (n1, n2) has web-0 and web-1; zone b (n3) has web-2 and web-3.
+        assert_eq!(
+            cluster_endpoints(&c, "n1"),
+            ["10.244.0.10:8080", "10.244.0.11:8080"]
+        );
+        assert_eq!(
+            cluster_endpoints(&c, "n3"),
+            ["10.244.0.12:8080", "10.244.0.13:8080"]
+        );
+        // A node without a zone, or in a zone no endpoint is hinted for: everything.
+        assert_eq!(cluster_endpoints(&c, "elsewhere").len(), 4);
+        // PreferSameZone is the same; no distribution, no hints: everything everywhere.
+        let c = zoned("PreferSameZone", "");
+        assert_eq!(cluster_endpoints(&c, "n1").len(), 2);
+        let c = zoned("", "");
+        assert_eq!(cluster_endpoints(&c, "n1").len(), 4);
+    }
+
+    #[test]
+    fn topology_prefers_the_same_node_then_the_zone() {
+        let c = zoned("PreferSameNode", "");
+        assert_eq!(cluster_endpoints(&c, "n2"), ["10.244.0.11:8080"]);
+        assert_eq!(
+            cluster_endpoints(&c, "n3"),
+            ["10.244.0.12:8080", "10.244.0.13:8080"]
+        );
+        // A node with no endpoint of its own falls back to its zone's hints.
+        let extra = "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: n4\n  labels: {topology.kubernetes.io/zone: b}\n";
+        let c = zoned("PreferSameNode", extra);
+        assert_eq!(
+            cluster_endpoints(&c, "n4"),
+            ["10.244.0.12:8080", "10.244.0.13:8080"]
+        );
+    }
+
+    #[test]
+    fn topology_is_ignored_when_a_ready_endpoint_has_no_hint() {
+        // A pod on a node without a zone label: its endpoint gets no zone hint, so no
+        // node uses zone hints for this Service.
+        let extra = "---\napiVersion: v1\nkind: Node\nmetadata: {name: n5}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web-9, labels: {app: web}}\nspec: {nodeName: n5, containers: [{name: a, image: x}]}\nstatus: {podIP: 10.244.0.19}\n";
+        let c = zoned("PreferClose", extra);
+        assert_eq!(cluster_endpoints(&c, "n1").len(), 5);
+    }
+
+    #[test]
+    fn a_zone_change_of_this_node_recompiles_through_the_journal() {
+        let mut c = zoned("PreferClose", "");
+        let n = NodeContext::new("n1", vec![], vec![]);
+        let mut p = Plan::compile(&c, &n);
+        let mut node = c.node("n1").cloned().expect("n1");
+        node.zone = Some("b".into());
+        c.upsert_node(node);
+        let _ = p.update(&c);
+        let fresh = Plan::compile(&c, &n);
+        assert_eq!(Plan::diff(&p, &fresh), PlanDiff::default());
+        // Zone b now: the controller rewrote n1's endpoint hints too, so web-0 (on n1, now
+        // in zone b) joins zone b's endpoints.
+        assert_eq!(
+            cluster_endpoints(&c, "n1"),
+            ["10.244.0.10:8080", "10.244.0.12:8080", "10.244.0.13:8080"]
+        );
+    }
+
+    #[test]
+    fn load_balancer_ips_in_proxy_mode_get_no_rule() {
+        let c = load(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {name: lb}\nspec:\n  type: LoadBalancer\n  clusterIP: 10.96.0.71\n  ports: [{port: 80, nodePort: 30071}]\nstatus:\n  loadBalancer:\n    ingress: [{ip: 203.0.113.7, ipMode: Proxy}, {ip: 203.0.113.8, ipMode: VIP}, {ip: 203.0.113.9}]\n",
+        );
+        let p = Plan::compile(&c, &node("n1", [192, 168, 0, 1]));
+        let lb: BTreeSet<IpAddr> = p
+            .frontends()
+            .filter(|(k, _)| k.kind == FrontendKind::LoadBalancer)
+            .map(|(k, _)| k.addr)
+            .collect();
+        assert_eq!(
+            lb,
+            ["203.0.113.8", "203.0.113.9"]
+                .iter()
+                .map(|s| s.parse().expect("ip"))
+                .collect()
+        );
+    }
+
+    /// In a proxy-only cluster nothing rewrites the slices when this node's zone changes:
+    /// the journal alone must make `update` recompile.
+    #[test]
+    fn a_proxy_follows_its_own_zone_change() {
+        let mut c = Cluster::new();
+        let mut me = Node::new("n1");
+        me.zone = Some("a".into());
+        c.upsert_node(me.clone());
+        let mut svc = Service::new(ServiceName::new("ns", "web"));
+        svc.cluster_ips = vec![IpAddr::from([10, 96, 0, 72])];
+        svc.ports.push(ServicePort::new(
+            "",
+            Protocol::Tcp,
+            80,
+            TargetPort::Number(8080),
+        ));
+        c.upsert_service(svc);
+        let eps = [("10.244.0.1", "a"), ("10.244.0.2", "b")]
+            .iter()
+            .map(|(ip, zone)| {
+                let mut e = Endpoint::new(ip.parse().expect("ip"));
+                e.zone_hints = vec![zone.to_string()];
+                e
+            })
+            .collect();
+        c.upsert_slice(EndpointSlice {
+            service: ServiceName::new("ns", "web"),
+            name: "web-1".into(),
+            endpoints: eps,
+            ports: vec![EndpointPort {
+                name: String::new(),
+                port: 8080,
+                protocol: Protocol::Tcp,
+            }],
+        });
+        let n = NodeContext::new("n1", vec![], vec![]);
+        let mut p = Plan::compile(&c, &n);
+        assert_eq!(cluster_endpoints(&c, "n1"), ["10.244.0.1:8080"]);
+        me.zone = Some("b".into());
+        c.upsert_node(me);
+        let diff = p.update(&c);
+        assert!(!diff.ops.is_empty(), "the zone change recompiled nothing");
+        assert_eq!(Plan::diff(&p, &Plan::compile(&c, &n)), PlanDiff::default());
+        assert_eq!(cluster_endpoints(&c, "n1"), ["10.244.0.2:8080"]);
     }
 }

@@ -377,16 +377,10 @@ mod tests {
         cluster.upsert_slice(EndpointSlice {
             service: ServiceName::new("shop", "front"),
             name: "front-1".into(),
-            endpoints: vec![Endpoint {
-                ip: IpAddr::from([10, 244, 0, 5]),
-                ready: true,
-                serving: true,
-                terminating: false,
-                node_name: Some("n1".into()),
-                zone: None,
-                hostname: None,
-                pod: None,
-                weight: DEFAULT_WEIGHT,
+            endpoints: vec![{
+                let mut ep = Endpoint::new(IpAddr::from([10, 244, 0, 5]));
+                ep.node_name = Some("n1".into());
+                ep
             }],
             ports: vec![EndpointPort {
                 name: "http".into(),

@@ -60,6 +60,9 @@ struct EpSpec {
     serving: bool,
     terminating: bool,
     node: Option<u8>,
+    /// A zone hint (zone index) and whether to hint the endpoint's node too.
+    zone_hint: Option<u8>,
+    node_hint: bool,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -70,6 +73,8 @@ enum Change {
     RemovePod(u8),
     UpsertSlice(u8, u8, Vec<EpSpec>, u8),
     RemoveSlice(u8, u8),
+    /// A Node's zone set (or removed): the plan's own node's zone decides topology.
+    NodeZone(u8, Option<u8>),
 }
 
 #[derive(Arbitrary, Debug)]
@@ -213,18 +218,19 @@ fn slice(svc: u8, name: u8, eps: &[EpSpec], port: u8) -> EndpointSlice {
         endpoints: eps
             .iter()
             .take(6)
-            .map(|e| Endpoint {
-                ip: IpAddr::from([10, 245, 0, e.ip % 8]),
-                ready: e.ready,
-                serving: e.serving,
-                terminating: e.terminating,
-                node_name: e
+            .map(|e| {
+                let mut ep = Endpoint::new(IpAddr::from([10, 245, 0, e.ip % 8]));
+                ep.ready = e.ready;
+                ep.serving = e.serving;
+                ep.terminating = e.terminating;
+                ep.node_name = e
                     .node
-                    .map(|n| NODES[usize::from(n) % NODES.len()].to_string()),
-                zone: None,
-                hostname: None,
-                pod: None,
-                weight: 1,
+                    .map(|n| NODES[usize::from(n) % NODES.len()].to_string());
+                ep.zone_hints = e.zone_hint.map(zone).into_iter().collect();
+                if e.node_hint {
+                    ep.node_hints = ep.node_name.iter().cloned().collect();
+                }
+                ep
             })
             .collect(),
         ports: vec![EndpointPort {
@@ -264,7 +270,17 @@ fn apply(c: &mut Cluster, ch: &Change) -> BTreeSet<ServiceName> {
             c.remove_slice(&name_s, &format!("slice{}", name % 3));
             [name_s].into()
         }
+        Change::NodeZone(n, z) => {
+            let mut node = Node::new(NODES[usize::from(*n) % NODES.len()]);
+            node.zone = z.map(zone);
+            c.upsert_node(node);
+            c.services().map(|s| s.name.clone()).collect()
+        }
     }
+}
+
+fn zone(z: u8) -> String {
+    format!("zone{}", z % 2)
 }
 
 fn node() -> NodeContext {

@@ -43,6 +43,18 @@ pub(super) fn convert_service(s: corev1::Service, mut ctx: Ctx<'_>) -> Converted
     session_affinity(&mut ctx, &spec, &mut svc);
     traffic_policies(&mut ctx, &spec, &mut svc);
     svc.publish_not_ready_addresses = spec.publish_not_ready_addresses.unwrap_or(false);
+    if let Some(td) = spec.traffic_distribution.as_deref() {
+        match TrafficDistribution::parse(td) {
+            Some(t) => svc.traffic_distribution = Some(t),
+            None => ctx.err(
+                "spec.trafficDistribution",
+                ValidateError::Unsupported {
+                    value: td.to_string(),
+                    supported: "\"PreferClose\", \"PreferSameNode\", \"PreferSameZone\"",
+                },
+            ),
+        }
+    }
     ctx.finish(Object::Service(svc))
 }
 
@@ -435,14 +447,37 @@ fn external_addresses(
         .and_then(|st| st.load_balancer.as_ref())
         .and_then(|lb| lb.ingress.as_ref());
     for (i, ing) in ingress.into_iter().flatten().enumerate() {
+        // "ipMode: Proxy": the load balancer sends the traffic to the node with the node's
+        // address as destination; kube-proxy writes no rule for the ingress IP.
+        let proxy_mode = match ing.ip_mode.as_deref() {
+            None | Some("VIP") => false,
+            Some("Proxy") => true,
+            Some(other) => {
+                ctx.err(
+                    format!("status.loadBalancer.ingress[{i}].ipMode"),
+                    ValidateError::Unsupported {
+                        value: other.to_string(),
+                        supported: "\"Proxy\", \"VIP\"",
+                    },
+                );
+                false
+            }
+        };
         if let Some(s) = &ing.ip
             && let Some(ip) = ctx.ip(&format!("status.loadBalancer.ingress[{i}].ip"), s)
-            && !svc.load_balancer_ips.contains(&ip)
         {
-            svc.load_balancer_ips.push(ip);
+            let list = if proxy_mode {
+                &mut svc.load_balancer_proxy_ips
+            } else {
+                &mut svc.load_balancer_ips
+            };
+            if !list.contains(&ip) {
+                list.push(ip);
+            }
         }
     }
     if svc.load_balancer_ips.is_empty()
+        && svc.load_balancer_proxy_ips.is_empty()
         && let Some(ip) = svc.requested_load_balancer_ip
     {
         svc.load_balancer_ips.push(ip);
