@@ -11,6 +11,10 @@
 //! Each call returns the Services whose plan entries may have changed; the cluster also
 //! records them, so [`crate::plan::Plan::update`] needs no list.
 //!
+//! The way back, for whoever plays the API server (tests, the lab): [`service_to_api`]
+//! turns a model Service into the object [`Cluster::apply_service`] reads back as the same
+//! Service; [`crate::controller::to_api`] does the same for EndpointSlices.
+//!
 //! ```
 //! use k8s_openapi::api::core::v1 as corev1;
 //! use k8s_openapi::api::discovery::v1 as discovery;
@@ -49,15 +53,19 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use k8s_openapi::api::core::v1 as corev1;
 use k8s_openapi::api::discovery::v1 as discovery;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1 as meta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::cluster::Cluster;
 use crate::manifest::{LoadError, Object, ObjectRef, ValidateError, typed};
-use crate::model::{ObjectName, ServiceName};
+use crate::model::{
+    IpFamilyPolicy, ObjectName, Service, ServiceName, ServiceType, SessionAffinity, TargetPort,
+};
 
 /// One invalid field of an object.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -213,6 +221,143 @@ impl Cluster {
         let before = self.generation();
         self.remove_pod(&ObjectName::new(namespace, name));
         self.changes(before)
+    }
+}
+
+/// The way back: a Service as an API server would hold it, the inverse of
+/// [`Cluster::apply_service`].
+///
+/// For every Service the typed input or the manifest loader produces,
+/// `apply_service(&service_to_api(&s))` yields `s` again (a property the tests check over
+/// every field). The object is what a client would read after the API server defaulted
+/// it: `type`, `clusterIP` and `clusterIPs` (`None` when headless, absent for
+/// ExternalName), `ipFamilies`, `ipFamilyPolicy`, `internalTrafficPolicy`,
+/// `sessionAffinity` (with `sessionAffinityConfig` for ClientIP), every port's protocol and
+/// targetPort; `externalTrafficPolicy` only where it may be set (node ports or
+/// externalIPs); the load balancer addresses in `status.loadBalancer.ingress` and the
+/// requested one in `spec.loadBalancerIP`; the selector as `matchLabels` (a Service has no
+/// other kind); `creationTimestamp` when the model has one. No `uid` or
+/// `resourceVersion`: the API server stamps those.
+///
+/// Values no validated Service holds do not come back unchanged: an empty selector (read
+/// back as none), a Local external policy without external addresses (refused), load
+/// balancer addresses on another type (refused).
+pub fn service_to_api(svc: &Service) -> corev1::Service {
+    let non_empty = |m: &BTreeMap<String, String>| (!m.is_empty()).then(|| m.clone());
+    let strings = |v: Vec<String>| (!v.is_empty()).then_some(v);
+    let external_name = svc.service_type == ServiceType::ExternalName;
+    let cluster_ips: Vec<String> = if external_name {
+        Vec::new()
+    } else if svc.headless {
+        vec!["None".to_string()]
+    } else {
+        svc.cluster_ips.iter().map(ToString::to_string).collect()
+    };
+    let (session_affinity, session_affinity_config) = match svc.session_affinity {
+        SessionAffinity::None => ("None", None),
+        SessionAffinity::ClientIp { timeout_seconds } => (
+            "ClientIP",
+            Some(corev1::SessionAffinityConfig {
+                client_ip: Some(corev1::ClientIPConfig {
+                    timeout_seconds: i32::try_from(timeout_seconds).ok(),
+                }),
+            }),
+        ),
+    };
+    // "externalTrafficPolicy ... may only be set on services with an external address".
+    let has_external = svc.service_type.has_node_ports() || !svc.external_ips.is_empty();
+    let ports = svc
+        .ports
+        .iter()
+        .map(|p| corev1::ServicePort {
+            name: (!p.name.is_empty()).then(|| p.name.clone()),
+            protocol: Some(p.protocol.as_str().to_string()),
+            port: i32::from(p.port),
+            target_port: Some(match &p.target_port {
+                TargetPort::Number(n) => IntOrString::Int(i32::from(*n)),
+                TargetPort::Name(s) => IntOrString::String(s.clone()),
+            }),
+            node_port: p.node_port.map(i32::from),
+            app_protocol: p.app_protocol.clone(),
+        })
+        .collect();
+    let spec = corev1::ServiceSpec {
+        type_: Some(svc.service_type.as_str().to_string()),
+        cluster_ip: cluster_ips.first().cloned(),
+        cluster_ips: strings(cluster_ips),
+        external_name: if external_name {
+            svc.external_name.clone()
+        } else {
+            None
+        },
+        ip_families: strings(
+            svc.ip_families
+                .iter()
+                .map(|f| f.as_str().to_string())
+                .collect(),
+        ),
+        ip_family_policy: (!external_name || svc.ip_family_policy != IpFamilyPolicy::SingleStack)
+            .then(|| {
+                match svc.ip_family_policy {
+                    IpFamilyPolicy::SingleStack => "SingleStack",
+                    IpFamilyPolicy::PreferDualStack => "PreferDualStack",
+                    IpFamilyPolicy::RequireDualStack => "RequireDualStack",
+                }
+                .to_string()
+            }),
+        selector: svc
+            .selector
+            .as_ref()
+            .and_then(|s| non_empty(&s.match_labels)),
+        ports: Some(ports),
+        external_ips: strings(svc.external_ips.iter().map(ToString::to_string).collect()),
+        load_balancer_ip: svc.requested_load_balancer_ip.map(|ip| ip.to_string()),
+        load_balancer_source_ranges: strings(
+            svc.load_balancer_source_ranges
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
+        ),
+        session_affinity: Some(session_affinity.to_string()),
+        session_affinity_config,
+        external_traffic_policy: has_external
+            .then(|| svc.external_traffic_policy.as_str().to_string()),
+        internal_traffic_policy: Some(svc.internal_traffic_policy.as_str().to_string()),
+        health_check_node_port: svc.health_check_node_port.map(i32::from),
+        publish_not_ready_addresses: svc.publish_not_ready_addresses.then_some(true),
+        traffic_distribution: svc.traffic_distribution.map(|t| t.as_str().to_string()),
+        ..Default::default()
+    };
+    let ingress: Vec<corev1::LoadBalancerIngress> = svc
+        .load_balancer_ips
+        .iter()
+        .map(|ip| (ip, "VIP"))
+        .chain(svc.load_balancer_proxy_ips.iter().map(|ip| (ip, "Proxy")))
+        .map(|(ip, mode)| corev1::LoadBalancerIngress {
+            ip: Some(ip.to_string()),
+            ip_mode: Some(mode.to_string()),
+            ..Default::default()
+        })
+        .collect();
+    corev1::Service {
+        metadata: meta::ObjectMeta {
+            name: Some(svc.name.name.clone()),
+            namespace: Some(svc.name.namespace.clone()),
+            labels: non_empty(&svc.labels),
+            annotations: non_empty(&svc.annotations),
+            creation_timestamp: svc
+                .created
+                .and_then(|s| k8s_openapi::jiff::Timestamp::from_second(s).ok())
+                .map(meta::Time),
+            ..Default::default()
+        },
+        spec: Some(spec),
+        status: Some(corev1::ServiceStatus {
+            load_balancer: Some(corev1::LoadBalancerStatus {
+                ingress: (!ingress.is_empty()).then_some(ingress),
+            }),
+            ..Default::default()
+        }),
     }
 }
 

@@ -8,6 +8,15 @@
 //! [`conformance_suite!`](crate::conformance_suite); scenarios a backend cannot express are
 //! declared by [`Backend::unsupported`] and reported as skipped with the reason.
 //!
+//! Two feeds carry the cluster to the agents ([`Feed`]): directly, or through the API.
+//! Through the API, every change a scenario makes is written to a fake API server
+//! ([`crate::fakeapi::Publisher`]: Services, the EndpointSlices the simulated controller
+//! made of the Pods, Nodes; only what changed), each node follows it with its own
+//! [`crate::api::ApiSource`] (the kube-rs watchers of `svcnat-proxy --kubeconfig`), and a
+//! sync waits until every node's API-fed view compiles to the plan the cluster compiles
+//! before it programs the node from that view. The scenarios are the same code for both;
+//! [`conformance_suite_api!`](crate::conformance_suite_api) mounts them through the API.
+//!
 //! Counts are checked against statistical bounds: with `n` tries and probability `p` an
 //! endpoint's count must lie within five standard deviations of `n·p`, which a correct
 //! datapath misses about once in three million runs.
@@ -23,7 +32,11 @@ use svcnat_core::model::*;
 use svcnat_core::plan::{Dataplane, NodeContext};
 
 use crate::agent::NodeAgent;
+use through_api::ApiFeed;
+
+mod through_api;
 use crate::testbed::{NodeSpec, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec};
+pub use through_api::AGREE_WITHIN;
 
 /// The port every test pod serves HTTP (and the line protocol) on.
 pub const POD_TCP: u16 = 8080;
@@ -149,21 +162,39 @@ pub fn standard_pods() -> Vec<TestPod> {
     pods
 }
 
+/// How the agents hear of the fixture's cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Feed {
+    /// Each agent syncs from the cluster itself.
+    #[default]
+    Direct,
+    /// The cluster is published to a fake API server, and each agent syncs from the
+    /// cluster its own API watchers built (see the [module](self) docs).
+    Api,
+}
+
 /// A running scenario: testbed, cluster, and one agent per node.
 pub struct Fixture<B: Backend> {
     /// The namespaces.
     pub tb: Testbed,
-    /// The cluster the agents compile.
+    /// The cluster the scenario changes (and, fed directly, the agents compile).
     pub cluster: Cluster,
     /// One agent per node, in node order.
     pub agents: Vec<NodeAgent<B::Dp>>,
     pods: Vec<TestPod>,
+    api: Option<ApiFeed>,
 }
 
 impl<B: Backend> Fixture<B> {
     /// Builds the testbed (two nodes, two clients, the standard pods) and one agent per
-    /// node; nothing is synced yet.
+    /// node, fed directly; nothing is synced yet.
     pub fn new(backend: &B) -> Fixture<B> {
+        Fixture::with_feed(backend, Feed::Direct)
+    }
+
+    /// Builds the testbed and one agent per node, fed as `feed` says; nothing is synced
+    /// yet.
+    pub fn with_feed(backend: &B, feed: Feed) -> Fixture<B> {
         let pods = standard_pods();
         let mut spec = TestbedSpec::new(2, 2).lb_route(IpAddr::V4(LB_IP));
         for p in &pods {
@@ -195,19 +226,49 @@ impl<B: Backend> Fixture<B> {
                 };
                 NodeAgent::new(ctx, dp)
             })
-            .collect();
+            .collect::<Vec<NodeAgent<B::Dp>>>();
+        let api = match feed {
+            Feed::Direct => None,
+            Feed::Api => {
+                let nodes: Vec<NodeContext> =
+                    agents.iter().map(|a| a.plan().node().clone()).collect();
+                match ApiFeed::start(&nodes) {
+                    Ok(feed) => Some(feed),
+                    Err(e) => panic!("{}: {e}", backend.name()),
+                }
+            }
+        };
         Fixture {
             tb,
             cluster,
             agents,
             pods,
+            api,
         }
     }
 
-    /// Syncs every node.
+    /// Syncs every node: from the cluster, or (fed through the API) once every node's
+    /// API view agrees with it, from that view.
     pub fn sync(&mut self) {
+        if let Some(api) = &mut self.api {
+            let nodes: Vec<NodeContext> = self
+                .agents
+                .iter()
+                .map(|a| a.plan().node().clone())
+                .collect();
+            if let Err(e) = api.publish_and_agree(&self.cluster, &nodes) {
+                panic!("through the API: {e}");
+            }
+        }
         for (i, a) in self.agents.iter_mut().enumerate() {
-            if let Err(e) = a.sync(&self.cluster) {
+            let cluster = match &self.api {
+                Some(api) => match api.cluster(i) {
+                    Some(c) => c,
+                    None => panic!("no API view for node {i}"),
+                },
+                None => &self.cluster,
+            };
+            if let Err(e) = a.sync(cluster) {
                 panic!("sync of node {i} failed: {e}");
             }
         }
@@ -358,14 +419,19 @@ fn names(v: &[&str]) -> BTreeSet<String> {
     v.iter().map(|s| s.to_string()).collect()
 }
 
-/// Runs one scenario against a backend (skips it, loudly, when the backend declares it
-/// unsupported).
+/// Runs one scenario against a backend, fed directly (skips it, loudly, when the backend
+/// declares it unsupported).
 pub fn run<B: Backend>(backend: &B, scenario: Scenario) {
+    run_with(backend, scenario, Feed::Direct);
+}
+
+/// Runs one scenario against a backend with the agents fed as `feed` says.
+pub fn run_with<B: Backend>(backend: &B, scenario: Scenario, feed: Feed) {
     if let Some(why) = backend.unsupported(scenario) {
         eprintln!("SKIP: {} cannot express {scenario}: {why}", backend.name());
         return;
     }
-    let mut f = Fixture::new(backend);
+    let mut f = Fixture::with_feed(backend, feed);
     match scenario {
         Scenario::ClusterIpSpread => cluster_ip_spread(&mut f),
         Scenario::NodePortOnEveryNode => node_port_on_every_node(&mut f),
@@ -755,12 +821,15 @@ fn established_survives<B: Backend>(f: &mut Fixture<B>) {
     );
 }
 
-/// Mounts the whole suite as `#[test]` functions for a backend expression:
-/// `svcnat_examples::conformance_suite!(MyBackend::new());`
+/// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
+/// directly: `svcnat_examples::conformance_suite!(MyBackend::new());`
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:expr) => {
-        $crate::conformance_suite!(@tests $backend;
+        $crate::conformance_suite!(@feed $backend, Direct);
+    };
+    (@feed $backend:expr, $feed:ident) => {
+        $crate::conformance_suite!(@tests $backend, $feed;
             cluster_ip_spread: ClusterIpSpread,
             node_port_on_every_node: NodePortOnEveryNode,
             external_ips: ExternalIps,
@@ -777,13 +846,27 @@ macro_rules! conformance_suite {
             established_survives: EstablishedSurvives,
         );
     };
-    (@tests $backend:expr; $($name:ident: $scenario:ident,)*) => {
+    (@tests $backend:expr, $feed:ident; $($name:ident: $scenario:ident,)*) => {
         $(
             #[test]
             fn $name() {
                 $crate::skip_unless_root!();
-                $crate::conformance::run(&$backend, $crate::conformance::Scenario::$scenario);
+                $crate::conformance::run_with(
+                    &$backend,
+                    $crate::conformance::Scenario::$scenario,
+                    $crate::conformance::Feed::$feed,
+                );
             }
         )*
+    };
+}
+
+/// Mounts the whole suite for a backend expression with every cluster change written to a
+/// fake API server and each node's agent following it through its own API watchers
+/// ([`Feed::Api`]): `svcnat_examples::conformance_suite_api!(MyBackend::new());`
+#[macro_export]
+macro_rules! conformance_suite_api {
+    ($backend:expr) => {
+        $crate::conformance_suite!(@feed $backend, Api);
     };
 }

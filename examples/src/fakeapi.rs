@@ -52,6 +52,11 @@
 //!   last chunk, no TLS close); [`FakeApiServer::stop`] and [`FakeApiServer::start`]
 //!   take the server away and bring it back on the same port with its state.
 //!
+//! A [`Publisher`] plays the control plane: it writes a [`svcnat_core::model::Cluster`]'s
+//! Services, EndpointSlices and Nodes to the server, then only what changed, as the
+//! EndpointSlice controller and kubectl would (the conformance suite and the lab replay
+//! drive proxies through the API with it).
+//!
 //! # Simplified
 //! - Read-only API: GET only (other methods are `405`); tests write through
 //!   [`FakeApiServer::apply`] and [`FakeApiServer::delete`], which commit like an update
@@ -67,8 +72,11 @@
 //!   at most an hour.
 
 mod http;
+mod publish;
 mod selector;
 mod store;
+
+pub use publish::{Published, Publisher, node_to_api};
 
 use std::collections::BTreeMap;
 use std::collections::hash_map::RandomState;

@@ -10,6 +10,15 @@
 //! observes what real clients get. Pods follow the manifests: the lab loads them with the
 //! core (deterministic names and addresses) and creates or deletes pod namespaces to match.
 //!
+//! Through the API ([`Feed::Api`], `svcnat-lab --api`), the proxies and svcnat-dns follow
+//! fake API servers (`--kubeconfig`) instead of the directory: after every manifest edit the
+//! lab builds the cluster from the directory with the core (the controller role turns the
+//! Deployments' Pods into EndpointSlices, as the EndpointSlice controller would) and writes
+//! what changed as API objects ([`crate::fakeapi::Publisher`]). A fake API server listens
+//! only on a namespace's own loopback, so there is one per namespace that follows it (node-0,
+//! node-1, the coredns pod), each written the same objects; nothing is bound in the root
+//! namespace. `kubectl` (svcnat-ctl) still reads the directory.
+//!
 //! Every step prints what it did and what it observed; the first wrong observation ends the
 //! replay with an error. Dropping the [`Lab`] stops every process and deletes every
 //! namespace and file it made, also on Ctrl-C (checked between and within steps).
@@ -29,7 +38,24 @@ use svcnat_core::manifest::{ClusterConfig, Manifests};
 use svcnat_core::model::{Cluster, ObjectName, Protocol};
 use svcnat_core::plan::{ChainIdStyle, ServicePortName};
 
+use crate::fakeapi::{FakeApiOptions, FakeApiServer, Publisher};
 use crate::testbed::{PodSpec, ProbeArgs, Testbed, TestbedSpec};
+
+/// How the proxies and the DNS server hear of the lab's cluster.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Feed {
+    /// They watch the manifest directory.
+    #[default]
+    Manifests,
+    /// They follow fake API servers the lab writes every change to.
+    Api,
+}
+
+/// One fake API server on a namespace's loopback, and what was written to it.
+struct LabApi {
+    server: FakeApiServer,
+    publisher: Publisher,
+}
 
 /// The lab's namespace (`kubectl config set-context --current --namespace=instavote`).
 pub const NAMESPACE: &str = "instavote";
@@ -228,6 +254,10 @@ pub struct Lab {
     dir: PathBuf,
     programs: Programs,
     daemons: Vec<Child>,
+    /// Fed through the API: the fake API server of each namespace that follows one, by
+    /// namespace name.
+    apis: Vec<(String, LabApi)>,
+    feed: Feed,
     stop: Arc<AtomicBool>,
     config: ClusterConfig,
     /// Lines printed so far (the replay's report).
@@ -245,9 +275,19 @@ impl Drop for Lab {
 }
 
 impl Lab {
-    /// Builds the namespaces and starts the proxies and the DNS server, with the vote
-    /// Deployment, the nodes and kube-dns applied but no vote Service yet.
+    /// Builds the namespaces and starts the proxies and the DNS server on the manifest
+    /// directory, with the vote Deployment, the nodes and kube-dns applied but no vote
+    /// Service yet.
     pub fn start(programs: Programs, stop: Arc<AtomicBool>) -> Result<Lab, LabError> {
+        Lab::start_with(programs, stop, Feed::Manifests)
+    }
+
+    /// [`Lab::start`], with the proxies and the DNS server fed as `feed` says.
+    pub fn start_with(
+        programs: Programs,
+        stop: Arc<AtomicBool>,
+        feed: Feed,
+    ) -> Result<Lab, LabError> {
         crate::testbed::require_root().map_err(LabError::Unsupported)?;
         let dir = std::env::temp_dir().join(format!("svcnat-lab-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(setup("manifest directory"))?;
@@ -263,6 +303,8 @@ impl Lab {
             dir,
             programs,
             daemons: Vec::new(),
+            apis: Vec::new(),
+            feed,
             stop,
             config,
             transcript: Vec::new(),
@@ -271,16 +313,27 @@ impl Lab {
         lab.write("kube-dns.yaml", KUBE_DNS)?;
         lab.write("vote-deploy.yaml", &deployment("vote", 5, "role: vote", 80))?;
         lab.reconcile_pods()?;
-        // svcnat-dns in the coredns pod, behind the kube-dns ClusterIP.
         let dns_ns = lab.pod_ns("coredns")?;
+        if feed == Feed::Api {
+            let namespaces = [
+                lab.tb.ns_of_node(0).to_string(),
+                lab.tb.ns_of_node(1).to_string(),
+                dns_ns.clone(),
+            ];
+            for ns in namespaces {
+                lab.start_api(&ns)?;
+            }
+            lab.publish()?;
+        }
+        // svcnat-dns in the coredns pod, behind the kube-dns ClusterIP.
         let dns = lab.programs.dns.clone();
-        let dir = lab.dir.display().to_string();
+        let source = lab.source_args(&dns_ns)?;
         lab.spawn(
             &dns_ns,
             &dns,
             &[
-                "--manifests",
-                &dir,
+                source[0].as_str(),
+                source[1].as_str(),
                 "--listen",
                 "0.0.0.0:53",
                 "--default-namespace",
@@ -292,12 +345,13 @@ impl Lab {
             let node_ip = lab.tb.node_ip(i).to_string();
             let name = format!("node-{i}");
             let proxy = lab.programs.proxy.clone();
+            let source = lab.source_args(&ns)?;
             lab.spawn(
                 &ns,
                 &proxy,
                 &[
-                    "--manifests",
-                    &dir,
+                    source[0].as_str(),
+                    source[1].as_str(),
                     "--node-name",
                     &name,
                     "--node-ip",
@@ -312,6 +366,77 @@ impl Lab {
             )?;
         }
         Ok(lab)
+    }
+
+    /// Starts a fake API server on the loopback of namespace `ns`.
+    fn start_api(&mut self, ns: &str) -> Result<(), LabError> {
+        let server = FakeApiServer::with_options(FakeApiOptions::default().netns(ns))
+            .map_err(setup(&format!("fake API server in {ns}")))?;
+        self.say(format!(
+            "  (control plane) API server {} in namespace {ns}",
+            server.url()
+        ));
+        self.apis.push((
+            ns.to_string(),
+            LabApi {
+                server,
+                publisher: Publisher::new(),
+            },
+        ));
+        Ok(())
+    }
+
+    /// How a program in namespace `ns` reads the cluster: `--manifests DIR`, or
+    /// `--kubeconfig FILE` of that namespace's fake API server.
+    fn source_args(&self, ns: &str) -> Result<[String; 2], LabError> {
+        match self.feed {
+            Feed::Manifests => Ok(["--manifests".into(), self.dir.display().to_string()]),
+            Feed::Api => self
+                .apis
+                .iter()
+                .find(|(n, _)| n == ns)
+                .map(|(_, api)| {
+                    [
+                        "--kubeconfig".into(),
+                        api.server.kubeconfig_path().display().to_string(),
+                    ]
+                })
+                .ok_or_else(|| LabError::Setup(format!("no API server in {ns}"))),
+        }
+    }
+
+    /// Fed through the API: writes what changed in the manifests' cluster (Services, the
+    /// EndpointSlices of their Pods, Nodes) to every fake API server.
+    fn publish(&mut self) -> Result<(), LabError> {
+        if self.apis.is_empty() {
+            return Ok(());
+        }
+        let cluster = self.cluster()?;
+        let mut lines = Vec::new();
+        for (i, (ns, api)) in self.apis.iter_mut().enumerate() {
+            let written = api
+                .publisher
+                .publish(&cluster, &api.server)
+                .map_err(setup(&format!("publishing to the API server in {ns}")))?;
+            if i == 0 {
+                lines.extend(
+                    written
+                        .applied
+                        .iter()
+                        .map(|o| format!("  (API) applied {o}")),
+                );
+                lines.extend(
+                    written
+                        .deleted
+                        .iter()
+                        .map(|o| format!("  (API) deleted {o}")),
+                );
+            }
+        }
+        for l in lines {
+            self.say(l);
+        }
+        Ok(())
     }
 
     fn say(&mut self, line: impl Into<String>) {
@@ -333,7 +458,8 @@ impl Lab {
         let tmp = self.dir.join(format!(".{file}.tmp"));
         fs::write(&tmp, text).map_err(setup("write manifest"))?;
         fs::rename(&tmp, self.dir.join(file)).map_err(setup("rename manifest"))?;
-        Ok(())
+        // Through the API, the edit reaches the programs as API writes.
+        self.publish()
     }
 
     fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) -> Result<(), LabError> {

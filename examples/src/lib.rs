@@ -5,13 +5,16 @@
 //! - [`api`]: the API source of `svcnat-proxy`: watch events into a proxy-only cluster
 //!   (pure [`api::ApiState`]), and the kube-rs watchers on a background runtime.
 //! - [`cli`]: flags the programs share.
-//! - [`conformance`]: the scenarios every backend must pass with real traffic.
+//! - [`conformance`]: the scenarios every backend must pass with real traffic, the agents
+//!   fed directly or through a fake API server.
 //! - [`fakeapi`]: a fake Kubernetes API server (HTTPS, list/watch as kube-rs uses them)
-//!   for tests of the programs that follow an API server.
+//!   for tests of the programs that follow an API server, and a publisher that writes a
+//!   cluster's changes to it.
 //! - [`dns`]: the cluster DNS server behind `svcnat-dns`: DNS messages in and out
 //!   (sans-IO), the resolver swapped on reload, the UDP and TCP loops.
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
-//!   every step applied to a watched manifest directory and observed with real traffic.
+//!   every step applied to a watched manifest directory (or written to fake API servers)
+//!   and observed with real traffic.
 //! - [`proxy`]: the node proxy behind `svcnat-proxy`: the coalescing sync loop over a
 //!   [`proxy::Source`] (a manifest directory with per-object last-good state, or the API),
 //!   `/metrics` and `/healthz`.

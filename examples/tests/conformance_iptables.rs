@@ -1,5 +1,6 @@
 //! The conformance suite against the iptables backend, once per flavour (legacy and nft),
-//! with real traffic between network namespaces.
+//! with real traffic between network namespaces; then again with the agents fed through a
+//! fake API server (`nft_api`, `legacy_api`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -37,4 +38,16 @@ mod legacy {
 mod nft {
     use super::*;
     svcnat_examples::conformance_suite!(IptablesBackend(Flavour::Nft));
+}
+
+/// The same scenarios with every cluster change written to a fake API server and each
+/// node's agent following it through its own kube-rs watchers.
+mod nft_api {
+    use super::*;
+    svcnat_examples::conformance_suite_api!(IptablesBackend(Flavour::Nft));
+}
+
+mod legacy_api {
+    use super::*;
+    svcnat_examples::conformance_suite_api!(IptablesBackend(Flavour::Legacy));
 }

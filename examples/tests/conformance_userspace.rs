@@ -28,3 +28,10 @@ impl Backend for UserspaceBackend {
 }
 
 svcnat_examples::conformance_suite!(UserspaceBackend);
+
+/// The same scenarios with every cluster change written to a fake API server and each
+/// node's datapath following it through its own kube-rs watchers.
+mod api {
+    use super::*;
+    svcnat_examples::conformance_suite_api!(UserspaceBackend);
+}

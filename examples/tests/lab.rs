@@ -1,21 +1,28 @@
 //! The lab replay as an end-to-end test: runs `svcnat-lab` and checks that every step was
-//! observed as the lab describes it.
+//! observed as the lab describes it, with the proxies and svcnat-dns watching the manifest
+//! directory, and again (`--api`) following fake API servers the lab writes every edit to.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Command;
+use std::sync::Mutex;
 
-#[test]
-fn the_lab_replays_with_real_traffic() {
-    svcnat_examples::skip_unless_root!();
+/// One replay at a time: each runs two proxies, the DNS server and a dozen pods.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+fn replay(args: &[&str]) -> String {
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let out = Command::new(env!("CARGO_BIN_EXE_svcnat-lab"))
+        .args(args)
         .output()
         .expect("run svcnat-lab");
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         out.status.success(),
-        "svcnat-lab failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
+        "svcnat-lab {args:?} failed ({:?})\n--- stdout\n{stdout}\n--- stderr\n{stderr}",
         out.status
     );
     for step in 1..=8 {
@@ -36,5 +43,31 @@ fn the_lab_replays_with_real_traffic() {
         "All steps of the lab observed",
     ] {
         assert!(stdout.contains(seen), "missing {seen:?}:\n{stdout}");
+    }
+    stdout
+}
+
+#[test]
+fn the_lab_replays_with_real_traffic() {
+    svcnat_examples::skip_unless_root!();
+    let stdout = replay(&[]);
+    assert!(!stdout.contains("(API)"), "{stdout}");
+}
+
+#[test]
+fn the_lab_replays_through_the_api() {
+    svcnat_examples::skip_unless_root!();
+    let stdout = replay(&["--api"]);
+    // Every edit reached the programs as API writes.
+    for write in [
+        "(control plane) API server https://127.0.0.1:",
+        "(API) applied Node node-0",
+        "(API) applied Service kube-system/kube-dns",
+        "(API) applied Service instavote/vote",
+        "(API) applied EndpointSlice instavote/vote-",
+        "(API) applied Service instavote/redis",
+        "(API) applied EndpointSlice instavote/redis-",
+    ] {
+        assert!(stdout.contains(write), "missing {write:?}:\n{stdout}");
     }
 }

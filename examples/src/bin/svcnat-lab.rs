@@ -3,12 +3,34 @@
 //! what it observed. Exits 0 when every observation matches the lab, 1 when one does not,
 //! 2 when the machine cannot run it (needs root, iproute2, iptables, getent), 130 on Ctrl-C.
 //! Cleans up after itself in every case.
+//!
+//! ```text
+//! svcnat-lab [--api]
+//! ```
+//!
+//! With `--api` the proxies and svcnat-dns follow fake Kubernetes API servers
+//! (`--kubeconfig`) that the lab writes every manifest edit to, as API objects, instead of
+//! watching the manifest directory; every observation is the same.
 
 use std::process::ExitCode;
 
-use svcnat_examples::lab::{Lab, LabError, Programs};
+use clap::Parser;
+use svcnat_examples::lab::{Feed, Lab, LabError, Programs};
+
+/// Replays the lab "Load Balancing and Service Discovery with Services" in network
+/// namespaces with real traffic.
+#[derive(Parser, Debug)]
+#[command(name = "svcnat-lab", version)]
+struct Args {
+    /// Feed the proxies and svcnat-dns through fake API servers (one on each namespace's
+    /// loopback) instead of the manifest directory.
+    #[arg(long)]
+    api: bool,
+}
 
 fn main() -> ExitCode {
+    let args = Args::parse();
+    let feed = if args.api { Feed::Api } else { Feed::Manifests };
     // The first Ctrl-C stops the replay and cleans up; a second one exits at once.
     let stop = match svcnat_examples::cli::stop_on_signals() {
         Ok(stop) => stop,
@@ -18,7 +40,7 @@ fn main() -> ExitCode {
         }
     };
     let result = Programs::discover()
-        .and_then(|p| Lab::start(p, stop))
+        .and_then(|p| Lab::start_with(p, stop, feed))
         .and_then(|mut lab| lab.replay());
     match result {
         Ok(()) => ExitCode::SUCCESS,
