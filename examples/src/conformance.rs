@@ -93,11 +93,17 @@ pub enum Scenario {
     Weighted,
     /// An established TCP connection survives unrelated endpoints coming and going.
     EstablishedSurvives,
+    /// Two zones and `trafficDistribution: PreferClose`: traffic stays in the client
+    /// node's zone while the zone has endpoints, and spreads over the others when not.
+    TopologyZones,
+    /// A load balancer ingress IP with `ipMode: Proxy` gets no rule (the load balancer
+    /// delivers to the node itself); with `ipMode: VIP` it is translated.
+    LoadBalancerIpModeProxy,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 14] = [
+    pub const ALL: [Scenario; 16] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -112,6 +118,8 @@ impl Scenario {
         Scenario::Udp,
         Scenario::Weighted,
         Scenario::EstablishedSurvives,
+        Scenario::TopologyZones,
+        Scenario::LoadBalancerIpModeProxy,
     ];
 }
 
@@ -447,6 +455,8 @@ pub fn run_with<B: Backend>(backend: &B, scenario: Scenario, feed: Feed) {
         Scenario::Udp => udp(&mut f),
         Scenario::Weighted => weighted(&mut f),
         Scenario::EstablishedSurvives => established_survives(&mut f),
+        Scenario::TopologyZones => topology_zones(&mut f),
+        Scenario::LoadBalancerIpModeProxy => load_balancer_ip_mode_proxy(&mut f),
     }
 }
 
@@ -546,6 +556,57 @@ fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
         0,
         "client no longer in the ranges got through: {denied}"
     );
+}
+
+fn topology_zones<B: Backend>(f: &mut Fixture<B>) {
+    // node-0 (web-0, web-1, web-2 and the tester) in zone-a, node-1 (web-3, web-4) in
+    // zone-b: the EndpointSlice controller hints each endpoint for its own zone.
+    for (i, zone) in [(0, "zone-a"), (1, "zone-b")] {
+        let mut node = node_object(f.tb.node(i), i);
+        node.zone = Some(zone.into());
+        f.cluster.upsert_node(node);
+    }
+    let mut svc = service("web", "app", "web", [10, 96, 0, 63], 80, Protocol::Tcp);
+    svc.traffic_distribution = Some(TrafficDistribution::PreferClose);
+    f.set_service(svc);
+    let target = sock([10, 96, 0, 63], 80);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(
+        r.pods(),
+        names(&WEB[..3]),
+        "zone-a's client left its zone: {r}"
+    );
+    // zone-a loses its endpoints: its node falls back to every endpoint (zone-b's).
+    f.remove_pods(&WEB[..3]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(30));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB[3..]), "{r}");
+    // Back: in-zone again.
+    f.restore_pods(&WEB[..3]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(30));
+    assert_eq!(r.pods(), names(&WEB[..3]), "{r}");
+}
+
+fn load_balancer_ip_mode_proxy<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = service("web", "app", "web", [10, 96, 0, 64], 80, Protocol::Tcp);
+    svc.service_type = ServiceType::LoadBalancer;
+    svc.ports[0].node_port = Some(30084);
+    svc.load_balancer_ips = vec![IpAddr::V4(LB_IP)];
+    f.set_service(svc.clone());
+    let lb = sock_ip(IpAddr::V4(LB_IP), 80);
+    let r = f.from_client(0, ProbeArgs::tcp(lb).count(10));
+    assert!(r.all_ok(), "ipMode VIP: {r}");
+    // The load balancer now proxies (ipMode Proxy): nothing on the node translates its
+    // address any more, while the NodePort it would use keeps working.
+    svc.load_balancer_ips.clear();
+    svc.load_balancer_proxy_ips = vec![IpAddr::V4(LB_IP)];
+    f.set_service(svc);
+    let r = f.from_client(0, ProbeArgs::tcp(lb).count(3).timeout_ms(800));
+    assert_eq!(r.ok(), 0, "ipMode Proxy was translated: {r}");
+    let np = sock_ip(f.node_ip(0), 30084);
+    let r = f.from_client(0, ProbeArgs::tcp(np).count(10));
+    assert!(r.all_ok(), "NodePort: {r}");
 }
 
 fn no_endpoints_refused<B: Backend>(f: &mut Fixture<B>) {
@@ -844,6 +905,8 @@ macro_rules! conformance_suite {
             udp: Udp,
             weighted: Weighted,
             established_survives: EstablishedSurvives,
+            topology_zones: TopologyZones,
+            load_balancer_ip_mode_proxy: LoadBalancerIpModeProxy,
         );
     };
     (@tests $backend:expr, $feed:ident; $($name:ident: $scenario:ident,)*) => {
