@@ -150,6 +150,14 @@ pub fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::At
     Ok(stop)
 }
 
+/// A flag SIGHUP sets: a daemon reloads on it (re-reads its source and, for the proxy,
+/// rewrites every rule) instead of dying, SIGHUP's default.
+pub fn reload_on_sighup() -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    let hup = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::signal::SIGHUP, hup.clone())?;
+    Ok(hup)
+}
+
 /// The node a plan is compiled for: the flags behind [`NodeContext`] besides its name.
 #[derive(Clone, Debug, clap::Args)]
 pub struct NodeArgs {

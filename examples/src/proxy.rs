@@ -1959,6 +1959,8 @@ pub struct Proxy<D: Dataplane, S: Source = ManifestDir> {
     waiting: bool,
     /// The health check node ports of `externalTrafficPolicy: Local` Services, when served.
     service_health: Option<crate::svchealth::ServiceHealth>,
+    /// Set (by SIGHUP) to ask for a reload: the source polled and everything rewritten now.
+    reload: Option<Arc<AtomicBool>>,
 }
 
 impl<D: Dataplane> Proxy<D, ManifestDir> {
@@ -2003,7 +2005,14 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             source_error: None,
             waiting: false,
             service_health: None,
+            reload: None,
         }
+    }
+
+    /// Reloads whenever `flag` is set (the programs set it on SIGHUP): the source is polled
+    /// and every rule rewritten at the next step, as the periodic resync would.
+    pub fn reload_on(&mut self, flag: Arc<AtomicBool>) {
+        self.reload = Some(flag);
     }
 
     /// Serves the health check node ports of the plan's `externalTrafficPolicy: Local`
@@ -2065,6 +2074,16 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
     /// parameter so tests can drive it.
     pub fn step(&mut self, now: Instant) -> Step {
         let mut step = Step::default();
+        if self
+            .reload
+            .as_ref()
+            .is_some_and(|f| f.swap(false, Ordering::SeqCst))
+        {
+            info!("reload asked (SIGHUP): re-reading the source and rewriting every rule");
+            self.next_poll = None;
+            self.last_full = None;
+            self.retry_at = None;
+        }
         if self.next_poll.is_none_or(|t| now >= t) {
             self.next_poll = Some(now + self.config.poll_interval);
             step.polled = true;

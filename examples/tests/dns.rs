@@ -699,6 +699,25 @@ fn reload_adds_redis_and_a_broken_edit_keeps_the_last_good_answer() {
         .hosts("redis")
         .is_none()));
 
+    // SIGHUP reloads the zone; the server keeps serving (a daemon must not die of it).
+    let pid = lab.dns.child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || lab
+            .dns
+            .stderr()
+            .contains("reload asked (SIGHUP)")),
+        "{}",
+        lab.dns.stderr()
+    );
+    assert!(lab.hosts("vote").is_some(), "{}", lab.dns.stderr());
+
     // SIGTERM: a clean exit.
     let status = lab.dns.terminate();
     assert!(status.success(), "{status:?}\n{}", lab.dns.stderr());

@@ -637,3 +637,57 @@ fn metrics_on_loopback_health_on_every_address_each_with_its_own_budget() {
     drop(proxy);
     tb.exec_ok(tb.ns_of_node(0), [PROXY, "--cleanup"]).unwrap();
 }
+
+#[test]
+fn sighup_reloads_instead_of_killing_the_proxy() {
+    svcnat_examples::skip_unless_root!();
+    let tb = testbed();
+    let dir = Scratch::new();
+    dir.write("nodes.yaml", &nodes_yaml(&tb));
+    dir.write("pods.yaml", &pods_yaml(&tb));
+    dir.write("vote.yaml", &service_yaml("vote", "vote", NODE_PORT));
+    let proxy = RunningProxy::start(&tb, &dir.0, &[]);
+    proxy.wait_ready();
+    let program = format!("iptables-{}-save", flavour_in_use(&tb));
+    let rules = |tb: &Testbed| -> Vec<String> {
+        save(tb, &program)
+            .lines()
+            .filter(|l| l.starts_with("-A "))
+            .map(str::to_string)
+            .collect()
+    };
+    let before = rules(&tb);
+    for round in 1..=2 {
+        let syncs = proxy.stderr().matches(" synced").count();
+        let st = Command::new("kill")
+            .args(["-HUP", &proxy.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+        // Each reload rewrites everything: a sync follows each signal.
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                let err = proxy.stderr();
+                err.matches("reload asked (SIGHUP)").count() >= round
+                    && err.matches(" synced").count() > syncs
+            }),
+            "{}",
+            proxy.stderr()
+        );
+    }
+    assert!(
+        Path::new(&format!("/proc/{}", proxy.pid())).exists(),
+        "SIGHUP killed the proxy: {}",
+        proxy.stderr()
+    );
+    let r = tb
+        .probe(
+            tb.ns_of_client(0),
+            ProbeArgs::tcp(SocketAddr::new(tb.node_ip(0), NODE_PORT)).count(5),
+        )
+        .unwrap();
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(rules(&tb), before);
+    drop(proxy);
+    tb.exec_ok(tb.ns_of_node(0), [PROXY, "--cleanup"]).unwrap();
+}

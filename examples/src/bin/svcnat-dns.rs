@@ -308,13 +308,20 @@ fn run(args: Args) -> Result<(), String> {
         let _ = out.flush();
     }
 
+    // SIGHUP reloads the zone from the source (a daemon must not die of it).
+    let hup = svcnat_examples::cli::reload_on_sighup()
+        .map_err(|e| format!("cannot handle SIGHUP: {e}"))?;
     let mut dir_failing = false;
     while !stop.load(Ordering::Relaxed) {
         thread::sleep(POLL_INTERVAL);
+        let reload = hup.swap(false, Ordering::SeqCst);
+        if reload {
+            info!("reload asked (SIGHUP)");
+        }
         match dir.poll() {
             Ok(changed) => {
                 dir_failing = false;
-                if changed {
+                if changed || reload {
                     server.set_resolver(resolver(dir.as_ref()));
                 }
             }

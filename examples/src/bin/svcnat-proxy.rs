@@ -24,7 +24,7 @@
 //! file, line and field, and its last good version stays in force (per object). Everything is rewritten every
 //! `--sync-period` to repair drift. `ready` is printed on stdout after the first successful
 //! sync. SIGTERM or SIGINT stops the proxy and leaves its rules in place, as kube-proxy
-//! does; `--cleanup` removes them (with both iptables flavours unless one is named).
+//! does; SIGHUP reloads (the source re-read, every rule rewritten); `--cleanup` removes them (with both iptables flavours unless one is named).
 //!
 //! NodePorts are served on the `--node-ip` addresses (those inside `--nodeport-addresses`
 //! when given): without `--node-ip` no NodePort is served.
@@ -468,6 +468,14 @@ fn drive<D: Dataplane, S: Source>(
     proxy: &mut Proxy<D, S>,
     stop: &std::sync::atomic::AtomicBool,
 ) -> ExitCode {
+    // SIGHUP reloads (a daemon must not die of it).
+    match svcnat_examples::cli::reload_on_sighup() {
+        Ok(hup) => proxy.reload_on(hup),
+        Err(e) => {
+            error!("cannot handle SIGHUP: {e}");
+            return ExitCode::from(1);
+        }
+    }
     proxy.run(stop, || {
         let mut out = std::io::stdout().lock();
         // Nobody reading stdout is no reason to stop proxying.
