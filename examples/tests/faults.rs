@@ -691,3 +691,65 @@ fn sighup_reloads_instead_of_killing_the_proxy() {
     drop(proxy);
     tb.exec_ok(tb.ns_of_node(0), [PROXY, "--cleanup"]).unwrap();
 }
+
+/// A previous kube-proxy left legacy-flavour rules that DNAT the NodePort to a pod that is
+/// gone (both flavours' NAT hooks see every packet, so whichever registered first would
+/// decide); svcnat-proxy (nft flavour) removes them at start, as kube-proxy does, and the
+/// NodePort reaches the real pods.
+#[test]
+fn stale_rules_of_the_other_flavour_are_removed_at_start() {
+    svcnat_examples::skip_unless_root!();
+    let tb = testbed();
+    let stale = format!(
+        "*nat\n:KUBE-SERVICES - [0:0]\n:KUBE-NODEPORTS - [0:0]\n:KUBE-SVC-STALE0123456789 - [0:0]\n\
+         -A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES\n\
+         -A KUBE-SERVICES -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS\n\
+         -A KUBE-NODEPORTS -p tcp -m tcp --dport {NODE_PORT} -j KUBE-SVC-STALE0123456789\n\
+         -A KUBE-SVC-STALE0123456789 -p tcp -j DNAT --to-destination 10.244.0.250:8080\n\
+         COMMIT\n"
+    );
+    let mut cmd = tb.command(tb.ns_of_node(0), "iptables-legacy-restore");
+    cmd.arg("--noflush")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    {
+        use std::io::Write as _;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stale.as_bytes())
+            .unwrap();
+    }
+    assert!(
+        child.wait().unwrap().success(),
+        "legacy restore of the stale rules"
+    );
+    assert!(save(&tb, "iptables-legacy-save").contains(":KUBE-SVC-STALE0123456789"));
+
+    let dir = Scratch::new();
+    dir.write("nodes.yaml", &nodes_yaml(&tb));
+    dir.write("pods.yaml", &pods_yaml(&tb));
+    dir.write("vote.yaml", &service_yaml("vote", "vote", NODE_PORT));
+    let proxy = RunningProxy::start(&tb, &dir.0, &["--iptables-flavour", "nft"]);
+    proxy.wait_ready();
+    assert!(
+        proxy
+            .stderr()
+            .contains("removed stale KUBE-* rules and chains of the other iptables flavour"),
+        "{}",
+        proxy.stderr()
+    );
+    let legacy = save(&tb, "iptables-legacy-save");
+    assert!(!legacy.contains("KUBE-"), "{legacy}");
+    let r = tb
+        .probe(
+            tb.ns_of_client(0),
+            ProbeArgs::tcp(SocketAddr::new(tb.node_ip(0), NODE_PORT)).count(10),
+        )
+        .unwrap();
+    assert!(r.all_ok(), "{r}");
+    drop(proxy);
+    tb.exec_ok(tb.ns_of_node(0), [PROXY, "--cleanup"]).unwrap();
+}

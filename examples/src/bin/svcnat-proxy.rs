@@ -186,6 +186,40 @@ fn cleanup_userspace() -> ExitCode {
     }
 }
 
+/// At start, as kube-proxy does: rules a previous proxy left in KUBE-* chains of the other
+/// iptables flavour would still capture Service traffic next to ours (both flavours'
+/// hooks run), so they are removed, with a log line. A missing other flavour is fine.
+fn clean_other_flavour(used: Flavour) {
+    use svcnat_iptables::render::Table;
+    let other = match used {
+        Flavour::Legacy => Flavour::Nft,
+        Flavour::Nft => Flavour::Legacy,
+    };
+    let Ok(mut d) = Iptables::new(IptablesConfig {
+        runner: Runner::local(),
+        flavour: Some(other),
+        ..IptablesConfig::default()
+    }) else {
+        return;
+    };
+    let stale = [Table::Nat, Table::Filter].into_iter().any(|t| {
+        d.save(t)
+            .is_ok_and(|text| text.lines().any(|l| l.starts_with(":KUBE-")))
+    });
+    if !stale {
+        return;
+    }
+    match d.cleanup() {
+        Ok(()) => warn!(
+            flavour = ?other,
+            "removed stale KUBE-* rules and chains of the other iptables flavour (a previous proxy's)"
+        ),
+        Err(e) => {
+            warn!(flavour = ?other, "cannot remove the other iptables flavour's KUBE-* rules: {e}")
+        }
+    }
+}
+
 /// `--cleanup`: removes what svcnat installed with the given flavour or, when none is
 /// given, with the detected one and then with the other one too (rules written through
 /// the other flavour would otherwise stay behind; failing to reach it is only a warning).
@@ -303,6 +337,7 @@ fn main() -> ExitCode {
                 }
             };
             info!(flavour = ?dataplane.flavour(), "iptables backend");
+            clean_other_flavour(dataplane.flavour());
             run(args, input, dataplane, metrics())
         }
         (Backend::Userspace, false) => {
