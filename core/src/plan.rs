@@ -1233,6 +1233,12 @@ pub struct SyncReport {
     pub frontends: usize,
     /// Endpoints now programmed.
     pub endpoints: usize,
+    /// Stale connection-tracking entries deleted after the change
+    /// ([`crate::conntrack::stale_flows`]).
+    pub conntrack_deleted: usize,
+    /// Stale entries that could not be deleted, each naming the flow and the error (the
+    /// sync itself still succeeded: the rules are in place).
+    pub conntrack_errors: Vec<String>,
 }
 
 impl SyncReport {
@@ -1243,6 +1249,8 @@ impl SyncReport {
             written,
             frontends,
             endpoints,
+            conntrack_deleted: 0,
+            conntrack_errors: Vec::new(),
         }
     }
 

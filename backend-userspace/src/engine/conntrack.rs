@@ -759,6 +759,18 @@ impl Conntrack {
         self.expired.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Removes every connection for which `stale(proto, original, reply)` holds; returns
+    /// how many.
+    pub(crate) fn remove_where(&self, stale: impl Fn(u8, &Tuple, &Tuple) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = s.lock();
+            n += remove_in(&mut s.v4, &stale);
+            n += remove_in(&mut s.v6, &stale);
+        }
+        n
+    }
+
     /// Number of live connections.
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -804,6 +816,20 @@ impl Conntrack {
             })
             .sum()
     }
+}
+
+fn remove_in<A: Addr>(t: &mut Table<A>, stale: &impl Fn(u8, &Tuple, &Tuple) -> bool) -> usize {
+    let mut n = 0;
+    for idx in 0..t.entries.len() {
+        let Some(e) = t.entries.get(idx).copied() else {
+            break;
+        };
+        if e.flags & F_LIVE != 0 && stale(e.proto, &e.t[0].to_tuple(), &e.t[1].to_tuple()) {
+            t.remove_entry(idx as u32);
+            n += 1;
+        }
+    }
+    n
 }
 
 fn sweep<A: Addr>(t: &mut Table<A>, now_ms: u64) -> u64 {
