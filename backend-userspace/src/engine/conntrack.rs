@@ -863,6 +863,43 @@ mod tests {
     }
 
     #[test]
+    fn remove_where_drops_only_the_matching_connections() {
+        let ct = Conntrack::new(1_000, 4, Timeouts::default());
+        let ports = 61000..=65535;
+        let fe = tup([10, 244, 0, 99], 40053, [10, 96, 0, 10], 53);
+        let add = |proto: u8, o: &Tuple, ep: [u8; 4]| {
+            ct.create(
+                Duration::ZERO,
+                proto,
+                o,
+                (IpAddr::from(ep), 5353),
+                None,
+                &ports,
+                0,
+            )
+            .unwrap()
+        };
+        add(PROTO_UDP, &fe, [10, 244, 0, 5]);
+        add(PROTO_TCP, &fe, [10, 244, 0, 5]);
+        let other = tup([10, 244, 0, 98], 40053, [10, 96, 0, 10], 53);
+        add(PROTO_UDP, &other, [10, 244, 0, 6]);
+        let gone = IpAddr::from([10, 244, 0, 5]);
+        let n = ct.remove_where(|proto, orig, reply| {
+            proto == PROTO_UDP && orig.dst == fe.dst && orig.dport == 53 && reply.src == gone
+        });
+        assert_eq!(n, 1);
+        assert_eq!(ct.len(), 2);
+        assert!(ct.lookup(Duration::ZERO, PROTO_UDP, &fe, None).is_none());
+        assert!(ct.lookup(Duration::ZERO, PROTO_TCP, &fe, None).is_some());
+        assert!(ct.lookup(Duration::ZERO, PROTO_UDP, &other, None).is_some());
+        // The freed entry is reusable: the flow gets a new decision.
+        assert!(matches!(
+            add(PROTO_UDP, &fe, [10, 244, 0, 6]),
+            Created::New(_)
+        ));
+    }
+
+    #[test]
     fn index_survives_many_inserts_and_removals() {
         let ct = Conntrack::new(10_000, 4, Timeouts::default());
         let ports = 61000..=65535;
