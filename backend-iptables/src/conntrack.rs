@@ -5,7 +5,7 @@
 //! [`Conntrack::delete`] finds them in the kernel and deletes them, one netlink exchange per
 //! entry, no process per entry. Per address family it dumps the table once, filtered in the
 //! kernel to the protocols at stake (`CTA_FILTER` with `CTA_FILTER_F_CTA_PROTO_NUM`, Linux
-//! 5.8 and later; an older kernel ignores the filter and the same matching happens here),
+//! 5.8 and later; a kernel that refuses it gets an unfiltered dump, matched the same way),
 //! matches each entry's original destination and reply source against the stale flows,
 //! and deletes the matches by their original tuple (with their zone and id, so an entry
 //! that was replaced meanwhile is left alone). An entry that is already gone (`ENOENT`) is
@@ -148,7 +148,14 @@ fn delete_in(sock: &mut NfSocket, flows: &BTreeSet<StaleFlow>, netns: &Option<St
     let wanted: BTreeSet<(IpFamily, Protocol)> =
         flows.iter().map(|f| (f.family(), f.protocol())).collect();
     for (family, protocol) in wanted {
-        let entries = match sock.dump(family, protocol) {
+        // The kernel-side filter is an optimisation: a kernel that refuses it (Debian's
+        // 6.1 answers EINVAL) gets an unfiltered dump, matched here all the same.
+        let refused = [nix::libc::EINVAL, nix::libc::EOPNOTSUPP].map(errno_text);
+        let dumped = match sock.dump(family, protocol, true) {
+            Err(reason) if refused.contains(&reason) => sock.dump(family, protocol, false),
+            other => other,
+        };
+        let entries = match dumped {
             Ok(replies) => replies,
             Err(reason) => {
                 out.errors.push(ConntrackError::Dump {
@@ -356,14 +363,23 @@ impl NfSocket {
         Ok(NfSocket { sock, seq: 0 })
     }
 
-    /// Dumps the entries of one family and protocol.
+    /// Dumps the entries of one family, filtered in the kernel to one protocol or not.
     fn dump(
         &mut self,
         family: IpFamily,
         protocol: Protocol,
+        filtered: bool,
     ) -> Result<Vec<NetfilterMessage>, String> {
         self.seq = self.seq.wrapping_add(1);
-        let buf = dump_bytes(family, protocol, self.seq);
+        let buf = if filtered {
+            dump_bytes(family, protocol, self.seq)
+        } else {
+            let all = NetfilterMessage::new(
+                NetfilterHeader::new(nf_family(family), 0, 0),
+                ConntrackMessage::Get(Vec::new()),
+            );
+            serialize(all, NLM_F_DUMP, self.seq)
+        };
         self.exchange(&buf)
     }
 
