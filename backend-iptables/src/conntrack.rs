@@ -152,7 +152,16 @@ fn delete_in(sock: &mut NfSocket, flows: &BTreeSet<StaleFlow>, netns: &Option<St
         // 6.1 answers EINVAL) gets an unfiltered dump, matched here all the same.
         let refused = [nix::libc::EINVAL, nix::libc::EOPNOTSUPP].map(errno_text);
         let dumped = match sock.dump(family, protocol, true) {
-            Err(reason) if refused.contains(&reason) => sock.dump(family, protocol, false),
+            Err(reason) if refused.contains(&reason) => {
+                sock.dump(family, protocol, false).map_err(|e| {
+                    // nfnetlink answers EINVAL for a subsystem it does not have.
+                    if refused.contains(&e) {
+                        format!("{e} (is nf_conntrack_netlink loaded?)")
+                    } else {
+                        e
+                    }
+                })
+            }
             other => other,
         };
         let entries = match dumped {
