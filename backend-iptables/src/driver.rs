@@ -19,6 +19,9 @@ use std::time::{Duration, Instant};
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::{Dataplane, NodeContext, Plan, PlanDiff, SyncReport};
 
+use svcnat_core::conntrack::{StaleFlow, stale_flows};
+
+use crate::conntrack::Conntrack;
 use crate::render::{CANARY_CHAIN, Ruleset, Table, base_jumps};
 
 /// Which iptables implementation programs the kernel.
@@ -154,6 +157,11 @@ pub struct Iptables {
     applied: Option<Ruleset>,
     canary_interval: Duration,
     canary_checked: Option<Instant>,
+    /// The conntrack table of the same namespace.
+    conntrack: Conntrack,
+    /// Stale flows of diffs whose rules are not applied yet (a failed sync's are kept for
+    /// the next one, which may be a resync without a diff).
+    stale: BTreeSet<StaleFlow>,
 }
 
 impl Iptables {
@@ -164,6 +172,8 @@ impl Iptables {
             None => detect(&config.runner)?,
         };
         Ok(Iptables {
+            conntrack: Conntrack::new(config.runner.netns.clone()),
+            stale: BTreeSet::new(),
             runner: config.runner,
             flavour,
             family: config.family,
@@ -322,6 +332,52 @@ impl Iptables {
         Ok(report)
     }
 
+    /// Applies `diff` to the rules (a full sync when the canary is gone or the last sync
+    /// failed).
+    fn apply(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+        let check_due = self
+            .canary_checked
+            .is_none_or(|t| t.elapsed() >= self.canary_interval);
+        if check_due {
+            self.canary_checked = Some(Instant::now());
+            if !self.canary_present() {
+                return self.full_sync(plan);
+            }
+        }
+        if self.applied.is_none() {
+            return self.full_sync(plan);
+        }
+        let Some(mut rules) = self.applied.take() else {
+            return self.full_sync(plan);
+        };
+        let Some(text) = rules.update(plan, diff) else {
+            let report = SyncReport::of_plan(plan, false, 0);
+            self.applied = Some(rules);
+            return Ok(report);
+        };
+        // On failure `applied` stays None: the kernel kept the old rules and the next sync
+        // rewrites everything.
+        self.restore(&nat_first(&text))?;
+        let report = SyncReport::of_plan(
+            plan,
+            false,
+            text.lines().filter(|l| l.starts_with("-A ")).count(),
+        );
+        self.applied = Some(rules);
+        Ok(report)
+    }
+
+    /// After the rules are in place (as kube-proxy does it: new packets of a flow whose
+    /// entry is deleted must meet the new rules), deletes the stale conntrack entries the
+    /// synced diffs left, and adds what happened to `report`.
+    fn clean_conntrack(&mut self, mut report: SyncReport) -> SyncReport {
+        let stale = std::mem::take(&mut self.stale);
+        let done = self.conntrack.delete(&stale);
+        report.conntrack_deleted = done.deleted;
+        report.conntrack_errors = done.errors.iter().map(ToString::to_string).collect();
+        report
+    }
+
     /// The fixed chains the renderer always declares in `table` (the chains of an empty
     /// plan).
     fn fixed_chains(&self, table: Table) -> BTreeSet<String> {
@@ -471,40 +527,19 @@ impl Dataplane for Iptables {
     type Error = SyncError;
 
     fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
-        let check_due = self
-            .canary_checked
-            .is_none_or(|t| t.elapsed() >= self.canary_interval);
-        if check_due {
-            self.canary_checked = Some(Instant::now());
-            if !self.canary_present() {
-                return self.full_sync(plan);
-            }
-        }
-        if self.applied.is_none() {
-            return self.full_sync(plan);
-        }
-        let Some(mut rules) = self.applied.take() else {
-            return self.full_sync(plan);
-        };
-        let Some(text) = rules.update(plan, diff) else {
-            let report = SyncReport::of_plan(plan, false, 0);
-            self.applied = Some(rules);
-            return Ok(report);
-        };
-        // On failure `applied` stays None: the kernel kept the old rules and the next sync
-        // rewrites everything.
-        self.restore(&nat_first(&text))?;
-        let report = SyncReport::of_plan(
-            plan,
-            false,
-            text.lines().filter(|l| l.starts_with("-A ")).count(),
+        let family = self.family;
+        self.stale.extend(
+            stale_flows(diff, plan)
+                .into_iter()
+                .filter(|f| f.family() == family),
         );
-        self.applied = Some(rules);
-        Ok(report)
+        let report = self.apply(plan, diff)?;
+        Ok(self.clean_conntrack(report))
     }
 
     fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
-        self.full_sync(plan)
+        let report = self.full_sync(plan)?;
+        Ok(self.clean_conntrack(report))
     }
 
     /// The canary check of [`IptablesConfig::canary_interval`], between syncs: `true` when

@@ -11,6 +11,9 @@
 //!   chains that changed. Pure: no processes, no I/O.
 //! - [`trace`] interprets the rendered rules for a packet without a kernel: the tests use it
 //!   to check DNAT targets, masquerading and verdicts exactly.
+//! - [`conntrack`] deletes the kernel conntrack entries a plan change made stale (UDP
+//!   flows to a departed endpoint, flows cached before a Service had endpoints) over
+//!   ctnetlink; the driver runs it after each sync, the IPVS backend too.
 //! - [`driver`] applies rules with `iptables-restore --noflush` (legacy or nft flavour),
 //!   reconciles with `iptables-save`, and implements [`svcnat_core::plan::Dataplane`].
 
@@ -67,6 +70,7 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod conntrack;
 pub mod driver;
 pub mod render;
 pub mod trace;

@@ -503,7 +503,9 @@ impl Ruleset {
                 }
                 Op::RemoveFrontend { key, old: f }
                 | Op::AddFrontend { key, frontend: f }
-                | Op::UpdateFrontend { key, frontend: f } => {
+                | Op::UpdateFrontend {
+                    key, frontend: f, ..
+                } => {
                     if IpFamily::of(&key.addr) == family {
                         touched
                             .entry(f.service_port.clone())

@@ -38,10 +38,12 @@ use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_sys::constants::{NETLINK_GENERIC, NETLINK_ROUTE};
+use svcnat_core::conntrack::{StaleFlow, stale_flows};
 use svcnat_core::model::{IpFamily, Protocol};
 use svcnat_core::plan::{
     Dataplane, EmptyAction, FrontendKind, Masquerade, Op, Plan, PlanDiff, SyncReport,
 };
+use svcnat_iptables::conntrack::Conntrack;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_iptables::render::Table;
 
@@ -272,6 +274,10 @@ pub struct Ipvs {
     node_ips: BTreeSet<IpAddr>,
     /// iptables text last applied, per family.
     rules: [Option<String>; 2],
+    /// The conntrack table of the same namespace.
+    conntrack: Conntrack,
+    /// Stale flows of diffs not yet applied (kept across a failed sync).
+    stale: BTreeSet<StaleFlow>,
 }
 
 fn proto_number(p: Protocol) -> u16 {
@@ -370,6 +376,7 @@ impl Ipvs {
         };
         let iptables = [mk(IpFamily::V4)?, mk(IpFamily::V6)?];
         Ok(Ipvs {
+            conntrack: Conntrack::new(config.netns.clone()),
             config,
             genl,
             family,
@@ -379,6 +386,7 @@ impl Ipvs {
             bound: BTreeSet::new(),
             node_ips: BTreeSet::new(),
             rules: [None, None],
+            stale: BTreeSet::new(),
         })
     }
 
@@ -1017,31 +1025,11 @@ impl Ipvs {
         Ok(())
     }
 
-    fn report(&self, full: bool, written: usize) -> SyncReport {
-        let have = self.have.as_ref();
-        SyncReport::new(
-            full,
-            written,
-            have.map_or(0, BTreeMap::len),
-            have.map_or(0, |h| h.values().map(|s| s.dests.len()).sum()),
-        )
-    }
-}
-
-fn ignore<T: Default>(e: SyncError, errnos: &[i32]) -> Result<T, SyncError> {
-    match e.errno() {
-        Some(n) if errnos.contains(&n) => Ok(T::default()),
-        _ => Err(e),
-    }
-}
-
-impl Dataplane for Ipvs {
-    type Error = SyncError;
-
-    fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+    /// Applies `diff` (a full resync when nothing is cached or the node changed).
+    fn apply(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
         let node_changed = diff.ops.iter().any(|op| matches!(op, Op::SetNode(_)));
         if self.have.is_none() || node_changed {
-            return self.resync(plan);
+            return self.full(plan);
         }
         if diff.is_empty() {
             return Ok(self.report(false, 0));
@@ -1074,7 +1062,8 @@ impl Dataplane for Ipvs {
         }
     }
 
-    fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
+    /// Reads the kernel and rewrites everything of ours from `plan`.
+    fn full(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
         self.have = None;
         let want = self.desired(plan);
         let mut have = self.read_kernel()?;
@@ -1096,6 +1085,49 @@ impl Dataplane for Ipvs {
         written += self.sync_rules(&want.rules, true)?;
         self.node_ips = want.node_ips;
         Ok(self.report(true, written))
+    }
+
+    /// After the services and rules are in place, deletes the stale conntrack entries of
+    /// the synced diffs (with `net.ipv4.vs.conntrack=1`, IPVS flows have conntrack entries
+    /// too, and kube-proxy's IPVS mode deletes them as its iptables mode does).
+    fn clean_conntrack(&mut self, mut report: SyncReport) -> SyncReport {
+        let stale = std::mem::take(&mut self.stale);
+        let done = self.conntrack.delete(&stale);
+        report.conntrack_deleted = done.deleted;
+        report.conntrack_errors = done.errors.iter().map(ToString::to_string).collect();
+        report
+    }
+
+    fn report(&self, full: bool, written: usize) -> SyncReport {
+        let have = self.have.as_ref();
+        SyncReport::new(
+            full,
+            written,
+            have.map_or(0, BTreeMap::len),
+            have.map_or(0, |h| h.values().map(|s| s.dests.len()).sum()),
+        )
+    }
+}
+
+fn ignore<T: Default>(e: SyncError, errnos: &[i32]) -> Result<T, SyncError> {
+    match e.errno() {
+        Some(n) if errnos.contains(&n) => Ok(T::default()),
+        _ => Err(e),
+    }
+}
+
+impl Dataplane for Ipvs {
+    type Error = SyncError;
+
+    fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+        self.stale.extend(stale_flows(diff, plan));
+        let report = self.apply(plan, diff)?;
+        Ok(self.clean_conntrack(report))
+    }
+
+    fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {
+        let report = self.full(plan)?;
+        Ok(self.clean_conntrack(report))
     }
 
     fn cleanup(&mut self) -> Result<(), SyncError> {

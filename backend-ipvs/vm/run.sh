@@ -81,7 +81,7 @@ moddir="$kroot/lib/modules/$kver"
 wanted=(
   ip_vs ip_vs_rr ip_vs_wrr ip_vs_lc ip_vs_sh ip_vs_mh
   dummy veth bridge
-  nf_conntrack nf_nat nf_reject_ipv4 nf_reject_ipv6
+  nf_conntrack nf_nat nf_conntrack_netlink nf_reject_ipv4 nf_reject_ipv6
   iptable_nat iptable_filter iptable_mangle iptable_raw
   ip6table_nat ip6table_filter ip6table_mangle ip6table_raw
   xt_MASQUERADE xt_mark xt_comment xt_addrtype xt_conntrack xt_multiport xt_statistic xt_nat

@@ -35,6 +35,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ipnet::IpNet;
+use svcnat_core::conntrack::stale_flows;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
 
@@ -347,13 +348,18 @@ impl Userspace {
 impl Dataplane for Userspace {
     type Error = SyncError;
 
-    fn sync(&mut self, plan: &Plan, _diff: &PlanDiff) -> Result<SyncReport, SyncError> {
+    fn sync(&mut self, plan: &Plan, diff: &PlanDiff) -> Result<SyncReport, SyncError> {
         // The engine compiles a whole plan into lookup tables in one swap; that costs about
         // what the core's compile does, far below the ip/nft calls around it.
         self.refresh()?;
         self.engine.set_plan(plan);
+        // The engine's own connection table remembers NAT decisions as kernel conntrack
+        // does: UDP flows to departed endpoints are forgotten once the new plan is in.
+        let forgotten = self.engine.forget_stale(&stale_flows(diff, plan));
         self.apply_nft(Some(plan))?;
-        Ok(self.report(plan, false))
+        let mut report = self.report(plan, false);
+        report.conntrack_deleted = forgotten;
+        Ok(report)
     }
 
     fn resync(&mut self, plan: &Plan) -> Result<SyncReport, SyncError> {

@@ -147,12 +147,7 @@ mod tests {
             if std::mem::take(&mut self.fail_next) {
                 return Err(Refused);
             }
-            Ok(SyncReport {
-                full,
-                written: 0,
-                frontends: plan.frontends().count(),
-                endpoints: plan.endpoint_count(),
-            })
+            Ok(SyncReport::of_plan(plan, full, 0))
         }
     }
 

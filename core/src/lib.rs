@@ -88,6 +88,7 @@ pub mod model;
 // The proxy side: what kube-proxy reads, and what it makes of it.
 pub mod agent;
 pub mod cluster;
+pub mod conntrack;
 pub mod input;
 pub mod plan;
 pub mod select;

@@ -445,6 +445,18 @@ impl Plan {
             .filter(|(k, _)| k.addr == addr && k.protocol == protocol && k.port == port)
     }
 
+    /// The frontends of one Service (those it won), in key order.
+    pub(crate) fn frontends_of_service(
+        &self,
+        service: &ServiceName,
+    ) -> impl Iterator<Item = (&FrontendKey, &Arc<Frontend>)> {
+        self.owned
+            .get(service)
+            .into_iter()
+            .flat_map(|o| o.frontends.iter())
+            .filter_map(|k| self.frontends.get_key_value(k))
+    }
+
     /// Number of endpoints over all backend sets.
     pub fn endpoint_count(&self) -> usize {
         self.backend_sets.values().map(|s| s.endpoints.len()).sum()
@@ -791,6 +803,8 @@ pub enum Op {
         key: FrontendKey,
         /// The new value.
         frontend: Arc<Frontend>,
+        /// The value it replaces (which backend sets it served until now).
+        old: Arc<Frontend>,
     },
     /// A backend set goes away (after every frontend stopped pointing at it).
     RemoveBackendSet(Arc<BackendSet>),
@@ -836,7 +850,7 @@ impl PlanDiff {
                 Op::RemoveFrontend { key, .. } => {
                     p.frontends.remove(key);
                 }
-                Op::AddFrontend { key, frontend } | Op::UpdateFrontend { key, frontend } => {
+                Op::AddFrontend { key, frontend } | Op::UpdateFrontend { key, frontend, .. } => {
                     p.frontends.insert(*key, frontend.clone());
                 }
                 Op::RemoveBackendSet(s) => {
@@ -956,6 +970,7 @@ fn diff_parts(
                 update_fe.push(Op::UpdateFrontend {
                     key: *k,
                     frontend: n.clone(),
+                    old: o.clone(),
                 })
             }
             _ => {}
@@ -1278,6 +1293,12 @@ pub struct SyncReport {
     pub frontends: usize,
     /// Endpoints now programmed.
     pub endpoints: usize,
+    /// Stale connection-tracking entries deleted after the change
+    /// ([`crate::conntrack::stale_flows`]).
+    pub conntrack_deleted: usize,
+    /// Stale entries that could not be deleted, each naming the flow and the error (the
+    /// sync itself still succeeded: the rules are in place).
+    pub conntrack_errors: Vec<String>,
 }
 
 impl SyncReport {
@@ -1288,6 +1309,8 @@ impl SyncReport {
             written,
             frontends,
             endpoints,
+            conntrack_deleted: 0,
+            conntrack_errors: Vec::new(),
         }
     }
 

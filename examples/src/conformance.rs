@@ -99,11 +99,15 @@ pub enum Scenario {
     /// A load balancer ingress IP with `ipMode: Proxy` gets no rule (the load balancer
     /// delivers to the node itself); with `ipMode: VIP` it is translated.
     LoadBalancerIpModeProxy,
+    /// A UDP client sending steadily from one port follows its Service's endpoint when it
+    /// is replaced, and is answered as soon as a Service that had no endpoints (or did not
+    /// exist yet) gets one: stale conntrack entries are deleted, and only those.
+    UdpEndpointReplaced,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 16] = [
+    pub const ALL: [Scenario; 17] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -120,6 +124,7 @@ impl Scenario {
         Scenario::EstablishedSurvives,
         Scenario::TopologyZones,
         Scenario::LoadBalancerIpModeProxy,
+        Scenario::UdpEndpointReplaced,
     ];
 }
 
@@ -276,8 +281,13 @@ impl<B: Backend> Fixture<B> {
                 },
                 None => &self.cluster,
             };
-            if let Err(e) = a.sync(cluster) {
-                panic!("sync of node {i} failed: {e}");
+            match a.sync(cluster) {
+                Err(e) => panic!("sync of node {i} failed: {e}"),
+                Ok(r) => assert!(
+                    r.conntrack_errors.is_empty(),
+                    "sync of node {i}: {:?}",
+                    r.conntrack_errors
+                ),
             }
         }
     }
@@ -457,6 +467,7 @@ pub fn run_with<B: Backend>(backend: &B, scenario: Scenario, feed: Feed) {
         Scenario::EstablishedSurvives => established_survives(&mut f),
         Scenario::TopologyZones => topology_zones(&mut f),
         Scenario::LoadBalancerIpModeProxy => load_balancer_ip_mode_proxy(&mut f),
+        Scenario::UdpEndpointReplaced => udp_endpoint_replaced(&mut f),
     }
 }
 
@@ -882,6 +893,88 @@ fn established_survives<B: Backend>(f: &mut Fixture<B>) {
     );
 }
 
+/// One datagram from `port` of the tester pod to `target`, a few times: the pods that
+/// answered (or the failures), all of it one conntrack flow.
+fn steady_udp<B: Backend>(f: &Fixture<B>, target: SocketAddr, port: u16, n: u32) -> ProbeResult {
+    f.from_pod(
+        "tester",
+        ProbeArgs::udp(target)
+            .source_port(port)
+            .count(n)
+            .timeout_ms(700),
+    )
+}
+
+fn udp_endpoint_replaced<B: Backend>(f: &mut Fixture<B>) {
+    // 1. The only endpoint is replaced: the flow moves with it right after the sync (the
+    //    old pod's server still runs, so a stale entry would keep answering from it).
+    f.remove_pods(&["web-1", "web-2", "web-3", "web-4"]);
+    let dns = sock([10, 96, 0, 64], 53);
+    f.set_service(service(
+        "dns",
+        "app",
+        "web",
+        [10, 96, 0, 64],
+        53,
+        Protocol::Udp,
+    ));
+    let r = steady_udp(f, dns, 40053, 5);
+    assert!(r.all_ok(), "before: {r}");
+    assert_eq!(r.pods(), names(&["web-0"]), "{r}");
+    // A new endpoint alone changes nothing for the flow (nothing else is deleted).
+    f.restore_pods(&["web-3"]);
+    let r = steady_udp(f, dns, 40053, 5);
+    assert_eq!(
+        r.pods(),
+        names(&["web-0"]),
+        "an added endpoint moved the flow: {r}"
+    );
+    f.remove_pods(&["web-0"]);
+    let r = steady_udp(f, dns, 40053, 5);
+    assert!(r.all_ok(), "after the endpoint left: {r}");
+    assert_eq!(
+        r.pods(),
+        names(&["web-3"]),
+        "the flow must follow the endpoint within one sync: {r}"
+    );
+
+    // 2. No endpoints: refused, and answered right after the first one appears.
+    let late = sock([10, 96, 0, 65], 53);
+    f.set_service(service(
+        "late",
+        "pod",
+        "web-1",
+        [10, 96, 0, 65],
+        53,
+        Protocol::Udp,
+    ));
+    let r = steady_udp(f, late, 40054, 3);
+    assert_eq!(r.ok(), 0, "no endpoints: {r}");
+    f.restore_pods(&["web-1"]);
+    let r = steady_udp(f, late, 40054, 3);
+    assert!(r.all_ok(), "first endpoint: {r}");
+    assert_eq!(r.pods(), names(&["web-1"]), "{r}");
+
+    // 3. The client sent before the Service existed (untranslated, the node routed it
+    //    to its sink and conntrack remembered that); the Service appears with an endpoint.
+    let early = sock([10, 96, 0, 66], 53);
+    let r = steady_udp(f, early, 40055, 2);
+    assert_eq!(r.ok(), 0, "no Service yet: {r}");
+    f.set_service(service(
+        "early",
+        "pod",
+        "web-1",
+        [10, 96, 0, 66],
+        53,
+        Protocol::Udp,
+    ));
+    let r = steady_udp(f, early, 40055, 3);
+    assert!(
+        r.all_ok(),
+        "a new Service must answer a client that was already sending: {r}"
+    );
+}
+
 /// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
 /// directly: `svcnat_examples::conformance_suite!(MyBackend::new());`
 #[macro_export]
@@ -907,6 +1000,7 @@ macro_rules! conformance_suite {
             established_survives: EstablishedSurvives,
             topology_zones: TopologyZones,
             load_balancer_ip_mode_proxy: LoadBalancerIpModeProxy,
+            udp_endpoint_replaced: UdpEndpointReplaced,
         );
     };
     (@tests $backend:expr, $feed:ident; $($name:ident: $scenario:ident,)*) => {

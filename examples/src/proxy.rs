@@ -2158,9 +2158,13 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
                     frontends = report.frontends,
                     endpoints = report.endpoints,
                     rules = report.written,
+                    conntrack_deleted = report.conntrack_deleted,
                     duration = ?took,
                     "synced"
                 );
+                for e in &report.conntrack_errors {
+                    warn!("{e}");
+                }
                 self.dirty = false;
                 self.full_next = false;
                 if report.full {

@@ -531,6 +531,9 @@ pub struct ProbeArgs {
     pub timeout: Duration,
     /// Source address to bind (UDP only: std cannot bind a TCP client).
     pub source: Option<IpAddr>,
+    /// Source port to bind (UDP only): every datagram, in this call and later ones, is one
+    /// flow.
+    pub source_port: Option<u16>,
 }
 
 impl ProbeArgs {
@@ -542,6 +545,7 @@ impl ProbeArgs {
             count: 1,
             timeout: Duration::from_millis(1000),
             source: None,
+            source_port: None,
         }
     }
 
@@ -571,6 +575,12 @@ impl ProbeArgs {
         self
     }
 
+    /// Sends every datagram from this UDP port (as a resolver's connected socket does).
+    pub fn source_port(mut self, port: u16) -> ProbeArgs {
+        self.source_port = Some(port);
+        self
+    }
+
     fn to_args(self) -> Vec<String> {
         let mut args = vec![
             match self.proto {
@@ -585,6 +595,9 @@ impl ProbeArgs {
         ];
         if let Some(source) = self.source {
             args.extend(["--source".to_string(), source.to_string()]);
+        }
+        if let Some(port) = self.source_port {
+            args.extend(["--source-port".to_string(), port.to_string()]);
         }
         args
     }

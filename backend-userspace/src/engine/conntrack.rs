@@ -759,6 +759,18 @@ impl Conntrack {
         self.expired.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Removes every connection for which `stale(proto, original, reply)` holds; returns
+    /// how many.
+    pub(crate) fn remove_where(&self, stale: impl Fn(u8, &Tuple, &Tuple) -> bool) -> usize {
+        let mut n = 0;
+        for s in self.shards.iter() {
+            let mut s = s.lock();
+            n += remove_in(&mut s.v4, &stale);
+            n += remove_in(&mut s.v6, &stale);
+        }
+        n
+    }
+
     /// Number of live connections.
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -806,6 +818,20 @@ impl Conntrack {
     }
 }
 
+fn remove_in<A: Addr>(t: &mut Table<A>, stale: &impl Fn(u8, &Tuple, &Tuple) -> bool) -> usize {
+    let mut n = 0;
+    for idx in 0..t.entries.len() {
+        let Some(e) = t.entries.get(idx).copied() else {
+            break;
+        };
+        if e.flags & F_LIVE != 0 && stale(e.proto, &e.t[0].to_tuple(), &e.t[1].to_tuple()) {
+            t.remove_entry(idx as u32);
+            n += 1;
+        }
+    }
+    n
+}
+
 fn sweep<A: Addr>(t: &mut Table<A>, now_ms: u64) -> u64 {
     let mut n = 0;
     for idx in 0..t.entries.len() {
@@ -834,6 +860,43 @@ mod tests {
             sport: sp,
             dport: dp,
         }
+    }
+
+    #[test]
+    fn remove_where_drops_only_the_matching_connections() {
+        let ct = Conntrack::new(1_000, 4, Timeouts::default());
+        let ports = 61000..=65535;
+        let fe = tup([10, 244, 0, 99], 40053, [10, 96, 0, 10], 53);
+        let add = |proto: u8, o: &Tuple, ep: [u8; 4]| {
+            ct.create(
+                Duration::ZERO,
+                proto,
+                o,
+                (IpAddr::from(ep), 5353),
+                None,
+                &ports,
+                0,
+            )
+            .unwrap()
+        };
+        add(PROTO_UDP, &fe, [10, 244, 0, 5]);
+        add(PROTO_TCP, &fe, [10, 244, 0, 5]);
+        let other = tup([10, 244, 0, 98], 40053, [10, 96, 0, 10], 53);
+        add(PROTO_UDP, &other, [10, 244, 0, 6]);
+        let gone = IpAddr::from([10, 244, 0, 5]);
+        let n = ct.remove_where(|proto, orig, reply| {
+            proto == PROTO_UDP && orig.dst == fe.dst && orig.dport == 53 && reply.src == gone
+        });
+        assert_eq!(n, 1);
+        assert_eq!(ct.len(), 2);
+        assert!(ct.lookup(Duration::ZERO, PROTO_UDP, &fe, None).is_none());
+        assert!(ct.lookup(Duration::ZERO, PROTO_TCP, &fe, None).is_some());
+        assert!(ct.lookup(Duration::ZERO, PROTO_UDP, &other, None).is_some());
+        // The freed entry is reusable: the flow gets a new decision.
+        assert!(matches!(
+            add(PROTO_UDP, &fe, [10, 244, 0, 6]),
+            Created::New(_)
+        ));
     }
 
     #[test]

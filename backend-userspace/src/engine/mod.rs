@@ -36,8 +36,8 @@ mod tables;
 pub mod testing;
 mod wire;
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr};
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,6 +45,8 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use parking_lot::{Mutex, RwLock};
+use svcnat_core::conntrack::StaleFlow;
+use svcnat_core::model::Protocol;
 use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
 
 use conntrack::{Conntrack, Created, Hit, Tuple};
@@ -458,6 +460,29 @@ impl Engine {
     pub fn set_plan(&self, plan: &Plan) {
         let compiled = self.registry.lock().compile(plan);
         self.plan.store(Arc::new(compiled));
+    }
+
+    /// Forgets the connections that `flows` made stale (UDP flows to a departed endpoint,
+    /// flows to a frontend that just got its first endpoints), so that their next packet
+    /// is translated by the current plan; returns how many. Nothing else is touched: TCP
+    /// connections keep their endpoint, as with kernel conntrack.
+    pub fn forget_stale(&self, flows: &BTreeSet<StaleFlow>) -> usize {
+        if flows.is_empty() {
+            return 0;
+        }
+        self.ct.remove_where(|proto, orig, reply| {
+            let protocol = match proto {
+                wire::PROTO_UDP => Protocol::Udp,
+                wire::PROTO_TCP => Protocol::Tcp,
+                132 => Protocol::Sctp,
+                _ => return false,
+            };
+            let orig_dst = SocketAddr::new(orig.dst, orig.dport);
+            let reply_src = SocketAddr::new(reply.src, reply.sport);
+            flows
+                .iter()
+                .any(|f| f.matches(protocol, orig_dst, reply_src))
+        })
     }
 
     /// Adds a permanent neighbour (for IPv6 next hops, which the engine does not resolve,

@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! svcnat-probe tcp  ADDR:PORT [--count N] [--timeout-ms T]
-//! svcnat-probe udp  ADDR:PORT [--count N] [--timeout-ms T] [--source IP]
+//! svcnat-probe udp  ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]
 //! svcnat-probe hold ADDR:PORT [--timeout-ms T]
 //! ```
 //!
@@ -21,6 +21,9 @@
 //! `hold` opens one TCP connection in line mode and prints `connected local=IP:PORT` (or
 //! one of the failure words above). Then each stdin line is sent and the reply printed as
 //! `ok pod=NAME client=IP:PORT line=TEXT` or `error TEXT`; it exits at stdin's end.
+//!
+//! `--source-port` makes every datagram leave from that one UDP port, as a resolver with
+//! a connected socket does: the flow keeps one conntrack entry from call to call.
 //!
 //! `--source` binds the local address; std can only do that for UDP, so TCP rejects it
 //! (use a client namespace with the wanted address instead).
@@ -43,10 +46,10 @@ struct Args {
     count: u32,
     timeout: Duration,
     source: Option<IpAddr>,
+    source_port: Option<u16>,
 }
 
-const USAGE: &str =
-    "usage: svcnat-probe tcp|udp|hold ADDR:PORT [--count N] [--timeout-ms T] [--source IP]";
+const USAGE: &str = "usage: svcnat-probe tcp|udp|hold ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mode = match args.next().as_deref() {
@@ -67,6 +70,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         count: 1,
         timeout: Duration::from_millis(1000),
         source: None,
+        source_port: None,
     };
     while let Some(flag) = args.next() {
         let value = args
@@ -80,8 +84,12 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
                 parsed.timeout = Duration::from_millis(ms.max(1));
             }
             "--source" => parsed.source = Some(value.parse().map_err(|e| bad(&e))?),
+            "--source-port" => parsed.source_port = Some(value.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown flag {flag:?}\n{USAGE}")),
         }
+    }
+    if parsed.source_port.is_some() && mode != Mode::Udp {
+        return Err("--source-port works with udp only".to_string());
     }
     if parsed.source.is_some() && mode != Mode::Udp {
         return Err("--source works with udp only (std cannot bind a TCP client)".to_string());
@@ -152,8 +160,16 @@ fn unspecified(target: &SocketAddr) -> IpAddr {
     }
 }
 
-fn udp_once(target: SocketAddr, timeout: Duration, source: Option<IpAddr>) -> String {
-    let local = SocketAddr::new(source.unwrap_or_else(|| unspecified(&target)), 0);
+fn udp_once(
+    target: SocketAddr,
+    timeout: Duration,
+    source: Option<IpAddr>,
+    source_port: Option<u16>,
+) -> String {
+    let local = SocketAddr::new(
+        source.unwrap_or_else(|| unspecified(&target)),
+        source_port.unwrap_or(0),
+    );
     let io = (|| -> io::Result<Vec<u8>> {
         let socket = UdpSocket::bind(local)?;
         socket.connect(target)?;
@@ -218,7 +234,7 @@ fn run(args: &Args) -> io::Result<()> {
                 let line = if args.mode == Mode::Tcp {
                     tcp_once(args.target, args.timeout)
                 } else {
-                    udp_once(args.target, args.timeout, args.source)
+                    udp_once(args.target, args.timeout, args.source, args.source_port)
                 };
                 writeln!(out, "{line}")?;
                 out.flush()?;
