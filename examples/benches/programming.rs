@@ -6,7 +6,7 @@
 //! ```text
 //!   node namespace n0: fake API server on 127.0.0.1 ◄── svcnat-proxy --kubeconfig (watch)
 //!                      this bench writes Services and EndpointSlices into the API server
-//!                      `nft monitor rules` (iptables) and a bare kube-rs watcher observe
+//!                      a bare kube-rs watcher times the API's own event delivery
 //! ```
 //!
 //! The cluster: 10,000 ClusterIP Services in 100 namespaces, each with one EndpointSlice of
@@ -25,18 +25,17 @@
 //! endpoint replaced by a new address, as a rolling update replaces a pod). 50 changes a
 //! second keep several changes in flight per sync, as in a busy cluster, while staying far
 //! under what the API server and the proxy absorb, so the figure is latency, not backlog.
-//! Each change's latency is measured from the bench's clock just before the API write to:
-//! - the kernel (iptables only): the moment `nft monitor` in the node namespace reports the
-//!   new `dnat to ADDRESS` rule, i.e. the commit of the transaction holding it; no help
-//!   from the proxy;
-//! - the end of the proxy's sync that carried it, from the proxy's log: each `synced` line
-//!   has its time stamp and the newest trigger time it programmed (the annotation the bench
-//!   stamped), and changes are programmed in write order. This is the figure for the
-//!   userspace datapath, whose tables cannot be read from outside; for iptables the two
-//!   agree within the monitor's delay, which validates it;
-//! - and the proxy's own `kubeproxy_network_programming_duration_seconds` histogram is
-//!   read before and after, as a cross-check (its buckets are kube-proxy's: 0.25 s, 0.5 s,
-//!   then seconds).
+//! Each change's latency is measured from the bench's clock just before the API write to
+//! the end of the proxy's sync that carried it, read from the proxy's log: each `synced`
+//! line has its time stamp and the newest trigger time it programmed (the annotation the
+//! bench stamped), and changes are programmed in write order. A sync ends when
+//! `iptables-nft-restore` has committed (iptables) or the workers have the new tables
+//! (userspace). After the changes, `iptables-save` must show every changed Service's new
+//! endpoints (the userspace datapath's tables cannot be read from outside). The proxy's own
+//! `kubeproxy_network_programming_duration_seconds` histogram is read before and after as a
+//! cross-check (its buckets are kube-proxy's: 0.25 s, 0.5 s, then seconds). (`nft monitor`
+//! was tried as a kernel-side clock: at 10,000 Services it lags by tens of seconds, as it
+//! reads the whole table to print each change.)
 //!
 //! References measured in the same run: the API server's write-to-watch-event time for the
 //! same changes, seen by a bare kube-rs watcher in the node namespace (the floor any
@@ -57,17 +56,17 @@
 //!
 //! Figures only: nothing fails on speed (there are only generous timeouts for progress).
 //! It fails when something is wrong: a change never reaches the rules, the final rules
-//! differ from the last state. Needs root, `nft`, `iptables-nft-restore`, `iptables-save`
-//! and `curl`; otherwise prints `SKIP` and why (under `CI=true` a skip fails).
+//! differ from the last state. Needs root, `iptables-nft-restore`, `iptables-save` and
+//! `curl`; otherwise prints `SKIP` and why (under `CI=true` a skip fails).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::File;
-use std::io::{BufRead as _, BufReader, Write as _};
+use std::io::Write as _;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -130,8 +129,8 @@ fn initial_endpoints(i: usize) -> [Ipv4Addr; 2] {
     ]
 }
 
-/// The new address of latency change `k` (unique in the run, so the kernel's rule for it
-/// can be recognised).
+/// The new address of latency change `k` (unique in the run, so the bare watcher can tell
+/// the changes apart).
 fn change_ip(k: usize) -> Ipv4Addr {
     v4_plus([10, 245, 0, 1], k)
 }
@@ -276,50 +275,6 @@ fn in_netns<T: Send>(ns: &str, f: impl FnOnce() -> T + Send) -> T {
 
 /// First sightings of addresses, with the wall-clock time.
 type Seen = Arc<Mutex<HashMap<Ipv4Addr, SystemTime>>>;
-
-/// `nft monitor rules` in a namespace: when each `dnat to ADDRESS` rule was committed.
-struct NftMonitor {
-    child: Child,
-    seen: Seen,
-}
-
-impl NftMonitor {
-    fn start(tb: &Testbed, ns: &str) -> NftMonitor {
-        let mut child = tb
-            .command(ns, "nft")
-            .args(["monitor", "rules"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nft monitor");
-        let seen: Seen = Arc::default();
-        let stdout = child.stdout.take().unwrap();
-        let sink = seen.clone();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let at = SystemTime::now();
-                let Some((_, rest)) = line.split_once(" dnat to ") else {
-                    continue;
-                };
-                let addr = rest.split([':', ' ']).next().unwrap_or_default();
-                if let Ok(ip) = addr.parse::<Ipv4Addr>() {
-                    sink.lock().unwrap().entry(ip).or_insert(at);
-                }
-            }
-        });
-        // The monitor subscribes before it prints anything; give it a moment.
-        thread::sleep(Duration::from_millis(300));
-        NftMonitor { child, seen }
-    }
-}
-
-impl Drop for NftMonitor {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A bare kube-rs watcher of EndpointSlices in the node namespace: when each slice update
 /// reached a client (its first endpoint's address, first time seen).
@@ -630,8 +585,6 @@ fn secs(later: SystemTime, earlier: SystemTime) -> f64 {
 
 struct Latency {
     min_sync: String,
-    /// From the write to the commit seen by `nft monitor` (iptables only).
-    kernel: Option<Dist>,
     /// From the write to the end of the sync that carried it (proxy log).
     synced: Dist,
     /// From the write to the bare watcher's event.
@@ -649,7 +602,6 @@ fn latency_phase(
 ) -> Latency {
     let ns = tb.ns_of_node(0).to_string();
     let watcher = BareWatcher::start(&ns, world.api.kubeconfig_path());
-    let monitor = (backend == Backend::Iptables).then(|| NftMonitor::start(tb, &ns));
     let before = proxy.metrics(tb);
     let logged_before = proxy.syncs().len();
     let first = world.changes;
@@ -659,44 +611,42 @@ fn latency_phase(
         let k = first + n;
         let i = (k * STRIDE) % SERVICES;
         let ip = change_ip(k);
-        writes.push((ip, world.set_first(i, ip)));
+        writes.push((i, world.set_first(i, ip)));
         if let Some(wait) = (PACE * (n as u32 + 1)).checked_sub(t0.elapsed()) {
             thread::sleep(wait);
         }
     }
     world.changes += CHANGES;
     let (_, last_write) = writes[CHANGES - 1];
-    // Every change reaches the proxy's log as programmed (and the kernel, for iptables).
-    let done = |p: &RunningProxy| {
-        p.syncs()
-            .iter()
-            .any(|s| s.newest_trigger.is_some_and(|t| t >= last_write))
-            && monitor.as_ref().is_none_or(|m| {
-                let seen = m.seen.lock().unwrap();
-                writes.iter().all(|(ip, _)| seen.contains_key(ip))
-            })
-    };
+    // Every change reaches the proxy's log as programmed.
     let deadline = Instant::now() + CONVERGE;
-    while !done(proxy) {
-        if Instant::now() > deadline {
-            let missing: Vec<String> = monitor
-                .as_ref()
-                .map(|m| {
-                    let seen = m.seen.lock().unwrap();
-                    writes
-                        .iter()
-                        .filter(|(ip, _)| !seen.contains_key(ip))
-                        .take(10)
-                        .map(|(ip, _)| ip.to_string())
-                        .collect()
-                })
-                .unwrap_or_default();
-            panic!(
-                "{}: changes never programmed within {CONVERGE:?} (kernel lacks {missing:?})",
-                backend.name()
-            );
-        }
+    while !proxy
+        .syncs()
+        .iter()
+        .any(|s| s.newest_trigger.is_some_and(|t| t >= last_write))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "{}: changes never programmed within {CONVERGE:?}",
+            backend.name()
+        );
         thread::sleep(Duration::from_millis(50));
+    }
+    // And the kernel holds every change (iptables: each changed Service's DNAT targets).
+    if backend == Backend::Iptables {
+        let rules = dnat_targets(tb, &ns);
+        let wrong: Vec<String> = writes
+            .iter()
+            .map(|(i, _)| *i)
+            .filter(|i| rules.get(&service_key(*i)) != Some(&targets(&world.endpoints[*i])))
+            .map(service_key)
+            .collect();
+        assert!(
+            wrong.is_empty(),
+            "iptables: {} changed Services lack their new endpoints, e.g. {:?}",
+            wrong.len(),
+            &wrong[..wrong.len().min(5)]
+        );
     }
     // A second for the histogram's last observations and the watcher's last events.
     thread::sleep(Duration::from_millis(500));
@@ -710,24 +660,18 @@ fn latency_phase(
             .expect("a sync carried the change");
         synced.push(secs(s.end, *w));
     }
-    let kernel = monitor.as_ref().map(|m| {
-        let seen = m.seen.lock().unwrap();
-        dist(writes.iter().map(|(ip, w)| secs(seen[ip], *w)).collect())
-    });
     let delivery = {
         let seen = watcher.seen.lock().unwrap();
         dist(
             writes
                 .iter()
-                .filter_map(|(ip, w)| seen.get(ip).map(|t| secs(*t, *w)))
+                .filter_map(|(i, w)| seen.get(&world.endpoints[*i][0]).map(|t| secs(*t, *w)))
                 .collect(),
         )
     };
-    drop(monitor);
     drop(watcher);
     Latency {
         min_sync: String::new(),
-        kernel,
         synced: dist(synced),
         delivery,
         syncs: metric(&after, SYNC_COUNT) - metric(&before, SYNC_COUNT),
@@ -744,6 +688,19 @@ struct Burst {
     rss_before_mb: f64,
     cpu_secs: f64,
     checked: String,
+}
+
+/// The rule comment of Service `i`'s port.
+fn service_key(i: usize) -> String {
+    format!("{}/{}:http", namespace(i), service_name(i))
+}
+
+/// DNAT destinations as `iptables-save` writes them.
+fn targets(endpoints: &[Ipv4Addr; 2]) -> BTreeSet<String> {
+    endpoints
+        .iter()
+        .map(|ip| format!("{ip}:{POD_PORT}"))
+        .collect()
 }
 
 /// The DNAT targets per Service (`ns/name:port` comment) in `iptables-save -t nat`.
@@ -825,11 +782,8 @@ fn burst_phase(tb: &Testbed, world: &mut World, proxy: &RunningProxy, backend: B
             let rules = dnat_targets(tb, tb.ns_of_node(0));
             let mut wrong = Vec::new();
             for i in 0..SERVICES {
-                let key = format!("{}/{}:http", namespace(i), service_name(i));
-                let want: BTreeSet<String> = world.endpoints[i]
-                    .iter()
-                    .map(|ip| format!("{ip}:{POD_PORT}"))
-                    .collect();
+                let key = service_key(i);
+                let want = targets(&world.endpoints[i]);
                 if rules.get(&key) != Some(&want) {
                     wrong.push(format!("{key}: {:?} != {want:?}", rules.get(&key)));
                 }
@@ -1025,15 +979,12 @@ fn print(figures: &[Figures], took: f64) {
                 );
             };
             let tag = format!("--min-sync-period {}", l.min_sync);
-            if let Some(k) = &l.kernel {
-                row(&format!("{tag}: write -> kernel (nft monitor)"), k);
-            }
             row(&format!("{tag}: write -> sync end (proxy log)"), &l.synced);
             row(
                 &format!("{tag}: write -> bare watcher (reference)"),
                 &l.delivery,
             );
-            let d = l.kernel.as_ref().unwrap_or(&l.synced);
+            let d = &l.synced;
             println!(
                 "  {:.0} syncs ({} full) for {CHANGES} changes; p50 {:.3}x / p99 {:.3}x kube-proxy's 100-node anchors, p50 {:.3}x the 5,000-node one; p99 {} the {} ms goal; p50 {:.1}x the API's own delivery",
                 l.syncs,
@@ -1091,7 +1042,6 @@ fn main() {
         return;
     }
     for (tool, arg) in [
-        ("nft", "--version"),
         ("iptables-nft-restore", "--version"),
         ("iptables-save", "--version"),
         ("curl", "--version"),
