@@ -50,9 +50,11 @@ pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
 /// EndpointSlice controller (`v1.EndpointsLastChangeTriggerTime`).
 pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-trigger-time";
 
-/// Events waiting between the watchers and the proxy loop; a full channel makes the
-/// watchers wait.
-const CHANNEL_CAPACITY: usize = 1024;
+/// How often the proxy loop drains the watchers' events. Draining an empty channel costs
+/// nothing, and every millisecond here is a millisecond of network programming latency
+/// (a manifest directory is polled less often because each poll stats every file).
+pub const API_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
 /// Server-side timeout of one watch request; the watcher then resumes from the last
 /// resource version.
 const WATCH_TIMEOUT_SECS: u32 = 60;
@@ -814,7 +816,10 @@ async fn client_config(source: &ClientSource) -> Result<kube::Config, ApiError> 
 #[derive(Debug)]
 pub struct ApiSource {
     state: ApiState,
-    rx: mpsc::Receiver<ApiEvent>,
+    /// Unbounded, as client-go's informer queues are: the watchers keep reading while a
+    /// long sync runs (a bounded channel stalled them after 1,024 events, so a burst took
+    /// one sync per channelful), and the next poll takes the whole backlog into one sync.
+    rx: mpsc::UnboundedReceiver<ApiEvent>,
     stop: Option<oneshot::Sender<()>>,
     worker: Option<thread::JoinHandle<()>>,
     server: String,
@@ -835,7 +840,7 @@ impl ApiSource {
             let _guard = runtime.enter();
             kube::Client::try_from(client_config).map_err(|e| ApiError::Client(chain(&e)))?
         };
-        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
+        let (tx, rx) = mpsc::unbounded_channel();
         let (stop, stopped) = oneshot::channel();
         let watch = Watch {
             client,
@@ -893,8 +898,9 @@ impl Drop for ApiSource {
 
 impl Source for ApiSource {
     fn poll(&mut self) -> Result<bool, String> {
-        // At most a few channels' worth per poll, so a flood still lets the loop sync.
-        for _ in 0..CHANNEL_CAPACITY * 4 {
+        // What is queued now (the backlog of a long sync included), and no more: a flood
+        // still lets the loop sync.
+        for _ in 0..self.rx.len().max(1) {
             match self.rx.try_recv() {
                 Ok(event) => {
                     self.state.handle(event);
@@ -969,7 +975,7 @@ struct Watch {
     node_name: String,
     selector: String,
     role: ApiRole,
-    tx: mpsc::Sender<ApiEvent>,
+    tx: mpsc::UnboundedSender<ApiEvent>,
 }
 
 impl Watch {
@@ -1031,7 +1037,7 @@ impl Watch {
 async fn forward<K: Watched>(
     api: kube::Api<K>,
     config: watcher::Config,
-    tx: mpsc::Sender<ApiEvent>,
+    tx: mpsc::UnboundedSender<ApiEvent>,
     failing: &Failing,
 ) {
     let start = || Box::pin(watcher::watcher(api.clone(), config.clone()).default_backoff());
@@ -1072,7 +1078,7 @@ async fn forward<K: Watched>(
                 }
             }
         };
-        if tx.send(event).await.is_err() {
+        if tx.send(event).is_err() {
             return;
         }
     }
@@ -1081,7 +1087,7 @@ async fn forward<K: Watched>(
 /// While a watch fails, asks the API server for one Service every [`PROBE_INTERVAL`]
 /// and reports [`ApiEvent::Reachable`] once it answers: a watch that resumes quietly
 /// sends no event of its own.
-async fn probe(client: kube::Client, tx: mpsc::Sender<ApiEvent>, failing: &Failing) {
+async fn probe(client: kube::Client, tx: mpsc::UnboundedSender<ApiEvent>, failing: &Failing) {
     let api: kube::Api<corev1::Service> = kube::Api::all(client);
     let params = kube::api::ListParams::default().limit(1);
     loop {
@@ -1093,7 +1099,7 @@ async fn probe(client: kube::Client, tx: mpsc::Sender<ApiEvent>, failing: &Faili
         match api.list_metadata(&params).await {
             Ok(_) => {
                 failing.clear();
-                if tx.send(ApiEvent::Reachable).await.is_err() {
+                if tx.send(ApiEvent::Reachable).is_err() {
                     return;
                 }
             }

@@ -1372,6 +1372,15 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_else(|_| format!("{:.3}", unix(t)))
 }
 
+/// RFC 3339 in UTC, to the microsecond.
+fn rfc3339_micros(t: SystemTime) -> String {
+    use k8s_openapi::jiff::{Timestamp, Unit};
+    Timestamp::try_from(t)
+        .and_then(|t| t.round(Unit::Microsecond))
+        .map(|t| t.to_string())
+        .unwrap_or_else(|_| format!("{:.6}", unix(t)))
+}
+
 impl Metrics {
     /// Empty metrics; `/healthz` passes while the last successful sync is younger than
     /// twice `sync_period` (kube-proxy's health timeout).
@@ -2152,6 +2161,12 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
                 let triggers = self.source.take_programmed();
                 self.metrics.programmed(end, &triggers);
                 self.metrics.set_source(self.source.status());
+                // The newest trigger time this sync programmed (to the microsecond): with
+                // the log line's own time stamp, it tells which changes a sync carried.
+                let newest_trigger = triggers
+                    .iter()
+                    .max()
+                    .map_or_else(|| "-".to_string(), |t| rfc3339_micros(*t));
                 info!(
                     kind = kind.as_str(),
                     services,
@@ -2160,6 +2175,8 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
                     rules = report.written,
                     conntrack_deleted = report.conntrack_deleted,
                     duration = ?took,
+                    programmed = triggers.len(),
+                    %newest_trigger,
                     "synced"
                 );
                 for e in &report.conntrack_errors {

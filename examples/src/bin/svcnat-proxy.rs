@@ -49,7 +49,7 @@ use ipnet::IpNet;
 use svcnat_core::plan::Dataplane;
 use svcnat_examples::api::{self, ApiConfig, ApiSource};
 use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
-use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Routes, Source};
+use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Routes, Source, SyncConfig};
 use svcnat_examples::svchealth::ServiceHealth;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
@@ -491,7 +491,11 @@ fn run<D: Dataplane>(
                     return ExitCode::from(1);
                 }
             };
-            let mut p = Proxy::with_source(source, config.sync_config(), dataplane, metrics);
+            let sync = SyncConfig {
+                poll_interval: svcnat_examples::api::API_POLL_INTERVAL,
+                ..config.sync_config()
+            };
+            let mut p = Proxy::with_source(source, sync, dataplane, metrics);
             p.serve_service_health(service_health);
             drive(&mut p, &stop)
         }

@@ -504,8 +504,6 @@ impl Store {
         spec: &mut Map<String, Value>,
         prev: Option<&Value>,
     ) -> Result<(), (String, String)> {
-        let used_ips = self.used_cluster_ips();
-        let used_ports = self.used_node_ports();
         let ty = spec
             .get("type")
             .and_then(Value::as_str)
@@ -527,6 +525,8 @@ impl Store {
                     .unwrap_or_default();
             }
             if ip.is_empty() {
+                // Only an allocation looks at the other Services (a scan of all of them).
+                let used_ips = self.used_cluster_ips();
                 ip = self.allocate_ip(&used_ips).ok_or((
                     "spec.clusterIP".to_string(),
                     "no cluster IP left in 10.96.0.0/12".to_string(),
@@ -580,7 +580,11 @@ impl Store {
             .and_then(|p| p["ports"].as_array())
             .cloned()
             .unwrap_or_default();
-        let mut taken = used_ports;
+        let mut taken = if wants_node_ports {
+            self.used_node_ports()
+        } else {
+            BTreeSet::new()
+        };
         if let Some(ports) = spec.get_mut("ports").and_then(Value::as_array_mut) {
             for (i, port) in ports.iter_mut().enumerate() {
                 let Some(p) = port.as_object_mut() else {
