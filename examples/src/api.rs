@@ -55,6 +55,12 @@ pub const TRIGGER_TIME_ANNOTATION: &str = "endpoints.kubernetes.io/last-change-t
 /// (a manifest directory is polled less often because each poll stats every file).
 pub const API_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
+/// Watch events queued for the proxy loop at most. While a long sync runs the watchers
+/// stop reading once this many are waiting (the API server buffers the rest; one that
+/// gives up on a slow watcher makes it re-list), so memory stays bounded however large a
+/// burst is, and the next poll takes the whole backlog at once (a 100,000-event burst at
+/// 10,000 Services then takes a handful of syncs).
+const CHANNEL_CAPACITY: usize = 16 * 1024;
 /// Server-side timeout of one watch request; the watcher then resumes from the last
 /// resource version.
 const WATCH_TIMEOUT_SECS: u32 = 60;
@@ -816,10 +822,9 @@ async fn client_config(source: &ClientSource) -> Result<kube::Config, ApiError> 
 #[derive(Debug)]
 pub struct ApiSource {
     state: ApiState,
-    /// Unbounded, as client-go's informer queues are: the watchers keep reading while a
-    /// long sync runs (a bounded channel stalled them after 1,024 events, so a burst took
-    /// one sync per channelful), and the next poll takes the whole backlog into one sync.
-    rx: mpsc::UnboundedReceiver<ApiEvent>,
+    /// Bounded at [`CHANNEL_CAPACITY`] events (memory stays bounded under any burst); the
+    /// next poll takes the whole backlog into one sync.
+    rx: mpsc::Receiver<ApiEvent>,
     stop: Option<oneshot::Sender<()>>,
     worker: Option<thread::JoinHandle<()>>,
     server: String,
@@ -840,7 +845,7 @@ impl ApiSource {
             let _guard = runtime.enter();
             kube::Client::try_from(client_config).map_err(|e| ApiError::Client(chain(&e)))?
         };
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(CHANNEL_CAPACITY);
         let (stop, stopped) = oneshot::channel();
         let watch = Watch {
             client,
@@ -975,7 +980,7 @@ struct Watch {
     node_name: String,
     selector: String,
     role: ApiRole,
-    tx: mpsc::UnboundedSender<ApiEvent>,
+    tx: mpsc::Sender<ApiEvent>,
 }
 
 impl Watch {
@@ -1037,7 +1042,7 @@ impl Watch {
 async fn forward<K: Watched>(
     api: kube::Api<K>,
     config: watcher::Config,
-    tx: mpsc::UnboundedSender<ApiEvent>,
+    tx: mpsc::Sender<ApiEvent>,
     failing: &Failing,
 ) {
     let start = || Box::pin(watcher::watcher(api.clone(), config.clone()).default_backoff());
@@ -1078,7 +1083,7 @@ async fn forward<K: Watched>(
                 }
             }
         };
-        if tx.send(event).is_err() {
+        if tx.send(event).await.is_err() {
             return;
         }
     }
@@ -1087,7 +1092,7 @@ async fn forward<K: Watched>(
 /// While a watch fails, asks the API server for one Service every [`PROBE_INTERVAL`]
 /// and reports [`ApiEvent::Reachable`] once it answers: a watch that resumes quietly
 /// sends no event of its own.
-async fn probe(client: kube::Client, tx: mpsc::UnboundedSender<ApiEvent>, failing: &Failing) {
+async fn probe(client: kube::Client, tx: mpsc::Sender<ApiEvent>, failing: &Failing) {
     let api: kube::Api<corev1::Service> = kube::Api::all(client);
     let params = kube::api::ListParams::default().limit(1);
     loop {
@@ -1099,7 +1104,7 @@ async fn probe(client: kube::Client, tx: mpsc::UnboundedSender<ApiEvent>, failin
         match api.list_metadata(&params).await {
             Ok(_) => {
                 failing.clear();
-                if tx.send(ApiEvent::Reachable).is_err() {
+                if tx.send(ApiEvent::Reachable).await.is_err() {
                     return;
                 }
             }

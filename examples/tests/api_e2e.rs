@@ -458,7 +458,7 @@ fn api_faults_with_traffic_flowing() {
     cart.delete(&api);
     api.compact();
     // Nothing is removed for want of the API server: cart still answers.
-    assert_spread(&tb, CART, &WEB, 10);
+    assert_spread(&tb, CART, &WEB, 30);
     let lists = api.requests(Verb::List, "services");
     api.start().unwrap();
     let restarted = Instant::now();
