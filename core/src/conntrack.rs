@@ -9,15 +9,14 @@
 //! kube-proxy (`pkg/proxy/conntrack/cleanup.go`) therefore deletes, after each sync, exactly
 //! two kinds of entries for UDP (and SCTP) Service ports, and nothing else:
 //!
-//! - "After a UDP endpoint is removed we must flush any conntrack entries for it so that
-//!   if the same client keeps sending, the packets will get routed to a new endpoint":
-//!   [`StaleFlow::EndpointGone`], entries whose original destination is a frontend and
-//!   whose reply source is the departed endpoint.
-//! - "When a service has no endpoints and we drop traffic to it, conntrack may create
-//!   'black hole' entries for that IP+port. When the service gets endpoints we need to
-//!   delete those entries": [`StaleFlow::FrontendActivated`], every entry whose original
-//!   destination is a frontend whose backend set went from no endpoints (or no set at all,
-//!   a new Service) to some that take new flows.
+//! - an endpoint left: a client that keeps sending would stay pinned to it, so its
+//!   entries go ([`StaleFlow::EndpointGone`]: original destination a frontend, reply
+//!   source the departed endpoint);
+//! - a frontend that had no endpoints (so its packets were rejected or dropped, and the
+//!   kernel may have tracked them untranslated) gets some: every entry to it goes
+//!   ([`StaleFlow::FrontendActivated`]: original destination a frontend whose backend set
+//!   went from no endpoints, or no set at all for a new Service, to some that take new
+//!   flows).
 //!
 //! Unlike kube-proxy, which matches an IP alone (or a node port alone), both kinds match
 //! address *and* port on each side, so an endpoint that leaves one Service port keeps its
