@@ -336,9 +336,10 @@ fn errno_text(errno: i32) -> String {
     io::Error::from_raw_os_error(errno).to_string()
 }
 
-/// Runs `f` on a short-lived thread that entered `/run/netns/<name>` (or here for `None`):
-/// a socket opened there stays in that namespace.
-fn in_netns<T: Send>(
+/// Runs `f` on a short-lived thread that entered the network namespace `/run/netns/<name>`
+/// (or here for `None`): sockets opened there stay bound to that namespace, and
+/// `/proc/sys/net` opened there shows its sysctls. The IPVS backend uses it too.
+pub fn in_netns<T: Send>(
     netns: Option<&str>,
     f: impl FnOnce() -> io::Result<T> + Send,
 ) -> io::Result<T> {

@@ -4,7 +4,6 @@
 //! safely).
 
 use std::fmt::Debug;
-use std::fs::File;
 use std::io;
 
 use netlink_packet_core::{
@@ -38,29 +37,7 @@ impl std::fmt::Display for NlError {
     }
 }
 
-/// Runs `f` on a thread that has entered the network namespace `/run/netns/<name>` (or the
-/// current one when `None`). Sockets opened there stay bound to that namespace, and
-/// `/proc/sys/net` opened there shows its sysctls.
-pub(crate) fn in_netns<T: Send>(
-    netns: Option<&str>,
-    f: impl FnOnce() -> io::Result<T> + Send,
-) -> io::Result<T> {
-    let Some(name) = netns else {
-        return f();
-    };
-    let path = format!("/run/netns/{name}");
-    let file = File::open(&path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
-    std::thread::scope(|s| {
-        s.spawn(move || {
-            // The namespace is a property of this thread only; the thread ends with `f`.
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
-                .map_err(|e| io::Error::other(format!("setns({path}): {e}")))?;
-            f()
-        })
-        .join()
-        .map_err(|_| io::Error::other("netns thread panicked"))?
-    })
-}
+pub(crate) use svcnat_iptables::conntrack::in_netns;
 
 /// A netlink socket of one protocol with a sequence counter.
 #[derive(Debug)]
