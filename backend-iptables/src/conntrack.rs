@@ -123,6 +123,20 @@ impl Conntrack {
         Conntrack { netns }
     }
 
+    /// Deletes the entries of the `pending` stale flows (emptying it) and records the
+    /// outcome in `report`: the step both kernel backends run after their rules are in
+    /// place (new packets of a flow whose entry is deleted must meet the new rules).
+    pub fn clean_into(
+        &self,
+        pending: &mut BTreeSet<StaleFlow>,
+        mut report: svcnat_core::plan::SyncReport,
+    ) -> svcnat_core::plan::SyncReport {
+        let done = self.delete(&std::mem::take(pending));
+        report.conntrack_deleted = done.deleted;
+        report.conntrack_errors = done.errors.iter().map(ToString::to_string).collect();
+        report
+    }
+
     /// Deletes every entry that belongs to one of `flows`, and nothing else.
     pub fn delete(&self, flows: &BTreeSet<StaleFlow>) -> Cleanup {
         if flows.is_empty() {

@@ -379,12 +379,8 @@ impl Iptables {
     /// After the rules are in place (as kube-proxy does it: new packets of a flow whose
     /// entry is deleted must meet the new rules), deletes the stale conntrack entries the
     /// synced diffs left, and adds what happened to `report`.
-    fn clean_conntrack(&mut self, mut report: SyncReport) -> SyncReport {
-        let stale = std::mem::take(&mut self.stale);
-        let done = self.conntrack.delete(&stale);
-        report.conntrack_deleted = done.deleted;
-        report.conntrack_errors = done.errors.iter().map(ToString::to_string).collect();
-        report
+    fn clean_conntrack(&mut self, report: SyncReport) -> SyncReport {
+        self.conntrack.clean_into(&mut self.stale, report)
     }
 
     /// The fixed chains the renderer always declares in `table` (the chains of an empty

@@ -1090,12 +1090,8 @@ impl Ipvs {
     /// After the services and rules are in place, deletes the stale conntrack entries of
     /// the synced diffs (with `net.ipv4.vs.conntrack=1`, IPVS flows have conntrack entries
     /// too, and kube-proxy's IPVS mode deletes them as its iptables mode does).
-    fn clean_conntrack(&mut self, mut report: SyncReport) -> SyncReport {
-        let stale = std::mem::take(&mut self.stale);
-        let done = self.conntrack.delete(&stale);
-        report.conntrack_deleted = done.deleted;
-        report.conntrack_errors = done.errors.iter().map(ToString::to_string).collect();
-        report
+    fn clean_conntrack(&mut self, report: SyncReport) -> SyncReport {
+        self.conntrack.clean_into(&mut self.stale, report)
     }
 
     fn report(&self, full: bool, written: usize) -> SyncReport {
