@@ -89,6 +89,7 @@ pub mod model;
 pub mod agent;
 pub mod cluster;
 pub mod conntrack;
+pub mod dualstack;
 pub mod input;
 pub mod plan;
 pub mod select;

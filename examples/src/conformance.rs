@@ -26,8 +26,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+pub use svcnat_core::model::IpFamily;
 use svcnat_core::model::*;
 use svcnat_core::plan::{Dataplane, NodeContext};
 
@@ -44,8 +45,12 @@ pub const POD_TCP: u16 = 8080;
 pub const POD_UDP: u16 = 5353;
 /// The address range of test Services.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
+/// The pods' IPv6 range (the nodes' `fd00:10:244:<i>::/64` pod CIDRs).
+pub const CLUSTER_CIDR6: &str = "fd00:10:244::/48";
 /// The load balancer address routed from the clients to node 0.
 pub const LB_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 60, 10);
+/// The IPv6 load balancer address routed from the clients to node 0.
+pub const LB_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x60, 0, 0, 0, 0, 0, 0x10);
 
 /// A backend under test.
 pub trait Backend {
@@ -57,6 +62,11 @@ pub trait Backend {
     fn dataplane(&self, node_ns: &str) -> Result<Self::Dp, String>;
     /// Why the backend cannot run a scenario, if it cannot.
     fn unsupported(&self, _scenario: Scenario) -> Option<&'static str> {
+        None
+    }
+    /// Why the backend cannot run a scenario over IPv6, if it cannot (asked in addition
+    /// to [`Backend::unsupported`]).
+    fn unsupported_v6(&self, _scenario: Scenario) -> Option<&'static str> {
         None
     }
 }
@@ -103,6 +113,10 @@ pub enum Scenario {
     /// is replaced, and is answered as soon as a Service that had no endpoints (or did not
     /// exist yet) gets one: stale conntrack entries are deleted, and only those.
     UdpEndpointReplaced,
+    /// A dual-stack Service (`RequireDualStack`, a cluster IP per family) reached over
+    /// both families, its ClusterIPs and its NodePort; endpoints leave both families at
+    /// once. Always runs on a dual-stack testbed.
+    DualStack,
 }
 
 impl Scenario {
@@ -141,15 +155,18 @@ pub struct TestPod {
     pub name: String,
     /// Node index.
     pub node: usize,
-    /// Address.
+    /// IPv4 address.
     pub ip: IpAddr,
+    /// IPv6 address.
+    pub ip6: IpAddr,
     /// Labels.
     pub labels: BTreeMap<String, String>,
 }
 
 /// The standard pods: `web-0`..`web-4` (three on node 0, two on node 1) labelled
 /// `app=web` and `pod=<name>`, and `tester` on node 0 with no app label, the in-cluster
-/// client.
+/// client. Each has an IPv4 address (`10.244.<node>.<n>`) and an IPv6 one
+/// (`fd00:10:244:<node>::<n>`, used when the scenario runs over IPv6).
 pub fn standard_pods() -> Vec<TestPod> {
     let mut pods = Vec::new();
     for (i, node) in [0usize, 0, 0, 1, 1].into_iter().enumerate() {
@@ -159,6 +176,7 @@ pub fn standard_pods() -> Vec<TestPod> {
         labels.insert("pod".to_string(), name.clone());
         pods.push(TestPod {
             ip: IpAddr::from([10, 244, node as u8, 10 + i as u8]),
+            ip6: pod_ip6(node, 10 + i as u16),
             name,
             node,
             labels,
@@ -170,9 +188,14 @@ pub fn standard_pods() -> Vec<TestPod> {
         name: "tester".into(),
         node: 0,
         ip: IpAddr::from([10, 244, 0, 99]),
+        ip6: pod_ip6(0, 99),
         labels,
     });
     pods
+}
+
+fn pod_ip6(node: usize, n: u16) -> IpAddr {
+    IpAddr::V6(Ipv6Addr::new(0xfd00, 0x10, 0x244, node as u16, 0, 0, 0, n))
 }
 
 /// How the agents hear of the fixture's cluster.
@@ -196,6 +219,7 @@ pub struct Fixture<B: Backend> {
     pub agents: Vec<NodeAgent<B::Dp>>,
     pods: Vec<TestPod>,
     api: Option<ApiFeed>,
+    family: IpFamily,
 }
 
 impl<B: Backend> Fixture<B> {
@@ -208,14 +232,27 @@ impl<B: Backend> Fixture<B> {
     /// Builds the testbed and one agent per node, fed as `feed` says; nothing is synced
     /// yet.
     pub fn with_feed(backend: &B, feed: Feed) -> Fixture<B> {
+        Fixture::with_family(backend, feed, IpFamily::V4)
+    }
+
+    /// Builds the testbed and one agent per node, fed as `feed` says, for scenarios over
+    /// `family`. For IPv6 the testbed is dual-stack (nodes, clients and pods have both
+    /// families' addresses, the nodes' contexts and Node objects too), and the fixture's
+    /// Service addresses ([`Fixture::vip`]), node, client and load balancer addresses are
+    /// IPv6 ones; nothing is synced yet.
+    pub fn with_family(backend: &B, feed: Feed, family: IpFamily) -> Fixture<B> {
         let pods = standard_pods();
+        let v6 = family == IpFamily::V6;
         let mut spec = TestbedSpec::new(2, 2).lb_route(IpAddr::V4(LB_IP));
+        if v6 {
+            spec = spec.with_ipv6().lb_route(IpAddr::V6(LB_IP6));
+        }
         for p in &pods {
-            spec = spec.pod(
-                PodSpec::new(p.name.clone(), p.node, p.ip)
-                    .tcp(POD_TCP)
-                    .udp(POD_UDP),
-            );
+            let mut pod = PodSpec::new(p.name.clone(), p.node, p.ip);
+            if v6 {
+                pod = pod.with_ip(p.ip6);
+            }
+            spec = spec.pod(pod.tcp(POD_TCP).udp(POD_UDP));
         }
         let tb = match Testbed::new(spec) {
             Ok(tb) => tb,
@@ -226,13 +263,16 @@ impl<B: Backend> Fixture<B> {
             cluster.upsert_node(node_object(n, i));
         }
         for p in &pods {
-            cluster.upsert_pod(pod_object(p));
+            cluster.upsert_pod(pod_object(p, v6));
         }
-        let cidr = CLUSTER_CIDR.parse().ok().into_iter().collect::<Vec<_>>();
+        let mut cidr = CLUSTER_CIDR.parse().ok().into_iter().collect::<Vec<_>>();
+        if v6 {
+            cidr.extend(CLUSTER_CIDR6.parse::<ipnet::IpNet>().ok());
+        }
         let agents = (0..tb.nodes().len())
             .map(|i| {
                 let n = tb.node(i);
-                let ctx = NodeContext::new(n.name.clone(), vec![IpAddr::V4(n.ip)], cidr.clone());
+                let ctx = NodeContext::new(n.name.clone(), node_addresses(n), cidr.clone());
                 let dp = match backend.dataplane(tb.ns_of_node(i)) {
                     Ok(dp) => dp,
                     Err(e) => panic!("{}: dataplane for node {i}: {e}", backend.name()),
@@ -257,7 +297,64 @@ impl<B: Backend> Fixture<B> {
             agents,
             pods,
             api,
+            family,
         }
+    }
+
+    /// The family the scenario runs over.
+    pub fn family(&self) -> IpFamily {
+        self.family
+    }
+
+    /// Service address number `n` of the scenario's family: `10.96.0.<n>`, or
+    /// `fd00:10:96::<n>` (the same digits, read as hexadecimal).
+    pub fn vip(&self, n: u16) -> IpAddr {
+        match self.family {
+            IpFamily::V4 => IpAddr::from([10, 96, (n >> 8) as u8, n as u8]),
+            IpFamily::V6 => IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                0x10,
+                0x96,
+                0,
+                0,
+                0,
+                0,
+                u16::from_str_radix(&n.to_string(), 16).unwrap_or(n),
+            )),
+        }
+    }
+
+    /// The load balancer address of the scenario's family (routed to node 0).
+    pub fn lb_ip(&self) -> IpAddr {
+        match self.family {
+            IpFamily::V4 => IpAddr::V4(LB_IP),
+            IpFamily::V6 => IpAddr::V6(LB_IP6),
+        }
+    }
+
+    /// Client `i`'s address in the scenario's family.
+    pub fn client_ip(&self, i: usize) -> IpAddr {
+        match self.family {
+            IpFamily::V4 => self.tb.client_ip(i),
+            IpFamily::V6 => match self.tb.client_ip6(i) {
+                Some(ip) => ip,
+                None => panic!("client {i} has no IPv6 address"),
+            },
+        }
+    }
+
+    /// A Service in `default` selecting `key=value` at [`Fixture::vip`] `n`, with one port
+    /// `port` -> the pods' TCP port (or UDP port for UDP).
+    pub fn service(
+        &self,
+        name: &str,
+        key: &str,
+        value: &str,
+        n: u16,
+        port: u16,
+        protocol: Protocol,
+    ) -> Service {
+        service(name, key, value, self.vip(n), port, protocol)
     }
 
     /// Syncs every node: from the cluster, or (fed through the API) once every node's
@@ -307,7 +404,7 @@ impl<B: Backend> Fixture<B> {
             .cluster
             .pod(&ObjectName::new("default", tp.name.clone()))
             .cloned()
-            .unwrap_or_else(|| pod_object(tp));
+            .unwrap_or_else(|| pod_object(tp, self.family == IpFamily::V6));
         f(&mut pod);
         self.cluster.upsert_pod(pod);
         self.sync();
@@ -328,7 +425,8 @@ impl<B: Backend> Fixture<B> {
             .iter()
             .filter(|p| names.contains(&p.name.as_str()))
         {
-            self.cluster.upsert_pod(pod_object(p));
+            self.cluster
+                .upsert_pod(pod_object(p, self.family == IpFamily::V6));
         }
         self.sync();
     }
@@ -352,9 +450,15 @@ impl<B: Backend> Fixture<B> {
         }
     }
 
-    /// The address of node `i`.
+    /// The address of node `i` in the scenario's family.
     pub fn node_ip(&self, i: usize) -> IpAddr {
-        self.tb.node_ip(i)
+        match self.family {
+            IpFamily::V4 => self.tb.node_ip(i),
+            IpFamily::V6 => match self.tb.node_ip6(i) {
+                Some(ip) => ip,
+                None => panic!("node {i} has no IPv6 address"),
+            },
+        }
     }
 }
 
@@ -366,15 +470,24 @@ impl<B: Backend> Drop for Fixture<B> {
     }
 }
 
+fn node_addresses(n: &NodeSpec) -> Vec<IpAddr> {
+    let mut ips = vec![IpAddr::V4(n.ip)];
+    ips.extend(n.ip6.map(IpAddr::V6));
+    ips
+}
+
 fn node_object(n: &NodeSpec, _i: usize) -> Node {
     let mut node = Node::new(n.name.clone());
-    node.addresses = vec![IpAddr::V4(n.ip)];
+    node.addresses = node_addresses(n);
     node.pod_cidrs = n.pod_cidrs.clone();
     node
 }
 
-fn pod_object(p: &TestPod) -> Pod {
+fn pod_object(p: &TestPod, v6: bool) -> Pod {
     let mut pod = Pod::new(ObjectName::new("default", p.name.clone()), p.ip);
+    if v6 {
+        pod.ips.push(p.ip6);
+    }
     pod.labels = p.labels.clone();
     pod.node_name = Some(format!("node-{}", p.node));
     pod.ports.push(ContainerPort {
@@ -385,19 +498,19 @@ fn pod_object(p: &TestPod) -> Pod {
     pod
 }
 
-/// A Service in `default` selecting `key=value`, with one port `port` -> the pods' TCP
-/// port (or UDP port for UDP).
+/// A Service in `default` selecting `key=value` at cluster IP `ip` (single stack, of
+/// `ip`'s family), with one port `port` -> the pods' TCP port (or UDP port for UDP).
 pub fn service(
     name: &str,
     key: &str,
     value: &str,
-    ip: [u8; 4],
+    ip: IpAddr,
     port: u16,
     protocol: Protocol,
 ) -> Service {
     let mut svc = Service::new(ObjectName::new("default", name));
-    svc.cluster_ips = vec![IpAddr::from(ip)];
-    svc.ip_families = vec![IpFamily::V4];
+    svc.cluster_ips = vec![ip];
+    svc.ip_families = vec![IpFamily::of(&ip)];
     let mut sel = BTreeMap::new();
     sel.insert(key.to_string(), value.to_string());
     svc.selector = Some(LabelSelector::from_labels(sel));
@@ -414,11 +527,7 @@ pub fn service(
     svc
 }
 
-fn sock(ip: [u8; 4], port: u16) -> SocketAddr {
-    SocketAddr::new(IpAddr::from(ip), port)
-}
-
-fn sock_ip(ip: IpAddr, port: u16) -> SocketAddr {
+fn sock(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
 
@@ -443,13 +552,32 @@ pub fn run<B: Backend>(backend: &B, scenario: Scenario) {
     run_with(backend, scenario, Feed::Direct);
 }
 
-/// Runs one scenario against a backend with the agents fed as `feed` says.
+/// Runs one scenario against a backend with the agents fed as `feed` says, over IPv4.
 pub fn run_with<B: Backend>(backend: &B, scenario: Scenario, feed: Feed) {
-    if let Some(why) = backend.unsupported(scenario) {
-        eprintln!("SKIP: {} cannot express {scenario}: {why}", backend.name());
+    run_over(backend, scenario, feed, IpFamily::V4);
+}
+
+/// Runs one scenario against a backend with the agents fed as `feed` says, its Services,
+/// clients and targets of `family` ([`Fixture::with_family`]; [`Scenario::DualStack`]
+/// always uses both).
+pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family: IpFamily) {
+    let family = if scenario == Scenario::DualStack {
+        IpFamily::V6
+    } else {
+        family
+    };
+    let unsupported = backend.unsupported(scenario).or(match family {
+        IpFamily::V6 => backend.unsupported_v6(scenario),
+        IpFamily::V4 => None,
+    });
+    if let Some(why) = unsupported {
+        eprintln!(
+            "SKIP: {} cannot express {scenario} over {family:?}: {why}",
+            backend.name()
+        );
         return;
     }
-    let mut f = Fixture::with_feed(backend, feed);
+    let mut f = Fixture::with_family(backend, feed, family);
     match scenario {
         Scenario::ClusterIpSpread => cluster_ip_spread(&mut f),
         Scenario::NodePortOnEveryNode => node_port_on_every_node(&mut f),
@@ -468,22 +596,16 @@ pub fn run_with<B: Backend>(backend: &B, scenario: Scenario, feed: Feed) {
         Scenario::TopologyZones => topology_zones(&mut f),
         Scenario::LoadBalancerIpModeProxy => load_balancer_ip_mode_proxy(&mut f),
         Scenario::UdpEndpointReplaced => udp_endpoint_replaced(&mut f),
+        Scenario::DualStack => dual_stack(&mut f),
     }
 }
 
 const WEB: [&str; 5] = ["web-0", "web-1", "web-2", "web-3", "web-4"];
 
 fn cluster_ip_spread<B: Backend>(f: &mut Fixture<B>) {
-    f.set_service(service(
-        "web",
-        "app",
-        "web",
-        [10, 96, 0, 50],
-        80,
-        Protocol::Tcp,
-    ));
+    f.set_service(f.service("web", "app", "web", 50, 80, Protocol::Tcp));
     let n = 250;
-    let r = f.from_pod("tester", ProbeArgs::tcp(sock([10, 96, 0, 50], 80)).count(n));
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock(f.vip(50), 80)).count(n));
     assert!(r.all_ok(), "ClusterIP: {r}");
     let per = r.per_pod();
     assert_eq!(
@@ -497,15 +619,12 @@ fn cluster_ip_spread<B: Backend>(f: &mut Fixture<B>) {
 }
 
 fn node_port_on_every_node<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("web", "app", "web", [10, 96, 0, 51], 80, Protocol::Tcp);
+    let mut svc = f.service("web", "app", "web", 51, 80, Protocol::Tcp);
     svc.service_type = ServiceType::NodePort;
     svc.ports[0].node_port = Some(30080);
     f.set_service(svc);
     for node in 0..2 {
-        let r = f.from_client(
-            0,
-            ProbeArgs::tcp(sock_ip(f.node_ip(node), 30080)).count(100),
-        );
+        let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(node), 30080)).count(100));
         assert!(r.all_ok(), "NodePort on node {node}: {r}");
         assert_eq!(
             r.pods(),
@@ -514,32 +633,32 @@ fn node_port_on_every_node<B: Backend>(f: &mut Fixture<B>) {
         );
         // externalTrafficPolicy Cluster masquerades: pods never see the client.
         assert!(
-            !r.client_ips().contains(&f.tb.client_ip(0)),
+            !r.client_ips().contains(&f.client_ip(0)),
             "NodePort with policy Cluster must masquerade: {r}"
         );
     }
 }
 
 fn external_ips<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("web", "app", "web", [10, 96, 0, 52], 80, Protocol::Tcp);
+    let mut svc = f.service("web", "app", "web", 52, 80, Protocol::Tcp);
     svc.external_ips = vec![f.node_ip(0), f.node_ip(1)];
     f.set_service(svc);
     for node in 0..2 {
-        let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(node), 80)).count(50));
+        let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(node), 80)).count(50));
         assert!(r.all_ok(), "externalIP {}: {r}", f.node_ip(node));
         assert!(r.pods().len() >= 3, "externalIP spreads: {r}");
     }
 }
 
 fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("web", "app", "web", [10, 96, 0, 53], 80, Protocol::Tcp);
+    let mut svc = f.service("web", "app", "web", 53, 80, Protocol::Tcp);
     svc.service_type = ServiceType::LoadBalancer;
     svc.ports[0].node_port = Some(30083);
-    svc.load_balancer_ips = vec![IpAddr::V4(LB_IP)];
-    let allowed = f.tb.client_ip(0);
+    svc.load_balancer_ips = vec![f.lb_ip()];
+    let allowed = f.client_ip(0);
     svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(allowed)];
     f.set_service(svc.clone());
-    let target = sock_ip(IpAddr::V4(LB_IP), 80);
+    let target = sock(f.lb_ip(), 80);
     let ok = f.from_client(0, ProbeArgs::tcp(target).count(20));
     assert!(ok.all_ok(), "client in loadBalancerSourceRanges: {ok}");
     let denied = f.from_client(1, ProbeArgs::tcp(target).count(3).timeout_ms(800));
@@ -554,7 +673,7 @@ fn load_balancer_source_ranges<B: Backend>(f: &mut Fixture<B>) {
         "denied clients are dropped, not refused: {denied}"
     );
     // The range moves to the other client: enforced after an update, both ways.
-    svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(f.tb.client_ip(1))];
+    svc.load_balancer_source_ranges = vec![ipnet::IpNet::from(f.client_ip(1))];
     f.set_service(svc);
     let ok = f.from_client(1, ProbeArgs::tcp(target).count(10));
     assert!(
@@ -577,10 +696,10 @@ fn topology_zones<B: Backend>(f: &mut Fixture<B>) {
         node.zone = Some(zone.into());
         f.cluster.upsert_node(node);
     }
-    let mut svc = service("web", "app", "web", [10, 96, 0, 63], 80, Protocol::Tcp);
+    let mut svc = f.service("web", "app", "web", 63, 80, Protocol::Tcp);
     svc.traffic_distribution = Some(TrafficDistribution::PreferClose);
     f.set_service(svc);
-    let target = sock([10, 96, 0, 63], 80);
+    let target = sock(f.vip(63), 80);
     let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
     assert!(r.all_ok(), "{r}");
     assert_eq!(
@@ -600,41 +719,34 @@ fn topology_zones<B: Backend>(f: &mut Fixture<B>) {
 }
 
 fn load_balancer_ip_mode_proxy<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("web", "app", "web", [10, 96, 0, 64], 80, Protocol::Tcp);
+    let mut svc = f.service("web", "app", "web", 64, 80, Protocol::Tcp);
     svc.service_type = ServiceType::LoadBalancer;
     svc.ports[0].node_port = Some(30084);
-    svc.load_balancer_ips = vec![IpAddr::V4(LB_IP)];
+    svc.load_balancer_ips = vec![f.lb_ip()];
     f.set_service(svc.clone());
-    let lb = sock_ip(IpAddr::V4(LB_IP), 80);
+    let lb = sock(f.lb_ip(), 80);
     let r = f.from_client(0, ProbeArgs::tcp(lb).count(10));
     assert!(r.all_ok(), "ipMode VIP: {r}");
     // The load balancer now proxies (ipMode Proxy): nothing on the node translates its
     // address any more, while the NodePort it would use keeps working.
     svc.load_balancer_ips.clear();
-    svc.load_balancer_proxy_ips = vec![IpAddr::V4(LB_IP)];
+    svc.load_balancer_proxy_ips = vec![f.lb_ip()];
     f.set_service(svc);
     let r = f.from_client(0, ProbeArgs::tcp(lb).count(3).timeout_ms(800));
     assert_eq!(r.ok(), 0, "ipMode Proxy was translated: {r}");
-    let np = sock_ip(f.node_ip(0), 30084);
+    let np = sock(f.node_ip(0), 30084);
     let r = f.from_client(0, ProbeArgs::tcp(np).count(10));
     assert!(r.all_ok(), "NodePort: {r}");
 }
 
 fn no_endpoints_refused<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service(
-        "empty",
-        "app",
-        "nothing",
-        [10, 96, 0, 54],
-        80,
-        Protocol::Tcp,
-    );
+    let mut svc = f.service("empty", "app", "nothing", 54, 80, Protocol::Tcp);
     svc.service_type = ServiceType::NodePort;
     svc.ports[0].node_port = Some(30084);
     f.set_service(svc);
     let r = f.from_pod(
         "tester",
-        ProbeArgs::tcp(sock([10, 96, 0, 54], 80))
+        ProbeArgs::tcp(sock(f.vip(54), 80))
             .count(3)
             .timeout_ms(2000),
     );
@@ -645,7 +757,7 @@ fn no_endpoints_refused<B: Backend>(f: &mut Fixture<B>) {
     );
     let r = f.from_client(
         0,
-        ProbeArgs::tcp(sock_ip(f.node_ip(1), 30084))
+        ProbeArgs::tcp(sock(f.node_ip(1), 30084))
             .count(3)
             .timeout_ms(2000),
     );
@@ -657,9 +769,9 @@ fn no_endpoints_refused<B: Backend>(f: &mut Fixture<B>) {
 }
 
 fn selector_to_missing_label<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("vote", "app", "web", [10, 96, 0, 55], 80, Protocol::Tcp);
+    let mut svc = f.service("vote", "app", "web", 55, 80, Protocol::Tcp);
     f.set_service(svc.clone());
-    let target = sock([10, 96, 0, 55], 80);
+    let target = sock(f.vip(55), 80);
     let r = f.from_pod("tester", ProbeArgs::tcp(target).count(20));
     assert!(r.all_ok(), "before: {r}");
     let good = svc.selector.clone();
@@ -678,15 +790,8 @@ fn selector_to_missing_label<B: Backend>(f: &mut Fixture<B>) {
 
 fn scaling<B: Backend>(f: &mut Fixture<B>) {
     f.remove_pods(&["web-1", "web-2", "web-4"]);
-    f.set_service(service(
-        "web",
-        "app",
-        "web",
-        [10, 96, 0, 56],
-        80,
-        Protocol::Tcp,
-    ));
-    let target = sock([10, 96, 0, 56], 80);
+    f.set_service(f.service("web", "app", "web", 56, 80, Protocol::Tcp));
+    let target = sock(f.vip(56), 80);
     let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
     assert!(r.all_ok(), "{r}");
     assert_eq!(r.pods(), names(&["web-0", "web-3"]), "scaled to 2: {r}");
@@ -700,32 +805,29 @@ fn scaling<B: Backend>(f: &mut Fixture<B>) {
 }
 
 fn client_ip_affinity<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("sticky", "app", "web", [10, 96, 0, 57], 80, Protocol::Tcp);
+    let mut svc = f.service("sticky", "app", "web", 57, 80, Protocol::Tcp);
     svc.session_affinity = SessionAffinity::ClientIp {
         timeout_seconds: 300,
     };
     svc.service_type = ServiceType::NodePort;
     svc.ports[0].node_port = Some(30087);
     f.set_service(svc);
-    let r = f.from_pod(
-        "tester",
-        ProbeArgs::tcp(sock([10, 96, 0, 57], 80)).count(40),
-    );
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock(f.vip(57), 80)).count(40));
     assert!(r.all_ok(), "{r}");
     assert_eq!(r.pods().len(), 1, "ClientIP affinity keeps one pod: {r}");
-    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(0), 30087)).count(40));
+    let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(0), 30087)).count(40));
     assert!(r.all_ok(), "{r}");
     assert_eq!(r.pods().len(), 1, "ClientIP affinity via NodePort: {r}");
 }
 
 fn external_traffic_local<B: Backend>(f: &mut Fixture<B>) {
-    let mut svc = service("local", "app", "web", [10, 96, 0, 58], 80, Protocol::Tcp);
+    let mut svc = f.service("local", "app", "web", 58, 80, Protocol::Tcp);
     svc.service_type = ServiceType::NodePort;
     svc.ports[0].node_port = Some(30088);
     svc.external_traffic_policy = TrafficPolicy::Local;
     f.set_service(svc);
-    let client = f.tb.client_ip(0);
-    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(0), 30088)).count(60));
+    let client = f.client_ip(0);
+    let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(0), 30088)).count(60));
     assert!(r.all_ok(), "{r}");
     assert_eq!(
         r.pods(),
@@ -737,7 +839,7 @@ fn external_traffic_local<B: Backend>(f: &mut Fixture<B>) {
         [client].into(),
         "the client's address is kept: {r}"
     );
-    let r = f.from_client(0, ProbeArgs::tcp(sock_ip(f.node_ip(1), 30088)).count(40));
+    let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(1), 30088)).count(40));
     assert_eq!(
         r.pods(),
         names(&["web-3", "web-4"]),
@@ -746,31 +848,21 @@ fn external_traffic_local<B: Backend>(f: &mut Fixture<B>) {
     f.remove_pods(&["web-3", "web-4"]);
     let r = f.from_client(
         0,
-        ProbeArgs::tcp(sock_ip(f.node_ip(1), 30088))
+        ProbeArgs::tcp(sock(f.node_ip(1), 30088))
             .count(3)
             .timeout_ms(800),
     );
     assert_eq!(r.timeouts(), 3, "no local endpoints: dropped: {r}");
     // ClusterIP traffic is not affected by the external policy.
-    let r = f.from_pod(
-        "tester",
-        ProbeArgs::tcp(sock([10, 96, 0, 58], 80)).count(40),
-    );
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock(f.vip(58), 80)).count(40));
     assert!(r.all_ok(), "{r}");
 }
 
 fn terminating_fallback<B: Backend>(f: &mut Fixture<B>) {
     f.remove_pods(&["web-2", "web-4"]);
     f.update_pod("web-1", |p| p.terminating = true);
-    f.set_service(service(
-        "web",
-        "app",
-        "web",
-        [10, 96, 0, 59],
-        80,
-        Protocol::Tcp,
-    ));
-    let target = sock([10, 96, 0, 59], 80);
+    f.set_service(f.service("web", "app", "web", 59, 80, Protocol::Tcp));
+    let target = sock(f.vip(59), 80);
     let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
     assert!(r.all_ok(), "{r}");
     assert_eq!(
@@ -790,32 +882,15 @@ fn terminating_fallback<B: Backend>(f: &mut Fixture<B>) {
 }
 
 fn hairpin<B: Backend>(f: &mut Fixture<B>) {
-    f.set_service(service(
-        "self",
-        "pod",
-        "web-0",
-        [10, 96, 0, 60],
-        80,
-        Protocol::Tcp,
-    ));
-    let r = f.from_pod("web-0", ProbeArgs::tcp(sock([10, 96, 0, 60], 80)).count(10));
+    f.set_service(f.service("self", "pod", "web-0", 60, 80, Protocol::Tcp));
+    let r = f.from_pod("web-0", ProbeArgs::tcp(sock(f.vip(60), 80)).count(10));
     assert!(r.all_ok(), "hairpin: {r}");
     assert_eq!(r.pods(), names(&["web-0"]), "{r}");
 }
 
 fn udp<B: Backend>(f: &mut Fixture<B>) {
-    f.set_service(service(
-        "dns",
-        "app",
-        "web",
-        [10, 96, 0, 61],
-        53,
-        Protocol::Udp,
-    ));
-    let r = f.from_pod(
-        "tester",
-        ProbeArgs::udp(sock([10, 96, 0, 61], 53)).count(100),
-    );
+    f.set_service(f.service("dns", "app", "web", 61, 53, Protocol::Udp));
+    let r = f.from_pod("tester", ProbeArgs::udp(sock(f.vip(61), 53)).count(100));
     assert!(r.all_ok(), "UDP: {r}");
     assert_eq!(r.pods(), names(&WEB), "UDP spreads: {r}");
 }
@@ -824,16 +899,9 @@ fn weighted<B: Backend>(f: &mut Fixture<B>) {
     f.remove_pods(&["web-1", "web-2", "web-4"]);
     f.update_pod("web-0", |p| p.weight = 3);
     f.update_pod("web-3", |p| p.weight = 1);
-    f.set_service(service(
-        "web",
-        "app",
-        "web",
-        [10, 96, 0, 62],
-        80,
-        Protocol::Tcp,
-    ));
+    f.set_service(f.service("web", "app", "web", 62, 80, Protocol::Tcp));
     let n = 400;
-    let r = f.from_pod("tester", ProbeArgs::tcp(sock([10, 96, 0, 62], 80)).count(n));
+    let r = f.from_pod("tester", ProbeArgs::tcp(sock(f.vip(62), 80)).count(n));
     assert!(r.all_ok(), "{r}");
     let per = r.per_pod();
     assert_binomial(
@@ -852,18 +920,11 @@ fn weighted<B: Backend>(f: &mut Fixture<B>) {
 
 fn established_survives<B: Backend>(f: &mut Fixture<B>) {
     f.remove_pods(&["web-1", "web-2", "web-4"]);
-    f.set_service(service(
-        "web",
-        "app",
-        "web",
-        [10, 96, 0, 63],
-        80,
-        Protocol::Tcp,
-    ));
+    f.set_service(f.service("web", "app", "web", 63, 80, Protocol::Tcp));
     let Some(ns) = f.tb.ns_of_pod("tester").map(str::to_string) else {
         panic!("no tester pod");
     };
-    let mut held = match f.tb.hold(&ns, sock([10, 96, 0, 63], 80)) {
+    let mut held = match f.tb.hold(&ns, sock(f.vip(63), 80)) {
         Ok(h) => h,
         Err(e) => panic!("hold: {e}"),
     };
@@ -909,15 +970,8 @@ fn udp_endpoint_replaced<B: Backend>(f: &mut Fixture<B>) {
     // 1. The only endpoint is replaced: the flow moves with it right after the sync (the
     //    old pod's server still runs, so a stale entry would keep answering from it).
     f.remove_pods(&["web-1", "web-2", "web-3", "web-4"]);
-    let dns = sock([10, 96, 0, 64], 53);
-    f.set_service(service(
-        "dns",
-        "app",
-        "web",
-        [10, 96, 0, 64],
-        53,
-        Protocol::Udp,
-    ));
+    let dns = sock(f.vip(64), 53);
+    f.set_service(f.service("dns", "app", "web", 64, 53, Protocol::Udp));
     let r = steady_udp(f, dns, 40053, 5);
     assert!(r.all_ok(), "before: {r}");
     assert_eq!(r.pods(), names(&["web-0"]), "{r}");
@@ -939,15 +993,8 @@ fn udp_endpoint_replaced<B: Backend>(f: &mut Fixture<B>) {
     );
 
     // 2. No endpoints: refused, and answered right after the first one appears.
-    let late = sock([10, 96, 0, 65], 53);
-    f.set_service(service(
-        "late",
-        "pod",
-        "web-1",
-        [10, 96, 0, 65],
-        53,
-        Protocol::Udp,
-    ));
+    let late = sock(f.vip(65), 53);
+    f.set_service(f.service("late", "pod", "web-1", 65, 53, Protocol::Udp));
     let r = steady_udp(f, late, 40054, 3);
     assert_eq!(r.ok(), 0, "no endpoints: {r}");
     f.restore_pods(&["web-1"]);
@@ -957,17 +1004,10 @@ fn udp_endpoint_replaced<B: Backend>(f: &mut Fixture<B>) {
 
     // 3. The client sent before the Service existed (untranslated, the node routed it
     //    to its sink and conntrack remembered that); the Service appears with an endpoint.
-    let early = sock([10, 96, 0, 66], 53);
+    let early = sock(f.vip(66), 53);
     let r = steady_udp(f, early, 40055, 2);
     assert_eq!(r.ok(), 0, "no Service yet: {r}");
-    f.set_service(service(
-        "early",
-        "pod",
-        "web-1",
-        [10, 96, 0, 66],
-        53,
-        Protocol::Udp,
-    ));
+    f.set_service(f.service("early", "pod", "web-1", 66, 53, Protocol::Udp));
     let r = steady_udp(f, early, 40055, 3);
     assert!(
         r.all_ok(),
@@ -975,15 +1015,55 @@ fn udp_endpoint_replaced<B: Backend>(f: &mut Fixture<B>) {
     );
 }
 
+fn dual_stack<B: Backend>(f: &mut Fixture<B>) {
+    let (v4, v6) = (IpAddr::from([10, 96, 0, 70]), f.vip(70));
+    let mut svc = service("both", "app", "web", v4, 80, Protocol::Tcp);
+    svc.cluster_ips = vec![v4, v6];
+    svc.ip_families = vec![IpFamily::V4, IpFamily::V6];
+    svc.ip_family_policy = IpFamilyPolicy::RequireDualStack;
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30090);
+    f.set_service(svc);
+    let (node4, node6) = (f.tb.node_ip(1), f.node_ip(1));
+    for (what, target) in [("IPv4", v4), ("IPv6", v6)] {
+        let r = f.from_pod("tester", ProbeArgs::tcp(sock(target, 80)).count(60));
+        assert!(r.all_ok(), "{what} ClusterIP {target}: {r}");
+        assert_eq!(r.pods(), names(&WEB), "{what} ClusterIP spreads: {r}");
+    }
+    for (what, target) in [("IPv4", node4), ("IPv6", node6)] {
+        let r = f.from_client(0, ProbeArgs::tcp(sock(target, 30090)).count(40));
+        assert!(r.all_ok(), "{what} NodePort on {target}: {r}");
+        assert_eq!(r.pods(), names(&WEB), "{what} NodePort spreads: {r}");
+    }
+    // Endpoints leave: both families' backends follow in the same sync.
+    f.remove_pods(&["web-3", "web-4"]);
+    for (what, target) in [("IPv4", v4), ("IPv6", v6)] {
+        let r = f.from_pod("tester", ProbeArgs::tcp(sock(target, 80)).count(40));
+        assert!(r.all_ok(), "{what} after scale-down: {r}");
+        assert_eq!(r.pods(), names(&WEB[..3]), "{what} after scale-down: {r}");
+    }
+}
+
 /// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
-/// directly: `svcnat_examples::conformance_suite!(MyBackend::new());`
+/// directly: every scenario over IPv4, again over IPv6 (in a module `ipv6`), and the
+/// dual-stack scenario: `svcnat_examples::conformance_suite!(MyBackend::new());`
 #[macro_export]
 macro_rules! conformance_suite {
     ($backend:expr) => {
-        $crate::conformance_suite!(@feed $backend, Direct);
+        $crate::conformance_suite!(@feed $backend, Direct, V4);
+        #[test]
+        fn dual_stack() {
+            $crate::skip_unless_root!();
+            $crate::conformance::run(&$backend, $crate::conformance::Scenario::DualStack);
+        }
+        /// Every scenario again over IPv6 (dual-stack testbed, IPv6 Services and targets).
+        mod ipv6 {
+            use super::*;
+            $crate::conformance_suite!(@feed $backend, Direct, V6);
+        }
     };
-    (@feed $backend:expr, $feed:ident) => {
-        $crate::conformance_suite!(@tests $backend, $feed;
+    (@feed $backend:expr, $feed:ident, $family:ident) => {
+        $crate::conformance_suite!(@tests $backend, $feed, $family;
             cluster_ip_spread: ClusterIpSpread,
             node_port_on_every_node: NodePortOnEveryNode,
             external_ips: ExternalIps,
@@ -1003,15 +1083,16 @@ macro_rules! conformance_suite {
             udp_endpoint_replaced: UdpEndpointReplaced,
         );
     };
-    (@tests $backend:expr, $feed:ident; $($name:ident: $scenario:ident,)*) => {
+    (@tests $backend:expr, $feed:ident, $family:ident; $($name:ident: $scenario:ident,)*) => {
         $(
             #[test]
             fn $name() {
                 $crate::skip_unless_root!();
-                $crate::conformance::run_with(
+                $crate::conformance::run_over(
                     &$backend,
                     $crate::conformance::Scenario::$scenario,
                     $crate::conformance::Feed::$feed,
+                    $crate::conformance::IpFamily::$family,
                 );
             }
         )*
@@ -1020,10 +1101,21 @@ macro_rules! conformance_suite {
 
 /// Mounts the whole suite for a backend expression with every cluster change written to a
 /// fake API server and each node's agent following it through its own API watchers
-/// ([`Feed::Api`]): `svcnat_examples::conformance_suite_api!(MyBackend::new());`
+/// ([`Feed::Api`]), over IPv4, and the dual-stack scenario:
+/// `svcnat_examples::conformance_suite_api!(MyBackend::new());`
 #[macro_export]
 macro_rules! conformance_suite_api {
     ($backend:expr) => {
-        $crate::conformance_suite!(@feed $backend, Api);
+        $crate::conformance_suite!(@feed $backend, Api, V4);
+        #[test]
+        fn dual_stack() {
+            $crate::skip_unless_root!();
+            $crate::conformance::run_over(
+                &$backend,
+                $crate::conformance::Scenario::DualStack,
+                $crate::conformance::Feed::Api,
+                $crate::conformance::IpFamily::V6,
+            );
+        }
     };
 }

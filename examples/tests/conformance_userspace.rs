@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use svcnat_examples::conformance::Backend;
+use svcnat_examples::conformance::{Backend, Scenario};
 use svcnat_userspace::{Userspace, UserspaceConfig};
 
 struct UserspaceBackend;
@@ -24,6 +24,10 @@ impl Backend for UserspaceBackend {
             ..UserspaceConfig::default()
         })
         .map_err(|e| e.to_string())
+    }
+
+    fn unsupported_v6(&self, _scenario: Scenario) -> Option<&'static str> {
+        Some("the engine has no IPv6 neighbour discovery yet")
     }
 }
 
