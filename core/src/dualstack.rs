@@ -220,7 +220,9 @@ mod tests {
     #[test]
     fn both_families_are_synced_and_reports_merge() {
         let mut d = DualStack::new(Fake::default(), Fake::default());
-        let r = d.resync(&Plan::empty(NodeContext::new("n", Vec::new(), Vec::new()))).unwrap_or_else(|e| panic!("{e}"));
+        let r = d
+            .resync(&Plan::empty(NodeContext::new("n", Vec::new(), Vec::new())))
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!((r.written, r.conntrack_deleted), (6, 2));
         assert_eq!(d.families(), [IpFamily::V4, IpFamily::V6]);
     }

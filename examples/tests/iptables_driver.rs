@@ -21,7 +21,7 @@ fn cluster(services: &[&str]) -> Cluster {
             name,
             "app",
             name,
-            [10, 96, 1, 10 + i as u8],
+            IpAddr::from([10, 96, 1, 10 + i as u8]),
             80,
             Protocol::Tcp,
         ));
