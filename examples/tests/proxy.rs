@@ -612,3 +612,113 @@ fn ctl_reports_broken_files() {
         .unwrap();
     assert_eq!(missing.status.code(), Some(1));
 }
+
+/// `svcnat-proxy --backend iptables` on dual-stack nodes: one `RequireDualStack` Service
+/// (a cluster IP per family, a NodePort) reached over IPv4 and IPv6, its rules in both
+/// iptables and ip6tables, the pods' IPv6 addresses taken from `podIPs`.
+#[test]
+fn proxy_programs_both_families() {
+    svcnat_examples::skip_unless_root!();
+    let pod6 = |node: u16, n: u16| IpAddr::from([0xfd00, 0x10, 0x244, node, 0, 0, 0, n]);
+    let spec = TestbedSpec::new(2, 1)
+        .with_ipv6()
+        .binaries(svcnat_examples::testbed_binaries!())
+        .pod(
+            PodSpec::new("vote-0", 0, IpAddr::from([10, 244, 0, 10]))
+                .with_ip(pod6(0, 10))
+                .tcp(8080),
+        )
+        .pod(
+            PodSpec::new("vote-1", 0, IpAddr::from([10, 244, 0, 11]))
+                .with_ip(pod6(0, 11))
+                .tcp(8080),
+        )
+        .pod(
+            PodSpec::new("vote-2", 1, IpAddr::from([10, 244, 1, 10]))
+                .with_ip(pod6(1, 10))
+                .tcp(8080),
+        );
+    let tb = Testbed::new(spec).expect("testbed");
+    let dir = Scratch::new();
+    let nodes: String = tb
+        .nodes()
+        .iter()
+        .map(|n| {
+            format!(
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\nspec:\n  podCIDRs: [{}, {}]\nstatus:\n  addresses:\n  - type: InternalIP\n    address: {}\n  - type: InternalIP\n    address: {}\n",
+                n.name,
+                n.pod_cidrs[0],
+                n.pod_cidrs[1],
+                n.ip,
+                n.ip6.expect("node IPv6 address")
+            )
+        })
+        .collect();
+    let pods: String = tb
+        .pods()
+        .map(|p| {
+            format!(
+                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {}\n  labels:\n    app: vote\nspec:\n  nodeName: node-{}\n  containers:\n  - name: vote\n    image: schoolofdevops/vote:v1\n    ports:\n    - containerPort: 8080\nstatus:\n  phase: Running\n  podIP: {}\n  podIPs:\n  - ip: {}\n  - ip: {}\n  conditions:\n  - type: Ready\n    status: \"True\"\n",
+                p.name, p.node, p.ips[0], p.ips[0], p.ips[1]
+            )
+        })
+        .collect();
+    dir.write("nodes.yaml", &nodes);
+    dir.write("pods.yaml", &pods);
+    dir.write(
+        "vote-svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: vote\nspec:\n  type: NodePort\n  ipFamilyPolicy: RequireDualStack\n  ipFamilies: [IPv4, IPv6]\n  clusterIPs: [10.96.0.80, \"fd00:10:96::80\"]\n  selector:\n    app: vote\n  ports:\n  - port: 80\n    targetPort: 8080\n    nodePort: {NODE_PORT}\n"
+        ),
+    );
+    let proxies: Vec<RunningProxy> = (0..2)
+        .map(|i| {
+            let v6 = tb.node_ip6(i).expect("node IPv6").to_string();
+            RunningProxy::start_with(
+                &tb,
+                i,
+                &dir.0,
+                &[
+                    "--node-ip",
+                    &v6,
+                    "--cluster-cidr",
+                    "fd00:10:244::/48",
+                    "--service-cidr",
+                    "10.96.0.0/12,fd00:10:96::/108",
+                ],
+            )
+        })
+        .collect();
+    for p in &proxies {
+        p.wait_ready();
+    }
+    let want: std::collections::BTreeSet<String> = VOTE.iter().map(|s| s.to_string()).collect();
+    for i in 0..2 {
+        for (program, what) in [("iptables-save", "IPv4"), ("ip6tables-save", "IPv6")] {
+            let rules = save(&tb, i, program);
+            assert!(
+                rules.contains("--dport 30000"),
+                "node {i} {what} rules:\n{rules}"
+            );
+        }
+        let node6 = tb.node_ip6(i).expect("node IPv6");
+        for target in [tb.node_ip(i), node6] {
+            let target = SocketAddr::new(target, NODE_PORT);
+            let r = tb
+                .probe(tb.ns_of_client(0), ProbeArgs::tcp(target).count(45))
+                .expect("probe");
+            assert!(r.all_ok(), "NodePort {target}: {r}");
+            assert_eq!(r.pods(), want, "NodePort {target}: {r}");
+        }
+    }
+    let pod_ns = tb.ns_of_pod("vote-0").expect("pod namespace").to_string();
+    for vip in ["10.96.0.80", "fd00:10:96::80"] {
+        let target = SocketAddr::new(vip.parse().expect("address"), 80);
+        let r = tb
+            .probe(&pod_ns, ProbeArgs::tcp(target).count(45))
+            .expect("probe");
+        assert!(r.all_ok(), "ClusterIP {target}: {r}");
+        assert_eq!(r.pods(), want, "ClusterIP {target}: {r}");
+    }
+    drop(proxies);
+}

@@ -46,6 +46,8 @@ use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use ipnet::IpNet;
+use svcnat_core::dualstack::DualStack;
+use svcnat_core::model::IpFamily;
 use svcnat_core::plan::Dataplane;
 use svcnat_examples::api::{self, ApiConfig, ApiSource};
 use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
@@ -195,43 +197,74 @@ fn clean_other_flavour(used: Flavour) {
         Flavour::Legacy => Flavour::Nft,
         Flavour::Nft => Flavour::Legacy,
     };
-    let Ok(mut d) = Iptables::new(IptablesConfig {
-        runner: Runner::local(),
-        flavour: Some(other),
-        ..IptablesConfig::default()
-    }) else {
-        return;
-    };
-    let stale = [Table::Nat, Table::Filter].into_iter().any(|t| {
-        d.save(t)
-            .is_ok_and(|text| text.lines().any(|l| l.starts_with(":KUBE-")))
-    });
-    if !stale {
-        return;
-    }
-    match d.cleanup() {
-        Ok(()) => warn!(
-            flavour = ?other,
-            "removed stale KUBE-* rules and chains of the other iptables flavour (a previous proxy's)"
-        ),
-        Err(e) => {
-            warn!(flavour = ?other, "cannot remove the other iptables flavour's KUBE-* rules: {e}")
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let Ok(mut d) = Iptables::new(IptablesConfig {
+            runner: Runner::local(),
+            flavour: Some(other),
+            family,
+            ..IptablesConfig::default()
+        }) else {
+            continue;
+        };
+        let stale = [Table::Nat, Table::Filter].into_iter().any(|t| {
+            d.save(t)
+                .is_ok_and(|text| text.lines().any(|l| l.starts_with(":KUBE-")))
+        });
+        if !stale {
+            continue;
+        }
+        match d.cleanup() {
+            Ok(()) => warn!(
+                flavour = ?other,
+                ?family,
+                "removed stale KUBE-* rules and chains of the other iptables flavour (a previous proxy's)"
+            ),
+            Err(e) => warn!(
+                flavour = ?other,
+                ?family,
+                "cannot remove the other iptables flavour's KUBE-* rules: {e}"
+            ),
         }
     }
+}
+
+/// The iptables dataplane of every family the node's iptables can program: iptables, and
+/// ip6tables when it works (as kube-proxy, which runs dual-stack whenever both families'
+/// iptables are usable). IPv6 missing is a warning, not an error.
+fn iptables_dual(flavour: Option<Flavour>) -> Result<DualStack<Iptables>, String> {
+    use svcnat_iptables::render::Table;
+    let one = |flavour, family| {
+        Iptables::new(IptablesConfig {
+            runner: Runner::local(),
+            flavour,
+            family,
+            ..IptablesConfig::default()
+        })
+    };
+    let v4 = one(flavour, IpFamily::V4).map_err(|e| e.to_string())?;
+    let v6 = one(Some(v4.flavour()), IpFamily::V6).and_then(|d| d.save(Table::Nat).map(|_| d));
+    Ok(match v6 {
+        Ok(v6) => DualStack::new(v4, v6),
+        Err(e) => {
+            warn!("IPv6 is not programmed: ip6tables does not work here ({e})");
+            DualStack::single(IpFamily::V4, v4)
+        }
+    })
 }
 
 /// `--cleanup`: removes what svcnat installed with the given flavour or, when none is
 /// given, with the detected one and then with the other one too (rules written through
 /// the other flavour would otherwise stay behind; failing to reach it is only a warning).
 fn cleanup(flavour: Option<Flavour>) -> ExitCode {
-    let iptables = |f: Option<Flavour>| {
+    let iptables = |f: Option<Flavour>, family| {
         Iptables::new(IptablesConfig {
             runner: Runner::local(),
             flavour: f,
+            family,
             ..IptablesConfig::default()
         })
     };
-    let mut main = match iptables(flavour) {
+    let mut main = match iptables(flavour, IpFamily::V4) {
         Ok(d) => d,
         Err(e) => {
             error!("cannot use iptables: {e}");
@@ -243,15 +276,21 @@ fn cleanup(flavour: Option<Flavour>) -> ExitCode {
         error!(flavour = ?used, "cleanup failed: {e}");
         return ExitCode::from(1);
     }
-    info!(flavour = ?used, "removed every rule and chain svcnat installed");
+    info!(flavour = ?used, "removed every rule and chain svcnat installed (IPv4)");
+    let mut rest = vec![(used, IpFamily::V6)];
     if flavour.is_none() {
         let other = match used {
             Flavour::Legacy => Flavour::Nft,
             Flavour::Nft => Flavour::Legacy,
         };
-        match iptables(Some(other)).and_then(|mut d| d.cleanup()) {
-            Ok(()) => info!(flavour = ?other, "removed every rule and chain svcnat installed"),
-            Err(e) => warn!(flavour = ?other, "cleanup of the other flavour failed: {e}"),
+        rest.extend([(other, IpFamily::V4), (other, IpFamily::V6)]);
+    }
+    // The other family and flavour: failing to reach them (no ip6tables, no other
+    // flavour) is only a warning.
+    for (f, family) in rest {
+        match iptables(Some(f), family).and_then(|mut d| d.cleanup()) {
+            Ok(()) => info!(flavour = ?f, ?family, "removed every rule and chain svcnat installed"),
+            Err(e) => warn!(flavour = ?f, ?family, "cleanup failed: {e}"),
         }
     }
     ExitCode::SUCCESS
@@ -325,19 +364,19 @@ fn main() -> ExitCode {
             }
         },
         (Backend::Iptables, false) => {
-            let dataplane = match Iptables::new(IptablesConfig {
-                runner: Runner::local(),
-                flavour,
-                ..IptablesConfig::default()
-            }) {
+            let dataplane = match iptables_dual(flavour) {
                 Ok(d) => d,
                 Err(e) => {
                     error!("cannot use iptables: {e}");
                     return ExitCode::from(1);
                 }
             };
-            info!(flavour = ?dataplane.flavour(), "iptables backend");
-            clean_other_flavour(dataplane.flavour());
+            let Some(used) = dataplane.member(IpFamily::V4).map(Iptables::flavour) else {
+                error!("cannot use iptables: no IPv4 dataplane");
+                return ExitCode::from(1);
+            };
+            info!(flavour = ?used, families = ?dataplane.families(), "iptables backend");
+            clean_other_flavour(used);
             run(args, input, dataplane, metrics())
         }
         (Backend::Userspace, false) => {
@@ -353,6 +392,15 @@ fn main() -> ExitCode {
                 }
             };
             info!(interfaces = ?args.interfaces, "userspace backend");
+            if args.node.node_ips.iter().any(IpAddr::is_ipv6)
+                || args
+                    .cluster
+                    .service_cidrs
+                    .iter()
+                    .any(|c| matches!(c, IpNet::V6(_)))
+            {
+                warn!("the userspace datapath does not resolve IPv6 neighbours yet");
+            }
             let metrics = metrics();
             let stats = dataplane.stats_source();
             metrics.set_dataplane(Box::new(move || stats().prometheus()));
@@ -380,15 +428,6 @@ fn run<D: Dataplane>(
     };
     if args.node.node_ips.is_empty() {
         warn!("no --node-ip given: NodePort services are served on no address");
-    }
-    if args.node.node_ips.iter().any(IpAddr::is_ipv6)
-        || args
-            .cluster
-            .service_cidrs
-            .iter()
-            .any(|c| matches!(c, IpNet::V6(_)))
-    {
-        warn!("IPv6 is not programmed yet: only the IPv4 frontends and endpoints are");
     }
     let node = args.node.context(node_name.clone());
     let config = ProxyConfig {
