@@ -85,6 +85,13 @@ impl<D: Dataplane> NodeAgent<D> {
         result
     }
 
+    /// Changes the node the plan is compiled for (its addresses changed, say): the next
+    /// sync compiles everything for it and rewrites the dataplane.
+    pub fn set_node(&mut self, node: NodeContext) {
+        self.plan = Plan::empty(node);
+        self.synced = false;
+    }
+
     /// Whether the dataplane holds the current plan (the last sync succeeded).
     pub fn is_synced(&self) -> bool {
         self.synced

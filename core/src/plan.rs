@@ -53,8 +53,19 @@ pub struct NodeContext {
     /// This node's addresses.
     pub node_ips: Vec<IpAddr>,
     /// `--nodeport-addresses`: node addresses in these CIDRs serve NodePorts; empty means
-    /// every node address.
+    /// every address of the node (`node_ips` and `local_addresses`).
     pub nodeport_addresses: Vec<IpNet>,
+    /// `--nodeport-addresses primary`: NodePorts only on `node_ips` (kube-proxy's
+    /// recommended setting); `nodeport_addresses` and `local_addresses` are then ignored.
+    pub nodeport_primary: bool,
+    /// Every address of the node's interfaces, as the proxy reads them; with the default
+    /// `nodeport_addresses`, NodePorts are served on all of them (IPv6 link-local ones
+    /// excepted), as kube-proxy does.
+    pub local_addresses: Vec<IpAddr>,
+    /// `--iptables-localhost-nodeports`: NodePorts also answer on IPv4 loopback addresses
+    /// in `local_addresses` (the node's `127.0.0.1`; the kernel needs `route_localnet`).
+    /// IPv6 loopback never serves NodePorts, as in kube-proxy.
+    pub localhost_nodeports: bool,
     /// `--cluster-cidr`: traffic from outside these ranges to a ClusterIP is masqueraded.
     pub cluster_cidrs: Vec<IpNet>,
     /// `--masquerade-all`: masquerade all traffic to ClusterIPs.
@@ -74,18 +85,40 @@ impl NodeContext {
             node_name: node_name.into(),
             node_ips,
             nodeport_addresses: Vec::new(),
+            nodeport_primary: false,
+            local_addresses: Vec::new(),
+            localhost_nodeports: false,
             cluster_cidrs,
             masquerade_all: false,
             chain_ids: ChainIdStyle::Current,
         }
     }
 
-    /// The node addresses that serve NodePorts.
+    /// The node addresses that serve NodePorts, each once: with `nodeport_primary` the
+    /// `node_ips`; otherwise the `node_ips` and `local_addresses` inside
+    /// `nodeport_addresses` (all of them when it is empty), without IPv6 link-local
+    /// addresses, IPv6 loopback, and IPv4 loopback unless `localhost_nodeports`.
     pub fn nodeport_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
-        self.node_ips.iter().copied().filter(|ip| {
-            self.nodeport_addresses.is_empty()
-                || self.nodeport_addresses.iter().any(|n| n.contains(ip))
-        })
+        let local: &[IpAddr] = if self.nodeport_primary {
+            &[]
+        } else {
+            &self.local_addresses
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        self.node_ips
+            .iter()
+            .chain(local)
+            .copied()
+            .filter(move |ip| {
+                let allowed = match ip {
+                    IpAddr::V4(v4) => !v4.is_loopback() || self.localhost_nodeports,
+                    IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+                };
+                let in_range = self.nodeport_primary
+                    || self.nodeport_addresses.is_empty()
+                    || self.nodeport_addresses.iter().any(|n| n.contains(ip));
+                allowed && in_range && seen.insert(*ip)
+            })
     }
 }
 
@@ -1489,6 +1522,40 @@ spec:
             .map(|(k, _)| k.addr)
             .collect();
         assert_eq!(np, [IpAddr::from([172, 16, 0, 12])]);
+    }
+
+    #[test]
+    fn nodeports_follow_kube_proxys_nodeport_addresses() {
+        let ip = |s: &str| -> IpAddr { s.parse().expect("address") };
+        let mut n = NodeContext::new("n", vec![ip("192.168.50.11")], Vec::new());
+        n.local_addresses = [
+            "127.0.0.1",
+            "192.168.50.11",
+            "10.0.0.5",
+            "::1",
+            "fe80::1",
+            "fd00::5",
+        ]
+        .map(ip)
+        .to_vec();
+        let all = |n: &NodeContext| n.nodeport_ips().collect::<Vec<_>>();
+        // Default: every local address, each once, no loopback, no IPv6 link-local.
+        assert_eq!(all(&n), ["192.168.50.11", "10.0.0.5", "fd00::5"].map(ip));
+        // Localhost NodePorts: IPv4 loopback only.
+        n.localhost_nodeports = true;
+        assert_eq!(
+            all(&n),
+            ["192.168.50.11", "127.0.0.1", "10.0.0.5", "fd00::5"].map(ip)
+        );
+        // CIDRs select among all of them (loopback too, when asked for and allowed).
+        n.nodeport_addresses = vec!["10.0.0.0/8".parse().expect("cidr")];
+        assert_eq!(all(&n), [ip("10.0.0.5")]);
+        n.nodeport_addresses
+            .push("127.0.0.0/8".parse().expect("cidr"));
+        assert_eq!(all(&n), ["127.0.0.1", "10.0.0.5"].map(ip));
+        // primary: the node IPs only.
+        n.nodeport_primary = true;
+        assert_eq!(all(&n), [ip("192.168.50.11")]);
     }
 
     #[test]

@@ -167,13 +167,26 @@ pub struct NodeArgs {
     /// The pod network (repeatable): traffic from outside it to a ClusterIP is masqueraded.
     #[arg(long = "cluster-cidr", value_name = "CIDR", value_delimiter = ',')]
     pub cluster_cidrs: Vec<IpNet>,
-    /// Serve NodePorts only on node addresses inside these ranges (repeatable).
+    /// Serve NodePorts only on the node's addresses inside these ranges (repeatable), or,
+    /// with `primary`, only on the --node-ip addresses. Default: every address of every
+    /// interface of the node, as kube-proxy.
     #[arg(
         long = "nodeport-addresses",
-        value_name = "CIDR",
-        value_delimiter = ','
+        value_name = "CIDR|primary",
+        value_delimiter = ',',
+        value_parser = parse_nodeport_address
     )]
-    pub nodeport_addresses: Vec<IpNet>,
+    pub nodeport_addresses: Vec<NodePortAddress>,
+    /// Also serve NodePorts on 127.0.0.1 (IPv4 only; sets net.ipv4.conf.all.route_localnet=1;
+    /// iptables backend only), as kube-proxy's --iptables-localhost-nodeports.
+    #[arg(
+        long = "localhost-nodeports",
+        alias = "iptables-localhost-nodeports",
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub localhost_nodeports: bool,
     /// Masquerade all traffic to ClusterIPs.
     #[arg(long)]
     pub masquerade_all: bool,
@@ -184,11 +197,55 @@ impl NodeArgs {
     pub fn context(&self, name: String) -> NodeContext {
         {
             let mut ctx = NodeContext::new(name, self.node_ips.clone(), self.cluster_cidrs.clone());
-            ctx.nodeport_addresses = self.nodeport_addresses.clone();
+            ctx.nodeport_primary = self.nodeport_addresses.contains(&NodePortAddress::Primary);
+            ctx.nodeport_addresses = self
+                .nodeport_addresses
+                .iter()
+                .filter_map(|a| match a {
+                    NodePortAddress::Cidr(c) => Some(*c),
+                    NodePortAddress::Primary => None,
+                })
+                .collect();
+            ctx.localhost_nodeports = self.localhost_nodeports;
             ctx.masquerade_all = self.masquerade_all;
             ctx
         }
     }
+}
+
+/// One value of `--nodeport-addresses`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodePortAddress {
+    /// `primary`: the node's primary addresses (`--node-ip`) only.
+    Primary,
+    /// Addresses inside this range.
+    Cidr(IpNet),
+}
+
+fn parse_nodeport_address(text: &str) -> Result<NodePortAddress, String> {
+    if text == "primary" {
+        return Ok(NodePortAddress::Primary);
+    }
+    text.parse()
+        .map(NodePortAddress::Cidr)
+        .map_err(|_| format!("{text:?} is neither a CIDR (like 192.168.50.0/24) nor \"primary\""))
+}
+
+/// Every address of every interface of this network namespace (`getifaddrs`), as
+/// kube-proxy reads them to serve NodePorts.
+pub fn local_addresses() -> std::io::Result<Vec<std::net::IpAddr>> {
+    let mut out = Vec::new();
+    for ifa in nix::ifaddrs::getifaddrs().map_err(std::io::Error::from)? {
+        let Some(addr) = ifa.address else { continue };
+        if let Some(v4) = addr.as_sockaddr_in() {
+            out.push(std::net::IpAddr::V4(v4.ip()));
+        } else if let Some(v6) = addr.as_sockaddr_in6() {
+            out.push(std::net::IpAddr::V6(v6.ip()));
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
 }
 
 /// How a program follows an API server instead of a manifest directory.

@@ -1970,7 +1970,23 @@ pub struct Proxy<D: Dataplane, S: Source = ManifestDir> {
     service_health: Option<crate::svchealth::ServiceHealth>,
     /// Set (by SIGHUP) to ask for a reload: the source polled and everything rewritten now.
     reload: Option<Arc<AtomicBool>>,
+    /// Reads the node's interface addresses (NodePorts are served on them).
+    local_addresses: Option<AddressReader>,
+    /// When the addresses were last read.
+    addresses_read: Option<Instant>,
 }
+
+/// Reads the addresses of the node's interfaces (e.g. [`crate::cli::local_addresses`]).
+pub struct AddressReader(pub Box<dyn FnMut() -> io::Result<Vec<std::net::IpAddr>> + Send>);
+
+impl std::fmt::Debug for AddressReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AddressReader")
+    }
+}
+
+/// How often [`Proxy::follow_local_addresses`] reads the node's addresses.
+pub const ADDRESS_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl<D: Dataplane> Proxy<D, ManifestDir> {
     /// Reads the manifest directory (failing when it cannot be listed); nothing is synced
@@ -2015,6 +2031,8 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             waiting: false,
             service_health: None,
             reload: None,
+            local_addresses: None,
+            addresses_read: None,
         }
     }
 
@@ -2022,6 +2040,57 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
     /// and every rule rewritten at the next step, as the periodic resync would.
     pub fn reload_on(&mut self, flag: Arc<AtomicBool>) {
         self.reload = Some(flag);
+    }
+
+    /// Serves NodePorts on the node's interface addresses as `read` gives them (see
+    /// [`svcnat_core::plan::NodeContext::local_addresses`]), read now and every
+    /// [`ADDRESS_CHECK_INTERVAL`]: an address added or removed later is followed within
+    /// about a second.
+    pub fn follow_local_addresses(&mut self, read: AddressReader) {
+        self.local_addresses = Some(read);
+        self.addresses_read = None;
+    }
+
+    /// Reads the node's addresses when due; when they changed, the plan is recompiled for
+    /// them and everything rewritten at the next sync.
+    fn check_local_addresses(&mut self, now: Instant) {
+        let Some(read) = &mut self.local_addresses else {
+            return;
+        };
+        if self
+            .addresses_read
+            .is_some_and(|t| now.saturating_duration_since(t) < ADDRESS_CHECK_INTERVAL)
+        {
+            return;
+        }
+        self.addresses_read = Some(now);
+        let mut addresses = match (read.0)() {
+            Ok(a) => a,
+            Err(e) => {
+                warn!("cannot read the node's addresses: {e}");
+                return;
+            }
+        };
+        addresses.sort();
+        addresses.dedup();
+        let node = self.agent.plan().node();
+        if node.local_addresses == addresses {
+            return;
+        }
+        let mut node = node.clone();
+        info!(
+            addresses = ?addresses,
+            nodeports = ?{
+                let mut n = node.clone();
+                n.local_addresses = addresses.clone();
+                n.nodeport_ips().collect::<Vec<_>>()
+            },
+            "the node's addresses changed: NodePorts follow"
+        );
+        node.local_addresses = addresses;
+        self.agent.set_node(node);
+        self.dirty = true;
+        self.full_next = true;
     }
 
     /// Serves the health check node ports of the plan's `externalTrafficPolicy: Local`
@@ -2097,6 +2166,7 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             self.next_poll = Some(now + self.config.poll_interval);
             step.polled = true;
             self.poll();
+            self.check_local_addresses(now);
         }
         if !self.source.is_ready() {
             if !self.waiting {

@@ -50,8 +50,10 @@ use svcnat_core::dualstack::DualStack;
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::Dataplane;
 use svcnat_examples::api::{self, ApiConfig, ApiSource};
-use svcnat_examples::cli::{ApiArgs, ClusterArgs, Input, NodeArgs};
-use svcnat_examples::proxy::{self, Metrics, Proxy, ProxyConfig, Routes, Source, SyncConfig};
+use svcnat_examples::cli::{self, ApiArgs, ClusterArgs, Input, NodeArgs};
+use svcnat_examples::proxy::{
+    self, AddressReader, Metrics, Proxy, ProxyConfig, Routes, Source, SyncConfig,
+};
 use svcnat_examples::svchealth::ServiceHealth;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
@@ -356,7 +358,7 @@ fn main() -> ExitCode {
         (Backend::Ipvs, false) => match ipvs() {
             Ok(d) => {
                 info!(family_id = d.family_id(), scheduler = %args.ipvs_scheduler, "IPVS backend");
-                run(args, input, d, metrics())
+                run(args, input, d, metrics(), Localhost::Unsupported("IPVS"))
             }
             Err(e) => {
                 error!("cannot use IPVS: {e}");
@@ -377,7 +379,7 @@ fn main() -> ExitCode {
             };
             info!(flavour = ?used, families = ?dataplane.families(), "iptables backend");
             clean_other_flavour(used);
-            run(args, input, dataplane, metrics())
+            run(args, input, dataplane, metrics(), Localhost::Iptables)
         }
         (Backend::Userspace, false) => {
             let dataplane = match Userspace::start(UserspaceConfig {
@@ -406,18 +408,58 @@ fn main() -> ExitCode {
             metrics.set_dataplane(Box::new(move || stats().prometheus()));
             // Dropping the datapath on exit hands forwarding back to the kernel: without
             // its workers the ingress drops would black-hole the node.
-            run(args, input, dataplane, metrics)
+            run(
+                args,
+                input,
+                dataplane,
+                metrics,
+                Localhost::Unsupported(
+                    "the userspace datapath (it does not see the node's own traffic)",
+                ),
+            )
         }
     }
 }
 
+/// Whether a backend can serve NodePorts on 127.0.0.1.
+enum Localhost {
+    /// Yes, with `route_localnet`.
+    Iptables,
+    /// No: the backend named cannot.
+    Unsupported(&'static str),
+}
+
+/// `--localhost-nodeports`: kube-proxy's iptables mode sets `route_localnet` so that the
+/// kernel routes packets from 127.0.0.1 DNATed to a pod (and masqueraded on the way out).
+fn enable_route_localnet() -> std::io::Result<()> {
+    std::fs::write("/proc/sys/net/ipv4/conf/all/route_localnet", "1")
+}
+
 /// Runs the proxy loop over `dataplane` until a signal.
 fn run<D: Dataplane>(
-    args: Args,
+    mut args: Args,
     input: Option<Input>,
     dataplane: D,
     metrics: Arc<Metrics>,
+    localhost: Localhost,
 ) -> ExitCode {
+    if args.node.localhost_nodeports {
+        match localhost {
+            Localhost::Iptables => match enable_route_localnet() {
+                Ok(()) => info!("NodePorts on 127.0.0.1 (net.ipv4.conf.all.route_localnet=1)"),
+                Err(e) => {
+                    warn!(
+                        "cannot set route_localnet, so NodePorts are not served on 127.0.0.1: {e}"
+                    );
+                    args.node.localhost_nodeports = false;
+                }
+            },
+            Localhost::Unsupported(backend) => {
+                info!("NodePorts are not served on 127.0.0.1 with {backend}");
+                args.node.localhost_nodeports = false;
+            }
+        }
+    }
     let Some(input) = input else {
         eprintln!("svcnat-proxy: give --manifests DIR or --kubeconfig FILE");
         return ExitCode::from(2);
@@ -500,6 +542,7 @@ fn run<D: Dataplane>(
             match Proxy::new(config, dataplane, metrics) {
                 Ok(mut p) => {
                     p.serve_service_health(service_health);
+                    p.follow_local_addresses(AddressReader(Box::new(cli::local_addresses)));
                     drive(&mut p, &stop)
                 }
                 Err(e) => {
@@ -536,6 +579,7 @@ fn run<D: Dataplane>(
             };
             let mut p = Proxy::with_source(source, sync, dataplane, metrics);
             p.serve_service_health(service_health);
+            p.follow_local_addresses(AddressReader(Box::new(cli::local_addresses)));
             drive(&mut p, &stop)
         }
     }
