@@ -4,8 +4,15 @@
 //! - [`ManifestDir`] is the source. It polls a directory for `*.yaml`, `*.yml` and `*.json`
 //!   files (names, sizes, modification times and inodes; a file changed in the last second
 //!   is also re-read, as its time stamp cannot tell two quick writes apart). A change is
-//!   read only once it has held still for one poll, so a file caught half-written is not
-//!   applied. It keeps the **last good version per object**, as `kubectl apply` users
+//!   read only once it has held still for one poll, and a text is used only when the
+//!   file's stamp is the same after reading it (so a file caught between two writes is
+//!   not applied). A file over [`MAX_MANIFEST_BYTES`], or beyond
+//!   [`MAX_MANIFEST_TOTAL_BYTES`] for the directory, is refused by its size before
+//!   anything is read. A rewrite in place is never applied half-way: a file with objects
+//!   in force that becomes empty keeps them all (delete the file to remove them), and a
+//!   text that does not load whole and is shorter than the last whole text, or ends in
+//!   the middle of a line, keeps the objects it no longer names. Atomic replace (write
+//!   beside, then rename) is the fast path. It keeps the **last good version per object**, as `kubectl apply` users
 //!   expect: an object is identified by kind, namespace (after defaulting) and name, and
 //!   the objects in force are, per file, those of its current text that are valid and fit
 //!   with the rest. An object of the text that is invalid (a syntax or validation error,
@@ -15,15 +22,16 @@
 //!   deleted file's. A document whose YAML does not parse has no identity: the last good
 //!   versions of what it held stay, matched by the kind and name a line scan of it finds,
 //!   else by document index. An unreadable file keeps all of its objects.
-//! - Clashes go as at the API server, which refuses the create or update that clashes:
-//!   the object in force keeps what it holds and the newcomer (or the changed version)
-//!   loses, whichever file sorts first, so ownership never moves because an unrelated
-//!   file changed. Objects in force enter the build first, in the order they came into
-//!   force, then the changes. The cluster is built once with every change; only when that
-//!   build has errors are the changes tried again: the versions in force, the changes
-//!   without errors together, then each clashing change on its own, last. History is not
-//!   persisted: a fresh [`ManifestDir`] (a restart, `svcnat-ctl`) admits objects in file
-//!   name and document order, so there the earlier file holds.
+//! - Clashes go by one rule, the API server's, in one order: the texts on disk enter the
+//!   build ([`Manifests::build`]) by file name, then document, so the first claimant in
+//!   that order keeps a name (`services "x" already exists`), a cluster IP or a node port
+//!   (`provided ... is already allocated`, naming the holder and where it is defined),
+//!   and only the object that clashes is refused, never its file-mates. The order does not
+//!   depend on history, so a restart, `svcnat-dns` and `svcnat-ctl` on the same directory
+//!   decide the same way, and an unrelated file changing moves nothing. A refused change
+//!   falls back to its last good version, which (like every last good version kept for an
+//!   invalid text) enters the build after all texts on disk, so it only gets what no text
+//!   claims: one more build per reconcile at most, whatever the number of files.
 //! - [`ManifestDir::problems`] lists per file what is not in force and why (`file:line:
 //!   document: object: field: error`), and what is in force instead (`its last good version
 //!   stays in force`, or `left out`); the same lines are logged when they first appear.
