@@ -69,6 +69,10 @@ impl Default for ClusterConfig {
     }
 }
 
+/// The most replicas a workload may ask for: each becomes a Pod in memory and in the
+/// EndpointSlices, so one typo (`replicas: 70000`) would hold up every other change.
+pub const MAX_REPLICAS: u32 = 10_000;
+
 fn net(s: &str) -> IpNet {
     s.parse().unwrap_or(IpNet::V4(ipnet::Ipv4Net::new_assert(
         Ipv4Addr::UNSPECIFIED,
@@ -192,6 +196,27 @@ pub enum ValidateError {
     /// The same value twice where it must be unique.
     #[error("Duplicate value: {0}")]
     Duplicate(String),
+    /// More of something than svcnat allows (a limit of svcnat's, not of Kubernetes).
+    #[error("Too many: {value}: must be at most {limit} ({what})")]
+    TooMany {
+        /// The value given.
+        value: i64,
+        /// The limit.
+        limit: u64,
+        /// What is limited.
+        what: &'static str,
+    },
+    /// An object whose kind, namespace and name another object already has: the API
+    /// server's "already exists" on create.
+    #[error("{resource} \"{name}\" already exists (defined at {at})")]
+    AlreadyExists {
+        /// The resource, lower case plural (`services`, `pods`).
+        resource: String,
+        /// The name.
+        name: String,
+        /// Where the object that has it is defined, `file:line`.
+        at: String,
+    },
     /// A field that is not allowed in this context.
     #[error("Forbidden: {0}")]
     Forbidden(String),
@@ -334,7 +359,16 @@ impl Manifests {
     /// Builds the cluster: expands workloads into Pods, allocates what is unallocated, and
     /// rejects clashes between objects (the later object loses, as the API server would
     /// refuse to create it). Errors found here are appended to `self.errors`.
+    ///
+    /// One identity, one object: a later object with the kind, namespace and name of an
+    /// earlier one is refused (`services "x" already exists`), as the API server refuses
+    /// to create an object that exists. So the first claimant in the order of
+    /// [`Manifests::objects`] keeps a name, a cluster IP or a node port, and only the
+    /// object that clashes is refused, never its file-mates. Loading files in a fixed
+    /// order (file name, then position) makes the outcome the same in every process and
+    /// across restarts.
     pub fn build(&mut self, config: &ClusterConfig) -> Cluster {
+        self.refuse_duplicates();
         let mut b = Builder::new(config);
         for l in &self.objects {
             if let Object::Node(n) = &l.object {
@@ -366,7 +400,8 @@ impl Manifests {
         let mut pending = Vec::new();
         for l in &self.objects {
             if let Object::Service(svc) = &l.object {
-                match b.reserve_service(svc) {
+                let at = format!("{}:{}", l.source.file, l.source.line);
+                match b.reserve_service(svc, &at) {
                     Ok(()) => pending.push((l, svc.clone())),
                     Err((field, e)) => errors.push(error_at(l, svc_ref(svc), field, e)),
                 }
@@ -448,6 +483,62 @@ impl Manifests {
         self.errors
             .sort_by_key(|e| (order.get(&e.file).copied(), e.document, e.line));
         cluster
+    }
+}
+
+impl Manifests {
+    /// Moves every object whose identity an earlier object has to the errors.
+    fn refuse_duplicates(&mut self) {
+        let mut first: BTreeMap<&ObjectRef, &Source> = BTreeMap::new();
+        let mut dups = BTreeSet::new();
+        for (i, l) in self.objects.iter().enumerate() {
+            if first.contains_key(&l.id) {
+                dups.insert(i);
+            } else {
+                first.insert(&l.id, &l.source);
+            }
+        }
+        if dups.is_empty() {
+            return;
+        }
+        let mut errors = Vec::new();
+        for &i in &dups {
+            let Some(l) = self.objects.get(i) else {
+                continue;
+            };
+            let at = first
+                .get(&l.id)
+                .map(|s| format!("{}:{}", s.file, s.line))
+                .unwrap_or_default();
+            errors.push(LoadError {
+                file: l.source.file.clone(),
+                line: l.source.line,
+                document: l.source.document,
+                object: Some(l.id.clone()),
+                field: "metadata.name".into(),
+                error: ValidateError::AlreadyExists {
+                    resource: resource_of(&l.id.kind),
+                    name: l.id.name.clone(),
+                    at,
+                },
+            });
+        }
+        let mut i = 0;
+        self.objects.retain(|_| {
+            i += 1;
+            !dups.contains(&(i - 1))
+        });
+        self.errors.extend(errors);
+    }
+}
+
+/// The API resource of a kind, as the API server names it in errors: `services`.
+fn resource_of(kind: &str) -> String {
+    let lower = kind.to_ascii_lowercase();
+    if lower.ends_with('s') {
+        lower
+    } else {
+        format!("{lower}s")
     }
 }
 
@@ -1862,7 +1953,18 @@ fn convert_workload(
     let ns = ctx.namespace(&md);
     let replicas = match replicas {
         None => 1,
-        Some(r) if r >= 0 => r as u32,
+        Some(r) if r >= 0 && r.unsigned_abs() <= MAX_REPLICAS => r.unsigned_abs(),
+        Some(r) if r >= 0 => {
+            ctx.err(
+                "spec.replicas",
+                ValidateError::TooMany {
+                    value: i64::from(r),
+                    limit: u64::from(MAX_REPLICAS),
+                    what: "replicas per workload",
+                },
+            );
+            0
+        }
         Some(r) => {
             ctx.err(
                 "spec.replicas",
@@ -2340,6 +2442,9 @@ struct Builder<'a> {
     node_ports: BTreeMap<(u16, Protocol), ServiceName>,
     health_ports: BTreeMap<u16, ServiceName>,
     used_pod_ips: BTreeSet<IpAddr>,
+    /// Where each Service holding something is defined (`file:line`), for the errors of
+    /// later claimants.
+    defined_at: BTreeMap<ServiceName, String>,
 }
 
 type FieldError = (String, ValidateError);
@@ -2353,6 +2458,7 @@ impl<'a> Builder<'a> {
             node_ports: BTreeMap::new(),
             health_ports: BTreeMap::new(),
             used_pod_ips: BTreeSet::new(),
+            defined_at: BTreeMap::new(),
         }
     }
 
@@ -2396,7 +2502,15 @@ impl<'a> Builder<'a> {
             .join(",")
     }
 
-    fn reserve_service(&mut self, svc: &Service) -> Result<(), FieldError> {
+    /// The holder of something, for an error: `default/b in b.yaml:4`.
+    fn holder(&self, owner: &ServiceName) -> String {
+        match self.defined_at.get(owner) {
+            Some(at) => format!("{owner} in {at}"),
+            None => owner.to_string(),
+        }
+    }
+
+    fn reserve_service(&mut self, svc: &Service, at: &str) -> Result<(), FieldError> {
         for (i, ip) in svc.cluster_ips.iter().enumerate() {
             let field = if i == 0 {
                 "spec.clusterIP".to_string()
@@ -2417,7 +2531,7 @@ impl<'a> Builder<'a> {
                     field,
                     ValidateError::ClusterIpAllocated {
                         ip: *ip,
-                        owner: owner.to_string(),
+                        owner: self.holder(owner),
                     },
                 ));
             }
@@ -2430,7 +2544,7 @@ impl<'a> Builder<'a> {
                     format!("spec.ports[{i}].nodePort"),
                     ValidateError::NodePortAllocated {
                         port: np,
-                        owner: owner.to_string(),
+                        owner: self.holder(owner),
                     },
                 ));
             }
@@ -2445,10 +2559,11 @@ impl<'a> Builder<'a> {
                 "spec.healthCheckNodePort".into(),
                 ValidateError::NodePortAllocated {
                     port: h,
-                    owner: owner.to_string(),
+                    owner: self.holder(owner),
                 },
             ));
         }
+        self.defined_at.insert(svc.name.clone(), at.to_string());
         for ip in &svc.cluster_ips {
             self.cluster_ips.insert(*ip, svc.name.clone());
         }
@@ -2942,8 +3057,96 @@ spec:
         assert_eq!(m.errors.len(), 1);
         assert_eq!(
             m.errors[0].to_string(),
-            "b.yaml:14: document 0: Service instavote/vote2: spec.ports[0].nodePort: Invalid value: 30000: provided port is already allocated (to Service instavote/vote)"
+            "b.yaml:14: document 0: Service instavote/vote2: spec.ports[0].nodePort: Invalid value: 30000: provided port is already allocated (to Service instavote/vote in a.yaml:2)"
         );
+    }
+
+    fn clash_svc(name: &str, ip: &str, node_port: u16) -> String {
+        format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  type: NodePort\n  \
+             clusterIP: {ip}\n  ports: [{{port: 80, nodePort: {node_port}}}]\n"
+        )
+    }
+
+    fn services_of(c: &Cluster) -> Vec<(String, String, u16)> {
+        c.services()
+            .map(|s| {
+                (
+                    s.name.name.clone(),
+                    s.cluster_ips[0].to_string(),
+                    s.ports[0].node_port.unwrap_or(0),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_first_claimant_keeps_names_ips_and_ports_and_only_clashes_are_refused() {
+        let cfg = ClusterConfig::default();
+        let a = [
+            clash_svc("x", "10.96.0.10", 30000),
+            clash_svc("ok", "10.96.0.11", 30001),
+        ]
+        .concat();
+        let b = [
+            clash_svc("x", "10.96.0.20", 30020),
+            clash_svc("y", "10.96.0.10", 30021),
+            clash_svc("z", "10.96.0.22", 30000),
+            clash_svc("w", "10.96.0.23", 30023),
+        ]
+        .concat();
+        let load = |files: &[(&str, &str)]| {
+            let mut m = Manifests::from_files(files.iter().copied(), &cfg);
+            let c = m.build(&cfg);
+            let errors: Vec<String> = m.errors.iter().map(ToString::to_string).collect();
+            (services_of(&c), errors)
+        };
+        let (services, errors) = load(&[("a.yaml", &a), ("b.yaml", &b)]);
+        assert_eq!(
+            services,
+            [
+                ("ok".to_string(), "10.96.0.11".to_string(), 30001),
+                ("w".to_string(), "10.96.0.23".to_string(), 30023),
+                ("x".to_string(), "10.96.0.10".to_string(), 30000),
+            ],
+            "file-mates of refused objects stay"
+        );
+        assert_eq!(
+            errors,
+            [
+                "b.yaml:2: document 0: Service default/x: metadata.name: services \"x\" already exists (defined at a.yaml:2)",
+                "b.yaml:15: document 1: Service default/y: spec.clusterIP: Invalid value: 10.96.0.10: provided IP is already allocated (to Service default/x in a.yaml:2)",
+                "b.yaml:24: document 2: Service default/z: spec.ports[0].nodePort: Invalid value: 30000: provided port is already allocated (to Service default/x in a.yaml:2)",
+            ]
+        );
+        // An unrelated file loaded in between changes nothing of who holds what.
+        let c = clash_svc("c", "10.96.0.30", 30030);
+        let (with_c, errors_c) = load(&[("a.yaml", &a), ("b.yaml", &b), ("c.yaml", &c)]);
+        assert_eq!(with_c.len(), 4);
+        assert!(with_c.contains(&("x".to_string(), "10.96.0.10".to_string(), 30000)));
+        assert_eq!(errors_c, errors);
+    }
+
+    #[test]
+    fn replicas_over_the_limit_are_refused_by_name() {
+        let cfg = ClusterConfig::default();
+        let deploy = |n: u32| {
+            format!(
+                "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: huge}}\nspec:\n  replicas: {n}\n  \
+                 selector: {{matchLabels: {{app: h}}}}\n  template:\n    metadata: {{labels: {{app: h}}}}\n    \
+                 spec: {{containers: [{{name: c, image: x}}]}}\n"
+            )
+        };
+        let text = deploy(70_000);
+        let m = Manifests::from_files([("big.yaml", text.as_str())], &cfg);
+        assert!(m.objects.is_empty());
+        assert_eq!(
+            m.errors[0].to_string(),
+            "big.yaml:5: document 0: Deployment default/huge: spec.replicas: Too many: 70000: must be at most 10000 (replicas per workload)"
+        );
+        let text = deploy(MAX_REPLICAS);
+        let m = Manifests::from_files([("big.yaml", text.as_str())], &cfg);
+        assert!(m.errors.is_empty(), "{:?}", m.errors);
     }
 
     #[test]

@@ -326,7 +326,7 @@ fn json_clashes_and_old_api_versions_have_lines() {
         errors,
         [
             "web.json:18: document 1: Service default/second: spec.ports[0].nodePort: Invalid \
-          value: 30080: provided port is already allocated (to Service default/first)"
+          value: 30080: provided port is already allocated (to Service default/first in web.json:1)"
         ]
     );
     let warnings: Vec<_> = m.warnings.iter().map(ToString::to_string).collect();

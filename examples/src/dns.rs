@@ -24,17 +24,24 @@
 //!   the lock only to clone the `Arc`, a reload only to swap it, so reloads never stall
 //!   queries. [`Server::serve_udp`] and [`Server::serve_tcp`] are the blocking socket
 //!   loops (std only; TCP frames carry the 2-byte length, several queries per connection,
-//!   an idle timeout); with a forwarder, UDP workers hand forwarded queries over and go
-//!   on, and every UDP response is charged to the rate limiter first.
+//!   an idle timeout between messages and a deadline per message from its first byte; at
+//!   the connection limit a newcomer closes the connection that made no progress for
+//!   longest, so slow or idle clients never lock others out); with a forwarder, UDP
+//!   workers hand forwarded queries over and go on, and every UDP response is charged to
+//!   the rate limiter first. A datagram that is not a plausible query, or comes from a
+//!   [`REFLECTOR_PORTS`] port or the server's own address, gets no answer at all
+//!   ([`udp_answerable`]).
 //!
 //! The manifests come from the proxy's [`ManifestDir`](crate::proxy::ManifestDir), so the
 //! DNS server and the proxy apply the same files by the same rules (an invalid object
 //! keeps its last good version) and allocate the same cluster IPs from the same flags.
 //!
 //! Errors and limits on the wire, in the order they are checked: fewer than 12 bytes or
-//! the QR bit set: dropped (no reply to a reply); an opcode other than QUERY: NOTIMP; a
-//! message that does not parse after its header: FORMERR; not exactly one question:
-//! FORMERR; an OPT record of an EDNS version above 0: BADVERS (RFC 6891 6.1.3); a class
+//! the QR bit set: dropped (no reply to a reply); an opcode other than QUERY: NOTIMP over
+//! TCP, dropped over UDP; a message that does not parse after its header: FORMERR over
+//! TCP, dropped over UDP; not exactly one question: FORMERR over TCP, dropped over UDP (a
+//! UDP source can be spoofed: an error sent to an echoing service would start an endless
+//! exchange, so only plausible queries are answered); an OPT record of an EDNS version above 0: BADVERS (RFC 6891 6.1.3); a class
 //! other than IN (or ANY): REFUSED; zone transfers: REFUSED; other types the resolver has
 //! no records of (TXT, MX, HTTPS, ...): NODATA or NXDOMAIN.
 
@@ -44,8 +51,8 @@ pub mod rrl;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -72,8 +79,20 @@ pub const TCP_MAX_MESSAGE: usize = 65535;
 /// How long a TCP connection may stay idle between queries (RFC 7766 6.2.3 suggests
 /// seconds, not minutes).
 pub const TCP_IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// The most TCP connections served at once; more are closed at once.
+/// The most TCP connections served at once. A new connection beyond it closes the one
+/// that made no progress for longest (idle, or trickling a message), so that slow or idle
+/// connections can never hold every slot; when every connection is busy answering, the
+/// new one is closed.
 pub const TCP_MAX_CONNECTIONS: usize = 256;
+/// How long one TCP message may take to arrive from its first byte: a client trickling a
+/// query byte by byte is closed once it is over (RFC 7766 6.2.3: servers "may also
+/// close... to ensure that resources are not consumed by ... slow" clients).
+pub const TCP_MESSAGE_DEADLINE: Duration = Duration::from_secs(3);
+/// Source ports a UDP query never comes from, and so are never answered: port 0, and the
+/// services that answer (or reflect) whatever datagram they get: echo, daytime, qotd,
+/// chargen, time, DNS, NTP, NetBIOS, SNMP, CLDAP, SSDP, memcached. A "query" from one of
+/// them is spoofed, and answering it would start an endless exchange or a reflection.
+pub const REFLECTOR_PORTS: [u16; 13] = [0, 7, 13, 17, 19, 37, 53, 123, 137, 161, 389, 1900, 11211];
 /// How often the socket loops look at their stop flag.
 const STOP_POLL: Duration = Duration::from_millis(250);
 /// The receive buffer for one UDP datagram (queries are small; larger ones are FORMERR).
@@ -199,23 +218,39 @@ pub fn handle_query_step(
         outcome.rcode = Some(rcode);
         Step::Reply(msg.to_vec().ok())
     };
+    // Over UDP the source address is not proven: a datagram that is not a plausible
+    // query may be a spoofed one from an echoing service, and an error answer to it starts
+    // a loop between the two (or reflects at a victim). Only TCP gets the errors.
+    let silent = transport == Transport::Udp;
     if header.op_code != OpCode::Query {
         // RFC 1035 4.1.1: "4 Not Implemented - The name server does not support the
         // requested kind of query."
-        let out = header_only(ResponseCode::NotImp, &mut outcome);
+        let out = if silent {
+            Step::Reply(None)
+        } else {
+            header_only(ResponseCode::NotImp, &mut outcome)
+        };
         return (out, outcome);
     }
     let request = match Message::from_vec(query) {
         Ok(m) => m,
         Err(e) => {
             debug!("malformed query {}: {e}", header.id);
-            let out = header_only(ResponseCode::FormErr, &mut outcome);
+            let out = if silent {
+                Step::Reply(None)
+            } else {
+                header_only(ResponseCode::FormErr, &mut outcome)
+            };
             return (out, outcome);
         }
     };
     // RFC 9619: a QUERY with a QDCOUNT other than 1 is a format error.
     let [question] = request.queries.as_slice() else {
-        let out = header_only(ResponseCode::FormErr, &mut outcome);
+        let out = if silent {
+            Step::Reply(None)
+        } else {
+            header_only(ResponseCode::FormErr, &mut outcome)
+        };
         return (out, outcome);
     };
     let qname = question.name().to_ascii();
@@ -593,8 +628,10 @@ fn encode_within(response: &mut Message, limit: usize) -> (Option<Vec<u8>>, bool
 #[derive(Debug)]
 pub struct Server {
     resolver: RwLock<Arc<Resolver>>,
-    tcp_connections: AtomicUsize,
+    tcp: Mutex<TcpSlots>,
+    tcp_max_connections: usize,
     tcp_idle_timeout: Duration,
+    tcp_message_deadline: Duration,
     forwarder: Option<Forwarder>,
     allow_recursion: Vec<IpNet>,
     rrl: Option<Mutex<RateLimiter>>,
@@ -607,8 +644,10 @@ impl Server {
     pub fn new(resolver: Resolver) -> Server {
         Server {
             resolver: RwLock::new(Arc::new(resolver)),
-            tcp_connections: AtomicUsize::new(0),
+            tcp: Mutex::new(TcpSlots::default()),
+            tcp_max_connections: TCP_MAX_CONNECTIONS,
             tcp_idle_timeout: TCP_IDLE_TIMEOUT,
+            tcp_message_deadline: TCP_MESSAGE_DEADLINE,
             forwarder: None,
             allow_recursion: Vec::new(),
             rrl: None,
@@ -620,6 +659,25 @@ impl Server {
     pub fn with_tcp_idle_timeout(mut self, timeout: Duration) -> Server {
         self.tcp_idle_timeout = timeout;
         self
+    }
+
+    /// Sets how long one TCP message may take from its first byte (default
+    /// [`TCP_MESSAGE_DEADLINE`]).
+    pub fn with_tcp_message_deadline(mut self, deadline: Duration) -> Server {
+        self.tcp_message_deadline = deadline;
+        self
+    }
+
+    /// Sets how many TCP connections are served at once (default [`TCP_MAX_CONNECTIONS`],
+    /// at least 1).
+    pub fn with_tcp_max_connections(mut self, max: usize) -> Server {
+        self.tcp_max_connections = max.max(1);
+        self
+    }
+
+    /// How many TCP connections are being served now.
+    pub fn tcp_connections(&self) -> usize {
+        self.tcp_slots().live.len()
     }
 
     /// Forwards names the cluster does not answer through `forwarder`, for clients inside
@@ -699,6 +757,7 @@ impl Server {
     /// query is dropped unanswered, or answered with TC on a slip turn.
     pub fn serve_udp(&self, socket: &UdpSocket, stop: &AtomicBool) -> io::Result<()> {
         socket.set_read_timeout(Some(STOP_POLL))?;
+        let local = socket.local_addr()?;
         // The forwarder's replies go out through a clone of the socket.
         let replies = Arc::new(socket.try_clone()?);
         let mut buf = vec![0u8; UDP_RECV_BUFFER];
@@ -713,6 +772,12 @@ impl Server {
             let Some(query) = buf.get(..len) else {
                 continue;
             };
+            // Checked before the rate limiter: spoofed datagrams must not spend a real
+            // client's budget either.
+            if !udp_answerable(query, peer, local) {
+                debug!("{peer} Udp not a plausible query: dropped");
+                continue;
+            }
             let response = match self.rate_limit(peer.ip()) {
                 Verdict::Send => self.handle_udp(query, peer, &replies),
                 Verdict::Slip => {
@@ -767,8 +832,9 @@ impl Server {
     }
 
     /// Accepts connections on `listener` until `stop` is set, serving each in its own
-    /// thread (at most [`TCP_MAX_CONNECTIONS`] at once). A blocked `accept` sees `stop` at
-    /// the next connection; [`wake_tcp`] makes one.
+    /// thread (at most [`TCP_MAX_CONNECTIONS`] at once; beyond that a new connection
+    /// closes the one that made no progress for longest, see [`TCP_MAX_CONNECTIONS`]). A
+    /// blocked `accept` sees `stop` at the next connection; [`wake_tcp`] makes one.
     pub fn serve_tcp(
         self: &Arc<Self>,
         listener: &TcpListener,
@@ -787,51 +853,101 @@ impl Server {
                     continue;
                 }
             };
-            let live = self.tcp_connections.fetch_add(1, Ordering::AcqRel);
-            if live >= TCP_MAX_CONNECTIONS {
-                self.tcp_connections.fetch_sub(1, Ordering::AcqRel);
-                debug!("too many TCP connections; closing a new one");
+            let Some(slot) = self.admit(&stream) else {
+                debug!("every TCP connection is busy answering; closing a new one");
                 continue;
-            }
+            };
             let server = Arc::clone(self);
             let spawned = thread::Builder::new()
                 .name("dns-tcp".into())
                 .spawn(move || {
                     let peer = stream.peer_addr().ok();
-                    if let Err(e) = server.serve_tcp_connection(stream) {
+                    if let Err(e) = server.serve_connection(stream, Some(slot)) {
                         debug!("tcp {peer:?}: {e}");
                     }
-                    server.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+                    server.tcp_slots().live.remove(&slot);
                 });
             if let Err(e) = spawned {
-                self.tcp_connections.fetch_sub(1, Ordering::AcqRel);
+                self.tcp_slots().live.remove(&slot);
                 warn!("cannot start a TCP connection thread: {e}");
             }
         }
         Ok(())
     }
 
-    /// Serves one TCP connection: length-prefixed queries, answered in order, until the
-    /// client closes it or stays idle for the idle timeout (RFC 7766).
-    pub fn serve_tcp_connection(&self, mut stream: TcpStream) -> io::Result<()> {
-        let peer = stream.peer_addr()?;
-        stream.set_read_timeout(Some(self.tcp_idle_timeout))?;
-        stream.set_write_timeout(Some(self.tcp_idle_timeout))?;
-        stream.set_nodelay(true)?;
-        let mut len = [0u8; 2];
-        let mut buf = Vec::new();
-        loop {
-            match stream.read_exact(&mut len) {
-                Ok(()) => {}
-                // A clean close between messages, or the idle timeout.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof || is_timeout(&e) => {
-                    return Ok(());
-                }
-                Err(e) => return Err(e),
+    fn tcp_slots(&self) -> MutexGuard<'_, TcpSlots> {
+        self.tcp.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Takes a connection slot for `stream`, closing the connection that made no
+    /// progress for longest when every slot is taken; `None` when every connection is
+    /// busy answering (or the stream cannot be registered).
+    fn admit(&self, stream: &TcpStream) -> Option<u64> {
+        let handle = stream.try_clone().ok()?;
+        let mut slots = self.tcp_slots();
+        if slots.live.len() >= self.tcp_max_connections {
+            let victim = slots
+                .live
+                .iter()
+                .filter(|(_, s)| !s.busy)
+                .min_by_key(|(_, s)| s.since)
+                .map(|(id, _)| *id)?;
+            if let Some(old) = slots.live.remove(&victim) {
+                debug!(
+                    "TCP connections at the limit; closing one without progress for {:?}",
+                    old.since.elapsed()
+                );
+                // Its thread's blocked read or write returns, and it ends.
+                let _ = old.stream.shutdown(std::net::Shutdown::Both);
             }
-            buf.resize(usize::from(u16::from_be_bytes(len)), 0);
-            stream.read_exact(&mut buf)?;
-            let Some(response) = self.handle(&buf, Transport::Tcp, peer) else {
+        }
+        let id = slots.next;
+        slots.next += 1;
+        slots.live.insert(
+            id,
+            TcpSlot {
+                stream: handle,
+                since: Instant::now(),
+                busy: false,
+            },
+        );
+        Some(id)
+    }
+
+    /// Marks a connection busy answering (it is not closed for a newcomer meanwhile), or
+    /// done with a message (progress: it goes to the back of the eviction order).
+    fn mark(&self, slot: Option<u64>, busy: bool) {
+        let Some(id) = slot else { return };
+        if let Some(s) = self.tcp_slots().live.get_mut(&id) {
+            s.busy = busy;
+            s.since = Instant::now();
+        }
+    }
+
+    /// Serves one TCP connection: length-prefixed queries, answered in order, until the
+    /// client closes it, stays idle for the idle timeout (RFC 7766), or takes longer than
+    /// the message deadline to send one message. Not counted in the connection limit.
+    pub fn serve_tcp_connection(&self, stream: TcpStream) -> io::Result<()> {
+        self.serve_connection(stream, None)
+    }
+
+    fn serve_connection(&self, mut stream: TcpStream, slot: Option<u64>) -> io::Result<()> {
+        let peer = stream.peer_addr()?;
+        stream.set_write_timeout(Some(self.tcp_message_deadline))?;
+        stream.set_nodelay(true)?;
+        loop {
+            let Some(query) = read_frame(
+                &mut stream,
+                self.tcp_idle_timeout,
+                self.tcp_message_deadline,
+            )?
+            else {
+                return Ok(());
+            };
+            self.mark(slot, true);
+            let response = self.handle(&query, Transport::Tcp, peer);
+            self.mark(slot, false);
+            let Some(response) = response else {
                 // RFC 7766 7: a server may close a connection it cannot make sense of.
                 return Ok(());
             };
@@ -842,8 +958,98 @@ impl Server {
             frame.extend_from_slice(&n.to_be_bytes());
             frame.extend_from_slice(&response);
             stream.write_all(&frame)?;
+            self.mark(slot, false);
         }
     }
+}
+
+/// The TCP connections being served, for the connection limit.
+#[derive(Debug, Default)]
+struct TcpSlots {
+    next: u64,
+    live: std::collections::BTreeMap<u64, TcpSlot>,
+}
+
+/// One TCP connection being served.
+#[derive(Debug)]
+struct TcpSlot {
+    /// A handle on the connection, to close it for a newcomer.
+    stream: TcpStream,
+    /// When it was accepted or last made progress (a message read or answered).
+    since: Instant,
+    /// Answering a message now (never closed for a newcomer then).
+    busy: bool,
+}
+
+/// Reads one length-prefixed message: `None` when the client closed the connection or
+/// sent nothing for `idle`; an error when the message did not arrive whole within
+/// `deadline` of its first byte.
+fn read_frame(
+    stream: &mut TcpStream,
+    idle: Duration,
+    deadline: Duration,
+) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    stream.set_read_timeout(Some(idle))?;
+    loop {
+        match stream.read(&mut len[..1]) {
+            Ok(0) => return Ok(None),
+            Ok(_) => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => return Ok(None),
+            Err(e) => return Err(e),
+        }
+    }
+    let end = Instant::now() + deadline;
+    read_before(stream, &mut len[1..], end)?;
+    let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+    read_before(stream, &mut buf, end)?;
+    Ok(Some(buf))
+}
+
+/// Fills `buf` from `stream`, failing once `end` passes.
+fn read_before(stream: &mut TcpStream, buf: &mut [u8], end: Instant) -> io::Result<()> {
+    let mut done = 0;
+    while let Some(rest) = buf.get_mut(done..).filter(|r| !r.is_empty()) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "TCP message not complete within the message deadline",
+            ));
+        }
+        stream.set_read_timeout(Some(left))?;
+        match stream.read(rest) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if is_timeout(&e) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// Whether a UDP datagram from `peer`, received on a socket bound to `local`, gets any
+/// answer: not from a [`REFLECTOR_PORTS`] port, not from the server's own address and
+/// port, and shaped like a query (a 12-byte header with QR clear, opcode QUERY and
+/// exactly one question). Everything else is dropped unanswered.
+pub fn udp_answerable(datagram: &[u8], peer: SocketAddr, local: SocketAddr) -> bool {
+    if REFLECTOR_PORTS.contains(&peer.port()) {
+        return false;
+    }
+    let (pip, lip) = (peer.ip().to_canonical(), local.ip().to_canonical());
+    if peer.port() == local.port() && (pip == lip || lip.is_unspecified()) {
+        return false;
+    }
+    let Some(header) = datagram.get(..12) else {
+        return false;
+    };
+    let flags = header[2];
+    let qr = flags & 0x80 != 0;
+    let opcode = (flags >> 3) & 0x0f;
+    let qdcount = u16::from_be_bytes([header[4], header[5]]);
+    !qr && opcode == 0 && qdcount == 1
 }
 
 /// Connects to a TCP listener so that a thread blocked in [`Server::serve_tcp`]'s accept
@@ -1091,20 +1297,22 @@ status: {podIP: 10.244.0.20}
     }
 
     #[test]
-    fn garbage_is_formerr_or_dropped() {
+    fn garbage_is_formerr_over_tcp_and_dropped_over_udp() {
         let r = lab();
         assert_eq!(handle_query(&r, &[], Transport::Udp), None);
         assert_eq!(handle_query(&r, &[1, 2, 3], Transport::Udp), None);
         // A header that promises a question that is not there.
         let mut q = query_bytes(0x1234, RD, "redis.instavote.svc.cluster.local", T_A, None);
         q.truncate(20);
-        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        let out = handle_query(&r, &q, Transport::Tcp).unwrap();
         assert_eq!(out, vec![0x12, 0x34, 0x81, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(handle_query(&r, &q, Transport::Udp), None);
         // A label running past the end.
         let mut q = vec![0xab, 0xcd, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 40];
         q.extend_from_slice(b"short");
-        let out = handle_query(&r, &q, Transport::Udp).unwrap();
+        let out = handle_query(&r, &q, Transport::Tcp).unwrap();
         assert_eq!(&out[..4], &[0xab, 0xcd, 0x80, 0x01]);
+        assert_eq!(handle_query(&r, &q, Transport::Udp), None);
         // A response is never answered.
         let mut q = query_bytes(1, RD, "redis.instavote.svc.cluster.local", T_A, None);
         q[2] |= 0x80;
@@ -1115,15 +1323,17 @@ status: {podIP: 10.244.0.20}
     fn question_count_other_than_one_is_formerr() {
         let r = lab();
         let none = [0, 9, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0];
-        let out = handle_query(&r, &none, Transport::Udp).unwrap();
+        let out = handle_query(&r, &none, Transport::Tcp).unwrap();
         assert_eq!(out, vec![0, 9, 0x81, 0x01, 0, 0, 0, 0, 0, 0, 0, 0]);
+        assert_eq!(handle_query(&r, &none, Transport::Udp), None);
         let mut two = query_bytes(9, RD, "redis.instavote.svc.cluster.local", T_A, None);
         let question = two[12..].to_vec();
         two.extend_from_slice(&question);
         two[5] = 2;
-        let out = handle_query(&r, &two, Transport::Udp).unwrap();
+        let out = handle_query(&r, &two, Transport::Tcp).unwrap();
         assert_eq!(rcode(&out), 1);
         assert_eq!(counts(&out), [0, 0, 0, 0]);
+        assert_eq!(handle_query(&r, &two, Transport::Udp), None);
     }
 
     #[test]
@@ -1131,7 +1341,12 @@ status: {podIP: 10.244.0.20}
         let r = lab();
         for opcode in [1u16, 2, 4, 5, 15] {
             let q = query_bytes(0x4242, RD | (opcode << 11), "cluster.local", T_A, None);
-            let out = handle_query(&r, &q, Transport::Udp).unwrap();
+            assert_eq!(
+                handle_query(&r, &q, Transport::Udp),
+                None,
+                "opcode {opcode}"
+            );
+            let out = handle_query(&r, &q, Transport::Tcp).unwrap();
             assert_eq!(&out[..2], &[0x42, 0x42]);
             assert_eq!(out[2], 0x80 | (opcode as u8) << 3 | 0x01, "opcode {opcode}");
             assert_eq!(rcode(&out), 4, "NOTIMP");
@@ -1661,7 +1876,8 @@ status: {podIP: 10.244.0.20}
 
     #[test]
     fn udp_answers_and_truncates_on_a_socket() {
-        let server = Arc::new(Server::new(big(60)));
+        // A headless Service with 100 endpoints: 1,600 bytes of A records.
+        let server = Arc::new(Server::new(big(100)));
         let stop = Arc::new(AtomicBool::new(false));
         let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
         let addr = socket.local_addr().unwrap();
@@ -1685,7 +1901,200 @@ status: {podIP: 10.244.0.20}
         assert!(n <= UDP_MIN_PAYLOAD);
         assert_eq!(&buf[..2], &77u16.to_be_bytes());
         assert_eq!(buf[2] & 0x02, 0x02, "TC");
+        // With EDNS 1232 the answer still does not fit: TC, within the size advertised.
+        client
+            .send_to(
+                &query_bytes(
+                    78,
+                    RD,
+                    "big.default.svc.cluster.local",
+                    T_A,
+                    Some((1232, 0)),
+                ),
+                addr,
+            )
+            .unwrap();
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        assert!(n <= usize::from(EDNS_PAYLOAD));
+        assert_eq!(buf[2] & 0x02, 0x02, "TC");
         stop.store(true, Ordering::Relaxed);
         worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn only_plausible_queries_from_plausible_ports_are_answered() {
+        let local: SocketAddr = "127.0.0.1:53".parse().unwrap();
+        let q = query_bytes(1, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let client: SocketAddr = "127.0.0.9:40000".parse().unwrap();
+        assert!(udp_answerable(&q, client, local));
+        for port in REFLECTOR_PORTS {
+            let from = SocketAddr::new(client.ip(), port);
+            assert!(!udp_answerable(&q, from, local), "port {port}");
+        }
+        // Our own address and port (a reflection of our own answer).
+        assert!(!udp_answerable(
+            &q,
+            "127.0.0.1:5353".parse().unwrap(),
+            "127.0.0.1:5353".parse().unwrap()
+        ));
+        assert!(!udp_answerable(
+            &q,
+            "10.0.0.1:5353".parse().unwrap(),
+            "0.0.0.0:5353".parse().unwrap()
+        ));
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        let mut notify = q.clone();
+        notify[2] |= 4 << 3;
+        let mut two = q.clone();
+        two[5] = 2;
+        for bad in [
+            &response[..],
+            &notify[..],
+            &two[..],
+            &q[..11],
+            &[0u8; 12][..],
+        ] {
+            assert!(!udp_answerable(bad, client, local), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn spoofed_echo_port_and_garbage_datagrams_get_silence() {
+        let (addr, stop, worker) = udp_server(Server::new(lab()));
+        let recv = |socket: &UdpSocket| {
+            let mut buf = [0u8; 2048];
+            socket
+                .recv_from(&mut buf)
+                .ok()
+                .map(|(n, _)| buf[..n].to_vec())
+        };
+        // A datagram "from" an echo service (root binds port 7 on loopback).
+        let echo = UdpSocket::bind("127.0.0.7:7").expect("bind 127.0.0.7:7 (needs root)");
+        echo.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let q = query_bytes(5, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        echo.send_to(&q, addr).unwrap();
+        assert_eq!(recv(&echo), None, "an echo port got an answer");
+        // Garbage, a NOTIFY, a response, two questions from a normal port: silence.
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        let mut notify = q.clone();
+        notify[2] |= 4 << 3;
+        let mut response = q.clone();
+        response[2] |= 0x80;
+        let mut two = q.clone();
+        two[5] = 2;
+        let mut cut = q.clone();
+        cut.truncate(20);
+        for bad in [vec![0u8; 12], vec![0xff; 40], notify, response, two, cut] {
+            client.send_to(&bad, addr).unwrap();
+            assert_eq!(recv(&client), None, "answered {bad:?}");
+        }
+        // The same socket still gets its real query answered.
+        client.send_to(&q, addr).unwrap();
+        let out = recv(&client).expect("an answer");
+        assert_eq!(&out[..2], &5u16.to_be_bytes());
+        stop.store(true, Ordering::Relaxed);
+        worker.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn slow_tcp_connections_never_lock_out_a_client() {
+        let server = Arc::new(Server::new(lab()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            thread::spawn(move || server.serve_tcp(&listener, &stop))
+        };
+        // 300 attackers: each connects, sends one byte of a length prefix, then one byte a
+        // second; when closed, it connects again.
+        let attacking = Arc::new(AtomicBool::new(true));
+        let mut attackers = Vec::new();
+        for _ in 0..300 {
+            let attacking = Arc::clone(&attacking);
+            attackers.push(thread::spawn(move || {
+                while attacking.load(Ordering::Relaxed) {
+                    let Ok(mut s) = TcpStream::connect(addr) else {
+                        thread::sleep(Duration::from_millis(50));
+                        continue;
+                    };
+                    let mut frame = vec![0u8, 200];
+                    frame.resize(202, 7);
+                    for b in frame {
+                        if !attacking.load(Ordering::Relaxed) || s.write_all(&[b]).is_err() {
+                            break;
+                        }
+                        thread::sleep(Duration::from_millis(1000));
+                    }
+                }
+            }));
+        }
+        // Let the attackers take every slot.
+        thread::sleep(Duration::from_secs(2));
+        assert!(server.tcp_connections() >= TCP_MAX_CONNECTIONS - 10);
+        let q = query_bytes(9, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let mut worst = Duration::ZERO;
+        for _ in 0..20 {
+            let started = Instant::now();
+            let mut client = TcpStream::connect(addr).unwrap();
+            client
+                .set_read_timeout(Some(Duration::from_secs(1)))
+                .unwrap();
+            let out = tcp_exchange(&mut client, &q);
+            assert_eq!(&out[..2], &9u16.to_be_bytes());
+            assert_eq!(counts(&out)[1], 1);
+            worst = worst.max(started.elapsed());
+            thread::sleep(Duration::from_millis(200));
+        }
+        assert!(worst < Duration::from_secs(1), "{worst:?}");
+        assert!(server.tcp_connections() <= TCP_MAX_CONNECTIONS);
+        attacking.store(false, Ordering::Relaxed);
+        for a in attackers {
+            a.join().unwrap();
+        }
+        stop.store(true, Ordering::Relaxed);
+        wake_tcp(addr);
+        acceptor.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_trickled_message_is_cut_off_at_the_deadline() {
+        let server =
+            Arc::new(Server::new(lab()).with_tcp_message_deadline(Duration::from_millis(400)));
+        let stop = Arc::new(AtomicBool::new(false));
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let acceptor = {
+            let (server, stop) = (Arc::clone(&server), Arc::clone(&stop));
+            thread::spawn(move || server.serve_tcp(&listener, &stop))
+        };
+        let q = query_bytes(4, RD, "redis.instavote.svc.cluster.local", T_A, None);
+        let mut frame = (q.len() as u16).to_be_bytes().to_vec();
+        frame.extend_from_slice(&q);
+        let mut s = TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let started = Instant::now();
+        // One byte each 100 ms: the whole message would take seconds, more than 400 ms.
+        let mut closed = false;
+        for b in &frame {
+            if s.write_all(&[*b]).is_err() {
+                closed = true;
+                break;
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+        let mut rest = Vec::new();
+        let got = s.read_to_end(&mut rest);
+        assert!(closed || matches!(got, Ok(0) | Err(_)), "{got:?} {rest:?}");
+        assert!(rest.is_empty(), "answered a trickled message");
+        assert!(started.elapsed() < Duration::from_secs(6));
+        stop.store(true, Ordering::Relaxed);
+        wake_tcp(addr);
+        acceptor.join().unwrap().unwrap();
     }
 }

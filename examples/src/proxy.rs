@@ -4,8 +4,15 @@
 //! - [`ManifestDir`] is the source. It polls a directory for `*.yaml`, `*.yml` and `*.json`
 //!   files (names, sizes, modification times and inodes; a file changed in the last second
 //!   is also re-read, as its time stamp cannot tell two quick writes apart). A change is
-//!   read only once it has held still for one poll, so a file caught half-written is not
-//!   applied. It keeps the **last good version per object**, as `kubectl apply` users
+//!   read only once it has held still for one poll, and a text is used only when the
+//!   file's stamp is the same after reading it (so a file caught between two writes is
+//!   not applied). A file over [`MAX_MANIFEST_BYTES`], or beyond
+//!   [`MAX_MANIFEST_TOTAL_BYTES`] for the directory, is refused by its size before
+//!   anything is read. A rewrite in place is never applied half-way: a file with objects
+//!   in force that becomes empty keeps them all (delete the file to remove them), and a
+//!   text that does not load whole and is shorter than the last whole text, or ends in
+//!   the middle of a line, keeps the objects it no longer names. Atomic replace (write
+//!   beside, then rename) is the fast path. It keeps the **last good version per object**, as `kubectl apply` users
 //!   expect: an object is identified by kind, namespace (after defaulting) and name, and
 //!   the objects in force are, per file, those of its current text that are valid and fit
 //!   with the rest. An object of the text that is invalid (a syntax or validation error,
@@ -15,15 +22,16 @@
 //!   deleted file's. A document whose YAML does not parse has no identity: the last good
 //!   versions of what it held stay, matched by the kind and name a line scan of it finds,
 //!   else by document index. An unreadable file keeps all of its objects.
-//! - Clashes go as at the API server, which refuses the create or update that clashes:
-//!   the object in force keeps what it holds and the newcomer (or the changed version)
-//!   loses, whichever file sorts first, so ownership never moves because an unrelated
-//!   file changed. Objects in force enter the build first, in the order they came into
-//!   force, then the changes. The cluster is built once with every change; only when that
-//!   build has errors are the changes tried again: the versions in force, the changes
-//!   without errors together, then each clashing change on its own, last. History is not
-//!   persisted: a fresh [`ManifestDir`] (a restart, `svcnat-ctl`) admits objects in file
-//!   name and document order, so there the earlier file holds.
+//! - Clashes go by one rule, the API server's, in one order: the texts on disk enter the
+//!   build ([`Manifests::build`]) by file name, then document, so the first claimant in
+//!   that order keeps a name (`services "x" already exists`), a cluster IP or a node port
+//!   (`provided ... is already allocated`, naming the holder and where it is defined),
+//!   and only the object that clashes is refused, never its file-mates. The order does not
+//!   depend on history, so a restart, `svcnat-dns` and `svcnat-ctl` on the same directory
+//!   decide the same way, and an unrelated file changing moves nothing. A refused change
+//!   falls back to its last good version, which (like every last good version kept for an
+//!   invalid text) enters the build after all texts on disk, so it only gets what no text
+//!   claims: one more build per reconcile at most, whatever the number of files.
 //! - [`ManifestDir::problems`] lists per file what is not in force and why (`file:line:
 //!   document: object: field: error`), and what is in force instead (`its last good version
 //!   stays in force`, or `left out`); the same lines are logged when they first appear.
@@ -64,6 +72,14 @@ use crate::agent::NodeAgent;
 
 /// How often the manifest directory is polled by default.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// The largest manifest file read: a larger one is refused by its size before any of it
+/// is read (its objects in force stay).
+pub const MAX_MANIFEST_BYTES: u64 = 16 << 20;
+
+/// The most bytes of manifests read from one directory, in file name order: files that
+/// would go over it are refused by their size, like files over [`MAX_MANIFEST_BYTES`].
+pub const MAX_MANIFEST_TOTAL_BYTES: u64 = 128 << 20;
 
 /// A file modified this recently is re-read on every poll, because another write in the
 /// same clock tick would leave its size and time stamps as they were.
@@ -167,24 +183,65 @@ struct FileState {
     racy: bool,
     /// The text last read; `None` when it could not be read.
     disk: Option<Arc<str>>,
+    /// The length of the last text taken as whole (not [`FileState::incomplete`]).
+    whole_len: usize,
+    /// Why the text on disk looks incomplete: the objects in force that it does not
+    /// name stay in force (instead of being removed).
+    partial: Option<String>,
     /// The text on disk loaded on its own; `None` until read, or when unreadable.
     parsed: Option<Parsed>,
     /// Why the file cannot be read (its objects in force stay in force).
     unreadable: Option<String>,
     /// The disk text is new since the last reconcile (its problems are logged again).
     fresh: bool,
-    /// The objects of this file in force, by identity, with their rank.
+    /// The objects of this file in force, by identity.
     in_force: BTreeMap<Id, Held>,
     /// What of the text on disk is not in force, and what is instead.
     problems: Vec<Problem>,
 }
 
-/// An object version in force, with its rank: objects enter the build in rank order,
-/// so an object keeps its place (and what it holds) while newer ones come after it.
+impl FileState {
+    /// Keeps every object of the file in force, for `why` (the file cannot be read, is
+    /// over a limit, or looks incomplete), and lets go of its text; returns whether
+    /// that is news.
+    fn hold(&mut self, why: String) -> bool {
+        if self.unreadable.as_deref() == Some(why.as_str()) {
+            return false;
+        }
+        self.disk = None;
+        self.parsed = None;
+        self.unreadable = Some(why);
+        self.fresh = true;
+        true
+    }
+
+    /// Why a text just read looks like a moment of a rewrite in place (or a write in
+    /// several chunks) rather than what the writer means, when the file has objects in
+    /// force: it does not load whole, and it is shorter than the last whole text or ends
+    /// in the middle of a line.
+    fn incomplete(&self, text: &str, parsed: &Parsed) -> Option<String> {
+        if self.in_force.is_empty() {
+            return None;
+        }
+        let broken = !parsed.invalid.is_empty() || !parsed.unnamed.is_empty();
+        if !broken {
+            return None;
+        }
+        let before = self.whole_len;
+        if text.len() < before {
+            return Some(format!(
+                "{} bytes, shorter than the {before} before, and it does not load",
+                text.len()
+            ));
+        }
+        (!text.ends_with('\n')).then(|| "it ends in the middle of a line and does not load".into())
+    }
+}
+
+/// An object version in force.
 #[derive(Clone, Debug)]
 struct Held {
     loaded: Loaded,
-    rank: u64,
 }
 
 /// A file's text loaded on its own: valid objects, invalid ones, unparseable documents.
@@ -271,18 +328,9 @@ struct Claim {
     current: Option<Loaded>,
     /// The version of this file in force until now.
     held: Option<Held>,
-    /// Place in the build: the held rank, or a new one after all held objects.
-    rank: u64,
 }
 
 impl Claim {
-    fn id(&self) -> Option<&Id> {
-        self.current
-            .as_ref()
-            .or(self.held.as_ref().map(|h| &h.loaded))
-            .map(|l| &l.id)
-    }
-
     /// Whether the current version differs from the one in force (or is new).
     fn changed(&self) -> bool {
         match (&self.current, &self.held) {
@@ -315,8 +363,6 @@ impl Claim {
 struct Trial<'a> {
     dir: &'a ManifestDir,
     claims: Vec<Claim>,
-    /// Claim indices in build order: unchanged claims, then changed ones, by rank.
-    order: Vec<usize>,
     /// Per claim: its proposed version is in (else its settled one).
     accepted: Vec<bool>,
     /// Cluster builds made.
@@ -324,26 +370,27 @@ struct Trial<'a> {
 }
 
 impl Trial<'_> {
-    /// The versions in force per `accepted`, in rank order; `last` goes at the end with
-    /// its proposed version, so that a clash with anything else is blamed on it.
-    fn objects(&self, last: Option<usize>) -> Vec<Loaded> {
-        let mut out = Vec::with_capacity(self.order.len());
-        for &i in &self.order {
-            if Some(i) == last {
-                continue;
-            }
-            out.extend(self.version(i).cloned());
-        }
-        if let Some(v) = last.and_then(|i| self.claims[i].proposed()) {
-            out.push(v.clone());
-        }
-        out
+    /// The versions in the build per `accepted`, in build order: the versions of the
+    /// texts on disk by file name and document, then the last good versions kept for
+    /// texts that are invalid, in the same order. So the texts on disk alone decide who
+    /// holds a name, a cluster IP or a node port (as in a fresh process), and a last good
+    /// version only gets what no text claims.
+    fn objects(&self) -> Vec<Loaded> {
+        let mut order: Vec<(bool, &str, usize, usize, &Loaded)> = (0..self.claims.len())
+            .filter_map(|i| {
+                let v = self.version(i)?;
+                let from_disk = self.claims[i].current.as_ref() == Some(v);
+                Some((!from_disk, v.source.file.as_str(), v.source.document, i, v))
+            })
+            .collect();
+        order.sort_by(|a, b| (a.0, a.1, a.2, a.3).cmp(&(b.0, b.1, b.2, b.3)));
+        order.into_iter().map(|o| o.4.clone()).collect()
     }
 
-    fn build(&mut self, last: Option<usize>) -> (Cluster, Vec<LoadError>) {
+    fn build(&mut self) -> (Cluster, Vec<LoadError>) {
         self.builds += 1;
         let mut m = Manifests {
-            objects: self.objects(last),
+            objects: self.objects(),
             ..Manifests::default()
         };
         let cluster = m.build(&self.dir.config);
@@ -392,14 +439,14 @@ pub struct ManifestDir {
     /// Stamps seen by the previous poll: a change is read once it held still for a poll.
     seen: BTreeMap<String, Stamp>,
     cluster: Cluster,
-    /// The objects `cluster` was built from, in rank order.
+    /// The objects `cluster` was built from, in build order.
     built_from: Vec<Loaded>,
     /// Errors of the build of `cluster` (objects it left out).
     build_errors: Vec<LoadError>,
-    /// The rank the next object to come into force gets.
-    next_rank: u64,
     /// Cluster builds made by all reconciles (one when nothing clashes).
     builds: u64,
+    /// A file with objects in force was removed since the last reconcile.
+    dropped: bool,
 }
 
 impl ManifestDir {
@@ -414,8 +461,8 @@ impl ManifestDir {
             cluster: Cluster::new(),
             built_from: Vec::new(),
             build_errors: Vec::new(),
-            next_rank: 0,
             builds: 0,
+            dropped: false,
         };
         m.refresh(false)?;
         Ok(m)
@@ -513,6 +560,8 @@ impl ManifestDir {
         let observed = self.scan()?;
         let wall = SystemTime::now();
         let mut touched = false;
+        // Bytes of the files within the limits so far, in name order.
+        let mut total = 0u64;
         let names: BTreeSet<String> = observed.keys().chain(self.files.keys()).cloned().collect();
         for name in names {
             let now = observed.get(&name).copied();
@@ -524,6 +573,7 @@ impl ManifestDir {
                 if let Some(f) = self.files.remove(&name) {
                     touched = true;
                     if !f.in_force.is_empty() {
+                        self.dropped = true;
                         info!(file = %self.path_of(&name), "manifest file removed");
                     }
                 }
@@ -531,20 +581,60 @@ impl ManifestDir {
             };
             let path = self.path_of(&name);
             let config = &self.config;
+            // Limits, by the size `stat` gives, before anything is read.
+            let too_big = if stamp.len > MAX_MANIFEST_BYTES {
+                Some(format!(
+                    "{path}: {} bytes, over the limit of {MAX_MANIFEST_BYTES} bytes per manifest file: not read",
+                    stamp.len
+                ))
+            } else if total.saturating_add(stamp.len) > MAX_MANIFEST_TOTAL_BYTES {
+                Some(format!(
+                    "{path}: {} bytes, which would take the directory over the limit of {MAX_MANIFEST_TOTAL_BYTES} bytes of manifests: not read",
+                    stamp.len
+                ))
+            } else {
+                total += stamp.len;
+                None
+            };
             let state = self.files.entry(name.clone()).or_default();
             if state.read == Some(stamp) && !state.racy {
                 continue;
             }
-            let text = fs::read_to_string(&path);
+            if let Some(msg) = too_big {
+                state.read = Some(stamp);
+                state.racy = false;
+                touched |= state.hold(msg);
+                continue;
+            }
+            let text = match read_stable(Path::new(&path), stamp) {
+                Ok(Some(t)) => Ok(t),
+                Ok(None) => {
+                    // Changed while being read: read again once it holds still.
+                    debug!(file = %path, "manifest file changed while read");
+                    state.read = None;
+                    continue;
+                }
+                Err(e) => Err(e),
+            };
             state.read = Some(stamp);
             state.racy = stamp.is_recent(wall);
             match text {
                 Ok(t) => {
                     if state.disk.as_deref() != Some(t.as_str()) || state.unreadable.is_some() {
                         debug!(file = %path, bytes = t.len(), "manifest file read");
+                        if !state.in_force.is_empty() && is_blank(&t) {
+                            touched |= state.hold(format!(
+                                "{path}: empty, which looks like a rewrite in place: every object of it stays in force until it has content (delete the file to remove them)"
+                            ));
+                            continue;
+                        }
                         let (parsed, warnings) = parse(&path, &t, config);
+                        state.partial = state.incomplete(&t, &parsed);
                         for w in &warnings {
                             warn!(file = %path, "{w}");
+                        }
+                        if state.partial.is_none() {
+                            state.whole_len = t.len();
                         }
                         state.parsed = Some(parsed);
                         state.disk = Some(t.into());
@@ -558,14 +648,7 @@ impl ManifestDir {
                     state.read = None;
                 }
                 Err(e) => {
-                    let msg = format!("{path}: cannot read: {e}");
-                    if state.unreadable.as_deref() != Some(msg.as_str()) {
-                        state.disk = None;
-                        state.parsed = None;
-                        state.unreadable = Some(msg);
-                        state.fresh = true;
-                        touched = true;
-                    }
+                    touched |= state.hold(format!("{path}: cannot read: {e}"));
                 }
             }
         }
@@ -575,7 +658,7 @@ impl ManifestDir {
 
     /// What each file puts forward: the valid objects of its text, and the last good
     /// versions of its objects that are invalid now.
-    fn claims(&mut self) -> (Vec<Claim>, BTreeMap<String, Vec<Problem>>) {
+    fn claims(&self) -> (Vec<Claim>, BTreeMap<String, Vec<Problem>>) {
         let mut claims = Vec::new();
         let mut problems: BTreeMap<String, Vec<Problem>> = BTreeMap::new();
         for (name, f) in &self.files {
@@ -594,7 +677,6 @@ impl ManifestDir {
                         file: name.clone(),
                         current: None,
                         held: Some(h.clone()),
-                        rank: h.rank,
                     });
                 }
                 continue;
@@ -605,7 +687,6 @@ impl ManifestDir {
                     file: name.clone(),
                     current: Some(l.clone()),
                     held: held(&l.id),
-                    rank: 0,
                 });
             }
             // An invalid object keeps its last good version ("an invalid object never
@@ -620,7 +701,6 @@ impl ManifestDir {
                         file: name.clone(),
                         current: None,
                         held: Some(h),
-                        rank: 0,
                     });
                 }
             }
@@ -655,7 +735,6 @@ impl ManifestDir {
                             file: name.clone(),
                             current: None,
                             held: Some(h),
-                            rank: 0,
                         });
                     }
                 }
@@ -669,119 +748,90 @@ impl ManifestDir {
                     .or_default()
                     .push(Problem::of(e, instead));
             }
-        }
-        // Claims start in file, then document order; a held object keeps its rank, and
-        // new ones rank after every held one in that order.
-        for c in &mut claims {
-            match &c.held {
-                Some(h) => c.rank = h.rank,
-                None => {
-                    c.rank = self.next_rank;
-                    self.next_rank += 1;
+            // A text that looks cut short: what it no longer names is not deleted.
+            if let Some(why) = &f.partial {
+                let missing: Vec<&Id> = f
+                    .in_force
+                    .keys()
+                    .filter(|id| !named.contains(id) && !kept.contains(id))
+                    .collect();
+                for id in &missing {
+                    if let Some(h) = held(id) {
+                        claims.push(Claim {
+                            file: name.clone(),
+                            current: None,
+                            held: Some(h),
+                        });
+                    }
+                }
+                if !missing.is_empty() {
+                    problems.entry(name.clone()).or_default().push(Problem {
+                        line: 0,
+                        error: format!("{}: looks incomplete ({why})", self.path_of(name)),
+                        instead: Instead::LastGoodOf(
+                            missing.into_iter().cloned().collect(),
+                            "their absence from a text that looks cut short",
+                        ),
+                    });
                 }
             }
         }
         (claims, problems)
     }
 
-    /// One identity, one object: when several files define it, the file that has it in
-    /// force keeps it, else the first file in name order (the API server refuses to
-    /// create an object that exists).
-    fn one_per_identity(
-        claims: Vec<Claim>,
-        problems: &mut BTreeMap<String, Vec<Problem>>,
-    ) -> Vec<Claim> {
-        let mut owner: BTreeMap<Id, (String, bool, Option<Origin>)> = BTreeMap::new();
-        for c in &claims {
-            let Some(id) = c.id() else { continue };
-            let holds = c.held.is_some();
-            let src = c.proposed().map(|l| l.source.clone());
-            match owner.get(id) {
-                Some((_, true, _)) => {}
-                Some((_, false, _)) if !holds => {}
-                _ => {
-                    owner.insert(id.clone(), (c.file.clone(), holds, src));
-                }
-            }
-        }
-        let mut out = Vec::with_capacity(claims.len());
-        for c in claims {
-            let (Some(id), Some(l)) = (c.id(), c.proposed()) else {
-                continue;
-            };
-            match owner.get(id) {
-                Some((file, _, src)) if *file != c.file => {
-                    let at = src
-                        .as_ref()
-                        .map(|s| format!("{}:{}", s.file, s.line))
-                        .unwrap_or_default();
-                    let error = LoadError {
-                        file: l.source.file.clone(),
-                        line: l.source.line,
-                        document: l.source.document,
-                        object: Some(id.clone()),
-                        field: "metadata.name".into(),
-                        error: ValidateError::Duplicate(format!("{id} is already defined at {at}")),
-                    };
-                    problems
-                        .entry(c.file.clone())
-                        .or_default()
-                        .push(Problem::of(&error, Instead::Nothing));
-                }
-                _ => out.push(c),
-            }
-        }
-        out
-    }
-
     /// Decides which object versions are in force after files changed; returns whether
     /// they changed.
     fn reconcile(&mut self) -> bool {
         let (claims, mut problems) = self.claims();
-        let claims = Self::one_per_identity(claims, &mut problems);
-        let mut order: Vec<usize> = (0..claims.len()).collect();
-        // The build order: what is in force unchanged first, then the changes, each in
-        // rank order. The API server admits the objects it holds before any update or
-        // create, so a clash is blamed on the change and the holder keeps what it has.
-        order.sort_by_key(|&i| (claims[i].changed(), claims[i].rank));
         let n = claims.len();
         let mut t = Trial {
             dir: self,
             claims,
-            order,
             accepted: vec![true; n],
             builds: 0,
         };
-        // Rejections from the trials: claim index -> the errors its version brought.
+        // Rejected changes: claim index -> the errors its version brought.
         let mut rejected: BTreeMap<usize, Vec<LoadError>> = BTreeMap::new();
-        let all = t.objects(None);
+        let all = t.objects();
         let unchanged = same_objects(&all, &self.built_from, true);
         let (mut cluster, mut errors) = if unchanged {
-            // The same objects as the last build: the same outcome (its order may differ
-            // now, as changes that came in rank among the unchanged; nothing moves).
+            // The same objects as the last build: the same outcome.
             (self.cluster.clone(), self.build_errors.clone())
         } else {
-            t.build(None)
+            t.build()
         };
         if !unchanged && !errors.is_empty() {
-            (cluster, errors) = Self::search(&mut t, &errors, &mut rejected);
+            // A change the build refused (it clashes with what an earlier text claims)
+            // falls back to its last good version, which comes after every text on disk:
+            // one more build, whatever the number of files.
+            let hits: Vec<(&LoadError, Vec<usize>)> =
+                errors.iter().map(|e| (e, t.hit(e))).collect();
+            for (e, on) in &hits {
+                for &i in on {
+                    if t.claims[i].changed() && t.claims[i].held.is_some() {
+                        rejected.entry(i).or_default().push((*e).clone());
+                    }
+                }
+            }
+            if !rejected.is_empty() {
+                for &i in rejected.keys() {
+                    t.accepted[i] = false;
+                }
+                (cluster, errors) = t.build();
+            }
         }
         // What is in force: each claim's accepted or settled version, unless the build
         // left it out.
         let left_out: BTreeSet<usize> = errors.iter().flat_map(|e| t.hit(e)).collect();
         let mut in_force: BTreeMap<String, BTreeMap<Id, Held>> = BTreeMap::new();
-        for &i in &t.order {
-            let c = &t.claims[i];
+        for (i, c) in t.claims.iter().enumerate() {
             if let Some(v) = t.version(i)
                 && !left_out.contains(&i)
             {
-                in_force.entry(c.file.clone()).or_default().insert(
-                    v.id.clone(),
-                    Held {
-                        loaded: v.clone(),
-                        rank: c.rank,
-                    },
-                );
+                in_force
+                    .entry(c.file.clone())
+                    .or_default()
+                    .insert(v.id.clone(), Held { loaded: v.clone() });
             }
         }
         // Problems: rejected changes, objects the build left out, invalid objects.
@@ -829,7 +879,7 @@ impl ManifestDir {
                     .push(Problem::of(e, instead));
             }
         }
-        let built_from = t.objects(None);
+        let built_from = t.objects();
         debug!(
             objects = built_from.len(),
             builds = t.builds,
@@ -849,7 +899,24 @@ impl ManifestDir {
         built_from: Vec<Loaded>,
         errors: Vec<LoadError>,
     ) -> bool {
-        let changed = !same_objects(&built_from, &self.built_from, false);
+        // What is in force decides (the build also holds the objects it refused).
+        let before: BTreeMap<(&str, &Id), &Object> = self
+            .files
+            .iter()
+            .flat_map(|(n, f)| {
+                f.in_force
+                    .iter()
+                    .map(move |(id, h)| ((n.as_str(), id), &h.loaded.object))
+            })
+            .collect();
+        let after: BTreeMap<(&str, &Id), &Object> = in_force
+            .iter()
+            .flat_map(|(n, m)| {
+                m.iter()
+                    .map(move |(id, h)| ((n.as_str(), id), &h.loaded.object))
+            })
+            .collect();
+        let changed = before != after || std::mem::take(&mut self.dropped);
         let paths: BTreeMap<String, String> = self
             .files
             .keys()
@@ -881,80 +948,31 @@ impl ManifestDir {
         self.build_errors = errors;
         changed
     }
+}
 
-    /// Finds the changes that fit, after the build with all of them failed: the versions
-    /// in force before, then the changes without errors all at once, then each change
-    /// with errors on its own (after everything else, so a clash is blamed on it), until
-    /// no more fits. Returns the cluster and the errors it has.
-    fn search(
-        t: &mut Trial<'_>,
-        errors: &[LoadError],
-        rejected: &mut BTreeMap<usize, Vec<LoadError>>,
-    ) -> (Cluster, Vec<LoadError>) {
-        let suspects: BTreeSet<usize> = errors.iter().flat_map(|e| t.hit(e)).collect();
-        let changed: Vec<usize> = t
-            .order
-            .iter()
-            .copied()
-            .filter(|&i| t.claims[i].changed())
-            .collect();
-        for &i in &changed {
-            t.accepted[i] = false;
-        }
-        let (mut cluster, mut errs) = t.build(None);
-        let calm: Vec<usize> = changed
-            .iter()
-            .copied()
-            .filter(|i| !suspects.contains(i))
-            .collect();
-        let mut pending: Vec<usize> = changed
-            .iter()
-            .copied()
-            .filter(|i| suspects.contains(i))
-            .collect();
-        if !calm.is_empty() {
-            for &i in &calm {
-                t.accepted[i] = true;
-            }
-            let (c, e) = t.build(None);
-            if new_errors(&e, &errs).is_empty() {
-                (cluster, errs) = (c, e);
-            } else {
-                for &i in &calm {
-                    t.accepted[i] = false;
-                }
-                pending = changed.clone();
-            }
-        }
-        let mut moved = false;
-        loop {
-            let mut progress = false;
-            let mut still = Vec::new();
-            for i in pending {
-                let (c, e) = t.build(Some(i));
-                let new = new_errors(&e, &errs);
-                if new.is_empty() {
-                    t.accepted[i] = true;
-                    rejected.remove(&i);
-                    (cluster, errs) = (c, e);
-                    progress = true;
-                    moved = true;
-                } else {
-                    rejected.insert(i, new);
-                    still.push(i);
-                }
-            }
-            pending = still;
-            if !progress || pending.is_empty() {
-                break;
-            }
-        }
-        if moved {
-            // The trials put each change last; build once more in rank order.
-            (cluster, errs) = t.build(None);
-        }
-        (cluster, errs)
+/// Whether a text has no objects: only blank lines, comments and document markers.
+fn is_blank(text: &str) -> bool {
+    text.lines().all(|l| {
+        let l = l.trim();
+        l.is_empty() || l.starts_with('#') || l == "---" || l == "..."
+    })
+}
+
+/// Reads a file whose `stat` gave `stamp`, if it holds still: `None` when it changed while
+/// being read (another size, another stamp afterwards), so a text caught between two
+/// writes is never used. Reads at most `stamp.len` bytes (and one more, to notice growth).
+fn read_stable(path: &Path, stamp: Stamp) -> io::Result<Option<String>> {
+    let file = fs::File::open(path)?;
+    let mut bytes = Vec::new();
+    file.take(stamp.len.saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    let after = fs::metadata(path).map(|m| Stamp::of(&m));
+    if u64::try_from(bytes.len()).ok() != Some(stamp.len) || after.ok() != Some(stamp) {
+        return Ok(None);
     }
+    String::from_utf8(bytes)
+        .map(Some)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
 /// Loads one file's text on its own and sorts what it holds by identity; returns the
@@ -1074,21 +1092,15 @@ fn plain_scalar(v: &str) -> Option<String> {
 fn same_objects(a: &[Loaded], b: &[Loaded], sources: bool) -> bool {
     type Key<'a> = (&'a Object, Option<&'a Origin>);
     fn by_id(v: &[Loaded], sources: bool) -> BTreeMap<&Id, Key<'_>> {
-        v.iter()
-            .map(|l| (&l.id, (&l.object, sources.then_some(&l.source))))
-            .collect()
+        // The first of an identity is the one built (later ones are refused).
+        let mut out = BTreeMap::new();
+        for l in v {
+            out.entry(&l.id)
+                .or_insert((&l.object, sources.then_some(&l.source)));
+        }
+        out
     }
     a.len() == b.len() && by_id(a, sources) == by_id(b, sources)
-}
-
-/// Errors in `after` that are not in `before` (compared as text).
-fn new_errors(after: &[LoadError], before: &[LoadError]) -> Vec<LoadError> {
-    let old: BTreeSet<String> = before.iter().map(ToString::to_string).collect();
-    after
-        .iter()
-        .filter(|e| !old.contains(&e.to_string()))
-        .cloned()
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2519,16 +2531,19 @@ mod tests {
             "{p}"
         );
 
-        // b leaves the text: it goes, a's last good version stays.
+        // b leaves a text that is shorter and does not load: it may be cut short (a
+        // rewrite in place), so b stays too.
         d.write("ab.yaml", nameless);
-        assert!(settle(&mut m));
-        assert_eq!(selector_of(&m, "b"), None);
+        assert!(!settle(&mut m));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=b3"));
         assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
+        assert!(problems_of(&m, "ab.yaml").contains("looks incomplete"));
 
-        // Fixed: applied, no problems left.
+        // Fixed, a whole text without b: applied, b goes, no problems left.
         d.write("ab.yaml", &svc("a", "a1", 30000));
         assert!(settle(&mut m));
         assert_eq!(selector_of(&m, "a").as_deref(), Some("app=a1"));
+        assert_eq!(selector_of(&m, "b"), None);
         assert_eq!(m.broken_files(), 0);
 
         // A new object that is invalid from the start is left out, and says so.
@@ -2539,33 +2554,47 @@ mod tests {
     }
 
     #[test]
-    fn a_clash_rejects_the_change_not_the_holder() {
+    fn a_clash_refuses_the_later_claimant_which_keeps_its_last_good_version() {
         let d = Scratch::new();
         d.write("a.yaml", &svc("a", "vote", 30000));
         d.write("b.yaml", &svc("b", "vote", 30001));
         let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
         assert_eq!(m.cluster().services().count(), 2);
-        // a.yaml (earlier in name order) now claims b's node port: as the API server
-        // refuses that update, a.yaml keeps its previous text and b keeps its port.
-        d.write("a.yaml", &svc("a", "other", 30001));
+        // b.yaml (later in name order) now claims a's node port: refused, and b keeps
+        // its last good version.
+        d.write("b.yaml", &svc("b", "other", 30000));
         assert!(!settle(&mut m));
         assert_eq!(selector_of(&m, "a").as_deref(), Some("app=vote"));
-        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=vote"));
-        let p = m.problems();
-        assert!(p["a.yaml"][0].contains("already allocated"), "{p:?}");
-        // Once b goes, a's text fits and is applied (rejected texts are retried).
-        d.remove("b.yaml");
+        assert_eq!(node_port_of(&m, "b"), Some(30001));
+        let p = problems_of(&m, "b.yaml");
+        assert!(
+            p.contains("provided port is already allocated (to Service default/a in ")
+                && p.contains("a.yaml:1)")
+                && p.ends_with("(its last good version stays in force)"),
+            "{p}"
+        );
+        // Once a goes, b's text fits and is applied (refused texts are retried).
+        d.remove("a.yaml");
         assert!(settle(&mut m));
-        assert_eq!(selector_of(&m, "a").as_deref(), Some("app=other"));
+        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=other"));
         assert_eq!(m.broken_files(), 0);
     }
 
+    /// Who holds what, per Service: (selector, node port).
+    fn holdings(m: &ManifestDir) -> Vec<(String, Option<String>, Option<u16>)> {
+        ["a", "b", "c", "z"]
+            .iter()
+            .map(|n| (n.to_string(), selector_of(m, n), node_port_of(m, n)))
+            .collect()
+    }
+
     #[test]
-    fn a_clash_keeps_the_holder_whichever_name_sorts_first() {
+    fn ownership_follows_file_order_the_same_in_every_process_and_after_restarts() {
         let d = Scratch::new();
         d.write("b.yaml", &svc("b", "vote", 30001));
         let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
-        // a.yaml (earlier in name order) arrives claiming b's node port, next to a Pod.
+        // a.yaml (earlier in name order) arrives claiming b's node port, next to a Pod:
+        // the text that sorts first holds it, as a fresh process would decide.
         let a = format!(
             "{}{}",
             svc("a", "vote", 30001),
@@ -2573,60 +2602,44 @@ mod tests {
         );
         d.write("a.yaml", &a);
         assert!(settle(&mut m));
-        assert_eq!(
-            node_port_of(&m, "b"),
-            Some(30001),
-            "the holder keeps its port"
-        );
-        assert_eq!(selector_of(&m, "a"), None, "the newcomer loses");
-        assert_eq!(
-            m.cluster().pods().count(),
-            1,
-            "its neighbour is not held back"
-        );
-        let p = problems_of(&m, "a.yaml");
+        assert_eq!(node_port_of(&m, "a"), Some(30001));
+        assert_eq!(selector_of(&m, "b"), None, "the later claimant is refused");
+        assert_eq!(m.cluster().pods().count(), 1, "its neighbour is in");
+        let p = problems_of(&m, "b.yaml");
         assert!(
-            p.contains("a.yaml:12: document 0: Service default/a: spec.ports[0].nodePort")
-                && p.contains("already allocated (to Service default/b)")
+            p.contains("b.yaml:12: document 0: Service default/b: spec.ports[0].nodePort")
+                && p.contains("already allocated (to Service default/a in ")
                 && p.ends_with("(left out)"),
             "{p}"
         );
-        assert!(!m.problems().contains_key("b.yaml"));
+        assert!(!m.problems().contains_key("a.yaml"));
 
         // Unrelated changes move nothing: another file, another object of a.yaml.
         d.write("c.yaml", &svc("c", "vote", 30002));
         assert!(settle(&mut m));
         d.write("a.yaml", &a.replace("10.244.0.10", "10.244.0.11"));
         assert!(settle(&mut m));
-        assert_eq!(node_port_of(&m, "b"), Some(30001));
-        assert_eq!(selector_of(&m, "a"), None);
-        assert_eq!(m.cluster().services().count(), 2);
-
-        // A newcomer that sorts after the holder loses the same way.
         d.write("z.yaml", &svc("z", "vote", 30002));
         assert!(!settle(&mut m));
-        assert_eq!(node_port_of(&m, "c"), Some(30002));
-        assert!(problems_of(&m, "z.yaml").contains("already allocated (to Service default/c)"));
-
-        // A restart has no history: the earlier file in name order holds (a over b), as
-        // a fresh API server would admit them in that order.
+        let running = holdings(&m);
+        assert_eq!(
+            running,
+            [
+                ("a".into(), Some("app=vote".into()), Some(30001)),
+                ("b".into(), None, None),
+                ("c".into(), Some("app=vote".into()), Some(30002)),
+                ("z".into(), None, None),
+            ]
+        );
+        // A restart, or svcnat-dns reading the same directory, agrees.
         let fresh = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
-        assert_eq!(node_port_of(&fresh, "a"), Some(30001));
-        assert_eq!(selector_of(&fresh, "b"), None);
-        assert_eq!(node_port_of(&fresh, "c"), Some(30002));
-        assert_eq!(selector_of(&fresh, "z"), None);
-        // ...and from then on it holds, whatever b.yaml does.
-        drop(m);
-        let mut m = fresh;
-        d.write("b.yaml", &svc("b", "other", 30001));
-        assert!(!settle(&mut m));
-        assert_eq!(node_port_of(&m, "a"), Some(30001));
-        assert_eq!(selector_of(&m, "b"), None);
+        assert_eq!(holdings(&fresh), running);
+        assert_eq!(fresh.problems(), m.problems());
 
-        // Once the holder lets go, a retried newcomer gets it.
+        // Once the holder lets go, the refused claimant gets it.
         d.remove("a.yaml");
         assert!(settle(&mut m));
-        assert_eq!(selector_of(&m, "b").as_deref(), Some("app=other"));
+        assert_eq!(node_port_of(&m, "b"), Some(30001));
     }
 
     #[test]
@@ -2634,22 +2647,24 @@ mod tests {
         let d = Scratch::new();
         d.write("b.yaml", &svc("vote", "b", 30001));
         let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
-        // The same Service in a file that sorts first: the file that has it keeps it.
-        d.write("a.yaml", &svc("vote", "a", 30002));
+        // The same Service in a file that sorts later: refused, as the API server
+        // refuses to create an object that exists.
+        d.write("c.yaml", &svc("vote", "c", 30002));
         assert!(!settle(&mut m));
         assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=b"));
-        let p = problems_of(&m, "a.yaml");
+        let p = problems_of(&m, "c.yaml");
         assert!(
-            p.contains(
-                "a.yaml:1: document 0: Service default/vote: metadata.name: Duplicate value"
-            ) && p.contains("b.yaml:1"),
+            p.contains("c.yaml:1: document 0: Service default/vote: metadata.name: services \"vote\" already exists (defined at ")
+                && p.contains("b.yaml:1)"),
             "{p}"
         );
-        // b.yaml lets go of it: a.yaml's version comes in.
+        // b.yaml lets go of it: c.yaml's version comes in.
         d.write("b.yaml", &pod("vote-0", "10.244.0.10"));
         assert!(settle(&mut m));
-        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=a"));
+        assert_eq!(selector_of(&m, "vote").as_deref(), Some("app=c"));
         assert_eq!(m.broken_files(), 0);
+        let fresh = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(selector_of(&fresh, "vote").as_deref(), Some("app=c"));
     }
 
     #[test]
@@ -2675,7 +2690,7 @@ mod tests {
     }
 
     #[test]
-    fn trials_are_only_for_the_objects_that_clash() {
+    fn a_clash_costs_one_more_build_whatever_the_number_of_files() {
         let d = Scratch::new();
         for i in 0..40 {
             d.write(
@@ -2689,17 +2704,151 @@ mod tests {
         d.write("s05.yaml", &svc("s5", "other", 30105));
         assert!(settle(&mut m));
         assert_eq!(m.builds, 2);
-        // A clash, a clean edit and a new object at once: all together, the versions in
-        // force, the clean changes together, then the clash alone; not one per object.
-        d.write("s06.yaml", &svc("s6", "other", 30107));
+        // A clash, a clean edit and a new object at once: one build with everything,
+        // one more with the clashing change back at its last good version.
+        d.write("s09.yaml", &svc("s9", "other", 30106));
         d.write("s08.yaml", &svc("s8", "other", 30108));
         d.write("t.yaml", &svc("t", "vote", 30200));
         assert!(settle(&mut m));
-        assert_eq!(m.builds, 2 + 4);
-        assert_eq!(selector_of(&m, "s6").as_deref(), Some("app=vote"));
+        assert_eq!(m.builds, 2 + 2);
+        assert_eq!(selector_of(&m, "s9").as_deref(), Some("app=vote"));
+        assert_eq!(node_port_of(&m, "s9"), Some(30109));
         assert_eq!(selector_of(&m, "s8").as_deref(), Some("app=other"));
         assert_eq!(node_port_of(&m, "t"), Some(30200));
-        assert_eq!(m.problems().keys().collect::<Vec<_>>(), ["s06.yaml"]);
+        assert_eq!(m.problems().keys().collect::<Vec<_>>(), ["s09.yaml"]);
+        // Later edits elsewhere: the refused text costs one more build each, no more.
+        d.write("s10.yaml", &svc("s10", "other", 30110));
+        assert!(settle(&mut m));
+        assert_eq!(m.builds, 4 + 2);
+    }
+
+    /// Every Service's selector, by name.
+    fn selectors(m: &ManifestDir) -> BTreeMap<String, String> {
+        m.cluster()
+            .services()
+            .map(|s| {
+                let sel = s
+                    .selector
+                    .as_ref()
+                    .map(|x| x.to_string())
+                    .unwrap_or_default();
+                (s.name.name.clone(), sel)
+            })
+            .collect()
+    }
+
+    /// Polls like the proxy (every 200 ms) for `n` polls, checking the state each time.
+    fn poll_for(m: &mut ManifestDir, n: usize, mut check: impl FnMut(&ManifestDir)) {
+        for _ in 0..n {
+            thread::sleep(DEFAULT_POLL_INTERVAL);
+            m.poll().unwrap();
+            check(m);
+        }
+    }
+
+    #[test]
+    fn rewrites_in_place_never_apply_a_momentary_state() {
+        let d = Scratch::new();
+        let text = |app: &str| {
+            ["x", "y", "z"]
+                .iter()
+                .enumerate()
+                .map(|(i, n)| format!("---\n{}", svc(n, app, 30000 + i as u16)))
+                .collect::<String>()
+        };
+        let path = d.0.join("svcs.yaml");
+        fs::write(&path, text("old")).unwrap();
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        let old = selectors(&m);
+        assert_eq!(old.len(), 3);
+        let whole_or_old = |m: &ManifestDir| {
+            let now = selectors(m);
+            assert_eq!(now.len(), 3, "a Service went missing: {now:?}");
+            for v in now.values() {
+                assert!(v == "app=old" || v == "app=new", "{now:?}");
+            }
+        };
+        // Truncated in place, and left so for a while (several polls).
+        let f = fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(0).unwrap();
+        poll_for(&mut m, 4, |m| assert_eq!(selectors(m), old));
+        assert!(problems_of(&m, "svcs.yaml").contains("empty"));
+        // The first chunk: the new text cut in the middle of its second document.
+        let new = text("new");
+        let cut = new.find("name: y").unwrap() + 4;
+        fs::write(&path, &new[..cut]).unwrap();
+        poll_for(&mut m, 4, whole_or_old);
+        assert_eq!(selectors(&m)["y"], "app=old");
+        assert_eq!(selectors(&m)["z"], "app=old");
+        // The rest: the whole new text applies.
+        let mut f = fs::OpenOptions::new().append(true).open(&path).unwrap();
+        f.write_all(&new.as_bytes()[cut..]).unwrap();
+        drop(f);
+        poll_for(&mut m, 3, whole_or_old);
+        assert!(
+            selectors(&m).values().all(|v| v == "app=new"),
+            "{:?}",
+            selectors(&m)
+        );
+        assert_eq!(m.broken_files(), 0);
+        // Atomic replace stays the fast path: seen at the second poll.
+        d.write("svcs.yaml", &text("newer"));
+        assert!(settle(&mut m));
+        assert!(selectors(&m).values().all(|v| v == "app=newer"));
+    }
+
+    #[test]
+    fn files_over_the_size_limit_are_refused_by_their_size() {
+        let d = Scratch::new();
+        d.write("good.yaml", &svc("good", "vote", 30000));
+        d.write("was-good.yaml", &svc("kept", "vote", 30001));
+        // A sparse 2 GiB file: never read (reading it would need 2 GiB of memory).
+        let huge = fs::File::create(d.0.join("huge.yaml")).unwrap();
+        huge.set_len(2 << 30).unwrap();
+        let mut m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert_eq!(selector_of(&m, "good").as_deref(), Some("app=vote"));
+        let p = problems_of(&m, "huge.yaml");
+        assert!(
+            p.contains("huge.yaml: 2147483648 bytes, over the limit of 16777216 bytes per manifest file: not read"),
+            "{p}"
+        );
+        // A file with objects in force that grows over the limit keeps them.
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(d.0.join("was-good.yaml"))
+            .unwrap();
+        f.set_len(MAX_MANIFEST_BYTES + 1).unwrap();
+        poll_for(&mut m, 2, |_| {});
+        assert_eq!(selector_of(&m, "kept").as_deref(), Some("app=vote"));
+        assert!(problems_of(&m, "was-good.yaml").contains("over the limit"));
+        // A neighbour's edit still applies at once.
+        d.write("good.yaml", &svc("good", "edited", 30000));
+        assert!(settle(&mut m));
+        assert_eq!(selector_of(&m, "good").as_deref(), Some("app=edited"));
+    }
+
+    #[test]
+    fn replicas_over_the_limit_name_the_workload_and_hold_up_nothing() {
+        let d = Scratch::new();
+        d.write(
+            "huge.yaml",
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: huge}\nspec:\n  replicas: 70000\n  \
+             selector: {matchLabels: {app: h}}\n  template:\n    metadata: {labels: {app: h}}\n    \
+             spec: {containers: [{name: c, image: x}]}\n",
+        );
+        d.write("good.yaml", &svc("good", "vote", 30000));
+        let started = Instant::now();
+        let m = ManifestDir::open(&d.0, ClusterConfig::default()).unwrap();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert_eq!(m.cluster().pods().count(), 0);
+        assert_eq!(selector_of(&m, "good").as_deref(), Some("app=vote"));
+        let p = problems_of(&m, "huge.yaml");
+        assert!(
+            p.contains(
+                "Deployment default/huge: spec.replicas: Too many: 70000: must be at most 10000"
+            ),
+            "{p}"
+        );
     }
 
     #[test]
