@@ -117,6 +117,12 @@ pub enum Scenario {
     /// both families, its ClusterIPs and its NodePort; endpoints leave both families at
     /// once. Always runs on a dual-stack testbed.
     DualStack,
+    /// NodePorts answer on every address of the node, not only its node IP (a second
+    /// address added to node 0), and no longer on it with `--nodeport-addresses primary`.
+    NodePortOnEveryAddress,
+    /// NodePorts answer on 127.0.0.1 from the node itself (`--localhost-nodeports`,
+    /// `route_localnet`); IPv4 only, as in kube-proxy.
+    NodePortOnLocalhost,
 }
 
 impl Scenario {
@@ -597,6 +603,8 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::LoadBalancerIpModeProxy => load_balancer_ip_mode_proxy(&mut f),
         Scenario::UdpEndpointReplaced => udp_endpoint_replaced(&mut f),
         Scenario::DualStack => dual_stack(&mut f),
+        Scenario::NodePortOnEveryAddress => node_port_on_every_address(&mut f),
+        Scenario::NodePortOnLocalhost => node_port_on_localhost(&mut f),
     }
 }
 
@@ -1044,6 +1052,101 @@ fn dual_stack<B: Backend>(f: &mut Fixture<B>) {
     }
 }
 
+/// Changes what node `i`'s agent knows of its node (as svcnat-proxy does when it reads
+/// the node's addresses or flags).
+fn set_node<B: Backend>(f: &mut Fixture<B>, i: usize, change: impl FnOnce(&mut NodeContext)) {
+    let mut ctx = f.agents[i].plan().node().clone();
+    change(&mut ctx);
+    f.agents[i].set_node(ctx);
+}
+
+fn node_port_on_every_address<B: Backend>(f: &mut Fixture<B>) {
+    // A second address on node 0's LAN interface, as svcnat-proxy would read it.
+    let (extra, len) = match f.family {
+        IpFamily::V4 => (IpAddr::from([192, 168, 50, 111]), 24),
+        IpFamily::V6 => (
+            IpAddr::V6(Ipv6Addr::new(0xfd00, 0x50, 0, 0, 0, 0, 0, 0x111)),
+            64,
+        ),
+    };
+    let ns = f.tb.ns_of_node(0).to_string();
+    let cidr = format!("{extra}/{len}");
+    if let Err(e) =
+        f.tb.exec_ok(&ns, ["ip", "addr", "add", &cidr, "dev", "eth0", "nodad"])
+    {
+        panic!("adding {cidr} to node 0: {e}");
+    }
+    let node_ip = f.node_ip(0);
+    set_node(f, 0, |n| n.local_addresses = vec![node_ip, extra]);
+    let mut svc = f.service("web", "app", "web", 71, 80, Protocol::Tcp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30091);
+    f.set_service(svc);
+    let target = sock(extra, 30091);
+    let r = f.from_client(0, ProbeArgs::tcp(target).count(50));
+    assert!(
+        r.all_ok(),
+        "NodePort on the node's second address {extra}: {r}"
+    );
+    assert_eq!(r.pods(), names(&WEB), "{r}");
+    // --nodeport-addresses primary: only the node IP serves it.
+    set_node(f, 0, |n| n.nodeport_primary = true);
+    f.sync();
+    let r = f.from_client(0, ProbeArgs::tcp(target).count(3).timeout_ms(800));
+    assert_eq!(r.ok(), 0, "primary only, yet {extra} answered: {r}");
+    let r = f.from_client(0, ProbeArgs::tcp(sock(node_ip, 30091)).count(10));
+    assert!(r.all_ok(), "primary node IP: {r}");
+}
+
+fn node_port_on_localhost<B: Backend>(f: &mut Fixture<B>) {
+    let ns = f.tb.ns_of_node(0).to_string();
+    if let Err(e) =
+        f.tb.exec_ok(&ns, ["sysctl", "-qw", "net.ipv4.conf.all.route_localnet=1"])
+    {
+        panic!("route_localnet in node 0: {e}");
+    }
+    let node_ip = f.tb.node_ip(0);
+    let localhost = IpAddr::from([127, 0, 0, 1]);
+    set_node(f, 0, |n| {
+        n.local_addresses = vec![node_ip, localhost];
+        n.localhost_nodeports = true;
+    });
+    let mut svc = service(
+        "web",
+        "app",
+        "web",
+        IpAddr::from([10, 96, 0, 72]),
+        80,
+        Protocol::Tcp,
+    );
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30092);
+    f.set_service(svc.clone());
+    let target = sock(localhost, 30092);
+    let probe = |f: &Fixture<B>, count| match f
+        .tb
+        .probe(&ns, ProbeArgs::tcp(target).count(count).timeout_ms(800))
+    {
+        Ok(r) => r,
+        Err(e) => panic!("probe from node 0: {e}"),
+    };
+    let r = probe(f, 50);
+    assert!(r.all_ok(), "NodePort on 127.0.0.1 from the node: {r}");
+    assert_eq!(r.pods(), names(&WEB), "{r}");
+    // externalTrafficPolicy: Local: the node's own traffic still reaches every endpoint
+    // (masqueraded), as kube-proxy routes LOCAL-sourced traffic.
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    f.set_service(svc);
+    let r = probe(f, 50);
+    assert!(r.all_ok(), "Local policy, from the node: {r}");
+    assert_eq!(r.pods(), names(&WEB), "{r}");
+    // Off: 127.0.0.1 serves nothing.
+    set_node(f, 0, |n| n.localhost_nodeports = false);
+    f.sync();
+    let r = probe(f, 3);
+    assert_eq!(r.ok(), 0, "localhost NodePorts off, yet answered: {r}");
+}
+
 /// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
 /// directly: every scenario over IPv4, again over IPv6 (in a module `ipv6`), and the
 /// dual-stack scenario: `svcnat_examples::conformance_suite!(MyBackend::new());`
@@ -1051,11 +1154,10 @@ fn dual_stack<B: Backend>(f: &mut Fixture<B>) {
 macro_rules! conformance_suite {
     ($backend:expr) => {
         $crate::conformance_suite!(@feed $backend, Direct, V4);
-        #[test]
-        fn dual_stack() {
-            $crate::skip_unless_root!();
-            $crate::conformance::run(&$backend, $crate::conformance::Scenario::DualStack);
-        }
+        $crate::conformance_suite!(@tests $backend, Direct, V4;
+            dual_stack: DualStack,
+            node_port_on_localhost: NodePortOnLocalhost,
+        );
         /// Every scenario again over IPv6 (dual-stack testbed, IPv6 Services and targets).
         mod ipv6 {
             use super::*;
@@ -1081,6 +1183,7 @@ macro_rules! conformance_suite {
             topology_zones: TopologyZones,
             load_balancer_ip_mode_proxy: LoadBalancerIpModeProxy,
             udp_endpoint_replaced: UdpEndpointReplaced,
+            node_port_on_every_address: NodePortOnEveryAddress,
         );
     };
     (@tests $backend:expr, $feed:ident, $family:ident; $($name:ident: $scenario:ident,)*) => {
