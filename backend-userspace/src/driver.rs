@@ -27,7 +27,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +61,10 @@ pub struct UserspaceConfig {
     /// The pods' default gateway, answered by ARP on owned interfaces that have no IPv4
     /// address of their own (Calico-style pod veths).
     pub pod_gateway: Option<Ipv4Addr>,
+    /// The pods' IPv6 default gateway, answered by neighbour discovery on owned interfaces
+    /// that have no IPv6 address beyond link-local ones (where the interface has it
+    /// configured, the kernel answers for it).
+    pub pod_gateway6: Option<Ipv6Addr>,
     /// The engine's settings.
     pub engine: EngineConfig,
     /// Shape of each worker's receive ring.
@@ -74,6 +78,7 @@ impl Default for UserspaceConfig {
             interfaces: vec!["eth0".into()],
             workers: 0,
             pod_gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            pod_gateway6: Some(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
             engine: EngineConfig::default(),
             ring: RingConfig::default(),
         }
@@ -826,12 +831,20 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
         .filter_map(|l| {
             let mac = l.mac?;
             let has_v4 = l.addrs.iter().any(|a| a.addr().is_ipv4());
+            let has_v6 = l
+                .addrs
+                .iter()
+                .any(|a| matches!(a.addr(), IpAddr::V6(v6) if !v6.is_unicast_link_local()));
             Some(PortConfig {
                 id: l.ifindex,
                 name: l.name.clone(),
                 mac,
                 addrs: l.addrs.clone(),
                 proxy_arp: match (has_v4, cfg.pod_gateway) {
+                    (false, Some(gw)) => vec![gw],
+                    _ => Vec::new(),
+                },
+                proxy_ndp: match (has_v6, cfg.pod_gateway6) {
                     (false, Some(gw)) => vec![gw],
                     _ => Vec::new(),
                 },
