@@ -1012,7 +1012,7 @@ fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &Engine
             "    ip6 daddr . meta l4proto . th dport @frontends6 counter drop comment \"svcnat frontend\"\n",
         );
         s.push_str(&format!(
-            "    meta l4proto {{ tcp, udp }} th dport {lo}-{hi} counter drop comment \"svcnat SNAT replies\"\n"
+            "    meta l4proto {{ tcp, udp, sctp }} th dport {lo}-{hi} counter drop comment \"svcnat SNAT replies\"\n"
         ));
         s.push_str("  }\n");
     }

@@ -3,9 +3,11 @@
 //! [`Engine::handle_frame`] takes one Ethernet frame (and the time, on the caller's
 //! monotonic clock) and decides: rewrite it in place and send it out a port
 //! ([`Verdict::Forward`]), leave it to the kernel, drop it (counted by [`DropReason`]), or
-//! keep it (queued for ARP, or an ARP packet handled). Frames it generates (ARP requests
-//! and replies, ICMP errors, released queued packets) are appended to a caller's `Vec`.
-//! [`Engine::poll_timeout`] / [`Engine::handle_timeout`] drive expiry and ARP retries. The
+//! keep it (queued for a neighbour, or an ARP or neighbour discovery packet handled).
+//! Frames it generates (ARP requests and replies, Neighbor Solicitations and
+//! Advertisements, ICMP and ICMPv6 errors, released queued packets) are appended to a
+//! caller's `Vec`. [`Engine::poll_timeout`] / [`Engine::handle_timeout`] drive expiry and
+//! ARP/NDP retries. The
 //! engine reads no clock and does no I/O, so tests drive whole scenarios in microseconds;
 //! the AF_PACKET driver owns sockets, rings and time.
 //!
@@ -20,14 +22,21 @@
 //! 4. everything else goes to the kernel, or is dropped, as [`EngineConfig::unmatched`]
 //!    says.
 //!
+//! Before that, IPv6 Neighbor Solicitations and Advertisements (module `ndp`) are answered
+//! and learnt from, as ARP is.
+//!
 //! Headers are parsed and rewritten by hand at fixed offsets (module `wire`) with RFC 1624
 //! incremental checksum updates, because etherparse's and smoltcp's views are read-only or
 //! re-serialise whole headers. With [`Csum::Partial`] only the pseudo-header part of the L4
-//! checksum is updated (addresses; the ports are summed later by the kernel).
+//! checksum is updated (addresses; the ports are summed later by the kernel). SCTP's
+//! CRC32c cannot be updated incrementally: it is computed again over the rewritten packet
+//! (with [`Csum::Partial`] it is left to whoever completes it). Neighbour discovery, which
+//! the engine answers and originates rather than rewrites, is parsed and emitted with
+//! smoltcp's wire representations.
 //!
-//! Not implemented: IPv6 neighbour discovery (IPv6 next hops must be given with
-//! [`Engine::add_neighbour`]), SCTP translation (SCTP frontends go the unmatched way),
-//! VLAN tags (unmatched), ICMP error rate limiting.
+//! Not implemented: VLAN tags (unmatched), ICMP error rate limiting, ICMPv6 errors quoting
+//! a packet with extension headers (not translated), Router Advertisements and Redirects
+//! (left to the kernel), SCTP multi-homing (each address pair is its own association).
 #![forbid(unsafe_code)]
 
 mod conntrack;
@@ -125,6 +134,12 @@ pub struct Timeouts {
     pub udp_stream: Duration,
     /// ICMP (30 s).
     pub icmp: Duration,
+    /// SCTP after an INIT, before any reply (`nf_conntrack_sctp_timeout_cookie_wait`, 3 s).
+    pub sctp_init: Duration,
+    /// SCTP after a reply (`nf_conntrack_sctp_timeout_established`, 210 s).
+    pub sctp_established: Duration,
+    /// SCTP after an ABORT or SHUTDOWN COMPLETE (`nf_conntrack_sctp_timeout_closed`, 10 s).
+    pub sctp_closed: Duration,
 }
 
 impl Default for Timeouts {
@@ -142,6 +157,9 @@ impl Default for Timeouts {
             udp_unreplied: s(30),
             udp_stream: s(120),
             icmp: s(30),
+            sctp_init: s(3),
+            sctp_established: s(210),
+            sctp_closed: s(10),
         }
     }
 }
@@ -200,8 +218,8 @@ pub struct RxMeta {
     pub csum: Csum,
 }
 
-/// A frame the engine generated (ARP, ICMP errors, released queued packets); its checksums
-/// are always complete.
+/// A frame the engine generated (ARP, neighbour discovery, ICMP errors, released queued
+/// packets); its checksums are always complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxFrame {
     /// Port to send it out of.
@@ -220,8 +238,8 @@ pub enum DropReason {
     Malformed,
     /// The IPv4 header checksum is wrong.
     BadIpChecksum,
-    /// The TCP/UDP checksum of a connection-creating packet, or the ICMPv6 checksum of a
-    /// neighbour discovery message, is wrong.
+    /// The TCP/UDP checksum (SCTP: CRC32c) of a connection-creating packet, or the ICMPv6
+    /// checksum of a neighbour discovery message, is wrong.
     BadL4Checksum,
     /// A fragment addressed to a frontend or a translated connection.
     Fragment,
@@ -313,7 +331,8 @@ pub enum Verdict {
     Kernel,
     /// Dropped, for this reason (counted).
     Drop(DropReason),
-    /// Queued awaiting neighbour resolution, or an ARP packet the engine handled.
+    /// Queued awaiting neighbour resolution, or an ARP or neighbour discovery packet the
+    /// engine handled.
     Consumed,
 }
 
@@ -328,11 +347,11 @@ pub struct Counters {
     pub forwarded: u64,
     /// Frames left to the kernel.
     pub kernel: u64,
-    /// Frames consumed (queued or ARP handled).
+    /// Frames consumed (queued, or ARP or neighbour discovery handled).
     pub consumed: u64,
     /// Drops by reason, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
-    /// Frames generated (ARP, ICMP errors).
+    /// Frames generated (ARP, neighbour discovery, ICMP errors).
     pub generated: u64,
     /// Connections currently tracked.
     pub connections: u64,
@@ -397,7 +416,7 @@ impl Stats {
 struct L4 {
     sport: u16,
     dport: u16,
-    /// TCP flags (0 for UDP).
+    /// TCP flags; for SCTP the set of its chunks (`wire::sctp_chunks`); 0 for UDP.
     flags: u8,
 }
 
@@ -493,7 +512,7 @@ impl Engine {
             let protocol = match proto {
                 wire::PROTO_UDP => Protocol::Udp,
                 wire::PROTO_TCP => Protocol::Tcp,
-                132 => Protocol::Sctp,
+                wire::PROTO_SCTP => Protocol::Sctp,
                 _ => return false,
             };
             let orig_dst = SocketAddr::new(orig.dst, orig.dport);
@@ -664,6 +683,24 @@ impl Engine {
                     flags: 0,
                 })
             }
+            (PROTO_SCTP, _) => {
+                let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
+                if seg.len() < SCTP_HEADER_LEN + 4 {
+                    return Err(DropReason::Truncated);
+                }
+                // The first fragment may not hold every chunk: its ports suffice (it is
+                // dropped as a fragment below when it matters).
+                let chunks = if ip.frag == Frag::No {
+                    sctp_chunks(seg).ok_or(DropReason::Malformed)?
+                } else {
+                    0
+                };
+                Some(L4 {
+                    sport: rd16(seg, 0),
+                    dport: rd16(seg, 2),
+                    flags: chunks,
+                })
+            }
             _ => None,
         };
         if let Some(l4) = l4 {
@@ -818,6 +855,15 @@ impl Engine {
         d_all.word(dport, target.dport);
         wr16(frame, ip.l4, target.sport);
         wr16(frame, ip.l4 + 2, target.dport);
+        if ip.proto == PROTO_SCTP {
+            // CRC32c covers no pseudo-header and cannot be updated incrementally: sum the
+            // packet again. A partial one is completed by whoever completes it (the
+            // kernel or the NIC), over the rewritten packet.
+            if csum == Csum::Complete {
+                fill_sctp_checksum(frame, ip);
+            }
+            return;
+        }
         let Some(off) = l4_csum_off(ip.proto) else {
             return;
         };
@@ -888,8 +934,11 @@ impl Engine {
         if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src)) {
             return Err(DropReason::SourceRange);
         }
-        // A RST cannot open a connection: conntrack calls it INVALID.
-        if ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0 {
+        // A RST cannot open a connection: conntrack calls it INVALID. Nor can an SCTP
+        // ABORT or SHUTDOWN COMPLETE (nf_conntrack_proto_sctp's sctp_new).
+        if (ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0)
+            || (ip.proto == PROTO_SCTP && l4.flags & (SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) != 0)
+        {
             return Err(DropReason::Invalid);
         }
         let from_cluster = plan.cluster_cidrs.iter().any(|n| n.contains(&ip.src));
@@ -1008,7 +1057,7 @@ impl Engine {
         let Some(inner) = parse_quoted(quoted, il3, ip.v6) else {
             return Ok(None);
         };
-        if inner.proto != PROTO_TCP && inner.proto != PROTO_UDP {
+        if !matches!(inner.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
             return Ok(None);
         }
         if inner.l4 + 4 > ip.end {

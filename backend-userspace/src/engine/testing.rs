@@ -22,9 +22,9 @@
 //! fe80::1, the router is fd00:1::1, node-b fd00:1::11 with pods fd00:244:1::/64, and the
 //! IPv6 pods fd00:244::5 (port 2) and fd00:244::6 (port 3) have the same MACs as their IPv4
 //! twins. IPv6 Services:
-//! - `default/web6` NodePort, ClusterIP [fd00:96::10]:80, NodePort 30081 -> [fd00:244::5],
-//!   [fd00:244::6] and [fd00:244:1::7] on 8080;
-//! - `default/empty6` ClusterIP [fd00:96::99]:80, no endpoints (REJECT).
+//! - `default/web6` NodePort, ClusterIP `[fd00:96::10]:80`, NodePort 30081 -> fd00:244::5,
+//!   fd00:244::6 and fd00:244:1::7 on 8080;
+//! - `default/empty6` ClusterIP `[fd00:96::99]:80`, no endpoints (REJECT).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
