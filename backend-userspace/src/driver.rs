@@ -13,12 +13,20 @@
 //! AF_PACKET is a tap: the kernel receives its own copy of every frame. The driver turns
 //! IPv4 forwarding off and installs an nftables `netdev` ingress chain on each owned
 //! interface that drops, before the IP stack sees them, the frames the engine handles: any
-//! IPv4 packet not addressed to one of the node's addresses (the engine routes it), packets
-//! to a frontend on a node address (NodePorts, externalIPs that are node IPs), and packets to
-//! a node address in the engine's SNAT port range (replies of masqueraded connections).
-//! Everything else addressed to the node (ARP, SSH, the node's own connections) still
-//! reaches the kernel, so nothing is forwarded twice and nothing is lost. IPv6 is left to
-//! the kernel.
+//! IPv4 or IPv6 packet not addressed to one of the node's addresses (the engine routes it),
+//! packets to a frontend on a node address (NodePorts, externalIPs that are node IPs), and
+//! packets to a node address in the engine's SNAT port range (replies of masqueraded
+//! connections). Everything else addressed to the node (ARP, neighbour discovery and other
+//! multicast, SSH, the node's own connections) still reaches the kernel, so nothing is
+//! forwarded twice and nothing is lost.
+//!
+//! IPv6 forwarding (`net.ipv6.conf.*.forwarding`) is left as it is: it also decides whether
+//! the kernel accepts router advertisements and sets the Router flag in its neighbour
+//! advertisements, and the ingress drops already keep the kernel from forwarding what
+//! arrives on an owned interface. The engine answers neighbour discovery for the pods'
+//! IPv6 gateway ([`UserspaceConfig::pod_gateway6`]) only on interfaces where the kernel does
+//! not own that address; where it does (an address configured on the veth), the kernel
+//! answers with the same MAC.
 //!
 //! Interfaces, addresses and routes are read with `ip -json` at start and on every sync, so
 //! pods that come and go (new veths) are picked up; each worker's socket is narrowed to the
@@ -27,7 +35,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -61,6 +69,10 @@ pub struct UserspaceConfig {
     /// The pods' default gateway, answered by ARP on owned interfaces that have no IPv4
     /// address of their own (Calico-style pod veths).
     pub pod_gateway: Option<Ipv4Addr>,
+    /// The pods' IPv6 default gateway, answered by neighbour discovery on owned interfaces
+    /// that have no address of their own beyond IPv6 link-local ones (where the interface
+    /// has it configured, the kernel answers for it).
+    pub pod_gateway6: Option<Ipv6Addr>,
     /// The engine's settings.
     pub engine: EngineConfig,
     /// Shape of each worker's receive ring.
@@ -74,6 +86,7 @@ impl Default for UserspaceConfig {
             interfaces: vec!["eth0".into()],
             workers: 0,
             pod_gateway: Some(Ipv4Addr::new(169, 254, 1, 1)),
+            pod_gateway6: Some(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
             engine: EngineConfig::default(),
             ring: RingConfig::default(),
         }
@@ -826,12 +839,23 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
         .filter_map(|l| {
             let mac = l.mac?;
             let has_v4 = l.addrs.iter().any(|a| a.addr().is_ipv4());
+            let has_v6 = l
+                .addrs
+                .iter()
+                .any(|a| matches!(a.addr(), IpAddr::V6(v6) if !v6.is_unicast_link_local()));
             Some(PortConfig {
                 id: l.ifindex,
                 name: l.name.clone(),
                 mac,
                 addrs: l.addrs.clone(),
                 proxy_arp: match (has_v4, cfg.pod_gateway) {
+                    (false, Some(gw)) => vec![gw],
+                    _ => Vec::new(),
+                },
+                // Every interface has IPv6 link-local addresses; one with an address of
+                // its own in either family is no pod veth (an uplink's LAN may have a
+                // router at fe80::1).
+                proxy_ndp: match (has_v4 || has_v6, cfg.pod_gateway6) {
                     (false, Some(gw)) => vec![gw],
                     _ => Vec::new(),
                 },
@@ -845,18 +869,32 @@ fn read_routes(
     links: &Links,
     owned: &BTreeSet<u32>,
 ) -> Result<Vec<Route>, SyncError> {
-    let v = ip_json(cfg, &["-4", "route", "show", "table", "main"])?;
-    parse_routes(&v, links, owned).map_err(|message| SyncError::Parse {
-        command: "ip -json -4 route show table main".into(),
-        message,
-    })
+    let mut routes = Vec::new();
+    for family in ["-4", "-6"] {
+        let v = ip_json(cfg, &[family, "route", "show", "table", "main"])?;
+        routes.extend(
+            parse_routes(&v, links, owned, family == "-6").map_err(|message| SyncError::Parse {
+                command: format!("ip -json {family} route show table main"),
+                message,
+            })?,
+        );
+    }
+    Ok(routes)
 }
 
+/// The routes of one family through owned interfaces. IPv6 link-local and multicast
+/// prefixes are left out: the engine never forwards to them (the kernel has its own).
 fn parse_routes(
     v: &serde_json::Value,
     links: &Links,
     owned: &BTreeSet<u32>,
+    v6: bool,
 ) -> Result<Vec<Route>, String> {
+    let unspecified = if v6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
     let by_name: BTreeMap<&str, u32> = links
         .values()
         .map(|l| (l.name.as_str(), l.ifindex))
@@ -876,7 +914,7 @@ fn parse_routes(
             continue;
         }
         let dst = match r["dst"].as_str() {
-            Some("default") => IpNet::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0).ok(),
+            Some("default") => IpNet::new(unspecified, 0).ok(),
             Some(d) if d.contains('/') => d.parse().ok(),
             Some(d) => d.parse::<IpAddr>().ok().map(IpNet::from),
             None => None,
@@ -884,6 +922,11 @@ fn parse_routes(
         let Some(dst) = dst else {
             continue;
         };
+        if let IpNet::V6(n) = dst
+            && (n.network().is_unicast_link_local() || n.network().is_multicast())
+        {
+            continue;
+        }
         let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
         routes.push(Route { dst, port, gateway });
     }
@@ -903,46 +946,52 @@ fn proto_name(p: Protocol) -> &'static str {
 }
 
 /// The `nft -f` script that takes the kernel out of the forwarding path for the owned
-/// interfaces. It replaces the whole table in one transaction.
+/// interfaces, in both families. It replaces the whole table in one transaction.
 fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &EngineConfig) -> String {
-    let locals: BTreeSet<Ipv4Addr> = links
+    let locals: BTreeSet<IpAddr> = links
         .values()
         .flat_map(|l| l.addrs.iter())
-        .filter_map(|a| match a.addr() {
-            IpAddr::V4(v4) => Some(v4),
-            IpAddr::V6(_) => None,
-        })
+        .map(IpNet::addr)
         .collect();
     let mut frontends = BTreeSet::new();
     if let Some(plan) = plan {
         for (k, _) in plan.frontends() {
-            if let IpAddr::V4(a) = k.addr
-                && locals.contains(&a)
-            {
-                frontends.insert(format!("{a} . {} . {}", proto_name(k.protocol), k.port));
+            if locals.contains(&k.addr) {
+                frontends.insert((k.addr, proto_name(k.protocol), k.port));
             }
         }
     }
-    let join = |v: Vec<String>| v.join(", ");
     let mut s = String::new();
     s.push_str(&format!(
         "table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\ntable netdev {NFT_TABLE} {{\n"
     ));
-    s.push_str("  set local4 {\n    type ipv4_addr\n");
-    if !locals.is_empty() {
+    for (v6, suffix, addr_type) in [(false, "4", "ipv4_addr"), (true, "6", "ipv6_addr")] {
+        let elements = |v: Vec<String>| {
+            if v.is_empty() {
+                String::new()
+            } else {
+                format!("    elements = {{ {} }}\n", v.join(", "))
+            }
+        };
+        let addrs = locals
+            .iter()
+            .filter(|a| a.is_ipv6() == v6)
+            .map(ToString::to_string)
+            .collect();
         s.push_str(&format!(
-            "    elements = {{ {} }}\n",
-            join(locals.iter().map(|a| a.to_string()).collect())
+            "  set local{suffix} {{\n    type {addr_type}\n{}  }}\n",
+            elements(addrs)
+        ));
+        let fes = frontends
+            .iter()
+            .filter(|(a, _, _)| a.is_ipv6() == v6)
+            .map(|(a, p, port)| format!("{a} . {p} . {port}"))
+            .collect();
+        s.push_str(&format!(
+            "  set frontends{suffix} {{\n    type {addr_type} . inet_proto . inet_service\n{}  }}\n",
+            elements(fes)
         ));
     }
-    s.push_str("  }\n  set frontends4 {\n    type ipv4_addr . inet_proto . inet_service\n");
-    if !frontends.is_empty() {
-        s.push_str(&format!(
-            "    elements = {{ {} }}\n",
-            join(frontends.into_iter().collect())
-        ));
-    }
-    s.push_str("  }\n");
     let (lo, hi) = (engine.snat_ports.start(), engine.snat_ports.end());
     for i in owned {
         let Some(l) = links.get(i) else { continue };
@@ -950,14 +999,20 @@ fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &Engine
             "  chain in_{i} {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n",
             l.name
         ));
-        s.push_str("    meta protocol != ip accept\n");
+        s.push_str("    meta protocol != { ip, ip6 } accept\n");
+        // ARP-like traffic of IPv6 (neighbour discovery to solicited-node addresses) and
+        // every other multicast stays the kernel's.
         s.push_str("    meta pkttype { broadcast, multicast } accept\n");
         s.push_str("    ip daddr != @local4 counter drop comment \"forwarded by svcnat\"\n");
+        s.push_str("    ip6 daddr != @local6 counter drop comment \"forwarded by svcnat\"\n");
         s.push_str(
             "    ip daddr . meta l4proto . th dport @frontends4 counter drop comment \"svcnat frontend\"\n",
         );
+        s.push_str(
+            "    ip6 daddr . meta l4proto . th dport @frontends6 counter drop comment \"svcnat frontend\"\n",
+        );
         s.push_str(&format!(
-            "    meta l4proto {{ tcp, udp }} th dport {lo}-{hi} counter drop comment \"svcnat SNAT replies\"\n"
+            "    meta l4proto {{ tcp, udp, sctp }} th dport {lo}-{hi} counter drop comment \"svcnat SNAT replies\"\n"
         ));
         s.push_str("  }\n");
     }
@@ -1036,12 +1091,44 @@ mod tests {
                 {"type":"blackhole","dst":"10.9.0.0/16"}]"#,
         )
         .unwrap();
-        let r = parse_routes(&v, &l, &owned).unwrap();
+        let r = parse_routes(&v, &l, &owned, false).unwrap();
         assert_eq!(r.len(), 3);
         assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
         assert_eq!(r[1].dst.to_string(), "10.244.0.10/32");
         assert_eq!(r[1].port, 5);
         assert_eq!(r[2].gateway, Some("192.168.50.12".parse().unwrap()));
+        // As `ip -json -6 route` prints them: link-local and multicast prefixes are not
+        // the engine's to forward.
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"dst":"fd00:50::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
+                {"dst":"fd00:10:244:1::/64","gateway":"fd00:50::12","dev":"eth0","metric":1024,"flags":[],"pref":"medium"},
+                {"dst":"fd00:10:244::a","dev":"vp0","metric":1024,"flags":[],"pref":"medium"},
+                {"dst":"fe80::/64","dev":"eth0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
+                {"dst":"fe80::/64","dev":"vp0","protocol":"kernel","metric":256,"flags":[],"pref":"medium"},
+                {"dst":"ff00::/8","dev":"eth0","metric":256,"flags":[],"pref":"medium"},
+                {"dst":"default","gateway":"fe80::1","dev":"eth0","metric":1024,"flags":[],"pref":"medium"}]"#,
+        )
+        .unwrap();
+        let r = parse_routes(&v, &l, &owned, true).unwrap();
+        let shown: Vec<String> = r
+            .iter()
+            .map(|r| format!("{} {} {:?}", r.dst, r.port, r.gateway))
+            .collect();
+        assert_eq!(
+            shown,
+            [
+                "fd00:50::/64 2 None",
+                "fd00:10:244:1::/64 2 Some(fd00:50::12)",
+                "fd00:10:244::a/128 5 None",
+                "::/0 2 Some(fe80::1)",
+            ]
+        );
+        // The pods' IPv6 gateway is answered on veths without a global IPv6 address.
+        assert_eq!(ports[0].proxy_ndp, Vec::<Ipv6Addr>::new(), "eth0");
+        assert_eq!(
+            ports[1].proxy_ndp,
+            vec!["fe80::1".parse::<Ipv6Addr>().unwrap()]
+        );
     }
 
     #[test]
@@ -1057,6 +1144,48 @@ mod tests {
         assert!(s.contains("device \"vp0\""), "{s}");
         assert!(!s.contains("svc0"), "{s}");
         assert!(s.contains("th dport 61000-65535"), "{s}");
+        // IPv6: the node's addresses (link-local ones too) are the kernel's; the rest is
+        // forwarded by the engine.
+        assert!(
+            s.contains("type ipv6_addr\n    elements = { fe80::1 }"),
+            "{s}"
+        );
+        assert!(s.contains("ip6 daddr != @local6 counter drop"), "{s}");
+        assert!(s.contains("meta protocol != { ip, ip6 } accept"), "{s}");
+    }
+
+    #[test]
+    fn nft_script_drops_ipv6_frontends_on_node_addresses() {
+        use svcnat_core::model::*;
+        use svcnat_core::plan::NodeContext;
+        let l = links();
+        let mut c = Cluster::simulated();
+        let mut svc = Service::new(ObjectName::new("default", "web6"));
+        svc.service_type = ServiceType::NodePort;
+        svc.cluster_ips = vec!["fd00:10:96::10".parse().unwrap()];
+        svc.ip_families = vec![IpFamily::V6];
+        let mut sp = ServicePort::new("", Protocol::Tcp, 80, TargetPort::Number(8080));
+        sp.node_port = Some(30080);
+        svc.ports.push(sp);
+        svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+            "app".to_string(),
+            "web6".to_string(),
+        )])));
+        c.upsert_service(svc);
+        let mut pod = Pod::new(
+            ObjectName::new("default", "web6-0"),
+            "fd00:10:244::a".parse().unwrap(),
+        );
+        pod.labels.insert("app".into(), "web6".into());
+        c.upsert_pod(pod);
+        let node = NodeContext::new(
+            "n",
+            vec!["192.168.50.11".parse().unwrap(), "fe80::1".parse().unwrap()],
+            Vec::new(),
+        );
+        let plan = Plan::compile(&c, &node);
+        let s = render_nft(&l, &[2, 5], Some(&plan), &EngineConfig::default());
+        assert!(s.contains("elements = { fe80::1 . tcp . 30080 }"), "{s}");
     }
 
     #[test]

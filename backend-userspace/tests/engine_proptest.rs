@@ -108,6 +108,55 @@ fn seeds() -> Vec<(PortId, Vec<u8>)> {
         ),
         (POD1_PORT, fragment(syn, true, 0)),
         (POD1_PORT, v6),
+        (
+            POD1_PORT,
+            ns(
+                POD1_MAC,
+                solicited(POD_GATEWAY6).1,
+                POD1_IP6,
+                solicited(POD_GATEWAY6).0,
+                255,
+                POD_GATEWAY6,
+                Some(POD1_MAC),
+            ),
+        ),
+        (
+            UPLINK,
+            na(
+                ROUTER_MAC,
+                UPLINK_MAC,
+                ROUTER_IP6,
+                NODE_IP6,
+                255,
+                (true, true, true),
+                ROUTER_IP6,
+                Some(ROUTER_MAC),
+            ),
+        ),
+        (
+            POD2_PORT,
+            tcp6(
+                POD2_MAC,
+                POD2_PORT_MAC,
+                POD2_IP6,
+                WEB6_CIP,
+                64,
+                40000,
+                80,
+                F::Syn,
+            ),
+        ),
+        (POD2_PORT, {
+            // An SCTP INIT (no SCTP frontend in the fixture: the chunk walk still runs).
+            let mut sctp = vec![0x13, 0x88, 0x27, 0x0f, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 20];
+            sctp.extend_from_slice(&[0; 16]);
+            let mut out = Vec::new();
+            PacketBuilder::ethernet2(POD2_MAC, POD2_PORT_MAC)
+                .ipv4(POD2, [10, 96, 0, 10], 64)
+                .write(&mut out, etherparse::IpNumber::SCTP, &sctp)
+                .unwrap();
+            out
+        }),
     ]
 }
 
@@ -195,7 +244,7 @@ proptest! {
 
     #[test]
     fn mutated_valid_frames_never_panic(
-        which in 0usize..10,
+        which in 0usize..14,
         muts in proptest::collection::vec(mutation(), 1..6),
         partial in any::<bool>(),
         resolved in any::<bool>(),
@@ -217,6 +266,39 @@ proptest! {
         e.handle_timeout(Duration::from_secs(2 + later), &mut tx);
         let _ = e.poll_timeout();
         let _ = e.counters();
+    }
+
+    /// Neighbour discovery with a valid checksum and hop limit but any body: smoltcp's
+    /// option parsing sees it all.
+    #[test]
+    fn any_ndp_body_never_panics(
+        body in proptest::collection::vec(any::<u8>(), 0..120),
+        advert in any::<bool>(),
+        multicast in any::<bool>(),
+    ) {
+        let e = warmed(false);
+        let ty = if advert {
+            etherparse::Icmpv6Type::NeighborAdvertisement(
+                etherparse::icmpv6::NeighborAdvertisementHeader {
+                    router: false,
+                    solicited: !multicast,
+                    r#override: true,
+                },
+            )
+        } else {
+            etherparse::Icmpv6Type::NeighborSolicitation
+        };
+        let (sn, sn_mac) = solicited(POD_GATEWAY6);
+        let (dst, dmac) = if multicast { (sn, sn_mac) } else { (POD_GATEWAY6, POD1_PORT_MAC) };
+        let mut f = icmp6(POD1_MAC, dmac, POD1_IP6, dst, 255, ty, &body);
+        let len = f.len();
+        let mut tx = Vec::new();
+        let v = e.handle_frame(Duration::from_secs(2), RxMeta { port: POD1_PORT, csum: Csum::Complete }, &mut f, &mut tx);
+        prop_assert_eq!(f.len(), len);
+        prop_assert!(!matches!(v, Verdict::Drop(DropReason::BadL4Checksum)), "{:?}", v);
+        for t in &tx {
+            verify_checksums(&t.data);
+        }
     }
 }
 

@@ -20,7 +20,10 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use super::wire::{PROTO_TCP, PROTO_UDP, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN};
+use super::wire::{
+    PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCTP_ABORT, SCTP_INIT, SCTP_SHUTDOWN_COMPLETE, TCP_ACK,
+    TCP_FIN, TCP_RST, TCP_SYN,
+};
 use super::{DropReason, Timeouts};
 
 /// One direction of a connection.
@@ -48,7 +51,9 @@ impl Tuple {
     }
 }
 
-/// TCP states, as nf_conntrack names them.
+/// TCP states, as nf_conntrack names them. SCTP associations use three of them, kept
+/// simple: `SynSent` (INIT seen), `Established` (a reply seen) and `Close` (ABORT or
+/// SHUTDOWN COMPLETE seen).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum TcpState {
@@ -450,6 +455,20 @@ fn tcp_transition(state: TcpState, flags: u8, dir: u8, tcp: u8) -> (TcpState, u8
     (state, f)
 }
 
+/// SCTP, kept simple: an INIT (re)opens, any packet of the other direction establishes, an
+/// ABORT or SHUTDOWN COMPLETE closes. `chunks` is [`super::wire::sctp_chunks`]'s set.
+fn sctp_transition(state: TcpState, dir: u8, chunks: u8) -> TcpState {
+    use TcpState::*;
+    if chunks & (SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) != 0 {
+        return Close;
+    }
+    match (state, dir) {
+        (Close, 0) if chunks & SCTP_INIT != 0 => SynSent,
+        (SynSent, 1) => Established,
+        (s, _) => s,
+    }
+}
+
 fn timeout_of(proto: u8, state: TcpState, flags: u8, t: &Timeouts) -> Duration {
     match proto {
         PROTO_TCP => match state {
@@ -464,6 +483,11 @@ fn timeout_of(proto: u8, state: TcpState, flags: u8, t: &Timeouts) -> Duration {
         },
         PROTO_UDP if flags & F_REPLIED != 0 => t.udp_stream,
         PROTO_UDP => t.udp_unreplied,
+        PROTO_SCTP => match state {
+            TcpState::Established => t.sctp_established,
+            TcpState::Close => t.sctp_closed,
+            _ => t.sctp_init,
+        },
         _ => t.icmp,
     }
 }
@@ -544,7 +568,8 @@ impl Conntrack {
     }
 
     /// Finds the connection of a packet with this tuple and, when `update` carries TCP
-    /// flags (or `Some(0)` for non-TCP), advances its state and refreshes its timeout.
+    /// flags (SCTP: its chunk set; `Some(0)` for other protocols), advances its state and
+    /// refreshes its timeout.
     pub(crate) fn lookup(
         &self,
         now: Duration,
@@ -599,6 +624,11 @@ impl Conntrack {
                         if flags & F_REPLIED != 0 && matches!(state, TcpState::Established) {
                             flags |= F_ASSURED;
                         }
+                    } else if proto == PROTO_SCTP {
+                        state = sctp_transition(state, dir, tcp);
+                        if matches!(state, TcpState::Established) {
+                            flags |= F_ASSURED;
+                        }
                     } else if flags & F_REPLIED != 0 {
                         flags |= F_ASSURED;
                     }
@@ -650,6 +680,13 @@ impl Conntrack {
                 (TcpState::SynSent, F_LIVE)
             } else {
                 // nf_conntrack_tcp_loose: pick up an established connection mid-stream.
+                (TcpState::Established, F_LIVE)
+            }
+        } else if proto == PROTO_SCTP {
+            if tcp & SCTP_INIT != 0 {
+                (TcpState::SynSent, F_LIVE)
+            } else {
+                // Picked up mid-association (after a restart), as TCP's loose pickup.
                 (TcpState::Established, F_LIVE)
             }
         } else {

@@ -3,9 +3,11 @@
 //! [`Engine::handle_frame`] takes one Ethernet frame (and the time, on the caller's
 //! monotonic clock) and decides: rewrite it in place and send it out a port
 //! ([`Verdict::Forward`]), leave it to the kernel, drop it (counted by [`DropReason`]), or
-//! keep it (queued for ARP, or an ARP packet handled). Frames it generates (ARP requests
-//! and replies, ICMP errors, released queued packets) are appended to a caller's `Vec`.
-//! [`Engine::poll_timeout`] / [`Engine::handle_timeout`] drive expiry and ARP retries. The
+//! keep it (queued for a neighbour, or an ARP or neighbour discovery packet handled).
+//! Frames it generates (ARP requests and replies, Neighbor Solicitations and
+//! Advertisements, ICMP and ICMPv6 errors, released queued packets) are appended to a
+//! caller's `Vec`. [`Engine::poll_timeout`] / [`Engine::handle_timeout`] drive expiry and
+//! ARP/NDP retries. The
 //! engine reads no clock and does no I/O, so tests drive whole scenarios in microseconds;
 //! the AF_PACKET driver owns sockets, rings and time.
 //!
@@ -20,24 +22,32 @@
 //! 4. everything else goes to the kernel, or is dropped, as [`EngineConfig::unmatched`]
 //!    says.
 //!
+//! Before that, IPv6 Neighbor Solicitations and Advertisements (module `ndp`) are answered
+//! and learnt from, as ARP is.
+//!
 //! Headers are parsed and rewritten by hand at fixed offsets (module `wire`) with RFC 1624
 //! incremental checksum updates, because etherparse's and smoltcp's views are read-only or
 //! re-serialise whole headers. With [`Csum::Partial`] only the pseudo-header part of the L4
-//! checksum is updated (addresses; the ports are summed later by the kernel).
+//! checksum is updated (addresses; the ports are summed later by the kernel). SCTP's
+//! CRC32c cannot be updated incrementally: it is computed again over the rewritten packet
+//! (with [`Csum::Partial`] it is left to whoever completes it). Neighbour discovery, which
+//! the engine answers and originates rather than rewrites, is parsed and emitted with
+//! smoltcp's wire representations.
 //!
-//! Not implemented: IPv6 neighbour discovery (IPv6 next hops must be given with
-//! [`Engine::add_neighbour`]), SCTP translation (SCTP frontends go the unmatched way),
-//! VLAN tags (unmatched), ICMP error rate limiting.
+//! Not implemented: VLAN tags (unmatched), ICMP error rate limiting, ICMPv6 errors quoting
+//! a packet with extension headers (not translated), Router Advertisements and Redirects
+//! (left to the kernel), SCTP multi-homing (each address pair is its own association).
 #![forbid(unsafe_code)]
 
 mod conntrack;
+mod ndp;
 mod neigh;
 mod tables;
 pub mod testing;
 mod wire;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +83,9 @@ pub struct PortConfig {
     /// Extra addresses the engine answers ARP for on this port (a pods' gateway such as
     /// 169.254.1.1).
     pub proxy_arp: Vec<Ipv4Addr>,
+    /// Extra addresses the engine answers IPv6 neighbour discovery for on this port (a
+    /// pods' IPv6 gateway such as fe80::1).
+    pub proxy_ndp: Vec<Ipv6Addr>,
 }
 
 /// A FIB entry: the longest matching prefix wins.
@@ -121,6 +134,12 @@ pub struct Timeouts {
     pub udp_stream: Duration,
     /// ICMP (30 s).
     pub icmp: Duration,
+    /// SCTP after an INIT, before any reply (`nf_conntrack_sctp_timeout_cookie_wait`, 3 s).
+    pub sctp_init: Duration,
+    /// SCTP after a reply (`nf_conntrack_sctp_timeout_established`, 210 s).
+    pub sctp_established: Duration,
+    /// SCTP after an ABORT or SHUTDOWN COMPLETE (`nf_conntrack_sctp_timeout_closed`, 10 s).
+    pub sctp_closed: Duration,
 }
 
 impl Default for Timeouts {
@@ -138,6 +157,9 @@ impl Default for Timeouts {
             udp_unreplied: s(30),
             udp_stream: s(120),
             icmp: s(30),
+            sctp_init: s(3),
+            sctp_established: s(210),
+            sctp_closed: s(10),
         }
     }
 }
@@ -196,8 +218,8 @@ pub struct RxMeta {
     pub csum: Csum,
 }
 
-/// A frame the engine generated (ARP, ICMP errors, released queued packets); its checksums
-/// are always complete.
+/// A frame the engine generated (ARP, neighbour discovery, ICMP errors, released queued
+/// packets); its checksums are always complete.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TxFrame {
     /// Port to send it out of.
@@ -216,7 +238,8 @@ pub enum DropReason {
     Malformed,
     /// The IPv4 header checksum is wrong.
     BadIpChecksum,
-    /// The TCP/UDP checksum of a connection-creating packet is wrong.
+    /// The TCP/UDP checksum (SCTP: CRC32c) of a connection-creating packet, or the ICMPv6
+    /// checksum of a neighbour discovery message, is wrong.
     BadL4Checksum,
     /// A fragment addressed to a frontend or a translated connection.
     Fragment,
@@ -243,11 +266,14 @@ pub enum DropReason {
     /// A TCP packet that can neither start nor continue a connection (a RST without one):
     /// conntrack's INVALID, which kube-proxy drops.
     Invalid,
+    /// A Neighbor Solicitation or Advertisement that fails RFC 4861's checks (hop limit
+    /// not 255, a bad code, length or option, a multicast target).
+    InvalidNdp,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 16] = [
+    pub const ALL: [DropReason; 17] = [
         DropReason::Truncated,
         DropReason::Malformed,
         DropReason::BadIpChecksum,
@@ -264,6 +290,7 @@ impl DropReason {
         DropReason::Unmatched,
         DropReason::UnknownPort,
         DropReason::Invalid,
+        DropReason::InvalidNdp,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -285,6 +312,7 @@ impl DropReason {
             DropReason::Unmatched => "unmatched",
             DropReason::UnknownPort => "unknown_port",
             DropReason::Invalid => "invalid",
+            DropReason::InvalidNdp => "invalid_ndp",
         }
     }
 }
@@ -303,7 +331,8 @@ pub enum Verdict {
     Kernel,
     /// Dropped, for this reason (counted).
     Drop(DropReason),
-    /// Queued awaiting neighbour resolution, or an ARP packet the engine handled.
+    /// Queued awaiting neighbour resolution, or an ARP or neighbour discovery packet the
+    /// engine handled.
     Consumed,
 }
 
@@ -318,11 +347,11 @@ pub struct Counters {
     pub forwarded: u64,
     /// Frames left to the kernel.
     pub kernel: u64,
-    /// Frames consumed (queued or ARP handled).
+    /// Frames consumed (queued, or ARP or neighbour discovery handled).
     pub consumed: u64,
     /// Drops by reason, in [`DropReason::ALL`] order.
     pub drops: Vec<(DropReason, u64)>,
-    /// Frames generated (ARP, ICMP errors).
+    /// Frames generated (ARP, neighbour discovery, ICMP errors).
     pub generated: u64,
     /// Connections currently tracked.
     pub connections: u64,
@@ -340,19 +369,26 @@ pub struct Counters {
 #[derive(Debug, Default)]
 struct Ports {
     by_id: HashMap<PortId, PortConfig>,
-    /// Addresses configured on owned ports and answered by proxy ARP.
+    /// Addresses configured on owned ports and answered by proxy ARP or NDP.
     local: HashSet<IpAddr>,
 }
 
 impl Ports {
+    /// The port's first address of a family that can be used beyond the link (IPv6
+    /// link-local addresses cannot: they are no source for masquerading or ICMP errors).
     fn addr_of(&self, id: PortId, v6: bool) -> Option<IpAddr> {
         self.by_id
             .get(&id)?
             .addrs
             .iter()
             .map(|n| n.addr())
-            .find(|a| a.is_ipv6() == v6)
+            .find(|a| a.is_ipv6() == v6 && !is_link_local(*a))
     }
+}
+
+/// An IPv6 link-local address (fe80::/10): never forwarded, never translated.
+fn is_link_local(a: IpAddr) -> bool {
+    matches!(a, IpAddr::V6(a) if a.is_unicast_link_local())
 }
 
 #[derive(Debug, Default)]
@@ -380,7 +416,7 @@ impl Stats {
 struct L4 {
     sport: u16,
     dport: u16,
-    /// TCP flags (0 for UDP).
+    /// TCP flags; for SCTP the set of its chunks (`wire::sctp_chunks`); 0 for UDP.
     flags: u8,
 }
 
@@ -446,6 +482,8 @@ impl Engine {
             p.local.extend(port.addrs.iter().map(|n| n.addr()));
             p.local
                 .extend(port.proxy_arp.iter().map(|a| IpAddr::V4(*a)));
+            p.local
+                .extend(port.proxy_ndp.iter().map(|a| IpAddr::V6(*a)));
             p.by_id.insert(port.id, port);
         }
         self.ports.store(Arc::new(p));
@@ -474,7 +512,7 @@ impl Engine {
             let protocol = match proto {
                 wire::PROTO_UDP => Protocol::Udp,
                 wire::PROTO_TCP => Protocol::Tcp,
-                132 => Protocol::Sctp,
+                wire::PROTO_SCTP => Protocol::Sctp,
                 _ => return false,
             };
             let orig_dst = SocketAddr::new(orig.dst, orig.dport);
@@ -485,8 +523,8 @@ impl Engine {
         })
     }
 
-    /// Adds a permanent neighbour (for IPv6 next hops, which the engine does not resolve,
-    /// or entries the driver copies from the kernel's table).
+    /// Adds a permanent neighbour (never resolved, never expired: entries the driver
+    /// copies from the kernel's table, or fixed next hops).
     pub fn add_neighbour(&self, port: PortId, ip: IpAddr, mac: [u8; 6]) {
         self.static_neigh.write().insert((port, ip), mac);
     }
@@ -573,9 +611,18 @@ impl Engine {
                 if !to_us && dst_mac != [0xff; 6] {
                     return Verdict::Kernel;
                 }
-                self.handle_arp(now, &ports, port, frame, tx)
+                self.handle_arp(now, port, frame, tx)
             }
             t @ (ETH_IPV4 | ETH_IPV6) => {
+                // Neighbor Solicitations go to a multicast MAC (solicited-node), or to
+                // ours when they check reachability.
+                let multicast = dst_mac.first().is_some_and(|b| b & 1 != 0);
+                if t == ETH_IPV6
+                    && (to_us || multicast)
+                    && let Some(v) = self.handle_ndp(now, port, frame, tx)
+                {
+                    return v;
+                }
                 if !to_us {
                     return Verdict::Kernel;
                 }
@@ -636,6 +683,24 @@ impl Engine {
                     flags: 0,
                 })
             }
+            (PROTO_SCTP, _) => {
+                let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
+                if seg.len() < SCTP_HEADER_LEN + 4 {
+                    return Err(DropReason::Truncated);
+                }
+                // The first fragment may not hold every chunk: its ports suffice (it is
+                // dropped as a fragment below when it matters).
+                let chunks = if ip.frag == Frag::No {
+                    sctp_chunks(seg).ok_or(DropReason::Malformed)?
+                } else {
+                    0
+                };
+                Some(L4 {
+                    sport: rd16(seg, 0),
+                    dport: rd16(seg, 2),
+                    flags: chunks,
+                })
+            }
             _ => None,
         };
         if let Some(l4) = l4 {
@@ -669,8 +734,14 @@ impl Engine {
         {
             return Ok(v);
         }
-        // Plain routing between owned ports.
-        if ports.local.contains(&ip.dst) || plan.node_ips.contains(&ip.dst) {
+        // Plain routing between owned ports. RFC 4291 2.5.6: a link-local source or
+        // destination is never forwarded (the kernel answers for its own).
+        if ports.local.contains(&ip.dst)
+            || plan.node_ips.contains(&ip.dst)
+            || is_link_local(ip.dst)
+            || is_link_local(ip.src)
+            || ip.dst.is_multicast()
+        {
             return Ok(self.unmatched());
         }
         let Some(route) = self.fib.load().lookup(ip.dst) else {
@@ -694,6 +765,8 @@ impl Engine {
         // Never about an ICMP error, a non-first fragment, or a multicast destination.
         if ip.frag == Frag::Later
             || ip.dst.is_multicast()
+            || ip.src.is_multicast()
+            || ip.src.is_unspecified()
             || (ip.proto == PROTO_ICMP && is_icmp_error(false, rd8(frame, ip.l4)))
             || (ip.proto == PROTO_ICMPV6 && is_icmp_error(true, rd8(frame, ip.l4)))
         {
@@ -782,6 +855,15 @@ impl Engine {
         d_all.word(dport, target.dport);
         wr16(frame, ip.l4, target.sport);
         wr16(frame, ip.l4 + 2, target.dport);
+        if ip.proto == PROTO_SCTP {
+            // CRC32c covers no pseudo-header and cannot be updated incrementally: sum the
+            // packet again. A partial one is completed by whoever completes it (the
+            // kernel or the NIC), over the rewritten packet.
+            if csum == Csum::Complete {
+                fill_sctp_checksum(frame, ip);
+            }
+            return;
+        }
         let Some(off) = l4_csum_off(ip.proto) else {
             return;
         };
@@ -852,8 +934,11 @@ impl Engine {
         if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src)) {
             return Err(DropReason::SourceRange);
         }
-        // A RST cannot open a connection: conntrack calls it INVALID.
-        if ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0 {
+        // A RST cannot open a connection: conntrack calls it INVALID. Nor can an SCTP
+        // ABORT or SHUTDOWN COMPLETE (nf_conntrack_proto_sctp's sctp_new).
+        if (ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0)
+            || (ip.proto == PROTO_SCTP && l4.flags & (SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) != 0)
+        {
             return Err(DropReason::Invalid);
         }
         let from_cluster = plan.cluster_cidrs.iter().any(|n| n.contains(&ip.src));
@@ -972,7 +1057,7 @@ impl Engine {
         let Some(inner) = parse_quoted(quoted, il3, ip.v6) else {
             return Ok(None);
         };
-        if inner.proto != PROTO_TCP && inner.proto != PROTO_UDP {
+        if !matches!(inner.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP) {
             return Ok(None);
         }
         if inner.l4 + 4 > ip.end {
@@ -1115,10 +1200,6 @@ impl Engine {
                 return Ok(Verdict::Forward { port: out });
             }
         }
-        let IpAddr::V4(target) = nh else {
-            // No IPv6 neighbour discovery: IPv6 next hops must be static.
-            return Err(DropReason::NoNeighbour);
-        };
         let mut map = self.neigh.write();
         let incomplete = map.values().filter(|n| n.mac.is_none()).count();
         let fresh = !map.contains_key(&(out, nh));
@@ -1135,9 +1216,7 @@ impl Engine {
         if n.tries == 0 {
             n.tries = 1;
             n.next_try = now.saturating_add(neigh::ARP_RETRY);
-            if let Some(f) = self.arp_request(ports, out_port, target) {
-                tx.push(f);
-            }
+            tx.push(self.solicit(ports, out_port, nh));
         }
         if let Some(mac) = n.mac {
             // Stale: keep using it while re-resolving.
@@ -1154,7 +1233,15 @@ impl Engine {
         Ok(Verdict::Consumed)
     }
 
-    fn arp_request(&self, ports: &Ports, port: &PortConfig, target: Ipv4Addr) -> Option<TxFrame> {
+    /// A request for `target`'s link-layer address out of `port`: ARP or NDP.
+    fn solicit(&self, ports: &Ports, port: &PortConfig, target: IpAddr) -> TxFrame {
+        match target {
+            IpAddr::V4(t) => self.arp_request(ports, port, t),
+            IpAddr::V6(t) => self.ndp_solicit(ports, port, t),
+        }
+    }
+
+    fn arp_request(&self, ports: &Ports, port: &PortConfig, target: Ipv4Addr) -> TxFrame {
         let plan = self.plan.load();
         let spa = ports
             .addr_of(port.id, false)
@@ -1164,16 +1251,15 @@ impl Engine {
             // An ARP probe (sender 0.0.0.0, RFC 5227) still gets an answer.
             _ => Ipv4Addr::UNSPECIFIED,
         };
-        Some(TxFrame {
+        TxFrame {
             port: port.id,
             data: arp_frame(1, port.mac, [0xff; 6], spa, [0; 6], target),
-        })
+        }
     }
 
     fn handle_arp(
         &self,
         now: Duration,
-        ports: &Ports,
         port: &PortConfig,
         frame: &[u8],
         tx: &mut Vec<TxFrame>,
@@ -1203,7 +1289,7 @@ impl Engine {
         match op {
             1 => {
                 if proxied || kernel_own {
-                    self.learn(now, ports, port.id, spa, sha, false, tx);
+                    self.learn(now, port.id, IpAddr::V4(spa), sha, false, tx);
                 }
                 if proxied && !kernel_own {
                     tx.push(TxFrame {
@@ -1216,7 +1302,7 @@ impl Engine {
                 }
             }
             2 => {
-                if self.learn(now, ports, port.id, spa, sha, true, tx) {
+                if self.learn(now, port.id, IpAddr::V4(spa), sha, true, tx) {
                     Verdict::Consumed
                 } else {
                     Verdict::Kernel
@@ -1226,24 +1312,23 @@ impl Engine {
         }
     }
 
-    /// Records `ip -> mac` on `port` and releases queued packets; true when the engine was
-    /// resolving it. Replies create entries only for addresses being resolved; requests
-    /// addressed to us refresh or create them.
-    #[allow(clippy::too_many_arguments)]
+    /// Records `ip -> mac` on `port` (from ARP or NDP) and releases queued packets; true
+    /// when the engine was resolving it. Replies (ARP replies, Neighbor Advertisements)
+    /// create entries only for addresses being resolved; requests addressed to us refresh
+    /// or create them.
     fn learn(
         &self,
         now: Duration,
-        ports: &Ports,
         port: PortId,
-        spa: Ipv4Addr,
+        spa: IpAddr,
         sha: [u8; 6],
         reply: bool,
         tx: &mut Vec<TxFrame>,
     ) -> bool {
-        if spa.is_unspecified() || sha == [0; 6] || sha[0] & 1 != 0 {
+        if spa.is_unspecified() || spa.is_multicast() || sha == [0; 6] || sha[0] & 1 != 0 {
             return false;
         }
-        let key = (port, IpAddr::V4(spa));
+        let key = (port, spa);
         let mut map = self.neigh.write();
         let had = map.contains_key(&key);
         if !had && reply {
@@ -1283,7 +1368,6 @@ impl Engine {
         if released > 0 {
             self.stats.forwarded.fetch_add(released, Ordering::Relaxed);
         }
-        let _ = ports;
         // A reply for a neighbour the engine knows or was resolving is handled here (a
         // reply for an unknown one returned early, left to the kernel).
         reply && (had || resolving)
@@ -1306,7 +1390,7 @@ impl Engine {
         next
     }
 
-    /// Expires connections and neighbours and retries ARP; frames go to `tx`.
+    /// Expires connections and neighbours and retries ARP and NDP; frames go to `tx`.
     pub fn handle_timeout(&self, now: Duration, tx: &mut Vec<TxFrame>) {
         {
             let mut next = self.next_sweep.lock();
@@ -1325,10 +1409,8 @@ impl Engine {
                     if n.tries < neigh::ARP_TRIES {
                         n.tries += 1;
                         n.next_try = now.saturating_add(neigh::ARP_RETRY);
-                        if let (Some(p), IpAddr::V4(t)) = (ports.by_id.get(port), ip)
-                            && let Some(f) = self.arp_request(&ports, p, *t)
-                        {
-                            tx.push(f);
+                        if let Some(p) = ports.by_id.get(port) {
+                            tx.push(self.solicit(&ports, p, *ip));
                         }
                         return true;
                     }

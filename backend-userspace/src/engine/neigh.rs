@@ -1,5 +1,5 @@
 //! The FIB (longest-prefix match over the owned ports' routes) and the neighbour table (ARP
-//! resolution with a bounded queue per unresolved neighbour, retries and expiry).
+//! and NDP resolution with a bounded queue per unresolved neighbour, retries and expiry).
 
 use std::collections::HashMap;
 use std::net::IpAddr;

@@ -16,7 +16,7 @@ use svcnat_core::model::Protocol;
 use svcnat_core::plan::{BackendSet, BackendSetId, EmptyAction, Masquerade, Plan};
 use svcnat_core::select::{AffinityTable, MAX_MAGLEV_SIZE, Maglev, MaglevBackend};
 
-use super::wire::{PROTO_TCP, PROTO_UDP};
+use super::wire::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
 
 /// Affinity entries kept per backend set.
 const AFFINITY_MAX: usize = 65_536;
@@ -124,7 +124,7 @@ pub(crate) fn proto_number(p: Protocol) -> Option<u8> {
     match p {
         Protocol::Tcp => Some(PROTO_TCP),
         Protocol::Udp => Some(PROTO_UDP),
-        Protocol::Sctp => None,
+        Protocol::Sctp => Some(PROTO_SCTP),
     }
 }
 

@@ -16,9 +16,18 @@
 //! - `default/lb` LoadBalancer 198.51.100.7:443 with source ranges 203.0.113.0/24 ->
 //!   10.244.0.6:8443;
 //! - `default/sticky` ClusterIP 10.96.0.20:80 with ClientIP affinity -> the web pods.
+//!
+//! The network is dual-stack: the uplink also has fd00:1::10/64 (and the link-local
+//! fe80::ff:fe00:1), the pod veths answer neighbour discovery for the pods' IPv6 gateway
+//! fe80::1, the router is fd00:1::1, node-b fd00:1::11 with pods fd00:244:1::/64, and the
+//! IPv6 pods fd00:244::5 (port 2) and fd00:244::6 (port 3) have the same MACs as their IPv4
+//! twins. IPv6 Services:
+//! - `default/web6` NodePort, ClusterIP `[fd00:96::10]:80`, NodePort 30081 -> fd00:244::5,
+//!   fd00:244::6 and fd00:244:1::7 on 8080;
+//! - `default/empty6` ClusterIP `[fd00:96::99]:80`, no endpoints (REJECT).
 
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use svcnat_core::model::*;
@@ -60,9 +69,29 @@ pub const POD2_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 6);
 pub const POD3_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 1, 7);
 /// The pods' gateway answered by proxy ARP.
 pub const POD_GATEWAY: Ipv4Addr = Ipv4Addr::new(169, 254, 1, 1);
+/// This node's IPv6 address.
+pub const NODE_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x10);
+/// The uplink's IPv6 link-local address.
+pub const UPLINK_LL6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0xff, 0xfe00, 1);
+/// node-b's IPv6 address.
+pub const NODE_B_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 0x11);
+/// The IPv6 router.
+pub const ROUTER_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 1, 0, 0, 0, 0, 0, 1);
+/// IPv6 pod 1 (behind port 2).
+pub const POD1_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 5);
+/// IPv6 pod 2 (behind port 3).
+pub const POD2_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 0, 0, 0, 0, 0, 6);
+/// The remote IPv6 web pod.
+pub const POD3_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x244, 1, 0, 0, 0, 0, 7);
+/// The pods' IPv6 gateway answered by neighbour discovery.
+pub const POD_GATEWAY6: Ipv6Addr = Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1);
+/// `web6`'s ClusterIP.
+pub const WEB6_CIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x10);
+/// `empty6`'s ClusterIP.
+pub const EMPTY6_CIP: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x96, 0, 0, 0, 0, 0, 0x99);
 
-fn pod(c: &mut Cluster, name: &str, ip: Ipv4Addr, app: &str, node: &str) {
-    let mut p = Pod::new(ObjectName::new("default", name), IpAddr::V4(ip));
+fn pod(c: &mut Cluster, name: &str, ip: impl Into<IpAddr>, app: &str, node: &str) {
+    let mut p = Pod::new(ObjectName::new("default", name), ip.into());
     p.labels.insert("app".into(), app.into());
     p.node_name = Some(node.into());
     c.upsert_pod(p);
@@ -73,7 +102,7 @@ fn service(
     c: &mut Cluster,
     name: &str,
     ty: ServiceType,
-    cluster_ip: Ipv4Addr,
+    cluster_ip: impl Into<IpAddr>,
     proto: Protocol,
     port: u16,
     target: u16,
@@ -82,8 +111,13 @@ fn service(
 ) {
     let mut s = Service::new(ObjectName::new("default", name));
     s.service_type = ty;
-    s.cluster_ips = vec![IpAddr::V4(cluster_ip)];
-    s.ip_families = vec![IpFamily::V4];
+    let cluster_ip = cluster_ip.into();
+    s.cluster_ips = vec![cluster_ip];
+    s.ip_families = vec![if cluster_ip.is_ipv6() {
+        IpFamily::V6
+    } else {
+        IpFamily::V4
+    }];
     let mut sel = BTreeMap::new();
     sel.insert("app".to_string(), name.to_string());
     s.selector = Some(LabelSelector::from_labels(sel));
@@ -176,6 +210,31 @@ pub fn cluster() -> Cluster {
     pod(&mut c, "lb-1", POD2_IP, "lb", "node-a");
     service(
         &mut c,
+        "web6",
+        ServiceType::NodePort,
+        WEB6_CIP,
+        Protocol::Tcp,
+        80,
+        8080,
+        Some(30081),
+        |_| {},
+    );
+    pod(&mut c, "web6-1", POD1_IP6, "web6", "node-a");
+    pod(&mut c, "web6-2", POD2_IP6, "web6", "node-a");
+    pod(&mut c, "web6-3", POD3_IP6, "web6", "node-b");
+    service(
+        &mut c,
+        "empty6",
+        ServiceType::ClusterIp,
+        EMPTY6_CIP,
+        Protocol::Tcp,
+        80,
+        80,
+        None,
+        |_| {},
+    );
+    service(
+        &mut c,
         "sticky",
         ServiceType::ClusterIp,
         v4(10, 96, 0, 20),
@@ -200,10 +259,8 @@ pub fn cluster() -> Cluster {
 pub fn node() -> NodeContext {
     NodeContext::new(
         "node-a",
-        vec![IpAddr::V4(NODE_IP)],
-        vec![ipnet::IpNet::V4(
-            ipnet::Ipv4Net::new(Ipv4Addr::new(10, 244, 0, 0), 16).unwrap_or_default(),
-        )],
+        vec![IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)],
+        vec![net("10.244.0.0/16"), net("fd00:244::/48")],
     )
 }
 
@@ -215,15 +272,19 @@ pub fn plan() -> Plan {
 /// The fixture ports.
 pub fn ports() -> Vec<PortConfig> {
     let gw = vec![POD_GATEWAY];
+    let gw6 = vec![POD_GATEWAY6];
     vec![
         PortConfig {
             id: UPLINK,
             name: "eth0".into(),
             mac: UPLINK_MAC,
-            addrs: vec![ipnet::IpNet::V4(
-                ipnet::Ipv4Net::new(NODE_IP, 24).unwrap_or_default(),
-            )],
+            addrs: vec![
+                net("192.168.1.10/24"),
+                net("fd00:1::10/64"),
+                net("fe80::ff:fe00:1/64"),
+            ],
             proxy_arp: Vec::new(),
+            proxy_ndp: Vec::new(),
         },
         PortConfig {
             id: POD1_PORT,
@@ -231,6 +292,7 @@ pub fn ports() -> Vec<PortConfig> {
             mac: POD1_PORT_MAC,
             addrs: Vec::new(),
             proxy_arp: gw.clone(),
+            proxy_ndp: gw6.clone(),
         },
         PortConfig {
             id: POD2_PORT,
@@ -238,6 +300,7 @@ pub fn ports() -> Vec<PortConfig> {
             mac: POD2_PORT_MAC,
             addrs: Vec::new(),
             proxy_arp: gw,
+            proxy_ndp: gw6,
         },
     ]
 }
@@ -275,11 +338,37 @@ pub fn routes() -> Vec<Route> {
             port: POD2_PORT,
             gateway: None,
         },
+        Route {
+            dst: net("::/0"),
+            port: UPLINK,
+            gateway: Some(IpAddr::V6(ROUTER_IP6)),
+        },
+        Route {
+            dst: net("fd00:1::/64"),
+            port: UPLINK,
+            gateway: None,
+        },
+        Route {
+            dst: net("fd00:244:1::/64"),
+            port: UPLINK,
+            gateway: Some(IpAddr::V6(NODE_B_IP6)),
+        },
+        Route {
+            dst: net("fd00:244::5/128"),
+            port: POD1_PORT,
+            gateway: None,
+        },
+        Route {
+            dst: net("fd00:244::6/128"),
+            port: POD2_PORT,
+            gateway: None,
+        },
     ]
 }
 
 /// The fixture engine with the given configuration; with `resolved`, the router, node-b and
-/// the local pods are permanent neighbours (otherwise they are resolved by ARP).
+/// the local pods are permanent neighbours in both families (otherwise they are resolved by
+/// ARP and neighbour discovery).
 pub fn engine_with(cfg: EngineConfig, resolved: bool) -> Engine {
     let e = Engine::new(cfg);
     e.set_ports(ports());
@@ -293,6 +382,14 @@ pub fn engine_with(cfg: EngineConfig, resolved: bool) -> Engine {
             (POD2_PORT, POD2_IP, POD2_MAC),
         ] {
             e.add_neighbour(port, IpAddr::V4(ip), mac);
+        }
+        for (port, ip, mac) in [
+            (UPLINK, ROUTER_IP6, ROUTER_MAC),
+            (UPLINK, NODE_B_IP6, NODE_B_MAC),
+            (POD1_PORT, POD1_IP6, POD1_MAC),
+            (POD2_PORT, POD2_IP6, POD2_MAC),
+        ] {
+            e.add_neighbour(port, IpAddr::V6(ip), mac);
         }
     }
     e

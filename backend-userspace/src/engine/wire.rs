@@ -1,4 +1,5 @@
-//! Offset-based views of Ethernet/ARP/IPv4/IPv6/TCP/UDP/ICMP headers and checksum arithmetic.
+//! Offset-based views of Ethernet/ARP/IPv4/IPv6/TCP/UDP/SCTP/ICMP headers and checksum
+//! arithmetic (the Internet checksum, and SCTP's CRC32c).
 //!
 //! Hand-written rather than etherparse or smoltcp views: the hot path rewrites headers in
 //! place at known offsets and updates checksums incrementally (RFC 1624), which the crates'
@@ -22,12 +23,85 @@ pub(crate) const PROTO_ICMP: u8 = 1;
 pub(crate) const PROTO_TCP: u8 = 6;
 pub(crate) const PROTO_UDP: u8 = 17;
 pub(crate) const PROTO_ICMPV6: u8 = 58;
+pub(crate) const PROTO_SCTP: u8 = 132;
 
 /// TCP flag bits.
 pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
 pub(crate) const TCP_RST: u8 = 0x04;
 pub(crate) const TCP_ACK: u8 = 0x10;
+
+/// SCTP chunks that move an association's tracked state, as bits of [`sctp_chunks`].
+pub(crate) const SCTP_INIT: u8 = 0x01;
+pub(crate) const SCTP_INIT_ACK: u8 = 0x02;
+pub(crate) const SCTP_ABORT: u8 = 0x04;
+pub(crate) const SCTP_SHUTDOWN_COMPLETE: u8 = 0x08;
+/// Any other chunk (DATA, SACK, HEARTBEAT, COOKIE ECHO...).
+pub(crate) const SCTP_OTHER: u8 = 0x10;
+
+/// Length of the SCTP common header (ports, verification tag, checksum).
+pub(crate) const SCTP_HEADER_LEN: usize = 12;
+
+/// The chunks of an SCTP packet (`seg` starts at the common header), as a set of the bits
+/// above; `None` when a chunk length is impossible (below 4, or past the packet).
+pub(crate) fn sctp_chunks(seg: &[u8]) -> Option<u8> {
+    let mut bits = 0;
+    let mut off = SCTP_HEADER_LEN;
+    // RFC 9260 3.2: chunks are padded to 4 octets; a packet holds at least one.
+    while off + 4 <= seg.len() {
+        let len = usize::from(rd16(seg, off + 2));
+        if len < 4 || off + len > seg.len() {
+            return None;
+        }
+        bits |= match rd8(seg, off) {
+            1 => SCTP_INIT,
+            2 => SCTP_INIT_ACK,
+            6 => SCTP_ABORT,
+            14 => SCTP_SHUTDOWN_COMPLETE,
+            _ => SCTP_OTHER,
+        };
+        off += len.div_ceil(4) * 4;
+    }
+    (bits != 0).then_some(bits)
+}
+
+/// CRC32c (Castagnoli, reflected polynomial 0x82f63b78), SCTP's checksum (RFC 9260
+/// Appendix A), of the concatenated `parts`; one table lookup per byte.
+pub(crate) fn crc32c(parts: &[&[u8]]) -> u32 {
+    let mut crc = !0u32;
+    for &b in parts.iter().flat_map(|p| p.iter()) {
+        crc = CRC32C_TABLE[usize::from((crc as u8) ^ b)] ^ (crc >> 8);
+    }
+    !crc
+}
+
+const CRC32C_TABLE: [u32; 256] = {
+    let mut t = [0u32; 256];
+    let mut i = 0;
+    while i < 256 {
+        let mut c = i as u32;
+        let mut k = 0;
+        while k < 8 {
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0x82f6_3b78
+            } else {
+                c >> 1
+            };
+            k += 1;
+        }
+        t[i] = c;
+        i += 1;
+    }
+    t
+};
+
+/// The CRC32c of an SCTP packet, computed with its checksum field as zero; the field
+/// carries it least significant byte first (RFC 9260 Appendix A).
+fn sctp_crc(seg: &[u8]) -> Option<u32> {
+    let head = seg.get(..8)?;
+    let rest = seg.get(SCTP_HEADER_LEN..)?;
+    Some(crc32c(&[head, &[0; 4], rest]))
+}
 
 /// Reads a big-endian u16 (0 when out of range).
 pub(crate) fn rd16(b: &[u8], off: usize) -> u16 {
@@ -379,11 +453,18 @@ pub(crate) fn l4_csum_off(proto: u8) -> Option<usize> {
     }
 }
 
-/// Verifies the complete L4 checksum of a packet (UDP over IPv4 with checksum 0 passes).
+/// Verifies the complete L4 checksum of a packet (UDP over IPv4 with checksum 0 passes;
+/// SCTP's is a CRC32c).
 pub(crate) fn l4_checksum_ok(b: &[u8], ip: &Ip) -> bool {
     let Some(seg) = b.get(ip.l4..ip.end) else {
         return false;
     };
+    if ip.proto == PROTO_SCTP {
+        let field = seg
+            .get(8..SCTP_HEADER_LEN)
+            .and_then(|f| <[u8; 4]>::try_from(f).ok());
+        return field.is_some_and(|f| sctp_crc(seg) == Some(u32::from_le_bytes(f)));
+    }
     let acc = match ip.proto {
         PROTO_ICMP => 0,
         PROTO_UDP if !ip.v6 && rd16(seg, 6) == 0 => return true,
@@ -392,9 +473,23 @@ pub(crate) fn l4_checksum_ok(b: &[u8], ip: &Ip) -> bool {
     fold(sum(seg, acc)) == 0xffff
 }
 
+/// Computes and stores an SCTP packet's CRC32c (not incrementally updatable: after any
+/// change, the whole packet is summed again).
+pub(crate) fn fill_sctp_checksum(b: &mut [u8], ip: &Ip) {
+    let Some(seg) = b.get_mut(ip.l4..ip.end) else {
+        return;
+    };
+    if let Some(crc) = sctp_crc(seg) {
+        wr(seg, 8, &crc.to_le_bytes());
+    }
+}
+
 /// Computes and stores the complete L4 checksum of a packet (for generated frames and for
 /// completing a `Csum::Partial` frame the engine sends itself).
 pub(crate) fn fill_l4_checksum(b: &mut [u8], ip: &Ip) {
+    if ip.proto == PROTO_SCTP {
+        return fill_sctp_checksum(b, ip);
+    }
     let Some(off) = l4_csum_off(ip.proto) else {
         return;
     };
@@ -414,8 +509,12 @@ pub(crate) fn fill_l4_checksum(b: &mut [u8], ip: &Ip) {
 }
 
 /// Completes a `CHECKSUM_PARTIAL` L4 checksum: the field holds the pseudo-header sum, so
-/// the checksum is the complement of the sum over the segment including that field.
+/// the checksum is the complement of the sum over the segment including that field (SCTP's
+/// CRC32c has no pseudo-header: it is computed whole).
 pub(crate) fn complete_partial(b: &mut [u8], ip: &Ip) {
+    if ip.proto == PROTO_SCTP {
+        return fill_sctp_checksum(b, ip);
+    }
     let Some(off) = l4_csum_off(ip.proto) else {
         return;
     };
@@ -457,6 +556,34 @@ mod tests {
         let inc = d.apply_complete(old);
         fill_ipv4_checksum(&mut h, 0);
         assert_eq!(inc, rd16(&h, 10));
+    }
+
+    /// RFC 3720 B.4's CRC32c vectors, and the catalogue's check value of "123456789".
+    #[test]
+    fn crc32c_reference_vectors() {
+        assert_eq!(crc32c(&[&[0u8; 32]]), 0x8a91_36aa);
+        assert_eq!(crc32c(&[&[0xffu8; 32]]), 0x62a8_ab43);
+        let up: Vec<u8> = (0u8..32).collect();
+        assert_eq!(crc32c(&[&up]), 0x46dd_794e);
+        let down: Vec<u8> = (0u8..32).rev().collect();
+        assert_eq!(crc32c(&[&down]), 0x113f_db5c);
+        assert_eq!(crc32c(&[b"1234", b"56789"]), 0xe306_9283);
+    }
+
+    #[test]
+    fn sctp_chunk_walk() {
+        // Common header, then INIT (20 octets), then a padded 5-octet unknown chunk.
+        let mut p = vec![0u8; 12];
+        p.extend_from_slice(&[1, 0, 0, 20]);
+        p.extend_from_slice(&[0; 16]);
+        p.extend_from_slice(&[0x80, 0, 0, 5, 9, 0, 0, 0]);
+        assert_eq!(sctp_chunks(&p), Some(SCTP_INIT | SCTP_OTHER));
+        p.truncate(12 + 20 + 4);
+        assert_eq!(sctp_chunks(&p), None, "chunk past the end");
+        assert_eq!(sctp_chunks(&p[..12]), None, "no chunk");
+        let mut zero = vec![0u8; 12];
+        zero.extend_from_slice(&[6, 0, 0, 0]);
+        assert_eq!(sctp_chunks(&zero), None, "length below 4");
     }
 
     #[test]

@@ -137,6 +137,10 @@ pub fn verify_checksums(frame: &[u8]) {
         return;
     }
     let p = SlicedPacket::from_ethernet(frame).unwrap_or_else(|e| panic!("reparse: {e:?}"));
+    if let Some(etherparse::NetSlice::Ipv6(ip)) = &p.net {
+        verify_checksums6(ip, &p.transport);
+        return;
+    }
     let Some(etherparse::NetSlice::Ipv4(ip)) = &p.net else {
         return;
     };
@@ -168,4 +172,154 @@ pub fn verify_checksums(frame: &[u8]) {
         }
         _ => {}
     }
+}
+
+fn verify_checksums6(ip: &etherparse::Ipv6Slice<'_>, transport: &Option<TransportSlice<'_>>) {
+    let (src, dst) = (ip.header().source(), ip.header().destination());
+    match transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let want = t
+                .to_header()
+                .calc_checksum_ipv6_raw(src, dst, t.payload())
+                .unwrap();
+            assert_eq!(t.checksum(), want, "TCP/IPv6 checksum");
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let want = u
+                .to_header()
+                .calc_checksum_ipv6_raw(src, dst, u.payload())
+                .unwrap();
+            assert_eq!(u.checksum(), want, "UDP/IPv6 checksum");
+        }
+        Some(TransportSlice::Icmpv6(i)) => {
+            assert!(i.is_checksum_valid(src, dst), "ICMPv6 checksum");
+        }
+        _ => {}
+    }
+}
+
+/// An IPv6 TCP frame (payload "hello" with an ACK, as `tcp`).
+#[allow(clippy::too_many_arguments)]
+pub fn tcp6(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    hop: u8,
+    sport: u16,
+    dport: u16,
+    f: F,
+) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(src.octets(), dst.octets(), hop)
+        .tcp(sport, dport, 1000, 64240);
+    let b = match f {
+        F::Syn => b.syn(),
+        F::SynAck => b.syn().ack(1001),
+        F::Ack => b.ack(1001),
+        F::Fin => b.fin().ack(1001),
+        F::Rst => b.rst(),
+    };
+    let payload: &[u8] = if matches!(f, F::Ack) { b"hello" } else { &[] };
+    let mut out = Vec::new();
+    b.write(&mut out, payload).unwrap();
+    out
+}
+
+/// An ICMPv6 frame of type `ty` whose body (after the 8-byte header) is `body`.
+pub fn icmp6(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    hop: u8,
+    ty: etherparse::Icmpv6Type,
+    body: &[u8],
+) -> Vec<u8> {
+    let mut out = Vec::new();
+    PacketBuilder::ethernet2(smac, dmac)
+        .ipv6(src.octets(), dst.octets(), hop)
+        .icmpv6(ty)
+        .write(&mut out, body)
+        .unwrap();
+    out
+}
+
+/// A Neighbor Solicitation for `target`, with a source link-layer address option when
+/// `slla` is given.
+pub fn ns(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    hop: u8,
+    target: std::net::Ipv6Addr,
+    slla: Option<[u8; 6]>,
+) -> Vec<u8> {
+    let mut body = target.octets().to_vec();
+    if let Some(mac) = slla {
+        body.extend_from_slice(&[1, 1]);
+        body.extend_from_slice(&mac);
+    }
+    icmp6(
+        smac,
+        dmac,
+        src,
+        dst,
+        hop,
+        etherparse::Icmpv6Type::NeighborSolicitation,
+        &body,
+    )
+}
+
+/// A Neighbor Advertisement for `target` with flags (router, solicited, override), with a
+/// target link-layer address option when `tlla` is given.
+#[allow(clippy::too_many_arguments)]
+pub fn na(
+    smac: [u8; 6],
+    dmac: [u8; 6],
+    src: std::net::Ipv6Addr,
+    dst: std::net::Ipv6Addr,
+    hop: u8,
+    (router, solicited, r#override): (bool, bool, bool),
+    target: std::net::Ipv6Addr,
+    tlla: Option<[u8; 6]>,
+) -> Vec<u8> {
+    let mut body = target.octets().to_vec();
+    if let Some(mac) = tlla {
+        body.extend_from_slice(&[2, 1]);
+        body.extend_from_slice(&mac);
+    }
+    icmp6(
+        smac,
+        dmac,
+        src,
+        dst,
+        hop,
+        etherparse::Icmpv6Type::NeighborAdvertisement(
+            etherparse::icmpv6::NeighborAdvertisementHeader {
+                router,
+                solicited,
+                r#override,
+            },
+        ),
+        &body,
+    )
+}
+
+/// The solicited-node multicast address of `a` and its Ethernet address, computed here
+/// independently of the engine.
+pub fn solicited(a: std::net::Ipv6Addr) -> (std::net::Ipv6Addr, [u8; 6]) {
+    let o = a.octets();
+    let ip = std::net::Ipv6Addr::new(
+        0xff02,
+        0,
+        0,
+        0,
+        0,
+        1,
+        0xff00 | u16::from(o[13]),
+        u16::from_be_bytes([o[14], o[15]]),
+    );
+    (ip, [0x33, 0x33, 0xff, o[13], o[14], o[15]])
 }
