@@ -46,8 +46,9 @@ impl Backend for IpvsBackend {
                  conformance_ipvs::suite_in_a_vm",
             );
         }
-        let _ = scenario;
-        None
+        (scenario == Scenario::NodePortOnLocalhost).then_some(
+            "IPVS does not serve NodePorts on 127.0.0.1 (nor does kube-proxy's IPVS mode)",
+        )
     }
 }
 

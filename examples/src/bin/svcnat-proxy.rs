@@ -38,14 +38,13 @@
 //! (also: neither `--manifests` nor `--kubeconfig` outside a cluster).
 
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
-use ipnet::IpNet;
 use svcnat_core::dualstack::DualStack;
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::Dataplane;
@@ -394,15 +393,7 @@ fn main() -> ExitCode {
                 }
             };
             info!(interfaces = ?args.interfaces, "userspace backend");
-            if args.node.node_ips.iter().any(IpAddr::is_ipv6)
-                || args
-                    .cluster
-                    .service_cidrs
-                    .iter()
-                    .any(|c| matches!(c, IpNet::V6(_)))
-            {
-                warn!("the userspace datapath does not resolve IPv6 neighbours yet");
-            }
+
             let metrics = metrics();
             let stats = dataplane.stats_source();
             metrics.set_dataplane(Box::new(move || stats().prometheus()));
