@@ -1,8 +1,11 @@
 //! # svcnat-iptables
 //!
-//! The iptables backend: programs a [`svcnat_core::plan::Plan`] the way kube-proxy's
-//! iptables mode does, so that a node running svcnat looks like a kube-proxy node to
-//! anyone reading `iptables-save`.
+//! The netfilter backends, in two dialects: programs a [`svcnat_core::plan::Plan`] the way
+//! kube-proxy's iptables mode does (the iptables dialect), or the way its nftables mode
+//! does (the nftables dialect, [`nftables`]), so that a node running svcnat looks like a
+//! kube-proxy node to anyone reading `iptables-save` or `nft list ruleset`.
+//!
+//! The iptables dialect (also reachable as [`iptables`]):
 //!
 //! - [`render`] turns a plan into `iptables-restore` input in kube-proxy's chain layout
 //!   (`KUBE-SERVICES` -> `KUBE-SVC-*` -> `KUBE-SEP-*`, `statistic --probability`, DNAT,
@@ -16,6 +19,13 @@
 //!   ctnetlink; the driver runs it after each sync, the IPVS backend too.
 //! - [`driver`] applies rules with `iptables-restore --noflush` (legacy or nft flavour),
 //!   reconciles with `iptables-save`, and implements [`svcnat_core::plan::Dataplane`].
+//!
+//! The nftables dialect, [`nftables`]: `nftables::render` (the table, verdict maps and
+//! partial transactions), `nftables::driver` (`nft -f`, `Nftables`), `nftables::kernel`
+//! (netlink reads of the table's state).
+//!
+//! Shared by both: [`conntrack`], and the plan's per Service port units (both renderers
+//! keep one unit per Service port and re-render only the units a diff touches).
 
 //!
 //! Render a plan as `iptables-restore` input, and trace a packet through the rules:
@@ -72,5 +82,12 @@
 
 pub mod conntrack;
 pub mod driver;
+pub mod nftables;
 pub mod render;
 pub mod trace;
+
+/// The iptables dialect under one name, beside [`nftables`]: [`render`], [`trace`] and
+/// [`driver`].
+pub mod iptables {
+    pub use crate::{driver, render, trace};
+}

@@ -1,0 +1,20 @@
+//! The nftables dialect: svcnat's plan as kube-proxy's nftables mode lays it out (one
+//! table per family, `ip svcnat` and `ip6 svcnat`, with verdict maps that dispatch every
+//! Service in one lookup), written with `nft -f` transactions.
+//!
+//! - [`render`] turns a plan into `nft` transactions (whole table, bounded cold-start
+//!   blocks, partial updates touching only changed chains and map elements). Pure.
+//! - [`driver`] applies them and implements [`svcnat_core::plan::Dataplane`] (`Nftables`).
+//! - [`kernel`] reads back what the driver needs from the kernel over netlink: table
+//!   presence and handle, rule counts, chain and set names.
+//!
+//! One table per family rather than one `inet` table, as kube-proxy does: each family is
+//! its own transaction (one family's failure never holds the other back, and
+//! [`svcnat_core::dualstack::DualStack`] runs one driver per family exactly as it runs
+//! iptables and ip6tables), map keys are typed per family (`ipv4_addr` or `ipv6_addr`: an
+//! `inet` table would need every map twice anyway), and a node's `nft list table ip
+//! svcnat` reads like kube-proxy's `ip kube-proxy`.
+
+pub mod driver;
+pub mod kernel;
+pub mod render;
