@@ -147,7 +147,10 @@ fn no_endpoints_and_source_ranges() {
     assert!(fw[2].ends_with("ip saddr 203.0.113.20 return"));
     assert!(fw[3].ends_with(" drop"));
     // masquerade-all: every cluster IP masquerades.
-    assert!(text.contains("ip daddr 10.96."), "{text}");
+    assert!(
+        text.contains("ip daddr 10.101.149.201 tcp dport 443 jump mark-for-masquerade"),
+        "{text}"
+    );
 }
 
 #[test]
