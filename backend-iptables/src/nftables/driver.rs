@@ -329,6 +329,7 @@ impl Nftables {
         };
         let Some(update) = rules.update(plan, diff) else {
             self.applied = Some(rules);
+            self.delete_gone_chains();
             return Ok(SyncReport::of_plan(plan, false, 0));
         };
         // On failure `applied` stays None: the kernel kept the old state and the next sync

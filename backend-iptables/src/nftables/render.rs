@@ -135,17 +135,18 @@ pub const NODEPORT_IPS_SET: &str = "nodeport-ips";
 /// The set of `endpoint . endpoint` address pairs: hairpin traffic, masqueraded.
 pub const HAIRPIN_SET: &str = "hairpin";
 
-/// The base chains: (name, type, hook, priority).
+/// The base chains: (name, type, hook, priority). Priorities are numbers: `nft` accepts
+/// the names `dstnat` (-100) and `srcnat` (100) only on some hooks.
 const BASE_CHAINS: [(&str, &str, &str, &str); 7] = [
     // "We want our filtering rules to operate on pre-DNAT dest IPs, so our filter chains
-    // have to run before DNAT."
-    ("filter-prerouting", "filter", "prerouting", "dstnat - 10"),
-    ("filter-input", "filter", "input", "dstnat - 10"),
-    ("filter-forward", "filter", "forward", "dstnat - 10"),
-    ("filter-output", "filter", "output", "dstnat - 10"),
-    ("nat-prerouting", "nat", "prerouting", "dstnat"),
-    ("nat-output", "nat", "output", "dstnat"),
-    ("nat-postrouting", "nat", "postrouting", "srcnat"),
+    // have to run before DNAT": dstnat - 10.
+    ("filter-prerouting", "filter", "prerouting", "-110"),
+    ("filter-input", "filter", "input", "-110"),
+    ("filter-forward", "filter", "forward", "-110"),
+    ("filter-output", "filter", "output", "-110"),
+    ("nat-prerouting", "nat", "prerouting", "-100"),
+    ("nat-output", "nat", "output", "-100"),
+    ("nat-postrouting", "nat", "postrouting", "100"),
 ];
 
 /// The regular chains every ruleset has, in declaration order.
