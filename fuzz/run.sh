@@ -17,7 +17,7 @@ secs=${1:-30}
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-  targets=(manifest resolver dns_wire iptables_save plan_stateful userspace_frame ipvs_netlink)
+  targets=(manifest resolver dns_wire iptables_save plan_stateful userspace_frame ipvs_netlink nft_netlink)
 fi
 triple=$(rustc -vV | sed -n 's/^host: //p')
 

@@ -206,16 +206,26 @@ fn every_golden_table_checks_and_loads() {
             // The driver's cold start in blocks of 2 Service ports, and its full sync over
             // the loaded table, give the same table.
             let want = ns.listing(family).unwrap();
-            assert!(want.contains("chain services {\n  ") && want.contains("vmap @service-ips"), "{want}");
+            assert!(
+                want.contains("chain services {\n  ") && want.contains("vmap @service-ips"),
+                "{want}"
+            );
             if text.contains("dnat ip") {
-                assert!(want.contains("dnat ip") && want.contains("elements "), "{name}: {want}");
+                assert!(
+                    want.contains("dnat ip") && want.contains("elements "),
+                    "{name}: {want}"
+                );
             }
             let ns2 = Netns::new();
             let mut dp = ns2.driver(family);
             dp.resync(&plan).unwrap();
             assert_eq!(ns2.listing(family).unwrap(), want, "{name} cold start");
             dp.resync(&plan).unwrap();
-            assert_eq!(ns2.listing(family).unwrap(), want, "{name} full over itself");
+            assert_eq!(
+                ns2.listing(family).unwrap(),
+                want,
+                "{name} full over itself"
+            );
         }
     }
 }

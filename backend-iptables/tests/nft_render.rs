@@ -81,9 +81,15 @@ fn lab_vote_dispatches_through_maps_and_chooses_exactly() {
     let rules = Ruleset::new(&plan);
     let text = rules.full_text();
     let svc = "service-4KA5RRG2-instavote/vote/tcp/";
-    assert!(text.contains(&format!("\t10.99.113.112 . tcp . 80 : goto {svc}")), "{text}");
+    assert!(
+        text.contains(&format!("\t10.99.113.112 . tcp . 80 : goto {svc}")),
+        "{text}"
+    );
     let ext = "external-4KA5RRG2-instavote/vote/tcp/";
-    assert!(text.contains(&format!("\ttcp . 30000 : goto {ext}")), "{text}");
+    assert!(
+        text.contains(&format!("\ttcp . 30000 : goto {ext}")),
+        "{text}"
+    );
     assert!(text.contains("add element ip svcnat nodeport-ips {\n\t192.168.50.12\n}"));
     let rules_of = chain(&text, "ip svcnat", svc);
     assert_eq!(rules_of.len(), 6, "{rules_of:#?}");
@@ -96,14 +102,19 @@ fn lab_vote_dispatches_through_maps_and_chooses_exactly() {
         let m = 5 - i;
         if m > 1 {
             assert!(
-                r.starts_with(&format!("meta l4proto tcp numgen random mod {m} < 1 dnat ip to 10.")),
+                r.starts_with(&format!(
+                    "meta l4proto tcp numgen random mod {m} < 1 dnat ip to 10."
+                )),
                 "{r}"
             );
         } else {
             assert!(r.starts_with("meta l4proto tcp dnat ip to 10."), "{r}");
         }
     }
-    assert_eq!(chain(&text, "ip svcnat", ext), ["jump mark-for-masquerade", &format!("goto {svc}")]);
+    assert_eq!(
+        chain(&text, "ip svcnat", ext),
+        ["jump mark-for-masquerade", &format!("goto {svc}")]
+    );
     // Every endpoint address is a hairpin pair.
     assert_eq!(text.matches(" . 10.3").count(), 5, "{text}");
 }
@@ -132,11 +143,17 @@ fn no_endpoints_and_source_ranges() {
     let (_, _, plan) = local_scenario("lb-cluster-policy");
     let text = Ruleset::new(&plan).full_text();
     // The empty Service rejects on its external IP, LB IP and node ports.
-    assert!(text.contains("\t198.51.100.30 . tcp . 8443 : goto reject-chain"), "{text}");
+    assert!(
+        text.contains("\t198.51.100.30 . tcp . 8443 : goto reject-chain"),
+        "{text}"
+    );
     assert!(text.contains("\ttcp . 30444 : goto reject-chain"), "{text}");
     // The firewalled LB IP goes through its firewall chain, which allows the ranges (and
     // the LB IP itself, since a range holds the node IP) and drops the rest.
-    assert!(text.contains("\t203.0.113.20 . tcp . 443 : goto firewall-"), "{text}");
+    assert!(
+        text.contains("\t203.0.113.20 . tcp . 443 : goto firewall-"),
+        "{text}"
+    );
     let fw: Vec<&str> = text
         .lines()
         .filter(|l| l.starts_with("add rule ip svcnat firewall-") && !l.contains("firewall-check"))
@@ -164,7 +181,10 @@ fn families_are_separate() {
     assert!(!v6.contains("10.96."), "{v6}");
     assert!(v6.contains("dnat ip6 to [fd00:244::5]:8080"), "{v6}");
     assert!(v6.contains("type ipv6_addr . inet_proto . inet_service : verdict"));
-    assert!(v6.contains("\tfd00:10:96::7 . udp . 53 : goto reject-chain"), "{v6}");
+    assert!(
+        v6.contains("\tfd00:10:96::7 . udp . 53 : goto reject-chain"),
+        "{v6}"
+    );
 }
 
 #[test]
@@ -197,7 +217,10 @@ fn cold_start_blocks_hold_each_map_element_with_its_chain() {
                 assert_eq!(elements, rules.element_count(), "{name}");
             }
             let parts = if rules.chains().count() > 13 { 2 } else { 1 };
-            assert!(whole.len() <= 2 && whole.len() >= parts, "{name}: the fixed part, then everything");
+            assert!(
+                whole.len() <= 2 && whole.len() >= parts,
+                "{name}: the fixed part, then everything"
+            );
         }
     }
 }
@@ -207,9 +230,13 @@ fn full_transaction_replaces_and_names_what_is_gone() {
     let (_, _, _, plan) = load::load(&load::scenario_dir("lab-vote"));
     let rules = Ruleset::new(&plan);
     let mut listing = Listing::new();
-    listing.chains.insert("service-OLD00000-instavote/gone/tcp/".into());
+    listing
+        .chains
+        .insert("service-OLD00000-instavote/gone/tcp/".into());
     listing.chains.insert("services".into());
-    listing.sets.insert("affinity-OLD00000-instavote/gone/tcp/__10.0.0.1/80".into());
+    listing
+        .sets
+        .insert("affinity-OLD00000-instavote/gone/tcp/__10.0.0.1/80".into());
     listing.sets.insert("service-ips".into());
     let tx = rules.full_transaction(&listing);
     assert!(tx.text.contains("flush table ip svcnat\n"));
@@ -285,9 +312,7 @@ fn selector_change_to_nothing_moves_the_service_to_the_no_endpoint_maps() {
     let diff = Plan::diff(&good, &bad);
     let text = check_update(&good, &bad, &diff, IpFamily::V4).unwrap();
     assert!(
-        text.contains(
-            "delete element ip svcnat service-ips {\n\t10.99.113.112 . tcp . 80\n}\n"
-        ),
+        text.contains("delete element ip svcnat service-ips {\n\t10.99.113.112 . tcp . 80\n}\n"),
         "{text}"
     );
     assert!(
@@ -332,4 +357,47 @@ proptest! {
             }
         }
     }
+}
+
+/// Replies captured from Linux 6.18 for `lb-cluster-policy.nft` loaded in a namespace (the
+/// fuzz target's seeds): the chain and set dumps name the table's objects, the rule dump of
+/// `services` has its two rules, a missing table is ENOENT.
+#[test]
+fn parses_replies_captured_from_the_kernel() {
+    use svcnat_iptables::nftables::kernel::{Reply, parse_replies};
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/corpus/nft_netlink");
+    let Ok(chains) = fs::read(dir.join("dump_chains")) else {
+        eprintln!("SKIP: no fuzz corpus next to the crate (packaged build)");
+        return;
+    };
+    let got = parse_replies(&chains, 3).unwrap();
+    let names: BTreeSet<String> = got
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Chain { table, name } if table == "svcnat" => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(names.contains("services"), "{got:?}");
+    assert!(
+        names.contains("firewall-EMNFMILR-default/shop/tcp/"),
+        "{names:?}"
+    );
+    assert_eq!(names.len(), 17, "{names:?}");
+    let sets = parse_replies(&fs::read(dir.join("dump_sets")).unwrap(), 4).unwrap();
+    let sets: BTreeSet<String> = sets
+        .iter()
+        .filter_map(|r| match r {
+            Reply::Set { name, .. } => Some(name.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(sets.len(), 7, "{sets:?}");
+    let rules = parse_replies(&fs::read(dir.join("dump_rules_services")).unwrap(), 2).unwrap();
+    assert_eq!(rules.iter().filter(|r| **r == Reply::Rule).count(), 2);
+    assert_eq!(rules.last(), Some(&Reply::Done));
+    let table = parse_replies(&fs::read(dir.join("get_table")).unwrap(), 1).unwrap();
+    assert!(matches!(&table[0], Reply::Table { name, handle: Some(_) } if name == "svcnat"));
+    let missing = parse_replies(&fs::read(dir.join("get_missing_table")).unwrap(), 5).unwrap();
+    assert_eq!(missing, [Reply::Error(2)]);
 }

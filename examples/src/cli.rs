@@ -178,7 +178,7 @@ pub struct NodeArgs {
     )]
     pub nodeport_addresses: Vec<NodePortAddress>,
     /// Also serve NodePorts on 127.0.0.1 (IPv4 only; sets net.ipv4.conf.all.route_localnet=1;
-    /// iptables backend only), as kube-proxy's --iptables-localhost-nodeports.
+    /// iptables and nftables backends), as kube-proxy's --iptables-localhost-nodeports.
     #[arg(
         long = "localhost-nodeports",
         alias = "iptables-localhost-nodeports",

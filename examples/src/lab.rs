@@ -51,6 +51,26 @@ pub enum Feed {
     Api,
 }
 
+/// Which dataplane the lab's proxies program (`svcnat-proxy --backend`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LabBackend {
+    /// iptables rules in kube-proxy's layout; step 2 reads the `KUBE-SVC-` chain.
+    #[default]
+    Iptables,
+    /// nftables in kube-proxy's nftables layout; step 2 reads the `service-` chain.
+    Nftables,
+}
+
+impl LabBackend {
+    /// The `--backend` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabBackend::Iptables => "iptables",
+            LabBackend::Nftables => "nftables",
+        }
+    }
+}
+
 /// One fake API server on a namespace's loopback, and what was written to it.
 struct LabApi {
     server: FakeApiServer,
@@ -258,6 +278,7 @@ pub struct Lab {
     /// namespace name.
     apis: Vec<(String, LabApi)>,
     feed: Feed,
+    backend: LabBackend,
     stop: Arc<AtomicBool>,
     config: ClusterConfig,
     /// Lines printed so far (the replay's report).
@@ -288,6 +309,16 @@ impl Lab {
         stop: Arc<AtomicBool>,
         feed: Feed,
     ) -> Result<Lab, LabError> {
+        Lab::start_on(programs, stop, feed, LabBackend::Iptables)
+    }
+
+    /// [`Lab::start_with`], with the proxies on `backend`.
+    pub fn start_on(
+        programs: Programs,
+        stop: Arc<AtomicBool>,
+        feed: Feed,
+        backend: LabBackend,
+    ) -> Result<Lab, LabError> {
         crate::testbed::require_root().map_err(LabError::Unsupported)?;
         let dir = std::env::temp_dir().join(format!("svcnat-lab-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(setup("manifest directory"))?;
@@ -305,6 +336,7 @@ impl Lab {
             daemons: Vec::new(),
             apis: Vec::new(),
             feed,
+            backend,
             stop,
             config,
             transcript: Vec::new(),
@@ -362,10 +394,85 @@ impl Lab {
                     NAMESPACE,
                     "--min-sync-period",
                     "200ms",
+                    "--backend",
+                    lab.backend.as_str(),
                 ],
             )?;
         }
         Ok(lab)
+    }
+
+    /// Step 2 on iptables: the `KUBE-SVC-` chain spreads with statistic probabilities.
+    fn step2_iptables(&mut self) -> Result<(), LabError> {
+        let step = "the KUBE-SVC chain spreads with statistic probabilities";
+        self.say(format!("\n== STEP 2: {step}"));
+        let spn = ServicePortName {
+            service: ObjectName::new(NAMESPACE, "vote"),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        };
+        let chain = format!("KUBE-SVC-{}", spn.chain_hash(ChainIdStyle::Current));
+        self.say(format!("$ iptables -t nat -S {chain}   (on node-0)"));
+        let out = self
+            .tb
+            .exec(
+                self.tb.ns_of_node(0),
+                ["iptables", "-t", "nat", "-S", &chain],
+            )
+            .map_err(setup("iptables"))?;
+        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in rules.lines() {
+            self.say(format!("  {l}"));
+        }
+        let seps = rules.lines().filter(|l| l.contains("-j KUBE-SEP-")).count();
+        expect(step, seps == 5, "five KUBE-SEP jumps, one per pod", &rules)?;
+        for p in [
+            "0.20000000019",
+            "0.25000000000",
+            "0.33333333349",
+            "0.50000000000",
+        ] {
+            expect(step, rules.contains(p), &format!("probability {p}"), &rules)?;
+        }
+        Ok(())
+    }
+
+    /// Step 2 on nftables: the Service's `service-` chain (reached through the
+    /// `service-ips` map) spreads with an exact `numgen` cascade: 1/5, 1/4, 1/3, 1/2, rest.
+    fn step2_nftables(&mut self) -> Result<(), LabError> {
+        let step = "the service- chain spreads with an exact numgen cascade";
+        self.say(format!("\n== STEP 2: {step}"));
+        let chain = svcnat_iptables::nftables::render::service_chain(&ServicePortName {
+            service: ObjectName::new(NAMESPACE, "vote"),
+            port: String::new(),
+            protocol: Protocol::Tcp,
+        });
+        self.say(format!("$ nft list chain ip svcnat {chain}   (on node-0)"));
+        let out = self
+            .tb
+            .exec(
+                self.tb.ns_of_node(0),
+                ["nft", "list", "chain", "ip", "svcnat", chain.as_str()],
+            )
+            .map_err(setup("nft"))?;
+        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in rules.lines() {
+            self.say(format!("  {l}"));
+        }
+        let dnats = rules
+            .lines()
+            .filter(|l| l.contains("dnat") && l.contains(" to 10."))
+            .count();
+        expect(step, dnats == 5, "five DNAT rules, one per pod", &rules)?;
+        for m in [5, 4, 3, 2] {
+            expect(
+                step,
+                rules.contains(&format!("numgen random mod {m} < 1")),
+                &format!("one in {m}"),
+                &rules,
+            )?;
+        }
+        Ok(())
     }
 
     /// Starts a fake API server on the loopback of namespace `ns`.
@@ -678,36 +785,10 @@ impl Lab {
             &describe,
         )?;
 
-        // 2. Services under the hood: the iptables chains.
-        let step = "the KUBE-SVC chain spreads with statistic probabilities";
-        self.say(format!("\n== STEP 2: {step}"));
-        let spn = ServicePortName {
-            service: ObjectName::new(NAMESPACE, "vote"),
-            port: String::new(),
-            protocol: Protocol::Tcp,
-        };
-        let chain = format!("KUBE-SVC-{}", spn.chain_hash(ChainIdStyle::Current));
-        self.say(format!("$ iptables -t nat -S {chain}   (on node-0)"));
-        let out = self
-            .tb
-            .exec(
-                self.tb.ns_of_node(0),
-                ["iptables", "-t", "nat", "-S", &chain],
-            )
-            .map_err(setup("iptables"))?;
-        let rules = String::from_utf8_lossy(&out.stdout).into_owned();
-        for l in rules.lines() {
-            self.say(format!("  {l}"));
-        }
-        let seps = rules.lines().filter(|l| l.contains("-j KUBE-SEP-")).count();
-        expect(step, seps == 5, "five KUBE-SEP jumps, one per pod", &rules)?;
-        for p in [
-            "0.20000000019",
-            "0.25000000000",
-            "0.33333333349",
-            "0.50000000000",
-        ] {
-            expect(step, rules.contains(p), &format!("probability {p}"), &rules)?;
+        // 2. Services under the hood: the iptables chains (or the nftables chain).
+        match self.backend {
+            LabBackend::Iptables => self.step2_iptables()?,
+            LabBackend::Nftables => self.step2_nftables()?,
         }
 
         // 3. Exercise: the selector changed to a label that does not exist, then back.

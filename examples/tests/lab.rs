@@ -71,3 +71,17 @@ fn the_lab_replays_through_the_api() {
         assert!(stdout.contains(write), "missing {write:?}:\n{stdout}");
     }
 }
+
+#[test]
+fn the_lab_replays_on_nftables() {
+    svcnat_examples::skip_unless_root!();
+    let stdout = replay(&["--backend", "nftables"]);
+    assert!(
+        stdout.contains("$ nft list chain ip svcnat service-"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("OK: five DNAT rules, one per pod"),
+        "{stdout}"
+    );
+}

@@ -188,6 +188,15 @@ impl Nftables {
         }
     }
 
+    /// Whether svcnat's table of this family is in the kernel (one netlink request).
+    pub fn present(&self) -> Result<bool, SyncError> {
+        let state = self
+            .kernel
+            .table_state(self.config.family, TABLE, SERVICES_CHAIN)
+            .map_err(|e| self.kernel_err(e))?;
+        Ok(state.handle.is_some())
+    }
+
     /// Runs `nft -f -` with `text` as one transaction.
     pub fn apply(&self, text: &str) -> Result<(), SyncError> {
         let program = self.config.nft.clone();
@@ -402,7 +411,9 @@ mod tests {
             Some(3)
         );
         assert_eq!(
-            failing_line("/dev/stdin:4:2-8: Error: Could not process rule: No such file or directory"),
+            failing_line(
+                "/dev/stdin:4:2-8: Error: Could not process rule: No such file or directory"
+            ),
             Some(4)
         );
         assert_eq!(failing_line("Error: No such file or directory"), None);

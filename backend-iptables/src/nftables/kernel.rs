@@ -276,15 +276,14 @@ impl Kernel {
     }
 
     /// Whether `family table` exists, its handle, and how many rules `chain` holds.
-    pub fn table_state(&self, family: IpFamily, table: &str, chain: &str) -> io::Result<TableState> {
+    pub fn table_state(
+        &self,
+        family: IpFamily,
+        table: &str,
+        chain: &str,
+    ) -> io::Result<TableState> {
         let replies = self.exchange(vec![
-            request(
-                MSG_GETTABLE,
-                NLM_F_ACK,
-                family,
-                1,
-                &[(TABLE_NAME, table)],
-            ),
+            request(MSG_GETTABLE, NLM_F_ACK, family, 1, &[(TABLE_NAME, table)]),
             request(
                 MSG_GETRULE,
                 NLM_F_DUMP,
@@ -344,7 +343,13 @@ mod tests {
 
     #[test]
     fn builds_a_get_table_request() {
-        let r = request(MSG_GETTABLE, NLM_F_ACK, IpFamily::V4, 9, &[(TABLE_NAME, "svcnat")]);
+        let r = request(
+            MSG_GETTABLE,
+            NLM_F_ACK,
+            IpFamily::V4,
+            9,
+            &[(TABLE_NAME, "svcnat")],
+        );
         #[rustfmt::skip]
         let want: Vec<u8> = vec![
             // nlmsghdr: length 32, type NFNL_SUBSYS_NFTABLES << 8 | NFT_MSG_GETTABLE,

@@ -121,7 +121,9 @@ impl Map {
         match self {
             Map::ServiceIps => "ClusterIP, ExternalIP and LoadBalancer IP traffic",
             Map::ServiceNodePorts => "NodePort traffic",
-            Map::NoEndpointServices => "vmap to drop or reject packets to services with no endpoints",
+            Map::NoEndpointServices => {
+                "vmap to drop or reject packets to services with no endpoints"
+            }
             Map::NoEndpointNodePorts => {
                 "vmap to drop or reject packets to service nodeports with no endpoints"
             }
@@ -230,8 +232,7 @@ struct Tx {
 
 impl Tx {
     fn rule(&mut self, t: &str, chain: &str, rule: &str) {
-        self.rules
-            .push(format!("add rule {t} {chain} {rule}"));
+        self.rules.push(format!("add rule {t} {chain} {rule}"));
         self.rule_count += 1;
     }
 
@@ -378,7 +379,10 @@ impl Ruleset {
 
     /// Number of rules in the table.
     pub fn rule_count(&self) -> usize {
-        self.fixed_rules().iter().map(|(_, r)| r.len()).sum::<usize>()
+        self.fixed_rules()
+            .iter()
+            .map(|(_, r)| r.len())
+            .sum::<usize>()
             + self
                 .units
                 .values()
@@ -454,7 +458,11 @@ impl Ruleset {
         let mut tx = Tx::default();
         self.fixed_objects(&mut tx);
         self.fixed_contents(&mut tx);
-        let nodeports: Vec<String> = self.nodeport_ips().iter().map(|ip| ip.to_string()).collect();
+        let nodeports: Vec<String> = self
+            .nodeport_ips()
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
         if !nodeports.is_empty() {
             tx.add_elements.insert(NODEPORT_IPS_SET, nodeports);
         }
@@ -639,7 +647,11 @@ impl Ruleset {
             let after = self.effective(*m, k);
             element_change(&mut tx, *m, k, before.map(String::as_str), after);
         }
-        for ip in old_hairpin.keys().chain(self.hairpin.keys()).collect::<BTreeSet<_>>() {
+        for ip in old_hairpin
+            .keys()
+            .chain(self.hairpin.keys())
+            .collect::<BTreeSet<_>>()
+        {
             let before = old_hairpin.contains_key(ip);
             let after = self.hairpin.contains_key(ip);
             if before && !after {
@@ -762,7 +774,11 @@ impl Ruleset {
         if !hairpin.is_empty() {
             tx.add_elements.insert(HAIRPIN_SET, hairpin);
         }
-        let nodeports: Vec<String> = self.nodeport_ips().iter().map(|ip| ip.to_string()).collect();
+        let nodeports: Vec<String> = self
+            .nodeport_ips()
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect();
         if !nodeports.is_empty() {
             tx.add_elements.insert(NODEPORT_IPS_SET, nodeports);
         }
@@ -947,14 +963,7 @@ fn affinity_set(t: &str, addr: &str, name: &str, timeout: u32) -> String {
 }
 
 /// The chain and affinity set commands from one rendering of a unit to the next.
-fn unit_changes(
-    tx: &mut Tx,
-    t: &str,
-    addr: &str,
-    old: &Unit,
-    new: &Unit,
-    gone: &mut Vec<String>,
-) {
+fn unit_changes(tx: &mut Tx, t: &str, addr: &str, old: &Unit, new: &Unit, gone: &mut Vec<String>) {
     for (name, rules) in &new.chains {
         match old.chain(name) {
             Some(r) if r == rules => {}
@@ -975,8 +984,10 @@ fn unit_changes(
             gone.push(name.clone());
         }
     }
-    let old_sets: BTreeMap<&str, u32> = old.affinity.iter().map(|(n, s)| (n.as_str(), *s)).collect();
-    let new_sets: BTreeMap<&str, u32> = new.affinity.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let old_sets: BTreeMap<&str, u32> =
+        old.affinity.iter().map(|(n, s)| (n.as_str(), *s)).collect();
+    let new_sets: BTreeMap<&str, u32> =
+        new.affinity.iter().map(|(n, s)| (n.as_str(), *s)).collect();
     for (name, timeout) in &new_sets {
         match old_sets.get(name) {
             Some(o) if o == timeout => {}
@@ -1072,6 +1083,12 @@ fn endpoint_base(spn: &ServicePortName, ep: &PlanEndpoint) -> String {
         ip,
         ep.addr.port()
     ))
+}
+
+/// The name of a Service port's cluster-wide chain: `service-` and kube-proxy's
+/// `HASH-namespace/name/protocol/port`.
+pub fn service_chain(spn: &ServicePortName) -> String {
+    set_chain(&service_port_base(spn), Locality::Cluster)
 }
 
 fn set_chain(base: &str, locality: Locality) -> String {
@@ -1242,8 +1259,7 @@ fn render_unit(
                         format!("goto {}", cx.ext_chain()),
                     );
                 }
-                if k.kind == FrontendKind::LoadBalancer && uses_fw && !f.source_ranges.is_empty()
-                {
+                if k.kind == FrontendKind::LoadBalancer && uses_fw && !f.source_ranges.is_empty() {
                     elements.insert(
                         (Map::FirewallIps, addr_key.clone()),
                         format!("goto {}", cx.fw_chain()),

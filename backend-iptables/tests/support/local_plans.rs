@@ -160,4 +160,3 @@ pub(crate) fn has_family(plan: &Plan, family: IpFamily) -> bool {
     plan.frontends()
         .any(|(k, _)| IpFamily::of(&k.addr) == family)
 }
-

@@ -5,7 +5,7 @@
 //! Cleans up after itself in every case.
 //!
 //! ```text
-//! svcnat-lab [--api]
+//! svcnat-lab [--api] [--backend iptables|nftables]
 //! ```
 //!
 //! With `--api` the proxies and svcnat-dns follow fake Kubernetes API servers
@@ -15,7 +15,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use svcnat_examples::lab::{Feed, Lab, LabError, Programs};
+use svcnat_examples::lab::{Feed, Lab, LabBackend, LabError, Programs};
 
 /// Replays the lab "Load Balancing and Service Discovery with Services" in network
 /// namespaces with real traffic.
@@ -26,6 +26,18 @@ struct Args {
     /// loopback) instead of the manifest directory.
     #[arg(long)]
     api: bool,
+    /// The proxies' dataplane (`svcnat-proxy --backend`); step 2 shows its chain.
+    #[arg(long, value_enum, default_value_t = BackendArg::Iptables)]
+    backend: BackendArg,
+}
+
+/// `--backend`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum BackendArg {
+    /// iptables (kube-proxy's iptables layout).
+    Iptables,
+    /// nftables (kube-proxy's nftables layout).
+    Nftables,
 }
 
 fn main() -> ExitCode {
@@ -40,7 +52,13 @@ fn main() -> ExitCode {
         }
     };
     let result = Programs::discover()
-        .and_then(|p| Lab::start_with(p, stop, feed))
+        .and_then(|p| {
+            let backend = match args.backend {
+                BackendArg::Iptables => LabBackend::Iptables,
+                BackendArg::Nftables => LabBackend::Nftables,
+            };
+            Lab::start_on(p, stop, feed, backend)
+        })
         .and_then(|mut lab| lab.replay());
     match result {
         Ok(()) => ExitCode::SUCCESS,

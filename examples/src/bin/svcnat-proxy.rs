@@ -55,6 +55,7 @@ use svcnat_examples::proxy::{
 };
 use svcnat_examples::svchealth::ServiceHealth;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_iptables::nftables::driver::{Nftables, NftablesConfig};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
 use svcnat_userspace::{Userspace, UserspaceConfig};
 use tracing::{error, info, warn};
@@ -64,6 +65,9 @@ use tracing::{error, info, warn};
 enum Backend {
     /// iptables rules in kube-proxy's layout, applied with iptables-restore.
     Iptables,
+    /// nftables in kube-proxy's nftables layout (tables `ip svcnat`, `ip6 svcnat`: verdict
+    /// maps, partial syncs touching only changed chains and map elements), applied with nft.
+    Nftables,
     /// IPVS virtual servers over generic netlink, VIPs on kube-ipvs0, masquerade by iptables.
     Ipvs,
     /// The userspace AF_PACKET datapath: NAT, connection tracking and forwarding in this
@@ -229,6 +233,38 @@ fn clean_other_flavour(used: Flavour) {
     }
 }
 
+/// The nftables dataplane of both families (`ip svcnat`, `ip6 svcnat`).
+fn nftables_dual() -> DualStack<Nftables> {
+    let one = |family| Nftables::new(NftablesConfig::new(None, family));
+    DualStack::new(one(IpFamily::V4), one(IpFamily::V6))
+}
+
+/// Switching modes, as kube-proxy does at start: the other dialect's leftovers (svcnat's
+/// nftables tables under iptables, KUBE-* chains of either iptables flavour under
+/// nftables) would capture Service traffic next to ours, so they go, with a log line.
+fn clean_other_dialect(backend: Backend) {
+    match backend {
+        Backend::Nftables => {
+            clean_other_flavour(Flavour::Legacy);
+            clean_other_flavour(Flavour::Nft);
+        }
+        _ => {
+            for family in [IpFamily::V4, IpFamily::V6] {
+                let mut d = Nftables::new(NftablesConfig::new(None, family));
+                if d.present().unwrap_or(false) {
+                    match d.cleanup() {
+                        Ok(()) => warn!(
+                            ?family,
+                            "removed svcnat's nftables table (a previous proxy's)"
+                        ),
+                        Err(e) => warn!(?family, "cannot remove svcnat's nftables table: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// The iptables dataplane of every family the node's iptables can program: iptables, and
 /// ip6tables when it works (as kube-proxy, which runs dual-stack whenever both families'
 /// iptables are usable). IPv6 missing is a warning, not an error.
@@ -343,6 +379,24 @@ fn main() -> ExitCode {
     };
     match (args.backend, args.cleanup) {
         (Backend::Iptables, true) => cleanup(flavour),
+        (Backend::Nftables, true) => {
+            let mut code = ExitCode::SUCCESS;
+            for family in [IpFamily::V4, IpFamily::V6] {
+                match Nftables::new(NftablesConfig::new(None, family)).cleanup() {
+                    Ok(()) => info!(?family, "removed svcnat's nftables table"),
+                    Err(e) => {
+                        error!(?family, "nftables cleanup failed: {e}");
+                        code = ExitCode::from(1);
+                    }
+                }
+            }
+            code
+        }
+        (Backend::Nftables, false) => {
+            info!("nftables backend (tables ip svcnat, ip6 svcnat)");
+            clean_other_dialect(Backend::Nftables);
+            run(args, input, nftables_dual(), metrics(), Localhost::Iptables)
+        }
         (Backend::Userspace, true) => cleanup_userspace(),
         (Backend::Ipvs, true) => match ipvs().and_then(|mut d| d.cleanup()) {
             Ok(()) => {
@@ -378,6 +432,7 @@ fn main() -> ExitCode {
             };
             info!(flavour = ?used, families = ?dataplane.families(), "iptables backend");
             clean_other_flavour(used);
+            clean_other_dialect(Backend::Iptables);
             run(args, input, dataplane, metrics(), Localhost::Iptables)
         }
         (Backend::Userspace, false) => {
@@ -414,7 +469,7 @@ fn main() -> ExitCode {
 
 /// Whether a backend can serve NodePorts on 127.0.0.1.
 enum Localhost {
-    /// Yes, with `route_localnet`.
+    /// Yes, with `route_localnet` (iptables and nftables).
     Iptables,
     /// No: the backend named cannot.
     Unsupported(&'static str),

@@ -1,0 +1,38 @@
+//! What the nftables dialect reads back from the kernel and from `nft`: netlink replies to
+//! its table, rule, chain and set requests (`nftables::kernel::parse_replies`), and `nft`'s
+//! error text (`nftables::driver::failing_line`). Anyone on the node can create tables and
+//! chains with any names, so any bytes must be read without a panic, every name returned
+//! must come from the bytes, and a failing line only when the text names one.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use svcnat_iptables::nftables::driver::failing_line;
+use svcnat_iptables::nftables::kernel::{Reply, parse_replies};
+
+fuzz_target!(|data: &[u8]| {
+    let seq = data
+        .get(8..12)
+        .map_or(0, |b| u32::from_ne_bytes([b[0], b[1], b[2], b[3]]));
+    if let Ok(replies) = parse_replies(data, seq) {
+        // At most one reply per 16-byte header.
+        assert!(replies.len() <= data.len() / 16, "{replies:?}");
+        for r in replies {
+            match r {
+                Reply::Chain { table, name } | Reply::Set { table, name } => {
+                    for s in [table, name] {
+                        // Names are NUL-terminated strings of the bytes (lossy UTF-8).
+                        assert!(!s.contains('\0'));
+                        assert!(s.len() <= data.len() * 3);
+                    }
+                }
+                Reply::Table { name, .. } => assert!(!name.contains('\0')),
+                Reply::Error(e) => assert_ne!(e, 0),
+                Reply::Done | Reply::Rule | Reply::Other(_) => {}
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(data);
+    if let Some(n) = failing_line(&text) {
+        assert!(text.contains(": Error"), "line {n} from nowhere");
+    }
+});
