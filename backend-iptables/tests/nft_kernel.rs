@@ -241,7 +241,8 @@ fn partial_syncs_match_a_fresh_load_and_gone_chains_are_deleted_later() {
     let mut dp = ns.driver(IpFamily::V4);
     dp.resync(&plan).unwrap();
     // Endpoints go, the Service loses its selector's pods, then comes back.
-    let steps: Vec<Box<dyn Fn(&mut Cluster)>> = vec![
+    type Step = Box<dyn Fn(&mut Cluster)>;
+    let steps: Vec<Step> = vec![
         Box::new(|c| {
             let _ = c.remove_pod(&ObjectName::new("instavote", "vote-dx8f4"));
         }),

@@ -216,7 +216,7 @@ fn cold_start_blocks_hold_each_map_element_with_its_chain() {
                 let elements: usize = blocks.iter().map(|b| b.elements).sum();
                 assert_eq!(elements, rules.element_count(), "{name}");
             }
-            let parts = if rules.chains().count() > 13 { 2 } else { 1 };
+            let parts = if rules.chains().count() > 14 { 2 } else { 1 };
             assert!(
                 whole.len() <= 2 && whole.len() >= parts,
                 "{name}: the fixed part, then everything"

@@ -23,7 +23,7 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use svcnat_core::model::*;
-use svcnat_core::plan::{NodeContext, Plan, PlanDiff};
+use svcnat_core::plan::{Plan, PlanDiff};
 use svcnat_iptables::render::{Ruleset, Table, base_jump_order, base_jumps};
 use svcnat_iptables::trace::RestoreModel;
 

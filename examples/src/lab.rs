@@ -442,7 +442,7 @@ impl Lab {
     fn step2_nftables(&mut self) -> Result<(), LabError> {
         let step = "the service- chain spreads with an exact numgen cascade";
         self.say(format!("\n== STEP 2: {step}"));
-        let chain = svcnat_iptables::nftables::render::service_chain(&ServicePortName {
+        let chain = svcnat_iptables::nftables::render::cluster_chain_name(&ServicePortName {
             service: ObjectName::new(NAMESPACE, "vote"),
             port: String::new(),
             protocol: Protocol::Tcp,

@@ -254,6 +254,14 @@ impl Nftables {
     /// Deletes chains emptied by earlier transactions once they waited long enough, in a
     /// transaction of their own; a refusal only postpones them.
     fn delete_gone_chains(&mut self) {
+        if !self
+            .gone_chains
+            .values()
+            .any(|t| t.elapsed() >= GONE_CHAIN_DELAY)
+        {
+            return;
+        }
+        // A chain the plan has again is not gone any more.
         let wanted: BTreeSet<&str> = self
             .applied
             .as_ref()

@@ -215,7 +215,7 @@ fn request(msg: u16, flags: u16, family: IpFamily, seq: u32, attrs: &[(u16, &str
         buf.extend_from_slice(&t.to_ne_bytes());
         buf.extend_from_slice(s.as_bytes());
         buf.push(0);
-        while buf.len() % 4 != 0 {
+        while !buf.len().is_multiple_of(4) {
             buf.push(0);
         }
     }

@@ -139,13 +139,17 @@ pub const HAIRPIN_SET: &str = "hairpin";
 
 /// The base chains: (name, type, hook, priority). Priorities are numbers: `nft` accepts
 /// the names `dstnat` (-100) and `srcnat` (100) only on some hooks.
-const BASE_CHAINS: [(&str, &str, &str, &str); 7] = [
+const BASE_CHAINS: [(&str, &str, &str, &str); 8] = [
     // "We want our filtering rules to operate on pre-DNAT dest IPs, so our filter chains
     // have to run before DNAT": dstnat - 10.
     ("filter-prerouting", "filter", "prerouting", "-110"),
     ("filter-input", "filter", "input", "-110"),
     ("filter-forward", "filter", "forward", "-110"),
     ("filter-output", "filter", "output", "-110"),
+    // The no-endpoints check of the node's own traffic runs after DNAT (dstnat + 10), as in
+    // kube-proxy: the node reaching an external address of a `Local` Service without local
+    // endpoints is short-circuited to the cluster-wide endpoints, not dropped.
+    ("filter-output-post-dnat", "filter", "output", "-90"),
     ("nat-prerouting", "nat", "prerouting", "-100"),
     ("nat-output", "nat", "output", "-100"),
     ("nat-postrouting", "nat", "postrouting", "100"),
@@ -593,9 +597,9 @@ impl Ruleset {
         let t = self.table();
         let mut tx = Tx::default();
         let mut gone = Vec::new();
-        let old_claims = self.claims.clone();
-        let old_hairpin = self.hairpin.clone();
-        let mut keys_touched: BTreeSet<(Map, String)> = BTreeSet::new();
+        // Re-render the touched units first, then note the verdicts and hairpin pairs their
+        // elements had before any claim moves (only those: the maps are not copied).
+        let mut work: Vec<(ServicePortName, Unit, Unit)> = Vec::with_capacity(touched.len());
         for (spn, (keys, sets)) in touched {
             let old = self.units.remove(&spn).unwrap_or_default();
             let keys: Vec<FrontendKey> = old
@@ -629,41 +633,48 @@ impl Ruleset {
             } else {
                 render_unit(plan, family, &spn, keys, sets)
             };
+            work.push((spn, old, new));
+        }
+        let mut before: BTreeMap<(Map, String), Option<String>> = BTreeMap::new();
+        let mut paired: BTreeMap<IpAddr, bool> = BTreeMap::new();
+        for (_, old, new) in &work {
+            for (m, k, _) in old.elements.iter().chain(&new.elements) {
+                if let std::collections::btree_map::Entry::Vacant(e) = before.entry((*m, k.clone()))
+                {
+                    e.insert(self.effective(*m, k).map(str::to_string));
+                }
+            }
+            for ip in old.endpoints.iter().chain(&new.endpoints) {
+                paired
+                    .entry(*ip)
+                    .or_insert_with(|| self.hairpin.contains_key(ip));
+            }
+        }
+        for (spn, old, new) in work {
             unit_changes(&mut tx, &t, addr_type(family), &old, &new, &mut gone);
             self.unclaim(&spn, &old);
             self.claim(&spn, &new);
-            for (m, k, _) in old.elements.iter().chain(&new.elements) {
-                keys_touched.insert((*m, k.clone()));
-            }
             if !new.frontends.is_empty() || !new.sets.is_empty() {
                 self.units.insert(spn, new);
             }
         }
         // Elements whose winning verdict changed.
-        for (m, k) in &keys_touched {
-            let before = old_claims
-                .get(&(*m, k.clone()))
-                .and_then(|c| c.values().next());
+        for ((m, k), was) in &before {
             let after = self.effective(*m, k);
-            element_change(&mut tx, *m, k, before.map(String::as_str), after);
+            element_change(&mut tx, *m, k, was.as_deref(), after);
         }
-        for ip in old_hairpin
-            .keys()
-            .chain(self.hairpin.keys())
-            .collect::<BTreeSet<_>>()
-        {
-            let before = old_hairpin.contains_key(ip);
-            let after = self.hairpin.contains_key(ip);
-            if before && !after {
+        for (ip, was) in paired {
+            let now = self.hairpin.contains_key(&ip);
+            if was && !now {
                 tx.del_elements
                     .entry(HAIRPIN_SET)
                     .or_default()
-                    .push(hairpin_element(*ip));
-            } else if after && !before {
+                    .push(hairpin_element(ip));
+            } else if now && !was {
                 tx.add_elements
                     .entry(HAIRPIN_SET)
                     .or_default()
-                    .push(hairpin_element(*ip));
+                    .push(hairpin_element(ip));
             }
         }
         finish(tx, &t, gone)
@@ -835,14 +846,20 @@ impl Ruleset {
             ),
             (
                 "filter-forward",
-                vec!["ct state new jump endpoints-check".into()],
+                vec![
+                    // As the iptables dialect's KUBE-FORWARD: packets conntrack cannot
+                    // place would otherwise leave un-NATed.
+                    "ct state invalid drop".into(),
+                    "ct state new jump endpoints-check".into(),
+                ],
             ),
             (
                 "filter-output",
-                vec![
-                    "ct state new jump endpoints-check".into(),
-                    "ct state new jump firewall-check".into(),
-                ],
+                vec!["ct state new jump firewall-check".into()],
+            ),
+            (
+                "filter-output-post-dnat",
+                vec!["ct state new jump endpoints-check".into()],
             ),
             ("nat-prerouting", vec![format!("jump {SERVICES_CHAIN}")]),
             ("nat-output", vec![format!("jump {SERVICES_CHAIN}")]),
@@ -1087,7 +1104,7 @@ fn endpoint_base(spn: &ServicePortName, ep: &PlanEndpoint) -> String {
 
 /// The name of a Service port's cluster-wide chain: `service-` and kube-proxy's
 /// `HASH-namespace/name/protocol/port`.
-pub fn service_chain(spn: &ServicePortName) -> String {
+pub fn cluster_chain_name(spn: &ServicePortName) -> String {
     set_chain(&service_port_base(spn), Locality::Cluster)
 }
 
