@@ -381,6 +381,84 @@ fn metrics_health_sigterm_and_cleanup() {
 }
 
 #[test]
+fn proxy_with_the_nftables_backend() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    let nft = ["--backend", "nftables"];
+    let mut proxies = vec![
+        RunningProxy::start_with(&tb, 0, &dir.0, &nft),
+        RunningProxy::start_with(&tb, 1, &dir.0, &nft),
+    ];
+    for p in &proxies {
+        p.wait_ready();
+    }
+    for node in 0..2 {
+        let r = probe(&tb, node, 60);
+        assert!(r.all_ok(), "NodePort on node {node}: {r}");
+        assert_eq!(r.pods().len(), 3, "node {node} spreads: {r}");
+    }
+    let list = |node: usize| {
+        tb.exec(
+            tb.ns_of_node(node),
+            ["nft", "list", "table", "ip", "svcnat"],
+        )
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    };
+    let table = list(0).expect("ip svcnat");
+    assert!(table.contains("map service-nodeports"), "{table}");
+    assert!(
+        !iptables_save(&tb, 0).contains("KUBE-"),
+        "no iptables rules"
+    );
+
+    // A Service edit reaches the table: the selector to a missing label refuses.
+    dir.write("vote-svc.yaml", &service_yaml("missing"));
+    assert!(
+        wait_all_nodes(&tb, 10, refused),
+        "selector change not applied"
+    );
+    dir.write("vote-svc.yaml", &service_yaml("vote"));
+    assert!(
+        wait_all_nodes(&tb, 10, answered),
+        "selector restore not applied"
+    );
+
+    // Someone deletes the table on node 1: the drift check notices, a full resync rebuilds.
+    tb.exec_ok(tb.ns_of_node(1), ["nft", "delete", "table", "ip", "svcnat"])
+        .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(10), || list(1).is_some()),
+        "the table was not rebuilt"
+    );
+    assert!(probe(&tb, 1, 5).all_ok());
+
+    // SIGTERM leaves the table, so traffic keeps flowing; --cleanup removes it.
+    let status = proxies[0].terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert!(list(0).is_some(), "table gone with the proxy");
+    assert!(probe(&tb, 0, 5).all_ok());
+    let out = tb
+        .exec(
+            tb.ns_of_node(0),
+            [PROXY, "--backend", "nftables", "--cleanup", "-v"],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "cleanup: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(list(0), None, "table left behind");
+    assert_eq!(probe(&tb, 0, 3).refused(), 3);
+    assert!(probe(&tb, 1, 3).all_ok(), "node 1 untouched");
+    drop(proxies);
+}
+
+#[test]
 fn proxy_with_the_userspace_backend() {
     svcnat_examples::skip_unless_root!();
     let tb = vote_testbed();
