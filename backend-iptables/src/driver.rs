@@ -237,6 +237,44 @@ impl Iptables {
         })
     }
 
+    /// [`Iptables::restore`], except that a chain which cannot be deleted because a rule
+    /// svcnat does not own still jumps to it is kept (flushed: the transaction declares it)
+    /// and the rest of the transaction is applied: one foreign reference must not block
+    /// every later update. Returns the chains kept; a later full sync, which deletes every
+    /// stale owned chain it finds, tries again.
+    fn restore_sparing(&self, text: &str) -> Result<Vec<String>, SyncError> {
+        let mut text = text.to_string();
+        let mut kept = Vec::new();
+        loop {
+            let err = match self.restore(&text) {
+                Ok(()) => return Ok(kept),
+                Err(e) => e,
+            };
+            let SyncError::Restore {
+                line: Some(n),
+                rule: Some(rule),
+                ..
+            } = &err
+            else {
+                return Err(err);
+            };
+            // Bounded: each round removes one `-X` line.
+            let Some(chain) = rule.strip_prefix("-X ").map(str::trim) else {
+                return Err(err);
+            };
+            if kept.len() >= MAX_KEPT_CHAINS {
+                return Err(err);
+            }
+            kept.push(chain.to_string());
+            text = text
+                .lines()
+                .enumerate()
+                .filter(|(i, _)| i + 1 != *n)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
+        }
+    }
+
     fn run(&self, tool: &str, args: &[&str]) -> Result<String, SyncError> {
         let program = self.program(tool);
         let out = self
@@ -325,8 +363,9 @@ impl Iptables {
             jumps += missing.len();
             text = splice_before_commit(&text, table, &extra);
         }
-        self.restore(&nat_first(&text))?;
-        let report = SyncReport::of_plan(plan, true, rules.rule_count() + jumps);
+        let kept = self.restore_sparing(&nat_first(&text))?;
+        let mut report = SyncReport::of_plan(plan, true, rules.rule_count() + jumps);
+        report.warnings = kept_warnings(&kept);
         self.applied = Some(rules);
         self.canary_checked = Some(Instant::now());
         Ok(report)
@@ -366,12 +405,13 @@ impl Iptables {
         }
         // On failure `applied` stays None: the kernel kept the old rules and the next sync
         // rewrites everything.
-        self.restore(&nat_first(&text))?;
-        let report = SyncReport::of_plan(
+        let kept = self.restore_sparing(&nat_first(&text))?;
+        let mut report = SyncReport::of_plan(
             plan,
             false,
             text.lines().filter(|l| l.starts_with("-A ")).count(),
         );
+        report.warnings = kept_warnings(&kept);
         self.applied = Some(rules);
         Ok(report)
     }
@@ -393,6 +433,21 @@ impl Iptables {
             .map(|(_, c)| c.to_string())
             .collect()
     }
+}
+
+/// The most chains one transaction keeps because foreign rules refer to them; past it the
+/// sync fails (something is badly wrong with the tables).
+const MAX_KEPT_CHAINS: usize = 64;
+
+fn kept_warnings(kept: &[String]) -> Vec<String> {
+    kept.iter()
+        .map(|c| {
+            format!(
+                "chain {c} is kept (flushed) because a rule svcnat does not own jumps to it; \
+                 it is deleted once that rule is gone"
+            )
+        })
+        .collect()
 }
 
 /// Restore text with the `nat` table's blocks first, each table's blocks in their order.

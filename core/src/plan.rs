@@ -1332,6 +1332,9 @@ pub struct SyncReport {
     /// Stale entries that could not be deleted, each naming the flow and the error (the
     /// sync itself still succeeded: the rules are in place).
     pub conntrack_errors: Vec<String>,
+    /// What the backend worked around and an operator should hear of (say, a chain it
+    /// could not delete because a rule it does not own refers to it); the sync succeeded.
+    pub warnings: Vec<String>,
 }
 
 impl SyncReport {
@@ -1344,6 +1347,7 @@ impl SyncReport {
             endpoints,
             conntrack_deleted: 0,
             conntrack_errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 
