@@ -89,6 +89,10 @@ pub struct IptablesConfig {
     /// two iptables invocations, which with the legacy flavour read whole tables, so by
     /// default it happens at most every 10 s; zero checks before every sync.
     pub canary_interval: Duration,
+    /// How many chains one sync may keep (flushed) because a rule svcnat does not own
+    /// still jumps to them; past it the sync fails, naming the line. Zero fails on the
+    /// first such reference.
+    pub max_kept_chains: usize,
 }
 
 impl Default for IptablesConfig {
@@ -98,6 +102,7 @@ impl Default for IptablesConfig {
             flavour: None,
             family: IpFamily::V4,
             canary_interval: Duration::from_secs(10),
+            max_kept_chains: DEFAULT_MAX_KEPT_CHAINS,
         }
     }
 }
@@ -157,6 +162,7 @@ pub struct Iptables {
     applied: Option<Ruleset>,
     canary_interval: Duration,
     canary_checked: Option<Instant>,
+    max_kept_chains: usize,
     /// The conntrack table of the same namespace.
     conntrack: Conntrack,
     /// Stale flows of diffs whose rules are not applied yet (a failed sync's are kept for
@@ -180,6 +186,7 @@ impl Iptables {
             applied: None,
             canary_interval: config.canary_interval,
             canary_checked: None,
+            max_kept_chains: config.max_kept_chains,
         })
     }
 
@@ -262,7 +269,7 @@ impl Iptables {
             let Some(chain) = rule.strip_prefix("-X ").map(str::trim) else {
                 return Err(err);
             };
-            if kept.len() >= MAX_KEPT_CHAINS {
+            if kept.len() >= self.max_kept_chains {
                 return Err(err);
             }
             kept.push(chain.to_string());
@@ -435,9 +442,9 @@ impl Iptables {
     }
 }
 
-/// The most chains one transaction keeps because foreign rules refer to them; past it the
-/// sync fails (something is badly wrong with the tables).
-const MAX_KEPT_CHAINS: usize = 64;
+/// The default of [`IptablesConfig::max_kept_chains`]: past a few dozen foreign references
+/// something is badly wrong with the tables, and failing says so.
+pub const DEFAULT_MAX_KEPT_CHAINS: usize = 64;
 
 fn kept_warnings(kept: &[String]) -> Vec<String> {
     kept.iter()
