@@ -168,6 +168,9 @@ pub struct Userspace {
     counters: Arc<DriverCounters>,
     owned: Vec<u32>,
     nft_applied: Option<String>,
+    /// `nft list table` of what was applied, counters left out: what [`Dataplane::drifted`]
+    /// compares with.
+    nft_listing: Option<String>,
     forwarding_before: Option<String>,
     links: Links,
     last_drift_check: Option<Instant>,
@@ -245,13 +248,22 @@ impl Userspace {
             counters,
             owned: ifindexes,
             nft_applied: None,
+            nft_listing: None,
             forwarding_before: None,
             links,
             last_drift_check: None,
         };
-        dp.forwarding_before = Some(dp.sysctl_read("net.ipv4.ip_forward")?);
-        dp.sysctl_write("net.ipv4.ip_forward", "0")?;
+        // The original setting is the one a killed predecessor recorded in its table, if
+        // one is left: then the sysctl holds that process's own change, not the node's.
+        let original = match recorded_forwarding(dp.cfg.netns.as_deref())? {
+            Some(v) => v,
+            None => dp.sysctl_read("net.ipv4.ip_forward")?,
+        };
+        dp.forwarding_before = Some(original);
+        // The table (and with it the record) goes in before forwarding is turned off, so
+        // a process killed between the two leaves the original where a restart finds it.
         dp.apply_nft(None)?;
+        dp.sysctl_write("net.ipv4.ip_forward", "0")?;
         Ok(dp)
     }
 
@@ -320,7 +332,8 @@ impl Userspace {
 
     /// Installs the ingress drops for what the engine handles; skips `nft` when unchanged.
     fn apply_nft(&mut self, plan: Option<&Plan>) -> Result<(), SyncError> {
-        let text = render_nft(&self.links, &self.owned, plan, &self.cfg.engine);
+        let original = self.forwarding_before.as_deref().unwrap_or("1");
+        let text = render_nft(&self.links, &self.owned, plan, &self.cfg.engine, original);
         if self.nft_applied.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
@@ -328,7 +341,15 @@ impl Userspace {
         c.args(["-f", "-"]);
         run(c, Some(&text))?;
         self.nft_applied = Some(text);
+        self.nft_listing = Some(self.nft_list()?);
         Ok(())
+    }
+
+    /// The ingress table as `nft list table` prints it now, counters left out.
+    fn nft_list(&self) -> Result<String, SyncError> {
+        let mut c = self.command("nft");
+        c.args(["list", "table", "netdev", NFT_TABLE]);
+        run(c, None).map(|t| without_counters(&t))
     }
 
     fn report(&self, plan: &Plan, full: bool) -> SyncReport {
@@ -342,17 +363,20 @@ impl Userspace {
             let _ = h.join();
         }
         let mut first_err = None;
+        // Forwarding first, the table (which records the original) last: a process killed
+        // in between leaves the record for the next start or `cleanup`.
+        if let Some(v) = self.forwarding_before.take()
+            && let Err(e) = self.sysctl_write("net.ipv4.ip_forward", &v)
+        {
+            first_err.get_or_insert(e);
+        }
         if self.nft_applied.take().is_some() {
+            self.nft_listing = None;
             let mut c = self.command("nft");
             c.args(["delete", "table", "netdev", NFT_TABLE]);
             if let Err(e) = run(c, None) {
                 first_err.get_or_insert(e);
             }
-        }
-        if let Some(v) = self.forwarding_before.take()
-            && let Err(e) = self.sysctl_write("net.ipv4.ip_forward", &v)
-        {
-            first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -387,9 +411,11 @@ impl Dataplane for Userspace {
         self.shutdown()
     }
 
-    /// Whether someone removed the ingress table (`nft flush ruleset`): then the kernel
-    /// forwards nothing and delivers NodePort traffic locally, and a resync must restore it.
-    /// Checked at most every [`DRIFT_CHECK_INTERVAL`].
+    /// Whether someone removed, flushed or edited the ingress table (`nft flush ruleset`,
+    /// `nft flush chain netdev svcnat in_2`, a rule added or deleted): then the kernel
+    /// delivers NodePort traffic locally or forwards nothing, and a resync must restore
+    /// it. The table is compared with its listing right after it was applied, counters
+    /// left out. Checked at most every [`DRIFT_CHECK_INTERVAL`].
     fn drifted(&mut self) -> Result<bool, SyncError> {
         if self.nft_applied.is_none()
             || self
@@ -399,9 +425,10 @@ impl Dataplane for Userspace {
             return Ok(false);
         }
         self.last_drift_check = Some(Instant::now());
-        let mut c = self.command("nft");
-        c.args(["list", "table", "netdev", NFT_TABLE]);
-        Ok(run(c, None).is_err())
+        Ok(match self.nft_list() {
+            Ok(now) => self.nft_listing.as_deref() != Some(now.as_str()),
+            Err(_) => true,
+        })
     }
 }
 
@@ -543,35 +570,88 @@ impl Stats {
     }
 }
 
-/// Removes what a datapath left behind (the nftables ingress table), for `--cleanup` after
-/// a crash; the namespace's forwarding setting is left as it is.
+/// Removes what a datapath left behind, for `--cleanup` after a crash and for a second
+/// SIGTERM during shutdown: `net.ipv4.ip_forward` goes back to the value the ingress
+/// table records as the node's original, then the table is deleted. Without a table
+/// there is nothing to undo (forwarding is left as it is).
 pub fn cleanup(netns: Option<&str>) -> Result<(), SyncError> {
-    let mut c = match netns {
+    let Some(original) = recorded_forwarding(netns)? else {
+        return Ok(());
+    };
+    let mut c = in_netns(netns, "sysctl");
+    c.args(["-q", "-w", &format!("net.ipv4.ip_forward={original}")]);
+    run(c, None)?;
+    let mut c = in_netns(netns, "nft");
+    c.args(["delete", "table", "netdev", NFT_TABLE]);
+    run(c, None).map(drop)
+}
+
+/// `program` run in the named network namespace, or here.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "nft"]);
+            c.args(["netns", "exec", ns, program]);
             c
         }
-        None => Command::new("nft"),
-    };
+        None => Command::new(program),
+    }
+}
+
+/// The comment of the ingress table that records the node's own `net.ipv4.ip_forward`.
+const FORWARDING_MARK: &str = "svcnat: original net.ipv4.ip_forward=";
+
+/// The original `net.ipv4.ip_forward` a datapath recorded in its ingress table: `None`
+/// when there is no table, `Some("1")` for a table without the record (an older
+/// version's: a node that ran a proxy forwarded).
+fn recorded_forwarding(netns: Option<&str>) -> Result<Option<String>, SyncError> {
+    let mut c = in_netns(netns, "nft");
     c.args(["list", "tables", "netdev"]);
     let tables = run(c, None)?;
     if !tables
         .lines()
         .any(|l| l.trim() == format!("table netdev {NFT_TABLE}"))
     {
-        return Ok(());
+        return Ok(None);
     }
-    let mut c = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "nft"]);
-            c
+    let mut c = in_netns(netns, "nft");
+    c.args(["list", "table", "netdev", NFT_TABLE]);
+    let text = run(c, None)?;
+    Ok(Some(
+        parse_forwarding_mark(&text).unwrap_or_else(|| "1".into()),
+    ))
+}
+
+/// The value in the table's `comment "svcnat: original net.ipv4.ip_forward=N"` line.
+fn parse_forwarding_mark(listing: &str) -> Option<String> {
+    listing.lines().find_map(|l| {
+        let v = l
+            .trim()
+            .strip_prefix("comment \"")?
+            .strip_suffix('"')?
+            .strip_prefix(FORWARDING_MARK)?;
+        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_string())
+    })
+}
+
+/// A table listing without the values of its counters (`counter packets 3 bytes 180`
+/// becomes `counter`), which change with traffic.
+fn without_counters(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    for line in listing.lines() {
+        let mut words = line.split_whitespace();
+        let mut kept = Vec::new();
+        while let Some(w) = words.next() {
+            if w == "packets" || w == "bytes" {
+                words.next();
+                continue;
+            }
+            kept.push(w);
         }
-        None => Command::new("nft"),
-    };
-    c.args(["delete", "table", "netdev", NFT_TABLE]);
-    run(c, None).map(drop)
+        out.push_str(&kept.join(" "));
+        out.push('\n');
+    }
+    out
 }
 
 fn socket_error(what: &str, source: std::io::Error) -> SyncError {
@@ -947,7 +1027,13 @@ fn proto_name(p: Protocol) -> &'static str {
 
 /// The `nft -f` script that takes the kernel out of the forwarding path for the owned
 /// interfaces, in both families. It replaces the whole table in one transaction.
-fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &EngineConfig) -> String {
+fn render_nft(
+    links: &Links,
+    owned: &[u32],
+    plan: Option<&Plan>,
+    engine: &EngineConfig,
+    original_forwarding: &str,
+) -> String {
     let locals: BTreeSet<IpAddr> = links
         .values()
         .flat_map(|l| l.addrs.iter())
@@ -964,6 +1050,10 @@ fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &Engine
     let mut s = String::new();
     s.push_str(&format!(
         "table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\ntable netdev {NFT_TABLE} {{\n"
+    ));
+    // The node's own setting, where a restarted process (or `cleanup`) finds it.
+    s.push_str(&format!(
+        "  comment \"{FORWARDING_MARK}{original_forwarding}\"\n"
     ));
     for (v6, suffix, addr_type) in [(false, "4", "ipv4_addr"), (true, "6", "ipv6_addr")] {
         let elements = |v: Vec<String>| {
@@ -1134,7 +1224,7 @@ mod tests {
     #[test]
     fn nft_script_drops_what_the_engine_handles() {
         let l = links();
-        let s = render_nft(&l, &[2, 5], None, &EngineConfig::default());
+        let s = render_nft(&l, &[2, 5], None, &EngineConfig::default(), "1");
         assert!(
             s.starts_with("table netdev svcnat\ndelete table netdev svcnat\n"),
             "{s}"
@@ -1158,7 +1248,11 @@ mod tests {
     fn nft_script_drops_ipv6_frontends_on_node_addresses() {
         use svcnat_core::model::*;
         use svcnat_core::plan::NodeContext;
-        let l = links();
+        // A global address: NodePorts are not served on link-local ones.
+        let mut l = links();
+        if let Some(eth0) = l.get_mut(&2) {
+            eth0.addrs.push("fd00:50::11/64".parse().unwrap());
+        }
         let mut c = Cluster::simulated();
         let mut svc = Service::new(ObjectName::new("default", "web6"));
         svc.service_type = ServiceType::NodePort;
@@ -1180,12 +1274,48 @@ mod tests {
         c.upsert_pod(pod);
         let node = NodeContext::new(
             "n",
-            vec!["192.168.50.11".parse().unwrap(), "fe80::1".parse().unwrap()],
+            vec![
+                "192.168.50.11".parse().unwrap(),
+                "fd00:50::11".parse().unwrap(),
+            ],
             Vec::new(),
         );
         let plan = Plan::compile(&c, &node);
-        let s = render_nft(&l, &[2, 5], Some(&plan), &EngineConfig::default());
-        assert!(s.contains("elements = { fe80::1 . tcp . 30080 }"), "{s}");
+        let s = render_nft(&l, &[2, 5], Some(&plan), &EngineConfig::default(), "1");
+        assert!(
+            s.contains("elements = { fd00:50::11 . tcp . 30080 }"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_table_records_the_original_forwarding_setting() {
+        let s = render_nft(&links(), &[2], None, &EngineConfig::default(), "1");
+        assert!(
+            s.contains("comment \"svcnat: original net.ipv4.ip_forward=1\"\n"),
+            "{s}"
+        );
+        // As `nft list table` prints it back.
+        let listing = "table netdev svcnat {\n\tcomment \"svcnat: original net.ipv4.ip_forward=1\"\n\tchain in_2 {\n\t}\n}\n";
+        assert_eq!(parse_forwarding_mark(listing).as_deref(), Some("1"));
+        assert_eq!(
+            parse_forwarding_mark(&listing.replace("=1", "=0")).as_deref(),
+            Some("0")
+        );
+        assert_eq!(parse_forwarding_mark(&listing.replace("=1", "=1; x")), None);
+        assert_eq!(parse_forwarding_mark("table netdev svcnat {\n}\n"), None);
+    }
+
+    #[test]
+    fn drift_comparison_ignores_counters_only() {
+        let a = "\tip daddr != @local4 counter packets 12 bytes 840 drop comment \"x\"\n";
+        let b = "\tip daddr != @local4 counter packets 0 bytes 0 drop comment \"x\"\n";
+        assert_eq!(without_counters(a), without_counters(b));
+        assert_eq!(
+            without_counters(a),
+            "ip daddr != @local4 counter drop comment \"x\"\n"
+        );
+        assert_ne!(without_counters(a), without_counters(""));
     }
 
     #[test]
