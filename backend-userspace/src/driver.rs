@@ -48,7 +48,8 @@ use svcnat_core::model::Protocol;
 use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
 
 use crate::engine::{
-    Counters, Csum, Engine, EngineConfig, PortConfig, Route, RxMeta, TxFrame, Verdict,
+    Admission, Counters, Csum, Engine, EngineConfig, FibEntry, PortConfig, Route, RpFilter, RxMeta,
+    TxFrame, Verdict,
 };
 use crate::sys::{
     self, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN, VNET_NEEDS_CSUM,
@@ -136,6 +137,7 @@ pub enum SyncError {
 struct DriverCounters {
     rx_frames: AtomicU64,
     rx_truncated: AtomicU64,
+    rx_vlan: AtomicU64,
     tx_frames: AtomicU64,
     tx_errors: AtomicU64,
     ring_drops: AtomicU64,
@@ -148,6 +150,8 @@ pub struct Stats {
     pub rx_frames: u64,
     /// Frames longer than a ring block (dropped).
     pub rx_truncated: u64,
+    /// Frames that arrived with an 802.1Q/802.1ad tag (left to the kernel).
+    pub rx_vlan: u64,
     /// Frames sent.
     pub tx_frames: u64,
     /// Frames the transmit socket refused.
@@ -200,7 +204,8 @@ impl Userspace {
             });
         }
         engine.set_ports(port_configs(&cfg, &links, &owned));
-        engine.set_routes(read_routes(&cfg, &links, &owned)?);
+        engine.set_fib(read_routes(&cfg, &links, &owned)?);
+        engine.set_admission(admission(&cfg, &links, &owned)?);
 
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -301,8 +306,9 @@ impl Userspace {
         }
         self.engine
             .set_ports(port_configs(&self.cfg, &links, &owned));
+        self.engine.set_fib(read_routes(&self.cfg, &links, &owned)?);
         self.engine
-            .set_routes(read_routes(&self.cfg, &links, &owned)?);
+            .set_admission(admission(&self.cfg, &links, &owned)?);
         self.links = links;
         Ok(())
     }
@@ -452,6 +458,7 @@ fn collect_stats(engine: &Engine, counters: &DriverCounters, filters: &[SocketCo
     Stats {
         rx_frames: counters.rx_frames.load(Ordering::Relaxed),
         rx_truncated: counters.rx_truncated.load(Ordering::Relaxed),
+        rx_vlan: counters.rx_vlan.load(Ordering::Relaxed),
         tx_frames: counters.tx_frames.load(Ordering::Relaxed),
         tx_errors: counters.tx_errors.load(Ordering::Relaxed),
         ring_drops: counters.ring_drops.load(Ordering::Relaxed),
@@ -508,6 +515,12 @@ impl Stats {
             "counter",
             "Frames longer than a ring block.",
             &one(self.rx_truncated),
+        );
+        metric(
+            "vlan_frames_total",
+            "counter",
+            "Frames with a VLAN tag, left to the kernel.",
+            &one(self.rx_vlan),
         );
         metric(
             "verdicts_total",
@@ -720,7 +733,7 @@ impl Worker {
                 got = true;
                 let now = self.epoch.elapsed();
                 let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
-                let (mut frames, mut truncated) = (0u64, 0u64);
+                let (mut frames, mut truncated, mut vlan) = (0u64, 0u64, 0u64);
                 for frame in block.frames() {
                     frames += 1;
                     if frame.pkttype == libc::PACKET_OTHERHOST {
@@ -729,6 +742,13 @@ impl Worker {
                     }
                     if !frame.complete {
                         truncated += 1;
+                        continue;
+                    }
+                    if frame.vlan {
+                        // The kernel took the 802.1Q tag off into the ring's header: the
+                        // frame belongs to a VLAN device (the kernel's) or to nobody,
+                        // and is never forwarded as if untagged.
+                        vlan += 1;
                         continue;
                     }
                     let buf = frame.buf;
@@ -755,6 +775,9 @@ impl Worker {
                     self.counters
                         .rx_truncated
                         .fetch_add(truncated, Ordering::Relaxed);
+                }
+                if vlan > 0 {
+                    self.counters.rx_vlan.fetch_add(vlan, Ordering::Relaxed);
                 }
                 self.send(&tx, &out);
                 drop(out);
@@ -948,7 +971,7 @@ fn read_routes(
     cfg: &UserspaceConfig,
     links: &Links,
     owned: &BTreeSet<u32>,
-) -> Result<Vec<Route>, SyncError> {
+) -> Result<Vec<FibEntry>, SyncError> {
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
         let v = ip_json(cfg, &[family, "route", "show", "table", "main"])?;
@@ -962,14 +985,17 @@ fn read_routes(
     Ok(routes)
 }
 
-/// The routes of one family through owned interfaces. IPv6 link-local and multicast
-/// prefixes are left out: the engine never forwards to them (the kernel has its own).
+/// The main table of one family: routes through owned interfaces, and the prefixes the
+/// kernel routes elsewhere (other interfaces, blackhole, unreachable, prohibit), which the
+/// engine must not reach through a shorter prefix such as the default route. IPv6
+/// link-local and multicast prefixes are left out: the engine never forwards to them
+/// (the kernel has its own).
 fn parse_routes(
     v: &serde_json::Value,
     links: &Links,
     owned: &BTreeSet<u32>,
     v6: bool,
-) -> Result<Vec<Route>, String> {
+) -> Result<Vec<FibEntry>, String> {
     let unspecified = if v6 {
         IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     } else {
@@ -981,18 +1007,6 @@ fn parse_routes(
         .collect();
     let mut routes = Vec::new();
     for r in v.as_array().ok_or("not a list")? {
-        if r["type"].as_str().is_some_and(|t| t != "unicast") {
-            continue;
-        }
-        let Some(dev) = r["dev"].as_str() else {
-            continue;
-        };
-        let Some(&port) = by_name.get(dev) else {
-            continue;
-        };
-        if !owned.contains(&port) {
-            continue;
-        }
         let dst = match r["dst"].as_str() {
             Some("default") => IpNet::new(unspecified, 0).ok(),
             Some(d) if d.contains('/') => d.parse().ok(),
@@ -1007,10 +1021,73 @@ fn parse_routes(
         {
             continue;
         }
-        let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
-        routes.push(Route { dst, port, gateway });
+        let port = r["dev"].as_str().and_then(|d| by_name.get(d)).copied();
+        let unicast = r["type"].as_str().is_none_or(|t| t == "unicast");
+        match port {
+            Some(port) if unicast && owned.contains(&port) => {
+                let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
+                routes.push(FibEntry::Port(Route { dst, port, gateway }));
+            }
+            _ => routes.push(FibEntry::NotOurs(dst)),
+        }
     }
     Ok(routes)
+}
+
+/// What the kernel would check on input: `rp_filter` per owned interface (the larger of
+/// `all` and the interface's own, as `IN_DEV_RPFILTER`), the node's addresses on every
+/// interface, and the broadcast addresses of its IPv4 subnets.
+fn admission(
+    cfg: &UserspaceConfig,
+    links: &Links,
+    owned: &BTreeSet<u32>,
+) -> Result<Admission, SyncError> {
+    let names: Vec<(u32, &str)> = owned
+        .iter()
+        .filter_map(|i| links.get(i).map(|l| (*i, l.name.as_str())))
+        .collect();
+    // Slashes: interface names may hold dots (eth0.10).
+    let mut keys = vec!["net/ipv4/conf/all/rp_filter".to_string()];
+    keys.extend(
+        names
+            .iter()
+            .map(|(_, n)| format!("net/ipv4/conf/{n}/rp_filter")),
+    );
+    let mut c = match &cfg.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "sysctl"]);
+            c
+        }
+        None => Command::new("sysctl"),
+    };
+    c.arg("-n").args(&keys);
+    let out = run(c, None)?;
+    let values: Vec<u32> = out
+        .lines()
+        .map(|l| l.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| SyncError::Parse {
+            command: format!("sysctl -n {}", keys.join(" ")),
+            message: e.to_string(),
+        })?;
+    let all = values.first().copied().unwrap_or(0);
+    let mut adm = Admission::default();
+    for ((port, _), v) in names.iter().zip(values.iter().skip(1)) {
+        adm.rp_filter
+            .insert(*port, RpFilter::from_sysctl(all.max(*v)));
+    }
+    for l in links.values() {
+        for a in &l.addrs {
+            adm.node_addrs.insert(a.addr());
+            if let IpNet::V4(n) = a
+                && n.prefix_len() <= 30
+            {
+                adm.broadcasts.insert(n.broadcast());
+            }
+        }
+    }
+    Ok(adm)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1159,6 +1236,13 @@ mod tests {
         parse_links(&v).unwrap()
     }
 
+    fn show_entry(e: &FibEntry) -> String {
+        match e {
+            FibEntry::Port(r) => format!("{} {} {:?}", r.dst, r.port, r.gateway),
+            FibEntry::NotOurs(n) => format!("{n} elsewhere"),
+        }
+    }
+
     #[test]
     fn reads_links_and_routes() {
         let l = links();
@@ -1182,11 +1266,19 @@ mod tests {
         )
         .unwrap();
         let r = parse_routes(&v, &l, &owned, false).unwrap();
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
-        assert_eq!(r[1].dst.to_string(), "10.244.0.10/32");
-        assert_eq!(r[1].port, 5);
-        assert_eq!(r[2].gateway, Some("192.168.50.12".parse().unwrap()));
+        let shown: Vec<String> = r.iter().map(show_entry).collect();
+        // Routes through interfaces the engine does not own, and blackholes, are kept as
+        // prefixes it must not reach through the default route.
+        assert_eq!(
+            shown,
+            [
+                "0.0.0.0/0 2 Some(192.168.50.1)",
+                "10.244.0.10/32 5 None",
+                "10.244.1.0/24 2 Some(192.168.50.12)",
+                "10.96.0.0/12 elsewhere",
+                "10.9.0.0/16 elsewhere",
+            ]
+        );
         // As `ip -json -6 route` prints them: link-local and multicast prefixes are not
         // the engine's to forward.
         let v: serde_json::Value = serde_json::from_str(
@@ -1200,10 +1292,7 @@ mod tests {
         )
         .unwrap();
         let r = parse_routes(&v, &l, &owned, true).unwrap();
-        let shown: Vec<String> = r
-            .iter()
-            .map(|r| format!("{} {} {:?}", r.dst, r.port, r.gateway))
-            .collect();
+        let shown: Vec<String> = r.iter().map(show_entry).collect();
         assert_eq!(
             shown,
             [

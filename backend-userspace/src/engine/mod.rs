@@ -99,6 +99,57 @@ pub struct Route {
     pub gateway: Option<IpAddr>,
 }
 
+/// One entry of the node's routing table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FibEntry {
+    /// A route through a port the engine owns.
+    Port(Route),
+    /// A prefix the kernel routes through an interface the engine does not own, or
+    /// drops (blackhole, unreachable, prohibit): the engine never forwards to it, and
+    /// never falls through to a shorter prefix (a default route) for it.
+    NotOurs(ipnet::IpNet),
+}
+
+/// IPv4 reverse-path filtering of one port, as `net.ipv4.conf.{all,IF}.rp_filter` (the
+/// larger of the two) sets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RpFilter {
+    /// 0: no source validation.
+    #[default]
+    Off,
+    /// 1 (RFC 3704 strict): the route back to the source must leave through the port the
+    /// packet arrived on.
+    Strict,
+    /// 2 (RFC 3704 loose): some route back to the source must exist.
+    Loose,
+}
+
+impl RpFilter {
+    /// The mode of a sysctl value (above 2 counts as loose, as in the kernel).
+    pub fn from_sysctl(v: u32) -> RpFilter {
+        match v {
+            0 => RpFilter::Off,
+            1 => RpFilter::Strict,
+            _ => RpFilter::Loose,
+        }
+    }
+}
+
+/// What the kernel's input path checks before it forwards (`ip_route_input_slow`,
+/// `fib_validate_source`, `ip6_forward`), given the node's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Admission {
+    /// Reverse-path filtering per port (IPv4); a port not listed has none.
+    pub rp_filter: HashMap<PortId, RpFilter>,
+    /// Every address of the node, on any interface (owned or not): never forwarded to,
+    /// and no IPv4 packet from outside may claim one as its source.
+    pub node_addrs: HashSet<IpAddr>,
+    /// Broadcast addresses of the node's IPv4 subnets: never forwarded to, never a
+    /// source.
+    pub broadcasts: HashSet<Ipv4Addr>,
+}
+
 /// What to do with packets the engine does not handle.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Unmatched {
@@ -269,11 +320,21 @@ pub enum DropReason {
     /// A Neighbor Solicitation or Advertisement that fails RFC 4861's checks (hop limit
     /// not 255, a bad code, length or option, a multicast target).
     InvalidNdp,
+    /// A source or destination the kernel never routes (RFC 1812 5.3.7, RFC 4291): a
+    /// multicast, broadcast, unspecified, loopback or IPv4-mapped source, one of the
+    /// node's own IPv4 addresses as source from outside, a loopback or unspecified
+    /// destination.
+    Martian,
+    /// The source fails reverse-path filtering (`rp_filter`) on the arriving port.
+    ReversePath,
+    /// A frame with an IEEE 802.1Q/802.1ad tag: the kernel's (a VLAN device's) or
+    /// nobody's, never forwarded as if untagged.
+    Vlan,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Truncated,
         DropReason::Malformed,
         DropReason::BadIpChecksum,
@@ -291,6 +352,9 @@ impl DropReason {
         DropReason::UnknownPort,
         DropReason::Invalid,
         DropReason::InvalidNdp,
+        DropReason::Martian,
+        DropReason::ReversePath,
+        DropReason::Vlan,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -300,6 +364,9 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::BadIpChecksum => "bad_ip_checksum",
             DropReason::BadL4Checksum => "bad_l4_checksum",
+            DropReason::Martian => "martian",
+            DropReason::ReversePath => "reverse_path",
+            DropReason::Vlan => "vlan",
             DropReason::Fragment => "fragment",
             DropReason::SourceRange => "source_range",
             DropReason::Rejected => "rejected",
@@ -443,6 +510,7 @@ pub struct Engine {
     ports: ArcSwap<Ports>,
     fib: ArcSwap<Fib>,
     plan: ArcSwap<Compiled>,
+    admission: ArcSwap<Admission>,
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
@@ -461,6 +529,7 @@ impl Engine {
             ports: ArcSwap::from_pointee(Ports::default()),
             fib: ArcSwap::from_pointee(Fib::default()),
             plan: ArcSwap::from_pointee(Compiled::default()),
+            admission: ArcSwap::from_pointee(Admission::default()),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
             static_neigh: RwLock::new(HashMap::new()),
@@ -489,9 +558,21 @@ impl Engine {
         self.ports.store(Arc::new(p));
     }
 
-    /// Replaces the FIB.
+    /// Replaces the FIB with routes through owned ports only.
     pub fn set_routes(&self, routes: Vec<Route>) {
-        self.fib.store(Arc::new(Fib::new(routes)));
+        self.set_fib(routes.into_iter().map(FibEntry::Port).collect());
+    }
+
+    /// Replaces the FIB with the node's routing table (among equal prefixes the first
+    /// entry wins, as the lowest metric in `ip route`'s order).
+    pub fn set_fib(&self, entries: Vec<FibEntry>) {
+        self.fib.store(Arc::new(Fib::new(entries)));
+    }
+
+    /// Replaces what the kernel's input path would check (reverse-path filtering, the
+    /// node's addresses and broadcasts).
+    pub fn set_admission(&self, admission: Admission) {
+        self.admission.store(Arc::new(admission));
     }
 
     /// Compiles and swaps the plan's lookup tables; existing connections keep their endpoint.
@@ -631,6 +712,9 @@ impl Engine {
                     Err(r) => Verdict::Drop(r),
                 }
             }
+            // 802.1Q, 802.1ad, QinQ: the tagged VLAN's device is the kernel's; a VLAN the
+            // node does not have is dropped by the kernel. Never forwarded untagged.
+            ETH_VLAN | ETH_QINQ | 0x9100 => Verdict::Drop(DropReason::Vlan),
             _ => self.unmatched(),
         }
     }
@@ -645,6 +729,8 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
+        let adm = self.admission.load();
+        admit(meta.port, &ip, &adm, &self.fib.load())?;
         let plan = self.plan.load();
         let l4 = match (ip.proto, ip.frag) {
             (_, Frag::Later) => None,
@@ -738,6 +824,8 @@ impl Engine {
         // destination is never forwarded (the kernel answers for its own).
         if ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
+            || adm.node_addrs.contains(&ip.dst)
+            || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
             || is_link_local(ip.dst)
             || is_link_local(ip.src)
             || ip.dst.is_multicast()
@@ -1462,6 +1550,64 @@ impl Counters {
             .iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The kernel's checks before it routes a packet arriving on `port`; `Err` when it would
+/// drop it. IPv4: `ip_route_input_slow` (martian sources and destinations) and
+/// `fib_validate_source` (a local source; `rp_filter`). IPv6: `ip6_rcv_core` and
+/// `ip6_forward` (multicast, loopback, IPv4-mapped, unspecified sources).
+fn admit(port: PortId, ip: &Ip, adm: &Admission, fib: &Fib) -> Result<(), DropReason> {
+    match (ip.src, ip.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            // "martian source": multicast, limited broadcast, 0.0.0.0, loopback (the rest
+            // of 0.0.0.0/8 is routable since Linux 5.3, and the kernel forwards it).
+            if s.is_multicast()
+                || s.is_broadcast()
+                || s.is_unspecified()
+                || s.is_loopback()
+                || adm.broadcasts.contains(&s)
+            {
+                return Err(DropReason::Martian);
+            }
+            // "martian destination": 0.0.0.0, loopback.
+            if d.is_unspecified() || d.is_loopback() {
+                return Err(DropReason::Martian);
+            }
+            // fib_validate_source: a source that is one of our own addresses (RTN_LOCAL)
+            // is refused without accept_local.
+            if adm.node_addrs.contains(&ip.src) {
+                return Err(DropReason::Martian);
+            }
+            match adm.rp_filter.get(&port).copied().unwrap_or_default() {
+                RpFilter::Off => Ok(()),
+                // The route back to the source must use the arriving interface.
+                RpFilter::Strict => match fib.lookup(ip.src) {
+                    Some((out, _)) if out == port => Ok(()),
+                    _ => Err(DropReason::ReversePath),
+                },
+                // Any route back to the source will do.
+                RpFilter::Loose => match fib.best(ip.src) {
+                    Some(_) => Ok(()),
+                    None => Err(DropReason::ReversePath),
+                },
+            }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // RFC 4291 2.5.2/2.5.3/2.5.5.2 and 2.7: never a source, never routed.
+            if s.is_multicast()
+                || s.is_unspecified()
+                || s.is_loopback()
+                || d.is_loopback()
+                || d.is_unspecified()
+                || s.to_ipv4_mapped().is_some()
+                || d.to_ipv4_mapped().is_some()
+            {
+                return Err(DropReason::Martian);
+            }
+            Ok(())
+        }
+        _ => Err(DropReason::Malformed),
     }
 }
 

@@ -18,6 +18,10 @@ pub(crate) const ETH_IPV4: u16 = 0x0800;
 pub(crate) const ETH_IPV6: u16 = 0x86dd;
 /// EtherType ARP.
 pub(crate) const ETH_ARP: u16 = 0x0806;
+/// EtherType of an IEEE 802.1Q VLAN tag.
+pub(crate) const ETH_VLAN: u16 = 0x8100;
+/// EtherType of an IEEE 802.1ad (QinQ) service tag.
+pub(crate) const ETH_QINQ: u16 = 0x88a8;
 /// IP protocol numbers.
 pub(crate) const PROTO_ICMP: u8 = 1;
 pub(crate) const PROTO_TCP: u8 = 6;
