@@ -193,7 +193,11 @@ impl std::fmt::Debug for Userspace {
 impl Userspace {
     /// Opens the rings, starts the workers and takes over forwarding on the owned
     /// interfaces. Traffic flows (plain routing) before the first plan arrives.
-    pub fn start(cfg: UserspaceConfig) -> Result<Userspace, SyncError> {
+    pub fn start(mut cfg: UserspaceConfig) -> Result<Userspace, SyncError> {
+        if cfg.engine.hash_key == 0 {
+            // A secret per process: no sender can aim at one connection-table shard.
+            cfg.engine.hash_key = random_key()?;
+        }
         let engine = Arc::new(Engine::new(cfg.engine.clone()));
         let links = read_links(&cfg)?;
         let owned = owned_ports(&cfg, &links);
@@ -665,6 +669,16 @@ fn without_counters(listing: &str) -> String {
         out.push('\n');
     }
     out
+}
+
+/// Eight random bytes from the kernel.
+fn random_key() -> Result<u64, SyncError> {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|source| socket_error("read /dev/urandom for the shard hash key", source))?;
+    Ok(u64::from_ne_bytes(b))
 }
 
 fn socket_error(what: &str, source: std::io::Error) -> SyncError {

@@ -59,7 +59,7 @@ use svcnat_core::conntrack::StaleFlow;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
 
-use conntrack::{Conntrack, Created, Hit, Tuple};
+use conntrack::{Conntrack, Created, Hit, Seg, Tuple};
 use neigh::{Fib, Neigh, Neighbours, Queued};
 use tables::{Compiled, Registry};
 use wire::*;
@@ -233,6 +233,35 @@ pub struct EngineConfig {
     pub neighbour_queue: usize,
     /// Number of connection-table shards (rounded up to a power of two).
     pub shards: usize,
+    /// Secret key of the connection table's shard hash: the driver draws a random one
+    /// per process, so that no sender can aim its packets at one shard.
+    pub hash_key: u64,
+    /// ICMP error rate limits (the kernel's `icmp_ratelimit`, `icmp_msgs_per_sec`).
+    pub icmp_limits: IcmpLimits,
+}
+
+/// ICMP error rate limits, with the kernel's defaults and meaning: per destination one
+/// token every `per_destination` (`net.ipv4.icmp_ratelimit`, 1000 ms; a bucket holds six,
+/// `XRLIM_BURST_FACTOR`), and for the whole engine `per_second` errors with bursts of
+/// `burst` (`icmp_msgs_per_sec` 1000, `icmp_msgs_burst` 50).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpLimits {
+    /// Time per token of a destination's bucket; zero disables the limit.
+    pub per_destination: Duration,
+    /// Errors per second for all destinations together; zero disables the limit.
+    pub per_second: u32,
+    /// Burst of the global bucket.
+    pub burst: u32,
+}
+
+impl Default for IcmpLimits {
+    fn default() -> Self {
+        IcmpLimits {
+            per_destination: Duration::from_millis(1000),
+            per_second: 1000,
+            burst: 50,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -245,6 +274,8 @@ impl Default for EngineConfig {
             neighbour_reachable: Duration::from_secs(30),
             neighbour_queue: 3,
             shards: 64,
+            hash_key: 0,
+            icmp_limits: IcmpLimits::default(),
         }
     }
 }
@@ -420,6 +451,8 @@ pub struct Counters {
     pub drops: Vec<(DropReason, u64)>,
     /// Frames generated (ARP, neighbour discovery, ICMP errors).
     pub generated: u64,
+    /// ICMP errors not sent because of the rate limits.
+    pub icmp_limited: u64,
     /// Connections currently tracked.
     pub connections: u64,
     /// Connections created since start.
@@ -466,6 +499,7 @@ struct Stats {
     kernel: AtomicU64,
     consumed: AtomicU64,
     generated: AtomicU64,
+    icmp_limited: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -485,6 +519,8 @@ struct L4 {
     dport: u16,
     /// TCP flags; for SCTP the set of its chunks (`wire::sctp_chunks`); 0 for UDP.
     flags: u8,
+    /// What connection tracking needs (TCP: sequence numbers too).
+    seg: Seg,
 }
 
 /// ICMP types that carry a quoted packet.
@@ -493,6 +529,80 @@ fn is_icmp_error(v6: bool, ty: u8) -> bool {
         matches!(ty, 1..=4)
     } else {
         matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+/// The kernel's ICMP error rate limits: a token bucket per destination
+/// (`inet_peer_xrlim_allow`) and one for the whole engine (`icmp_global_allow`).
+#[derive(Debug)]
+struct IcmpLimiter {
+    limits: IcmpLimits,
+    /// (credit, last refill) of the global bucket.
+    global: Mutex<(u32, Duration)>,
+    /// (tokens in ms, last refill) per destination.
+    per_dst: Mutex<HashMap<IpAddr, (u64, Duration)>>,
+}
+
+/// Destinations whose buckets are remembered (the kernel's inet_peer cache is bounded too).
+const ICMP_DESTINATIONS: usize = 4096;
+/// XRLIM_BURST_FACTOR: a destination's bucket holds this many tokens.
+const XRLIM_BURST_FACTOR: u64 = 6;
+
+impl IcmpLimiter {
+    fn new(limits: IcmpLimits) -> IcmpLimiter {
+        IcmpLimiter {
+            global: Mutex::new((limits.burst, Duration::ZERO)),
+            per_dst: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// Whether an error to `dst` may be sent now (and takes its tokens if so).
+    fn allow(&self, now: Duration, dst: IpAddr) -> bool {
+        let l = &self.limits;
+        if l.per_second > 0 {
+            let mut g = self.global.lock();
+            let elapsed = now.saturating_sub(g.1);
+            let refill = (elapsed.as_millis() * u128::from(l.per_second) / 1000) as u64;
+            if refill > 0 {
+                g.0 = u64::from(g.0)
+                    .saturating_add(refill)
+                    .min(u64::from(l.burst)) as u32;
+                g.1 = now;
+            }
+            if g.0 == 0 {
+                return false;
+            }
+            g.0 -= 1;
+        }
+        let timeout = u64::try_from(l.per_destination.as_millis()).unwrap_or(u64::MAX);
+        if timeout == 0 {
+            return true;
+        }
+        let cap = timeout.saturating_mul(XRLIM_BURST_FACTOR);
+        let mut m = self.per_dst.lock();
+        if m.len() >= ICMP_DESTINATIONS && !m.contains_key(&dst) {
+            // Forget the destinations whose buckets are full again (idle ones).
+            m.retain(|_, (tokens, last)| {
+                let t = tokens.saturating_add(now.saturating_sub(*last).as_millis() as u64);
+                t < cap
+            });
+            if m.len() >= ICMP_DESTINATIONS {
+                return false;
+            }
+        }
+        let (tokens, last) = m.entry(dst).or_insert((cap, now));
+        let t = tokens
+            .saturating_add(now.saturating_sub(*last).as_millis() as u64)
+            .min(cap);
+        *last = now;
+        if t >= timeout {
+            *tokens = t - timeout;
+            true
+        } else {
+            *tokens = t;
+            false
+        }
     }
 }
 
@@ -517,13 +627,19 @@ pub struct Engine {
     /// Permanent neighbours (never expire).
     static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
     next_sweep: Mutex<Duration>,
+    icmp_limit: IcmpLimiter,
     stats: Stats,
 }
 
 impl Engine {
     /// An engine with no ports, routes or plan.
     pub fn new(cfg: EngineConfig) -> Engine {
-        let ct = Conntrack::new(cfg.max_connections, cfg.shards, cfg.timeouts.clone());
+        let ct = Conntrack::new(
+            cfg.max_connections,
+            cfg.shards,
+            cfg.timeouts.clone(),
+            cfg.hash_key,
+        );
         Engine {
             ct,
             ports: ArcSwap::from_pointee(Ports::default()),
@@ -534,6 +650,7 @@ impl Engine {
             neigh: RwLock::new(HashMap::new()),
             static_neigh: RwLock::new(HashMap::new()),
             next_sweep: Mutex::new(Duration::ZERO),
+            icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
             stats: Stats::default(),
             cfg,
         }
@@ -746,10 +863,28 @@ impl Engine {
                 if doff > seg.len() {
                     return Err(DropReason::Truncated);
                 }
+                let flags = rd8(seg, 13);
+                // nf_conntrack's tcp_error: an impossible flag combination is INVALID,
+                // whatever connection it claims.
+                if !tcp_flags_valid(flags) {
+                    return Err(DropReason::Invalid);
+                }
                 Some(L4 {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
-                    flags: rd8(seg, 13),
+                    flags,
+                    seg: Seg {
+                        flags,
+                        seq: rd32(seg, 4),
+                        ack: rd32(seg, 8),
+                        win: rd16(seg, 14),
+                        len: (seg.len() - doff) as u32,
+                        wscale: if flags & TCP_SYN != 0 {
+                            tcp_wscale(seg, doff)
+                        } else {
+                            None
+                        },
+                    },
                 })
             }
             (PROTO_UDP, _) => {
@@ -767,6 +902,7 @@ impl Engine {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
                     flags: 0,
+                    seg: Seg::flags(0),
                 })
             }
             (PROTO_SCTP, _) => {
@@ -785,6 +921,7 @@ impl Engine {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
                     flags: chunks,
+                    seg: Seg::flags(chunks),
                 })
             }
             _ => None,
@@ -803,7 +940,12 @@ impl Engine {
                     return Err(DropReason::Fragment);
                 }
             } else {
-                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.flags)) {
+                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.seg)) {
+                    if hit.invalid {
+                        // A RST or FIN outside the window: conntrack's INVALID, which
+                        // kube-proxy drops; the connection is untouched.
+                        return Err(DropReason::Invalid);
+                    }
                     return self.translate_and_forward(now, meta, ports, frame, &ip, &hit, tx);
                 }
                 if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
@@ -842,6 +984,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn send_icmp_error(
         &self,
+        now: Duration,
         ports: &Ports,
         meta: RxMeta,
         frame: &[u8],
@@ -863,6 +1006,11 @@ impl Engine {
         let Some(port) = ports.by_id.get(&meta.port) else {
             return;
         };
+        // icmp_ratemask: destination unreachable and time exceeded are rate-limited.
+        if !self.icmp_limit.allow(now, ip.src) {
+            self.stats.icmp_limited.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let plan = self.plan.load();
         let Some(src) = src
             .or_else(|| ports.addr_of(meta.port, ip.v6))
@@ -991,7 +1139,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         Self::rewrite(frame, ip, &target, meta.csum);
@@ -1022,9 +1179,11 @@ impl Engine {
         if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src)) {
             return Err(DropReason::SourceRange);
         }
-        // A RST cannot open a connection: conntrack calls it INVALID. Nor can an SCTP
-        // ABORT or SHUTDOWN COMPLETE (nf_conntrack_proto_sctp's sctp_new).
-        if (ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0)
+        // Only a SYN, or an ACK picked up mid-stream (nf_conntrack_tcp_loose), opens a TCP
+        // connection: tcp_new calls anything else (RST, FIN, SYN+ACK) INVALID. Nor can an
+        // SCTP ABORT or SHUTDOWN COMPLETE open one (nf_conntrack_proto_sctp's sctp_new).
+        let opening = l4.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST);
+        if (ip.proto == PROTO_TCP && opening != TCP_SYN && opening != TCP_ACK)
             || (ip.proto == PROTO_SCTP && l4.flags & (SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) != 0)
         {
             return Err(DropReason::Invalid);
@@ -1040,6 +1199,7 @@ impl Engine {
         let reject = |this: &Self, frame: &[u8], tx: &mut Vec<TxFrame>| match fe.on_empty {
             EmptyAction::Reject => {
                 this.send_icmp_error(
+                    now,
                     ports,
                     meta,
                     frame,
@@ -1071,7 +1231,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
@@ -1104,7 +1273,7 @@ impl Engine {
             (ep.ip(), ep.port()),
             snat,
             &self.cfg.snat_ports,
-            l4.flags,
+            l4.seg,
         )? {
             Created::New(t) => t[1].reversed(),
             Created::Existing(hit) => hit.target(),
@@ -1261,7 +1430,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         let ttl_off = ip.ttl_off();
@@ -1293,6 +1471,14 @@ impl Engine {
         let fresh = !map.contains_key(&(out, nh));
         if fresh && incomplete >= neigh::MAX_INCOMPLETE {
             return Err(DropReason::NoNeighbour);
+        }
+        if fresh && map.len() >= neigh::MAX_NEIGHBOURS {
+            // Full: make room by forgetting neighbours past their reachable time and
+            // not being resolved (they would be re-resolved on use).
+            map.retain(|_, n| n.tries > 0 || now < n.reachable_until);
+            if map.len() >= neigh::MAX_NEIGHBOURS {
+                return Err(DropReason::NoNeighbour);
+            }
         }
         let n = map.entry((out, nh)).or_insert(Neigh {
             mac: None,
@@ -1419,7 +1605,10 @@ impl Engine {
         let key = (port, spa);
         let mut map = self.neigh.write();
         let had = map.contains_key(&key);
-        if !had && reply {
+        // A reply creates nothing the engine did not ask for; a request from a new
+        // sender is learnt from only while the table has room (an ARP flood from
+        // distinct senders must not grow it without bound).
+        if !had && (reply || map.len() >= neigh::MAX_NEIGHBOURS) {
             return false;
         }
         let n = map.entry(key).or_insert(Neigh {
@@ -1534,6 +1723,7 @@ impl Engine {
                 .map(|(r, c)| (*r, l(c)))
                 .collect(),
             generated: l(&s.generated),
+            icmp_limited: l(&s.icmp_limited),
             connections: self.ct.len() as u64,
             connections_created: l(&self.ct.created),
             connections_evicted: l(&self.ct.evicted),

@@ -130,6 +130,9 @@ pub(crate) const ARP_TRIES: u8 = 3;
 pub(crate) const ARP_RETRY: Duration = Duration::from_secs(1);
 /// Unresolved neighbours kept at once (bounds memory under scans).
 pub(crate) const MAX_INCOMPLETE: usize = 1024;
+/// Neighbours kept at once (the kernel's `gc_thresh3` is 1024 by default): requests from
+/// more senders than this are answered but not learnt from.
+pub(crate) const MAX_NEIGHBOURS: usize = 8192;
 /// A resolved neighbour not confirmed for this long past reachability is forgotten.
 pub(crate) const STALE_GC: Duration = Duration::from_secs(60);
 
