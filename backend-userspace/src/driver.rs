@@ -32,6 +32,10 @@
 //! pods that come and go (new veths) are picked up; each worker's socket is narrowed to the
 //! owned interfaces with a BPF filter. Plan updates swap the engine's tables; workers never
 //! stop. Dropping [`Userspace`] stops the workers and gives forwarding back to the kernel.
+//! The node's original `net.ipv4.ip_forward` is recorded in the table's comment, so that a
+//! process started after a killed one, and [`cleanup`], restore that value rather than
+//! the killed process's 0. The ingress table is checked against its listing after each
+//! apply ([`Dataplane::drifted`]): deleted, flushed or edited, it is put back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;

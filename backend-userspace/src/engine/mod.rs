@@ -34,7 +34,12 @@
 //! the engine answers and originates rather than rewrites, is parsed and emitted with
 //! smoltcp's wire representations.
 //!
-//! Not implemented: VLAN tags (unmatched), ICMP error rate limiting, ICMPv6 errors quoting
+//! Before connection tracking, a packet passes the kernel's input checks (martians,
+//! `rp_filter`, the node's own addresses; see [`Admission`]); tagged frames are never
+//! forwarded; ICMP errors are rate-limited as the kernel's are ([`IcmpLimits`]).
+//!
+//! Not implemented: IP reassembly (fragments to a frontend are dropped), ICMP
+//! "fragmentation needed" / "packet too big", ICMPv6 errors quoting
 //! a packet with extension headers (not translated), Router Advertisements and Redirects
 //! (left to the kernel), SCTP multi-homing (each address pair is its own association).
 #![forbid(unsafe_code)]
