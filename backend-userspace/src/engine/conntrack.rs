@@ -12,7 +12,7 @@
 //! source port the allocator picks to land in the shard. A packet is looked up in the shard
 //! of its source and, failing that, of its destination.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -62,14 +62,18 @@ impl Seg {
 }
 
 /// Per-direction sequence tracking of a TCP connection (nf_conntrack's `tcp_in_window`,
-/// simplified): the end of what each side sent, the largest window it advertised, and its
-/// window scale.
+/// simplified): the end of what each side sent, the largest window it advertised, its
+/// window scale, and the last acknowledgement it sent.
 #[derive(Clone, Copy, Debug, Default)]
 struct Track {
     end: [u32; 2],
     maxwin: [u32; 2],
     /// Window scale per direction; [`NO_WSCALE`] when the SYN had none.
     wscale: [u8; 2],
+    /// The acknowledgement number of the last segment with ACK per direction (what that
+    /// side expects next: its RCV.NXT); valid where `acked` has the direction's bit.
+    ack: [u32; 2],
+    acked: u8,
 }
 
 const NO_WSCALE: u8 = 0xff;
@@ -305,7 +309,17 @@ struct Table<A> {
     unassured: VecDeque<(u32, u32)>,
     /// Where the next early-drop sample starts.
     cursor: usize,
+    /// Reply tuples of connections evicted while the endpoint held them half open (it
+    /// answered the SYN, the client never completed the handshake): the endpoint keeps
+    /// its SYN_RECV for a while and would take a new SYN on that tuple for a duplicate
+    /// and answer it with the old SYN-ACK, or not at all. Per tuple, the sequence number
+    /// a RST must carry to end that state (the endpoint's acknowledgement) and until when
+    /// (ms) the state may live.
+    stale: HashMap<Tuple, (u32, u64)>,
 }
+
+/// Stale half-open tuples remembered per table, at most.
+const STALE_MAX: usize = 4096;
 
 impl<A: Addr> Table<A> {
     fn new() -> Self {
@@ -317,6 +331,7 @@ impl<A: Addr> Table<A> {
             live: 0,
             unassured: VecDeque::new(),
             cursor: 0,
+            stale: HashMap::new(),
         }
     }
 
@@ -446,18 +461,51 @@ impl<A: Addr> Table<A> {
     /// (UDP, ICMP and other datagram flows, TCP past ESTABLISHED, closed SCTP): answered
     /// but idle flows must not hold a full table against new ones. False when there is
     /// none to evict (established TCP and SCTP are never evicted).
-    fn evict_one(&mut self) -> bool {
+    /// A half-open TCP connection the endpoint answered is remembered as stale until
+    /// `syn_recv_until` (ms).
+    fn evict_one(&mut self, now_ms: u64, syn_recv_until: u64) -> bool {
         while let Some((idx, generation)) = self.unassured.pop_front() {
-            if let Some(e) = self.entries.get(idx as usize)
+            if let Some(e) = self.entries.get(idx as usize).copied()
                 && e.flags & F_LIVE != 0
                 && e.generation == generation
                 && e.flags & F_ASSURED == 0
             {
+                if e.proto == PROTO_TCP
+                    && TcpState::from_u8(e.state) == TcpState::SynRecv
+                    && e.track.acked & 2 != 0
+                {
+                    self.remember_stale(e.t[1].to_tuple(), e.track.ack[1], now_ms, syn_recv_until);
+                }
                 self.remove_entry(idx);
                 return true;
             }
         }
         self.early_drop()
+    }
+
+    fn remember_stale(&mut self, reply: Tuple, seq: u32, now_ms: u64, until: u64) {
+        if self.stale.len() >= STALE_MAX && !self.stale.contains_key(&reply) {
+            self.stale.retain(|_, (_, u)| *u > now_ms);
+            if self.stale.len() >= STALE_MAX {
+                return;
+            }
+        }
+        self.stale.insert(reply, (seq, until));
+    }
+
+    /// The sequence number of a RST that ends the endpoint's stale half-open state on
+    /// this reply tuple, if it may still hold one. Kept until the endpoint answers a new
+    /// SYN on the tuple as its own (the RST may be lost, or the new connection evicted
+    /// unanswered) or the state would have expired.
+    fn stale_seq(&mut self, reply: &Tuple, now_ms: u64) -> Option<u32> {
+        match self.stale.get(reply) {
+            Some(&(seq, until)) if until > now_ms => Some(seq),
+            Some(_) => {
+                self.stale.remove(reply);
+                None
+            }
+            None => None,
+        }
     }
 
     /// Entries sampled per early drop (the kernel samples a few hash buckets).
@@ -529,8 +577,8 @@ impl<A: Addr> Table<A> {
 
 /// Whether a RST or FIN of direction `dir` lies in the tracked window: a blind attacker
 /// must guess a sequence number within the receiver's window (RFC 5961's concern), not
-/// merely the addresses and ports.
-fn in_window(track: &Track, flags: u8, dir: u8, seg: &Seg) -> bool {
+/// merely the addresses and ports. `handshake`: the connection is not yet established.
+fn in_window(track: &Track, flags: u8, dir: u8, seg: &Seg, handshake: bool) -> bool {
     let d = usize::from(dir & 1);
     let r = 1 - d;
     let seen = |x: usize| flags & if x == 0 { F_SEEN0 } else { F_SEEN1 } != 0;
@@ -539,6 +587,22 @@ fn in_window(track: &Track, flags: u8, dir: u8, seg: &Seg) -> bool {
         // acknowledge exactly what the other side sent; without ACK the kernel takes it
         // as acknowledging everything (tcp_in_window), and so does this.
         return !seen(r) || seg.flags & TCP_ACK == 0 || seg.ack == track.end[r];
+    }
+    // During the handshake, a RST carrying exactly the sequence number the receiver last
+    // acknowledged is the one RFC 5961 accepts outright (nf_conntrack lets a RST with
+    // `seq == td_maxack` through before ESTABLISHED too). It is how an endpoint resets
+    // state the other side holds from an earlier use of these ports: a client answering
+    // the SYN-ACK of the server's stale SYN_RECV (which acknowledges some other SYN)
+    // resets with that acknowledgement, not with its own sequence numbers, and must get
+    // through or the server keeps the stale half-open state and ignores the new SYN.
+    // Past the handshake only the window counts (acknowledgements are not validated, so
+    // a spoofed segment could have set the one recorded).
+    if handshake
+        && seg.flags & TCP_RST != 0
+        && track.acked & (1 << r) != 0
+        && seg.seq == track.ack[r]
+    {
+        return true;
     }
     let win = match track.maxwin[r] {
         0 => 65_535,
@@ -557,6 +621,10 @@ fn track_segment(track: &mut Track, flags: &mut u8, dir: u8, seg: &Seg) {
         track.end[d] = end;
     }
     *flags |= seen_bit;
+    if seg.flags & TCP_ACK != 0 {
+        track.ack[d] = seg.ack;
+        track.acked |= 1 << d;
+    }
     let win = if seg.flags & TCP_SYN != 0 {
         track.wscale[d] = seg.wscale.unwrap_or(NO_WSCALE);
         u32::from(seg.win)
@@ -696,8 +764,10 @@ struct Shard {
 /// Result of [`Conntrack::create`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Created {
-    /// A new entry with these tuples.
-    New([Tuple; 2]),
+    /// A new entry with these tuples and, when the endpoint may still hold a half-open
+    /// connection on the reply tuple (from a connection evicted before it completed), the
+    /// sequence number of the RST that ends it (the endpoint's acknowledgement).
+    New([Tuple; 2], Option<u32>),
     /// Another worker created it first: the packet is part of that connection.
     Existing(Hit),
 }
@@ -830,12 +900,28 @@ impl Conntrack {
                         if !reopening
                             && seg.flags & (TCP_RST | TCP_FIN) != 0
                             && flags & F_LIBERAL == 0
-                            && !in_window(&track, flags, dir, &seg)
+                            && !in_window(
+                                &track,
+                                flags,
+                                dir,
+                                &seg,
+                                matches!(state, TcpState::SynSent | TcpState::SynRecv),
+                            )
                         {
                             return Some(Hit {
                                 invalid: true,
                                 ..hit
                             });
+                        }
+                        if dir == 1
+                            && state == TcpState::SynSent
+                            && seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                            && seg.ack == track.end[0]
+                            && !t.stale.is_empty()
+                        {
+                            // The endpoint answered this connection's own SYN: whatever
+                            // it held on the tuple before is gone.
+                            t.stale.remove(&e.t[1].to_tuple());
                         }
                         let (ns, nf) = tcp_transition(state, flags, dir, seg.flags);
                         state = ns;
@@ -924,6 +1010,7 @@ impl Conntrack {
             (TcpState::None, F_LIVE)
         };
         let mut evicted = 0;
+        let syn_recv_until = now_ms.saturating_add(ms(timeouts.tcp_syn_recv));
         let res = with_table!(
             s,
             orig,
@@ -941,7 +1028,7 @@ impl Conntrack {
                     t.remove_entry(idx);
                 }
                 while t.live >= per_shard {
-                    if !t.evict_one() {
+                    if !t.evict_one(now_ms, syn_recv_until) {
                         return Err(DropReason::ConntrackFull);
                     }
                     evicted += 1;
@@ -1011,14 +1098,21 @@ impl Conntrack {
                 if t.unassured.len() > 2 * per_shard + 64 {
                     t.compact_queue();
                 }
-                Ok(Created::New([*orig, reply]))
+                // A SYN on a tuple the endpoint may still hold half open from an evicted
+                // connection: the endpoint must be reset first.
+                let stale = if proto == PROTO_TCP && tcp & TCP_SYN != 0 {
+                    t.stale_seq(&reply, now_ms)
+                } else {
+                    None
+                };
+                Ok(Created::New([*orig, reply], stale))
             },
             Err(DropReason::Malformed)
         );
         if evicted > 0 {
             self.evicted.fetch_add(evicted, Ordering::Relaxed);
         }
-        if matches!(res, Ok(Created::New(_))) {
+        if matches!(res, Ok(Created::New(..))) {
             self.created.fetch_add(1, Ordering::Relaxed);
         }
         res
@@ -1172,7 +1266,7 @@ mod tests {
         // The freed entry is reusable: the flow gets a new decision.
         assert!(matches!(
             add(PROTO_UDP, &fe, [10, 244, 0, 6]),
-            Created::New(_)
+            Created::New(..)
         ));
     }
 
@@ -1195,7 +1289,7 @@ mod tests {
                     Seg::flags(0),
                 )
                 .unwrap();
-            assert!(matches!(r, Created::New(_)));
+            assert!(matches!(r, Created::New(..)));
             origs.push(o);
         }
         assert_eq!(ct.len(), 5000);
@@ -1266,7 +1360,7 @@ mod tests {
             &(61000..=65535),
             tcp(TCP_SYN, 1000, 0, 0),
         )?;
-        let Created::New([_, reply]) = c else {
+        let Created::New([_, reply], _) = c else {
             panic!("{c:?}");
         };
         let h = ct
@@ -1317,12 +1411,190 @@ mod tests {
         assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Close));
     }
 
+    /// The masquerade port of a new connection was last used by a connection the endpoint
+    /// still holds in SYN_RECV (a SYN flood's): the endpoint answers with the SYN-ACK of
+    /// that old SYN, the client resets it with the acknowledgement it carried (its own
+    /// sequence numbers are far off), and that RST must reach the endpoint, or the stale
+    /// SYN_RECV ignores the client's retransmitted SYN until it expires. Sequence numbers
+    /// as captured in the namespace test.
+    #[test]
+    fn the_reset_of_a_stale_syn_ack_reaches_the_endpoint() {
+        let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 48416, NODE, 30080);
+        let Created::New([_, reply], _) = ct
+            .create(
+                now,
+                PROTO_TCP,
+                &o,
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &(61000..=65535),
+                tcp(TCP_SYN, 2_525_871_177, 0, 0),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        // A blind RST with that sequence number is refused before the endpoint spoke.
+        assert!(
+            ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 2, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        // The stale SYN-ACK acknowledges the flood's SYN (sequence 1), not this one.
+        let h = ct
+            .lookup(
+                now,
+                PROTO_TCP,
+                &reply,
+                Some(tcp(TCP_SYN | TCP_ACK, 3_506_644_918, 2, 0)),
+            )
+            .unwrap();
+        assert!(!h.invalid);
+        // Any other sequence number far from the client's stays refused ...
+        for seq in [3, 1, 1_000_000] {
+            assert!(
+                ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, seq, 0, 0)))
+                    .unwrap()
+                    .invalid,
+                "{seq}"
+            );
+        }
+        // ... but the client's RST answering it goes through and closes the entry.
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 2, 0, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Close));
+        // The client's retransmitted SYN reopens it on the same masquerade port.
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_SYN, 2_525_871_177, 0, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        assert_eq!(h.target(), reply.reversed());
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::SynSent));
+    }
+
+    /// Once established, an acknowledgement (which nothing validates) does not make a RST
+    /// acceptable: only the window does.
+    #[test]
+    fn past_the_handshake_an_acknowledged_sequence_number_is_not_enough() {
+        let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 40002, NODE, 30080);
+        let reply = handshake(&ct, now, 40002).unwrap();
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+        // A spoofed ACK from the endpoint's side claims an acknowledgement ...
+        let h = ct
+            .lookup(
+                now,
+                PROTO_TCP,
+                &reply,
+                Some(tcp(TCP_ACK, 5001, 900_000_000, 0)),
+            )
+            .unwrap();
+        assert!(!h.invalid);
+        // ... and a RST from the client's side with that sequence number stays INVALID.
+        assert!(
+            ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 900_000_000, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+    }
+
+    /// A connection evicted half open after the endpoint answered leaves the endpoint in
+    /// SYN_RECV: connections given its masquerade port learn the RST that ends that state
+    /// until the endpoint answers one of them as its own; one never answered adds nothing.
+    #[test]
+    fn a_port_taken_from_an_answered_half_open_connection_comes_with_its_reset() {
+        let ct = Conntrack::new(1, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let syn = |sport: u16| {
+            ct.create(
+                now,
+                PROTO_TCP,
+                &tup([198, 18, 0, 1], sport, NODE, 30080),
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &(61000..=61000),
+                tcp(TCP_SYN, 1, 0, 0),
+            )
+        };
+        let Ok(Created::New([_, reply], None)) = syn(1000) else {
+            panic!("the first connection has a fresh port")
+        };
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 777, 2, 0)),
+        )
+        .unwrap();
+        let Ok(Created::New([_, r2], stale)) = syn(1001) else {
+            panic!("the second connection evicts the first")
+        };
+        assert_eq!(r2, reply);
+        assert_eq!(stale, Some(2));
+        // Evicted unanswered (its RST and SYN may have been lost): the endpoint may still
+        // hold the first connection's state.
+        let Ok(Created::New(_, stale)) = syn(1002) else {
+            panic!("the third connection evicts the second")
+        };
+        assert_eq!(stale, Some(2));
+        // The endpoint answers the third connection's own SYN: the stale state is gone.
+        // The client resets it; the next connection comes without a reset.
+        let third = tup([198, 18, 0, 1], 1002, NODE, 30080);
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 999, 2, 0)),
+        )
+        .unwrap();
+        assert!(
+            !ct.lookup(now, PROTO_TCP, &third, Some(tcp(TCP_RST, 2, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        let Ok(Created::New(_, stale)) = syn(1003) else {
+            panic!("the fourth connection takes the port")
+        };
+        assert_eq!(stale, None);
+        // Answered and evicted again: stale until the endpoint's SYN_RECV would be gone.
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 555, 2, 0)),
+        )
+        .unwrap();
+        let Ok(Created::New(_, stale)) = syn(1004) else {
+            panic!()
+        };
+        assert_eq!(stale, Some(2));
+        let later = Timeouts::default().tcp_syn_recv + Duration::from_secs(1);
+        let Ok(Created::New(_, stale)) = ct.create(
+            later,
+            PROTO_TCP,
+            &tup([198, 18, 0, 1], 1005, NODE, 30080),
+            (IpAddr::from(POD), 8080),
+            Some(IpAddr::from(NODE)),
+            &(61000..=61000),
+            tcp(TCP_SYN, 1, 0, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(stale, None);
+    }
+
     #[test]
     fn a_refusing_server_must_acknowledge_the_syn() {
         let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
         let now = Duration::ZERO;
         let o = tup(CLIENT, 40001, NODE, 30080);
-        let Created::New([_, reply]) = ct
+        let Created::New([_, reply], _) = ct
             .create(
                 now,
                 PROTO_TCP,
@@ -1425,7 +1697,7 @@ mod tests {
             )
         };
         for i in 0..64 {
-            let Created::New([_, reply]) = create(&flow(i)).unwrap() else {
+            let Created::New([_, reply], _) = create(&flow(i)).unwrap() else {
                 panic!()
             };
             // Answered: assured.

@@ -1271,7 +1271,7 @@ impl Engine {
             sport: l4.sport,
             dport: l4.dport,
         };
-        let target = match self.ct.create(
+        let (target, stale) = match self.ct.create(
             now,
             ip.proto,
             &orig,
@@ -1280,8 +1280,8 @@ impl Engine {
             &self.cfg.snat_ports,
             l4.seg,
         )? {
-            Created::New(t) => t[1].reversed(),
-            Created::Existing(hit) => hit.target(),
+            Created::New(t, stale) => (t[1].reversed(), stale),
+            Created::Existing(hit) => (hit.target(), None),
         };
         let route = if target.dst == ep.ip() {
             route
@@ -1297,7 +1297,73 @@ impl Engine {
             dst: target.dst,
             ..*ip
         };
+        if let Some(seq) = stale {
+            return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
+        }
         self.forward(now, meta, ports, frame, &ip2, route, tx)
+    }
+
+    /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
+    /// `seq`) that ends the half-open state it may still hold on this tuple from an
+    /// evicted connection. The kernel's node would send that RST too, when the endpoint
+    /// retransmits the old SYN-ACK to a port with no connection behind it; sent only then,
+    /// the new SYN meets the stale state first and is ignored or answered with the old
+    /// SYN-ACK, and the client waits for its retransmission. Both frames go out in order
+    /// as generated frames.
+    #[allow(clippy::too_many_arguments)]
+    fn reset_then_forward(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        route: (PortId, IpAddr),
+        seq: u32,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let rst_end = ip.l4 + 20;
+        if let Some(head) = frame.get(..rst_end) {
+            let mut rst = head.to_vec();
+            if ip.v6 {
+                wr16(&mut rst, ip.l3 + 4, (rst_end - ip.l3 - 40) as u16);
+            } else {
+                wr16(&mut rst, ip.l3 + 2, (rst_end - ip.l3) as u16);
+                fill_ipv4_checksum(&mut rst, ip.l3);
+            }
+            let l4 = ip.l4;
+            wr(&mut rst, l4 + 4, &seq.to_be_bytes());
+            wr(&mut rst, l4 + 8, &[0; 4]);
+            wr8(&mut rst, l4 + 12, 5 << 4);
+            wr8(&mut rst, l4 + 13, TCP_RST);
+            wr16(&mut rst, l4 + 14, 0);
+            wr16(&mut rst, l4 + 18, 0);
+            let rip = Ip {
+                end: rst_end,
+                ..*ip
+            };
+            fill_l4_checksum(&mut rst, &rip);
+            let m = RxMeta {
+                csum: Csum::Complete,
+                ..meta
+            };
+            if let Ok(Verdict::Forward { port }) =
+                self.forward(now, m, ports, &mut rst, &rip, route, tx)
+            {
+                tx.push(TxFrame { port, data: rst });
+            }
+        }
+        match self.forward(now, meta, ports, frame, ip, route, tx)? {
+            Verdict::Forward { port } => {
+                let mut data = frame.to_vec();
+                if meta.csum == Csum::Partial {
+                    complete_partial(&mut data, ip);
+                }
+                tx.push(TxFrame { port, data });
+                Ok(Verdict::Consumed)
+            }
+            v => Ok(v),
+        }
     }
 
     /// Translates an ICMP error whose quoted packet belongs to a tracked connection;
