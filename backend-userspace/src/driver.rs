@@ -32,6 +32,10 @@
 //! pods that come and go (new veths) are picked up; each worker's socket is narrowed to the
 //! owned interfaces with a BPF filter. Plan updates swap the engine's tables; workers never
 //! stop. Dropping [`Userspace`] stops the workers and gives forwarding back to the kernel.
+//! The node's original `net.ipv4.ip_forward` is recorded in the table's comment, so that a
+//! process started after a killed one, and [`cleanup`], restore that value rather than
+//! the killed process's 0. The ingress table is checked against its listing after each
+//! apply ([`Dataplane::drifted`]): deleted, flushed or edited, it is put back.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -48,7 +52,8 @@ use svcnat_core::model::Protocol;
 use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
 
 use crate::engine::{
-    Counters, Csum, Engine, EngineConfig, PortConfig, Route, RxMeta, TxFrame, Verdict,
+    Admission, Counters, Csum, Engine, EngineConfig, FibEntry, PortConfig, Route, RpFilter, RxMeta,
+    TxFrame, Verdict,
 };
 use crate::sys::{
     self, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN, VNET_NEEDS_CSUM,
@@ -136,6 +141,7 @@ pub enum SyncError {
 struct DriverCounters {
     rx_frames: AtomicU64,
     rx_truncated: AtomicU64,
+    rx_vlan: AtomicU64,
     tx_frames: AtomicU64,
     tx_errors: AtomicU64,
     ring_drops: AtomicU64,
@@ -148,6 +154,8 @@ pub struct Stats {
     pub rx_frames: u64,
     /// Frames longer than a ring block (dropped).
     pub rx_truncated: u64,
+    /// Frames that arrived with an 802.1Q/802.1ad tag (left to the kernel).
+    pub rx_vlan: u64,
     /// Frames sent.
     pub tx_frames: u64,
     /// Frames the transmit socket refused.
@@ -168,6 +176,9 @@ pub struct Userspace {
     counters: Arc<DriverCounters>,
     owned: Vec<u32>,
     nft_applied: Option<String>,
+    /// `nft list table` of what was applied, counters left out: what [`Dataplane::drifted`]
+    /// compares with.
+    nft_listing: Option<String>,
     forwarding_before: Option<String>,
     links: Links,
     last_drift_check: Option<Instant>,
@@ -186,7 +197,11 @@ impl std::fmt::Debug for Userspace {
 impl Userspace {
     /// Opens the rings, starts the workers and takes over forwarding on the owned
     /// interfaces. Traffic flows (plain routing) before the first plan arrives.
-    pub fn start(cfg: UserspaceConfig) -> Result<Userspace, SyncError> {
+    pub fn start(mut cfg: UserspaceConfig) -> Result<Userspace, SyncError> {
+        if cfg.engine.hash_key == 0 {
+            // A secret per process: no sender can aim at one connection-table shard.
+            cfg.engine.hash_key = random_key()?;
+        }
         let engine = Arc::new(Engine::new(cfg.engine.clone()));
         let links = read_links(&cfg)?;
         let owned = owned_ports(&cfg, &links);
@@ -197,7 +212,8 @@ impl Userspace {
             });
         }
         engine.set_ports(port_configs(&cfg, &links, &owned));
-        engine.set_routes(read_routes(&cfg, &links, &owned)?);
+        engine.set_fib(read_routes(&cfg, &links, &owned)?);
+        engine.set_admission(admission(&cfg, &links, &owned)?);
 
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -245,13 +261,22 @@ impl Userspace {
             counters,
             owned: ifindexes,
             nft_applied: None,
+            nft_listing: None,
             forwarding_before: None,
             links,
             last_drift_check: None,
         };
-        dp.forwarding_before = Some(dp.sysctl_read("net.ipv4.ip_forward")?);
-        dp.sysctl_write("net.ipv4.ip_forward", "0")?;
+        // The original setting is the one a killed predecessor recorded in its table, if
+        // one is left: then the sysctl holds that process's own change, not the node's.
+        let original = match recorded_forwarding(dp.cfg.netns.as_deref())? {
+            Some(v) => v,
+            None => dp.sysctl_read("net.ipv4.ip_forward")?,
+        };
+        dp.forwarding_before = Some(original);
+        // The table (and with it the record) goes in before forwarding is turned off, so
+        // a process killed between the two leaves the original where a restart finds it.
         dp.apply_nft(None)?;
+        dp.sysctl_write("net.ipv4.ip_forward", "0")?;
         Ok(dp)
     }
 
@@ -289,8 +314,9 @@ impl Userspace {
         }
         self.engine
             .set_ports(port_configs(&self.cfg, &links, &owned));
+        self.engine.set_fib(read_routes(&self.cfg, &links, &owned)?);
         self.engine
-            .set_routes(read_routes(&self.cfg, &links, &owned)?);
+            .set_admission(admission(&self.cfg, &links, &owned)?);
         self.links = links;
         Ok(())
     }
@@ -320,7 +346,8 @@ impl Userspace {
 
     /// Installs the ingress drops for what the engine handles; skips `nft` when unchanged.
     fn apply_nft(&mut self, plan: Option<&Plan>) -> Result<(), SyncError> {
-        let text = render_nft(&self.links, &self.owned, plan, &self.cfg.engine);
+        let original = self.forwarding_before.as_deref().unwrap_or("1");
+        let text = render_nft(&self.links, &self.owned, plan, &self.cfg.engine, original);
         if self.nft_applied.as_deref() == Some(text.as_str()) {
             return Ok(());
         }
@@ -328,7 +355,15 @@ impl Userspace {
         c.args(["-f", "-"]);
         run(c, Some(&text))?;
         self.nft_applied = Some(text);
+        self.nft_listing = Some(self.nft_list()?);
         Ok(())
+    }
+
+    /// The ingress table as `nft list table` prints it now, counters left out.
+    fn nft_list(&self) -> Result<String, SyncError> {
+        let mut c = self.command("nft");
+        c.args(["list", "table", "netdev", NFT_TABLE]);
+        run(c, None).map(|t| without_counters(&t))
     }
 
     fn report(&self, plan: &Plan, full: bool) -> SyncReport {
@@ -342,17 +377,20 @@ impl Userspace {
             let _ = h.join();
         }
         let mut first_err = None;
+        // Forwarding first, the table (which records the original) last: a process killed
+        // in between leaves the record for the next start or `cleanup`.
+        if let Some(v) = self.forwarding_before.take()
+            && let Err(e) = self.sysctl_write("net.ipv4.ip_forward", &v)
+        {
+            first_err.get_or_insert(e);
+        }
         if self.nft_applied.take().is_some() {
+            self.nft_listing = None;
             let mut c = self.command("nft");
             c.args(["delete", "table", "netdev", NFT_TABLE]);
             if let Err(e) = run(c, None) {
                 first_err.get_or_insert(e);
             }
-        }
-        if let Some(v) = self.forwarding_before.take()
-            && let Err(e) = self.sysctl_write("net.ipv4.ip_forward", &v)
-        {
-            first_err.get_or_insert(e);
         }
         first_err.map_or(Ok(()), Err)
     }
@@ -387,9 +425,11 @@ impl Dataplane for Userspace {
         self.shutdown()
     }
 
-    /// Whether someone removed the ingress table (`nft flush ruleset`): then the kernel
-    /// forwards nothing and delivers NodePort traffic locally, and a resync must restore it.
-    /// Checked at most every [`DRIFT_CHECK_INTERVAL`].
+    /// Whether someone removed, flushed or edited the ingress table (`nft flush ruleset`,
+    /// `nft flush chain netdev svcnat in_2`, a rule added or deleted): then the kernel
+    /// delivers NodePort traffic locally or forwards nothing, and a resync must restore
+    /// it. The table is compared with its listing right after it was applied, counters
+    /// left out. Checked at most every [`DRIFT_CHECK_INTERVAL`].
     fn drifted(&mut self) -> Result<bool, SyncError> {
         if self.nft_applied.is_none()
             || self
@@ -399,9 +439,10 @@ impl Dataplane for Userspace {
             return Ok(false);
         }
         self.last_drift_check = Some(Instant::now());
-        let mut c = self.command("nft");
-        c.args(["list", "table", "netdev", NFT_TABLE]);
-        Ok(run(c, None).is_err())
+        Ok(match self.nft_list() {
+            Ok(now) => self.nft_listing.as_deref() != Some(now.as_str()),
+            Err(_) => true,
+        })
     }
 }
 
@@ -425,6 +466,7 @@ fn collect_stats(engine: &Engine, counters: &DriverCounters, filters: &[SocketCo
     Stats {
         rx_frames: counters.rx_frames.load(Ordering::Relaxed),
         rx_truncated: counters.rx_truncated.load(Ordering::Relaxed),
+        rx_vlan: counters.rx_vlan.load(Ordering::Relaxed),
         tx_frames: counters.tx_frames.load(Ordering::Relaxed),
         tx_errors: counters.tx_errors.load(Ordering::Relaxed),
         ring_drops: counters.ring_drops.load(Ordering::Relaxed),
@@ -481,6 +523,12 @@ impl Stats {
             "counter",
             "Frames longer than a ring block.",
             &one(self.rx_truncated),
+        );
+        metric(
+            "vlan_frames_total",
+            "counter",
+            "Frames with a VLAN tag, left to the kernel.",
+            &one(self.rx_vlan),
         );
         metric(
             "verdicts_total",
@@ -543,35 +591,98 @@ impl Stats {
     }
 }
 
-/// Removes what a datapath left behind (the nftables ingress table), for `--cleanup` after
-/// a crash; the namespace's forwarding setting is left as it is.
+/// Removes what a datapath left behind, for `--cleanup` after a crash and for a second
+/// SIGTERM during shutdown: `net.ipv4.ip_forward` goes back to the value the ingress
+/// table records as the node's original, then the table is deleted. Without a table
+/// there is nothing to undo (forwarding is left as it is).
 pub fn cleanup(netns: Option<&str>) -> Result<(), SyncError> {
-    let mut c = match netns {
+    let Some(original) = recorded_forwarding(netns)? else {
+        return Ok(());
+    };
+    let mut c = in_netns(netns, "sysctl");
+    c.args(["-q", "-w", &format!("net.ipv4.ip_forward={original}")]);
+    run(c, None)?;
+    let mut c = in_netns(netns, "nft");
+    c.args(["delete", "table", "netdev", NFT_TABLE]);
+    run(c, None).map(drop)
+}
+
+/// `program` run in the named network namespace, or here.
+fn in_netns(netns: Option<&str>, program: &str) -> Command {
+    match netns {
         Some(ns) => {
             let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "nft"]);
+            c.args(["netns", "exec", ns, program]);
             c
         }
-        None => Command::new("nft"),
-    };
+        None => Command::new(program),
+    }
+}
+
+/// The comment of the ingress table that records the node's own `net.ipv4.ip_forward`.
+const FORWARDING_MARK: &str = "svcnat: original net.ipv4.ip_forward=";
+
+/// The original `net.ipv4.ip_forward` a datapath recorded in its ingress table: `None`
+/// when there is no table, `Some("1")` for a table without the record (an older
+/// version's: a node that ran a proxy forwarded).
+fn recorded_forwarding(netns: Option<&str>) -> Result<Option<String>, SyncError> {
+    let mut c = in_netns(netns, "nft");
     c.args(["list", "tables", "netdev"]);
     let tables = run(c, None)?;
     if !tables
         .lines()
         .any(|l| l.trim() == format!("table netdev {NFT_TABLE}"))
     {
-        return Ok(());
+        return Ok(None);
     }
-    let mut c = match netns {
-        Some(ns) => {
-            let mut c = Command::new("ip");
-            c.args(["netns", "exec", ns, "nft"]);
-            c
+    let mut c = in_netns(netns, "nft");
+    c.args(["list", "table", "netdev", NFT_TABLE]);
+    let text = run(c, None)?;
+    Ok(Some(
+        parse_forwarding_mark(&text).unwrap_or_else(|| "1".into()),
+    ))
+}
+
+/// The value in the table's `comment "svcnat: original net.ipv4.ip_forward=N"` line.
+fn parse_forwarding_mark(listing: &str) -> Option<String> {
+    listing.lines().find_map(|l| {
+        let v = l
+            .trim()
+            .strip_prefix("comment \"")?
+            .strip_suffix('"')?
+            .strip_prefix(FORWARDING_MARK)?;
+        (!v.is_empty() && v.bytes().all(|b| b.is_ascii_digit())).then(|| v.to_string())
+    })
+}
+
+/// A table listing without the values of its counters (`counter packets 3 bytes 180`
+/// becomes `counter`), which change with traffic.
+fn without_counters(listing: &str) -> String {
+    let mut out = String::with_capacity(listing.len());
+    for line in listing.lines() {
+        let mut words = line.split_whitespace();
+        let mut kept = Vec::new();
+        while let Some(w) = words.next() {
+            if w == "packets" || w == "bytes" {
+                words.next();
+                continue;
+            }
+            kept.push(w);
         }
-        None => Command::new("nft"),
-    };
-    c.args(["delete", "table", "netdev", NFT_TABLE]);
-    run(c, None).map(drop)
+        out.push_str(&kept.join(" "));
+        out.push('\n');
+    }
+    out
+}
+
+/// Eight random bytes from the kernel.
+fn random_key() -> Result<u64, SyncError> {
+    use std::io::Read as _;
+    let mut b = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut b))
+        .map_err(|source| socket_error("read /dev/urandom for the shard hash key", source))?;
+    Ok(u64::from_ne_bytes(b))
 }
 
 fn socket_error(what: &str, source: std::io::Error) -> SyncError {
@@ -640,7 +751,7 @@ impl Worker {
                 got = true;
                 let now = self.epoch.elapsed();
                 let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
-                let (mut frames, mut truncated) = (0u64, 0u64);
+                let (mut frames, mut truncated, mut vlan) = (0u64, 0u64, 0u64);
                 for frame in block.frames() {
                     frames += 1;
                     if frame.pkttype == libc::PACKET_OTHERHOST {
@@ -649,6 +760,13 @@ impl Worker {
                     }
                     if !frame.complete {
                         truncated += 1;
+                        continue;
+                    }
+                    if frame.vlan {
+                        // The kernel took the 802.1Q tag off into the ring's header: the
+                        // frame belongs to a VLAN device (the kernel's) or to nobody,
+                        // and is never forwarded as if untagged.
+                        vlan += 1;
                         continue;
                     }
                     let buf = frame.buf;
@@ -675,6 +793,9 @@ impl Worker {
                     self.counters
                         .rx_truncated
                         .fetch_add(truncated, Ordering::Relaxed);
+                }
+                if vlan > 0 {
+                    self.counters.rx_vlan.fetch_add(vlan, Ordering::Relaxed);
                 }
                 self.send(&tx, &out);
                 drop(out);
@@ -868,7 +989,7 @@ fn read_routes(
     cfg: &UserspaceConfig,
     links: &Links,
     owned: &BTreeSet<u32>,
-) -> Result<Vec<Route>, SyncError> {
+) -> Result<Vec<FibEntry>, SyncError> {
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
         let v = ip_json(cfg, &[family, "route", "show", "table", "main"])?;
@@ -882,14 +1003,17 @@ fn read_routes(
     Ok(routes)
 }
 
-/// The routes of one family through owned interfaces. IPv6 link-local and multicast
-/// prefixes are left out: the engine never forwards to them (the kernel has its own).
+/// The main table of one family: routes through owned interfaces, and the prefixes the
+/// kernel routes elsewhere (other interfaces, blackhole, unreachable, prohibit), which the
+/// engine must not reach through a shorter prefix such as the default route. IPv6
+/// link-local and multicast prefixes are left out: the engine never forwards to them
+/// (the kernel has its own).
 fn parse_routes(
     v: &serde_json::Value,
     links: &Links,
     owned: &BTreeSet<u32>,
     v6: bool,
-) -> Result<Vec<Route>, String> {
+) -> Result<Vec<FibEntry>, String> {
     let unspecified = if v6 {
         IpAddr::V6(Ipv6Addr::UNSPECIFIED)
     } else {
@@ -901,18 +1025,6 @@ fn parse_routes(
         .collect();
     let mut routes = Vec::new();
     for r in v.as_array().ok_or("not a list")? {
-        if r["type"].as_str().is_some_and(|t| t != "unicast") {
-            continue;
-        }
-        let Some(dev) = r["dev"].as_str() else {
-            continue;
-        };
-        let Some(&port) = by_name.get(dev) else {
-            continue;
-        };
-        if !owned.contains(&port) {
-            continue;
-        }
         let dst = match r["dst"].as_str() {
             Some("default") => IpNet::new(unspecified, 0).ok(),
             Some(d) if d.contains('/') => d.parse().ok(),
@@ -927,10 +1039,73 @@ fn parse_routes(
         {
             continue;
         }
-        let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
-        routes.push(Route { dst, port, gateway });
+        let port = r["dev"].as_str().and_then(|d| by_name.get(d)).copied();
+        let unicast = r["type"].as_str().is_none_or(|t| t == "unicast");
+        match port {
+            Some(port) if unicast && owned.contains(&port) => {
+                let gateway = r["gateway"].as_str().and_then(|g| g.parse().ok());
+                routes.push(FibEntry::Port(Route { dst, port, gateway }));
+            }
+            _ => routes.push(FibEntry::NotOurs(dst)),
+        }
     }
     Ok(routes)
+}
+
+/// What the kernel would check on input: `rp_filter` per owned interface (the larger of
+/// `all` and the interface's own, as `IN_DEV_RPFILTER`), the node's addresses on every
+/// interface, and the broadcast addresses of its IPv4 subnets.
+fn admission(
+    cfg: &UserspaceConfig,
+    links: &Links,
+    owned: &BTreeSet<u32>,
+) -> Result<Admission, SyncError> {
+    let names: Vec<(u32, &str)> = owned
+        .iter()
+        .filter_map(|i| links.get(i).map(|l| (*i, l.name.as_str())))
+        .collect();
+    // Slashes: interface names may hold dots (eth0.10).
+    let mut keys = vec!["net/ipv4/conf/all/rp_filter".to_string()];
+    keys.extend(
+        names
+            .iter()
+            .map(|(_, n)| format!("net/ipv4/conf/{n}/rp_filter")),
+    );
+    let mut c = match &cfg.netns {
+        Some(ns) => {
+            let mut c = Command::new("ip");
+            c.args(["netns", "exec", ns, "sysctl"]);
+            c
+        }
+        None => Command::new("sysctl"),
+    };
+    c.arg("-n").args(&keys);
+    let out = run(c, None)?;
+    let values: Vec<u32> = out
+        .lines()
+        .map(|l| l.trim().parse::<u32>())
+        .collect::<Result<_, _>>()
+        .map_err(|e| SyncError::Parse {
+            command: format!("sysctl -n {}", keys.join(" ")),
+            message: e.to_string(),
+        })?;
+    let all = values.first().copied().unwrap_or(0);
+    let mut adm = Admission::default();
+    for ((port, _), v) in names.iter().zip(values.iter().skip(1)) {
+        adm.rp_filter
+            .insert(*port, RpFilter::from_sysctl(all.max(*v)));
+    }
+    for l in links.values() {
+        for a in &l.addrs {
+            adm.node_addrs.insert(a.addr());
+            if let IpNet::V4(n) = a
+                && n.prefix_len() <= 30
+            {
+                adm.broadcasts.insert(n.broadcast());
+            }
+        }
+    }
+    Ok(adm)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -947,7 +1122,13 @@ fn proto_name(p: Protocol) -> &'static str {
 
 /// The `nft -f` script that takes the kernel out of the forwarding path for the owned
 /// interfaces, in both families. It replaces the whole table in one transaction.
-fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &EngineConfig) -> String {
+fn render_nft(
+    links: &Links,
+    owned: &[u32],
+    plan: Option<&Plan>,
+    engine: &EngineConfig,
+    original_forwarding: &str,
+) -> String {
     let locals: BTreeSet<IpAddr> = links
         .values()
         .flat_map(|l| l.addrs.iter())
@@ -964,6 +1145,10 @@ fn render_nft(links: &Links, owned: &[u32], plan: Option<&Plan>, engine: &Engine
     let mut s = String::new();
     s.push_str(&format!(
         "table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\ntable netdev {NFT_TABLE} {{\n"
+    ));
+    // The node's own setting, where a restarted process (or `cleanup`) finds it.
+    s.push_str(&format!(
+        "  comment \"{FORWARDING_MARK}{original_forwarding}\"\n"
     ));
     for (v6, suffix, addr_type) in [(false, "4", "ipv4_addr"), (true, "6", "ipv6_addr")] {
         let elements = |v: Vec<String>| {
@@ -1069,6 +1254,13 @@ mod tests {
         parse_links(&v).unwrap()
     }
 
+    fn show_entry(e: &FibEntry) -> String {
+        match e {
+            FibEntry::Port(r) => format!("{} {} {:?}", r.dst, r.port, r.gateway),
+            FibEntry::NotOurs(n) => format!("{n} elsewhere"),
+        }
+    }
+
     #[test]
     fn reads_links_and_routes() {
         let l = links();
@@ -1092,11 +1284,19 @@ mod tests {
         )
         .unwrap();
         let r = parse_routes(&v, &l, &owned, false).unwrap();
-        assert_eq!(r.len(), 3);
-        assert_eq!(r[0].dst.to_string(), "0.0.0.0/0");
-        assert_eq!(r[1].dst.to_string(), "10.244.0.10/32");
-        assert_eq!(r[1].port, 5);
-        assert_eq!(r[2].gateway, Some("192.168.50.12".parse().unwrap()));
+        let shown: Vec<String> = r.iter().map(show_entry).collect();
+        // Routes through interfaces the engine does not own, and blackholes, are kept as
+        // prefixes it must not reach through the default route.
+        assert_eq!(
+            shown,
+            [
+                "0.0.0.0/0 2 Some(192.168.50.1)",
+                "10.244.0.10/32 5 None",
+                "10.244.1.0/24 2 Some(192.168.50.12)",
+                "10.96.0.0/12 elsewhere",
+                "10.9.0.0/16 elsewhere",
+            ]
+        );
         // As `ip -json -6 route` prints them: link-local and multicast prefixes are not
         // the engine's to forward.
         let v: serde_json::Value = serde_json::from_str(
@@ -1110,10 +1310,7 @@ mod tests {
         )
         .unwrap();
         let r = parse_routes(&v, &l, &owned, true).unwrap();
-        let shown: Vec<String> = r
-            .iter()
-            .map(|r| format!("{} {} {:?}", r.dst, r.port, r.gateway))
-            .collect();
+        let shown: Vec<String> = r.iter().map(show_entry).collect();
         assert_eq!(
             shown,
             [
@@ -1134,7 +1331,7 @@ mod tests {
     #[test]
     fn nft_script_drops_what_the_engine_handles() {
         let l = links();
-        let s = render_nft(&l, &[2, 5], None, &EngineConfig::default());
+        let s = render_nft(&l, &[2, 5], None, &EngineConfig::default(), "1");
         assert!(
             s.starts_with("table netdev svcnat\ndelete table netdev svcnat\n"),
             "{s}"
@@ -1158,7 +1355,11 @@ mod tests {
     fn nft_script_drops_ipv6_frontends_on_node_addresses() {
         use svcnat_core::model::*;
         use svcnat_core::plan::NodeContext;
-        let l = links();
+        // A global address: NodePorts are not served on link-local ones.
+        let mut l = links();
+        if let Some(eth0) = l.get_mut(&2) {
+            eth0.addrs.push("fd00:50::11/64".parse().unwrap());
+        }
         let mut c = Cluster::simulated();
         let mut svc = Service::new(ObjectName::new("default", "web6"));
         svc.service_type = ServiceType::NodePort;
@@ -1180,12 +1381,48 @@ mod tests {
         c.upsert_pod(pod);
         let node = NodeContext::new(
             "n",
-            vec!["192.168.50.11".parse().unwrap(), "fe80::1".parse().unwrap()],
+            vec![
+                "192.168.50.11".parse().unwrap(),
+                "fd00:50::11".parse().unwrap(),
+            ],
             Vec::new(),
         );
         let plan = Plan::compile(&c, &node);
-        let s = render_nft(&l, &[2, 5], Some(&plan), &EngineConfig::default());
-        assert!(s.contains("elements = { fe80::1 . tcp . 30080 }"), "{s}");
+        let s = render_nft(&l, &[2, 5], Some(&plan), &EngineConfig::default(), "1");
+        assert!(
+            s.contains("elements = { fd00:50::11 . tcp . 30080 }"),
+            "{s}"
+        );
+    }
+
+    #[test]
+    fn the_table_records_the_original_forwarding_setting() {
+        let s = render_nft(&links(), &[2], None, &EngineConfig::default(), "1");
+        assert!(
+            s.contains("comment \"svcnat: original net.ipv4.ip_forward=1\"\n"),
+            "{s}"
+        );
+        // As `nft list table` prints it back.
+        let listing = "table netdev svcnat {\n\tcomment \"svcnat: original net.ipv4.ip_forward=1\"\n\tchain in_2 {\n\t}\n}\n";
+        assert_eq!(parse_forwarding_mark(listing).as_deref(), Some("1"));
+        assert_eq!(
+            parse_forwarding_mark(&listing.replace("=1", "=0")).as_deref(),
+            Some("0")
+        );
+        assert_eq!(parse_forwarding_mark(&listing.replace("=1", "=1; x")), None);
+        assert_eq!(parse_forwarding_mark("table netdev svcnat {\n}\n"), None);
+    }
+
+    #[test]
+    fn drift_comparison_ignores_counters_only() {
+        let a = "\tip daddr != @local4 counter packets 12 bytes 840 drop comment \"x\"\n";
+        let b = "\tip daddr != @local4 counter packets 0 bytes 0 drop comment \"x\"\n";
+        assert_eq!(without_counters(a), without_counters(b));
+        assert_eq!(
+            without_counters(a),
+            "ip daddr != @local4 counter drop comment \"x\"\n"
+        );
+        assert_ne!(without_counters(a), without_counters(""));
     }
 
     #[test]

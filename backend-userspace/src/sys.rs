@@ -519,6 +519,10 @@ pub(crate) struct RxFrame<'b> {
     pub(crate) pkttype: u8,
     /// Whether the whole frame is in the ring (`tp_snaplen == tp_len`).
     pub(crate) complete: bool,
+    /// Whether it carried an 802.1Q/802.1ad tag with a VLAN id, which the kernel moved
+    /// into the ring's header (`TP_STATUS_VLAN_VALID`; VLAN 0, priority tagging, is
+    /// untagged).
+    pub(crate) vlan: bool,
     /// The `virtio_net_hdr` followed by the Ethernet frame.
     pub(crate) buf: &'b mut [u8],
 }
@@ -569,6 +573,8 @@ impl<'b> Iterator for Frames<'b> {
                 ifindex: sll.sll_ifindex as u32,
                 pkttype: sll.sll_pkttype,
                 complete: h.tp_snaplen == h.tp_len,
+                vlan: h.tp_status & libc::TP_STATUS_VLAN_VALID != 0
+                    && h.hv1.tp_vlan_tci & 0x0fff != 0,
                 buf,
             });
         }

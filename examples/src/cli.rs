@@ -150,6 +150,29 @@ pub fn stop_on_signals() -> std::io::Result<std::sync::Arc<std::sync::atomic::At
     Ok(stop)
 }
 
+/// A flag the first SIGTERM or SIGINT sets (a clean stop); a second signal runs
+/// `on_second` (which must leave the node usable without the clean stop, such as giving
+/// forwarding back to the kernel) on a signal thread, then exits with status 1.
+pub fn stop_on_signals_or(
+    on_second: impl Fn() + Send + 'static,
+) -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+    use signal_hook::consts::signal::{SIGINT, SIGTERM};
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut signals = signal_hook::iterator::Signals::new([SIGTERM, SIGINT])?;
+    let flag = stop.clone();
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                if flag.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    on_second();
+                    std::process::exit(1);
+                }
+            }
+        })?;
+    Ok(stop)
+}
+
 /// A flag SIGHUP sets: a daemon reloads on it (re-reads its source and, for the proxy,
 /// rewrites every rule) instead of dying, SIGHUP's default.
 pub fn reload_on_sighup() -> std::io::Result<std::sync::Arc<std::sync::atomic::AtomicBool>> {

@@ -314,7 +314,9 @@ fn metrics_health_sigterm_and_cleanup() {
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"}",
         "kubeproxy_sync_full_proxy_rules_duration_seconds_count ",
         "\nsvcnat_services 1\n",
-        "\nsvcnat_frontends 2\n",
+        // ClusterIP, and the NodePort on the node's LAN address and on 127.0.0.1
+        // (--localhost-nodeports is on by default with iptables).
+        "\nsvcnat_frontends 3\n",
         "\nsvcnat_endpoints 3\n",
         "\nsvcnat_manifest_errors 0\n",
         "\nsvcnat_sync_errors_total 0\n",
@@ -554,6 +556,139 @@ fn proxy_with_the_userspace_backend() {
         .unwrap();
     assert_eq!(fwd.trim(), "1");
     drop(proxies);
+}
+
+/// The node's forwarding as the userspace datapath must leave it: `ip_forward` back at its
+/// original value and no ingress table.
+fn assert_forwarding_given_back(tb: &Testbed, node: usize, when: &str) {
+    let fwd = tb
+        .exec_ok(tb.ns_of_node(node), ["sysctl", "-n", "net.ipv4.ip_forward"])
+        .unwrap();
+    assert_eq!(fwd.trim(), "1", "{when}: net.ipv4.ip_forward");
+    let out = tb
+        .exec(
+            tb.ns_of_node(node),
+            ["nft", "list", "table", "netdev", "svcnat"],
+        )
+        .unwrap();
+    assert!(!out.status.success(), "{when}: the ingress table is left");
+}
+
+/// Sends `signal` to a running proxy and waits for it to exit.
+fn signal_and_wait(p: &mut RunningProxy, signals: &[&str]) -> ExitStatus {
+    let pid = p.daemon.child().id().to_string();
+    for sig in signals {
+        let st = Command::new("kill")
+            .args([*sig, pid.as_str()])
+            .status()
+            .unwrap();
+        assert!(st.success(), "kill {sig} {pid}");
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = p.daemon.child().try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "svcnat-proxy outlived {signals:?}"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn userspace_never_leaves_the_node_black_holed() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    let userspace = [
+        "--backend",
+        "userspace",
+        "--interfaces",
+        "eth0,vp*",
+        "--workers",
+        "1",
+    ];
+    let start = || {
+        let p = RunningProxy::start_with(&tb, 0, &dir.0, &userspace);
+        p.wait_ready();
+        assert!(probe(&tb, 0, 3).all_ok(), "{}", p.stderr());
+        p
+    };
+
+    // SIGKILL leaves forwarding off and the table in place; the restarted proxy must take
+    // the original from the table, not the killed one's 0, so SIGTERM restores 1.
+    let mut p = start();
+    p.daemon.child().kill().unwrap();
+    p.daemon.child().wait().unwrap();
+    let fwd = tb
+        .exec_ok(tb.ns_of_node(0), ["sysctl", "-n", "net.ipv4.ip_forward"])
+        .unwrap();
+    assert_eq!(
+        fwd.trim(),
+        "0",
+        "the killed datapath had turned forwarding off"
+    );
+    let mut p = start();
+    let status = p.terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_forwarding_given_back(&tb, 0, "SIGKILL, restart, SIGTERM");
+
+    // A second SIGTERM right behind the first exits at once, and still gives forwarding
+    // back.
+    let mut p = start();
+    signal_and_wait(&mut p, &["-TERM", "-TERM"]);
+    assert_forwarding_given_back(&tb, 0, "two SIGTERMs");
+
+    // SIGHUP reloads and keeps serving.
+    let mut p = start();
+    signal_and_wait_alive(&mut p, "-HUP");
+    assert!(probe(&tb, 0, 3).all_ok(), "after SIGHUP");
+
+    // Someone flushes the ingress chains (the table stays): the kernel would deliver
+    // NodePort traffic locally and refuse it. The drift check notices within its
+    // interval and the proxy restores the rules.
+    let listing = |tb: &Testbed| {
+        tb.exec_ok(
+            tb.ns_of_node(0),
+            ["nft", "list", "table", "netdev", "svcnat"],
+        )
+        .unwrap()
+    };
+    assert!(listing(&tb).contains("svcnat frontend"));
+    tb.exec_ok(
+        tb.ns_of_node(0),
+        ["nft", "flush", "table", "netdev", "svcnat"],
+    )
+    .unwrap();
+    assert!(!listing(&tb).contains("svcnat frontend"));
+    let restored = wait_until(Duration::from_secs(12), || {
+        listing(&tb).contains("svcnat frontend")
+    });
+    assert!(
+        restored,
+        "the flushed chains were not restored:\n{}",
+        p.stderr()
+    );
+    assert!(probe(&tb, 0, 5).all_ok(), "after the flush");
+    let status = p.terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    assert_forwarding_given_back(&tb, 0, "SIGTERM");
+}
+
+/// Sends `signal` and checks the proxy is still running a moment later.
+fn signal_and_wait_alive(p: &mut RunningProxy, signal: &str) {
+    let pid = p.daemon.child().id().to_string();
+    let st = Command::new("kill").args([signal, &pid]).status().unwrap();
+    assert!(st.success(), "kill {signal} {pid}");
+    thread::sleep(Duration::from_millis(500));
+    assert!(
+        p.daemon.child().try_wait().unwrap().is_none(),
+        "svcnat-proxy died of {signal}:\n{}",
+        p.stderr()
+    );
 }
 
 #[test]

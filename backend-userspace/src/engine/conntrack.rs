@@ -12,7 +12,7 @@
 //! source port the allocator picks to land in the shard. A packet is looked up in the shard
 //! of its source and, failing that, of its destination.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,6 +24,59 @@ use super::wire::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCTP_ABORT, SCTP_INIT, SCTP_SHUTDOWN_COMPLETE, TCP_ACK,
     TCP_FIN, TCP_RST, TCP_SYN,
 };
+
+/// What a packet tells the table: its TCP flags (SCTP: its chunk set; 0 for other
+/// protocols) and, for TCP, the sequence space it covers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Seg {
+    /// TCP flags, or SCTP chunks.
+    pub(crate) flags: u8,
+    /// Sequence number.
+    pub(crate) seq: u32,
+    /// Acknowledgement number.
+    pub(crate) ack: u32,
+    /// Window field (unscaled).
+    pub(crate) win: u16,
+    /// Payload length.
+    pub(crate) len: u32,
+    /// Window scale option (SYN only).
+    pub(crate) wscale: Option<u8>,
+}
+
+impl Seg {
+    /// A packet with flags (or chunks) only.
+    pub(crate) fn flags(flags: u8) -> Seg {
+        Seg {
+            flags,
+            ..Seg::default()
+        }
+    }
+
+    /// The sequence number after this segment (SYN and FIN count one).
+    fn end(&self) -> u32 {
+        self.seq
+            .wrapping_add(self.len)
+            .wrapping_add(u32::from(self.flags & TCP_SYN != 0))
+            .wrapping_add(u32::from(self.flags & TCP_FIN != 0))
+    }
+}
+
+/// Per-direction sequence tracking of a TCP connection (nf_conntrack's `tcp_in_window`,
+/// simplified): the end of what each side sent, the largest window it advertised, its
+/// window scale, and the last acknowledgement it sent.
+#[derive(Clone, Copy, Debug, Default)]
+struct Track {
+    end: [u32; 2],
+    maxwin: [u32; 2],
+    /// Window scale per direction; [`NO_WSCALE`] when the SYN had none.
+    wscale: [u8; 2],
+    /// The acknowledgement number of the last segment with ACK per direction (what that
+    /// side expects next: its RCV.NXT); valid where `acked` has the direction's bit.
+    ack: [u32; 2],
+    acked: u8,
+}
+
+const NO_WSCALE: u8 = 0xff;
 use super::{DropReason, Timeouts};
 
 /// One direction of a connection.
@@ -98,6 +151,12 @@ const F_REPLIED: u8 = 2;
 const F_ASSURED: u8 = 4;
 const F_FIN0: u8 = 8;
 const F_FIN1: u8 = 16;
+/// Direction 0 (1) has sent a segment whose sequence numbers are tracked.
+const F_SEEN0: u8 = 32;
+const F_SEEN1: u8 = 64;
+/// Picked up mid-stream: windows unknown, so no window checks (the kernel marks such
+/// connections "be liberal" too).
+const F_LIBERAL: u8 = 128;
 
 /// An address stored compactly per family.
 trait Addr: Copy + Eq + std::fmt::Debug {
@@ -147,7 +206,12 @@ pub(crate) fn fmix64(mut k: u64) -> u64 {
     k
 }
 
-/// Hash of one end (address, port), for shard choice.
+/// The shard of one end (address, port) under a secret key.
+fn keyed_shard(key: u64, shards: usize, ip: IpAddr, port: u16) -> usize {
+    (fmix64(end_hash(ip, port) ^ key) >> 40) as usize & (shards - 1)
+}
+
+/// Hash of one end (address, port).
 pub(crate) fn end_hash(ip: IpAddr, port: u16) -> u64 {
     let w = match ip {
         IpAddr::V4(a) => a.hash_word(),
@@ -203,6 +267,8 @@ struct Entry<A> {
     proto: u8,
     state: u8,
     flags: u8,
+    /// TCP sequence tracking.
+    track: Track,
 }
 
 /// What a lookup found.
@@ -212,6 +278,9 @@ pub(crate) struct Hit {
     pub(crate) dir: u8,
     /// Original and reply tuples.
     pub(crate) t: [Tuple; 2],
+    /// The packet is conntrack's INVALID for this connection (a RST or FIN outside the
+    /// window): drop it; the connection was left as it was.
+    pub(crate) invalid: bool,
 }
 
 impl Hit {
@@ -238,7 +307,19 @@ struct Table<A> {
     live: usize,
     /// Creation order of entries not yet assured: eviction candidates.
     unassured: VecDeque<(u32, u32)>,
+    /// Where the next early-drop sample starts.
+    cursor: usize,
+    /// Reply tuples of connections evicted while the endpoint held them half open (it
+    /// answered the SYN, the client never completed the handshake): the endpoint keeps
+    /// its SYN_RECV for a while and would take a new SYN on that tuple for a duplicate
+    /// and answer it with the old SYN-ACK, or not at all. Per tuple, the sequence number
+    /// a RST must carry to end that state (the endpoint's acknowledgement) and until when
+    /// (ms) the state may live.
+    stale: HashMap<Tuple, (u32, u64)>,
 }
+
+/// Stale half-open tuples remembered per table, at most.
+const STALE_MAX: usize = 4096;
 
 impl<A: Addr> Table<A> {
     fn new() -> Self {
@@ -249,6 +330,8 @@ impl<A: Addr> Table<A> {
             keys: 0,
             live: 0,
             unassured: VecDeque::new(),
+            cursor: 0,
+            stale: HashMap::new(),
         }
     }
 
@@ -373,19 +456,98 @@ impl<A: Addr> Table<A> {
         self.live = self.live.saturating_sub(1);
     }
 
-    /// Evicts the oldest unassured entry; false when there is none.
-    fn evict_one(&mut self) -> bool {
+    /// Evicts the oldest unassured entry or, when every entry is assured, the entry
+    /// closest to expiry among a sample of those the kernel's `early_drop` may take
+    /// (UDP, ICMP and other datagram flows, TCP past ESTABLISHED, closed SCTP): answered
+    /// but idle flows must not hold a full table against new ones. False when there is
+    /// none to evict (established TCP and SCTP are never evicted).
+    /// A half-open TCP connection the endpoint answered is remembered as stale until
+    /// `syn_recv_until` (ms).
+    fn evict_one(&mut self, now_ms: u64, syn_recv_until: u64) -> bool {
         while let Some((idx, generation)) = self.unassured.pop_front() {
-            if let Some(e) = self.entries.get(idx as usize)
+            if let Some(e) = self.entries.get(idx as usize).copied()
                 && e.flags & F_LIVE != 0
                 && e.generation == generation
                 && e.flags & F_ASSURED == 0
             {
+                if e.proto == PROTO_TCP
+                    && TcpState::from_u8(e.state) == TcpState::SynRecv
+                    && e.track.acked & 2 != 0
+                {
+                    self.remember_stale(e.t[1].to_tuple(), e.track.ack[1], now_ms, syn_recv_until);
+                }
                 self.remove_entry(idx);
                 return true;
             }
         }
-        false
+        self.early_drop()
+    }
+
+    fn remember_stale(&mut self, reply: Tuple, seq: u32, now_ms: u64, until: u64) {
+        if self.stale.len() >= STALE_MAX && !self.stale.contains_key(&reply) {
+            self.stale.retain(|_, (_, u)| *u > now_ms);
+            if self.stale.len() >= STALE_MAX {
+                return;
+            }
+        }
+        self.stale.insert(reply, (seq, until));
+    }
+
+    /// The sequence number of a RST that ends the endpoint's stale half-open state on
+    /// this reply tuple, if it may still hold one. Kept until the endpoint answers a new
+    /// SYN on the tuple as its own (the RST may be lost, or the new connection evicted
+    /// unanswered) or the state would have expired.
+    fn stale_seq(&mut self, reply: &Tuple, now_ms: u64) -> Option<u32> {
+        match self.stale.get(reply) {
+            Some(&(seq, until)) if until > now_ms => Some(seq),
+            Some(_) => {
+                self.stale.remove(reply);
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Entries sampled per early drop (the kernel samples a few hash buckets).
+    const EARLY_DROP_SAMPLE: usize = 256;
+
+    fn early_drop(&mut self) -> bool {
+        let n = self.entries.len();
+        if n == 0 {
+            return false;
+        }
+        let mut best: Option<(u64, u32)> = None;
+        for k in 0..Self::EARLY_DROP_SAMPLE.min(n) {
+            let idx = (self.cursor + k) % n;
+            let Some(e) = self.entries.get(idx) else {
+                continue;
+            };
+            let state = TcpState::from_u8(e.state);
+            let droppable = e.flags & F_LIVE != 0
+                && match e.proto {
+                    PROTO_TCP => matches!(
+                        state,
+                        TcpState::FinWait
+                            | TcpState::CloseWait
+                            | TcpState::LastAck
+                            | TcpState::TimeWait
+                            | TcpState::Close
+                    ),
+                    PROTO_SCTP => state == TcpState::Close,
+                    _ => true,
+                };
+            if droppable && best.is_none_or(|(exp, _)| e.expires < exp) {
+                best = Some((e.expires, idx as u32));
+            }
+        }
+        self.cursor = (self.cursor + Self::EARLY_DROP_SAMPLE) % n;
+        match best {
+            Some((_, idx)) => {
+                self.remove_entry(idx);
+                true
+            }
+            None => false,
+        }
     }
 
     fn compact_queue(&mut self) {
@@ -413,6 +575,70 @@ impl<A: Addr> Table<A> {
     }
 }
 
+/// Whether a RST or FIN of direction `dir` lies in the tracked window: a blind attacker
+/// must guess a sequence number within the receiver's window (RFC 5961's concern), not
+/// merely the addresses and ports. `handshake`: the connection is not yet established.
+fn in_window(track: &Track, flags: u8, dir: u8, seg: &Seg, handshake: bool) -> bool {
+    let d = usize::from(dir & 1);
+    let r = 1 - d;
+    let seen = |x: usize| flags & if x == 0 { F_SEEN0 } else { F_SEEN1 } != 0;
+    if !seen(d) {
+        // The first segment of this side (a server refusing the SYN with RST+ACK) must
+        // acknowledge exactly what the other side sent; without ACK the kernel takes it
+        // as acknowledging everything (tcp_in_window), and so does this.
+        return !seen(r) || seg.flags & TCP_ACK == 0 || seg.ack == track.end[r];
+    }
+    // During the handshake, a RST carrying exactly the sequence number the receiver last
+    // acknowledged is the one RFC 5961 accepts outright (nf_conntrack lets a RST with
+    // `seq == td_maxack` through before ESTABLISHED too). It is how an endpoint resets
+    // state the other side holds from an earlier use of these ports: a client answering
+    // the SYN-ACK of the server's stale SYN_RECV (which acknowledges some other SYN)
+    // resets with that acknowledgement, not with its own sequence numbers, and must get
+    // through or the server keeps the stale half-open state and ignores the new SYN.
+    // Past the handshake only the window counts (acknowledgements are not validated, so
+    // a spoofed segment could have set the one recorded).
+    if handshake
+        && seg.flags & TCP_RST != 0
+        && track.acked & (1 << r) != 0
+        && seg.seq == track.ack[r]
+    {
+        return true;
+    }
+    let win = match track.maxwin[r] {
+        0 => 65_535,
+        w => w.min(1 << 30),
+    };
+    // seq within [end - win, end + win], modulo 2^32.
+    seg.seq.wrapping_sub(track.end[d].wrapping_sub(win)) <= win.saturating_mul(2)
+}
+
+/// Records what a valid segment of direction `dir` covers.
+fn track_segment(track: &mut Track, flags: &mut u8, dir: u8, seg: &Seg) {
+    let d = usize::from(dir & 1);
+    let seen_bit = if d == 0 { F_SEEN0 } else { F_SEEN1 };
+    let end = seg.end();
+    if *flags & seen_bit == 0 || (end.wrapping_sub(track.end[d]) as i32) > 0 {
+        track.end[d] = end;
+    }
+    *flags |= seen_bit;
+    if seg.flags & TCP_ACK != 0 {
+        track.ack[d] = seg.ack;
+        track.acked |= 1 << d;
+    }
+    let win = if seg.flags & TCP_SYN != 0 {
+        track.wscale[d] = seg.wscale.unwrap_or(NO_WSCALE);
+        u32::from(seg.win)
+    } else {
+        let scale = if track.wscale.contains(&NO_WSCALE) {
+            0
+        } else {
+            track.wscale[d]
+        };
+        u32::from(seg.win) << scale.min(14)
+    };
+    track.maxwin[d] = track.maxwin[d].max(win);
+}
+
 /// Kernel-like TCP state transition; returns the new state and flag bits.
 fn tcp_transition(state: TcpState, flags: u8, dir: u8, tcp: u8) -> (TcpState, u8) {
     use TcpState::*;
@@ -426,7 +652,10 @@ fn tcp_transition(state: TcpState, flags: u8, dir: u8, tcp: u8) -> (TcpState, u8
     if syn {
         return match (state, dir, ack) {
             // A new SYN after the connection closed reopens it (kernel: "reopened").
-            (TimeWait | Close, 0, false) => (SynSent, f & !(F_FIN0 | F_FIN1 | F_ASSURED)),
+            (TimeWait | Close, 0, false) => (
+                SynSent,
+                f & !(F_FIN0 | F_FIN1 | F_ASSURED | F_SEEN0 | F_SEEN1 | F_LIBERAL),
+            ),
             (SynSent, 1, true) => (SynRecv, f),
             (s, _, _) => (s, f),
         };
@@ -469,6 +698,40 @@ fn sctp_transition(state: TcpState, dir: u8, chunks: u8) -> TcpState {
     }
 }
 
+/// Which holders of a reply key a new connection may take it from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Take {
+    /// None: only an unused (or expired) key.
+    Free,
+    /// TCP connections in TIME_WAIT or CLOSE too.
+    Closed,
+    /// Connections never answered too.
+    HalfOpen,
+}
+
+/// Whether the reply key `r` can be used for a new connection: unused or expired, or held
+/// by a connection `take` allows, which is removed here.
+fn take_port<A: Addr>(t: &mut Table<A>, proto: u8, r: &Tuple, now_ms: u64, take: Take) -> bool {
+    let Some(kr) = Tup::<A>::from_tuple(r) else {
+        return false;
+    };
+    let Some((_, idx, _)) = t.find(proto, &kr) else {
+        return true;
+    };
+    let Some(e) = t.entries.get(idx as usize) else {
+        return false;
+    };
+    let state = TcpState::from_u8(e.state);
+    let closed = e.proto == PROTO_TCP && matches!(state, TcpState::TimeWait | TcpState::Close);
+    let reusable = e.expires <= now_ms
+        || (take != Take::Free && closed)
+        || (take == Take::HalfOpen && e.flags & F_REPLIED == 0);
+    if reusable {
+        t.remove_entry(idx);
+    }
+    reusable
+}
+
 fn timeout_of(proto: u8, state: TcpState, flags: u8, t: &Timeouts) -> Duration {
     match proto {
         PROTO_TCP => match state {
@@ -501,8 +764,10 @@ struct Shard {
 /// Result of [`Conntrack::create`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Created {
-    /// A new entry with these tuples.
-    New([Tuple; 2]),
+    /// A new entry with these tuples and, when the endpoint may still hold a half-open
+    /// connection on the reply tuple (from a connection evicted before it completed), the
+    /// sequence number of the RST that ends it (the endpoint's acknowledgement).
+    New([Tuple; 2], Option<u32>),
     /// Another worker created it first: the packet is part of that connection.
     Existing(Hit),
 }
@@ -511,6 +776,8 @@ pub(crate) enum Created {
 #[derive(Debug)]
 pub(crate) struct Conntrack {
     shards: Box<[Mutex<Shard>]>,
+    /// Secret key of the shard hash, so that no sender can aim at one shard.
+    key: u64,
     per_shard: usize,
     timeouts: Timeouts,
     pub(crate) created: AtomicU64,
@@ -542,8 +809,9 @@ macro_rules! with_table {
 }
 
 impl Conntrack {
-    /// A table bounded to `max` connections over about `shards` shards.
-    pub(crate) fn new(max: usize, shards: usize, timeouts: Timeouts) -> Conntrack {
+    /// A table bounded to `max` connections over about `shards` shards, its shard hash
+    /// keyed with `key`.
+    pub(crate) fn new(max: usize, shards: usize, timeouts: Timeouts, key: u64) -> Conntrack {
         let n = shards.clamp(1, 4096).next_power_of_two();
         let per_shard = max.div_ceil(n).max(1);
         Conntrack {
@@ -555,6 +823,7 @@ impl Conntrack {
                     })
                 })
                 .collect(),
+            key,
             per_shard,
             timeouts,
             created: AtomicU64::new(0),
@@ -564,18 +833,20 @@ impl Conntrack {
     }
 
     fn shard_of(&self, ip: IpAddr, port: u16) -> usize {
-        (end_hash(ip, port) >> 40) as usize & (self.shards.len() - 1)
+        keyed_shard(self.key, self.shards.len(), ip, port)
     }
 
-    /// Finds the connection of a packet with this tuple and, when `update` carries TCP
-    /// flags (SCTP: its chunk set; `Some(0)` for other protocols), advances its state and
-    /// refreshes its timeout.
+    /// Finds the connection of a packet with this tuple and, when `update` is given (TCP:
+    /// flags and sequence numbers; SCTP: its chunk set; flags 0 for other protocols),
+    /// checks a TCP RST or FIN against the window, advances the state and refreshes the
+    /// timeout. A RST or FIN outside the window comes back as an invalid [`Hit`], the
+    /// connection untouched.
     pub(crate) fn lookup(
         &self,
         now: Duration,
         proto: u8,
         tuple: &Tuple,
-        update: Option<u8>,
+        update: Option<Seg>,
     ) -> Option<Hit> {
         let a = self.shard_of(tuple.src, tuple.sport);
         let b = self.shard_of(tuple.dst, tuple.dport);
@@ -594,7 +865,7 @@ impl Conntrack {
         now: Duration,
         proto: u8,
         tuple: &Tuple,
-        update: Option<u8>,
+        update: Option<Seg>,
     ) -> Option<Hit> {
         let mut s = self.shards.get(shard)?.lock();
         let now_ms = ms(now);
@@ -611,21 +882,64 @@ impl Conntrack {
                     expired.fetch_add(1, Ordering::Relaxed);
                     return None;
                 }
+                let hit = Hit {
+                    dir,
+                    t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+                    invalid: false,
+                };
                 let mut state = TcpState::from_u8(e.state);
-                if let Some(tcp) = update {
+                if let Some(seg) = update {
                     let mut flags = e.flags;
+                    let mut track = e.track;
+                    if proto == PROTO_TCP {
+                        // A new SYN on a closed connection starts over; anything else
+                        // that would end it must be in the window.
+                        let reopening = seg.flags & TCP_SYN != 0
+                            && dir == 0
+                            && matches!(state, TcpState::TimeWait | TcpState::Close);
+                        if !reopening
+                            && seg.flags & (TCP_RST | TCP_FIN) != 0
+                            && flags & F_LIBERAL == 0
+                            && !in_window(
+                                &track,
+                                flags,
+                                dir,
+                                &seg,
+                                matches!(state, TcpState::SynSent | TcpState::SynRecv),
+                            )
+                        {
+                            return Some(Hit {
+                                invalid: true,
+                                ..hit
+                            });
+                        }
+                        if dir == 1
+                            && state == TcpState::SynSent
+                            && seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                            && seg.ack == track.end[0]
+                            && !t.stale.is_empty()
+                        {
+                            // The endpoint answered this connection's own SYN: whatever
+                            // it held on the tuple before is gone.
+                            t.stale.remove(&e.t[1].to_tuple());
+                        }
+                        let (ns, nf) = tcp_transition(state, flags, dir, seg.flags);
+                        state = ns;
+                        flags = nf;
+                        if reopening {
+                            track = Track::default();
+                        }
+                        track_segment(&mut track, &mut flags, dir, &seg);
+                    }
                     if dir == 1 {
                         flags |= F_REPLIED;
                     }
                     if proto == PROTO_TCP {
-                        let (ns, nf) = tcp_transition(state, flags, dir, tcp);
-                        state = ns;
-                        flags = nf;
                         if flags & F_REPLIED != 0 && matches!(state, TcpState::Established) {
                             flags |= F_ASSURED;
                         }
                     } else if proto == PROTO_SCTP {
-                        state = sctp_transition(state, dir, tcp);
+                        state = sctp_transition(state, dir, seg.flags);
                         if matches!(state, TcpState::Established) {
                             flags |= F_ASSURED;
                         }
@@ -638,12 +952,10 @@ impl Conntrack {
                         x.state = state as u8;
                         x.flags = flags;
                         x.expires = expires;
+                        x.track = track;
                     }
                 }
-                Some(Hit {
-                    dir,
-                    t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
-                })
+                Some(hit)
             },
             None
         )
@@ -662,8 +974,9 @@ impl Conntrack {
         endpoint: (IpAddr, u16),
         snat: Option<IpAddr>,
         ports: &RangeInclusive<u16>,
-        tcp: u8,
+        seg: Seg,
     ) -> Result<Created, DropReason> {
+        let tcp = seg.flags;
         let shard = self.shard_of(orig.src, orig.sport);
         let mut s = self
             .shards
@@ -673,14 +986,18 @@ impl Conntrack {
         let now_ms = ms(now);
         let per_shard = self.per_shard;
         let timeouts = &self.timeouts;
-        let nshards = self.shards.len();
-        let shard_of = |ip: IpAddr, port: u16| (end_hash(ip, port) >> 40) as usize & (nshards - 1);
+        let (nshards, key) = (self.shards.len(), self.key);
+        let shard_of = |ip: IpAddr, port: u16| keyed_shard(key, nshards, ip, port);
+        let mut track = Track::default();
         let (state, flags) = if proto == PROTO_TCP {
+            let mut f = F_LIVE;
+            track_segment(&mut track, &mut f, 0, &seg);
             if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
-                (TcpState::SynSent, F_LIVE)
+                (TcpState::SynSent, f)
             } else {
-                // nf_conntrack_tcp_loose: pick up an established connection mid-stream.
-                (TcpState::Established, F_LIVE)
+                // nf_conntrack_tcp_loose: pick up an established connection mid-stream,
+                // its windows unknown (the kernel is liberal with such connections too).
+                (TcpState::Established, f | F_LIBERAL)
             }
         } else if proto == PROTO_SCTP {
             if tcp & SCTP_INIT != 0 {
@@ -693,6 +1010,7 @@ impl Conntrack {
             (TcpState::None, F_LIVE)
         };
         let mut evicted = 0;
+        let syn_recv_until = now_ms.saturating_add(ms(timeouts.tcp_syn_recv));
         let res = with_table!(
             s,
             orig,
@@ -704,12 +1022,13 @@ impl Conntrack {
                         return Ok(Created::Existing(Hit {
                             dir,
                             t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+                            invalid: false,
                         }));
                     }
                     t.remove_entry(idx);
                 }
                 while t.live >= per_shard {
-                    if !t.evict_one() {
+                    if !t.evict_one(now_ms, syn_recv_until) {
                         return Err(DropReason::ConntrackFull);
                     }
                     evicted += 1;
@@ -721,13 +1040,15 @@ impl Conntrack {
                     sport: endpoint.1,
                     dport: orig.sport,
                 };
-                let free = |t: &Table<_>, r: &Tuple| {
-                    Tup::from_tuple(r).is_some_and(|kr| t.find(proto, &kr).is_none())
-                };
-                let keep_port = snat.is_none() && free(t, &reply);
+                let keep_port = snat.is_none() && take_port(t, proto, &reply, now_ms, Take::Closed);
                 if !keep_port {
-                    // Port allocation: start at a flow-dependent offset, take the first
-                    // port whose reply key lands in this shard and is unused.
+                    // Port allocation: start at a flow-dependent offset and take the first
+                    // port whose reply key lands in this shard and is unused; failing
+                    // that, one held by a connection in TIME_WAIT or CLOSE (the kernel
+                    // reuses those for a new SYN; the endpoint's side of the old
+                    // connection may still be in TIME_WAIT, so a free port is better);
+                    // failing that, the port of a half-open connection, which is evicted
+                    // (a SYN flood must not lock new clients out).
                     let (lo, hi) = (*ports.start(), *ports.end());
                     if lo > hi {
                         return Err(DropReason::SnatExhausted);
@@ -735,15 +1056,20 @@ impl Conntrack {
                     let span = u32::from(hi - lo) + 1;
                     let start = (ko.hash(proto) % u64::from(span)) as u32;
                     let mut found = false;
-                    for i in 0..span {
-                        let p = lo.wrapping_add(((start + i) % span) as u16);
-                        if shard_of(reply_dst, p) != shard {
-                            continue;
-                        }
-                        reply.dport = p;
-                        if free(t, &reply) {
-                            found = true;
-                            break;
+                    'passes: for take in [Take::Free, Take::Closed, Take::HalfOpen] {
+                        for i in 0..span {
+                            let p = lo.wrapping_add(((start + i) % span) as u16);
+                            if shard_of(reply_dst, p) != shard {
+                                continue;
+                            }
+                            reply.dport = p;
+                            if take_port(t, proto, &reply, now_ms, take) {
+                                found = true;
+                                if take == Take::HalfOpen {
+                                    evicted += 1;
+                                }
+                                break 'passes;
+                            }
                         }
                     }
                     if !found {
@@ -761,6 +1087,7 @@ impl Conntrack {
                     proto,
                     state: state as u8,
                     flags,
+                    track,
                 };
                 let idx = t.alloc(e).ok_or(DropReason::ConntrackFull)?;
                 let generation = t.entries.get(idx as usize).map_or(0, |e| e.generation);
@@ -771,14 +1098,21 @@ impl Conntrack {
                 if t.unassured.len() > 2 * per_shard + 64 {
                     t.compact_queue();
                 }
-                Ok(Created::New([*orig, reply]))
+                // A SYN on a tuple the endpoint may still hold half open from an evicted
+                // connection: the endpoint must be reset first.
+                let stale = if proto == PROTO_TCP && tcp & TCP_SYN != 0 {
+                    t.stale_seq(&reply, now_ms)
+                } else {
+                    None
+                };
+                Ok(Created::New([*orig, reply], stale))
             },
             Err(DropReason::Malformed)
         );
         if evicted > 0 {
             self.evicted.fetch_add(evicted, Ordering::Relaxed);
         }
-        if matches!(res, Ok(Created::New(_))) {
+        if matches!(res, Ok(Created::New(..))) {
             self.created.fetch_add(1, Ordering::Relaxed);
         }
         res
@@ -901,7 +1235,7 @@ mod tests {
 
     #[test]
     fn remove_where_drops_only_the_matching_connections() {
-        let ct = Conntrack::new(1_000, 4, Timeouts::default());
+        let ct = Conntrack::new(1_000, 4, Timeouts::default(), 7);
         let ports = 61000..=65535;
         let fe = tup([10, 244, 0, 99], 40053, [10, 96, 0, 10], 53);
         let add = |proto: u8, o: &Tuple, ep: [u8; 4]| {
@@ -912,7 +1246,7 @@ mod tests {
                 (IpAddr::from(ep), 5353),
                 None,
                 &ports,
-                0,
+                Seg::flags(0),
             )
             .unwrap()
         };
@@ -932,13 +1266,13 @@ mod tests {
         // The freed entry is reusable: the flow gets a new decision.
         assert!(matches!(
             add(PROTO_UDP, &fe, [10, 244, 0, 6]),
-            Created::New(_)
+            Created::New(..)
         ));
     }
 
     #[test]
     fn index_survives_many_inserts_and_removals() {
-        let ct = Conntrack::new(10_000, 4, Timeouts::default());
+        let ct = Conntrack::new(10_000, 4, Timeouts::default(), 7);
         let ports = 61000..=65535;
         let mut origs = Vec::new();
         for i in 0..5000u32 {
@@ -952,10 +1286,10 @@ mod tests {
                     (IpAddr::from([10, 244, 0, 5]), 8080),
                     None,
                     &ports,
-                    0,
+                    Seg::flags(0),
                 )
                 .unwrap();
-            assert!(matches!(r, Created::New(_)));
+            assert!(matches!(r, Created::New(..)));
             origs.push(o);
         }
         assert_eq!(ct.len(), 5000);
@@ -996,5 +1330,397 @@ mod tests {
             assert_eq!(s, want);
         }
         assert_eq!(tcp_transition(Established, 0, 1, TCP_RST).0, Close);
+    }
+
+    fn tcp(flags: u8, seq: u32, ack: u32, len: u32) -> Seg {
+        Seg {
+            flags,
+            seq,
+            ack,
+            win: 502,
+            len,
+            wscale: (flags & TCP_SYN != 0).then_some(7),
+        }
+    }
+
+    const CLIENT: [u8; 4] = [192, 168, 50, 100];
+    const NODE: [u8; 4] = [192, 168, 50, 11];
+    const POD: [u8; 4] = [10, 244, 0, 10];
+
+    /// A masqueraded TCP connection from the client's `sport` through its handshake; the
+    /// reply tuple comes back.
+    fn handshake(ct: &Conntrack, now: Duration, sport: u16) -> Result<Tuple, DropReason> {
+        let o = tup(CLIENT, sport, NODE, 30080);
+        let c = ct.create(
+            now,
+            PROTO_TCP,
+            &o,
+            (IpAddr::from(POD), 8080),
+            Some(IpAddr::from(NODE)),
+            &(61000..=65535),
+            tcp(TCP_SYN, 1000, 0, 0),
+        )?;
+        let Created::New([_, reply], _) = c else {
+            panic!("{c:?}");
+        };
+        let h = ct
+            .lookup(
+                now,
+                PROTO_TCP,
+                &reply,
+                Some(tcp(TCP_SYN | TCP_ACK, 5000, 1001, 0)),
+            )
+            .unwrap();
+        assert!(!h.invalid);
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_ACK, 1001, 5001, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        Ok(reply)
+    }
+
+    #[test]
+    fn a_blind_rst_or_fin_outside_the_window_leaves_the_connection() {
+        let ct = Conntrack::new(1_000, 4, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 40000, NODE, 30080);
+        let reply = handshake(&ct, now, 40000).unwrap();
+        ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_ACK, 1001, 5001, 100)))
+            .unwrap();
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+        // A spoofed RST (or FIN) with the client's addresses and a guessed sequence
+        // number, from either side, is INVALID and changes nothing.
+        for (t, seq) in [
+            (&o, 1_000_000_000),
+            (&o, 1101 + 200_000),
+            (&reply, 5001 + 2_000_000),
+        ] {
+            for f in [TCP_RST, TCP_RST | TCP_ACK, TCP_FIN | TCP_ACK] {
+                let h = ct
+                    .lookup(now, PROTO_TCP, t, Some(tcp(f, seq, 0, 0)))
+                    .unwrap();
+                assert!(h.invalid, "{f:#x} at {seq}");
+            }
+        }
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+        // The peers' own RST, at the next sequence number, closes it.
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 1101, 0, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Close));
+    }
+
+    /// The masquerade port of a new connection was last used by a connection the endpoint
+    /// still holds in SYN_RECV (a SYN flood's): the endpoint answers with the SYN-ACK of
+    /// that old SYN, the client resets it with the acknowledgement it carried (its own
+    /// sequence numbers are far off), and that RST must reach the endpoint, or the stale
+    /// SYN_RECV ignores the client's retransmitted SYN until it expires. Sequence numbers
+    /// as captured in the namespace test.
+    #[test]
+    fn the_reset_of_a_stale_syn_ack_reaches_the_endpoint() {
+        let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 48416, NODE, 30080);
+        let Created::New([_, reply], _) = ct
+            .create(
+                now,
+                PROTO_TCP,
+                &o,
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &(61000..=65535),
+                tcp(TCP_SYN, 2_525_871_177, 0, 0),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        // A blind RST with that sequence number is refused before the endpoint spoke.
+        assert!(
+            ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 2, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        // The stale SYN-ACK acknowledges the flood's SYN (sequence 1), not this one.
+        let h = ct
+            .lookup(
+                now,
+                PROTO_TCP,
+                &reply,
+                Some(tcp(TCP_SYN | TCP_ACK, 3_506_644_918, 2, 0)),
+            )
+            .unwrap();
+        assert!(!h.invalid);
+        // Any other sequence number far from the client's stays refused ...
+        for seq in [3, 1, 1_000_000] {
+            assert!(
+                ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, seq, 0, 0)))
+                    .unwrap()
+                    .invalid,
+                "{seq}"
+            );
+        }
+        // ... but the client's RST answering it goes through and closes the entry.
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 2, 0, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Close));
+        // The client's retransmitted SYN reopens it on the same masquerade port.
+        let h = ct
+            .lookup(now, PROTO_TCP, &o, Some(tcp(TCP_SYN, 2_525_871_177, 0, 0)))
+            .unwrap();
+        assert!(!h.invalid);
+        assert_eq!(h.target(), reply.reversed());
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::SynSent));
+    }
+
+    /// Once established, an acknowledgement (which nothing validates) does not make a RST
+    /// acceptable: only the window does.
+    #[test]
+    fn past_the_handshake_an_acknowledged_sequence_number_is_not_enough() {
+        let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 40002, NODE, 30080);
+        let reply = handshake(&ct, now, 40002).unwrap();
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+        // A spoofed ACK from the endpoint's side claims an acknowledgement ...
+        let h = ct
+            .lookup(
+                now,
+                PROTO_TCP,
+                &reply,
+                Some(tcp(TCP_ACK, 5001, 900_000_000, 0)),
+            )
+            .unwrap();
+        assert!(!h.invalid);
+        // ... and a RST from the client's side with that sequence number stays INVALID.
+        assert!(
+            ct.lookup(now, PROTO_TCP, &o, Some(tcp(TCP_RST, 900_000_000, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Established));
+    }
+
+    /// A connection evicted half open after the endpoint answered leaves the endpoint in
+    /// SYN_RECV: connections given its masquerade port learn the RST that ends that state
+    /// until the endpoint answers one of them as its own; one never answered adds nothing.
+    #[test]
+    fn a_port_taken_from_an_answered_half_open_connection_comes_with_its_reset() {
+        let ct = Conntrack::new(1, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let syn = |sport: u16| {
+            ct.create(
+                now,
+                PROTO_TCP,
+                &tup([198, 18, 0, 1], sport, NODE, 30080),
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &(61000..=61000),
+                tcp(TCP_SYN, 1, 0, 0),
+            )
+        };
+        let Ok(Created::New([_, reply], None)) = syn(1000) else {
+            panic!("the first connection has a fresh port")
+        };
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 777, 2, 0)),
+        )
+        .unwrap();
+        let Ok(Created::New([_, r2], stale)) = syn(1001) else {
+            panic!("the second connection evicts the first")
+        };
+        assert_eq!(r2, reply);
+        assert_eq!(stale, Some(2));
+        // Evicted unanswered (its RST and SYN may have been lost): the endpoint may still
+        // hold the first connection's state.
+        let Ok(Created::New(_, stale)) = syn(1002) else {
+            panic!("the third connection evicts the second")
+        };
+        assert_eq!(stale, Some(2));
+        // The endpoint answers the third connection's own SYN: the stale state is gone.
+        // The client resets it; the next connection comes without a reset.
+        let third = tup([198, 18, 0, 1], 1002, NODE, 30080);
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 999, 2, 0)),
+        )
+        .unwrap();
+        assert!(
+            !ct.lookup(now, PROTO_TCP, &third, Some(tcp(TCP_RST, 2, 0, 0)))
+                .unwrap()
+                .invalid
+        );
+        let Ok(Created::New(_, stale)) = syn(1003) else {
+            panic!("the fourth connection takes the port")
+        };
+        assert_eq!(stale, None);
+        // Answered and evicted again: stale until the endpoint's SYN_RECV would be gone.
+        ct.lookup(
+            now,
+            PROTO_TCP,
+            &reply,
+            Some(tcp(TCP_SYN | TCP_ACK, 555, 2, 0)),
+        )
+        .unwrap();
+        let Ok(Created::New(_, stale)) = syn(1004) else {
+            panic!()
+        };
+        assert_eq!(stale, Some(2));
+        let later = Timeouts::default().tcp_syn_recv + Duration::from_secs(1);
+        let Ok(Created::New(_, stale)) = ct.create(
+            later,
+            PROTO_TCP,
+            &tup([198, 18, 0, 1], 1005, NODE, 30080),
+            (IpAddr::from(POD), 8080),
+            Some(IpAddr::from(NODE)),
+            &(61000..=61000),
+            tcp(TCP_SYN, 1, 0, 0),
+        ) else {
+            panic!()
+        };
+        assert_eq!(stale, None);
+    }
+
+    #[test]
+    fn a_refusing_server_must_acknowledge_the_syn() {
+        let ct = Conntrack::new(1_000, 1, Timeouts::default(), 7);
+        let now = Duration::ZERO;
+        let o = tup(CLIENT, 40001, NODE, 30080);
+        let Created::New([_, reply], _) = ct
+            .create(
+                now,
+                PROTO_TCP,
+                &o,
+                (IpAddr::from(POD), 8080),
+                None,
+                &(61000..=65535),
+                tcp(TCP_SYN, 77, 0, 0),
+            )
+            .unwrap()
+        else {
+            panic!()
+        };
+        let rst = |ack| tcp(TCP_RST | TCP_ACK, 0, ack, 0);
+        assert!(
+            ct.lookup(now, PROTO_TCP, &reply, Some(rst(12345)))
+                .unwrap()
+                .invalid
+        );
+        assert!(
+            !ct.lookup(now, PROTO_TCP, &reply, Some(rst(78)))
+                .unwrap()
+                .invalid
+        );
+        assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::Close));
+    }
+
+    #[test]
+    fn sequential_connections_from_one_client_reuse_time_wait_ports() {
+        // 12,000 short connections, one after the other, from one client to one
+        // endpoint: more than the 4,536 masquerade ports, so ports held in TIME_WAIT must
+        // be reused, in every shard.
+        let ct = Conntrack::new(262_144, 64, Timeouts::default(), 0x5eed);
+        let mut failed = 0;
+        for i in 0..12_000u32 {
+            let now = Duration::from_millis(u64::from(i));
+            let sport = 10_000 + (i % 50_000) as u16;
+            let o = tup(CLIENT, sport, NODE, 30080);
+            let Ok(reply) = handshake(&ct, now, sport) else {
+                failed += 1;
+                continue;
+            };
+            for (t, f, seq, ack) in [
+                (&o, TCP_FIN | TCP_ACK, 1001, 5001),
+                (&reply, TCP_ACK, 5001, 1002),
+                (&reply, TCP_FIN | TCP_ACK, 5001, 1002),
+                (&o, TCP_ACK, 1002, 5002),
+            ] {
+                let h = ct
+                    .lookup(now, PROTO_TCP, t, Some(tcp(f, seq, ack, 0)))
+                    .unwrap();
+                assert!(!h.invalid, "{i}: {f:#x}");
+            }
+            assert_eq!(ct.state_of(PROTO_TCP, &o), Some(TcpState::TimeWait));
+        }
+        assert_eq!(failed, 0, "connections refused for want of a port");
+    }
+
+    #[test]
+    fn a_syn_flood_cannot_take_every_masquerade_port_from_new_clients() {
+        let ct = Conntrack::new(262_144, 64, Timeouts::default(), 0x5eed);
+        let now = Duration::ZERO;
+        let syn = |src: [u8; 4], sport: u16| {
+            ct.create(
+                now,
+                PROTO_TCP,
+                &tup(src, sport, NODE, 30080),
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &(61000..=65535),
+                tcp(TCP_SYN, 1, 0, 0),
+            )
+        };
+        for i in 0..10_000u32 {
+            let src = [100, 64, (i >> 8) as u8, i as u8];
+            assert!(syn(src, 1024 + (i % 7) as u16).is_ok(), "spoofed SYN {i}");
+        }
+        for i in 0..100u16 {
+            assert!(
+                syn(CLIENT, 20_000 + i).is_ok(),
+                "client {i} locked out by half-open connections"
+            );
+        }
+    }
+
+    #[test]
+    fn answered_idle_udp_flows_yield_to_new_flows_when_the_table_is_full() {
+        let ct = Conntrack::new(64, 1, Timeouts::default(), 0);
+        let now = Duration::ZERO;
+        let flow = |i: u16| tup([10, 244, 0, (i % 200) as u8], 2000 + i, [10, 96, 0, 10], 53);
+        let create = |o: &Tuple| {
+            ct.create(
+                now,
+                PROTO_UDP,
+                o,
+                (IpAddr::from([10, 244, 0, 250]), 53),
+                None,
+                &(61000..=65535),
+                Seg::flags(0),
+            )
+        };
+        for i in 0..64 {
+            let Created::New([_, reply], _) = create(&flow(i)).unwrap() else {
+                panic!()
+            };
+            // Answered: assured.
+            ct.lookup(now, PROTO_UDP, &reply, Some(Seg::flags(0)))
+                .unwrap();
+        }
+        assert_eq!(ct.len(), 64);
+        for i in 64..128 {
+            assert!(create(&flow(i)).is_ok(), "flow {i} refused");
+        }
+        assert_eq!(ct.len(), 64);
+    }
+
+    #[test]
+    fn the_shard_hash_is_keyed() {
+        // Under different keys the same ends land in different shards: a sender cannot
+        // aim at one shard without knowing the process's key.
+        let a = Conntrack::new(1_000, 64, Timeouts::default(), 1);
+        let b = Conntrack::new(1_000, 64, Timeouts::default(), 2);
+        let ip = IpAddr::from(CLIENT);
+        let same = (0..1000u16)
+            .filter(|p| a.shard_of(ip, *p) == b.shard_of(ip, *p))
+            .count();
+        assert!(same < 100, "{same} of 1000 ends in the same shard");
     }
 }

@@ -34,7 +34,12 @@
 //! the engine answers and originates rather than rewrites, is parsed and emitted with
 //! smoltcp's wire representations.
 //!
-//! Not implemented: VLAN tags (unmatched), ICMP error rate limiting, ICMPv6 errors quoting
+//! Before connection tracking, a packet passes the kernel's input checks (martians,
+//! `rp_filter`, the node's own addresses; see [`Admission`]); tagged frames are never
+//! forwarded; ICMP errors are rate-limited as the kernel's are ([`IcmpLimits`]).
+//!
+//! Not implemented: IP reassembly (fragments to a frontend are dropped), ICMP
+//! "fragmentation needed" / "packet too big", ICMPv6 errors quoting
 //! a packet with extension headers (not translated), Router Advertisements and Redirects
 //! (left to the kernel), SCTP multi-homing (each address pair is its own association).
 #![forbid(unsafe_code)]
@@ -59,7 +64,7 @@ use svcnat_core::conntrack::StaleFlow;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
 
-use conntrack::{Conntrack, Created, Hit, Tuple};
+use conntrack::{Conntrack, Created, Hit, Seg, Tuple};
 use neigh::{Fib, Neigh, Neighbours, Queued};
 use tables::{Compiled, Registry};
 use wire::*;
@@ -97,6 +102,57 @@ pub struct Route {
     pub port: PortId,
     /// Next hop; `None` means on-link (the destination itself is the next hop).
     pub gateway: Option<IpAddr>,
+}
+
+/// One entry of the node's routing table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FibEntry {
+    /// A route through a port the engine owns.
+    Port(Route),
+    /// A prefix the kernel routes through an interface the engine does not own, or
+    /// drops (blackhole, unreachable, prohibit): the engine never forwards to it, and
+    /// never falls through to a shorter prefix (a default route) for it.
+    NotOurs(ipnet::IpNet),
+}
+
+/// IPv4 reverse-path filtering of one port, as `net.ipv4.conf.{all,IF}.rp_filter` (the
+/// larger of the two) sets it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RpFilter {
+    /// 0: no source validation.
+    #[default]
+    Off,
+    /// 1 (RFC 3704 strict): the route back to the source must leave through the port the
+    /// packet arrived on.
+    Strict,
+    /// 2 (RFC 3704 loose): some route back to the source must exist.
+    Loose,
+}
+
+impl RpFilter {
+    /// The mode of a sysctl value (above 2 counts as loose, as in the kernel).
+    pub fn from_sysctl(v: u32) -> RpFilter {
+        match v {
+            0 => RpFilter::Off,
+            1 => RpFilter::Strict,
+            _ => RpFilter::Loose,
+        }
+    }
+}
+
+/// What the kernel's input path checks before it forwards (`ip_route_input_slow`,
+/// `fib_validate_source`, `ip6_forward`), given the node's configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Admission {
+    /// Reverse-path filtering per port (IPv4); a port not listed has none.
+    pub rp_filter: HashMap<PortId, RpFilter>,
+    /// Every address of the node, on any interface (owned or not): never forwarded to,
+    /// and no IPv4 packet from outside may claim one as its source.
+    pub node_addrs: HashSet<IpAddr>,
+    /// Broadcast addresses of the node's IPv4 subnets: never forwarded to, never a
+    /// source.
+    pub broadcasts: HashSet<Ipv4Addr>,
 }
 
 /// What to do with packets the engine does not handle.
@@ -182,6 +238,35 @@ pub struct EngineConfig {
     pub neighbour_queue: usize,
     /// Number of connection-table shards (rounded up to a power of two).
     pub shards: usize,
+    /// Secret key of the connection table's shard hash: the driver draws a random one
+    /// per process, so that no sender can aim its packets at one shard.
+    pub hash_key: u64,
+    /// ICMP error rate limits (the kernel's `icmp_ratelimit`, `icmp_msgs_per_sec`).
+    pub icmp_limits: IcmpLimits,
+}
+
+/// ICMP error rate limits, with the kernel's defaults and meaning: per destination one
+/// token every `per_destination` (`net.ipv4.icmp_ratelimit`, 1000 ms; a bucket holds six,
+/// `XRLIM_BURST_FACTOR`), and for the whole engine `per_second` errors with bursts of
+/// `burst` (`icmp_msgs_per_sec` 1000, `icmp_msgs_burst` 50).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IcmpLimits {
+    /// Time per token of a destination's bucket; zero disables the limit.
+    pub per_destination: Duration,
+    /// Errors per second for all destinations together; zero disables the limit.
+    pub per_second: u32,
+    /// Burst of the global bucket.
+    pub burst: u32,
+}
+
+impl Default for IcmpLimits {
+    fn default() -> Self {
+        IcmpLimits {
+            per_destination: Duration::from_millis(1000),
+            per_second: 1000,
+            burst: 50,
+        }
+    }
 }
 
 impl Default for EngineConfig {
@@ -194,6 +279,8 @@ impl Default for EngineConfig {
             neighbour_reachable: Duration::from_secs(30),
             neighbour_queue: 3,
             shards: 64,
+            hash_key: 0,
+            icmp_limits: IcmpLimits::default(),
         }
     }
 }
@@ -269,11 +356,21 @@ pub enum DropReason {
     /// A Neighbor Solicitation or Advertisement that fails RFC 4861's checks (hop limit
     /// not 255, a bad code, length or option, a multicast target).
     InvalidNdp,
+    /// A source or destination the kernel never routes (RFC 1812 5.3.7, RFC 4291): a
+    /// multicast, broadcast, unspecified, loopback or IPv4-mapped source, one of the
+    /// node's own IPv4 addresses as source from outside, a loopback or unspecified
+    /// destination.
+    Martian,
+    /// The source fails reverse-path filtering (`rp_filter`) on the arriving port.
+    ReversePath,
+    /// A frame with an IEEE 802.1Q/802.1ad tag: the kernel's (a VLAN device's) or
+    /// nobody's, never forwarded as if untagged.
+    Vlan,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 17] = [
+    pub const ALL: [DropReason; 20] = [
         DropReason::Truncated,
         DropReason::Malformed,
         DropReason::BadIpChecksum,
@@ -291,6 +388,9 @@ impl DropReason {
         DropReason::UnknownPort,
         DropReason::Invalid,
         DropReason::InvalidNdp,
+        DropReason::Martian,
+        DropReason::ReversePath,
+        DropReason::Vlan,
     ];
 
     /// A short snake_case name for metrics labels.
@@ -300,6 +400,9 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::BadIpChecksum => "bad_ip_checksum",
             DropReason::BadL4Checksum => "bad_l4_checksum",
+            DropReason::Martian => "martian",
+            DropReason::ReversePath => "reverse_path",
+            DropReason::Vlan => "vlan",
             DropReason::Fragment => "fragment",
             DropReason::SourceRange => "source_range",
             DropReason::Rejected => "rejected",
@@ -353,6 +456,8 @@ pub struct Counters {
     pub drops: Vec<(DropReason, u64)>,
     /// Frames generated (ARP, neighbour discovery, ICMP errors).
     pub generated: u64,
+    /// ICMP errors not sent because of the rate limits.
+    pub icmp_limited: u64,
     /// Connections currently tracked.
     pub connections: u64,
     /// Connections created since start.
@@ -399,6 +504,7 @@ struct Stats {
     kernel: AtomicU64,
     consumed: AtomicU64,
     generated: AtomicU64,
+    icmp_limited: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
@@ -418,6 +524,8 @@ struct L4 {
     dport: u16,
     /// TCP flags; for SCTP the set of its chunks (`wire::sctp_chunks`); 0 for UDP.
     flags: u8,
+    /// What connection tracking needs (TCP: sequence numbers too).
+    seg: Seg,
 }
 
 /// ICMP types that carry a quoted packet.
@@ -426,6 +534,80 @@ fn is_icmp_error(v6: bool, ty: u8) -> bool {
         matches!(ty, 1..=4)
     } else {
         matches!(ty, 3 | 4 | 5 | 11 | 12)
+    }
+}
+
+/// The kernel's ICMP error rate limits: a token bucket per destination
+/// (`inet_peer_xrlim_allow`) and one for the whole engine (`icmp_global_allow`).
+#[derive(Debug)]
+struct IcmpLimiter {
+    limits: IcmpLimits,
+    /// (credit, last refill) of the global bucket.
+    global: Mutex<(u32, Duration)>,
+    /// (tokens in ms, last refill) per destination.
+    per_dst: Mutex<HashMap<IpAddr, (u64, Duration)>>,
+}
+
+/// Destinations whose buckets are remembered (the kernel's inet_peer cache is bounded too).
+const ICMP_DESTINATIONS: usize = 4096;
+/// XRLIM_BURST_FACTOR: a destination's bucket holds this many tokens.
+const XRLIM_BURST_FACTOR: u64 = 6;
+
+impl IcmpLimiter {
+    fn new(limits: IcmpLimits) -> IcmpLimiter {
+        IcmpLimiter {
+            global: Mutex::new((limits.burst, Duration::ZERO)),
+            per_dst: Mutex::new(HashMap::new()),
+            limits,
+        }
+    }
+
+    /// Whether an error to `dst` may be sent now (and takes its tokens if so).
+    fn allow(&self, now: Duration, dst: IpAddr) -> bool {
+        let l = &self.limits;
+        if l.per_second > 0 {
+            let mut g = self.global.lock();
+            let elapsed = now.saturating_sub(g.1);
+            let refill = (elapsed.as_millis() * u128::from(l.per_second) / 1000) as u64;
+            if refill > 0 {
+                g.0 = u64::from(g.0)
+                    .saturating_add(refill)
+                    .min(u64::from(l.burst)) as u32;
+                g.1 = now;
+            }
+            if g.0 == 0 {
+                return false;
+            }
+            g.0 -= 1;
+        }
+        let timeout = u64::try_from(l.per_destination.as_millis()).unwrap_or(u64::MAX);
+        if timeout == 0 {
+            return true;
+        }
+        let cap = timeout.saturating_mul(XRLIM_BURST_FACTOR);
+        let mut m = self.per_dst.lock();
+        if m.len() >= ICMP_DESTINATIONS && !m.contains_key(&dst) {
+            // Forget the destinations whose buckets are full again (idle ones).
+            m.retain(|_, (tokens, last)| {
+                let t = tokens.saturating_add(now.saturating_sub(*last).as_millis() as u64);
+                t < cap
+            });
+            if m.len() >= ICMP_DESTINATIONS {
+                return false;
+            }
+        }
+        let (tokens, last) = m.entry(dst).or_insert((cap, now));
+        let t = tokens
+            .saturating_add(now.saturating_sub(*last).as_millis() as u64)
+            .min(cap);
+        *last = now;
+        if t >= timeout {
+            *tokens = t - timeout;
+            true
+        } else {
+            *tokens = t;
+            false
+        }
     }
 }
 
@@ -443,28 +625,37 @@ pub struct Engine {
     ports: ArcSwap<Ports>,
     fib: ArcSwap<Fib>,
     plan: ArcSwap<Compiled>,
+    admission: ArcSwap<Admission>,
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
     /// Permanent neighbours (never expire).
     static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
     next_sweep: Mutex<Duration>,
+    icmp_limit: IcmpLimiter,
     stats: Stats,
 }
 
 impl Engine {
     /// An engine with no ports, routes or plan.
     pub fn new(cfg: EngineConfig) -> Engine {
-        let ct = Conntrack::new(cfg.max_connections, cfg.shards, cfg.timeouts.clone());
+        let ct = Conntrack::new(
+            cfg.max_connections,
+            cfg.shards,
+            cfg.timeouts.clone(),
+            cfg.hash_key,
+        );
         Engine {
             ct,
             ports: ArcSwap::from_pointee(Ports::default()),
             fib: ArcSwap::from_pointee(Fib::default()),
             plan: ArcSwap::from_pointee(Compiled::default()),
+            admission: ArcSwap::from_pointee(Admission::default()),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
             static_neigh: RwLock::new(HashMap::new()),
             next_sweep: Mutex::new(Duration::ZERO),
+            icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
             stats: Stats::default(),
             cfg,
         }
@@ -489,9 +680,21 @@ impl Engine {
         self.ports.store(Arc::new(p));
     }
 
-    /// Replaces the FIB.
+    /// Replaces the FIB with routes through owned ports only.
     pub fn set_routes(&self, routes: Vec<Route>) {
-        self.fib.store(Arc::new(Fib::new(routes)));
+        self.set_fib(routes.into_iter().map(FibEntry::Port).collect());
+    }
+
+    /// Replaces the FIB with the node's routing table (among equal prefixes the first
+    /// entry wins, as the lowest metric in `ip route`'s order).
+    pub fn set_fib(&self, entries: Vec<FibEntry>) {
+        self.fib.store(Arc::new(Fib::new(entries)));
+    }
+
+    /// Replaces what the kernel's input path would check (reverse-path filtering, the
+    /// node's addresses and broadcasts).
+    pub fn set_admission(&self, admission: Admission) {
+        self.admission.store(Arc::new(admission));
     }
 
     /// Compiles and swaps the plan's lookup tables; existing connections keep their endpoint.
@@ -631,6 +834,9 @@ impl Engine {
                     Err(r) => Verdict::Drop(r),
                 }
             }
+            // 802.1Q, 802.1ad, QinQ: the tagged VLAN's device is the kernel's; a VLAN the
+            // node does not have is dropped by the kernel. Never forwarded untagged.
+            ETH_VLAN | ETH_QINQ | 0x9100 => Verdict::Drop(DropReason::Vlan),
             _ => self.unmatched(),
         }
     }
@@ -645,6 +851,8 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
+        let adm = self.admission.load();
+        admit(meta.port, &ip, &adm, &self.fib.load())?;
         let plan = self.plan.load();
         let l4 = match (ip.proto, ip.frag) {
             (_, Frag::Later) => None,
@@ -660,10 +868,28 @@ impl Engine {
                 if doff > seg.len() {
                     return Err(DropReason::Truncated);
                 }
+                let flags = rd8(seg, 13);
+                // nf_conntrack's tcp_error: an impossible flag combination is INVALID,
+                // whatever connection it claims.
+                if !tcp_flags_valid(flags) {
+                    return Err(DropReason::Invalid);
+                }
                 Some(L4 {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
-                    flags: rd8(seg, 13),
+                    flags,
+                    seg: Seg {
+                        flags,
+                        seq: rd32(seg, 4),
+                        ack: rd32(seg, 8),
+                        win: rd16(seg, 14),
+                        len: (seg.len() - doff) as u32,
+                        wscale: if flags & TCP_SYN != 0 {
+                            tcp_wscale(seg, doff)
+                        } else {
+                            None
+                        },
+                    },
                 })
             }
             (PROTO_UDP, _) => {
@@ -681,6 +907,7 @@ impl Engine {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
                     flags: 0,
+                    seg: Seg::flags(0),
                 })
             }
             (PROTO_SCTP, _) => {
@@ -699,6 +926,7 @@ impl Engine {
                     sport: rd16(seg, 0),
                     dport: rd16(seg, 2),
                     flags: chunks,
+                    seg: Seg::flags(chunks),
                 })
             }
             _ => None,
@@ -717,7 +945,12 @@ impl Engine {
                     return Err(DropReason::Fragment);
                 }
             } else {
-                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.flags)) {
+                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.seg)) {
+                    if hit.invalid {
+                        // A RST or FIN outside the window: conntrack's INVALID, which
+                        // kube-proxy drops; the connection is untouched.
+                        return Err(DropReason::Invalid);
+                    }
                     return self.translate_and_forward(now, meta, ports, frame, &ip, &hit, tx);
                 }
                 if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
@@ -738,6 +971,8 @@ impl Engine {
         // destination is never forwarded (the kernel answers for its own).
         if ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
+            || adm.node_addrs.contains(&ip.dst)
+            || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
             || is_link_local(ip.dst)
             || is_link_local(ip.src)
             || ip.dst.is_multicast()
@@ -754,6 +989,7 @@ impl Engine {
     #[allow(clippy::too_many_arguments)]
     fn send_icmp_error(
         &self,
+        now: Duration,
         ports: &Ports,
         meta: RxMeta,
         frame: &[u8],
@@ -775,6 +1011,11 @@ impl Engine {
         let Some(port) = ports.by_id.get(&meta.port) else {
             return;
         };
+        // icmp_ratemask: destination unreachable and time exceeded are rate-limited.
+        if !self.icmp_limit.allow(now, ip.src) {
+            self.stats.icmp_limited.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
         let plan = self.plan.load();
         let Some(src) = src
             .or_else(|| ports.addr_of(meta.port, ip.v6))
@@ -903,7 +1144,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         Self::rewrite(frame, ip, &target, meta.csum);
@@ -934,9 +1184,11 @@ impl Engine {
         if !fe.source_ranges.is_empty() && !fe.source_ranges.iter().any(|n| n.contains(&ip.src)) {
             return Err(DropReason::SourceRange);
         }
-        // A RST cannot open a connection: conntrack calls it INVALID. Nor can an SCTP
-        // ABORT or SHUTDOWN COMPLETE (nf_conntrack_proto_sctp's sctp_new).
-        if (ip.proto == PROTO_TCP && l4.flags & TCP_RST != 0)
+        // Only a SYN, or an ACK picked up mid-stream (nf_conntrack_tcp_loose), opens a TCP
+        // connection: tcp_new calls anything else (RST, FIN, SYN+ACK) INVALID. Nor can an
+        // SCTP ABORT or SHUTDOWN COMPLETE open one (nf_conntrack_proto_sctp's sctp_new).
+        let opening = l4.flags & (TCP_SYN | TCP_ACK | TCP_FIN | TCP_RST);
+        if (ip.proto == PROTO_TCP && opening != TCP_SYN && opening != TCP_ACK)
             || (ip.proto == PROTO_SCTP && l4.flags & (SCTP_ABORT | SCTP_SHUTDOWN_COMPLETE) != 0)
         {
             return Err(DropReason::Invalid);
@@ -952,6 +1204,7 @@ impl Engine {
         let reject = |this: &Self, frame: &[u8], tx: &mut Vec<TxFrame>| match fe.on_empty {
             EmptyAction::Reject => {
                 this.send_icmp_error(
+                    now,
                     ports,
                     meta,
                     frame,
@@ -983,7 +1236,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
@@ -1009,17 +1271,17 @@ impl Engine {
             sport: l4.sport,
             dport: l4.dport,
         };
-        let target = match self.ct.create(
+        let (target, stale) = match self.ct.create(
             now,
             ip.proto,
             &orig,
             (ep.ip(), ep.port()),
             snat,
             &self.cfg.snat_ports,
-            l4.flags,
+            l4.seg,
         )? {
-            Created::New(t) => t[1].reversed(),
-            Created::Existing(hit) => hit.target(),
+            Created::New(t, stale) => (t[1].reversed(), stale),
+            Created::Existing(hit) => (hit.target(), None),
         };
         let route = if target.dst == ep.ip() {
             route
@@ -1035,7 +1297,73 @@ impl Engine {
             dst: target.dst,
             ..*ip
         };
+        if let Some(seq) = stale {
+            return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
+        }
         self.forward(now, meta, ports, frame, &ip2, route, tx)
+    }
+
+    /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
+    /// `seq`) that ends the half-open state it may still hold on this tuple from an
+    /// evicted connection. The kernel's node would send that RST too, when the endpoint
+    /// retransmits the old SYN-ACK to a port with no connection behind it; sent only then,
+    /// the new SYN meets the stale state first and is ignored or answered with the old
+    /// SYN-ACK, and the client waits for its retransmission. Both frames go out in order
+    /// as generated frames.
+    #[allow(clippy::too_many_arguments)]
+    fn reset_then_forward(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        route: (PortId, IpAddr),
+        seq: u32,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let rst_end = ip.l4 + 20;
+        if let Some(head) = frame.get(..rst_end) {
+            let mut rst = head.to_vec();
+            if ip.v6 {
+                wr16(&mut rst, ip.l3 + 4, (rst_end - ip.l3 - 40) as u16);
+            } else {
+                wr16(&mut rst, ip.l3 + 2, (rst_end - ip.l3) as u16);
+                fill_ipv4_checksum(&mut rst, ip.l3);
+            }
+            let l4 = ip.l4;
+            wr(&mut rst, l4 + 4, &seq.to_be_bytes());
+            wr(&mut rst, l4 + 8, &[0; 4]);
+            wr8(&mut rst, l4 + 12, 5 << 4);
+            wr8(&mut rst, l4 + 13, TCP_RST);
+            wr16(&mut rst, l4 + 14, 0);
+            wr16(&mut rst, l4 + 18, 0);
+            let rip = Ip {
+                end: rst_end,
+                ..*ip
+            };
+            fill_l4_checksum(&mut rst, &rip);
+            let m = RxMeta {
+                csum: Csum::Complete,
+                ..meta
+            };
+            if let Ok(Verdict::Forward { port }) =
+                self.forward(now, m, ports, &mut rst, &rip, route, tx)
+            {
+                tx.push(TxFrame { port, data: rst });
+            }
+        }
+        match self.forward(now, meta, ports, frame, ip, route, tx)? {
+            Verdict::Forward { port } => {
+                let mut data = frame.to_vec();
+                if meta.csum == Csum::Partial {
+                    complete_partial(&mut data, ip);
+                }
+                tx.push(TxFrame { port, data });
+                Ok(Verdict::Consumed)
+            }
+            v => Ok(v),
+        }
     }
 
     /// Translates an ICMP error whose quoted packet belongs to a tracked connection;
@@ -1173,7 +1501,16 @@ impl Engine {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(ports, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TimeExceeded,
+                None,
+                tx,
+            );
             return Err(DropReason::TtlExceeded);
         }
         let ttl_off = ip.ttl_off();
@@ -1205,6 +1542,14 @@ impl Engine {
         let fresh = !map.contains_key(&(out, nh));
         if fresh && incomplete >= neigh::MAX_INCOMPLETE {
             return Err(DropReason::NoNeighbour);
+        }
+        if fresh && map.len() >= neigh::MAX_NEIGHBOURS {
+            // Full: make room by forgetting neighbours past their reachable time and
+            // not being resolved (they would be re-resolved on use).
+            map.retain(|_, n| n.tries > 0 || now < n.reachable_until);
+            if map.len() >= neigh::MAX_NEIGHBOURS {
+                return Err(DropReason::NoNeighbour);
+            }
         }
         let n = map.entry((out, nh)).or_insert(Neigh {
             mac: None,
@@ -1331,7 +1676,10 @@ impl Engine {
         let key = (port, spa);
         let mut map = self.neigh.write();
         let had = map.contains_key(&key);
-        if !had && reply {
+        // A reply creates nothing the engine did not ask for; a request from a new
+        // sender is learnt from only while the table has room (an ARP flood from
+        // distinct senders must not grow it without bound).
+        if !had && (reply || map.len() >= neigh::MAX_NEIGHBOURS) {
             return false;
         }
         let n = map.entry(key).or_insert(Neigh {
@@ -1446,6 +1794,7 @@ impl Engine {
                 .map(|(r, c)| (*r, l(c)))
                 .collect(),
             generated: l(&s.generated),
+            icmp_limited: l(&s.icmp_limited),
             connections: self.ct.len() as u64,
             connections_created: l(&self.ct.created),
             connections_evicted: l(&self.ct.evicted),
@@ -1462,6 +1811,64 @@ impl Counters {
             .iter()
             .find(|(r, _)| *r == reason)
             .map_or(0, |(_, n)| *n)
+    }
+}
+
+/// The kernel's checks before it routes a packet arriving on `port`; `Err` when it would
+/// drop it. IPv4: `ip_route_input_slow` (martian sources and destinations) and
+/// `fib_validate_source` (a local source; `rp_filter`). IPv6: `ip6_rcv_core` and
+/// `ip6_forward` (multicast, loopback, IPv4-mapped, unspecified sources).
+fn admit(port: PortId, ip: &Ip, adm: &Admission, fib: &Fib) -> Result<(), DropReason> {
+    match (ip.src, ip.dst) {
+        (IpAddr::V4(s), IpAddr::V4(d)) => {
+            // "martian source": multicast, limited broadcast, 0.0.0.0, loopback (the rest
+            // of 0.0.0.0/8 is routable since Linux 5.3, and the kernel forwards it).
+            if s.is_multicast()
+                || s.is_broadcast()
+                || s.is_unspecified()
+                || s.is_loopback()
+                || adm.broadcasts.contains(&s)
+            {
+                return Err(DropReason::Martian);
+            }
+            // "martian destination": 0.0.0.0, loopback.
+            if d.is_unspecified() || d.is_loopback() {
+                return Err(DropReason::Martian);
+            }
+            // fib_validate_source: a source that is one of our own addresses (RTN_LOCAL)
+            // is refused without accept_local.
+            if adm.node_addrs.contains(&ip.src) {
+                return Err(DropReason::Martian);
+            }
+            match adm.rp_filter.get(&port).copied().unwrap_or_default() {
+                RpFilter::Off => Ok(()),
+                // The route back to the source must use the arriving interface.
+                RpFilter::Strict => match fib.lookup(ip.src) {
+                    Some((out, _)) if out == port => Ok(()),
+                    _ => Err(DropReason::ReversePath),
+                },
+                // Any route back to the source will do.
+                RpFilter::Loose => match fib.best(ip.src) {
+                    Some(_) => Ok(()),
+                    None => Err(DropReason::ReversePath),
+                },
+            }
+        }
+        (IpAddr::V6(s), IpAddr::V6(d)) => {
+            // RFC 4291 2.5.2/2.5.3/2.5.5.2 and 2.7: never a source, never routed.
+            if s.is_multicast()
+                || s.is_unspecified()
+                || s.is_loopback()
+                || d.is_loopback()
+                || d.is_unspecified()
+                || s.to_ipv4_mapped().is_some()
+                || d.to_ipv4_mapped().is_some()
+            {
+                return Err(DropReason::Martian);
+            }
+            Ok(())
+        }
+        _ => Err(DropReason::Malformed),
     }
 }
 

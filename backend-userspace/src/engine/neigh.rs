@@ -7,13 +7,14 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Csum, PortId, Route};
+use super::{Csum, FibEntry, PortId, Route};
 
-/// Routes grouped by prefix length, longest first.
+/// Routes grouped by prefix length, longest first. `None`: the kernel routes the prefix
+/// elsewhere (an interface the engine does not own, or a blackhole).
 #[derive(Debug, Default)]
 pub(crate) struct Fib {
-    v4: Vec<(u8, HashMap<u32, Route>)>,
-    v6: Vec<(u8, HashMap<u128, Route>)>,
+    v4: Vec<(u8, HashMap<u32, Option<Route>>)>,
+    v6: Vec<(u8, HashMap<u128, Option<Route>>)>,
 }
 
 fn mask4(len: u8) -> u32 {
@@ -34,10 +35,14 @@ fn mask6(len: u8) -> u128 {
 
 impl Fib {
     /// Builds the FIB; among equal prefixes the first route wins.
-    pub(crate) fn new(routes: Vec<Route>) -> Fib {
+    pub(crate) fn new(routes: Vec<FibEntry>) -> Fib {
         let mut fib = Fib::default();
-        for r in routes {
-            match r.dst {
+        for e in routes {
+            let (dst, r) = match e {
+                FibEntry::Port(r) => (r.dst, Some(r)),
+                FibEntry::NotOurs(dst) => (dst, None),
+            };
+            match dst {
                 IpNet::V4(n) => {
                     let len = n.prefix_len();
                     let key = u32::from(n.network()) & mask4(len);
@@ -73,9 +78,16 @@ impl Fib {
         fib
     }
 
-    /// The route for a destination: (egress port, next hop).
+    /// The route for a destination: (egress port, next hop); `None` when the kernel's
+    /// best route goes through no owned port, or there is none.
     pub(crate) fn lookup(&self, dst: IpAddr) -> Option<(PortId, IpAddr)> {
-        let r = match dst {
+        let r = self.best(dst)?.as_ref()?;
+        Some((r.port, r.gateway.unwrap_or(dst)))
+    }
+
+    /// The longest matching entry: `Some(None)` for a prefix routed elsewhere.
+    pub(crate) fn best(&self, dst: IpAddr) -> Option<&Option<Route>> {
+        match dst {
             IpAddr::V4(a) => {
                 let a = u32::from(a);
                 self.v4.iter().find_map(|(l, m)| m.get(&(a & mask4(*l))))
@@ -84,8 +96,7 @@ impl Fib {
                 let a = u128::from(a);
                 self.v6.iter().find_map(|(l, m)| m.get(&(a & mask6(*l))))
             }
-        }?;
-        Some((r.port, r.gateway.unwrap_or(dst)))
+        }
     }
 }
 
@@ -119,6 +130,9 @@ pub(crate) const ARP_TRIES: u8 = 3;
 pub(crate) const ARP_RETRY: Duration = Duration::from_secs(1);
 /// Unresolved neighbours kept at once (bounds memory under scans).
 pub(crate) const MAX_INCOMPLETE: usize = 1024;
+/// Neighbours kept at once (the kernel's `gc_thresh3` is 1024 by default): requests from
+/// more senders than this are answered but not learnt from.
+pub(crate) const MAX_NEIGHBOURS: usize = 8192;
 /// A resolved neighbour not confirmed for this long past reachability is forgotten.
 pub(crate) const STALE_GC: Duration = Duration::from_secs(60);
 

@@ -18,6 +18,10 @@ pub(crate) const ETH_IPV4: u16 = 0x0800;
 pub(crate) const ETH_IPV6: u16 = 0x86dd;
 /// EtherType ARP.
 pub(crate) const ETH_ARP: u16 = 0x0806;
+/// EtherType of an IEEE 802.1Q VLAN tag.
+pub(crate) const ETH_VLAN: u16 = 0x8100;
+/// EtherType of an IEEE 802.1ad (QinQ) service tag.
+pub(crate) const ETH_QINQ: u16 = 0x88a8;
 /// IP protocol numbers.
 pub(crate) const PROTO_ICMP: u8 = 1;
 pub(crate) const PROTO_TCP: u8 = 6;
@@ -30,6 +34,8 @@ pub(crate) const TCP_FIN: u8 = 0x01;
 pub(crate) const TCP_SYN: u8 = 0x02;
 pub(crate) const TCP_RST: u8 = 0x04;
 pub(crate) const TCP_ACK: u8 = 0x10;
+/// TCP URG flag.
+pub(crate) const TCP_URG: u8 = 0x20;
 
 /// SCTP chunks that move an association's tracked state, as bits of [`sctp_chunks`].
 pub(crate) const SCTP_INIT: u8 = 0x01;
@@ -119,6 +125,47 @@ pub(crate) fn wr16(b: &mut [u8], off: usize, v: u16) {
 }
 
 /// Reads one byte (0 when out of range).
+/// Reads a big-endian u32 (0 past the end).
+pub(crate) fn rd32(b: &[u8], off: usize) -> u32 {
+    (u32::from(rd16(b, off)) << 16) | u32::from(rd16(b, off + 2))
+}
+
+/// nf_conntrack_proto_tcp's `tcp_valid_flags`: the combinations of FIN, SYN, RST, ACK and
+/// URG a TCP segment may carry (PSH, ECE and CWR ignored); anything else (no flags,
+/// SYN+FIN, FIN without ACK, the "Xmas" FIN+PSH+URG) is INVALID.
+pub(crate) fn tcp_flags_valid(flags: u8) -> bool {
+    const SYN: u8 = TCP_SYN;
+    const ACK: u8 = TCP_ACK;
+    matches!(
+        flags & (TCP_FIN | TCP_SYN | TCP_RST | TCP_ACK | TCP_URG),
+        SYN | 0x22 /* SYN|URG */ | 0x12 /* SYN|ACK */ | TCP_RST | 0x14 /* RST|ACK */
+            | 0x11 /* FIN|ACK */ | 0x31 /* FIN|ACK|URG */ | ACK | 0x30 /* ACK|URG */
+    )
+}
+
+/// The window scale option (RFC 7323) of a TCP header `seg` whose options end at `doff`.
+pub(crate) fn tcp_wscale(seg: &[u8], doff: usize) -> Option<u8> {
+    let mut i = 20;
+    while i < doff {
+        match rd8(seg, i) {
+            0 => return None,
+            1 => i += 1,
+            kind => {
+                let len = usize::from(rd8(seg, i + 1));
+                if len < 2 || i + len > doff {
+                    return None;
+                }
+                if kind == 3 && len == 3 {
+                    // RFC 7323 2.3: a shift above 14 is taken as 14.
+                    return Some(rd8(seg, i + 2).min(14));
+                }
+                i += len;
+            }
+        }
+    }
+    None
+}
+
 pub(crate) fn rd8(b: &[u8], off: usize) -> u8 {
     b.get(off).copied().unwrap_or(0)
 }

@@ -24,7 +24,12 @@
 //! file, line and field, and its last good version stays in force (per object). Everything is rewritten every
 //! `--sync-period` to repair drift. `ready` is printed on stdout after the first successful
 //! sync. SIGTERM or SIGINT stops the proxy and leaves its rules in place, as kube-proxy
-//! does; SIGHUP reloads (the source re-read, every rule rewritten); `--cleanup` removes them (with both iptables flavours unless one is named).
+//! does (the userspace datapath, which forwards in the process, hands forwarding back to
+//! the kernel); a second SIGTERM or SIGINT exits at once, the userspace datapath's
+//! forwarding handed back first. SIGHUP reloads (the source re-read, every rule
+//! rewritten). The handlers are in place before the backend changes anything.
+//! `--cleanup` removes the rules (with both iptables flavours unless one is named; for
+//! the userspace datapath it also restores the `net.ipv4.ip_forward` it recorded).
 //!
 //! NodePorts are served on the `--node-ip` addresses (those inside `--nodeport-addresses`
 //! when given): without `--node-ip` no NodePort is served.
@@ -112,6 +117,10 @@ struct Args {
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
+    /// How many of its chains one sync may keep (flushed) because a rule svcnat does not
+    /// own still jumps to them, before the sync fails; 0 fails on the first.
+    #[arg(long, value_name = "N", default_value_t = svcnat_iptables::driver::DEFAULT_MAX_KEPT_CHAINS)]
+    iptables_max_kept_chains: usize,
     /// The IPVS scheduler with --backend ipvs: rr, wrr, lc, sh or mh (with rr, services
     /// whose endpoint weights differ get wrr).
     #[arg(long, value_name = "NAME", default_value = "rr")]
@@ -268,13 +277,17 @@ fn clean_other_dialect(backend: Backend) {
 /// The iptables dataplane of every family the node's iptables can program: iptables, and
 /// ip6tables when it works (as kube-proxy, which runs dual-stack whenever both families'
 /// iptables are usable). IPv6 missing is a warning, not an error.
-fn iptables_dual(flavour: Option<Flavour>) -> Result<DualStack<Iptables>, String> {
+fn iptables_dual(
+    flavour: Option<Flavour>,
+    max_kept_chains: usize,
+) -> Result<DualStack<Iptables>, String> {
     use svcnat_iptables::render::Table;
     let one = |flavour, family| {
         Iptables::new(IptablesConfig {
             runner: Runner::local(),
             flavour,
             family,
+            max_kept_chains,
             ..IptablesConfig::default()
         })
     };
@@ -364,6 +377,31 @@ fn main() -> ExitCode {
             }
         }
     };
+    // Signals are taken before any backend changes the node, so that no signal kills the
+    // proxy between a change and the code that undoes it. The first SIGTERM or SIGINT
+    // asks the loop to stop; a second one exits at once, after handing forwarding back to
+    // the kernel if the userspace datapath had taken it. SIGHUP reloads.
+    let signals = if args.cleanup {
+        None
+    } else {
+        let userspace = args.backend == Backend::Userspace;
+        let stop = svcnat_examples::cli::stop_on_signals_or(move || {
+            if userspace {
+                match svcnat_userspace::driver::cleanup(None) {
+                    Ok(()) => warn!("second signal: forwarding handed back to the kernel"),
+                    Err(e) => error!("second signal: cannot hand forwarding back: {e}"),
+                }
+            }
+        });
+        let hup = svcnat_examples::cli::reload_on_sighup();
+        match (stop, hup) {
+            (Ok(stop), Ok(hup)) => Some(Signals { stop, hup }),
+            (Err(e), _) | (_, Err(e)) => {
+                error!("cannot handle SIGTERM/SIGINT/SIGHUP: {e}");
+                return ExitCode::from(1);
+            }
+        }
+    };
     let metrics = || Arc::new(Metrics::with_stale_after(stale_after));
     let flavour = match args.iptables_flavour {
         FlavourArg::Auto => None,
@@ -395,7 +433,14 @@ fn main() -> ExitCode {
         (Backend::Nftables, false) => {
             info!("nftables backend (tables ip svcnat, ip6 svcnat)");
             clean_other_dialect(Backend::Nftables);
-            run(args, input, nftables_dual(), metrics(), Localhost::Iptables)
+            run(
+                args,
+                input,
+                signals,
+                nftables_dual(),
+                metrics(),
+                Localhost::Iptables,
+            )
         }
         (Backend::Userspace, true) => cleanup_userspace(),
         (Backend::Ipvs, true) => match ipvs().and_then(|mut d| d.cleanup()) {
@@ -411,7 +456,14 @@ fn main() -> ExitCode {
         (Backend::Ipvs, false) => match ipvs() {
             Ok(d) => {
                 info!(family_id = d.family_id(), scheduler = %args.ipvs_scheduler, "IPVS backend");
-                run(args, input, d, metrics(), Localhost::Unsupported("IPVS"))
+                run(
+                    args,
+                    input,
+                    signals,
+                    d,
+                    metrics(),
+                    Localhost::Unsupported("IPVS"),
+                )
             }
             Err(e) => {
                 error!("cannot use IPVS: {e}");
@@ -419,7 +471,7 @@ fn main() -> ExitCode {
             }
         },
         (Backend::Iptables, false) => {
-            let dataplane = match iptables_dual(flavour) {
+            let dataplane = match iptables_dual(flavour, args.iptables_max_kept_chains) {
                 Ok(d) => d,
                 Err(e) => {
                     error!("cannot use iptables: {e}");
@@ -433,7 +485,14 @@ fn main() -> ExitCode {
             info!(flavour = ?used, families = ?dataplane.families(), "iptables backend");
             clean_other_flavour(used);
             clean_other_dialect(Backend::Iptables);
-            run(args, input, dataplane, metrics(), Localhost::Iptables)
+            run(
+                args,
+                input,
+                signals,
+                dataplane,
+                metrics(),
+                Localhost::Iptables,
+            )
         }
         (Backend::Userspace, false) => {
             let dataplane = match Userspace::start(UserspaceConfig {
@@ -457,6 +516,7 @@ fn main() -> ExitCode {
             run(
                 args,
                 input,
+                signals,
                 dataplane,
                 metrics,
                 Localhost::Unsupported(
@@ -465,6 +525,14 @@ fn main() -> ExitCode {
             )
         }
     }
+}
+
+/// The flags the signal handlers set.
+struct Signals {
+    /// SIGTERM or SIGINT: stop.
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    /// SIGHUP: reload.
+    hup: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Whether a backend can serve NodePorts on 127.0.0.1.
@@ -485,6 +553,7 @@ fn enable_route_localnet() -> std::io::Result<()> {
 fn run<D: Dataplane>(
     mut args: Args,
     input: Option<Input>,
+    signals: Option<Signals>,
     dataplane: D,
     metrics: Arc<Metrics>,
     localhost: Localhost,
@@ -530,13 +599,8 @@ fn run<D: Dataplane>(
         "starting"
     );
 
-    // The first SIGTERM or SIGINT asks the loop to stop; a second one exits at once.
-    let stop = match svcnat_examples::cli::stop_on_signals() {
-        Ok(stop) => stop,
-        Err(e) => {
-            error!("cannot handle SIGTERM/SIGINT: {e}");
-            return ExitCode::from(1);
-        }
+    let Some(signals) = signals else {
+        return ExitCode::from(2);
     };
 
     for (bind, routes, flag) in [
@@ -589,7 +653,7 @@ fn run<D: Dataplane>(
                 Ok(mut p) => {
                     p.serve_service_health(service_health);
                     p.follow_local_addresses(AddressReader(Box::new(cli::local_addresses)));
-                    drive(&mut p, &stop)
+                    drive(&mut p, &signals)
                 }
                 Err(e) => {
                     error!("cannot read the manifest directory {shown}: {e}");
@@ -626,25 +690,16 @@ fn run<D: Dataplane>(
             let mut p = Proxy::with_source(source, sync, dataplane, metrics);
             p.serve_service_health(service_health);
             p.follow_local_addresses(AddressReader(Box::new(cli::local_addresses)));
-            drive(&mut p, &stop)
+            drive(&mut p, &signals)
         }
     }
 }
 
 /// Runs the loop until a signal, printing `ready` after the first successful sync.
-fn drive<D: Dataplane, S: Source>(
-    proxy: &mut Proxy<D, S>,
-    stop: &std::sync::atomic::AtomicBool,
-) -> ExitCode {
+fn drive<D: Dataplane, S: Source>(proxy: &mut Proxy<D, S>, signals: &Signals) -> ExitCode {
     // SIGHUP reloads (a daemon must not die of it).
-    match svcnat_examples::cli::reload_on_sighup() {
-        Ok(hup) => proxy.reload_on(hup),
-        Err(e) => {
-            error!("cannot handle SIGHUP: {e}");
-            return ExitCode::from(1);
-        }
-    }
-    proxy.run(stop, || {
+    proxy.reload_on(signals.hup.clone());
+    proxy.run(&signals.stop, || {
         let mut out = std::io::stdout().lock();
         // Nobody reading stdout is no reason to stop proxying.
         let _ = writeln!(out, "ready");
