@@ -15,9 +15,11 @@
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
 //!   every step applied to a watched manifest directory (or written to fake API servers)
 //!   and observed with real traffic.
+//! - [`netns`]: sockets made inside another network namespace.
 //! - [`proxy`]: the node proxy behind `svcnat-proxy`: the coalescing sync loop over a
 //!   [`proxy::Source`] (a manifest directory with per-object last-good state, or the API),
 //!   `/metrics` and `/healthz`.
+//! - [`sctp`]: one-to-one SCTP sockets for the testbed's pod server and probe.
 //! - [`svchealth`]: kube-proxy's service health server (`healthCheckNodePort` of
 //!   `externalTrafficPolicy: Local` Services).
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
@@ -29,6 +31,8 @@ pub mod conformance;
 pub mod dns;
 pub mod fakeapi;
 pub mod lab;
+pub mod netns;
 pub mod proxy;
+pub mod sctp;
 pub mod svchealth;
 pub mod testbed;
