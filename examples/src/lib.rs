@@ -24,6 +24,7 @@
 //!   `externalTrafficPolicy: Local` Services).
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
+//! - [`vm`]: a test binary run in the qemu VM (a kernel with IPVS and SCTP).
 pub use svcnat_core::agent;
 pub mod api;
 pub mod cli;
@@ -36,3 +37,4 @@ pub mod proxy;
 pub mod sctp;
 pub mod svchealth;
 pub mod testbed;
+pub mod vm;

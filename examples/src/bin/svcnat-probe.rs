@@ -211,7 +211,10 @@ fn get_once(target: SocketAddr, timeout: Duration) -> String {
     let status = reply
         .lines()
         .next()
-        .and_then(|l| l.strip_prefix("HTTP/1.1 ").or_else(|| l.strip_prefix("HTTP/1.0 ")))
+        .and_then(|l| {
+            l.strip_prefix("HTTP/1.1 ")
+                .or_else(|| l.strip_prefix("HTTP/1.0 "))
+        })
         .and_then(|l| l.split_whitespace().next())
         .and_then(|code| code.parse::<u16>().ok());
     match (status, reply.split_once("\r\n\r\n")) {
