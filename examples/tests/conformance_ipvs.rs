@@ -152,10 +152,15 @@ fn suite_in_a_vm() {
         probe,
         proxy,
         env: vec!["SVCNAT_IPVS_VM=1".into()],
-        args: vec![
-            "--test-threads=2".into(),
-            // SVCNAT_IPVS_VM_FILTER narrows the run to matching scenarios while debugging.
-            std::env::var("SVCNAT_IPVS_VM_FILTER").unwrap_or_else(|_| "in_vm::".into()),
-        ],
+        // SVCNAT_IPVS_VM_FILTER (test name filters, separated by spaces) narrows the run to
+        // matching scenarios while debugging.
+        args: std::iter::once("--test-threads=2".to_string())
+            .chain(
+                std::env::var("SVCNAT_IPVS_VM_FILTER")
+                    .unwrap_or_else(|_| "in_vm::".into())
+                    .split_whitespace()
+                    .map(String::from),
+            )
+            .collect(),
     });
 }

@@ -42,13 +42,13 @@ mod api {
 }
 
 /// This machine's kernel has no SCTP (the `sctp` scenarios above print `SKIP`): the SCTP
-/// scenario over both families, with a TCP smoke scenario, runs in the qemu VM whose kernel
+/// scenario over both families runs in the qemu VM whose kernel
 /// has it (`backend-ipvs/vm/run.sh`, as the IPVS suite does; `nft` is in its initramfs).
 /// Every test named must run there, none may skip.
 #[test]
 fn sctp_in_a_vm() {
     let (podserver, probe, proxy) = svcnat_examples::vm_programs!();
-    let tests = ["cluster_ip_spread", "sctp", "ipv6::sctp"];
+    let tests = ["sctp", "ipv6::sctp"];
     let Some(console) = svcnat_examples::vm::run_in_vm(&svcnat_examples::vm::VmRun {
         label: "userspace SCTP".into(),
         exe: std::env::current_exe().unwrap(),
