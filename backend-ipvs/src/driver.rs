@@ -506,7 +506,10 @@ impl Ipvs {
             };
             let netmask = match key.addr {
                 IpAddr::V4(_) => u32::MAX,
-                IpAddr::V6(_) => 128,
+                // ip_vs_add_service: for AF_INET6 the `__be32` netmask is read as a plain
+                // u32 prefix length, `(__force __u32) u->netmask` in 1..=128 (else EINVAL):
+                // the attribute carries 128 in host byte order, as libipvs writes it.
+                IpAddr::V6(_) => u32::from_be_bytes(128u32.to_ne_bytes()),
             };
             let name = format!("{} ({key})", fe.service_port);
             d.services.insert(
