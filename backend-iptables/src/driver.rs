@@ -89,6 +89,10 @@ pub struct IptablesConfig {
     /// two iptables invocations, which with the legacy flavour read whole tables, so by
     /// default it happens at most every 10 s; zero checks before every sync.
     pub canary_interval: Duration,
+    /// How many chains one sync may keep (flushed) because a rule svcnat does not own
+    /// still jumps to them; past it the sync fails, naming the line. Zero fails on the
+    /// first such reference.
+    pub max_kept_chains: usize,
 }
 
 impl Default for IptablesConfig {
@@ -98,6 +102,7 @@ impl Default for IptablesConfig {
             flavour: None,
             family: IpFamily::V4,
             canary_interval: Duration::from_secs(10),
+            max_kept_chains: DEFAULT_MAX_KEPT_CHAINS,
         }
     }
 }
@@ -157,6 +162,7 @@ pub struct Iptables {
     applied: Option<Ruleset>,
     canary_interval: Duration,
     canary_checked: Option<Instant>,
+    max_kept_chains: usize,
     /// The conntrack table of the same namespace.
     conntrack: Conntrack,
     /// Stale flows of diffs whose rules are not applied yet (a failed sync's are kept for
@@ -180,6 +186,7 @@ impl Iptables {
             applied: None,
             canary_interval: config.canary_interval,
             canary_checked: None,
+            max_kept_chains: config.max_kept_chains,
         })
     }
 
@@ -235,6 +242,44 @@ impl Iptables {
             line,
             stderr,
         })
+    }
+
+    /// [`Iptables::restore`], except that a chain which cannot be deleted because a rule
+    /// svcnat does not own still jumps to it is kept (flushed: the transaction declares it)
+    /// and the rest of the transaction is applied: one foreign reference must not block
+    /// every later update. Returns the chains kept; a later full sync, which deletes every
+    /// stale owned chain it finds, tries again.
+    fn restore_sparing(&self, text: &str) -> Result<Vec<String>, SyncError> {
+        let mut text = text.to_string();
+        let mut kept = Vec::new();
+        loop {
+            let err = match self.restore(&text) {
+                Ok(()) => return Ok(kept),
+                Err(e) => e,
+            };
+            let SyncError::Restore {
+                line: Some(n),
+                rule: Some(rule),
+                ..
+            } = &err
+            else {
+                return Err(err);
+            };
+            // Bounded: each round removes one `-X` line.
+            let Some(chain) = rule.strip_prefix("-X ").map(str::trim) else {
+                return Err(err);
+            };
+            if kept.len() >= self.max_kept_chains {
+                return Err(err);
+            }
+            kept.push(chain.to_string());
+            text = text
+                .lines()
+                .enumerate()
+                .filter(|(i, _)| i + 1 != *n)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect();
+        }
     }
 
     fn run(&self, tool: &str, args: &[&str]) -> Result<String, SyncError> {
@@ -325,8 +370,9 @@ impl Iptables {
             jumps += missing.len();
             text = splice_before_commit(&text, table, &extra);
         }
-        self.restore(&nat_first(&text))?;
-        let report = SyncReport::of_plan(plan, true, rules.rule_count() + jumps);
+        let kept = self.restore_sparing(&nat_first(&text))?;
+        let mut report = SyncReport::of_plan(plan, true, rules.rule_count() + jumps);
+        report.warnings = kept_warnings(&kept);
         self.applied = Some(rules);
         self.canary_checked = Some(Instant::now());
         Ok(report)
@@ -366,12 +412,13 @@ impl Iptables {
         }
         // On failure `applied` stays None: the kernel kept the old rules and the next sync
         // rewrites everything.
-        self.restore(&nat_first(&text))?;
-        let report = SyncReport::of_plan(
+        let kept = self.restore_sparing(&nat_first(&text))?;
+        let mut report = SyncReport::of_plan(
             plan,
             false,
             text.lines().filter(|l| l.starts_with("-A ")).count(),
         );
+        report.warnings = kept_warnings(&kept);
         self.applied = Some(rules);
         Ok(report)
     }
@@ -393,6 +440,21 @@ impl Iptables {
             .map(|(_, c)| c.to_string())
             .collect()
     }
+}
+
+/// The default of [`IptablesConfig::max_kept_chains`]: past a few dozen foreign references
+/// something is badly wrong with the tables, and failing says so.
+pub const DEFAULT_MAX_KEPT_CHAINS: usize = 64;
+
+fn kept_warnings(kept: &[String]) -> Vec<String> {
+    kept.iter()
+        .map(|c| {
+            format!(
+                "chain {c} is kept (flushed) because a rule svcnat does not own jumps to it; \
+                 it is deleted once that rule is gone"
+            )
+        })
+        .collect()
 }
 
 /// Restore text with the `nat` table's blocks first, each table's blocks in their order.

@@ -504,11 +504,12 @@ impl Ipvs {
                 Some(t) => (IP_VS_SVC_F_PERSISTENT, t),
                 None => (0, 0),
             };
+            // The attribute is a big-endian mask for IPv4, but for IPv6 the kernel takes
+            // its raw bits as a prefix length in host order (`(__force __u32)` in
+            // ip_vs_ctl.c; ipvsadm sends 128 unconverted): 128 sent big-endian reads as
+            // 0x80000000 on a little-endian host and is refused with EINVAL.
             let netmask = match key.addr {
                 IpAddr::V4(_) => u32::MAX,
-                // ip_vs_add_service: for AF_INET6 the `__be32` netmask is read as a plain
-                // u32 prefix length, `(__force __u32) u->netmask` in 1..=128 (else EINVAL):
-                // the attribute carries 128 in host byte order, as libipvs writes it.
                 IpAddr::V6(_) => u32::from_be_bytes(128u32.to_ne_bytes()),
             };
             let name = format!("{} ({key})", fe.service_port);

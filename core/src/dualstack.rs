@@ -152,6 +152,8 @@ fn merge(a: SyncReport, b: SyncReport) -> SyncReport {
     out.conntrack_deleted = a.conntrack_deleted + b.conntrack_deleted;
     out.conntrack_errors = a.conntrack_errors;
     out.conntrack_errors.extend(b.conntrack_errors);
+    out.warnings = a.warnings;
+    out.warnings.extend(b.warnings);
     out
 }
 

@@ -96,8 +96,9 @@ impl NodeContext {
 
     /// The node addresses that serve NodePorts, each once: with `nodeport_primary` the
     /// `node_ips`; otherwise the `node_ips` and `local_addresses` inside
-    /// `nodeport_addresses` (all of them when it is empty), without IPv6 link-local
-    /// addresses, IPv6 loopback, and IPv4 loopback unless `localhost_nodeports`.
+    /// `nodeport_addresses` (all of them when it is empty), the local addresses without
+    /// IPv6 link-local ones, IPv6 loopback, and IPv4 loopback unless
+    /// `localhost_nodeports`.
     pub fn nodeport_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
         let local: &[IpAddr] = if self.nodeport_primary {
             &[]
@@ -105,20 +106,21 @@ impl NodeContext {
             &self.local_addresses
         };
         let mut seen = std::collections::BTreeSet::new();
-        self.node_ips
-            .iter()
-            .chain(local)
-            .copied()
-            .filter(move |ip| {
-                let allowed = match ip {
-                    IpAddr::V4(v4) => !v4.is_loopback() || self.localhost_nodeports,
-                    IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
-                };
+        let given = self.node_ips.iter().map(|ip| (*ip, true));
+        given
+            .chain(local.iter().map(|ip| (*ip, false)))
+            .filter(move |&(ip, given)| {
+                let allowed = given
+                    || match ip {
+                        IpAddr::V4(v4) => !v4.is_loopback() || self.localhost_nodeports,
+                        IpAddr::V6(v6) => !v6.is_loopback() && !v6.is_unicast_link_local(),
+                    };
                 let in_range = self.nodeport_primary
                     || self.nodeport_addresses.is_empty()
-                    || self.nodeport_addresses.iter().any(|n| n.contains(ip));
-                allowed && in_range && seen.insert(*ip)
+                    || self.nodeport_addresses.iter().any(|n| n.contains(&ip));
+                allowed && in_range && seen.insert(ip)
             })
+            .map(|(ip, _)| ip)
     }
 }
 
@@ -1332,6 +1334,9 @@ pub struct SyncReport {
     /// Stale entries that could not be deleted, each naming the flow and the error (the
     /// sync itself still succeeded: the rules are in place).
     pub conntrack_errors: Vec<String>,
+    /// What the backend worked around and an operator should hear of (say, a chain it
+    /// could not delete because a rule it does not own refers to it); the sync succeeded.
+    pub warnings: Vec<String>,
 }
 
 impl SyncReport {
@@ -1344,6 +1349,7 @@ impl SyncReport {
             endpoints,
             conntrack_deleted: 0,
             conntrack_errors: Vec::new(),
+            warnings: Vec::new(),
         }
     }
 

@@ -2261,7 +2261,7 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
                     %newest_trigger,
                     "synced"
                 );
-                for e in &report.conntrack_errors {
+                for e in report.conntrack_errors.iter().chain(&report.warnings) {
                     warn!("{e}");
                 }
                 self.dirty = false;

@@ -15,7 +15,8 @@
 //! - `410 Expired` (compaction) in the middle of a burst of slice updates: the final rules
 //!   hold exactly the last slice's endpoints;
 //! - `/healthz` turns 503 only when syncs stop succeeding (a foreign rule pins a chain the
-//!   proxy must delete), and 200 again once they succeed.
+//!   proxy must delete, with `--iptables-max-kept-chains 0`), and 200 again once they
+//!   succeed.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -400,6 +401,10 @@ fn api_faults_with_traffic_flowing() {
             "4s",
             "--min-sync-period",
             "200ms",
+            // The first foreign reference fails a sync (the default keeps a few dozen
+            // chains flushed and goes on); the staleness check below needs failing syncs.
+            "--iptables-max-kept-chains",
+            "0",
         ],
     );
     proxy.wait_ready();

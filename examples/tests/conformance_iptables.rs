@@ -29,6 +29,7 @@ impl Backend for IptablesBackend {
                 family,
                 // Tests check the canary before every sync.
                 canary_interval: Duration::ZERO,
+                ..IptablesConfig::default()
             })
             .map_err(|e| e.to_string())
         };

@@ -263,10 +263,14 @@ fn restore_failure(flavour: Flavour) {
         vec![tb.node_ip(0)],
         vec!["10.244.0.0/16".parse().unwrap()],
     );
+    // Strict: the first foreign reference to a chain svcnat must delete fails the sync
+    // (by default a few dozen are tolerated, the chains kept flushed), which is the
+    // failure this test needs.
     let mut dp = Iptables::new(IptablesConfig {
         runner: Runner::netns(ns.clone()),
         flavour: Some(flavour),
         canary_interval: Duration::ZERO,
+        max_kept_chains: 0,
         ..IptablesConfig::default()
     })
     .unwrap();

@@ -12,7 +12,7 @@ use svcnat_core::model::{Cluster, ObjectName, Pod, Protocol};
 use svcnat_core::plan::{Dataplane, NodeContext, Plan};
 use svcnat_examples::conformance::service;
 use svcnat_examples::testbed::{Testbed, TestbedSpec};
-use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner, SyncError};
+use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
 
 fn cluster(services: &[&str]) -> Cluster {
     let mut c = Cluster::simulated();
@@ -145,9 +145,9 @@ fn check(flavour: Flavour) {
         "-A PREROUTING -m comment --comment \"kubernetes service portals\" -j KUBE-SERVICES"
     ));
 
-    // A failing restore: a foreign rule now refers to gamma's endpoint chain, so deleting
-    // gamma cannot delete that chain. The error names the failing input line, the previous
-    // rules stay in force, and once the reference is gone the next sync repairs.
+    // A foreign rule now refers to gamma's endpoint chain, so deleting gamma cannot delete
+    // that chain. The chain is kept (flushed, with a warning) and every other update of
+    // the same sync applies: gamma's rules go, delta arrives.
     let sep = saved
         .lines()
         .filter_map(|l| l.strip_prefix(":"))
@@ -163,43 +163,41 @@ fn check(flavour: Flavour) {
         tag,
         &["-t", "nat", "-I", "OUTPUT", "-d", "192.0.2.99", "-j", &sep],
     );
-    let before = save(&tb, &ns, tag);
-    let c = cluster(&["alpha", "beta"]);
+    let c = cluster(&["alpha", "beta", "delta"]);
     let plan_c = Plan::compile(&c, &node);
-    let err = dp.sync(&plan_c, &Plan::diff(&plan_b, &plan_c)).unwrap_err();
-    match &err {
-        SyncError::Restore { line, rule, .. } => {
-            assert!(line.is_some(), "the failing line is named: {err}");
-            assert!(
-                rule.as_deref().is_some_and(|r| r.contains("KUBE-")),
-                "the failing rule is quoted: {err}"
-            );
-        }
-        other => panic!("expected a restore error, got {other}"),
-    }
-    let after = save(&tb, &ns, tag);
+    let report = dp.sync(&plan_c, &Plan::diff(&plan_b, &plan_c)).unwrap();
     assert!(
-        after.contains("gamma cluster IP"),
-        "old rules stay in force:\n{after}"
+        report.warnings.iter().any(|w| w.contains(&sep)),
+        "the kept chain is reported: {:?}",
+        report.warnings
     );
-    assert_eq!(
-        after.lines().filter(|l| l.starts_with("-A")).count(),
-        before.lines().filter(|l| l.starts_with("-A")).count(),
-        "nothing half-applied"
+    let after = save(&tb, &ns, tag);
+    assert!(!after.contains("gamma"), "gamma's rules removed:\n{after}");
+    assert!(after.contains("delta cluster IP"), "delta added:\n{after}");
+    assert!(
+        after.contains(&format!(":{sep} ")),
+        "the referenced chain is kept:\n{after}"
     );
+    assert!(
+        !after.contains(&format!("-A {sep} ")),
+        "the kept chain is flushed:\n{after}"
+    );
+    // A later update applies too, while the reference stays.
+    let d = cluster(&["alpha", "beta", "delta", "epsilon"]);
+    let plan_d = Plan::compile(&d, &node);
+    let report = dp.resync(&plan_d).unwrap();
+    assert!(report.warnings.iter().any(|w| w.contains(&sep)));
+    assert!(save(&tb, &ns, tag).contains("epsilon cluster IP"));
+    // Once the reference is gone, the next full sync deletes the chain.
     run(
         &tb,
         &ns,
         tag,
         &["-t", "nat", "-D", "OUTPUT", "-d", "192.0.2.99", "-j", &sep],
     );
-    let report = dp.sync(&plan_c, &Plan::diff(&plan_b, &plan_c)).unwrap();
-    assert!(
-        report.full,
-        "after a failure the next sync is a full resync"
-    );
+    let report = dp.resync(&plan_d).unwrap();
+    assert!(report.warnings.is_empty(), "{:?}", report.warnings);
     let saved = save(&tb, &ns, tag);
-    assert!(!saved.contains("gamma"), "gamma removed:\n{saved}");
     assert!(!saved.contains(&sep), "its chain removed:\n{saved}");
 
     // Cleanup removes everything svcnat installed and nothing else.

@@ -314,7 +314,9 @@ fn metrics_health_sigterm_and_cleanup() {
         "kubeproxy_sync_proxy_rules_duration_seconds_bucket{le=\"+Inf\"}",
         "kubeproxy_sync_full_proxy_rules_duration_seconds_count ",
         "\nsvcnat_services 1\n",
-        "\nsvcnat_frontends 2\n",
+        // ClusterIP, and the NodePort on the node's LAN address and on 127.0.0.1
+        // (--localhost-nodeports is on by default with iptables).
+        "\nsvcnat_frontends 3\n",
         "\nsvcnat_endpoints 3\n",
         "\nsvcnat_manifest_errors 0\n",
         "\nsvcnat_sync_errors_total 0\n",

@@ -108,6 +108,10 @@ struct Args {
     /// The iptables implementation.
     #[arg(long, value_enum, value_name = "FLAVOUR", default_value_t = FlavourArg::Auto)]
     iptables_flavour: FlavourArg,
+    /// How many of its chains one sync may keep (flushed) because a rule svcnat does not
+    /// own still jumps to them, before the sync fails; 0 fails on the first.
+    #[arg(long, value_name = "N", default_value_t = svcnat_iptables::driver::DEFAULT_MAX_KEPT_CHAINS)]
+    iptables_max_kept_chains: usize,
     /// The IPVS scheduler with --backend ipvs: rr, wrr, lc, sh or mh (with rr, services
     /// whose endpoint weights differ get wrr).
     #[arg(long, value_name = "NAME", default_value = "rr")]
@@ -232,13 +236,17 @@ fn clean_other_flavour(used: Flavour) {
 /// The iptables dataplane of every family the node's iptables can program: iptables, and
 /// ip6tables when it works (as kube-proxy, which runs dual-stack whenever both families'
 /// iptables are usable). IPv6 missing is a warning, not an error.
-fn iptables_dual(flavour: Option<Flavour>) -> Result<DualStack<Iptables>, String> {
+fn iptables_dual(
+    flavour: Option<Flavour>,
+    max_kept_chains: usize,
+) -> Result<DualStack<Iptables>, String> {
     use svcnat_iptables::render::Table;
     let one = |flavour, family| {
         Iptables::new(IptablesConfig {
             runner: Runner::local(),
             flavour,
             family,
+            max_kept_chains,
             ..IptablesConfig::default()
         })
     };
@@ -365,7 +373,7 @@ fn main() -> ExitCode {
             }
         },
         (Backend::Iptables, false) => {
-            let dataplane = match iptables_dual(flavour) {
+            let dataplane = match iptables_dual(flavour, args.iptables_max_kept_chains) {
                 Ok(d) => d,
                 Err(e) => {
                     error!("cannot use iptables: {e}");
