@@ -8,8 +8,8 @@
 # - The kernel package (linux-image-cloud-amd64's current version) is fetched with
 #   `apt-get download` and unpacked with `dpkg-deb -x` (never installed) into the cache
 #   directory, `$IPVS_VM_DIR` or `target/ipvs-vm/` of the workspace.
-# - The initramfs holds busybox, ipvsadm, ip, iptables (legacy and nft), sysctl, the modules
-#   IPVS and the tests need (dependencies resolved with kmod's modprobe against the unpacked
+# - The initramfs holds busybox, ipvsadm, ip, iptables (legacy and nft), nft, sysctl, the
+#   modules IPVS, SCTP and the tests need (dependencies resolved with kmod's modprobe against the unpacked
 #   tree), every `--file` (default DEST: /bin/<name>), and the shared libraries of every
 #   binary in it (ldd). ELF files passed with --file are stripped on the way in.
 # - /init mounts proc/sys/dev/run, loads the modules, runs COMMAND with the `--env`
@@ -18,8 +18,8 @@
 # - Exit status: COMMAND's; 125 when the VM never reported one (boot failure); 124 when the
 #   guard timeout (default 1800 s, only against a hung VM) ended it.
 #
-# Needs: qemu-system-x86 (qemu-system-x86_64), busybox-static, ipvsadm, iptables, iproute2,
-# procps, kmod, apt-get/dpkg-deb. Uses software emulation (TCG): nested KVM does not work on
+# Needs: qemu-system-x86 (qemu-system-x86_64), busybox-static, ipvsadm, iptables, nftables,
+# iproute2, procps, kmod, apt-get/dpkg-deb. Uses software emulation (TCG): nested KVM does not work on
 # the machines this was written for. Set IPVS_VM_ACCEL=kvm to try KVM.
 set -euo pipefail
 
@@ -44,10 +44,10 @@ done
 
 need() {
   for t in "$@"; do
-    command -v "$t" >/dev/null || { echo "run.sh: missing $t (apt-get install qemu-system-x86 busybox-static ipvsadm iptables iproute2 procps kmod)" >&2; exit 3; }
+    command -v "$t" >/dev/null || { echo "run.sh: missing $t (apt-get install qemu-system-x86 busybox-static ipvsadm iptables nftables iproute2 procps kmod)" >&2; exit 3; }
   done
 }
-need qemu-system-x86_64 busybox ipvsadm ip iptables-legacy iptables-nft sysctl modprobe depmod ldd dpkg-deb apt-get gzip
+need qemu-system-x86_64 busybox ipvsadm ip iptables-legacy iptables-nft nft sysctl modprobe depmod ldd dpkg-deb apt-get gzip
 bb="$(command -v busybox)"
 file "$bb" 2>/dev/null | grep -q "statically linked" || ldd "$bb" 2>&1 | grep -q "not a dynamic" || {
   echo "run.sh: $bb is not static (install busybox-static)" >&2; exit 3; }
@@ -89,6 +89,7 @@ wanted=(
   nf_tables nft_compat nft_chain_nat nft_ct nft_masq nft_nat nft_reject nft_reject_inet
   nft_reject_ipv4 nft_reject_ipv6 nft_numgen nft_fib nft_fib_inet nft_fib_ipv4 nft_fib_ipv6
   nft_redir nft_limit nft_counter
+  sctp xt_sctp
 )
 mods=()
 declare -A seen=()
@@ -125,6 +126,8 @@ add_bin() { # SRC DEST
 add_bin "$(command -v ipvsadm)" /sbin/ipvsadm
 add_bin "$(command -v ip)" /sbin/ip
 add_bin "$(command -v sysctl)" /sbin/sysctl
+# nft: the userspace backend's ingress table.
+add_bin "$(command -v nft)" /sbin/nft
 add_bin /usr/sbin/xtables-legacy-multi /sbin/xtables-legacy-multi
 add_bin /usr/sbin/xtables-nft-multi /sbin/xtables-nft-multi
 for fam in iptables ip6tables; do
@@ -170,6 +173,10 @@ done
 echo "root:x:0:0:root:/root:/bin/sh" >"$root/etc/passwd"
 echo "root:x:0:" >"$root/etc/group"
 printf '127.0.0.1 localhost\n::1 localhost\n' >"$root/etc/hosts"
+# Protocol and service names (nft and iptables print and parse `sctp`, `tcp`...).
+for f in /etc/protocols /etc/services; do
+  [ -e "$f" ] && cp "$f" "$root$f"
+done
 : >"$root/etc/nsswitch.conf"
 
 {

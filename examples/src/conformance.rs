@@ -27,22 +27,28 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use svcnat_core::model::IpFamily;
 use svcnat_core::model::*;
 use svcnat_core::plan::{Dataplane, NodeContext};
 
 use crate::agent::NodeAgent;
+use crate::proxy::Metrics;
+use crate::svchealth::ServiceHealth;
 use through_api::ApiFeed;
 
 mod through_api;
-use crate::testbed::{NodeSpec, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec};
+use crate::testbed::{Attempt, NodeSpec, PodSpec, ProbeArgs, ProbeResult, Testbed, TestbedSpec};
 pub use through_api::AGREE_WITHIN;
 
 /// The port every test pod serves HTTP (and the line protocol) on.
 pub const POD_TCP: u16 = 8080;
 /// The port every test pod answers UDP on.
 pub const POD_UDP: u16 = 5353;
+/// The port every test pod listens on for SCTP, when the kernel has SCTP.
+pub const POD_SCTP: u16 = 7070;
 /// The address range of test Services.
 pub const CLUSTER_CIDR: &str = "10.244.0.0/16";
 /// The pods' IPv6 range (the nodes' `fd00:10:244:<i>::/64` pod CIDRs).
@@ -123,11 +129,21 @@ pub enum Scenario {
     /// NodePorts answer on 127.0.0.1 from the node itself (`--localhost-nodeports`,
     /// `route_localnet`); IPv4 only, as in kube-proxy.
     NodePortOnLocalhost,
+    /// SCTP: a ClusterIP and a NodePort of protocol SCTP spread associations over the
+    /// pods, and a Service without endpoints refuses them. Skipped, with the reason, on a
+    /// kernel without SCTP ([`crate::sctp::available`]).
+    Sctp,
+    /// `healthCheckNodePort` of an `externalTrafficPolicy: Local` LoadBalancer: each node
+    /// serves it (svcnat's [`crate::svchealth::ServiceHealth`], bound in the node's
+    /// namespace and fed the node's plan), a LAN client sees 200 with the node's number of
+    /// local endpoints, 503 on a node without any, the answer follows endpoints as they
+    /// move, and the port closes with the Service.
+    HealthCheckNodePort,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 17] = [
+    pub const ALL: [Scenario; 19] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -145,6 +161,8 @@ impl Scenario {
         Scenario::TopologyZones,
         Scenario::LoadBalancerIpModeProxy,
         Scenario::UdpEndpointReplaced,
+        Scenario::Sctp,
+        Scenario::HealthCheckNodePort,
     ];
 }
 
@@ -226,6 +244,9 @@ pub struct Fixture<B: Backend> {
     pods: Vec<TestPod>,
     api: Option<ApiFeed>,
     family: IpFamily,
+    /// Each node's service health server and the metrics that tell it the node's proxy is
+    /// healthy, once [`Fixture::serve_service_health`] was called.
+    health: Vec<(ServiceHealth, Arc<Metrics>)>,
 }
 
 impl<B: Backend> Fixture<B> {
@@ -259,6 +280,11 @@ impl<B: Backend> Fixture<B> {
                 pod = pod.with_ip(p.ip6);
             }
             spec = spec.pod(pod.tcp(POD_TCP).udp(POD_UDP));
+        }
+        // The pods serve SCTP too where the kernel has it.
+        let sctp = crate::sctp::available().is_ok();
+        if sctp {
+            spec.pods = spec.pods.into_iter().map(|p| p.sctp(POD_SCTP)).collect();
         }
         let tb = match Testbed::new(spec) {
             Ok(tb) => tb,
@@ -304,7 +330,24 @@ impl<B: Backend> Fixture<B> {
             pods,
             api,
             family,
+            health: Vec::new(),
         }
+    }
+
+    /// Serves every node's health check node ports from now on, as `svcnat-proxy` does: a
+    /// [`ServiceHealth`] per node, bound on every address inside the node's namespace and
+    /// fed the node's plan after each sync (the node's proxy counts as healthy: each sync
+    /// is recorded as successful).
+    pub fn serve_service_health(&mut self) {
+        for i in 0..self.agents.len() {
+            let metrics = Arc::new(Metrics::new(Duration::from_secs(3600)));
+            let health = match ServiceHealth::new(Vec::new(), metrics.clone()) {
+                Ok(h) => h.in_netns(self.tb.ns_of_node(i)),
+                Err(e) => panic!("service health server for node {i}: {e}"),
+            };
+            self.health.push((health, metrics));
+        }
+        self.sync();
     }
 
     /// The family the scenario runs over.
@@ -350,7 +393,7 @@ impl<B: Backend> Fixture<B> {
     }
 
     /// A Service in `default` selecting `key=value` at [`Fixture::vip`] `n`, with one port
-    /// `port` -> the pods' TCP port (or UDP port for UDP).
+    /// `port` -> the pods' port of that protocol.
     pub fn service(
         &self,
         name: &str,
@@ -384,15 +427,27 @@ impl<B: Backend> Fixture<B> {
                 },
                 None => &self.cluster,
             };
-            match a.sync(cluster) {
+            let report = match a.sync(cluster) {
                 Err(e) => panic!("sync of node {i} failed: {e}"),
-                Ok(r) => assert!(
-                    r.conntrack_errors.is_empty(),
-                    "sync of node {i}: {:?}",
-                    r.conntrack_errors
-                ),
+                Ok(r) => r,
+            };
+            assert!(
+                report.conntrack_errors.is_empty(),
+                "sync of node {i}: {:?}",
+                report.conntrack_errors
+            );
+            if let Some((health, metrics)) = self.health.get_mut(i) {
+                metrics.sync_ok(Instant::now(), Duration::ZERO, &report, 0);
+                health.update(a.plan());
             }
         }
+    }
+
+    /// Removes a Service of `default` and syncs.
+    pub fn remove_service(&mut self, name: &str) {
+        self.cluster
+            .remove_service(&ServiceName::new("default", name));
+        self.sync();
     }
 
     /// Adds or replaces a Service and syncs.
@@ -505,7 +560,7 @@ fn pod_object(p: &TestPod, v6: bool) -> Pod {
 }
 
 /// A Service in `default` selecting `key=value` at cluster IP `ip` (single stack, of
-/// `ip`'s family), with one port `port` -> the pods' TCP port (or UDP port for UDP).
+/// `ip`'s family), with one port `port` -> the pods' port of that protocol.
 pub fn service(
     name: &str,
     key: &str,
@@ -524,10 +579,10 @@ pub fn service(
         String::new(),
         protocol,
         port,
-        TargetPort::Number(if protocol == Protocol::Udp {
-            POD_UDP
-        } else {
-            POD_TCP
+        TargetPort::Number(match protocol {
+            Protocol::Udp => POD_UDP,
+            Protocol::Sctp => POD_SCTP,
+            _ => POD_TCP,
         }),
     ));
     svc
@@ -572,10 +627,17 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
     } else {
         family
     };
-    let unsupported = backend.unsupported(scenario).or(match family {
-        IpFamily::V6 => backend.unsupported_v6(scenario),
-        IpFamily::V4 => None,
-    });
+    let unsupported = backend
+        .unsupported(scenario)
+        .or(match family {
+            IpFamily::V6 => backend.unsupported_v6(scenario),
+            IpFamily::V4 => None,
+        })
+        .map(str::to_string)
+        .or_else(|| match scenario {
+            Scenario::Sctp => crate::sctp::available().err(),
+            _ => None,
+        });
     if let Some(why) = unsupported {
         eprintln!(
             "SKIP: {} cannot express {scenario} over {family:?}: {why}",
@@ -605,6 +667,8 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::DualStack => dual_stack(&mut f),
         Scenario::NodePortOnEveryAddress => node_port_on_every_address(&mut f),
         Scenario::NodePortOnLocalhost => node_port_on_localhost(&mut f),
+        Scenario::Sctp => sctp(&mut f),
+        Scenario::HealthCheckNodePort => health_check_node_port(&mut f),
     }
 }
 
@@ -1147,6 +1211,139 @@ fn node_port_on_localhost<B: Backend>(f: &mut Fixture<B>) {
     assert_eq!(r.ok(), 0, "localhost NodePorts off, yet answered: {r}");
 }
 
+/// Per SCTP attempt: an association takes two round trips before the first data.
+const SCTP_TIMEOUT_MS: u64 = 3000;
+
+fn sctp<B: Backend>(f: &mut Fixture<B>) {
+    // The clients retransmit an INIT after 300 ms instead of 3 s. Linux keeps an ICMP error
+    // that arrives while connect() still holds the socket (here, the first INIT's, since
+    // the REJECT answers within the send) as a soft error; the retransmitted INIT's error
+    // then ends the attempt (ECONNREFUSED) within the probe's timeout.
+    for ns in [
+        f.tb.ns_of_client(0).to_string(),
+        f.tb.ns_of_pod("tester").unwrap_or_default().to_string(),
+    ] {
+        if let Err(e) = f.tb.exec_ok(
+            &ns,
+            [
+                "sysctl",
+                "-qw",
+                "net.sctp.rto_min=100",
+                "net.sctp.rto_initial=300",
+            ],
+        ) {
+            panic!("SCTP retransmission timers in {ns}: {e}");
+        }
+    }
+    let sctp = |target| ProbeArgs::sctp(target).timeout_ms(SCTP_TIMEOUT_MS);
+    let mut svc = f.service("assoc", "app", "web", 73, 3868, Protocol::Sctp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30095);
+    f.set_service(svc);
+    let r = f.from_pod("tester", sctp(sock(f.vip(73), 3868)).count(60));
+    assert!(r.all_ok(), "SCTP ClusterIP: {r}");
+    assert_eq!(r.pods(), names(&WEB), "SCTP ClusterIP spreads: {r}");
+    for node in 0..2 {
+        let r = f.from_client(0, sctp(sock(f.node_ip(node), 30095)).count(20));
+        assert!(r.all_ok(), "SCTP NodePort on node {node}: {r}");
+        assert!(r.pods().len() >= 3, "SCTP NodePort spreads: {r}");
+        assert!(
+            !r.client_ips().contains(&f.client_ip(0)),
+            "an SCTP NodePort with policy Cluster must masquerade: {r}"
+        );
+    }
+    // Endpoints leave: new associations go to the rest only.
+    f.remove_pods(&["web-0", "web-3"]);
+    let r = f.from_pod("tester", sctp(sock(f.vip(73), 3868)).count(20));
+    assert!(r.all_ok(), "{r}");
+    assert!(
+        r.pods().is_subset(&names(&["web-1", "web-2", "web-4"])) && r.pods().len() >= 2,
+        "after web-0 and web-3 left: {r}"
+    );
+    // No endpoints: refused (ICMP port unreachable, which ends the INIT with
+    // ECONNREFUSED), not left to time out.
+    let mut empty = f.service("assoc-empty", "app", "nothing", 74, 3868, Protocol::Sctp);
+    empty.service_type = ServiceType::NodePort;
+    empty.ports[0].node_port = Some(30096);
+    f.set_service(empty);
+    let r = f.from_pod("tester", sctp(sock(f.vip(74), 3868)).count(3));
+    assert_eq!(r.refused(), 3, "SCTP ClusterIP without endpoints: {r}");
+    let r = f.from_client(0, sctp(sock(f.node_ip(1), 30096)).count(3));
+    assert_eq!(r.refused(), 3, "SCTP NodePort without endpoints: {r}");
+}
+
+/// The health check of node `i` as a LAN client sees it: status and `localEndpoints`.
+fn health_of<B: Backend>(f: &Fixture<B>, node: usize, port: u16) -> (u16, u64) {
+    let target = sock(f.node_ip(node), port);
+    let reply = match f
+        .tb
+        .http_get(f.tb.ns_of_client(0), target, Duration::from_secs(3))
+    {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(failed)) => panic!("health check {target}: {failed:?}"),
+        Err(e) => panic!("health check {target}: {e}"),
+    };
+    let body: serde_json::Value = match serde_json::from_str(&reply.body) {
+        Ok(v) => v,
+        Err(e) => panic!("health check {target}: {e}: {reply:?}"),
+    };
+    assert_eq!(
+        body["service"],
+        serde_json::json!({"namespace": "default", "name": "hc"}),
+        "{target}: {reply:?}"
+    );
+    let Some(local) = body["localEndpoints"].as_u64() else {
+        panic!("health check {target}: no localEndpoints: {reply:?}");
+    };
+    (reply.status, local)
+}
+
+fn health_check_node_port<B: Backend>(f: &mut Fixture<B>) {
+    const HCNP: u16 = 30097;
+    f.serve_service_health();
+    let mut svc = f.service("hc", "app", "web", 75, 80, Protocol::Tcp);
+    svc.service_type = ServiceType::LoadBalancer;
+    svc.ports[0].node_port = Some(30098);
+    svc.load_balancer_ips = vec![f.lb_ip()];
+    svc.external_traffic_policy = TrafficPolicy::Local;
+    svc.health_check_node_port = Some(HCNP);
+    f.set_service(svc);
+    assert_eq!(
+        health_of(f, 0, HCNP),
+        (200, 3),
+        "node 0: web-0, web-1, web-2"
+    );
+    assert_eq!(health_of(f, 1, HCNP), (200, 2), "node 1: web-3, web-4");
+    // The Service itself still works next to its health check.
+    let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(1), 30098)).count(20));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&["web-3", "web-4"]), "{r}");
+    // Node 1 loses its endpoints: a load balancer must stop sending there.
+    f.remove_pods(&["web-3", "web-4"]);
+    assert_eq!(
+        health_of(f, 1, HCNP),
+        (503, 0),
+        "node 1 has no endpoint left"
+    );
+    assert_eq!(health_of(f, 0, HCNP), (200, 3), "node 0 is unchanged");
+    // One comes back; node 0 loses one.
+    f.restore_pods(&["web-4"]);
+    f.remove_pods(&["web-0"]);
+    assert_eq!(health_of(f, 1, HCNP), (200, 1), "web-4 is back on node 1");
+    assert_eq!(health_of(f, 0, HCNP), (200, 2), "web-0 left node 0");
+    // The Service goes: so does its health check port.
+    f.remove_service("hc");
+    for node in 0..2 {
+        let target = sock(f.node_ip(node), HCNP);
+        let got =
+            f.tb.http_get(f.tb.ns_of_client(0), target, Duration::from_secs(2));
+        assert!(
+            matches!(got, Ok(Err(Attempt::Refused))),
+            "health check port {target} after the Service was deleted: {got:?}"
+        );
+    }
+}
+
 /// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
 /// directly: every scenario over IPv4, again over IPv6 (in a module `ipv6`), and the
 /// dual-stack scenario: `svcnat_examples::conformance_suite!(MyBackend::new());`
@@ -1184,6 +1381,8 @@ macro_rules! conformance_suite {
             load_balancer_ip_mode_proxy: LoadBalancerIpModeProxy,
             udp_endpoint_replaced: UdpEndpointReplaced,
             node_port_on_every_address: NodePortOnEveryAddress,
+            sctp: Sctp,
+            health_check_node_port: HealthCheckNodePort,
         );
     };
     (@tests $backend:expr, $feed:ident, $family:ident; $($name:ident: $scenario:ident,)*) => {

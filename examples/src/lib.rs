@@ -15,13 +15,16 @@
 //! - [`lab`]: the replay of the lab behind `svcnat-lab`: the lab's cluster in namespaces,
 //!   every step applied to a watched manifest directory (or written to fake API servers)
 //!   and observed with real traffic.
+//! - [`netns`]: sockets made inside another network namespace.
 //! - [`proxy`]: the node proxy behind `svcnat-proxy`: the coalescing sync loop over a
 //!   [`proxy::Source`] (a manifest directory with per-object last-good state, or the API),
 //!   `/metrics` and `/healthz`.
+//! - [`sctp`]: one-to-one SCTP sockets for the testbed's pod server and probe.
 //! - [`svchealth`]: kube-proxy's service health server (`healthCheckNodePort` of
 //!   `externalTrafficPolicy: Local` Services).
 //! - [`testbed`]: clusters built from network namespaces and veth pairs, with servers in
 //!   pod namespaces and a probe, for real-packet tests of every backend.
+//! - [`vm`]: a test binary run in the qemu VM (a kernel with IPVS and SCTP).
 pub use svcnat_core::agent;
 pub mod api;
 pub mod cli;
@@ -29,6 +32,9 @@ pub mod conformance;
 pub mod dns;
 pub mod fakeapi;
 pub mod lab;
+pub mod netns;
 pub mod proxy;
+pub mod sctp;
 pub mod svchealth;
 pub mod testbed;
+pub mod vm;

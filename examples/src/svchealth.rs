@@ -25,7 +25,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,6 +57,8 @@ pub struct ServiceHealth {
     runtime: tokio::runtime::Runtime,
     /// Where each port listens: every address (unspecified) by default, or these.
     addresses: Vec<IpAddr>,
+    /// The network namespace the ports are bound in (`/run/netns/NAME`), if not this one.
+    netns: Option<String>,
     table: Table,
     listeners: BTreeMap<u16, Vec<tokio::task::JoinHandle<()>>>,
     /// Ports that failed to bind, so the failure is logged once.
@@ -88,12 +90,21 @@ impl ServiceHealth {
         Ok(ServiceHealth {
             runtime,
             addresses,
+            netns: None,
             table: Arc::new(Mutex::new(BTreeMap::new())),
             listeners: BTreeMap::new(),
             failed: BTreeSet::new(),
             metrics,
             permits: Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS)),
         })
+    }
+
+    /// Binds the ports in the network namespace `/run/netns/NAME` (as `ip netns` names
+    /// it) instead of the caller's: a test serves a node's health checks inside the node's
+    /// namespace this way, the rest of the process staying where it is.
+    pub fn in_netns(mut self, name: impl Into<String>) -> ServiceHealth {
+        self.netns = Some(name.into());
+        self
     }
 
     /// The ports open now.
@@ -151,18 +162,10 @@ impl ServiceHealth {
 
     /// Binds `port` on every configured address (all of them or none).
     fn open(&self, port: u16) -> io::Result<Vec<tokio::task::JoinHandle<()>>> {
-        let addrs: Vec<IpAddr> = if self.addresses.is_empty() {
-            vec![IpAddr::V4(Ipv4Addr::UNSPECIFIED)]
-        } else {
-            self.addresses.clone()
+        let bound = match &self.netns {
+            Some(name) => crate::netns::run_in(name, || bind(&self.addresses, port))?,
+            None => bind(&self.addresses, port)?,
         };
-        let mut bound = Vec::new();
-        for ip in addrs {
-            let l = std::net::TcpListener::bind(SocketAddr::new(ip, port))
-                .map_err(|e| io::Error::new(e.kind(), format!("{ip}:{port}: {e}")))?;
-            l.set_nonblocking(true)?;
-            bound.push(l);
-        }
         let _guard = self.runtime.enter();
         let mut tasks = Vec::new();
         for l in bound {
@@ -179,6 +182,36 @@ impl ServiceHealth {
         }
         Ok(tasks)
     }
+}
+
+/// Listening sockets for `port` on `addresses`, or on every address of both families
+/// when none is given (`[::]`, which takes IPv4 too unless `bindv6only` is set; then, or
+/// without IPv6, `0.0.0.0` as well), as kube-proxy's `:port` listens.
+fn bind(addresses: &[IpAddr], port: u16) -> io::Result<Vec<std::net::TcpListener>> {
+    let listen = |ip: IpAddr| {
+        std::net::TcpListener::bind(SocketAddr::new(ip, port))
+            .map_err(|e| io::Error::new(e.kind(), format!("{ip}:{port}: {e}")))
+    };
+    let mut bound = Vec::new();
+    if addresses.is_empty() {
+        let v6 = listen(IpAddr::V6(Ipv6Addr::UNSPECIFIED));
+        let v6_ok = v6.is_ok();
+        bound.extend(v6);
+        match listen(IpAddr::V4(Ipv4Addr::UNSPECIFIED)) {
+            Ok(l) => bound.push(l),
+            // The dual-stack socket already takes IPv4.
+            Err(e) if v6_ok && e.kind() == io::ErrorKind::AddrInUse => {}
+            Err(e) => return Err(e),
+        }
+    } else {
+        for ip in addresses {
+            bound.push(listen(*ip)?);
+        }
+    }
+    for l in &bound {
+        l.set_nonblocking(true)?;
+    }
+    Ok(bound)
 }
 
 impl Drop for ServiceHealth {

@@ -367,6 +367,8 @@ pub struct PodSpec {
     pub tcp_ports: Vec<u16>,
     /// UDP ports the server answers on.
     pub udp_ports: Vec<u16>,
+    /// SCTP ports the server listens on (the kernel must have SCTP).
+    pub sctp_ports: Vec<u16>,
 }
 
 impl PodSpec {
@@ -378,6 +380,7 @@ impl PodSpec {
             ips: vec![ip],
             tcp_ports: Vec::new(),
             udp_ports: Vec::new(),
+            sctp_ports: Vec::new(),
         }
     }
 
@@ -396,6 +399,12 @@ impl PodSpec {
     /// Adds a UDP port.
     pub fn udp(mut self, port: u16) -> PodSpec {
         self.udp_ports.push(port);
+        self
+    }
+
+    /// Adds an SCTP port (see [`crate::sctp::available`]).
+    pub fn sctp(mut self, port: u16) -> PodSpec {
+        self.sctp_ports.push(port);
         self
     }
 }
@@ -516,6 +525,8 @@ pub enum Proto {
     Tcp,
     /// Datagrams, a new socket (source port) each.
     Udp,
+    /// SCTP associations, a new one each, one line exchanged on it.
+    Sctp,
 }
 
 /// What [`Testbed::probe`] sends.
@@ -569,6 +580,14 @@ impl ProbeArgs {
         self
     }
 
+    /// One SCTP association to `target` (a line and its reply), 1 s timeout.
+    pub fn sctp(target: SocketAddr) -> ProbeArgs {
+        ProbeArgs {
+            proto: Proto::Sctp,
+            ..ProbeArgs::tcp(target)
+        }
+    }
+
     /// Binds a source address (UDP only).
     pub fn source(mut self, ip: IpAddr) -> ProbeArgs {
         self.source = Some(ip);
@@ -586,6 +605,7 @@ impl ProbeArgs {
             match self.proto {
                 Proto::Tcp => "tcp".to_string(),
                 Proto::Udp => "udp".to_string(),
+                Proto::Sctp => "sctp".to_string(),
             },
             self.target.to_string(),
             "--count".to_string(),
@@ -601,6 +621,15 @@ impl ProbeArgs {
         }
         args
     }
+}
+
+/// An HTTP answer seen by [`Testbed::http_get`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// The body, its lines joined by single spaces.
+    pub body: String,
 }
 
 /// The outcome of one probe attempt.
@@ -1303,6 +1332,10 @@ impl Testbed {
             cmd.arg("--udp")
                 .args(pod.udp_ports.iter().map(u16::to_string));
         }
+        if !pod.sctp_ports.is_empty() {
+            cmd.arg("--sctp")
+                .args(pod.sctp_ports.iter().map(u16::to_string));
+        }
         let what = command_text(&cmd);
         let mut child = cmd
             .stdin(Stdio::piped())
@@ -1516,6 +1549,34 @@ impl Testbed {
     pub fn probe(&self, ns: &str, args: ProbeArgs) -> io::Result<ProbeResult> {
         let stdout = run(self.command(ns, &self.binaries.probe).args(args.to_args()))?;
         Ok(ProbeResult::parse(&stdout))
+    }
+
+    /// One HTTP GET of `http://target/` from `ns` (`svcnat-probe get`): the status and
+    /// body, or how the attempt failed.
+    pub fn http_get(
+        &self,
+        ns: &str,
+        target: SocketAddr,
+        timeout: Duration,
+    ) -> io::Result<Result<HttpReply, Attempt>> {
+        let stdout = run(self.command(ns, &self.binaries.probe).args([
+            "get".to_string(),
+            target.to_string(),
+            "--timeout-ms".to_string(),
+            timeout.as_millis().max(1).to_string(),
+        ]))?;
+        let line = stdout.lines().next().unwrap_or_default().trim();
+        let Some(rest) = line.strip_prefix("http ") else {
+            return Ok(Err(Attempt::parse(line)));
+        };
+        let (status, body) = rest.split_once(' ').unwrap_or((rest, ""));
+        match status.parse() {
+            Ok(status) => Ok(Ok(HttpReply {
+                status,
+                body: body.to_string(),
+            })),
+            Err(_) => Ok(Err(Attempt::Error(line.to_string()))),
+        }
     }
 
     /// Opens one TCP connection in line mode from `ns` to `target` (through whatever NAT is

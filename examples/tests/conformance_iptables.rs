@@ -58,3 +58,39 @@ mod legacy_api {
     use super::*;
     svcnat_examples::conformance_suite_api!(IptablesBackend(Flavour::Legacy));
 }
+
+/// This machine's kernel has no SCTP (the `sctp` scenarios above print `SKIP`): the SCTP
+/// scenario (nft flavour over both families, legacy over IPv4; both write the same
+/// `-p sctp` rules) runs in the
+/// qemu VM whose kernel has it (`backend-ipvs/vm/run.sh`, as the IPVS suite does). Every
+/// test named must run there, none may skip.
+#[test]
+fn sctp_in_a_vm() {
+    let (podserver, probe, proxy) = svcnat_examples::vm_programs!();
+    let tests = ["nft::sctp", "nft::ipv6::sctp", "legacy::sctp"];
+    let Some(console) = svcnat_examples::vm::run_in_vm(&svcnat_examples::vm::VmRun {
+        label: "iptables SCTP".into(),
+        exe: std::env::current_exe().unwrap(),
+        podserver,
+        probe,
+        proxy,
+        env: Vec::new(),
+        args: ["--exact", "--test-threads=2"]
+            .into_iter()
+            .chain(tests)
+            .map(String::from)
+            .collect(),
+    }) else {
+        return;
+    };
+    for t in tests {
+        assert!(
+            console.contains(&format!("test {t} ... ok")),
+            "{t} did not pass in the VM"
+        );
+    }
+    assert!(
+        !console.contains("SKIP:"),
+        "a scenario was skipped in the VM"
+    );
+}

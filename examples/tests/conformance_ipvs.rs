@@ -10,9 +10,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::Instant;
 
 use svcnat_examples::conformance::{Backend, Scenario};
 use svcnat_ipvs::driver::{Ipvs, IpvsConfig, Scheduler};
@@ -146,68 +144,23 @@ mod in_vm {
 
 #[test]
 fn suite_in_a_vm() {
-    if Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .is_err()
-    {
-        let why = "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86 busybox-static ipvsadm kmod)";
-        if svcnat_examples::testbed::in_ci() {
-            panic!("CI=true but {why}");
-        }
-        eprintln!("SKIP: {why}");
-        return;
-    }
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../backend-ipvs/vm/run.sh");
-    let exe = std::env::current_exe().unwrap();
-    let start = Instant::now();
-    let out = Command::new("bash")
-        .arg(&script)
-        .arg("--file")
-        .arg(format!("{}:/bin/conformance-ipvs", exe.display()))
-        .arg("--file")
-        .arg(format!(
-            "{}:/bin/svcnat-podserver",
-            env!("CARGO_BIN_EXE_svcnat-podserver")
-        ))
-        .arg("--file")
-        .arg(format!(
-            "{}:/bin/svcnat-probe",
-            env!("CARGO_BIN_EXE_svcnat-probe")
-        ))
-        .arg("--file")
-        .arg(format!(
-            "{}:/bin/svcnat-proxy",
-            env!("CARGO_BIN_EXE_svcnat-proxy")
-        ))
-        .args(["--env", "SVCNAT_IPVS_VM=1"])
-        .args(["--env", "SVCNAT_PODSERVER=/bin/svcnat-podserver"])
-        .args(["--env", "SVCNAT_PROBE=/bin/svcnat-probe"])
-        .args(["--env", "SVCNAT_PROXY=/bin/svcnat-proxy"])
-        .args(["--", "/bin/conformance-ipvs", "--test-threads=2"])
-        // SVCNAT_IPVS_VM_FILTER narrows the run to matching scenarios while debugging.
-        .arg(std::env::var("SVCNAT_IPVS_VM_FILTER").unwrap_or_else(|_| "in_vm::".into()))
-        .stderr(Stdio::inherit())
-        .output()
-        .unwrap();
-    let console = String::from_utf8_lossy(&out.stdout);
-    println!("{console}");
-    let passed: Vec<&str> = console
-        .lines()
-        .filter(|l| l.starts_with("test in_vm::") && l.ends_with(" ok"))
-        .collect();
-    eprintln!(
-        "IPVS conformance in the VM: {} scenarios passed, VM run {:.0} s",
-        passed.len(),
-        start.elapsed().as_secs_f64()
-    );
-    assert!(
-        out.status.success(),
-        "the conformance suite failed in the VM ({}); console above",
-        out.status
-    );
-    assert!(
-        console.contains("test result: ok."),
-        "no test summary from the VM"
-    );
+    let (podserver, probe, proxy) = svcnat_examples::vm_programs!();
+    svcnat_examples::vm::run_in_vm(&svcnat_examples::vm::VmRun {
+        label: "IPVS conformance".into(),
+        exe: std::env::current_exe().unwrap(),
+        podserver,
+        probe,
+        proxy,
+        env: vec!["SVCNAT_IPVS_VM=1".into()],
+        // SVCNAT_IPVS_VM_FILTER (test name filters, separated by spaces) narrows the run to
+        // matching scenarios while debugging.
+        args: std::iter::once("--test-threads=2".to_string())
+            .chain(
+                std::env::var("SVCNAT_IPVS_VM_FILTER")
+                    .unwrap_or_else(|_| "in_vm::".into())
+                    .split_whitespace()
+                    .map(String::from),
+            )
+            .collect(),
+    });
 }

@@ -40,3 +40,38 @@ mod api {
     use super::*;
     svcnat_examples::conformance_suite_api!(UserspaceBackend);
 }
+
+/// This machine's kernel has no SCTP (the `sctp` scenarios above print `SKIP`): the SCTP
+/// scenario over both families runs in the qemu VM whose kernel
+/// has it (`backend-ipvs/vm/run.sh`, as the IPVS suite does; `nft` is in its initramfs).
+/// Every test named must run there, none may skip.
+#[test]
+fn sctp_in_a_vm() {
+    let (podserver, probe, proxy) = svcnat_examples::vm_programs!();
+    let tests = ["sctp", "ipv6::sctp"];
+    let Some(console) = svcnat_examples::vm::run_in_vm(&svcnat_examples::vm::VmRun {
+        label: "userspace SCTP".into(),
+        exe: std::env::current_exe().unwrap(),
+        podserver,
+        probe,
+        proxy,
+        env: Vec::new(),
+        args: ["--exact", "--test-threads=2"]
+            .into_iter()
+            .chain(tests)
+            .map(String::from)
+            .collect(),
+    }) else {
+        return;
+    };
+    for t in tests {
+        assert!(
+            console.contains(&format!("test {t} ... ok")),
+            "{t} did not pass in the VM"
+        );
+    }
+    assert!(
+        !console.contains("SKIP:"),
+        "a scenario was skipped in the VM"
+    );
+}

@@ -1,7 +1,7 @@
 //! `svcnat-podserver`: the server every testbed pod runs.
 //!
 //! ```text
-//! svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--watch-stdin]
+//! svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--sctp PORT...] [--watch-stdin]
 //! ```
 //!
 //! Every port is bound on the wildcard address of both families when the namespace has
@@ -16,6 +16,8 @@
 //!   `pod=NAME client=IP:PORT line=LINE\n` and the connection stays open, so a test can
 //!   prove that an established connection survives a rule change.
 //! - UDP: each datagram is answered with `pod=NAME client=IP:PORT\n`.
+//! - SCTP (one-to-one style sockets, [`svcnat_examples::sctp`]): as TCP, HTTP or line mode
+//!   on the association's byte stream; `client` is the association's primary peer address.
 //!
 //! With `--watch-stdin` the server exits when its stdin reaches end of file, so a server
 //! whose parent (the test process) died does not linger in a leaked namespace.
@@ -34,11 +36,21 @@ struct Args {
     name: String,
     tcp: Vec<u16>,
     udp: Vec<u16>,
+    sctp: Vec<u16>,
     watch_stdin: bool,
 }
 
+/// Which port list the next numbers belong to.
+#[derive(Clone, Copy)]
+enum List {
+    Tcp,
+    Udp,
+    Sctp,
+}
+
 fn usage() -> String {
-    "usage: svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--watch-stdin]"
+    "usage: svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--sctp PORT...] \
+     [--watch-stdin]"
         .to_string()
 }
 
@@ -46,8 +58,9 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut name = None;
     let mut tcp = Vec::new();
     let mut udp = Vec::new();
+    let mut sctp = Vec::new();
     let mut watch_stdin = false;
-    let mut list: Option<bool> = None; // Some(true): tcp ports follow, Some(false): udp
+    let mut list: Option<List> = None;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -58,23 +71,25 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
                         .ok_or_else(|| format!("--name needs a value\n{}", usage()))?,
                 );
             }
-            "--tcp" => list = Some(true),
-            "--udp" => list = Some(false),
+            "--tcp" => list = Some(List::Tcp),
+            "--udp" => list = Some(List::Udp),
+            "--sctp" => list = Some(List::Sctp),
             "--watch-stdin" => {
                 list = None;
                 watch_stdin = true;
             }
             "-h" | "--help" => return Err(usage()),
             value => {
-                let port: u16 = match list {
-                    Some(_) => value
-                        .parse()
-                        .map_err(|_| format!("bad port {value:?}\n{}", usage()))?,
-                    None => return Err(format!("unexpected argument {value:?}\n{}", usage())),
+                let Some(list) = list else {
+                    return Err(format!("unexpected argument {value:?}\n{}", usage()));
                 };
+                let port: u16 = value
+                    .parse()
+                    .map_err(|_| format!("bad port {value:?}\n{}", usage()))?;
                 match list {
-                    Some(true) => tcp.push(port),
-                    _ => udp.push(port),
+                    List::Tcp => tcp.push(port),
+                    List::Udp => udp.push(port),
+                    List::Sctp => sctp.push(port),
                 }
             }
         }
@@ -87,6 +102,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         name,
         tcp,
         udp,
+        sctp,
         watch_stdin,
     })
 }
@@ -230,6 +246,14 @@ fn run(args: Args) -> io::Result<()> {
     let mut threads = Vec::new();
     for &port in &args.tcp {
         for listener in bind_all(port, TcpListener::bind)? {
+            let name = Arc::clone(&name);
+            threads.push(thread::spawn(move || run_tcp(listener, name)));
+        }
+    }
+    for &port in &args.sctp {
+        let listeners = svcnat_examples::sctp::listen_all(port)
+            .map_err(|e| io::Error::new(e.kind(), format!("sctp port {port}: {e}")))?;
+        for listener in listeners {
             let name = Arc::clone(&name);
             threads.push(thread::spawn(move || run_tcp(listener, name)));
         }

@@ -3,12 +3,16 @@
 //! ```text
 //! svcnat-probe tcp  ADDR:PORT [--count N] [--timeout-ms T]
 //! svcnat-probe udp  ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]
+//! svcnat-probe sctp ADDR:PORT [--count N] [--timeout-ms T]
 //! svcnat-probe hold ADDR:PORT [--timeout-ms T]
+//! svcnat-probe get  ADDR:PORT [--timeout-ms T]
 //! ```
 //!
 //! `tcp` makes N sequential HTTP GETs, each on a new connection; `udp` sends N datagrams,
-//! each from a new socket (a new source port, so a new conntrack entry). Each attempt prints
-//! one line on stdout:
+//! each from a new socket (a new source port, so a new conntrack entry); `sctp` opens N
+//! associations one after the other (one-to-one style sockets, [`svcnat_examples::sctp`]),
+//! each sending one line and reading the pod server's reply. Each attempt prints one line
+//! on stdout:
 //!
 //! ```text
 //! ok pod=NAME client=IP:PORT
@@ -21,6 +25,9 @@
 //! `hold` opens one TCP connection in line mode and prints `connected local=IP:PORT` (or
 //! one of the failure words above). Then each stdin line is sent and the reply printed as
 //! `ok pod=NAME client=IP:PORT line=TEXT` or `error TEXT`; it exits at stdin's end.
+//!
+//! `get` makes one HTTP/1.1 GET of `/` to any HTTP server (a health check port) and prints
+//! `http STATUS BODY` (the body on one line), or one of the failure words.
 //!
 //! `--source-port` makes every datagram leave from that one UDP port, as a resolver with
 //! a connected socket does: the flow keeps one conntrack entry from call to call.
@@ -37,7 +44,9 @@ use std::time::Duration;
 enum Mode {
     Tcp,
     Udp,
+    Sctp,
     Hold,
+    Get,
 }
 
 struct Args {
@@ -49,13 +58,15 @@ struct Args {
     source_port: Option<u16>,
 }
 
-const USAGE: &str = "usage: svcnat-probe tcp|udp|hold ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]";
+const USAGE: &str = "usage: svcnat-probe tcp|udp|sctp|hold|get ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mode = match args.next().as_deref() {
         Some("tcp") => Mode::Tcp,
         Some("udp") => Mode::Udp,
+        Some("sctp") => Mode::Sctp,
         Some("hold") => Mode::Hold,
+        Some("get") => Mode::Get,
         other => return Err(format!("unknown mode {other:?}\n{USAGE}")),
     };
     let target = args
@@ -153,6 +164,65 @@ fn tcp_once(target: SocketAddr, timeout: Duration) -> String {
     }
 }
 
+/// One SCTP association: a line out, the pod server's reply line back.
+fn sctp_once(target: SocketAddr, timeout: Duration) -> String {
+    let mut stream = match svcnat_examples::sctp::connect_timeout(target, timeout) {
+        Ok(s) => s,
+        Err(e) => return classify(&e),
+    };
+    let io = (|| -> io::Result<String> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(b"probe\n")?;
+        let mut reply = String::new();
+        BufReader::new(&mut stream).read_line(&mut reply)?;
+        Ok(reply)
+    })();
+    // Closed with a graceful SHUTDOWN (the association's conntrack entry closes too).
+    let _ = stream.shutdown(std::net::Shutdown::Both);
+    match io {
+        Ok(reply) if reply.is_empty() => "error closed".to_string(),
+        Ok(reply) => reply_line(&reply),
+        Err(e) => classify(&e),
+    }
+}
+
+/// One HTTP GET of `/`: `http STATUS BODY`.
+fn get_once(target: SocketAddr, timeout: Duration) -> String {
+    let mut stream = match TcpStream::connect_timeout(&target, timeout) {
+        Ok(s) => s,
+        Err(e) => return classify(&e),
+    };
+    let request = format!(
+        "GET / HTTP/1.1\r\nHost: {target}\r\nUser-Agent: svcnat-probe\r\nConnection: close\r\n\r\n"
+    );
+    let io = (|| -> io::Result<Vec<u8>> {
+        stream.set_read_timeout(Some(timeout))?;
+        stream.set_write_timeout(Some(timeout))?;
+        stream.write_all(request.as_bytes())?;
+        let mut reply = Vec::new();
+        stream.take(64 * 1024).read_to_end(&mut reply)?;
+        Ok(reply)
+    })();
+    let reply = match io {
+        Ok(reply) => String::from_utf8_lossy(&reply).into_owned(),
+        Err(e) => return classify(&e),
+    };
+    let status = reply
+        .lines()
+        .next()
+        .and_then(|l| {
+            l.strip_prefix("HTTP/1.1 ")
+                .or_else(|| l.strip_prefix("HTTP/1.0 "))
+        })
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|code| code.parse::<u16>().ok());
+    match (status, reply.split_once("\r\n\r\n")) {
+        (Some(status), Some((_, body))) => format!("http {status} {}", one_line(body)),
+        _ => format!("error no http reply {:?}", one_line(&reply)),
+    }
+}
+
 fn unspecified(target: &SocketAddr) -> IpAddr {
     match target {
         SocketAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
@@ -228,13 +298,18 @@ fn hold(target: SocketAddr, timeout: Duration) -> io::Result<()> {
 fn run(args: &Args) -> io::Result<()> {
     match args.mode {
         Mode::Hold => hold(args.target, args.timeout),
-        Mode::Tcp | Mode::Udp => {
+        Mode::Get => {
+            let mut out = io::stdout().lock();
+            writeln!(out, "{}", get_once(args.target, args.timeout))?;
+            out.flush()
+        }
+        Mode::Tcp | Mode::Udp | Mode::Sctp => {
             let mut out = io::stdout().lock();
             for _ in 0..args.count {
-                let line = if args.mode == Mode::Tcp {
-                    tcp_once(args.target, args.timeout)
-                } else {
-                    udp_once(args.target, args.timeout, args.source, args.source_port)
+                let line = match args.mode {
+                    Mode::Tcp => tcp_once(args.target, args.timeout),
+                    Mode::Sctp => sctp_once(args.target, args.timeout),
+                    _ => udp_once(args.target, args.timeout, args.source, args.source_port),
                 };
                 writeln!(out, "{line}")?;
                 out.flush()?;

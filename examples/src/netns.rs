@@ -1,0 +1,36 @@
+//! Running a piece of code in another network namespace: sockets made there stay there.
+//!
+//! `setns(2)` changes only the calling thread's namespace, and a socket belongs to the
+//! namespace it was made in, whichever thread uses it later. [`run_in`] makes the sockets
+//! on a short-lived thread that entered the namespace, so the rest of the process (its
+//! runtimes, its other threads) never changes namespace.
+
+use std::io;
+use std::thread;
+
+/// Runs `f` on a thread inside the network namespace `/run/netns/NAME` (as `ip netns`
+/// names them) and returns its result.
+pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> io::Result<T> + Send) -> io::Result<T> {
+    if name.is_empty() || name.contains('/') || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad network namespace name {name:?}"),
+        ));
+    }
+    let path = format!("/run/netns/{name}");
+    let file = std::fs::File::open(&path)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {path}: {e}")))?;
+    thread::scope(|s| {
+        s.spawn(|| {
+            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
+                io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("enter network namespace {path}: {e}"),
+                )
+            })?;
+            f().map_err(|e| io::Error::new(e.kind(), format!("{e} (in network namespace {name})")))
+        })
+        .join()
+        .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
+    })
+}
