@@ -99,6 +99,10 @@ pub enum Scenario {
     /// externalTrafficPolicy Local: local endpoints only, the client's address kept, and
     /// nothing (DROP) on a node without local endpoints.
     ExternalTrafficLocal,
+    /// internalTrafficPolicy Local: a ClusterIP reached from a pod goes only to endpoints
+    /// on the pod's own node, and nowhere (DROP) when its node has none, even while other
+    /// nodes do; the NodePort of the same Service keeps spreading over every endpoint.
+    InternalTrafficLocal,
     /// Terminating endpoints take traffic only when no endpoint is ready.
     TerminatingFallback,
     /// A pod reaching its own Service lands on itself (hairpin masquerade).
@@ -143,7 +147,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 19] = [
+    pub const ALL: [Scenario; 20] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -153,6 +157,7 @@ impl Scenario {
         Scenario::Scaling,
         Scenario::ClientIpAffinity,
         Scenario::ExternalTrafficLocal,
+        Scenario::InternalTrafficLocal,
         Scenario::TerminatingFallback,
         Scenario::Hairpin,
         Scenario::Udp,
@@ -656,6 +661,7 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::Scaling => scaling(&mut f),
         Scenario::ClientIpAffinity => client_ip_affinity(&mut f),
         Scenario::ExternalTrafficLocal => external_traffic_local(&mut f),
+        Scenario::InternalTrafficLocal => internal_traffic_local(&mut f),
         Scenario::TerminatingFallback => terminating_fallback(&mut f),
         Scenario::Hairpin => hairpin(&mut f),
         Scenario::Udp => udp(&mut f),
@@ -928,6 +934,42 @@ fn external_traffic_local<B: Backend>(f: &mut Fixture<B>) {
     // ClusterIP traffic is not affected by the external policy.
     let r = f.from_pod("tester", ProbeArgs::tcp(sock(f.vip(58), 80)).count(40));
     assert!(r.all_ok(), "{r}");
+}
+
+fn internal_traffic_local<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = f.service("internal", "app", "web", 67, 80, Protocol::Tcp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30089);
+    svc.internal_traffic_policy = TrafficPolicy::Local;
+    f.set_service(svc);
+    let target = sock(f.vip(67), 80);
+    // The tester lives on node 0 with web-0..2; web-3 and web-4 on node 1.
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(60));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB[..3]), "node 0's endpoints only: {r}");
+    let r = f.from_pod("web-3", ProbeArgs::tcp(target).count(40));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB[3..]), "node 1's endpoints only: {r}");
+    // externalTrafficPolicy (Cluster) governs the NodePort: every endpoint.
+    let r = f.from_client(0, ProbeArgs::tcp(sock(f.node_ip(0), 30089)).count(100));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(
+        r.pods(),
+        names(&WEB),
+        "the NodePort spreads over both nodes: {r}"
+    );
+    // Node 0 loses its endpoints: its pods' traffic is dropped, never sent to node 1.
+    f.remove_pods(&WEB[..3]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(3).timeout_ms(800));
+    assert_eq!(r.timeouts(), 3, "no local endpoint: dropped: {r}");
+    let r = f.from_pod("web-3", ProbeArgs::tcp(target).count(20));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB[3..]), "{r}");
+    // Back on node 0.
+    f.restore_pods(&WEB[..3]);
+    let r = f.from_pod("tester", ProbeArgs::tcp(target).count(30));
+    assert!(r.all_ok(), "{r}");
+    assert_eq!(r.pods(), names(&WEB[..3]), "{r}");
 }
 
 fn terminating_fallback<B: Backend>(f: &mut Fixture<B>) {
@@ -1372,6 +1414,7 @@ macro_rules! conformance_suite {
             scaling: Scaling,
             client_ip_affinity: ClientIpAffinity,
             external_traffic_local: ExternalTrafficLocal,
+            internal_traffic_local: InternalTrafficLocal,
             terminating_fallback: TerminatingFallback,
             hairpin: Hairpin,
             udp: Udp,
