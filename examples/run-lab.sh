@@ -9,7 +9,8 @@ if [ "$(id -u)" != 0 ]; then
   exit 2
 fi
 missing=()
-for tool in ip:iproute2 sysctl:procps iptables:iptables getent:libc-bin; do
+for tool in ip:iproute2 sysctl:procps iptables:iptables nft:nftables getent:libc-bin nslookup:dnsutils \
+  ping:iputils-ping; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool##*:}")
 done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -402,8 +402,9 @@ impl Lab {
         Ok(lab)
     }
 
-    /// Step 2 on iptables: the `KUBE-SVC-` chain spreads with statistic probabilities.
-    fn step2_iptables(&mut self) -> Result<(), LabError> {
+    /// Step 2 on iptables: the `KUBE-SVC-` chain spreads with statistic probabilities; the
+    /// `KUBE-SEP-` chains' DNAT targets are returned.
+    fn step2_iptables(&mut self) -> Result<BTreeSet<IpAddr>, LabError> {
         let step = "the KUBE-SVC chain spreads with statistic probabilities";
         self.say(format!("\n== STEP 2: {step}"));
         let spn = ServicePortName {
@@ -434,12 +435,138 @@ impl Lab {
         ] {
             expect(step, rules.contains(p), &format!("probability {p}"), &rules)?;
         }
-        Ok(())
+        let seps: Vec<String> = rules
+            .lines()
+            .filter_map(|l| l.split("-j ").nth(1))
+            .filter(|t| t.starts_with("KUBE-SEP-"))
+            .map(|t| t.trim().to_string())
+            .collect();
+        let mut targets = BTreeSet::new();
+        for sep in seps {
+            let text = self.on_node(0, &["iptables", "-t", "nat", "-S", &sep])?;
+            targets.extend(
+                text.split_whitespace()
+                    .skip_while(|w| *w != "--to-destination")
+                    .nth(1)
+                    .and_then(|d| d.parse::<SocketAddr>().ok())
+                    .map(|d| d.ip()),
+            );
+        }
+        Ok(targets)
+    }
+
+    /// Runs `args` on node `i` (showing the command and its output) and returns stdout.
+    fn on_node(&mut self, i: usize, args: &[&str]) -> Result<String, LabError> {
+        self.say(format!("$ {}   (on node-{i})", args.join(" ")));
+        let ns = self.tb.ns_of_node(i).to_string();
+        let out = self.tb.exec(&ns, args).map_err(setup("exec on a node"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in text.lines() {
+            self.say(format!("  {l}"));
+        }
+        Ok(text)
+    }
+
+    /// Runs `args` in pod `pod` (showing the command and its output); returns whether it
+    /// succeeded and its stdout, or `None` when the program is not installed (an error under
+    /// CI, where nothing may be skipped).
+    fn in_pod(&mut self, pod: &str, args: &[&str]) -> Result<Option<(bool, String)>, LabError> {
+        let program = args.first().copied().unwrap_or_default();
+        self.say(format!("$ kubectl exec {pod} -- {}", args.join(" ")));
+        if !installed(program) {
+            let why = format!("{program} is not installed (examples/run-lab.sh installs it)");
+            if crate::testbed::in_ci() {
+                return Err(LabError::Setup(why));
+            }
+            self.say(format!("  SKIP: {why}"));
+            return Ok(None);
+        }
+        let ns = self.pod_ns(pod)?;
+        let out = self.tb.exec(&ns, args).map_err(setup("exec in a pod"))?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        for l in text.lines() {
+            self.say(format!("  {l}"));
+        }
+        Ok(Some((out.status.success(), text)))
+    }
+
+    /// Under the hood of step 1: the NodePort rule counted the browser's connections
+    /// (`iptables -nvL -t nat | grep 30000`), or the `service-nodeports` map holds 30000.
+    fn nodeport_counters(&mut self, step: &str) -> Result<(), LabError> {
+        match self.backend {
+            LabBackend::Iptables => {
+                let text = self.on_node(0, &["iptables", "-t", "nat", "-nvL", "KUBE-NODEPORTS"])?;
+                let counted: Vec<&str> = text
+                    .lines()
+                    .filter(|l| l.contains("dpt:30000"))
+                    .filter(|l| l.split_whitespace().next().is_some_and(|n| n != "0"))
+                    .collect();
+                expect(
+                    step,
+                    !counted.is_empty(),
+                    "the rule for port 30000 counted packets (the first of each connection: \
+                     the nat table sees only those)",
+                    &text,
+                )
+            }
+            LabBackend::Nftables => {
+                let text = self.on_node(
+                    0,
+                    &["nft", "list", "map", "ip", "svcnat", "service-nodeports"],
+                )?;
+                expect(
+                    step,
+                    text.contains("tcp . 30000"),
+                    "service-nodeports maps tcp . 30000 to the Service's chain",
+                    &text,
+                )
+            }
+        }
+    }
+
+    /// Under the hood of step 2: the DNAT targets are the vote pods' IPs, as `kubectl get
+    /// pods -o wide` lists them.
+    fn dnat_matches_pods(&mut self, dnat: &BTreeSet<IpAddr>) -> Result<(), LabError> {
+        let step = "the DNAT targets are the vote pods";
+        self.ctl(&["get", "pods", "-o", "wide"])?;
+        let pods: BTreeSet<IpAddr> = self
+            .cluster()?
+            .pods()
+            .filter(|p| p.labels.get("role").map(String::as_str) == Some("vote"))
+            .filter_map(|p| p.ips.first().copied())
+            .collect();
+        expect(
+            step,
+            *dnat == pods,
+            &format!("DNAT to exactly the vote pods' IPs {pods:?}"),
+            &format!("{dnat:?}"),
+        )
+    }
+
+    /// Under the hood of step 2: `route -n` on a node. Pods of the other node are routed
+    /// via it; ClusterIPs only to a sink: no machine has them, only the rules do.
+    fn node_routes(&mut self) -> Result<(), LabError> {
+        let step = "the node's routes";
+        let node1 = self.tb.node_ip(1);
+        let text = self.on_node(0, &["ip", "route"])?;
+        expect(
+            step,
+            text.lines().any(|l| l.contains(&format!("via {node1}"))),
+            "node-1's pod CIDR routed via node-1",
+            &text,
+        )?;
+        expect(
+            step,
+            text.lines().any(|l| l.contains("dev svc0")),
+            "the ClusterIP range routed to a sink device (svc0): nothing owns a ClusterIP",
+            &text,
+        )
     }
 
     /// Step 2 on nftables: the Service's `service-` chain (reached through the
-    /// `service-ips` map) spreads with an exact `numgen` cascade: 1/5, 1/4, 1/3, 1/2, rest.
-    fn step2_nftables(&mut self) -> Result<(), LabError> {
+    /// `service-ips` map) spreads with an exact `numgen` cascade: 1/5, 1/4, 1/3, 1/2, rest;
+    /// its DNAT targets are returned.
+    fn step2_nftables(&mut self) -> Result<BTreeSet<IpAddr>, LabError> {
         let step = "the service- chain spreads with an exact numgen cascade";
         self.say(format!("\n== STEP 2: {step}"));
         let chain = svcnat_iptables::nftables::render::cluster_chain_name(&ServicePortName {
@@ -472,7 +599,14 @@ impl Lab {
                 &rules,
             )?;
         }
-        Ok(())
+        Ok(rules
+            .split_whitespace()
+            .skip(1)
+            .zip(rules.split_whitespace())
+            .filter(|(_, before)| *before == "to")
+            .filter_map(|(d, _)| d.parse::<SocketAddr>().ok())
+            .map(|d| d.ip())
+            .collect())
     }
 
     /// Starts a fake API server on the loopback of namespace `ns`.
@@ -784,12 +918,15 @@ impl Lab {
             "describe lists endpoints with `+ 2 more...`",
             &describe,
         )?;
+        self.nodeport_counters(step)?;
 
         // 2. Services under the hood: the iptables chains (or the nftables chain).
-        match self.backend {
+        let dnat = match self.backend {
             LabBackend::Iptables => self.step2_iptables()?,
             LabBackend::Nftables => self.step2_nftables()?,
-        }
+        };
+        self.dnat_matches_pods(&dnat)?;
+        self.node_routes()?;
 
         // 3. Exercise: the selector changed to a label that does not exist, then back.
         let step = "selector on a missing label empties the endpoints";
@@ -895,6 +1032,26 @@ impl Lab {
             },
         )?;
 
+        let svc = self.ctl(&["get", "svc", "-n", "kube-system"])?;
+        expect(
+            step,
+            svc.lines().any(|l| l.starts_with("kube-dns ")),
+            "the kube-dns Service in kube-system (the nameserver of resolv.conf)",
+            &svc,
+        )?;
+        if let Some((ok, text)) = self.in_pod(&vote_pod, &["nslookup", "redis"])? {
+            // nslookup walks the search list (NXDOMAIN for each cluster name) and reports
+            // the last name tried, `redis.` itself: outside the cluster, so REFUSED here,
+            // where svcnat-dns runs without `--upstream` (CoreDNS would forward it and
+            // report NXDOMAIN); "recursion not available" says the same.
+            expect(
+                step,
+                !ok && text.contains("server can't find redis"),
+                "nslookup redis: the server can't find redis",
+                &text,
+            )?;
+        }
+
         // 7. The redis Service: the name resolves to its ClusterIP.
         let step = "redis resolves to its ClusterIP after kubectl apply -f redis-svc.yaml";
         self.say(format!("\n== STEP 7: {step}"));
@@ -924,6 +1081,28 @@ impl Lab {
             "no endpoints yet",
             &d,
         )?;
+        if let Some((ok, text)) = self.in_pod(&vote_pod, &["nslookup", "redis"])? {
+            expect(
+                step,
+                ok && text.contains("Name:\tredis.instavote.svc.cluster.local")
+                    && text.contains(&format!("Address: {redis_ip}")),
+                "nslookup redis: redis.instavote.svc.cluster.local and its ClusterIP",
+                &text,
+            )?;
+        }
+        // The name resolves, the address does not answer ping: a ClusterIP is only a
+        // translation for the Service's ports, nothing on any machine owns it (with
+        // kube-proxy's IPVS mode it does answer: there it sits on the kube-ipvs0 device).
+        if let Some((ok, text)) =
+            self.in_pod(&vote_pod, &["ping", "-c", "2", "-W", "1", "redis"])?
+        {
+            expect(
+                step,
+                !ok && text.contains(&format!("({redis_ip})")) && text.contains("100% packet loss"),
+                "ping redis resolves to the ClusterIP, and nothing answers",
+                &text,
+            )?;
+        }
 
         // 8. The redis Deployment: endpoints appear, and vote reaches redis.
         let step = "redis endpoints appear and the vote pod reaches redis through the Service";
@@ -963,6 +1142,12 @@ impl Lab {
         self.say("\nAll steps of the lab observed as the lab describes them.");
         Ok(())
     }
+}
+
+/// Whether `program` is on the PATH.
+fn installed(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 fn expect(step: &str, ok: bool, what: &str, seen: &str) -> Result<(), LabError> {
