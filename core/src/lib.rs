@@ -101,6 +101,7 @@ pub mod manifest;
 // Views of the same state: cluster DNS, kubectl.
 pub mod describe;
 pub mod discovery;
+pub mod graph;
 
 // Clusters of any size, for benchmarks.
 pub mod synthetic;

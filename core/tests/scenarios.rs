@@ -1,7 +1,8 @@
 //! Golden scenarios: every directory under `tests/scenarios/` holds manifests (`*.yaml`,
 //! loaded in name order like `kubectl apply -f DIR`) and a `node.conf`; the test compares
 //! the compiled plan (`plan.txt`), the load errors and warnings (`errors.txt`) and the
-//! kubectl-style views (`views.txt`) and the DNS records and lookups (`dns.txt`) with the files in the directory.
+//! kubectl-style views (`views.txt`), the DNS records and lookups (`dns.txt`) and each
+//! proxied Service's path through the node (`graph.dot`) with the files in the directory.
 //!
 //! After a deliberate change, regenerate with `SVCNAT_BLESS=1 cargo test -p svcnat-core
 //! --test scenarios` and review the diff.
@@ -17,6 +18,7 @@ use std::path::Path;
 
 use svcnat_core::describe::{self, ViewOptions};
 use svcnat_core::discovery::{DiscoveryConfig, QueryType, Resolver, SearchConfig};
+use svcnat_core::graph::{self, ServiceGraph};
 use svcnat_core::manifest::Manifests;
 use svcnat_core::plan::Plan;
 
@@ -81,7 +83,14 @@ fn run(dir: &Path) -> Vec<(&'static str, String)> {
             let _ = writeln!(dns, "{r}");
         }
     }
+    let mut dot = String::new();
+    for name in graph::services(&plan) {
+        if let Some(g) = ServiceGraph::build(&cluster, &plan, &name) {
+            dot.push_str(&g.to_dot());
+        }
+    }
     vec![
+        ("graph.dot", dot),
         ("plan.txt", plan.render()),
         ("errors.txt", errors),
         ("views.txt", views),

@@ -385,3 +385,70 @@ fn an_invalid_node_port_range_is_a_clap_error() {
         assert!(run.stderr.contains(why), "{range}: {run:?}");
     }
 }
+
+#[test]
+fn graph_draws_a_services_path_through_a_node() {
+    let dir = Scratch::with(&[("app.yaml", APP)]);
+    let svg = dir.ctl(&[
+        "-n",
+        "instavote",
+        "graph",
+        "svc",
+        "vote",
+        "--node-name",
+        "k-02",
+        "--node-ip",
+        "192.168.50.12",
+    ]);
+    assert_eq!(svg.code, Some(0), "{svg:?}");
+    assert!(svg.stdout.starts_with("<svg"), "{}", svg.stdout);
+    assert!(svg.stdout.trim_end().ends_with("</svg>"));
+    for want in [
+        "vote-a",
+        "vote-b",
+        "node k-02",
+        "node k-03",
+        "DNAT 10.32.0.6:80",
+        "DNAT 10.38.0.5:80",
+        "10.96.10.10:80",
+        "192.168.50.12:30000",
+        "p 0.5000 → 50%",
+        "p 1.0000 → 50%",
+    ] {
+        assert!(svg.stdout.contains(want), "{want} missing:\n{}", svg.stdout);
+    }
+    let dot = dir.ctl(&[
+        "graph",
+        "svc",
+        "vote",
+        "-n",
+        "instavote",
+        "--format",
+        "dot",
+        "--node-ip",
+        "192.168.50.12",
+    ]);
+    assert_eq!(dot.code, Some(0), "{dot:?}");
+    assert!(
+        dot.stdout.starts_with("digraph \"instavote/vote\""),
+        "{}",
+        dot.stdout
+    );
+    // Without --node-name: the first pod's node (the manifests have no Node objects).
+    assert!(dot.stdout.contains("on node k-02"), "{}", dot.stdout);
+    assert!(
+        dot.stdout.contains("-> \"pod:10.38.0.5\""),
+        "{}",
+        dot.stdout
+    );
+    let missing = dir.ctl(&["-n", "instavote", "graph", "svc", "nope"]);
+    assert_eq!(missing.code, Some(1));
+    assert!(
+        missing
+            .stderr
+            .contains("Error from server (NotFound): services \"nope\" not found"),
+        "{missing:?}"
+    );
+    let all = dir.ctl(&["-A", "graph", "svc", "vote"]);
+    assert_eq!(all.code, Some(1), "{all:?}");
+}

@@ -7,6 +7,7 @@
 //! svcnat-ctl --manifests DIR get pods [NAME] [-A | -n NS] [-o wide]
 //! svcnat-ctl --manifests DIR describe service [NAME] [-A | -n NS]
 //! svcnat-ctl --manifests DIR plan --node-name N --node-ip IP --cluster-cidr CIDR
+//! svcnat-ctl --manifests DIR graph svc NAME [-n NS] [--format svg|dot] [--node-name N ...]
 //! ```
 //!
 //! As with kubectl, `-n/--namespace`, `-A/--all-namespaces` and `-o` go anywhere on the
@@ -15,7 +16,10 @@
 //! kubectl's SELECTOR column, `get pods -o wide` IP and NODE. A NAME shows that one object;
 //! when it does not exist, kubectl's `Error from server (NotFound): services "x" not found`
 //! goes to stderr and the exit code is 1. `describe service` without a NAME describes every
-//! Service in scope.
+//! Service in scope. `graph svc NAME` draws the Service's path through a node's dataplane
+//! (frontends, the Service chain, each endpoint chain with its rule probability and share,
+//! the pods by node) as a self-contained SVG, or Graphviz DOT with `--format dot`; the node
+//! defaults to the first Node of the manifests (by name), else the first pod's node.
 //!
 //! The directory is read as `svcnat-proxy` reads it: a file with any error contributes
 //! nothing. Such errors are printed on stderr (`error: file:line: ...`) after the view,
@@ -32,6 +36,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 use svcnat_core::describe::{self, ViewOptions};
+use svcnat_core::graph::ServiceGraph;
 use svcnat_core::manifest::{LoadError, ValidateError};
 use svcnat_core::model::{Cluster, ObjectName};
 use svcnat_core::plan::{ChainIdStyle, Plan};
@@ -97,6 +102,34 @@ enum Command {
         #[arg(long, value_enum, default_value_t = ChainIds::Current)]
         chain_ids: ChainIds,
     },
+    /// Draw a Service's path through a node's dataplane (SVG, or Graphviz DOT).
+    Graph {
+        /// svc.
+        resource: DescribeResource,
+        /// The Service.
+        name: String,
+        /// The node whose dataplane is drawn [default: the first Node, else the first
+        /// pod's node].
+        #[arg(long, value_name = "NAME")]
+        node_name: Option<String>,
+        #[command(flatten)]
+        node: NodeArgs,
+        /// Spelling of chain hashes: current kube-proxy, or the legacy spelling.
+        #[arg(long, value_enum, default_value_t = ChainIds::Current)]
+        chain_ids: ChainIds,
+        /// svg (self-contained) or dot (Graphviz).
+        #[arg(long, value_enum, default_value_t = GraphFormat::Svg)]
+        format: GraphFormat,
+    },
+}
+
+/// Drawing formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum GraphFormat {
+    /// A self-contained SVG.
+    Svg,
+    /// Graphviz DOT (`dot -Tpng`).
+    Dot,
 }
 
 /// Listable resources.
@@ -181,6 +214,46 @@ impl Shown {
             errors: vec![line],
             ..Shown::default()
         }
+    }
+}
+
+/// `graph svc NAME`: the Service's path through one node's dataplane.
+fn graph(
+    cluster: &Cluster,
+    scope: &Scope,
+    name: &str,
+    node_name: Option<String>,
+    node: &NodeArgs,
+    chain_ids: ChainIds,
+    format: GraphFormat,
+) -> Shown {
+    let Scope::Namespace(ns) = scope else {
+        return Shown::error(NAME_ACROSS_NAMESPACES.into());
+    };
+    let service = ObjectName::new(ns.as_str(), name);
+    if cluster.service(&service).is_none() {
+        return Shown::error(format!(
+            "Error from server (NotFound): services \"{name}\" not found"
+        ));
+    }
+    let node_name = node_name
+        .or_else(|| cluster.nodes().map(|n| n.name.clone()).min())
+        .or_else(|| cluster.pods().find_map(|p| p.node_name.clone()))
+        .unwrap_or_else(|| "node".into());
+    let mut ctx = node.context(node_name.clone());
+    ctx.chain_ids = match chain_ids {
+        ChainIds::Current => ChainIdStyle::Current,
+        ChainIds::Legacy => ChainIdStyle::Legacy,
+    };
+    let plan = Plan::compile(cluster, &ctx);
+    match ServiceGraph::build(cluster, &plan, &service) {
+        Some(g) => Shown::view(match format {
+            GraphFormat::Svg => g.to_svg(),
+            GraphFormat::Dot => g.to_dot(),
+        }),
+        None => Shown::error(format!(
+            "error: service \"{name}\" has nothing in node {node_name}'s dataplane (headless or ExternalName)"
+        )),
     }
 }
 
@@ -348,6 +421,14 @@ fn main() -> ExitCode {
             resource: DescribeResource::Service,
             name,
         } => describe_services(cluster, name.as_deref(), &scope, &opts),
+        Command::Graph {
+            resource: DescribeResource::Service,
+            name,
+            node_name,
+            node,
+            chain_ids,
+            format,
+        } => graph(cluster, &scope, &name, node_name, &node, chain_ids, format),
         Command::Plan {
             node_name,
             node,
