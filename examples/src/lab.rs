@@ -34,9 +34,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use svcnat_core::graph::ServiceGraph;
 use svcnat_core::manifest::{ClusterConfig, Manifests};
 use svcnat_core::model::{Cluster, ObjectName, Protocol};
-use svcnat_core::plan::{ChainIdStyle, ServicePortName};
+use svcnat_core::plan::{ChainIdStyle, NodeContext, Plan, ServicePortName};
 
 use crate::fakeapi::{FakeApiOptions, FakeApiServer, Publisher};
 use crate::testbed::{PodSpec, ProbeArgs, Testbed, TestbedSpec};
@@ -283,6 +284,9 @@ pub struct Lab {
     config: ClusterConfig,
     /// Lines printed so far (the replay's report).
     pub transcript: Vec<String>,
+    /// Drawings of Services' paths through node-0 taken during the replay: (the step's
+    /// transcript line count when taken, caption, SVG).
+    pub drawings: Vec<(usize, String, String)>,
 }
 
 impl Drop for Lab {
@@ -340,6 +344,7 @@ impl Lab {
             stop,
             config,
             transcript: Vec::new(),
+            drawings: Vec::new(),
         };
         lab.write("nodes.yaml", NODES)?;
         lab.write("kube-dns.yaml", KUBE_DNS)?;
@@ -680,6 +685,29 @@ impl Lab {
         Ok(())
     }
 
+    /// Draws `service`'s path through node-0's dataplane as the manifests stand now (what
+    /// `svcnat-ctl graph svc` prints) for the report.
+    fn draw(&mut self, service: &str) -> Result<(), LabError> {
+        let cluster = self.cluster()?;
+        let cidr = "10.244.0.0/16"
+            .parse()
+            .map_err(|e| LabError::Setup(format!("cluster CIDR: {e}")))?;
+        let node = NodeContext::new("node-0", vec![self.tb.node_ip(0)], vec![cidr]);
+        let plan = Plan::compile(&cluster, &node);
+        let name = ObjectName::new(NAMESPACE, service);
+        let graph = ServiceGraph::build(&cluster, &plan, &name)
+            .ok_or_else(|| LabError::Setup(format!("{name} is not in node-0's plan")))?;
+        self.say(format!(
+            "$ kubectl graph svc {service}   (svcnat-ctl: its path through node-0)"
+        ));
+        self.drawings.push((
+            self.transcript.len(),
+            format!("{name}: its path through node-0's dataplane"),
+            graph.to_svg(),
+        ));
+        Ok(())
+    }
+
     fn say(&mut self, line: impl Into<String>) {
         let line = line.into();
         println!("{line}");
@@ -925,6 +953,7 @@ impl Lab {
             LabBackend::Iptables => self.step2_iptables()?,
             LabBackend::Nftables => self.step2_nftables()?,
         };
+        self.draw("vote")?;
         self.dnat_matches_pods(&dnat)?;
         self.node_routes()?;
 
@@ -1139,6 +1168,7 @@ impl Lab {
             let redis = r.pods().iter().all(|p| p.starts_with("redis-"));
             Ok((r.all_ok() && redis && !r.pods().is_empty(), r.to_string()))
         })?;
+        self.draw("redis")?;
         self.say("\nAll steps of the lab observed as the lab describes them.");
         Ok(())
     }
@@ -1164,4 +1194,122 @@ fn expect(step: &str, ok: bool, what: &str, seen: &str) -> Result<(), LabError> 
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap_or(IpAddr::from([0, 0, 0, 0]))
+}
+
+/// Writes `DIR/index.html`: the replay as a page (each step, its commands, what was
+/// observed, the drawings where they were taken) and whether it passed. Returns the page's
+/// path. The page is written to a temporary name first, so a reader never sees half of it.
+pub fn write_report(
+    dir: &Path,
+    title: &str,
+    transcript: &[String],
+    drawings: &[(usize, String, String)],
+    outcome: &Result<(), String>,
+) -> std::io::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let mut html = String::new();
+    html.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
+    html.push_str(&format!("<title>{}</title>\n", html_escape(title)));
+    html.push_str(
+        "<style>body{font-family:sans-serif;margin:2em;max-width:80em}\
+         pre{background:#f6f8fa;padding:.8em;overflow-x:auto}\
+         .cmd{color:#024;font-weight:bold}.ok{color:#185c1a}.skip{color:#a60}\
+         .pass{color:#185c1a}.fail{color:#b00}section{margin-bottom:2em}\
+         figure{margin:1em 0;overflow-x:auto}figcaption{color:#555}</style>\n</head><body>\n",
+    );
+    html.push_str(&format!("<h1>{}</h1>\n", html_escape(title)));
+    match outcome {
+        Ok(()) => html.push_str(
+            "<p class=\"pass\" id=\"outcome\">PASSED: every step observed as the lab describes it.</p>\n",
+        ),
+        Err(e) => html.push_str(&format!(
+            "<p class=\"fail\" id=\"outcome\">FAILED: {}</p>\n",
+            html_escape(e)
+        )),
+    }
+    let mut open = false;
+    let mut in_pre = false;
+    let mut next_drawing = drawings.iter().peekable();
+    for (i, line) in transcript.iter().enumerate() {
+        while let Some((at, caption, svg)) = next_drawing.peek() {
+            if *at > i {
+                break;
+            }
+            if in_pre {
+                html.push_str("</pre>\n");
+                in_pre = false;
+            }
+            html.push_str(&format!(
+                "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
+                html_escape(caption)
+            ));
+            next_drawing.next();
+        }
+        if let Some(step) = line.trim_start().strip_prefix("== ") {
+            if in_pre {
+                html.push_str("</pre>\n");
+                in_pre = false;
+            }
+            if open {
+                html.push_str("</section>\n");
+            }
+            html.push_str(&format!("<section>\n<h2>{}</h2>\n", html_escape(step)));
+            open = true;
+            continue;
+        }
+        if !in_pre {
+            html.push_str("<pre>");
+            in_pre = true;
+        }
+        let class = if line.starts_with("$ ") {
+            "cmd"
+        } else if line.trim_start().starts_with("OK: ") {
+            "ok"
+        } else if line.trim_start().starts_with("SKIP: ") {
+            "skip"
+        } else {
+            ""
+        };
+        if class.is_empty() {
+            html.push_str(&html_escape(line));
+        } else {
+            html.push_str(&format!(
+                "<span class=\"{class}\">{}</span>",
+                html_escape(line)
+            ));
+        }
+        html.push('\n');
+    }
+    if in_pre {
+        html.push_str("</pre>\n");
+    }
+    for (_, caption, svg) in next_drawing {
+        html.push_str(&format!(
+            "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
+            html_escape(caption)
+        ));
+    }
+    if open {
+        html.push_str("</section>\n");
+    }
+    html.push_str("</body></html>\n");
+    let path = dir.join("index.html");
+    let tmp = dir.join(".index.html.tmp");
+    fs::write(&tmp, html)?;
+    fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn html_escape(s: &str) -> String {
+    let mut e = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => e.push_str("&amp;"),
+            '<' => e.push_str("&lt;"),
+            '>' => e.push_str("&gt;"),
+            '"' => e.push_str("&quot;"),
+            c => e.push(c),
+        }
+    }
+    e
 }

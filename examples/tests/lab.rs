@@ -50,8 +50,37 @@ fn replay(args: &[&str]) -> String {
 #[test]
 fn the_lab_replays_with_real_traffic() {
     svcnat_examples::skip_unless_root!();
-    let stdout = replay(&[]);
+    let dir = std::env::temp_dir().join(format!("svcnat-lab-report-{}", std::process::id()));
+    let stdout = replay(&["--report", dir.to_str().unwrap()]);
     assert!(!stdout.contains("(API)"), "{stdout}");
+    // The report: every step, what was run and seen, the drawings, the outcome.
+    let page = std::fs::read_to_string(dir.join("index.html")).expect("the report");
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(page.starts_with("<!DOCTYPE html>"));
+    assert!(page.contains("id=\"outcome\">PASSED"), "{page}");
+    assert_eq!(page.matches("<h2>STEP ").count(), 8, "{page}");
+    assert!(page.contains("<span class=\"cmd\">$ kubectl apply -f vote-svc.yaml</span>"));
+    assert!(page.contains("<span class=\"ok\">  OK: all five vote pods answer"));
+    assert_eq!(
+        page.matches("<figure><svg").count(),
+        2,
+        "vote and redis drawn"
+    );
+    for seen in [
+        "instavote/vote: its path through node-0",
+        "instavote/redis: its path through node-0",
+        "node node-0",
+        "node node-1",
+        "KUBE-SVC-",
+        "p 0.2000 → 20%",
+    ] {
+        assert!(page.contains(seen), "the report lacks {seen:?}");
+    }
+    // A drawing sits inside the step that took it: the vote drawing in step 2.
+    let step2 = page.find("<h2>STEP 2:").unwrap();
+    let step3 = page.find("<h2>STEP 3:").unwrap();
+    let vote = page.find("instavote/vote: its path").unwrap();
+    assert!(step2 < vote && vote < step3);
 }
 
 #[test]

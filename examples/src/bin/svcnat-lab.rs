@@ -5,8 +5,12 @@
 //! Cleans up after itself in every case.
 //!
 //! ```text
-//! svcnat-lab [--api] [--backend iptables|nftables]
+//! svcnat-lab [--api] [--backend iptables|nftables] [--report DIR]
 //! ```
+//!
+//! `--report DIR` also writes `DIR/index.html`: each step with its commands and what was
+//! observed, the drawings of the vote and redis Services' paths through node-0, and the
+//! outcome (written whether the replay passed or failed).
 //!
 //! With `--api` the proxies and svcnat-dns follow fake Kubernetes API servers
 //! (`--kubeconfig`) that the lab writes every manifest edit to, as API objects, instead of
@@ -15,7 +19,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use svcnat_examples::lab::{Feed, Lab, LabBackend, LabError, Programs};
+use svcnat_examples::lab::{Feed, Lab, LabBackend, LabError, Programs, write_report};
 
 /// Replays the lab "Load Balancing and Service Discovery with Services" in network
 /// namespaces with real traffic.
@@ -29,6 +33,9 @@ struct Args {
     /// The proxies' dataplane (`svcnat-proxy --backend`); step 2 shows its chain.
     #[arg(long, value_enum, default_value_t = BackendArg::Iptables)]
     backend: BackendArg,
+    /// Also write the replay as a web page, DIR/index.html.
+    #[arg(long, value_name = "DIR")]
+    report: Option<std::path::PathBuf>,
 }
 
 /// `--backend`.
@@ -51,15 +58,28 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let backend = match args.backend {
+        BackendArg::Iptables => LabBackend::Iptables,
+        BackendArg::Nftables => LabBackend::Nftables,
+    };
     let result = Programs::discover()
-        .and_then(|p| {
-            let backend = match args.backend {
-                BackendArg::Iptables => LabBackend::Iptables,
-                BackendArg::Nftables => LabBackend::Nftables,
-            };
-            Lab::start_on(p, stop, feed, backend)
-        })
-        .and_then(|mut lab| lab.replay());
+        .and_then(|p| Lab::start_on(p, stop, feed, backend))
+        .and_then(|mut lab| {
+            let result = lab.replay();
+            if let Some(dir) = &args.report {
+                let title = format!(
+                    "svcnat lab replay: Load Balancing and Service Discovery with Services ({} backend{})",
+                    backend.as_str(),
+                    if args.api { ", fed through the API" } else { "" }
+                );
+                let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
+                match write_report(dir, &title, &lab.transcript, &lab.drawings, &outcome) {
+                    Ok(path) => println!("report: {}", path.display()),
+                    Err(e) => eprintln!("svcnat-lab: cannot write the report in {}: {e}", dir.display()),
+                }
+            }
+            result
+        });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(LabError::Interrupted) => {
