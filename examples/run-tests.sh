@@ -4,14 +4,16 @@
 #
 # What the tests use: iproute2 and procps (network namespaces, sysctls), iptables (both
 # flavours), nftables (the userspace datapath's ingress table), curl (/metrics), dnsutils
-# (dig, nslookup), iputils-ping (the lab's `ping redis`), and for the IPVS tests, which boot Debian's cloud kernel in a VM
+# (dig, nslookup), iputils-ping (the lab's `ping redis`), chromium and redis (the lab's
+# browser and its redis pods), and for the IPVS tests, which boot Debian's cloud kernel in a VM
 # (this kind of machine's kernel has no IPVS): qemu-system-x86, busybox-static, ipvsadm,
 # kmod. Not root: nothing is installed, and the namespace tests print `SKIP: why`.
 # `.ci/run` calls this script too. Extra arguments go to `cargo test`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=(ip:iproute2 sysctl:procps iptables-legacy-restore:iptables iptables-nft-restore:iptables
-  nft:nftables curl:curl dig:dnsutils ping:iputils-ping qemu-system-x86_64:qemu-system-x86 busybox:busybox-static
+  nft:nftables curl:curl dig:dnsutils ping:iputils-ping chromium:chromium redis-server:redis-server
+  redis-cli:redis-tools qemu-system-x86_64:qemu-system-x86 busybox:busybox-static
   ipvsadm:ipvsadm depmod:kmod)
 missing=()
 for pair in "${need[@]}"; do

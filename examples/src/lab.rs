@@ -240,6 +240,12 @@ pub struct Programs {
     pub dns: PathBuf,
     /// `svcnat-ctl`.
     pub ctl: PathBuf,
+    /// Debian's Chromium, the lab reader's browser (headless).
+    pub chromium: PathBuf,
+    /// `redis-server`, run in each redis pod.
+    pub redis_server: PathBuf,
+    /// `redis-cli`, to look into redis.
+    pub redis_cli: PathBuf,
 }
 
 impl Programs {
@@ -252,10 +258,20 @@ impl Programs {
         {
             dir = p.to_path_buf();
         }
+        let tool = |name: &str, package: &str| {
+            which(name).ok_or_else(|| {
+                LabError::Unsupported(format!(
+                    "{name} not found (apt-get install {package}; examples/run-lab.sh installs it)"
+                ))
+            })
+        };
         let p = Programs {
             proxy: dir.join("svcnat-proxy"),
             dns: dir.join("svcnat-dns"),
             ctl: dir.join("svcnat-ctl"),
+            chromium: tool("chromium", "chromium")?,
+            redis_server: tool("redis-server", "redis-server")?,
+            redis_cli: tool("redis-cli", "redis-tools")?,
         };
         for f in [&p.proxy, &p.dns, &p.ctl] {
             if !f.is_file() {
@@ -287,6 +303,12 @@ pub struct Lab {
     /// Drawings of Services' paths through node-0 taken during the replay: (the step's
     /// transcript line count when taken, caption, SVG).
     pub drawings: Vec<(usize, String, String)>,
+    /// The browser's screenshots: (transcript line count when taken, caption, file).
+    pub screenshots: Vec<(usize, String, PathBuf)>,
+    /// Where screenshots go (the report's directory); `None`: a scratch directory.
+    pub screenshot_dir: Option<PathBuf>,
+    /// The browser's profile, pages and default screenshot directory.
+    browser_dir: PathBuf,
 }
 
 impl Drop for Lab {
@@ -296,6 +318,7 @@ impl Drop for Lab {
             let _ = d.wait();
         }
         let _ = fs::remove_dir_all(&self.dir);
+        let _ = fs::remove_dir_all(&self.browser_dir);
     }
 }
 
@@ -331,6 +354,9 @@ impl Lab {
             cfg.default_namespace = NAMESPACE.into();
             cfg
         };
+        let browser_dir =
+            std::env::temp_dir().join(format!("svcnat-lab-{}-browser", std::process::id()));
+        fs::create_dir_all(&browser_dir).map_err(setup("browser directory"))?;
         let spec = TestbedSpec::new(2, 1).pod(PodSpec::new("coredns", 0, ip(DNS_POD_IP)).tcp(9153));
         let tb = Testbed::new(spec).map_err(setup("testbed"))?;
         let mut lab = Lab {
@@ -345,6 +371,9 @@ impl Lab {
             config,
             transcript: Vec::new(),
             drawings: Vec::new(),
+            screenshots: Vec::new(),
+            screenshot_dir: None,
+            browser_dir,
         };
         lab.write("nodes.yaml", NODES)?;
         lab.write("kube-dns.yaml", KUBE_DNS)?;
@@ -708,6 +737,138 @@ impl Lab {
         Ok(())
     }
 
+    /// Runs headless Chromium in the browser namespace (client 0) on `url`; returns what
+    /// it printed. At most [`BROWSER_TIMEOUT`].
+    fn chromium(&self, args: &[&str], url: &str) -> Result<String, LabError> {
+        let profile = self.browser_dir.join("profile");
+        let mut cmd = self
+            .tb
+            .command(self.tb.ns_of_client(0), &self.programs.chromium);
+        cmd.args([
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-dev-shm-usage",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(args)
+        .arg(url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(setup("chromium"))?;
+        let Some(mut stdout) = child.stdout.take() else {
+            return Err(LabError::Setup("chromium: no stdout".into()));
+        };
+        let reader = std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut stdout, &mut text);
+            text
+        });
+        let deadline = Instant::now() + BROWSER_TIMEOUT;
+        loop {
+            if child.try_wait().map_err(setup("chromium"))?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline || self.stop.load(Ordering::Relaxed) {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(LabError::Setup(format!(
+                    "chromium on {url} did not finish within {BROWSER_TIMEOUT:?}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reader
+            .join()
+            .map_err(|_| LabError::Setup("chromium output reader".into()))
+    }
+
+    /// The page at `url` as the browser renders it (its DOM).
+    fn browser_dom(&self, url: &str) -> Result<String, LabError> {
+        self.chromium(&["--dump-dom"], url)
+    }
+
+    /// A page that makes the browser POST a vote for option `vote` to the vote app on
+    /// `node` as clicking its button does; its `file://` URL.
+    fn vote_form(&self, node: IpAddr, vote: &str) -> Result<String, LabError> {
+        let path = self.browser_dir.join(format!("vote-{vote}.html"));
+        fs::write(
+            &path,
+            format!(
+                "<!DOCTYPE html><html><body><form method=\"POST\" action=\"http://{}/\">\
+                 <input type=\"hidden\" name=\"vote\" value=\"{vote}\"></form>\
+                 <script>document.forms[0].submit()</script></body></html>\n",
+                SocketAddr::new(node, 30000)
+            ),
+        )
+        .map_err(setup("vote form"))?;
+        Ok(format!("file://{}", path.display()))
+    }
+
+    /// Votes for option `vote` in the browser; the resulting page's DOM.
+    fn vote_in_browser(&self, node: IpAddr, vote: &str) -> Result<String, LabError> {
+        let form = self.vote_form(node, vote)?;
+        self.chromium(&["--virtual-time-budget=8000", "--dump-dom"], &form)
+    }
+
+    /// Saves the browser's screenshot of `url` as `file` (in the report's directory when
+    /// there is one) and checks that it is a PNG.
+    fn screenshot(&mut self, url: &str, file: &str, caption: &str) -> Result<(), LabError> {
+        let dir = self
+            .screenshot_dir
+            .clone()
+            .unwrap_or_else(|| self.browser_dir.clone());
+        fs::create_dir_all(&dir).map_err(setup("screenshot directory"))?;
+        let path = dir.join(file);
+        let _ = fs::remove_file(&path);
+        self.chromium(
+            &[
+                "--window-size=900,520",
+                "--virtual-time-budget=8000",
+                &format!("--screenshot={}", path.display()),
+            ],
+            url,
+        )?;
+        let png = fs::read(&path).unwrap_or_default();
+        expect(
+            caption,
+            png.starts_with(b"\x89PNG") && png.len() > 1000,
+            &format!(
+                "the browser saved a screenshot ({file}, {} bytes)",
+                png.len()
+            ),
+            &path.display().to_string(),
+        )?;
+        self.screenshots
+            .push((self.transcript.len(), caption.to_string(), path));
+        Ok(())
+    }
+
+    /// A screenshot of the page after voting for `vote` (the browser votes once more).
+    fn screenshot_vote(
+        &mut self,
+        node: IpAddr,
+        vote: &str,
+        file: &str,
+        caption: &str,
+    ) -> Result<(), LabError> {
+        let form = self.vote_form(node, vote)?;
+        self.screenshot(&form, file, caption)
+    }
+
+    /// `redis-cli ARGS` in pod `pod`; its output (not shown).
+    fn in_pod_quiet(&self, pod: &str, args: &[&str]) -> Result<String, LabError> {
+        let ns = self.pod_ns(pod)?;
+        let mut argv: Vec<&str> = vec![self.programs.redis_cli.to_str().unwrap_or("redis-cli")];
+        argv.extend_from_slice(args);
+        let out = self.tb.exec(&ns, argv).map_err(setup("redis-cli"))?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr))
+    }
+
     fn say(&mut self, line: impl Into<String>) {
         let line = line.into();
         println!("{line}");
@@ -732,6 +893,17 @@ impl Lab {
     }
 
     fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) -> Result<(), LabError> {
+        self.spawn_until(ns, program, args, |l| l.trim() == "ready")
+    }
+
+    /// Starts `program` in `ns` and waits until it prints a line `ready` says is the one.
+    fn spawn_until(
+        &mut self,
+        ns: &str,
+        program: &Path,
+        args: &[&str],
+        ready: fn(&str) -> bool,
+    ) -> Result<(), LabError> {
         let mut child = self
             .tb
             .command(ns, program)
@@ -748,7 +920,7 @@ impl Lab {
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
+                if ready(&line) {
                     let _ = tx.send(());
                 }
             }
@@ -814,15 +986,46 @@ impl Lab {
             let Some(ip) = pod.ips.first().copied() else {
                 continue;
             };
-            let mut spec = PodSpec::new(pod.name.name.clone(), node, ip);
-            for p in pod.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
-                spec = spec.tcp(p.port);
+            let role = |k: &str, v: &str| pod.labels.get(k).map(String::as_str) == Some(v);
+            let redis = role("app", "redis");
+            // The resolv.conf first: the pod's programs read it when they start.
+            let mut spec = PodSpec::new(pod.name.name.clone(), node, ip).resolv_conf(RESOLV_CONF);
+            if !redis {
+                for p in pod.ports.iter().filter(|p| p.protocol == Protocol::Tcp) {
+                    spec = spec.tcp(p.port);
+                }
+            }
+            if role("role", "vote") {
+                // The vote page reaches redis by its Service's name, as the app does.
+                spec = spec.vote_app("redis:6379");
             }
             self.tb.add_pod(spec).map_err(setup("add pod"))?;
             let ns = self.pod_ns(&pod.name.name)?;
-            self.tb
-                .set_resolv_conf(&ns, RESOLV_CONF)
-                .map_err(setup("resolv.conf"))?;
+            if redis {
+                let data = self.browser_dir.join(&pod.name.name);
+                fs::create_dir_all(&data).map_err(setup("redis directory"))?;
+                let server = self.programs.redis_server.clone();
+                let data = data.display().to_string();
+                self.spawn_until(
+                    &ns,
+                    &server,
+                    &[
+                        "--port",
+                        "6379",
+                        "--bind",
+                        "0.0.0.0",
+                        "--protected-mode",
+                        "no",
+                        "--save",
+                        "",
+                        "--appendonly",
+                        "no",
+                        "--dir",
+                        &data,
+                    ],
+                    |l| l.contains("Ready to accept connections"),
+                )?;
+            }
             self.say(format!(
                 "  (kubelet) pod {} started on node-{node} with IP {ip}",
                 pod.name.name
@@ -921,7 +1124,7 @@ impl Lab {
         self.say(format!("  {} vote pods: {all:?}", all.len()));
         for node in [node0, node1] {
             let target = SocketAddr::new(node, 30000);
-            self.say(format!("$ browser: curl http://{target}/  (x100)"));
+            self.say(format!("$ curl http://{target}/  (x100, from the browser namespace)"));
             let want = all.clone();
             self.eventually(
                 step,
@@ -932,6 +1135,29 @@ impl Lab {
                 },
             )?;
         }
+        let url = format!("http://{node0}:30000/");
+        self.say(format!(
+            "$ browser: open {url}   (Chromium, headless, in the browser namespace)"
+        ));
+        let first = self.eventually(step, "the vote page, processed by a vote pod", |lab| {
+            let dom = lab.browser_dom(&url)?;
+            let pod = pod_in_page(&dom);
+            let ok = dom.contains("Cats vs Dogs!") && pod.starts_with("vote-");
+            Ok((ok, if ok { pod } else { page_result(&dom) }))
+        })?;
+        self.screenshot(
+            &url,
+            "step1-vote-page.png",
+            "Step 1: the vote page through NodePort 30000",
+        )?;
+        self.say("$ browser: reload");
+        self.eventually(step, "a reload is processed by another pod", |lab| {
+            let pod = pod_in_page(&lab.browser_dom(&url)?);
+            Ok((
+                pod.starts_with("vote-") && pod != first,
+                format!("{first}, then {pod}"),
+            ))
+        })?;
         self.ctl(&["get", "svc"])?;
         let describe = self.ctl(&["describe", "service", "vote"])?;
         expect(
@@ -1061,6 +1287,21 @@ impl Lab {
             },
         )?;
 
+        // The reader tries to vote: it does not go through.
+        self.say(format!("$ browser: vote for Cats on http://{node0}:30000/"));
+        let dom = self.vote_in_browser(node0, "a")?;
+        expect(
+            step,
+            dom.contains("Your vote could not be recorded") && dom.contains("cannot resolve redis"),
+            "the vote does not go through: the vote pod cannot resolve redis",
+            &page_result(&dom),
+        )?;
+        self.screenshot_vote(
+            node0,
+            "a",
+            "step6-vote-fails.png",
+            "Step 6: the vote does not go through",
+        )?;
         let svc = self.ctl(&["get", "svc", "-n", "kube-system"])?;
         expect(
             step,
@@ -1154,30 +1395,94 @@ impl Lab {
             "two redis endpoints",
             &eps,
         )?;
-        let target = SocketAddr::new(redis_ip, 6379);
         let vp = vote_pod.clone();
         self.say(format!(
-            "$ kubectl exec {vote_pod} -- connect redis:6379  (x20, through the ClusterIP)"
+            "$ kubectl exec {vote_pod} -- redis-cli -h redis PING   (through the ClusterIP)"
         ));
         self.eventually(step, "redis pods answer the vote pod", |lab| {
-            let ns = lab.pod_ns(&vp)?;
-            let r = lab
-                .tb
-                .probe(&ns, ProbeArgs::tcp(target).count(20))
-                .map_err(setup("probe"))?;
-            let redis = r.pods().iter().all(|p| p.starts_with("redis-"));
-            Ok((r.all_ok() && redis && !r.pods().is_empty(), r.to_string()))
+            let out = lab.in_pod_quiet(&vp, &["-h", "redis", "PING"])?;
+            Ok((out.trim() == "PONG", out.trim().to_string()))
         })?;
+        // The reader votes again, and this time it goes through.
+        let page = format!("http://{node0}:30000/");
+        self.say(format!("$ browser: vote for Cats on {page}"));
+        self.eventually(step, "the vote goes through", |lab| {
+            let dom = lab.vote_in_browser(node0, "a")?;
+            Ok((
+                dom.contains("Your vote for Cats was recorded"),
+                page_result(&dom),
+            ))
+        })?;
+        self.screenshot_vote(
+            node0,
+            "b",
+            "step8-vote-recorded.png",
+            "Step 8: the vote goes through",
+        )?;
+        // Each redis pod is a server of its own: the votes are in one or the other.
+        let redis_pods: Vec<(String, IpAddr)> = self
+            .cluster()?
+            .pods()
+            .filter(|p| p.labels.get("app").map(String::as_str) == Some("redis"))
+            .filter_map(|p| Some((p.name.name.clone(), *p.ips.first()?)))
+            .collect();
+        let mut votes = Vec::new();
+        for (pod, pod_ip) in &redis_pods {
+            self.say(format!(
+                "$ kubectl exec {vote_pod} -- redis-cli -h {pod_ip} LRANGE votes 0 -1   ({pod})"
+            ));
+            let out = self.in_pod_quiet(
+                &vote_pod,
+                &["-h", &pod_ip.to_string(), "LRANGE", "votes", "0", "-1"],
+            )?;
+            for l in out.lines().filter(|l| !l.trim().is_empty()) {
+                self.say(format!("  {l}"));
+                votes.push(l.to_string());
+            }
+        }
+        expect(
+            step,
+            votes.iter().any(|v| v.contains(r#""vote":"a""#))
+                && votes.iter().any(|v| v.contains(r#""vote":"b""#)),
+            "the votes for Cats and Dogs are stored in redis",
+            &votes.join("\n"),
+        )?;
         self.draw("redis")?;
         self.say("\nAll steps of the lab observed as the lab describes them.");
         Ok(())
     }
 }
 
+/// The longest a browser run may take.
+const BROWSER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Where `program` is on the PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(program))
+        .find(|p| p.is_file())
+}
+
 /// Whether `program` is on the PATH.
 fn installed(program: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    which(program).is_some()
+}
+
+/// The pod named on a vote page ("Processed by container ID <b>NAME</b>"), or "".
+fn pod_in_page(dom: &str) -> String {
+    dom.split_once("Processed by container ID <b>")
+        .and_then(|(_, rest)| rest.split_once("</b>"))
+        .map(|(pod, _)| pod.to_string())
+        .unwrap_or_default()
+}
+
+/// The result line of a vote page, or the page's start when it has none.
+fn page_result(dom: &str) -> String {
+    dom.split_once("<p id=\"result\"")
+        .and_then(|(_, rest)| rest.split_once("</p>"))
+        .map(|(p, _)| p.split_once('>').map_or(p, |(_, t)| t).to_string())
+        .unwrap_or_else(|| dom.chars().take(300).collect())
 }
 
 fn expect(step: &str, ok: bool, what: &str, seen: &str) -> Result<(), LabError> {
@@ -1197,16 +1502,38 @@ fn ip(s: &str) -> IpAddr {
 }
 
 /// Writes `DIR/index.html`: the replay as a page (each step, its commands, what was
-/// observed, the drawings where they were taken) and whether it passed. Returns the page's
-/// path. The page is written to a temporary name first, so a reader never sees half of it.
+/// observed, the drawings and the browser's screenshots where they were taken) and whether
+/// it passed. Returns the page's path. The page is written to a temporary name first, so a
+/// reader never sees half of it.
 pub fn write_report(
     dir: &Path,
     title: &str,
-    transcript: &[String],
-    drawings: &[(usize, String, String)],
+    lab: &Lab,
     outcome: &Result<(), String>,
 ) -> std::io::Result<PathBuf> {
     fs::create_dir_all(dir)?;
+    let transcript = &lab.transcript;
+    // Figures in transcript order: drawings inline, screenshots by file name.
+    let mut drawings: Vec<(usize, String, String)> = lab.drawings.clone();
+    for (at, caption, path) in &lab.screenshots {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if path.parent() == Some(dir) {
+            drawings.push((
+                *at,
+                caption.clone(),
+                format!(
+                    "<img src=\"{}\" alt=\"{}\" width=\"900\">",
+                    html_escape(&name),
+                    html_escape(caption)
+                ),
+            ));
+        }
+    }
+    drawings.sort_by_key(|(at, _, _)| *at);
+    let drawings = &drawings;
     let mut html = String::new();
     html.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
     html.push_str(&format!("<title>{}</title>\n", html_escape(title)));

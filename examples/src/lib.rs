@@ -38,3 +38,4 @@ pub mod sctp;
 pub mod svchealth;
 pub mod testbed;
 pub mod vm;
+pub mod voteapp;

@@ -369,6 +369,12 @@ pub struct PodSpec {
     pub udp_ports: Vec<u16>,
     /// SCTP ports the server listens on (the kernel must have SCTP).
     pub sctp_ports: Vec<u16>,
+    /// Serve the lab's vote page to browsers, storing votes in this redis (`host:port`):
+    /// `svcnat-podserver --vote-app` ([`crate::voteapp`]).
+    pub vote_app: Option<String>,
+    /// The pod's `/etc/resolv.conf`, in place before its server starts (a process reads
+    /// it through `ip netns exec` only when it starts).
+    pub resolv_conf: Option<String>,
 }
 
 impl PodSpec {
@@ -381,7 +387,21 @@ impl PodSpec {
             tcp_ports: Vec::new(),
             udp_ports: Vec::new(),
             sctp_ports: Vec::new(),
+            vote_app: None,
+            resolv_conf: None,
         }
+    }
+
+    /// The pod's `/etc/resolv.conf` (see [`Testbed::set_resolv_conf`]).
+    pub fn resolv_conf(mut self, contents: impl Into<String>) -> PodSpec {
+        self.resolv_conf = Some(contents.into());
+        self
+    }
+
+    /// Serves the lab's vote page to browsers, votes stored in the redis at `redis`.
+    pub fn vote_app(mut self, redis: impl Into<String>) -> PodSpec {
+        self.vote_app = Some(redis.into());
+        self
     }
 
     /// Adds an address (the second family of a dual-stack pod).
@@ -1247,8 +1267,12 @@ impl Testbed {
         let node = self.ns_of_node(pod.node).to_string();
         let vp = format!("vp{k}");
         self.add_namespace(&ns)?;
-        let built = self
-            .wire_pod(&ns, &node, &vp, &pod)
+        let resolv = match &pod.resolv_conf {
+            Some(text) => self.set_resolv_conf(&ns, text),
+            None => Ok(()),
+        };
+        let built = resolv
+            .and_then(|()| self.wire_pod(&ns, &node, &vp, &pod))
             .and_then(|()| self.start_server(&ns, &pod));
         match built {
             Ok((server, server_stdin)) => {
@@ -1335,6 +1359,9 @@ impl Testbed {
         if !pod.sctp_ports.is_empty() {
             cmd.arg("--sctp")
                 .args(pod.sctp_ports.iter().map(u16::to_string));
+        }
+        if let Some(redis) = &pod.vote_app {
+            cmd.args(["--vote-app", redis]);
         }
         let what = command_text(&cmd);
         let mut child = cmd

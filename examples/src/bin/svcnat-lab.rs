@@ -9,8 +9,9 @@
 //! ```
 //!
 //! `--report DIR` also writes `DIR/index.html`: each step with its commands and what was
-//! observed, the drawings of the vote and redis Services' paths through node-0, and the
-//! outcome (written whether the replay passed or failed).
+//! observed, the browser's screenshots (`DIR/*.png`), the drawings of the vote and redis
+//! Services' paths through node-0, and the outcome (written whether the replay passed or
+//! failed).
 //!
 //! With `--api` the proxies and svcnat-dns follow fake Kubernetes API servers
 //! (`--kubeconfig`) that the lab writes every manifest edit to, as API objects, instead of
@@ -65,6 +66,7 @@ fn main() -> ExitCode {
     let result = Programs::discover()
         .and_then(|p| Lab::start_on(p, stop, feed, backend))
         .and_then(|mut lab| {
+            lab.screenshot_dir.clone_from(&args.report);
             let result = lab.replay();
             if let Some(dir) = &args.report {
                 let title = format!(
@@ -73,7 +75,7 @@ fn main() -> ExitCode {
                     if args.api { ", fed through the API" } else { "" }
                 );
                 let outcome = result.as_ref().map(|_| ()).map_err(ToString::to_string);
-                match write_report(dir, &title, &lab.transcript, &lab.drawings, &outcome) {
+                match write_report(dir, &title, &lab, &outcome) {
                     Ok(path) => println!("report: {}", path.display()),
                     Err(e) => eprintln!("svcnat-lab: cannot write the report in {}: {e}", dir.display()),
                 }

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--sctp PORT...] [--watch-stdin]
+//!                  [--vote-app REDIS_HOST:PORT]
 //! ```
 //!
 //! Every port is bound on the wildcard address of both families when the namespace has
@@ -19,6 +20,10 @@
 //! - SCTP (one-to-one style sockets, [`svcnat_examples::sctp`]): as TCP, HTTP or line mode
 //!   on the association's byte stream; `client` is the association's primary peer address.
 //!
+//! With `--vote-app REDIS_HOST:PORT`, HTTP requests from browsers (an `Accept` header naming
+//! `text/html`) get the lab's vote page instead, and a POSTed vote is stored in that redis
+//! ([`svcnat_examples::voteapp`]); other clients still get the one-line reply.
+//!
 //! With `--watch-stdin` the server exits when its stdin reaches end of file, so a server
 //! whose parent (the test process) died does not linger in a leaked namespace.
 
@@ -29,6 +34,8 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
+use svcnat_examples::voteapp;
+
 /// Longest HTTP request head accepted, in bytes.
 const MAX_HEAD: usize = 16 * 1024;
 
@@ -38,6 +45,13 @@ struct Args {
     udp: Vec<u16>,
     sctp: Vec<u16>,
     watch_stdin: bool,
+    vote_app: Option<String>,
+}
+
+/// What every connection handler needs.
+struct Pod {
+    name: String,
+    vote_app: Option<String>,
 }
 
 /// Which port list the next numbers belong to.
@@ -50,7 +64,7 @@ enum List {
 
 fn usage() -> String {
     "usage: svcnat-podserver --name NAME [--tcp PORT...] [--udp PORT...] [--sctp PORT...] \
-     [--watch-stdin]"
+     [--watch-stdin] [--vote-app REDIS_HOST:PORT]"
         .to_string()
 }
 
@@ -60,6 +74,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mut udp = Vec::new();
     let mut sctp = Vec::new();
     let mut watch_stdin = false;
+    let mut vote_app = None;
     let mut list: Option<List> = None;
     let mut args = args.peekable();
     while let Some(arg) = args.next() {
@@ -77,6 +92,13 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
             "--watch-stdin" => {
                 list = None;
                 watch_stdin = true;
+            }
+            "--vote-app" => {
+                list = None;
+                vote_app = Some(
+                    args.next()
+                        .ok_or_else(|| format!("--vote-app needs a value\n{}", usage()))?,
+                );
             }
             "-h" | "--help" => return Err(usage()),
             value => {
@@ -104,6 +126,7 @@ fn parse_args(args: impl Iterator<Item = String>) -> Result<Args, String> {
         udp,
         sctp,
         watch_stdin,
+        vote_app,
     })
 }
 
@@ -151,7 +174,8 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
+fn serve_tcp(mut stream: TcpStream, pod: &Pod) -> io::Result<()> {
+    let name = pod.name.as_str();
     let peer = peer_text(stream.peer_addr()?);
     let mut head = Vec::new();
     let mut buf = [0u8; 4096];
@@ -178,6 +202,12 @@ fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
                 break;
             }
             head.extend_from_slice(&buf[..n]);
+        }
+        if let Some(redis) = &pod.vote_app {
+            let text = String::from_utf8_lossy(&head).into_owned();
+            if voteapp::wants_html(&text) {
+                return serve_vote_app(stream, name, redis, head);
+            }
         }
         let body = format!("pod={name} client={peer}\n");
         let head_only = head.starts_with(b"HEAD ");
@@ -208,17 +238,75 @@ fn serve_tcp(mut stream: TcpStream, name: &str) -> io::Result<()> {
     }
 }
 
-fn run_tcp(listener: TcpListener, name: Arc<str>) {
+/// The vote page for a browser: GET shows it, POST stores the vote first (HTTP 500 with the
+/// reason when redis cannot take it). `head` holds what was read so far.
+fn serve_vote_app(
+    mut stream: TcpStream,
+    name: &str,
+    redis: &str,
+    mut head: Vec<u8>,
+) -> io::Result<()> {
+    let end = find(&head, b"\r\n\r\n").map_or(head.len(), |i| i + 4);
+    let text = String::from_utf8_lossy(&head[..end]).into_owned();
+    let mut body = head.split_off(end);
+    let voter = voteapp::voter_id(&text).unwrap_or_else(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        format!("{:x}", (nanos ^ u128::from(std::process::id())) as u64)
+    });
+    let (status, page) = if text.starts_with("POST ") {
+        let want = voteapp::header(&text, "content-length")
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(0)
+            .min(voteapp::MAX_BODY);
+        let mut buf = [0u8; 1024];
+        while body.len() < want {
+            let n = stream.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            body.extend_from_slice(&buf[..n]);
+        }
+        let outcome = match voteapp::parse_vote(&body) {
+            Some(vote) => match voteapp::record(redis, &voter, vote) {
+                Ok(n) => voteapp::Outcome::Recorded(vote, n),
+                Err(why) => voteapp::Outcome::Failed(why),
+            },
+            None => voteapp::Outcome::Failed("the form holds no vote".into()),
+        };
+        let status = match outcome {
+            voteapp::Outcome::Recorded(..) => "200 OK",
+            voteapp::Outcome::Failed(_) => "500 Internal Server Error",
+        };
+        (status, voteapp::page(name, Some(&outcome)))
+    } else {
+        ("200 OK", voteapp::page(name, None))
+    };
+    let reply = format!(
+        "HTTP/1.1 {status}\r\nContent-Type: text/html; charset=utf-8\r\nContent-Length: {}\r\nSet-Cookie: voter_id={voter}\r\nCache-Control: no-store\r\nConnection: close\r\n\r\n{page}",
+        page.len()
+    );
+    stream.write_all(reply.as_bytes())?;
+    stream.flush()?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    stream.set_read_timeout(Some(Duration::from_secs(2)))?;
+    let mut buf = [0u8; 1024];
+    while matches!(stream.read(&mut buf), Ok(n) if n > 0) {}
+    Ok(())
+}
+
+fn run_tcp(listener: TcpListener, pod: Arc<Pod>) {
     for stream in listener.incoming() {
         match stream {
             Ok(stream) => {
-                let name = Arc::clone(&name);
+                let pod = Arc::clone(&pod);
                 thread::spawn(move || {
                     // A client going away mid-request is not worth reporting.
-                    let _ = serve_tcp(stream, &name);
+                    let _ = serve_tcp(stream, &pod);
                 });
             }
-            Err(e) => eprintln!("svcnat-podserver {name}: accept: {e}"),
+            Err(e) => eprintln!("svcnat-podserver {}: accept: {e}", pod.name),
         }
     }
 }
@@ -243,19 +331,23 @@ fn run_udp(socket: UdpSocket, name: Arc<str>) {
 
 fn run(args: Args) -> io::Result<()> {
     let name: Arc<str> = Arc::from(args.name.as_str());
+    let pod = Arc::new(Pod {
+        name: args.name.clone(),
+        vote_app: args.vote_app.clone(),
+    });
     let mut threads = Vec::new();
     for &port in &args.tcp {
         for listener in bind_all(port, TcpListener::bind)? {
-            let name = Arc::clone(&name);
-            threads.push(thread::spawn(move || run_tcp(listener, name)));
+            let pod = Arc::clone(&pod);
+            threads.push(thread::spawn(move || run_tcp(listener, pod)));
         }
     }
     for &port in &args.sctp {
         let listeners = svcnat_examples::sctp::listen_all(port)
             .map_err(|e| io::Error::new(e.kind(), format!("sctp port {port}: {e}")))?;
         for listener in listeners {
-            let name = Arc::clone(&name);
-            threads.push(thread::spawn(move || run_tcp(listener, name)));
+            let pod = Arc::clone(&pod);
+            threads.push(thread::spawn(move || run_tcp(listener, pod)));
         }
     }
     for &port in &args.udp {
