@@ -249,15 +249,10 @@ pub struct Programs {
 }
 
 impl Programs {
-    /// The programs next to the running executable (`target/<profile>/`).
+    /// The programs next to the running executable (`target/<profile>/`), and the lab's
+    /// browser and redis on the PATH.
     pub fn discover() -> Result<Programs, LabError> {
-        let exe = std::env::current_exe().map_err(setup("current_exe"))?;
-        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
-        if dir.file_name().is_some_and(|n| n == "deps")
-            && let Some(p) = dir.parent()
-        {
-            dir = p.to_path_buf();
-        }
+        let mut p = Programs::discover_svcnat()?;
         let tool = |name: &str, package: &str| {
             which(name).ok_or_else(|| {
                 LabError::Unsupported(format!(
@@ -265,13 +260,29 @@ impl Programs {
                 ))
             })
         };
+        p.chromium = tool("chromium", "chromium")?;
+        p.redis_server = tool("redis-server", "redis-server")?;
+        p.redis_cli = tool("redis-cli", "redis-tools")?;
+        Ok(p)
+    }
+
+    /// svcnat's programs next to the running executable (`target/<profile>/`) only; the
+    /// browser and redis are left as bare names.
+    pub fn discover_svcnat() -> Result<Programs, LabError> {
+        let exe = std::env::current_exe().map_err(setup("current_exe"))?;
+        let mut dir = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+        if dir.file_name().is_some_and(|n| n == "deps")
+            && let Some(p) = dir.parent()
+        {
+            dir = p.to_path_buf();
+        }
         let p = Programs {
             proxy: dir.join("svcnat-proxy"),
             dns: dir.join("svcnat-dns"),
             ctl: dir.join("svcnat-ctl"),
-            chromium: tool("chromium", "chromium")?,
-            redis_server: tool("redis-server", "redis-server")?,
-            redis_cli: tool("redis-cli", "redis-tools")?,
+            chromium: "chromium".into(),
+            redis_server: "redis-server".into(),
+            redis_cli: "redis-cli".into(),
         };
         for f in [&p.proxy, &p.dns, &p.ctl] {
             if !f.is_file() {
@@ -1124,7 +1135,9 @@ impl Lab {
         self.say(format!("  {} vote pods: {all:?}", all.len()));
         for node in [node0, node1] {
             let target = SocketAddr::new(node, 30000);
-            self.say(format!("$ curl http://{target}/  (x100, from the browser namespace)"));
+            self.say(format!(
+                "$ curl http://{target}/  (x100, from the browser namespace)"
+            ));
             let want = all.clone();
             self.eventually(
                 step,

@@ -34,6 +34,7 @@ pub mod fakeapi;
 pub mod lab;
 pub mod netns;
 pub mod proxy;
+pub mod sandbox;
 pub mod sctp;
 pub mod svchealth;
 pub mod testbed;

@@ -6,7 +6,13 @@
 //!
 //! ```text
 //! svcnat-lab [--api] [--backend iptables|nftables] [--report DIR]
+//! svcnat-lab up --manifests DIR [--nodes N] [--backend iptables|nftables] [--default-namespace NS]
+//! svcnat-lab exec POD|NAMESPACE/POD|client|node-N -- CMD [ARGS...]
 //! ```
+//!
+//! `up` brings any manifest set up in network namespaces ([`svcnat_examples::sandbox`]),
+//! prints how to reach each NodePort, and stays up until Ctrl-C, then removes everything;
+//! `exec` runs a command inside one of its pods, its client or a node.
 //!
 //! `--report DIR` also writes `DIR/index.html`: each step with its commands and what was
 //! observed, the browser's screenshots (`DIR/*.png`), the drawings of the vote and redis
@@ -21,6 +27,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use svcnat_examples::lab::{Feed, Lab, LabBackend, LabError, Programs, write_report};
+use svcnat_examples::sandbox::{self, Sandbox, SandboxSpec};
 
 /// Replays the lab "Load Balancing and Service Discovery with Services" in network
 /// namespaces with real traffic.
@@ -37,6 +44,36 @@ struct Args {
     /// Also write the replay as a web page, DIR/index.html.
     #[arg(long, value_name = "DIR")]
     report: Option<std::path::PathBuf>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+/// Instead of the replay.
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Bring a manifest set up in network namespaces until Ctrl-C.
+    Up {
+        /// The manifest directory (`*.yaml`, `*.yml`, `*.json`).
+        #[arg(long, value_name = "DIR")]
+        manifests: std::path::PathBuf,
+        /// How many nodes.
+        #[arg(long, default_value_t = 2)]
+        nodes: usize,
+        /// The proxies' dataplane.
+        #[arg(long, value_enum, default_value_t = BackendArg::Iptables)]
+        backend: BackendArg,
+        /// The namespace of objects that name none.
+        #[arg(long, default_value = "default")]
+        default_namespace: String,
+    },
+    /// Run a command in the running sandbox: in a pod, the client or a node.
+    Exec {
+        /// A pod (`NAME` or `NAMESPACE/NAME`), `client`, or a node (`node-0`).
+        target: String,
+        /// The command and its arguments.
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
 }
 
 /// `--backend`.
@@ -48,8 +85,92 @@ enum BackendArg {
     Nftables,
 }
 
+/// `svcnat-lab up`: until Ctrl-C.
+fn up(
+    manifests: std::path::PathBuf,
+    nodes: usize,
+    backend: LabBackend,
+    default_namespace: String,
+) -> ExitCode {
+    let stop = match svcnat_examples::cli::stop_on_signals() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("svcnat-lab: cannot handle SIGINT/SIGTERM: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let spec = SandboxSpec {
+        manifests,
+        nodes,
+        backend,
+        default_namespace,
+    };
+    // A closed stdout (the reader went away) never stops the sandbox from cleaning up.
+    let say = |line: &str| {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "{line}").and_then(|()| out.flush());
+    };
+    let result = Programs::discover_svcnat().and_then(|p| {
+        let mut sb = Sandbox::up(&spec, &p, &stop, say)?;
+        for (name, addr) in &sb.frontends {
+            say(&format!(
+                "frontend {name}: http://{addr}/   (svcnat-lab exec client -- curl http://{addr}/)"
+            ));
+        }
+        say(&format!(
+            "pods: {}",
+            sb.pods.keys().cloned().collect::<Vec<_>>().join(" ")
+        ));
+        say("ready: Ctrl-C removes everything");
+        sb.wait(&stop)
+    });
+    match result {
+        Ok(()) => {
+            say("svcnat-lab: stopped; everything it made is removed");
+            ExitCode::SUCCESS
+        }
+        Err(e @ LabError::Unsupported(_)) => {
+            eprintln!("svcnat-lab: {e}");
+            ExitCode::from(2)
+        }
+        Err(LabError::Interrupted) => {
+            eprintln!("svcnat-lab: interrupted; everything it made is removed");
+            ExitCode::from(130)
+        }
+        Err(e) => {
+            eprintln!("svcnat-lab: {e}; everything it made is removed");
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    match args.command {
+        Some(Command::Up {
+            manifests,
+            nodes,
+            backend,
+            default_namespace,
+        }) => {
+            let backend = match backend {
+                BackendArg::Iptables => LabBackend::Iptables,
+                BackendArg::Nftables => LabBackend::Nftables,
+            };
+            return up(manifests, nodes, backend, default_namespace);
+        }
+        Some(Command::Exec { target, command }) => {
+            return match sandbox::exec(&target, &command) {
+                Ok(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                Err(e) => {
+                    eprintln!("svcnat-lab exec: {e}");
+                    ExitCode::from(1)
+                }
+            };
+        }
+        None => {}
+    }
     let feed = if args.api { Feed::Api } else { Feed::Manifests };
     // The first Ctrl-C stops the replay and cleans up; a second one exits at once.
     let stop = match svcnat_examples::cli::stop_on_signals() {
