@@ -182,6 +182,8 @@ pub struct Userspace {
     forwarding_before: Option<String>,
     links: Links,
     last_drift_check: Option<Instant>,
+    /// When [`Dataplane::drifted`] last compared the owned interfaces with the kernel's.
+    last_link_check: Option<Instant>,
 }
 
 impl std::fmt::Debug for Userspace {
@@ -265,6 +267,7 @@ impl Userspace {
             forwarding_before: None,
             links,
             last_drift_check: None,
+            last_link_check: None,
         };
         // The original setting is the one a killed predecessor recorded in its table, if
         // one is left: then the sysctl holds that process's own change, not the node's.
@@ -431,6 +434,20 @@ impl Dataplane for Userspace {
     /// it. The table is compared with its listing right after it was applied, counters
     /// left out. Checked at most every [`DRIFT_CHECK_INTERVAL`].
     fn drifted(&mut self) -> Result<bool, SyncError> {
+        // An owned interface appeared or went (a pod started after the last sync, its
+        // EndpointSlice already applied): the filters, ports and routes must follow at once,
+        // not at the next periodic resync.
+        if self
+            .last_link_check
+            .is_none_or(|t| t.elapsed() >= LINK_CHECK_INTERVAL)
+        {
+            self.last_link_check = Some(Instant::now());
+            let links = read_links(&self.cfg)?;
+            let owned: Vec<u32> = owned_ports(&self.cfg, &links).into_iter().collect();
+            if owned != self.owned {
+                return Ok(true);
+            }
+        }
         if self.nft_applied.is_none()
             || self
                 .last_drift_check
@@ -448,6 +465,9 @@ impl Dataplane for Userspace {
 
 /// How often [`Dataplane::drifted`] looks for the ingress table.
 pub const DRIFT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+
+/// How often [`Dataplane::drifted`] compares the owned interfaces with the kernel's.
+pub const LINK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 impl Drop for Userspace {
     fn drop(&mut self) {

@@ -60,6 +60,12 @@ pub enum LabBackend {
     Iptables,
     /// nftables in kube-proxy's nftables layout; step 2 reads the `service-` chain.
     Nftables,
+    /// The userspace AF_PACKET datapath on the nodes' pod and LAN interfaces; step 2 reads
+    /// the node's plan and the datapath's counters.
+    Userspace,
+    /// IPVS; step 2 reads `ipvsadm -Ln`. Needs a kernel with IPVS: the lab refuses to start
+    /// without one, saying so.
+    Ipvs,
 }
 
 impl LabBackend {
@@ -68,7 +74,33 @@ impl LabBackend {
         match self {
             LabBackend::Iptables => "iptables",
             LabBackend::Nftables => "nftables",
+            LabBackend::Userspace => "userspace",
+            LabBackend::Ipvs => "ipvs",
         }
+    }
+
+    /// `svcnat-proxy`'s arguments for this backend on a testbed node.
+    pub fn proxy_args(self) -> Vec<&'static str> {
+        match self {
+            LabBackend::Userspace => vec![
+                "--backend",
+                "userspace",
+                "--interfaces",
+                "eth0,vp*",
+                "--workers",
+                "1",
+            ],
+            b => vec!["--backend", b.as_str()],
+        }
+    }
+
+    /// Why this kernel cannot run it, if it cannot.
+    pub fn unavailable(self) -> Option<String> {
+        (self == LabBackend::Ipvs && !Path::new("/proc/net/ip_vs").exists()).then(|| {
+            "this kernel has no IPVS (/proc/net/ip_vs is missing) and cannot load modules; \
+             the IPVS backend runs in the VM (backend-ipvs/vm/run.sh, its conformance suite)"
+                .to_string()
+        })
     }
 }
 
@@ -358,6 +390,9 @@ impl Lab {
         backend: LabBackend,
     ) -> Result<Lab, LabError> {
         crate::testbed::require_root().map_err(LabError::Unsupported)?;
+        if let Some(why) = backend.unavailable() {
+            return Err(LabError::Unsupported(why));
+        }
         let dir = std::env::temp_dir().join(format!("svcnat-lab-{}", std::process::id()));
         fs::create_dir_all(&dir).map_err(setup("manifest directory"))?;
         let config = {
@@ -439,9 +474,10 @@ impl Lab {
                     NAMESPACE,
                     "--min-sync-period",
                     "200ms",
-                    "--backend",
-                    lab.backend.as_str(),
-                ],
+                ]
+                .into_iter()
+                .chain(lab.backend.proxy_args())
+                .collect::<Vec<_>>(),
             )?;
         }
         Ok(lab)
@@ -500,6 +536,65 @@ impl Lab {
         Ok(targets)
     }
 
+    /// Step 2 on the userspace datapath: no rules to read; the node's plan (what the
+    /// datapath holds, `svcnat-ctl plan`) spreads over the five pods with the same cascade.
+    fn step2_plan(&mut self) -> Result<BTreeSet<IpAddr>, LabError> {
+        let step = "the node's plan spreads over the five pods";
+        self.say(format!("\n== STEP 2: {step}"));
+        let node0 = self.tb.node_ip(0).to_string();
+        let plan = self.ctl(&[
+            "plan",
+            "--node-name",
+            "node-0",
+            "--node-ip",
+            &node0,
+            "--cluster-cidr",
+            "10.244.0.0/16",
+        ])?;
+        let vote: Vec<&str> = plan
+            .lines()
+            .skip_while(|l| !(l.starts_with("backends instavote/vote") && l.contains("Cluster")))
+            .skip(1)
+            .take_while(|l| l.starts_with("  "))
+            .collect();
+        expect(step, vote.len() == 5, "five endpoints", &plan)?;
+        for p in [
+            "0.2000000000",
+            "0.2500000000",
+            "0.3333333333",
+            "0.5000000000",
+        ] {
+            expect(
+                step,
+                vote.iter().any(|l| l.contains(p)),
+                &format!("probability {p}"),
+                &plan,
+            )?;
+        }
+        Ok(vote
+            .iter()
+            .filter_map(|l| l.split_whitespace().next()?.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect())
+    }
+
+    /// Step 2 on IPVS: the virtual service's real servers.
+    fn step2_ipvs(&mut self) -> Result<BTreeSet<IpAddr>, LabError> {
+        let step = "the IPVS virtual service has the five pods as real servers";
+        self.say(format!("\n== STEP 2: {step}"));
+        let text = self.on_node(0, &["ipvsadm", "-Ln"])?;
+        let reals: BTreeSet<IpAddr> = text
+            .lines()
+            .skip_while(|l| !l.contains(":30000"))
+            .skip(1)
+            .take_while(|l| l.trim_start().starts_with("->"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<SocketAddr>().ok())
+            .map(|a| a.ip())
+            .collect();
+        expect(step, reals.len() == 5, "five real servers", &text)?;
+        Ok(reals)
+    }
+
     /// Runs `args` on node `i` (showing the command and its output) and returns stdout.
     fn on_node(&mut self, i: usize, args: &[&str]) -> Result<String, LabError> {
         self.say(format!("$ {}   (on node-{i})", args.join(" ")));
@@ -551,6 +646,31 @@ impl Lab {
                     !counted.is_empty(),
                     "the rule for port 30000 counted packets (the first of each connection: \
                      the nat table sees only those)",
+                    &text,
+                )
+            }
+            LabBackend::Userspace => {
+                let text = self.on_node(0, &["curl", "-s", "http://127.0.0.1:10249/metrics"])?;
+                let forwarded = text
+                    .lines()
+                    .find_map(|l| {
+                        l.strip_prefix("svcnat_userspace_verdicts_total{verdict=\"forward\"} ")
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0);
+                expect(
+                    step,
+                    forwarded > 0,
+                    &format!("the datapath forwarded the browser's frames ({forwarded})"),
+                    &text,
+                )
+            }
+            LabBackend::Ipvs => {
+                let text = self.on_node(0, &["ipvsadm", "-Ln", "--stats"])?;
+                expect(
+                    step,
+                    text.contains(":30000"),
+                    "an IPVS service for port 30000 with its counters",
                     &text,
                 )
             }
@@ -1191,6 +1311,8 @@ impl Lab {
         let dnat = match self.backend {
             LabBackend::Iptables => self.step2_iptables()?,
             LabBackend::Nftables => self.step2_nftables()?,
+            LabBackend::Userspace => self.step2_plan()?,
+            LabBackend::Ipvs => self.step2_ipvs()?,
         };
         self.draw("vote")?;
         self.dnat_matches_pods(&dnat)?;

@@ -93,6 +93,9 @@ impl Sandbox {
         mut say: impl FnMut(&str),
     ) -> Result<Sandbox, LabError> {
         crate::testbed::require_root().map_err(LabError::Unsupported)?;
+        if let Some(why) = spec.backend.unavailable() {
+            return Err(LabError::Unsupported(why));
+        }
         if spec.nodes == 0 || spec.nodes > MAX_NODES {
             return Err(LabError::Setup(format!(
                 "--nodes must be 1 to {MAX_NODES}, got {}",
@@ -301,9 +304,10 @@ impl Sandbox {
                     &ns_arg,
                     "--min-sync-period",
                     "200ms",
-                    "--backend",
-                    spec.backend.as_str(),
-                ],
+                ]
+                .into_iter()
+                .chain(spec.backend.proxy_args())
+                .collect::<Vec<_>>(),
             )?;
             say(&format!(
                 "(node) svcnat-proxy --backend {} on {}",

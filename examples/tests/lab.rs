@@ -200,3 +200,33 @@ fn show_in_chromium(dir: &std::path::Path) -> (String, Vec<u8>) {
     ]);
     (text, std::fs::read(&shot).unwrap_or_default())
 }
+
+#[test]
+fn the_lab_replays_on_the_userspace_datapath() {
+    svcnat_examples::skip_unless_root!();
+    let Some(stdout) = replay(&["--backend", "userspace"]) else {
+        return;
+    };
+    assert!(
+        stdout.contains("OK: the datapath forwarded the browser's frames"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("== STEP 2: the node's plan spreads over the five pods"));
+}
+
+#[test]
+fn the_lab_says_why_ipvs_cannot_run_here() {
+    svcnat_examples::skip_unless_root!();
+    if std::path::Path::new("/proc/net/ip_vs").exists() {
+        // Nothing to refuse: the lab runs on IPVS there.
+        return;
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_svcnat-lab"))
+        .args(["--backend", "ipvs"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("this kernel has no IPVS"), "{stderr}");
+    assert!(stderr.contains("backend-ipvs/vm/run.sh"), "{stderr}");
+}

@@ -5,7 +5,7 @@
 //! Cleans up after itself in every case.
 //!
 //! ```text
-//! svcnat-lab [--api] [--backend iptables|nftables] [--report DIR]
+//! svcnat-lab [--api] [--backend iptables|nftables|userspace|ipvs] [--report DIR]
 //! svcnat-lab up --manifests DIR [--nodes N] [--backend iptables|nftables] [--default-namespace NS]
 //! svcnat-lab exec POD|NAMESPACE/POD|client|node-N -- CMD [ARGS...]
 //! ```
@@ -83,6 +83,21 @@ enum BackendArg {
     Iptables,
     /// nftables (kube-proxy's nftables layout).
     Nftables,
+    /// The userspace AF_PACKET datapath.
+    Userspace,
+    /// IPVS (needs a kernel with IPVS; says so otherwise).
+    Ipvs,
+}
+
+impl BackendArg {
+    fn lab(self) -> LabBackend {
+        match self {
+            BackendArg::Iptables => LabBackend::Iptables,
+            BackendArg::Nftables => LabBackend::Nftables,
+            BackendArg::Userspace => LabBackend::Userspace,
+            BackendArg::Ipvs => LabBackend::Ipvs,
+        }
+    }
 }
 
 /// `svcnat-lab up`: until Ctrl-C.
@@ -154,10 +169,7 @@ fn main() -> ExitCode {
             backend,
             default_namespace,
         }) => {
-            let backend = match backend {
-                BackendArg::Iptables => LabBackend::Iptables,
-                BackendArg::Nftables => LabBackend::Nftables,
-            };
+            let backend = backend.lab();
             return up(manifests, nodes, backend, default_namespace);
         }
         Some(Command::Exec { target, command }) => {
@@ -180,10 +192,7 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let backend = match args.backend {
-        BackendArg::Iptables => LabBackend::Iptables,
-        BackendArg::Nftables => LabBackend::Nftables,
-    };
+    let backend = args.backend.lab();
     let result = Programs::discover()
         .and_then(|p| Lab::start_on(p, stop, feed, backend))
         .and_then(|mut lab| {
