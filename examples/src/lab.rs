@@ -151,7 +151,8 @@ spec: {podCIDR: 10.244.1.0/24}
 status: {addresses: [{type: InternalIP, address: 192.168.50.12}]}
 ";
 
-const KUBE_DNS: &str = "---
+/// kube-dns in `kube-system` behind 10.96.0.10, and the pod svcnat-dns runs in.
+pub(crate) const KUBE_DNS: &str = "---
 apiVersion: v1
 kind: Service
 metadata:
@@ -1035,34 +1036,7 @@ impl Lab {
         args: &[&str],
         ready: fn(&str) -> bool,
     ) -> Result<(), LabError> {
-        let mut child = self
-            .tb
-            .command(ns, program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(setup("spawn"))?;
-        // Wait for "ready" (the first sync done, or the DNS server listening).
-        let Some(stdout) = child.stdout.take() else {
-            return Err(LabError::Setup("no stdout".into()));
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if ready(&line) {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        self.daemons.push(child);
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            LabError::Setup(format!(
-                "{} in {ns} did not become ready",
-                program.display()
-            ))
-        })
+        spawn_ready(&self.tb, &mut self.daemons, ns, program, args, ready)
     }
 
     fn pod_ns(&self, pod: &str) -> Result<String, LabError> {
@@ -1586,6 +1560,44 @@ impl Lab {
         self.say("\nAll steps of the lab observed as the lab describes them.");
         Ok(())
     }
+}
+
+/// Starts `program` in `ns` (kept in `daemons`, killed with them) and waits up to 30 s for
+/// a line of its stdout that `ready` accepts: the first sync done, the server listening.
+pub(crate) fn spawn_ready(
+    tb: &Testbed,
+    daemons: &mut Vec<Child>,
+    ns: &str,
+    program: &Path,
+    args: &[&str],
+    ready: fn(&str) -> bool,
+) -> Result<(), LabError> {
+    let mut child = tb
+        .command(ns, program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(setup("spawn"))?;
+    let Some(stdout) = child.stdout.take() else {
+        return Err(LabError::Setup("no stdout".into()));
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if ready(&line) {
+                let _ = tx.send(());
+            }
+        }
+    });
+    daemons.push(child);
+    rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
+        LabError::Setup(format!(
+            "{} in {ns} did not become ready",
+            program.display()
+        ))
+    })
 }
 
 /// The longest a browser run may take.

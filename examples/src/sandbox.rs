@@ -16,10 +16,9 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -165,7 +164,10 @@ impl Sandbox {
                 .any(|s| s.name.namespace == "kube-system" && s.name.name == "kube-dns")
         };
         if !has_dns {
-            ours.push(("000-svcnat-kube-dns.yaml".into(), KUBE_DNS.into()));
+            ours.push((
+                "000-svcnat-kube-dns.yaml".into(),
+                crate::lab::KUBE_DNS.into(),
+            ));
         }
         let all: Vec<(String, String)> = ours
             .iter()
@@ -357,32 +359,8 @@ impl Sandbox {
 
     /// Starts `program` in `ns` and waits for its `ready` line.
     fn spawn(&mut self, ns: &str, program: &Path, args: &[&str]) -> Result<(), LabError> {
-        let mut child = self
-            .tb
-            .command(ns, program)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .map_err(setup("spawn"))?;
-        let Some(stdout) = child.stdout.take() else {
-            return Err(LabError::Setup("no stdout".into()));
-        };
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if line.trim() == "ready" {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        self.daemons.push(child);
-        rx.recv_timeout(Duration::from_secs(30)).map_err(|_| {
-            LabError::Setup(format!(
-                "{} in {ns} did not become ready",
-                program.display()
-            ))
+        crate::lab::spawn_ready(&self.tb, &mut self.daemons, ns, program, args, |l| {
+            l.trim() == "ready"
         })
     }
 
@@ -467,38 +445,6 @@ fn nodes_yaml(nodes: &[NodeSpec]) -> String {
     }
     y
 }
-
-const KUBE_DNS: &str = "---
-apiVersion: v1
-kind: Service
-metadata:
-  name: kube-dns
-  namespace: kube-system
-  labels: {k8s-app: kube-dns}
-spec:
-  clusterIP: 10.96.0.10
-  selector: {k8s-app: kube-dns}
-  ports:
-  - {name: dns, port: 53, protocol: UDP}
-  - {name: dns-tcp, port: 53, protocol: TCP}
----
-apiVersion: v1
-kind: Pod
-metadata:
-  name: coredns
-  namespace: kube-system
-  labels: {k8s-app: kube-dns}
-spec:
-  nodeName: node-0
-  containers:
-  - name: svcnat-dns
-    image: svcnat-dns
-    ports:
-    - {name: dns, containerPort: 53, protocol: UDP}
-    - {name: dns-tcp, containerPort: 53, protocol: TCP}
-status:
-  podIP: 10.244.0.53
-";
 
 /// Runs `args` in the sandbox's namespace for `target` with the terminal's stdio; returns
 /// its exit code.
