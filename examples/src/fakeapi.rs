@@ -721,34 +721,15 @@ fn bind(addr: SocketAddr, netns: Option<&str>) -> Result<std::net::TcpListener, 
     let Some(name) = netns else {
         return bind_here(addr);
     };
-    if name.is_empty() || name.contains('/') || name.contains('\0') {
-        return Err(FakeApiError::io(
-            format!("bind {addr}"),
-            io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad network namespace name {name:?}"),
-            ),
-        ));
-    }
-    let path = format!("/run/netns/{name}");
-    let file =
-        std::fs::File::open(&path).map_err(|e| FakeApiError::io(format!("open {path}"), e))?;
-    thread::scope(|s| {
-        s.spawn(|| {
-            nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| {
-                FakeApiError::io(format!("enter network namespace {path}"), e.into())
-            })?;
-            bind_here(addr).map_err(|e| match e {
-                FakeApiError::Io { what, source } => FakeApiError::Io {
-                    what: format!("{what} in network namespace {name}"),
-                    source,
-                },
-                other => other,
-            })
+    crate::netns::run_in(name, || {
+        bind_here(addr).map_err(|e| match e {
+            FakeApiError::Io { what, source } => {
+                io::Error::new(source.kind(), format!("{what}: {source}"))
+            }
+            other => io::Error::other(other.to_string()),
         })
-        .join()
-        .unwrap_or_else(|_| Err(FakeApiError::Runtime("the bind thread panicked".into())))
     })
+    .map_err(|e| FakeApiError::io(format!("bind {addr}"), e))
 }
 
 fn bind_here(addr: SocketAddr) -> Result<std::net::TcpListener, FakeApiError> {
