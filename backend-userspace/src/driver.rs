@@ -869,6 +869,8 @@ struct Link {
     name: String,
     mac: Option<[u8; 6]>,
     addrs: Vec<IpNet>,
+    /// The MTU (`ip link set mtu` changes it; read again on every sync).
+    mtu: u32,
 }
 
 type Links = BTreeMap<u32, Link>;
@@ -905,6 +907,10 @@ fn parse_links(v: &serde_json::Value) -> Result<Links, String> {
             .ok_or("link without ifname")?
             .to_string();
         let mac = l["address"].as_str().and_then(parse_mac);
+        let mtu = l["mtu"]
+            .as_u64()
+            .and_then(|m| u32::try_from(m).ok())
+            .unwrap_or(0);
         let mut addrs = Vec::new();
         for a in l["addr_info"].as_array().into_iter().flatten() {
             let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
@@ -923,6 +929,7 @@ fn parse_links(v: &serde_json::Value) -> Result<Links, String> {
                 name,
                 mac,
                 addrs,
+                mtu,
             },
         );
     }
@@ -980,6 +987,7 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
                     (false, Some(gw)) => vec![gw],
                     _ => Vec::new(),
                 },
+                mtu: l.mtu,
             })
         })
         .collect()
@@ -1246,7 +1254,7 @@ mod tests {
     fn links() -> Links {
         let v: serde_json::Value = serde_json::from_str(
             r#"[{"ifindex":1,"ifname":"lo","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
-                {"ifindex":2,"ifname":"eth0","address":"02:00:00:00:00:0b","addr_info":[{"family":"inet","local":"192.168.50.11","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
+                {"ifindex":2,"ifname":"eth0","mtu":1500,"address":"02:00:00:00:00:0b","addr_info":[{"family":"inet","local":"192.168.50.11","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
                 {"ifindex":5,"ifname":"vp0","address":"02:00:00:00:01:00","addr_info":[]},
                 {"ifindex":6,"ifname":"svc0","addr_info":[]}]"#,
         )
