@@ -562,3 +562,110 @@ fn ipv6_larger_than_the_egress_mtu_gets_packet_too_big() {
     assert_eq!(v, Verdict::Drop(DropReason::TooBig));
     assert_eq!(&tx[0].data[58..62], &1500u32.to_be_bytes());
 }
+
+// ---------------------------------------------------------------------------------------------
+// Properties
+// ---------------------------------------------------------------------------------------------
+
+use proptest::prelude::*;
+
+/// Fragments of `frame` cut at the given 8-byte-aligned points.
+fn cut4(frame: &[u8], cuts: &[usize]) -> Vec<Vec<u8>> {
+    let body = &frame[34..];
+    let mut points: Vec<usize> = cuts
+        .iter()
+        .map(|c| (c % body.len()) & !7)
+        .filter(|c| *c > 0)
+        .collect();
+    points.push(0);
+    points.push(body.len());
+    points.sort_unstable();
+    points.dedup();
+    points
+        .windows(2)
+        .map(|w| frag4(frame, w[0], &body[w[0]..w[1]], w[1] < body.len()))
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    /// However a datagram is cut, ordered and repeated, it arrives once, whole and
+    /// translated, in fragments no larger than the largest it came in.
+    #[test]
+    fn any_cut_order_and_duplicates_reassemble_once(
+        len in 100usize..6000,
+        cuts in proptest::collection::vec(any::<usize>(), 0..12),
+        order in proptest::collection::vec(any::<u16>(), 0..40),
+        dups in proptest::collection::vec(any::<u16>(), 0..4),
+    ) {
+        let e = engine_mtu(EngineConfig::default(), 9000, 9000);
+        let data = payload(len);
+        let whole = udp4(CLIENT, DNS_CIP, 40100, 53, &data, false);
+        let mut frags = cut4(&whole, &cuts);
+        prop_assume!(frags.len() > 1);
+        let largest = frags.iter().map(|f| ip_len(f)).max().unwrap();
+        for (i, o) in order.iter().enumerate() {
+            let n = frags.len();
+            frags.swap(i % n, usize::from(*o) % n);
+        }
+        // Duplicates anywhere before the fragment that completes the datagram.
+        let last = frags.pop().unwrap();
+        for d in &dups {
+            let n = frags.len();
+            let f = frags[usize::from(*d) % n].clone();
+            frags.insert(usize::from(*d / 3) % (n + 1), f);
+        }
+        frags.push(last);
+        let mut out = Vec::new();
+        for (i, f) in frags.iter().enumerate() {
+            let (v, _, tx) = feed(&e, ms(0), UPLINK, f);
+            prop_assert_eq!(v, Verdict::Consumed);
+            prop_assert!(tx.is_empty() || i + 1 == frags.len());
+            out.extend(tx);
+        }
+        prop_assert_eq!(e.counters().reassembled, 1);
+        prop_assert!(out.iter().all(|t| ip_len(&t.data) <= largest));
+        let frames: Vec<Vec<u8>> = out.iter().map(|t| t.data.clone()).collect();
+        let joined = join4(&frames);
+        verify_checksums(&joined);
+        prop_assert_eq!(udp_of(&joined).2, data);
+        prop_assert_eq!(&joined[30..34], &POD1);
+        let c = e.counters();
+        prop_assert_eq!((c.reassembly_pending, c.reassembly_memory), (0, 0));
+    }
+
+    /// Arbitrary fragments (any offset, length, identification, flags) never hold more
+    /// than the budget, and everything held is gone after the timeout.
+    #[test]
+    fn hostile_fragments_stay_bounded(
+        frags in proptest::collection::vec(
+            (any::<u16>(), 0u16..0x2000, any::<bool>(), 0usize..1480, any::<bool>()),
+            1..200,
+        ),
+    ) {
+        let budget = 32 * 1024;
+        let cfg = EngineConfig {
+            reassembly: Reassembly { memory: budget, max_fragments: 16, ..Reassembly::default() },
+            ..EngineConfig::default()
+        };
+        let e = engine_mtu(cfg, 1500, 1500);
+        let base = udp4(CLIENT, DNS_CIP, 40200, 53, &payload(1480), false);
+        for (id, off8, more, len, df) in frags {
+            let mut f = frag4(&base, usize::from(off8) * 8, &base[34..34 + len], more);
+            f[18..20].copy_from_slice(&(id % 8).to_be_bytes());
+            if df {
+                f[20] |= 0x40;
+            }
+            f[24..26].copy_from_slice(&[0, 0]);
+            let c = etherparse::Ipv4Header::from_slice(&f[14..]).unwrap().0.calc_header_checksum();
+            f[24..26].copy_from_slice(&c.to_be_bytes());
+            let _ = feed(&e, ms(0), UPLINK, &f);
+            prop_assert!(e.counters().reassembly_memory as usize <= budget + 1480 + 512);
+        }
+        let mut tx = Vec::new();
+        e.handle_timeout(Duration::from_secs(30), &mut tx);
+        let c = e.counters();
+        prop_assert_eq!((c.reassembly_pending, c.reassembly_memory), (0, 0));
+    }
+}

@@ -38,10 +38,21 @@
 //! `rp_filter`, the node's own addresses; see [`Admission`]); tagged frames are never
 //! forwarded; ICMP errors are rate-limited as the kernel's are ([`IcmpLimits`]).
 //!
-//! Not implemented: IP reassembly (fragments to a frontend are dropped), ICMP
-//! "fragmentation needed" / "packet too big", ICMPv6 errors quoting
-//! a packet with extension headers (not translated), Router Advertisements and Redirects
-//! (left to the kernel), SCTP multi-homing (each address pair is its own association).
+//! Fragments (module `frag`): every IPv4 or IPv6 fragment that passes the input checks
+//! is reassembled first, as conntrack's defragmentation does for all it sees (fragments to
+//! a frontend, replies of translated connections, transit), bounded as the kernel bounds
+//! it ([`Reassembly`]: a 4 MiB budget, 30 s, 65,535 bytes, fragments per datagram; an
+//! overlap drops the datagram); the datagram then takes the same path as any packet.
+//! Fragments addressed to the node itself stay the kernel's as well. A packet larger than
+//! its egress port's MTU ([`PortConfig::mtu`]) is fragmented when IPv4 without DF, and
+//! otherwise answered with ICMP "fragmentation needed" or ICMPv6 "packet too big" carrying
+//! the MTU; a reassembled datagram leaves in fragments no larger than it arrived in
+//! (`frag_max_size`), as the kernel refragments after conntrack.
+//!
+//! Not implemented: ICMPv6 errors quoting a packet with extension headers (not
+//! translated), Router Advertisements and Redirects (left to the kernel), SCTP
+//! multi-homing (each address pair is its own association), IPv4 options copied to every
+//! fragment (the first fragment's header, options and all, is repeated).
 #![forbid(unsafe_code)]
 
 mod conntrack;
@@ -1158,10 +1169,14 @@ impl Engine {
         reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Fit, DropReason> {
-        let mtu = ports.by_id.get(&out).map_or(0, |p| p.mtu as usize);
+        // An unknown MTU (0) limits nothing.
+        let mtu = match ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
+            0 => usize::MAX,
+            m => m,
+        };
         let len = ip.end.saturating_sub(ip.l3);
         let in_mtu = ports.by_id.get(&meta.port).map_or(0, |p| p.mtu as usize);
-        if mtu == 0 || (reasm.is_none() && in_mtu > 0 && len > in_mtu) {
+        if reasm.is_none() && in_mtu > 0 && len > in_mtu {
             return Ok(Fit::Whole);
         }
         let too_big = |tx: &mut Vec<TxFrame>| {
@@ -1171,7 +1186,7 @@ impl Engine {
                 meta,
                 frame,
                 ip,
-                IcmpKind::TooBig(mtu as u32),
+                IcmpKind::TooBig(u32::try_from(mtu).unwrap_or(u32::MAX)),
                 None,
                 tx,
             );
