@@ -540,6 +540,30 @@ impl Stats {
                 ("{verdict=\"consumed\"}".to_string(), e.consumed),
             ],
         );
+        metric(
+            "reassembled_total",
+            "counter",
+            "Datagrams reassembled from fragments.",
+            &one(e.reassembled),
+        );
+        metric(
+            "fragments_sent_total",
+            "counter",
+            "Fragments sent (split for the egress MTU or to their original size).",
+            &one(e.fragments_sent),
+        );
+        metric(
+            "reassembly_pending",
+            "gauge",
+            "Incomplete datagrams held for reassembly.",
+            &one(e.reassembly_pending),
+        );
+        metric(
+            "reassembly_memory_bytes",
+            "gauge",
+            "Bytes accounted to held fragments (bounded by the reassembly budget).",
+            &one(e.reassembly_memory),
+        );
         let drops: Vec<(String, u64)> = e
             .drops
             .iter()
@@ -1283,6 +1307,8 @@ mod tests {
         let ports = port_configs(&cfg, &l, &owned);
         assert_eq!(ports[0].proxy_arp, Vec::<Ipv4Addr>::new());
         assert_eq!(ports[1].proxy_arp, vec![Ipv4Addr::new(169, 254, 1, 1)]);
+        // The MTU as `ip` shows it; 0 (no limit) when it does not.
+        assert_eq!((ports[0].mtu, ports[1].mtu), (1500, 0));
         let v: serde_json::Value = serde_json::from_str(
             r#"[{"dst":"default","gateway":"192.168.50.1","dev":"eth0"},
                 {"dst":"10.244.0.10","dev":"vp0","scope":"link"},
