@@ -560,6 +560,30 @@ impl Stats {
                 ("{verdict=\"consumed\"}".to_string(), e.consumed),
             ],
         );
+        metric(
+            "reassembled_total",
+            "counter",
+            "Datagrams reassembled from fragments.",
+            &one(e.reassembled),
+        );
+        metric(
+            "fragments_sent_total",
+            "counter",
+            "Fragments sent (split for the egress MTU or to their original size).",
+            &one(e.fragments_sent),
+        );
+        metric(
+            "reassembly_pending",
+            "gauge",
+            "Incomplete datagrams held for reassembly.",
+            &one(e.reassembly_pending),
+        );
+        metric(
+            "reassembly_memory_bytes",
+            "gauge",
+            "Bytes accounted to held fragments (bounded by the reassembly budget).",
+            &one(e.reassembly_memory),
+        );
         let drops: Vec<(String, u64)> = e
             .drops
             .iter()
@@ -889,6 +913,8 @@ struct Link {
     name: String,
     mac: Option<[u8; 6]>,
     addrs: Vec<IpNet>,
+    /// The MTU (`ip link set mtu` changes it; read again on every sync).
+    mtu: u32,
 }
 
 type Links = BTreeMap<u32, Link>;
@@ -925,6 +951,10 @@ fn parse_links(v: &serde_json::Value) -> Result<Links, String> {
             .ok_or("link without ifname")?
             .to_string();
         let mac = l["address"].as_str().and_then(parse_mac);
+        let mtu = l["mtu"]
+            .as_u64()
+            .and_then(|m| u32::try_from(m).ok())
+            .unwrap_or(0);
         let mut addrs = Vec::new();
         for a in l["addr_info"].as_array().into_iter().flatten() {
             let (Some(local), Some(len)) = (a["local"].as_str(), a["prefixlen"].as_u64()) else {
@@ -943,6 +973,7 @@ fn parse_links(v: &serde_json::Value) -> Result<Links, String> {
                 name,
                 mac,
                 addrs,
+                mtu,
             },
         );
     }
@@ -1000,6 +1031,7 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
                     (false, Some(gw)) => vec![gw],
                     _ => Vec::new(),
                 },
+                mtu: l.mtu,
             })
         })
         .collect()
@@ -1266,7 +1298,7 @@ mod tests {
     fn links() -> Links {
         let v: serde_json::Value = serde_json::from_str(
             r#"[{"ifindex":1,"ifname":"lo","address":"00:00:00:00:00:00","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8}]},
-                {"ifindex":2,"ifname":"eth0","address":"02:00:00:00:00:0b","addr_info":[{"family":"inet","local":"192.168.50.11","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
+                {"ifindex":2,"ifname":"eth0","mtu":1500,"address":"02:00:00:00:00:0b","addr_info":[{"family":"inet","local":"192.168.50.11","prefixlen":24},{"family":"inet6","local":"fe80::1","prefixlen":64}]},
                 {"ifindex":5,"ifname":"vp0","address":"02:00:00:00:01:00","addr_info":[]},
                 {"ifindex":6,"ifname":"svc0","addr_info":[]}]"#,
         )
@@ -1295,6 +1327,8 @@ mod tests {
         let ports = port_configs(&cfg, &l, &owned);
         assert_eq!(ports[0].proxy_arp, Vec::<Ipv4Addr>::new());
         assert_eq!(ports[1].proxy_arp, vec![Ipv4Addr::new(169, 254, 1, 1)]);
+        // The MTU as `ip` shows it; 0 (no limit) when it does not.
+        assert_eq!((ports[0].mtu, ports[1].mtu), (1500, 0));
         let v: serde_json::Value = serde_json::from_str(
             r#"[{"dst":"default","gateway":"192.168.50.1","dev":"eth0"},
                 {"dst":"10.244.0.10","dev":"vp0","scope":"link"},

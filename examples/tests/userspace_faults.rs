@@ -226,14 +226,18 @@ fn malformed_frames_at_rate_are_dropped_and_counted() {
     let n = f.len();
     f[n - 3] ^= 0x5a;
     bad.push(f);
-    // A non-first fragment and a first fragment (MF) to the frontend.
-    let mut f = good.clone();
-    f[20] = 0x00;
-    f[21] = 0x10;
+    // Fragments reassembly refuses outright (well-formed ones are held, not dropped): an
+    // empty one, and one ending past 65,535 bytes.
+    let mut f = good[..34].to_vec();
+    f[16] = 0;
+    f[17] = 20;
+    f[20] = 0x20;
+    f[21] = 0x01;
     fix_ipv4_checksum(&mut f);
     bad.push(f);
     let mut f = good.clone();
-    f[20] = 0x20;
+    f[20] = 0x1f;
+    f[21] = 0xff;
     fix_ipv4_checksum(&mut f);
     bad.push(f);
     let frames: Vec<Vec<u8>> = bad.iter().cycle().take(100_000).cloned().collect();

@@ -38,13 +38,25 @@
 //! `rp_filter`, the node's own addresses; see [`Admission`]); tagged frames are never
 //! forwarded; ICMP errors are rate-limited as the kernel's are ([`IcmpLimits`]).
 //!
-//! Not implemented: IP reassembly (fragments to a frontend are dropped), ICMP
-//! "fragmentation needed" / "packet too big", ICMPv6 errors quoting
-//! a packet with extension headers (not translated), Router Advertisements and Redirects
-//! (left to the kernel), SCTP multi-homing (each address pair is its own association).
+//! Fragments (module `frag`): every IPv4 or IPv6 fragment that passes the input checks
+//! is reassembled first, as conntrack's defragmentation does for all it sees (fragments to
+//! a frontend, replies of translated connections, transit), bounded as the kernel bounds
+//! it ([`Reassembly`]: a 4 MiB budget, 30 s, 65,535 bytes, fragments per datagram; an
+//! overlap drops the datagram); the datagram then takes the same path as any packet.
+//! Fragments addressed to the node itself stay the kernel's as well. A packet larger than
+//! its egress port's MTU ([`PortConfig::mtu`]) is fragmented when IPv4 without DF, and
+//! otherwise answered with ICMP "fragmentation needed" or ICMPv6 "packet too big" carrying
+//! the MTU; a reassembled datagram leaves in fragments no larger than it arrived in
+//! (`frag_max_size`), as the kernel refragments after conntrack.
+//!
+//! Not implemented: ICMPv6 errors quoting a packet with extension headers (not
+//! translated), Router Advertisements and Redirects (left to the kernel), SCTP
+//! multi-homing (each address pair is its own association), IPv4 options copied to every
+//! fragment (the first fragment's header, options and all, is repeated).
 #![forbid(unsafe_code)]
 
 mod conntrack;
+mod frag;
 mod ndp;
 mod neigh;
 mod tables;
@@ -70,6 +82,7 @@ use tables::{Compiled, Registry};
 use wire::*;
 
 pub use conntrack::TcpState;
+pub use frag::Reassembly;
 
 /// Identifies a port (an interface the datapath owns); the driver uses the interface index.
 pub type PortId = u32;
@@ -91,6 +104,8 @@ pub struct PortConfig {
     /// Extra addresses the engine answers IPv6 neighbour discovery for on this port (a
     /// pods' IPv6 gateway such as fe80::1).
     pub proxy_ndp: Vec<Ipv6Addr>,
+    /// The interface's MTU (largest IP packet it sends); 0 when unknown: no limit.
+    pub mtu: u32,
 }
 
 /// A FIB entry: the longest matching prefix wins.
@@ -243,6 +258,8 @@ pub struct EngineConfig {
     pub hash_key: u64,
     /// ICMP error rate limits (the kernel's `icmp_ratelimit`, `icmp_msgs_per_sec`).
     pub icmp_limits: IcmpLimits,
+    /// Bounds of IP reassembly (the kernel's `ipfrag_*` sysctls).
+    pub reassembly: Reassembly,
 }
 
 /// ICMP error rate limits, with the kernel's defaults and meaning: per destination one
@@ -281,6 +298,7 @@ impl Default for EngineConfig {
             shards: 64,
             hash_key: 0,
             icmp_limits: IcmpLimits::default(),
+            reassembly: Reassembly::default(),
         }
     }
 }
@@ -328,8 +346,19 @@ pub enum DropReason {
     /// The TCP/UDP checksum (SCTP: CRC32c) of a connection-creating packet, or the ICMPv6
     /// checksum of a neighbour discovery message, is wrong.
     BadL4Checksum,
-    /// A fragment addressed to a frontend or a translated connection.
+    /// A fragment reassembly refuses, dropping its datagram (an empty fragment, an IPv6
+    /// one not a multiple of 8 bytes, lengths that disagree, more than 65,535 bytes, too
+    /// many fragments, an IPv6 first fragment without the upper-layer header).
     Fragment,
+    /// A fragment that partly overlaps one held: its datagram is dropped (RFC 5722).
+    FragmentOverlap,
+    /// The reassembly memory budget is spent (`ipfrag_high_thresh`): fragments are dropped.
+    FragmentMemory,
+    /// Held fragments of a datagram not completed in time (`ipfrag_time`).
+    FragmentTimeout,
+    /// Larger than the egress MTU and not to be fragmented (IPv4 DF, or IPv6): an ICMP
+    /// "fragmentation needed" or ICMPv6 "packet too big" was sent.
+    TooBig,
     /// The client is outside the frontend's `loadBalancerSourceRanges`.
     SourceRange,
     /// The Service has no endpoints and rejects: an ICMP port unreachable was sent.
@@ -370,12 +399,16 @@ pub enum DropReason {
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 20] = [
+    pub const ALL: [DropReason; 24] = [
         DropReason::Truncated,
         DropReason::Malformed,
         DropReason::BadIpChecksum,
         DropReason::BadL4Checksum,
         DropReason::Fragment,
+        DropReason::FragmentOverlap,
+        DropReason::FragmentMemory,
+        DropReason::FragmentTimeout,
+        DropReason::TooBig,
         DropReason::SourceRange,
         DropReason::Rejected,
         DropReason::NoEndpoints,
@@ -404,6 +437,10 @@ impl DropReason {
             DropReason::ReversePath => "reverse_path",
             DropReason::Vlan => "vlan",
             DropReason::Fragment => "fragment",
+            DropReason::FragmentOverlap => "fragment_overlap",
+            DropReason::FragmentMemory => "fragment_memory",
+            DropReason::FragmentTimeout => "fragment_timeout",
+            DropReason::TooBig => "too_big",
             DropReason::SourceRange => "source_range",
             DropReason::Rejected => "rejected",
             DropReason::NoEndpoints => "no_endpoints",
@@ -468,6 +505,14 @@ pub struct Counters {
     pub connections_expired: u64,
     /// Neighbour entries.
     pub neighbours: u64,
+    /// Datagrams reassembled from fragments.
+    pub reassembled: u64,
+    /// Fragments sent (datagrams split for a smaller MTU or to their original size).
+    pub fragments_sent: u64,
+    /// Incomplete datagrams held for reassembly.
+    pub reassembly_pending: u64,
+    /// Bytes accounted to held fragments.
+    pub reassembly_memory: u64,
 }
 
 /// The owned ports and the addresses that are the node's own.
@@ -505,14 +550,22 @@ struct Stats {
     consumed: AtomicU64,
     generated: AtomicU64,
     icmp_limited: AtomicU64,
+    reassembled: AtomicU64,
+    fragments_sent: AtomicU64,
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
 impl Stats {
     fn drop(&self, r: DropReason) {
+        self.drop_n(r, 1);
+    }
+
+    fn drop_n(&self, r: DropReason, n: u64) {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        if let Some(c) = self.drops.get(i) {
-            c.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.drops.get(i)
+            && n > 0
+        {
+            c.fetch_add(n, Ordering::Relaxed);
         }
     }
 }
@@ -616,6 +669,27 @@ impl IcmpLimiter {
 enum IcmpKind {
     PortUnreachable,
     TimeExceeded,
+    /// IPv4 fragmentation needed / IPv6 packet too big, with the next-hop MTU.
+    TooBig(u32),
+}
+
+/// How a packet leaves through its egress port.
+#[derive(Clone, Copy, Debug)]
+enum Fit {
+    /// As it is.
+    Whole,
+    /// Split into fragments of at most this many bytes (IP packet), IPv6 ones with this
+    /// identification.
+    Split(usize, u32),
+}
+
+/// What reassembly tells forwarding about a reassembled datagram.
+#[derive(Clone, Copy, Debug)]
+struct Reasm {
+    /// The largest fragment it arrived in (`frag_max_size`).
+    max_size: usize,
+    /// Its identification.
+    id: u32,
 }
 
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
@@ -633,6 +707,7 @@ pub struct Engine {
     static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
     next_sweep: Mutex<Duration>,
     icmp_limit: IcmpLimiter,
+    defrag: frag::Defrag,
     stats: Stats,
 }
 
@@ -656,6 +731,7 @@ impl Engine {
             static_neigh: RwLock::new(HashMap::new()),
             next_sweep: Mutex::new(Duration::ZERO),
             icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
+            defrag: frag::Defrag::new(cfg.reassembly.clone()),
             stats: Stats::default(),
             cfg,
         }
@@ -853,9 +929,99 @@ impl Engine {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
         let adm = self.admission.load();
         admit(meta.port, &ip, &adm, &self.fib.load())?;
+        if ip.frag != Frag::No {
+            return self.handle_fragment(now, meta, ports, frame, &ip, &adm, tx);
+        }
+        self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx)
+    }
+
+    /// A fragment: into reassembly (as conntrack's defragmentation takes every fragment
+    /// it sees); the completed datagram goes through the same path as any packet.
+    /// Fragments addressed to the node itself stay the kernel's too (it has its own copy,
+    /// and decides for itself what is not a frontend's).
+    #[allow(clippy::too_many_arguments)]
+    fn handle_fragment(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        adm: &Admission,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let plan = self.plan.load();
+        let local = ports.local.contains(&ip.dst)
+            || plan.node_ips.contains(&ip.dst)
+            || adm.node_addrs.contains(&ip.dst)
+            || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
+            || ip.dst.is_multicast()
+            || is_link_local(ip.dst);
+        let held = if local {
+            Ok(Verdict::Kernel)
+        } else {
+            Ok(Verdict::Consumed)
+        };
+        let done = match self.defrag.offer(now, frame, ip) {
+            frag::Offer::Held => return held,
+            frag::Offer::Refused(r, n) => {
+                self.stats.drop_n(r, n);
+                if local {
+                    self.stats.drop(r);
+                    return held;
+                }
+                return Err(r);
+            }
+            frag::Offer::Complete(r) => r,
+        };
+        self.stats.reassembled.fetch_add(1, Ordering::Relaxed);
+        let mut data = done.frame;
+        let Ok(dip) = parse_ip(&data, ETH_LEN, ip.v6, false) else {
+            return Err(DropReason::Malformed);
+        };
+        let m = RxMeta {
+            csum: Csum::Complete,
+            ..meta
+        };
+        let reasm = Reasm {
+            max_size: done.max_size,
+            id: done.id,
+        };
+        match self.route_ip(now, m, ports, &mut data, &dip, adm, Some(reasm), tx)? {
+            Verdict::Forward { port } => {
+                tx.push(TxFrame { port, data });
+                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                held
+            }
+            Verdict::Consumed => held,
+            // What nobody takes is the kernel's (it had its copies of what was local).
+            v => {
+                if local {
+                    held
+                } else {
+                    Ok(v)
+                }
+            }
+        }
+    }
+
+    /// Connection tracking, frontends and routing of a whole (never fragmented, or
+    /// reassembled) packet.
+    #[allow(clippy::too_many_arguments)]
+    fn route_ip(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        adm: &Admission,
+        reasm: Option<Reasm>,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        let v6 = ip.v6;
         let plan = self.plan.load();
         let l4 = match (ip.proto, ip.frag) {
-            (_, Frag::Later) => None,
             (PROTO_TCP, _) => {
                 let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
                 if seg.len() < 20 {
@@ -938,32 +1104,22 @@ impl Engine {
                 sport: l4.sport,
                 dport: l4.dport,
             };
-            if ip.frag != Frag::No {
-                if self.ct.lookup(now, ip.proto, &tuple, None).is_some()
-                    || plan.frontend_addrs.contains(&ip.dst)
-                {
-                    return Err(DropReason::Fragment);
+            if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.seg)) {
+                if hit.invalid {
+                    // A RST or FIN outside the window: conntrack's INVALID, which
+                    // kube-proxy drops; the connection is untouched.
+                    return Err(DropReason::Invalid);
                 }
-            } else {
-                if let Some(hit) = self.ct.lookup(now, ip.proto, &tuple, Some(l4.seg)) {
-                    if hit.invalid {
-                        // A RST or FIN outside the window: conntrack's INVALID, which
-                        // kube-proxy drops; the connection is untouched.
-                        return Err(DropReason::Invalid);
-                    }
-                    return self.translate_and_forward(now, meta, ports, frame, &ip, &hit, tx);
-                }
-                if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
-                    return self.new_connection(now, meta, ports, &plan, frame, &ip, l4, tx);
-                }
+                return self.translate_and_forward(now, meta, ports, frame, ip, &hit, reasm, tx);
             }
-        } else if ip.frag == Frag::Later && plan.frontend_addrs.contains(&ip.dst) {
-            return Err(DropReason::Fragment);
+            if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
+                return self.new_connection(now, meta, ports, &plan, frame, ip, l4, reasm, tx);
+            }
         } else if ip.frag == Frag::No
             && ip.proto == if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
             && ip.l4_len() >= 8
             && is_icmp_error(v6, rd8(frame, ip.l4))
-            && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, &ip, tx)?
+            && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, ip, tx)?
         {
             return Ok(v);
         }
@@ -982,7 +1138,114 @@ impl Engine {
         let Some(route) = self.fib.load().lookup(ip.dst) else {
             return Ok(self.unmatched());
         };
-        self.forward(now, meta, ports, frame, &ip, route, tx)
+        if ip.ttl <= 1 {
+            return self.forward(now, meta, ports, frame, ip, route, tx);
+        }
+        match self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)? {
+            Fit::Whole => self.forward(now, meta, ports, frame, ip, route, tx),
+            Fit::Split(size, id) => {
+                self.forward_split(now, meta, ports, frame, ip, route, size, id, tx)
+            }
+        }
+    }
+
+    /// How the packet `ip` leaves through `out` (`ip_forward`'s `ip_exceeds_mtu` and
+    /// `ip_fragment`, `ip6_forward`'s `ip6_pkt_too_big` and `ip6_fragment`): whole when it
+    /// fits, split when it may be, or an ICMP error back to its source (the packet as it
+    /// arrived is quoted) and [`DropReason::TooBig`]. A reassembled datagram (`reasm`)
+    /// leaves in fragments no larger than it arrived in (`frag_max_size`), or, when those
+    /// exceed the MTU and IPv4 DF or IPv6 forbids fragmenting them, an ICMP error. A frame
+    /// longer than its ingress port's MTU is an offload aggregate (GRO/GSO super-frame)
+    /// the kernel segments on transmit: whole.
+    #[allow(clippy::too_many_arguments)]
+    fn fit(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &[u8],
+        ip: &Ip,
+        out: PortId,
+        reasm: Option<Reasm>,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Fit, DropReason> {
+        // An unknown MTU (0) limits nothing.
+        let mtu = match ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
+            0 => usize::MAX,
+            m => m,
+        };
+        let len = ip.end.saturating_sub(ip.l3);
+        let in_mtu = ports.by_id.get(&meta.port).map_or(0, |p| p.mtu as usize);
+        if reasm.is_none() && in_mtu > 0 && len > in_mtu {
+            return Ok(Fit::Whole);
+        }
+        let too_big = |tx: &mut Vec<TxFrame>| {
+            self.send_icmp_error(
+                now,
+                ports,
+                meta,
+                frame,
+                ip,
+                IcmpKind::TooBig(u32::try_from(mtu).unwrap_or(u32::MAX)),
+                None,
+                tx,
+            );
+            Err(DropReason::TooBig)
+        };
+        let df = !ip.v6 && rd16(frame, ip.l3 + 6) & 0x4000 != 0;
+        match reasm {
+            None if len <= mtu => Ok(Fit::Whole),
+            // IPv4 routers fragment what has no DF; IPv6 routers never fragment.
+            None if df || ip.v6 => too_big(tx),
+            None => Ok(Fit::Split(mtu, 0)),
+            Some(r) if len <= mtu && len <= r.max_size => Ok(Fit::Whole),
+            // ip_exceeds_mtu / ip6_pkt_too_big: "original fragment exceeds mtu".
+            Some(r) if r.max_size > mtu && (df || ip.v6) => too_big(tx),
+            // ip_do_fragment and ip6_fragment: "don't send fragments larger than what we
+            // received" (IPv6 never below its minimum MTU).
+            Some(r) if ip.v6 => Ok(Fit::Split(r.max_size.max(frag::IPV6_MIN_MTU), r.id)),
+            Some(r) => Ok(Fit::Split(r.max_size.min(mtu), r.id)),
+        }
+    }
+
+    /// Splits the (translated) packet into fragments of at most `size` bytes and forwards
+    /// each; they go out as generated frames.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_split(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        route: (PortId, IpAddr),
+        size: usize,
+        id: u32,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        if meta.csum == Csum::Partial {
+            complete_partial(frame, ip);
+        }
+        let Some(pieces) = frag::split(frame, ip, size, id) else {
+            return Err(DropReason::TooBig);
+        };
+        let m = RxMeta {
+            csum: Csum::Complete,
+            ..meta
+        };
+        let mut sent = 0;
+        for mut piece in pieces {
+            let pip = parse_ip(&piece, ETH_LEN, ip.v6, false)?;
+            match self.forward(now, m, ports, &mut piece, &pip, route, tx)? {
+                Verdict::Forward { port } => {
+                    tx.push(TxFrame { port, data: piece });
+                    sent += 1;
+                }
+                _ => sent += 1,
+            }
+        }
+        self.stats.fragments_sent.fetch_add(sent, Ordering::Relaxed);
+        Ok(Verdict::Consumed)
     }
 
     /// Sends an ICMP error about the packet `ip` in `frame` back where it came from.
@@ -1011,8 +1274,11 @@ impl Engine {
         let Some(port) = ports.by_id.get(&meta.port) else {
             return;
         };
-        // icmp_ratemask: destination unreachable and time exceeded are rate-limited.
-        if !self.icmp_limit.allow(now, ip.src) {
+        // icmp_ratemask: destination unreachable and time exceeded are rate-limited;
+        // ICMPv6 "packet too big" never is (icmpv6_mask_allow: it would break PMTU
+        // discovery).
+        let limited = !(ip.v6 && matches!(kind, IcmpKind::TooBig(_)));
+        if limited && !self.icmp_limit.allow(now, ip.src) {
             self.stats.icmp_limited.fetch_add(1, Ordering::Relaxed);
             return;
         }
@@ -1023,11 +1289,14 @@ impl Engine {
         else {
             return;
         };
-        let (ty, code) = match (kind, ip.v6) {
-            (IcmpKind::PortUnreachable, false) => (3, 3),
-            (IcmpKind::TimeExceeded, false) => (11, 0),
-            (IcmpKind::PortUnreachable, true) => (1, 4),
-            (IcmpKind::TimeExceeded, true) => (3, 0),
+        let (ty, code, rest) = match (kind, ip.v6) {
+            (IcmpKind::PortUnreachable, false) => (3, 3, 0),
+            (IcmpKind::TimeExceeded, false) => (11, 0, 0),
+            // RFC 1191: the next-hop MTU in the low 16 bits.
+            (IcmpKind::TooBig(mtu), false) => (3, 4, mtu & 0xffff),
+            (IcmpKind::PortUnreachable, true) => (1, 4, 0),
+            (IcmpKind::TimeExceeded, true) => (3, 0, 0),
+            (IcmpKind::TooBig(mtu), true) => (2, 0, mtu),
         };
         // RFC 1812: quote as much as fits in 576 bytes; RFC 4443: in the minimum MTU 1280.
         let max_quote = if ip.v6 { 1280 - 48 } else { 576 - 28 };
@@ -1054,7 +1323,8 @@ impl Engine {
             out.extend_from_slice(&[0; 8]);
         }
         let l4 = out.len();
-        out.extend_from_slice(&[ty, code, 0, 0, 0, 0, 0, 0]);
+        out.extend_from_slice(&[ty, code, 0, 0]);
+        out.extend_from_slice(&rest.to_be_bytes());
         out.extend_from_slice(quote);
         let gen_ip = Ip {
             v6: ip.v6,
@@ -1137,6 +1407,7 @@ impl Engine {
         frame: &mut [u8],
         ip: &Ip,
         hit: &Hit,
+        reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let target = hit.target();
@@ -1156,13 +1427,19 @@ impl Engine {
             );
             return Err(DropReason::TtlExceeded);
         }
+        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
             src: target.src,
             dst: target.dst,
             ..*ip
         };
-        self.forward(now, meta, ports, frame, &ip2, route, tx)
+        match fit {
+            Fit::Whole => self.forward(now, meta, ports, frame, &ip2, route, tx),
+            Fit::Split(size, id) => {
+                self.forward_split(now, meta, ports, frame, &ip2, route, size, id, tx)
+            }
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1175,6 +1452,7 @@ impl Engine {
         frame: &mut [u8],
         ip: &Ip,
         l4: L4,
+        reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let Some(fe) = plan.frontends.get(&(ip.dst, ip.proto, l4.dport)) else {
@@ -1248,6 +1526,9 @@ impl Engine {
             );
             return Err(DropReason::TtlExceeded);
         }
+        // The MTU check comes before the connection exists: a packet too big for the
+        // endpoint's link creates nothing (the kernel drops it before conntrack confirms).
+        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
         // would answer itself directly.
         let masquerade = ep.ip() == ip.src
@@ -1300,7 +1581,12 @@ impl Engine {
         if let Some(seq) = stale {
             return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
         }
-        self.forward(now, meta, ports, frame, &ip2, route, tx)
+        match fit {
+            Fit::Whole => self.forward(now, meta, ports, frame, &ip2, route, tx),
+            Fit::Split(size, id) => {
+                self.forward_split(now, meta, ports, frame, &ip2, route, size, id, tx)
+            }
+        }
     }
 
     /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
@@ -1728,6 +2014,9 @@ impl Engine {
         if self.ct.len() > 0 {
             at(*self.next_sweep.lock());
         }
+        if let Some(d) = self.defrag.next_deadline() {
+            at(d);
+        }
         for n in self.neigh.read().values() {
             if n.tries > 0 {
                 at(n.next_try);
@@ -1747,6 +2036,8 @@ impl Engine {
                 *next = now.saturating_add(Duration::from_secs(1));
             }
         }
+        let expired = self.defrag.expire(now);
+        self.stats.drop_n(DropReason::FragmentTimeout, expired);
         let ports = self.ports.load();
         let mut failed = 0u64;
         let before = tx.len();
@@ -1800,6 +2091,10 @@ impl Engine {
             connections_evicted: l(&self.ct.evicted),
             connections_expired: l(&self.ct.expired),
             neighbours: self.neigh.read().len() as u64,
+            reassembled: l(&s.reassembled),
+            fragments_sent: l(&s.fragments_sent),
+            reassembly_pending: self.defrag.len() as u64,
+            reassembly_memory: self.defrag.memory() as u64,
         }
     }
 }

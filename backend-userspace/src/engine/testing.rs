@@ -285,6 +285,7 @@ pub fn ports() -> Vec<PortConfig> {
             ],
             proxy_arp: Vec::new(),
             proxy_ndp: Vec::new(),
+            mtu: 1500,
         },
         PortConfig {
             id: POD1_PORT,
@@ -293,6 +294,7 @@ pub fn ports() -> Vec<PortConfig> {
             addrs: Vec::new(),
             proxy_arp: gw.clone(),
             proxy_ndp: gw6.clone(),
+            mtu: 1500,
         },
         PortConfig {
             id: POD2_PORT,
@@ -301,6 +303,7 @@ pub fn ports() -> Vec<PortConfig> {
             addrs: Vec::new(),
             proxy_arp: gw,
             proxy_ndp: gw6,
+            mtu: 1500,
         },
     ]
 }
