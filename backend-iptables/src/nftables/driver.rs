@@ -9,10 +9,14 @@
 //!   deleted by a later transaction (see [`Update::gone_chains`]). Only chain and set
 //!   *names* are read from the kernel for it, never rules or elements.
 //! - A **partial sync** writes what [`Ruleset::update`] returns: the changed Service ports'
-//!   chains and the map elements whose verdict changed.
+//!   chains and the map elements whose verdict changed. Its text is sent as one nf_tables
+//!   netlink batch ([`super::batch`]: `nft` would first fetch the whole table's chains and
+//!   sets, 70-100 ms at 10,000 Services), or through `nft -f` when a command does not
+//!   translate or the batch is large.
 //!
-//! Every transaction is atomic: when `nft` refuses one, the kernel keeps the previous
-//! state, the error names the failing line of the input, and the next sync is a full one.
+//! Every transaction is atomic: when the kernel refuses one, it keeps the previous state,
+//! the error names the failing line of the input (`nft`) or the refused command (netlink
+//! batch), and the next sync is a full one.
 //! The driver only ever writes inside `ip svcnat` / `ip6 svcnat`; other tables, kube-proxy's
 //! included, are never touched. Before a partial sync (at most every
 //! [`NftablesConfig::drift_interval`]) and in [`Dataplane::drifted`] it checks over netlink
@@ -28,7 +32,8 @@ use svcnat_core::conntrack::{StaleFlow, stale_flows};
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
 
-use super::kernel::Kernel;
+use super::batch;
+use super::kernel::{Kernel, Refused};
 use super::render::{Listing, Ruleset, SERVICES_CHAIN, TABLE, Update};
 use crate::conntrack::{Conntrack, in_netns};
 
@@ -47,6 +52,10 @@ pub struct NftablesConfig {
     pub cold_start_block: usize,
     /// The `nft` program.
     pub nft: String,
+    /// Send partial syncs (and the deletion of emptied chains) to the kernel as nf_tables
+    /// netlink batches ([`super::batch`]) instead of through `nft -f`, when every command
+    /// translates; `nft` still writes full syncs and cold starts.
+    pub netlink: bool,
 }
 
 impl Default for NftablesConfig {
@@ -57,6 +66,7 @@ impl Default for NftablesConfig {
             drift_interval: Duration::from_secs(1),
             cold_start_block: 2_000,
             nft: "nft".into(),
+            netlink: true,
         }
     }
 }
@@ -95,6 +105,16 @@ pub enum SyncError {
         text: Option<String>,
         /// What `nft` printed.
         stderr: String,
+    },
+    /// The kernel refused a netlink batch; it kept the previous state.
+    #[error("{table}{}: {source}", in_ns(.netns))]
+    Refused {
+        /// The table (`ip svcnat`).
+        table: String,
+        /// The network namespace.
+        netns: Option<String>,
+        /// The refused command and the kernel's errno.
+        source: Refused,
     },
     /// Reading the table's state over netlink failed.
     #[error("reading table {table} over netlink{}: {source}", in_ns(.netns))]
@@ -151,7 +171,17 @@ pub struct Nftables {
     conntrack: Conntrack,
     /// Stale flows of diffs whose rules are not applied yet.
     stale: BTreeSet<StaleFlow>,
+    /// Transactions sent as netlink batches so far.
+    batches: u64,
 }
+
+/// Most commands a netlink batch holds (each answered with a 20-byte acknowledgement that
+/// must fit the socket's receive buffer); larger transactions go through `nft -f`, whose
+/// fixed cost they amortise anyway.
+const MAX_BATCH_COMMANDS: usize = 2_000;
+/// Largest netlink batch (one datagram, within the socket's default send buffer of
+/// `net.core.wmem_default`, 208 KiB).
+const MAX_BATCH_BYTES: usize = 160 * 1024;
 
 /// How long an emptied chain waits before its deletion: kernels before 6.2 notice only a
 /// while after a map element's deletion that the chain it pointed at is unreferenced.
@@ -169,6 +199,7 @@ impl Nftables {
             drift_checked: None,
             gone_chains: BTreeMap::new(),
             stale: BTreeSet::new(),
+            batches: 0,
         }
     }
 
@@ -186,6 +217,11 @@ impl Nftables {
             netns: self.config.netns.clone(),
             source,
         }
+    }
+
+    /// How many transactions went to the kernel as netlink batches rather than `nft -f`.
+    pub fn netlink_batches(&self) -> u64 {
+        self.batches
     }
 
     /// Whether svcnat's table of this family is in the kernel (one netlink request).
@@ -229,6 +265,33 @@ impl Nftables {
             line,
             stderr,
         })
+    }
+
+    /// Applies a small transaction as one netlink batch when every command translates
+    /// (see [`super::batch::translate`]) and it is small enough for one datagram; through
+    /// `nft -f` otherwise.
+    pub fn apply_small(&mut self, text: &str) -> Result<(), SyncError> {
+        if !self.config.netlink {
+            return self.apply(text);
+        }
+        let Ok(batch) = batch::translate(text) else {
+            return self.apply(text);
+        };
+        if batch.commands().len() > MAX_BATCH_COMMANDS || batch.encoded_len() > MAX_BATCH_BYTES {
+            return self.apply(text);
+        }
+        match self.kernel.apply_batch(&batch) {
+            Ok(Ok(())) => {
+                self.batches += 1;
+                Ok(())
+            }
+            Ok(Err(source)) => Err(SyncError::Refused {
+                table: self.table(),
+                netns: self.config.netns.clone(),
+                source,
+            }),
+            Err(e) => Err(self.kernel_err(e)),
+        }
     }
 
     /// Whether the table is still as the last sync left it: present, same handle, and the
@@ -282,7 +345,7 @@ impl Nftables {
             .iter()
             .map(|c| format!("delete chain {t} {c}\n"))
             .collect();
-        if self.apply(&text).is_ok() {
+        if self.apply_small(&text).is_ok() {
             for c in due {
                 self.gone_chains.remove(&c);
             }
@@ -351,7 +414,7 @@ impl Nftables {
         };
         // On failure `applied` stays None: the kernel kept the old state and the next sync
         // is a full one.
-        self.apply(&update.text)?;
+        self.apply_small(&update.text)?;
         self.note_gone(update.gone_chains);
         self.applied = Some(rules);
         self.delete_gone_chains();

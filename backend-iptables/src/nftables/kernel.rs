@@ -15,6 +15,7 @@ use std::io;
 use netlink_sys::{Socket, protocols::NETLINK_NETFILTER};
 use svcnat_core::model::IpFamily;
 
+use super::batch::{Batch, getgen_request};
 use crate::conntrack::in_netns;
 
 /// `NFNL_SUBSYS_NFTABLES`.
@@ -162,6 +163,44 @@ pub fn parse_replies(buf: &[u8], seq: u32) -> Result<Vec<Reply>, ParseError> {
             k => Reply::Other(k),
         };
         out.push(reply);
+    }
+    Ok(out)
+}
+
+/// Acknowledgements and errors in one datagram: `(sequence number, errno)` per
+/// `NLMSG_ERROR` message (errno 0 for an acknowledgement, else positive; `EPROTO` for a
+/// malformed positive code), other messages
+/// skipped. Any bytes give acknowledgements or an error, never a panic.
+pub fn parse_acks(buf: &[u8]) -> Result<Vec<(u32, i32)>, ParseError> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at + 16 <= buf.len() {
+        let len = u32_ne(buf, at) as usize;
+        if len < 16 || len > buf.len() - at {
+            return Err(ParseError {
+                at,
+                what: "message length out of bounds",
+            });
+        }
+        let kind = u16_ne(buf, at + 4);
+        let seq = u32_ne(buf, at + 8);
+        if kind == NLMSG_ERROR {
+            if len < 20 {
+                return Err(ParseError {
+                    at,
+                    what: "short error message",
+                });
+            }
+            let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
+            // The kernel sends minus the errno; a positive code is no errno at all.
+            let errno = if code <= 0 {
+                code.saturating_neg()
+            } else {
+                nix::libc::EPROTO
+            };
+            out.push((seq, errno));
+        }
+        at += (len + 3) & !3;
     }
     Ok(out)
 }
@@ -330,6 +369,94 @@ impl Kernel {
             }
         }
         Ok(out)
+    }
+}
+
+/// A batch the kernel refused, with the first refused command; the kernel kept the
+/// previous state.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the kernel refused `{command}`: {}", std::io::Error::from_raw_os_error(*.errno))]
+pub struct Refused {
+    /// The command of the transaction text whose message was refused.
+    pub command: String,
+    /// The errno the kernel answered.
+    pub errno: i32,
+}
+
+/// How long a batch waits for the kernel's answer before giving up.
+const BATCH_TIMEOUT_SECS: i64 = 10;
+
+impl Kernel {
+    /// Sends a batch as one nf_tables transaction and reads the kernel's answer to each of
+    /// its messages. `Ok(Err(_))` when the kernel refused it (then nothing changed), with
+    /// the first refused command; `Err` when the exchange itself failed.
+    pub fn apply_batch(&self, batch: &Batch) -> io::Result<Result<(), Refused>> {
+        let bytes = batch.encode(1);
+        let n = batch.commands().len() as u32;
+        // BATCH_BEGIN is 1, commands 2..=n+1, BATCH_END n+2, the GETGEN after it n+3.
+        let probe = n + 3;
+        let answers = in_netns(self.netns.as_deref(), move || {
+            let mut sock = Socket::new(NETLINK_NETFILTER)?;
+            sock.bind_auto()?;
+            // Errors without a copy of the refused message.
+            sock.set_cap_ack(true)?;
+            let timeout = nix::sys::time::TimeVal::new(BATCH_TIMEOUT_SECS, 0);
+            nix::sys::socket::setsockopt(
+                &sock,
+                nix::sys::socket::sockopt::ReceiveTimeout,
+                &timeout,
+            )
+            .map_err(io::Error::from)?;
+            sock.send(&bytes, 0)?;
+            // The kernel answers the batch while handling the send, so once the GETGEN's
+            // acknowledgement is read every answer to the batch was.
+            sock.send(&getgen_request(probe), 0)?;
+            let mut answers = Vec::new();
+            loop {
+                let (data, _) = sock.recv_from_full()?;
+                let got =
+                    parse_acks(&data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                let done = got.iter().any(|(seq, _)| *seq == probe);
+                answers.extend(got);
+                if done {
+                    return Ok(answers);
+                }
+            }
+        })?;
+        let refused = answers
+            .iter()
+            .filter(|(seq, errno)| *errno != 0 && (2..=n + 1).contains(seq))
+            .min_by_key(|(seq, _)| *seq);
+        if let Some((seq, errno)) = refused {
+            let command = batch
+                .commands()
+                .get((seq - 2) as usize)
+                .map(|c| c.text.clone())
+                .unwrap_or_default();
+            return Ok(Err(Refused {
+                command,
+                errno: *errno,
+            }));
+        }
+        // An error on the batch markers themselves (e.g. EPERM on BATCH_BEGIN).
+        if let Some((_, errno)) = answers.iter().find(|(seq, e)| *e != 0 && *seq != probe) {
+            return Ok(Err(Refused {
+                command: "(batch)".into(),
+                errno: *errno,
+            }));
+        }
+        // Every command must have been acknowledged: a missing answer means the batch did
+        // not run as sent.
+        let acked = answers
+            .iter()
+            .filter(|(seq, e)| *e == 0 && (2..=n + 1).contains(seq))
+            .count();
+        if acked != n as usize {
+            return Err(io::Error::other(format!(
+                "nf_tables batch: {acked} of {n} commands acknowledged"
+            )));
+        }
+        Ok(Ok(()))
     }
 }
 

@@ -15,6 +15,7 @@
 //! `inet` table would need every map twice anyway), and a node's `nft list table ip
 //! svcnat` reads like kube-proxy's `ip kube-proxy`.
 
+pub mod batch;
 pub mod driver;
 pub mod kernel;
 pub mod render;
