@@ -200,7 +200,7 @@ impl Batch {
             header(
                 &mut out,
                 (SUBSYS << 8) | kind,
-                NLM_F_REQUEST | NLM_F_ACK | flags,
+                NLM_F_REQUEST | flags,
                 seq,
                 body,
             );
@@ -1157,8 +1157,8 @@ mod tests {
         let bytes = b.encode(0);
         #[rustfmt::skip]
         let want: Vec<u8> = vec![
-            // nlmsghdr: length 92, NFT_MSG_NEWRULE, REQUEST|ACK|CREATE|APPEND, seq 1
-            92, 0, 0, 0,  0x06, 0x0a,  0x05, 0x0c,  1, 0, 0, 0,  0, 0, 0, 0,
+            // nlmsghdr: length 92, NFT_MSG_NEWRULE, REQUEST|CREATE|APPEND, seq 1
+            92, 0, 0, 0,  0x06, 0x0a,  0x01, 0x0c,  1, 0, 0, 0,  0, 0, 0, 0,
             // nfgenmsg: NFPROTO_IPV4
             2, 0, 0, 0,
             // NFTA_RULE_TABLE "svcnat", NFTA_RULE_CHAIN "c"

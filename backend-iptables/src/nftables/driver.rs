@@ -12,7 +12,7 @@
 //!   chains and the map elements whose verdict changed. Its text is sent as one nf_tables
 //!   netlink batch ([`super::batch`]: `nft` would first fetch the whole table's chains and
 //!   sets, 70-100 ms at 10,000 Services), or through `nft -f` when a command does not
-//!   translate or the batch is large.
+//!   translate or the batch is too large for one datagram.
 //!
 //! Every transaction is atomic: when the kernel refuses one, it keeps the previous state,
 //! the error names the failing line of the input (`nft`) or the refused command (netlink
@@ -33,7 +33,7 @@ use svcnat_core::model::IpFamily;
 use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
 
 use super::batch;
-use super::kernel::{Kernel, Refused};
+use super::kernel::{BatchSocket, Kernel, Refused};
 use super::render::{Listing, Ruleset, SERVICES_CHAIN, TABLE, Update};
 use crate::conntrack::{Conntrack, in_netns};
 
@@ -173,15 +173,14 @@ pub struct Nftables {
     stale: BTreeSet<StaleFlow>,
     /// Transactions sent as netlink batches so far.
     batches: u64,
+    /// The socket batches go through, opened at the first one.
+    batch_socket: Option<BatchSocket>,
 }
 
-/// Most commands a netlink batch holds (each answered with a 20-byte acknowledgement that
-/// must fit the socket's receive buffer); larger transactions go through `nft -f`, whose
-/// fixed cost they amortise anyway.
-const MAX_BATCH_COMMANDS: usize = 2_000;
-/// Largest netlink batch (one datagram, within the socket's default send buffer of
-/// `net.core.wmem_default`, 208 KiB).
-const MAX_BATCH_BYTES: usize = 160 * 1024;
+/// Most commands a netlink batch holds; larger transactions go through `nft -f`.
+const MAX_BATCH_COMMANDS: usize = 200_000;
+/// Largest netlink batch (one datagram: the send buffer is raised to fit it).
+const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 
 /// How long an emptied chain waits before its deletion: kernels before 6.2 notice only a
 /// while after a map element's deletion that the chain it pointed at is unreferenced.
@@ -200,6 +199,7 @@ impl Nftables {
             gone_chains: BTreeMap::new(),
             stale: BTreeSet::new(),
             batches: 0,
+            batch_socket: None,
         }
     }
 
@@ -267,9 +267,9 @@ impl Nftables {
         })
     }
 
-    /// Applies a small transaction as one netlink batch when every command translates
-    /// (see [`super::batch::translate`]) and it is small enough for one datagram; through
-    /// `nft -f` otherwise.
+    /// Applies a transaction as one netlink batch when every command translates (see
+    /// [`super::batch::translate`]); through `nft -f` otherwise, or when the batch is too
+    /// large for one datagram.
     pub fn apply_small(&mut self, text: &str) -> Result<(), SyncError> {
         if !self.config.netlink {
             return self.apply(text);
@@ -280,7 +280,17 @@ impl Nftables {
         if batch.commands().len() > MAX_BATCH_COMMANDS || batch.encoded_len() > MAX_BATCH_BYTES {
             return self.apply(text);
         }
-        match self.kernel.apply_batch(&batch) {
+        let sock = match self.batch_socket.take() {
+            Some(s) => s,
+            None => self.kernel.batch_socket().map_err(|e| self.kernel_err(e))?,
+        };
+        let mut sock = sock;
+        let result = sock.apply(&batch);
+        // A socket whose exchange failed is dropped; the next batch opens another.
+        if result.is_ok() {
+            self.batch_socket = Some(sock);
+        }
+        match result {
             Ok(Ok(())) => {
                 self.batches += 1;
                 Ok(())
@@ -290,6 +300,8 @@ impl Nftables {
                 netns: self.config.netns.clone(),
                 source,
             }),
+            // The send buffer could not be raised for a batch this large: `nft` then.
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => self.apply(text),
             Err(e) => Err(self.kernel_err(e)),
         }
     }
