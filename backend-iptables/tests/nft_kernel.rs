@@ -381,6 +381,9 @@ fn a_refused_netlink_batch_names_its_command_and_changes_nothing() {
     let ns = Netns::new();
     let mut dp = ns.driver(IpFamily::V4);
     dp.resync(&plan).unwrap();
+    // The cold start's blocks after the first went as batches.
+    let batches = dp.netlink_batches();
+    assert!(batches >= 1);
     let before = ns.listing(IpFamily::V4).unwrap();
     let text = "flush chain ip svcnat services\nadd rule ip svcnat services jump no-such-chain\nadd element ip svcnat hairpin { 10.9.9.9 . 10.9.9.9 }\n";
     let err = dp.apply_small(text).unwrap_err();
@@ -414,7 +417,7 @@ fn a_refused_netlink_batch_names_its_command_and_changes_nothing() {
         other => panic!("{other}"),
     }
     assert_eq!(ns.listing(IpFamily::V4).unwrap(), before);
-    assert_eq!(dp.netlink_batches(), 0);
+    assert_eq!(dp.netlink_batches(), batches);
 }
 
 #[test]

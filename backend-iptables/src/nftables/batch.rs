@@ -443,6 +443,15 @@ impl Fam {
     }
 }
 
+/// Longest name the kernel takes for a table, chain or set (`NFT_NAME_MAXLEN` - 1); a
+/// longer one is left to `nft` (whose error names it), and it keeps every attribute's
+/// 16-bit length in range.
+const NAME_MAX: usize = 255;
+
+fn name(s: &str) -> Option<&str> {
+    (!s.is_empty() && s.len() <= NAME_MAX && !s.contains('\0')).then_some(s)
+}
+
 fn addr_bytes(fam: Fam, ip: IpAddr) -> Option<Vec<u8>> {
     match (fam, ip) {
         (Fam::V4, IpAddr::V4(a)) => Some(a.octets().to_vec()),
@@ -485,7 +494,9 @@ fn rule_exprs(fam: Fam, words: &[&str]) -> Option<Vec<Expr>> {
                         offset: fam.addr_offset(daddr),
                         len: fam.addr_len(),
                     });
-                    out.push(Expr::Lookup { set: set.into() });
+                    out.push(Expr::Lookup {
+                        set: name(set)?.into(),
+                    });
                 } else {
                     addr_match(fam, daddr, neq, value, &mut out)?;
                 }
@@ -534,7 +545,7 @@ fn rule_exprs(fam: Fam, words: &[&str]) -> Option<Vec<Expr>> {
             }
             // `update @set { ip saddr }`.
             ("update", [set, "{", f, "saddr", "}", rest @ ..]) if Fam::of(f) == Some(fam) => {
-                let set = set.strip_prefix('@').filter(|s| !s.is_empty())?;
+                let set = name(set.strip_prefix('@')?)?;
                 out.push(Expr::Payload {
                     base: NETWORK,
                     offset: fam.addr_offset(false),
@@ -576,7 +587,7 @@ fn rule_exprs(fam: Fam, words: &[&str]) -> Option<Vec<Expr>> {
             (v @ ("jump" | "goto"), [chain, rest @ ..]) => {
                 out.push(Expr::Verdict(Verdict {
                     code: if v == "jump" { NFT_JUMP } else { NFT_GOTO },
-                    chain: Some((*chain).into()),
+                    chain: Some(name(chain)?.into()),
                 }));
                 rest
             }
@@ -684,11 +695,11 @@ fn element_verdict(v: &str) -> Option<Verdict> {
     match words.as_slice() {
         ["goto", c] => Some(Verdict {
             code: NFT_GOTO,
-            chain: Some((*c).into()),
+            chain: Some(name(c)?.into()),
         }),
         ["jump", c] => Some(Verdict {
             code: NFT_JUMP,
-            chain: Some((*c).into()),
+            chain: Some(name(c)?.into()),
         }),
         ["drop"] => Some(Verdict {
             code: NF_DROP,
@@ -743,6 +754,7 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
                 return Err(unsupported());
             };
             let fam = Fam::of(fam).ok_or_else(unsupported)?;
+            name(table).and(name(set)).ok_or_else(unsupported)?;
             for e in inner.split(',').map(str::trim).filter(|e| !e.is_empty()) {
                 let cmd = element_command(verb, fam, table, set, e).ok_or_else(unsupported)?;
                 batch.commands.push(cmd);
@@ -759,6 +771,7 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
                 chain,
             ] => {
                 let fam = Fam::of(fam).ok_or_else(unsupported)?;
+                name(table).and(name(chain)).ok_or_else(unsupported)?;
                 let mut a = Attrs::message(fam.nfproto());
                 let (kind, flags) = match *verb {
                     "add" => (MSG_NEWCHAIN, NLM_F_CREATE),
@@ -777,6 +790,7 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
             }
             ["add", "rule", fam, table, chain, body @ ..] => {
                 let fam = Fam::of(fam).ok_or_else(unsupported)?;
+                name(table).and(name(chain)).ok_or_else(unsupported)?;
                 let exprs = rule_exprs(fam, body).ok_or_else(unsupported)?;
                 let mut a = Attrs::message(fam.nfproto());
                 a.string(RULE_TABLE, table);
@@ -805,6 +819,7 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
                 "}",
             ] => {
                 let fam = Fam::of(fam).ok_or_else(unsupported)?;
+                name(table).and(name(set)).ok_or_else(unsupported)?;
                 let (dtype, len) = match (fam, *ty) {
                     (Fam::V4, "ipv4_addr;") => (TYPE_IPADDR, 4),
                     (Fam::V6, "ipv6_addr;") => (TYPE_IP6ADDR, 16),
@@ -828,6 +843,7 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
             }
             ["delete", "set", fam, table, set] => {
                 let fam = Fam::of(fam).ok_or_else(unsupported)?;
+                name(table).and(name(set)).ok_or_else(unsupported)?;
                 let mut a = Attrs::message(fam.nfproto());
                 a.string(SET_TABLE, table);
                 a.string(SET_NAME, set);
@@ -1071,6 +1087,10 @@ mod tests {
         assert!(translate("add table ip svcnat").is_err());
         assert!(translate("add element inet svcnat s { 1.2.3.4 }").is_err());
         assert!(translate("add element ip svcnat s {\n\t1.2.3.4\n").is_err());
+        let long = "c".repeat(256);
+        assert!(translate(&format!("add chain ip svcnat {long}")).is_err());
+        assert!(translate(&format!("add rule ip svcnat c goto {long}")).is_err());
+        assert!(translate(&format!("add chain ip svcnat {}", &long[1..])).is_ok());
     }
 
     /// Elements as `nft --debug=netlink` printed them:

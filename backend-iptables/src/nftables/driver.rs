@@ -2,7 +2,9 @@
 //! over netlink ([`super::kernel`]), and implements [`Dataplane`].
 //!
 //! - A **cold start** (svcnat's table is not in the kernel) writes the table in transactions
-//!   of at most [`NftablesConfig::cold_start_block`] Service ports, each consistent.
+//!   of at most [`NftablesConfig::cold_start_block`] Service ports, each consistent; the
+//!   first (with the table, base chains and fixed rules) through `nft -f`, the others as
+//!   netlink batches.
 //! - A **full sync** with the table present is one transaction: `flush table`, the maps
 //!   and sets flushed (affinity sets kept), everything written again, affinity sets the
 //!   plan no longer has deleted; chains the plan no longer has are emptied in it and
@@ -382,8 +384,10 @@ impl Nftables {
             // Cold start: bounded transactions, each consistent.
             self.gone_chains.clear();
             let mut written = (0, 0);
+            // The first block (table, base chains, fixed rules) goes through `nft`, the
+            // others, Service ports only, as netlink batches.
             for tx in rules.cold_start_transactions(self.config.cold_start_block) {
-                self.apply(&tx.text)?;
+                self.apply_small(&tx.text)?;
                 written.0 += tx.rules;
                 written.1 += tx.elements;
             }
