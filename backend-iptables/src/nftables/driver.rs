@@ -50,7 +50,8 @@ pub struct NftablesConfig {
     /// How often a partial sync first checks that the table is still as svcnat left it
     /// (a few netlink messages, whatever the size); zero checks before every sync.
     pub drift_interval: Duration,
-    /// Service ports per transaction of a cold start.
+    /// Service ports per transaction of a cold start (fewer when they hold many rules:
+    /// about 20,000 rules per transaction at most).
     pub cold_start_block: usize,
     /// The `nft` program.
     pub nft: String,
@@ -183,6 +184,10 @@ pub struct Nftables {
 const MAX_BATCH_COMMANDS: usize = 200_000;
 /// Largest netlink batch (one datagram: the send buffer is raised to fit it).
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+
+/// Rules per cold-start block at most (about 9 MB of netlink): Service ports with many
+/// endpoints come in smaller blocks, each still one batch.
+const COLD_START_RULES: usize = 20_000;
 
 /// How long an emptied chain waits before its deletion: kernels before 6.2 notice only a
 /// while after a map element's deletion that the chain it pointed at is unreferenced.
@@ -386,7 +391,16 @@ impl Nftables {
             let mut written = (0, 0);
             // The first block (table, base chains, fixed rules) goes through `nft`, the
             // others, Service ports only, as netlink batches.
-            for tx in rules.cold_start_transactions(self.config.cold_start_block) {
+            // Blocks of about COLD_START_RULES rules at most, so that each fits a batch.
+            let per_unit = rules
+                .rule_count()
+                .div_ceil(rules.unit_count().max(1))
+                .max(1);
+            let block = self
+                .config
+                .cold_start_block
+                .min((COLD_START_RULES / per_unit).max(1));
+            for tx in rules.cold_start_transactions(block) {
                 self.apply_small(&tx.text)?;
                 written.0 += tx.rules;
                 written.1 += tx.elements;

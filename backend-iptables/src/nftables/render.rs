@@ -382,6 +382,11 @@ impl Ruleset {
             .flat_map(|u| u.affinity.iter().map(|(n, _)| n.as_str()))
     }
 
+    /// Service ports (units) in the table.
+    pub fn unit_count(&self) -> usize {
+        self.units.len()
+    }
+
     /// Number of rules in the table.
     pub fn rule_count(&self) -> usize {
         self.fixed_rules()
