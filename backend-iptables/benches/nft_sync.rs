@@ -14,7 +14,8 @@
 //! < 20 s; 44,000 full sync < 60 s, one change < 50 ms. Figures only: nothing fails on
 //! speed. Needs root, `ip`, `nft` and the iptables tools; otherwise it says why and exits.
 //! `cargo bench -p svcnat-iptables --bench nft_sync` (without `--bench`, e.g. under
-//! `cargo test --benches`, a quick run at 1/20 of the sizes).
+//! `cargo test --benches`, a quick run at 1/20 of the sizes; `-- --shape 5000x50`: one
+//! shape, the nftables dialect alone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -456,6 +457,31 @@ fn main() {
     }
     let scale = |n: u32| if quick { (n / 20).max(1) } else { n };
     let runs = if quick { 3 } else { 7 };
+
+    // `-- --shape SERVICESxENDPOINTS`: that shape alone, the nftables dialect only.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(shape_arg) = args
+        .iter()
+        .position(|a| a == "--shape")
+        .and_then(|i| args.get(i + 1))
+    {
+        let (s, e) = shape_arg
+            .split_once('x')
+            .expect("--shape SERVICESxENDPOINTS");
+        let (services, endpoints) = (s.parse().unwrap(), e.parse().unwrap());
+        let (mut cluster, plan) = shape(services, endpoints);
+        println!("== {services} Services x {endpoints} endpoints");
+        let f = measure(Dialect::Nftables, &mut cluster, &plan, services, runs);
+        println!(
+            "{:<22} cold start {:>10}  full sync {:>10}  one-endpoint change {:>9}",
+            Dialect::Nftables.name(),
+            ms(f.cold),
+            ms(f.full),
+            ms(f.change)
+        );
+        print_floors(&f);
+        return;
+    }
 
     // 10,000 x 5, every dialect.
     let (services, endpoints) = (scale(10_000), 5);

@@ -800,6 +800,10 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
                         e.emit(a);
                     }
                 });
+                // An attribute's length is 16 bits: a rule that long is `nft`'s to refuse.
+                if a.0.len() > usize::from(u16::MAX) {
+                    return Err(unsupported());
+                }
                 (MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, a.0)
             }
             // An affinity set, as the renderer writes it.
@@ -1091,6 +1095,10 @@ mod tests {
         assert!(translate(&format!("add chain ip svcnat {long}")).is_err());
         assert!(translate(&format!("add rule ip svcnat c goto {long}")).is_err());
         assert!(translate(&format!("add chain ip svcnat {}", &long[1..])).is_ok());
+        let huge = "meta l4proto tcp ".repeat(3000);
+        assert!(translate(&format!("add rule ip svcnat c {huge}drop")).is_err());
+        let big = "meta l4proto tcp ".repeat(100);
+        assert!(translate(&format!("add rule ip svcnat c {big}drop")).is_ok());
     }
 
     /// Elements as `nft --debug=netlink` printed them:
