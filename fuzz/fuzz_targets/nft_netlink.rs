@@ -8,8 +8,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use svcnat_iptables::nftables::driver::failing_line;
 use svcnat_iptables::nftables::batch::translate;
+use svcnat_iptables::nftables::driver::failing_line;
 use svcnat_iptables::nftables::kernel::{Reply, parse_acks, parse_replies};
 
 fuzz_target!(|data: &[u8]| {
