@@ -14,7 +14,8 @@
 //! < 20 s; 44,000 full sync < 60 s, one change < 50 ms. Figures only: nothing fails on
 //! speed. Needs root, `ip`, `nft` and the iptables tools; otherwise it says why and exits.
 //! `cargo bench -p svcnat-iptables --bench nft_sync` (without `--bench`, e.g. under
-//! `cargo test --benches`, a quick run at 1/20 of the sizes).
+//! `cargo test --benches`, a quick run at 1/20 of the sizes; `-- --shape 5000x50`: one
+//! shape, the nftables dialect alone).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -28,7 +29,10 @@ use svcnat_core::model::{Cluster, ObjectName};
 use svcnat_core::plan::{Dataplane, NodeContext, Plan};
 use svcnat_core::synthetic;
 use svcnat_iptables::driver::{Flavour, Iptables, IptablesConfig, Runner};
+use svcnat_iptables::nftables::batch::translate;
 use svcnat_iptables::nftables::driver::{Nftables, NftablesConfig};
+use svcnat_iptables::nftables::kernel::Kernel;
+use svcnat_iptables::nftables::render::Ruleset;
 
 struct Netns(String);
 
@@ -145,6 +149,22 @@ struct Figures {
     cold: Duration,
     full: Duration,
     change: Duration,
+    /// nftables only: the floors measured in the same namespace (see [`floors`]).
+    floors: Option<Floors>,
+}
+
+/// What the kernel and `nft` take for the same work, without svcnat around it.
+struct Floors {
+    /// One `nft -f` of the whole table into a fresh namespace.
+    load: Duration,
+    /// The same full table as one netlink batch into a fresh namespace (the commands the
+    /// batch does not translate, the table, base chains and fixed rules, loaded by `nft`
+    /// first).
+    load_netlink: Duration,
+    /// The one-endpoint change's transaction text alone through `nft -f`.
+    change_nft: Duration,
+    /// The same transaction alone as one netlink batch.
+    change_netlink: Duration,
 }
 
 /// Cold start, full sync, and the median one-endpoint change (a pod's readiness flipping,
@@ -189,8 +209,131 @@ fn measure(
     let mut pod = cluster.pod(&target).cloned().expect("pod");
     pod.ready = true;
     let _ = cluster.upsert_pod(pod);
+    let diff = p.update(cluster);
+    dp.sync(&p, &diff).unwrap();
+    let floors = (dialect == Dialect::Nftables).then(|| floors(&ns.0, cluster, &p, &target, runs));
     dp.cleanup().unwrap();
-    Figures { cold, full, change }
+    Figures {
+        cold,
+        full,
+        change,
+        floors,
+    }
+}
+
+/// The floors: the same one-endpoint change's transaction (rendered alongside) applied
+/// alone, by `nft -f` and as a netlink batch, into the loaded table of namespace `ns`; and
+/// the whole table loaded into a fresh namespace, by `nft -f` and as a netlink batch.
+fn floors(
+    ns: &str,
+    cluster: &mut Cluster,
+    plan: &Plan,
+    target: &ObjectName,
+    runs: usize,
+) -> Floors {
+    let family = svcnat_core::model::IpFamily::V4;
+    let mut p = plan.clone();
+    let mut rules = Ruleset::new_for(&p, family);
+    let mut sock = Kernel::new(Some(ns.to_string())).batch_socket().unwrap();
+    let mut by_nft = Vec::new();
+    let mut by_netlink = Vec::new();
+    for i in 0..runs * 2 {
+        let mut pod = cluster.pod(target).cloned().expect("pod");
+        pod.ready = i % 2 == 1;
+        let _ = cluster.upsert_pod(pod);
+        let diff = p.update(cluster);
+        let text = rules.update(&p, &diff).expect("a change").text;
+        if i % 4 < 2 {
+            by_nft.push(nft_in(ns, &text));
+        } else {
+            let batch = translate(&text).expect("translated");
+            let t = Instant::now();
+            sock.apply(&batch).unwrap().unwrap();
+            by_netlink.push(t.elapsed());
+        }
+    }
+    let text = Ruleset::new_for(plan, family).full_text();
+    let fresh = Netns::new("floor");
+    let load = nft_in(&fresh.0, &text);
+    drop(fresh);
+    // The same table as a netlink batch: `nft` writes what does not translate (everything
+    // up to the last such command: the table, base chains, fixed rules), then the rest,
+    // every Service port's chains, rules and elements, goes as one batch (one transaction,
+    // as the `nft -f` load is).
+    let cmds = commands(&text);
+    let split = cmds
+        .iter()
+        .rposition(|c| translate(c).is_err())
+        .map_or(0, |i| i + 1);
+    let fresh = Netns::new("floor-nl");
+    nft_in(&fresh.0, &(cmds[..split].join("\n") + "\n"));
+    let mut sock = Kernel::new(Some(fresh.0.clone())).batch_socket().unwrap();
+    let t = Instant::now();
+    let batch = translate(&cmds[split..].join("\n")).expect("translated");
+    sock.apply(&batch).unwrap().unwrap();
+    let load_netlink = t.elapsed();
+    drop(fresh);
+    Floors {
+        load,
+        load_netlink,
+        change_nft: median(by_nft),
+        change_netlink: median(by_netlink),
+    }
+}
+
+/// The commands of a transaction text, an element list (`{` ... `}`) as one.
+fn commands(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    for line in text.lines() {
+        if open {
+            let last = out.last_mut().unwrap();
+            last.push('\n');
+            last.push_str(line);
+            open = line.trim() != "}";
+        } else {
+            out.push(line.to_string());
+            open = line.ends_with('{');
+        }
+    }
+    out
+}
+
+/// `nft -f` of `text` in namespace `ns`, the way the driver runs it (no `ip netns exec`).
+fn nft_in(ns: &str, text: &str) -> Duration {
+    let text = text.to_string();
+    let t = Instant::now();
+    svcnat_iptables::conntrack::in_netns(Some(ns), move || {
+        let mut child = Command::new("nft")
+            .args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .spawn()?;
+        child.stdin.take().unwrap().write_all(text.as_bytes())?;
+        assert!(child.wait()?.success(), "nft -f failed");
+        Ok(())
+    })
+    .unwrap();
+    t.elapsed()
+}
+
+fn print_floors(f: &Figures) {
+    let Some(fl) = &f.floors else { return };
+    let x = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
+    println!(
+        "  floor: whole table, one nft -f into a fresh namespace {:>10} (cold start = x {:.2}, full sync = x {:.2}); as netlink batches {:>10} (= nft -f x {:.2})",
+        ms(fl.load),
+        x(f.cold, fl.load),
+        x(f.full, fl.load),
+        ms(fl.load_netlink),
+        x(fl.load_netlink, fl.load),
+    );
+    println!(
+        "  floor: the one-endpoint change's transaction alone: nft -f {:>9}, netlink batch {:>9}; our change end to end = x {:.2} of the batch, x {:.3} of nft -f",
+        ms(fl.change_nft),
+        ms(fl.change_netlink),
+        x(f.change, fl.change_netlink),
+        x(f.change, fl.change_nft),
+    );
 }
 
 /// kube-proxy's nftables layout for the same plan (IPv4, ClusterIP and NodePort): a
@@ -315,6 +458,31 @@ fn main() {
     let scale = |n: u32| if quick { (n / 20).max(1) } else { n };
     let runs = if quick { 3 } else { 7 };
 
+    // `-- --shape SERVICESxENDPOINTS`: that shape alone, the nftables dialect only.
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(shape_arg) = args
+        .iter()
+        .position(|a| a == "--shape")
+        .and_then(|i| args.get(i + 1))
+    {
+        let (s, e) = shape_arg
+            .split_once('x')
+            .expect("--shape SERVICESxENDPOINTS");
+        let (services, endpoints) = (s.parse().unwrap(), e.parse().unwrap());
+        let (mut cluster, plan) = shape(services, endpoints);
+        println!("== {services} Services x {endpoints} endpoints");
+        let f = measure(Dialect::Nftables, &mut cluster, &plan, services, runs);
+        println!(
+            "{:<22} cold start {:>10}  full sync {:>10}  one-endpoint change {:>9}",
+            Dialect::Nftables.name(),
+            ms(f.cold),
+            ms(f.full),
+            ms(f.change)
+        );
+        print_floors(&f);
+        return;
+    }
+
     // 10,000 x 5, every dialect.
     let (services, endpoints) = (scale(10_000), 5);
     let (mut cluster, plan) = shape(services, endpoints);
@@ -331,6 +499,7 @@ fn main() {
         ms(nft.full),
         ms(nft.change)
     );
+    print_floors(&nft);
     for flavour in [Flavour::Legacy, Flavour::Nft] {
         let d = Dialect::Iptables(flavour);
         let f = measure(d, &mut cluster, &plan, services, runs);
@@ -399,6 +568,7 @@ fn main() {
             ms(f.full),
             ms(f.change)
         );
+        print_floors(&f);
         let mut goals = format!(
             "goals: full sync < {:?}: {}",
             full_goal,

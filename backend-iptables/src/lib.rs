@@ -83,6 +83,7 @@
 pub mod conntrack;
 pub mod driver;
 pub mod nftables;
+mod owned;
 pub mod render;
 pub mod trace;
 

@@ -47,6 +47,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use crate::owned::owned_after;
 use ipnet::IpNet;
 use svcnat_core::model::{IpFamily, Protocol, ServiceName};
 use svcnat_core::plan::{
@@ -539,32 +540,15 @@ impl Ruleset {
         let mut dirty = [false; SHARED];
         for (spn, (keys, sets)) in touched {
             let old = self.units.remove(&spn).unwrap_or_default();
-            let keys: Vec<FrontendKey> = old
-                .frontends
-                .iter()
-                .chain(&keys)
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .filter(|k| plan.frontend(k).is_some_and(|f| f.service_port == spn))
-                .collect();
-            let sets: Vec<BackendSetId> = old
-                .sets
-                .iter()
-                .chain(&sets)
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .filter(|id| plan.backend_set(id).is_some())
-                .collect();
-            for k in &old.frontends {
-                if self.owners.get(k) == Some(&spn) {
-                    self.owners.remove(k);
-                }
-            }
-            for k in &keys {
-                self.owners.insert(*k, spn.clone());
-            }
+            let (keys, sets) = owned_after(
+                plan,
+                &spn,
+                &old.frontends,
+                &old.sets,
+                &keys,
+                &sets,
+                &mut self.owners,
+            );
             let new = if keys.is_empty() && sets.is_empty() {
                 Unit::default()
             } else {

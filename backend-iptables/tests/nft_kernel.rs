@@ -25,7 +25,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use svcnat_core::model::*;
 use svcnat_core::plan::{Dataplane, Plan};
+use svcnat_iptables::nftables::batch::translate;
 use svcnat_iptables::nftables::driver::{Nftables, NftablesConfig, SyncError};
+use svcnat_iptables::nftables::kernel::Kernel;
 use svcnat_iptables::nftables::render::Ruleset;
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -278,6 +280,8 @@ fn partial_syncs_match_a_fresh_load_and_gone_chains_are_deleted_later() {
         }
         assert_eq!(got, fresh.listing(IpFamily::V4).unwrap());
     }
+    // The partial syncs went as netlink batches.
+    assert!(dp.netlink_batches() >= 3, "{}", dp.netlink_batches());
 }
 
 #[test]
@@ -304,6 +308,116 @@ fn a_refused_transaction_names_its_line_and_changes_nothing() {
     }
     assert!(err.to_string().contains("at input line 2"), "{err}");
     assert_eq!(ns.listing(IpFamily::V4).unwrap(), before);
+}
+
+/// The commands of a transaction text, an element list (`{` ... `}`) as one.
+fn commands(text: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut open = false;
+    for line in text.lines() {
+        if open {
+            let last = out.last_mut().unwrap();
+            last.push('\n');
+            last.push_str(line);
+            open = line.trim() != "}";
+        } else {
+            out.push(line.to_string());
+            open = line.ends_with('{');
+        }
+    }
+    out
+}
+
+#[test]
+fn every_golden_table_written_through_netlink_lists_as_nft_loads_it() {
+    if !ready("every_golden_table_written_through_netlink") {
+        return;
+    }
+    let mut translated = 0;
+    for (name, plan) in all_plans() {
+        let mut families = vec![IpFamily::V4];
+        if has_family(&plan, IpFamily::V6) {
+            families.push(IpFamily::V6);
+        }
+        for family in families {
+            let text = Ruleset::new_for(&plan, family).full_text();
+            let want_ns = Netns::new();
+            want_ns.load(&text);
+            let want = want_ns.listing(family).unwrap();
+            // `nft` writes what the batch does not cover (the table, base chains, the
+            // fixed rules with `ct`, `vmap`, `masquerade`...), up to the last such
+            // command; every command after it goes as one netlink batch.
+            let cmds = commands(&text);
+            let split = cmds
+                .iter()
+                .rposition(|c| translate(c).is_err())
+                .map_or(0, |i| i + 1);
+            let ns = Netns::new();
+            ns.load(&(cmds[..split].join("\n") + "\n"));
+            let rest = cmds[split..].join("\n");
+            let batch = translate(&rest).unwrap();
+            translated += batch.commands().len();
+            Kernel::new(Some(ns.0.clone()))
+                .apply_batch(&batch)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                ns.listing(family).unwrap(),
+                want,
+                "{name} {family:?}: through netlink:\n{rest}"
+            );
+        }
+    }
+    // The unit commands of every golden table went through netlink, not just a few.
+    assert!(translated > 200, "{translated} commands translated");
+}
+
+#[test]
+fn a_refused_netlink_batch_names_its_command_and_changes_nothing() {
+    if !ready("a_refused_netlink_batch_names_its_command") {
+        return;
+    }
+    let (_, _, _, plan) = load::load(&load::scenario_dir("lab-vote"));
+    let ns = Netns::new();
+    let mut dp = ns.driver(IpFamily::V4);
+    dp.resync(&plan).unwrap();
+    // The cold start's blocks after the first went as batches.
+    let batches = dp.netlink_batches();
+    assert!(batches >= 1);
+    let before = ns.listing(IpFamily::V4).unwrap();
+    let text = "flush chain ip svcnat services\nadd rule ip svcnat services jump no-such-chain\nadd element ip svcnat hairpin { 10.9.9.9 . 10.9.9.9 }\n";
+    let err = dp.apply_small(text).unwrap_err();
+    match &err {
+        SyncError::Refused { source, .. } => {
+            assert_eq!(
+                source.command,
+                "add rule ip svcnat services jump no-such-chain"
+            );
+            assert_eq!(source.errno, nix::libc::ENOENT);
+        }
+        other => panic!("{other}"),
+    }
+    assert!(
+        err.to_string()
+            .contains("refused `add rule ip svcnat services jump no-such-chain`"),
+        "{err}"
+    );
+    assert_eq!(ns.listing(IpFamily::V4).unwrap(), before);
+    // An element deleted twice: the first deletion is undone with the refused second.
+    let text = "delete element ip svcnat hairpin {\n\t10.32.0.4 . 10.32.0.4,\n\t10.32.0.4 . 10.32.0.4\n}\n";
+    let err = dp.apply_small(text).unwrap_err();
+    match &err {
+        SyncError::Refused { source, .. } => assert_eq!(
+            (source.command.as_str(), source.errno),
+            (
+                "delete element ip svcnat hairpin { 10.32.0.4 . 10.32.0.4 }",
+                nix::libc::ENOENT
+            )
+        ),
+        other => panic!("{other}"),
+    }
+    assert_eq!(ns.listing(IpFamily::V4).unwrap(), before);
+    assert_eq!(dp.netlink_batches(), batches);
 }
 
 #[test]

@@ -1,13 +1,16 @@
 //! What the nftables dialect reads back from the kernel and from `nft`: netlink replies to
 //! its table, rule, chain and set requests (`nftables::kernel::parse_replies`), and `nft`'s
-//! error text (`nftables::driver::failing_line`). Anyone on the node can create tables and
+//! error text (`nftables::driver::failing_line`), the acknowledgements of a netlink batch
+//! (`nftables::kernel::parse_acks`), and the transaction text the batch translation reads
+//! (`nftables::batch::translate`: any text gives a batch or `Unsupported`). Anyone on the node can create tables and
 //! chains with any names, so any bytes must be read without a panic, every name returned
 //! must come from the bytes, and a failing line only when the text names one.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
+use svcnat_iptables::nftables::batch::translate;
 use svcnat_iptables::nftables::driver::failing_line;
-use svcnat_iptables::nftables::kernel::{Reply, parse_replies};
+use svcnat_iptables::nftables::kernel::{Reply, parse_acks, parse_replies};
 
 fuzz_target!(|data: &[u8]| {
     let seq = data
@@ -31,7 +34,19 @@ fuzz_target!(|data: &[u8]| {
             }
         }
     }
+    if let Ok(acks) = parse_acks(data) {
+        // At most one acknowledgement per 20-byte error message, errno never negative.
+        assert!(acks.len() <= data.len() / 20, "{acks:?}");
+        assert!(acks.iter().all(|(_, e)| *e >= 0));
+    }
     let text = String::from_utf8_lossy(data);
+    if let Ok(batch) = translate(&text) {
+        // Every command comes from a line of the text, and encodes within its length.
+        for c in batch.commands() {
+            assert!(!c.text.is_empty());
+        }
+        assert_eq!(batch.encode(7).len(), batch.encoded_len());
+    }
     if let Some(n) = failing_line(&text) {
         assert!(text.contains(": Error"), "line {n} from nowhere");
     }

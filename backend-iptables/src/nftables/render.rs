@@ -60,6 +60,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 
+use crate::owned::owned_after;
 use ipnet::IpNet;
 use svcnat_core::model::IpFamily;
 use svcnat_core::plan::{
@@ -381,6 +382,11 @@ impl Ruleset {
             .flat_map(|u| u.affinity.iter().map(|(n, _)| n.as_str()))
     }
 
+    /// Service ports (units) in the table.
+    pub fn unit_count(&self) -> usize {
+        self.units.len()
+    }
+
     /// Number of rules in the table.
     pub fn rule_count(&self) -> usize {
         self.fixed_rules()
@@ -602,32 +608,15 @@ impl Ruleset {
         let mut work: Vec<(ServicePortName, Unit, Unit)> = Vec::with_capacity(touched.len());
         for (spn, (keys, sets)) in touched {
             let old = self.units.remove(&spn).unwrap_or_default();
-            let keys: Vec<FrontendKey> = old
-                .frontends
-                .iter()
-                .chain(&keys)
-                .copied()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .filter(|k| plan.frontend(k).is_some_and(|f| f.service_port == spn))
-                .collect();
-            let sets: Vec<BackendSetId> = old
-                .sets
-                .iter()
-                .chain(&sets)
-                .cloned()
-                .collect::<BTreeSet<_>>()
-                .into_iter()
-                .filter(|id| plan.backend_set(id).is_some())
-                .collect();
-            for k in &old.frontends {
-                if self.owners.get(k) == Some(&spn) {
-                    self.owners.remove(k);
-                }
-            }
-            for k in &keys {
-                self.owners.insert(*k, spn.clone());
-            }
+            let (keys, sets) = owned_after(
+                plan,
+                &spn,
+                &old.frontends,
+                &old.sets,
+                &keys,
+                &sets,
+                &mut self.owners,
+            );
             let new = if keys.is_empty() && sets.is_empty() {
                 Unit::default()
             } else {
