@@ -1616,7 +1616,7 @@ fn installed(program: &str) -> bool {
     which(program).is_some()
 }
 
-/// The pod named on a vote page ("Processed by container ID <b>NAME</b>"), or "".
+/// The pod named on a vote page (`Processed by container ID <b>NAME</b>`), or "".
 fn pod_in_page(dom: &str) -> String {
     dom.split_once("Processed by container ID <b>")
         .and_then(|(_, rest)| rest.split_once("</b>"))

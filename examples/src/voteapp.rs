@@ -1,5 +1,5 @@
 //! The lab's vote front end, as `svcnat-podserver --vote-app REDIS` serves it to browsers:
-//! a page with two options and "Processed by container ID <pod>"; a vote is a form POST
+//! a page with two options and "Processed by container ID `<pod>`"; a vote is a form POST
 //! that the pod stores in redis (`RPUSH votes {"voter_id":...,"vote":"a"}`), reaching redis
 //! by the name given (`redis:6379`) through the pod's resolver (svcnat-dns, the search
 //! list of its resolv.conf) and the Service's ClusterIP. When redis cannot be reached the
