@@ -364,12 +364,12 @@ impl ServiceGraph {
         let _ = writeln!(
             s,
             "<title>{}</title>\n<rect width=\"100%\" height=\"100%\" fill=\"white\"/>",
-            xml(&format!("{} on node {}", self.service, self.node))
+            xml_escape(&format!("{} on node {}", self.service, self.node))
         );
         let _ = writeln!(
             s,
             "<text x=\"16\" y=\"22\" font-size=\"14\" font-weight=\"bold\">{}</text>",
-            xml(&format!("{} on node {}", self.service, self.node))
+            xml_escape(&format!("{} on node {}", self.service, self.node))
         );
         for (i, title) in ["frontends", "Service chains", "endpoint chains", "pods"]
             .iter()
@@ -392,7 +392,7 @@ impl ServiceGraph {
                 COLS[3].1 + 16.0,
                 COLS[3].0,
                 y0 + 12.0,
-                xml(&format!("node {}", node.unwrap_or("(unknown)")))
+                xml_escape(&format!("node {}", node.unwrap_or("(unknown)")))
             );
         }
         // Edges first, boxes over them.
@@ -519,7 +519,9 @@ fn dot_quote(s: &str) -> String {
     q
 }
 
-fn xml(s: &str) -> String {
+/// `s` as XML or HTML text or attribute value: `& < > " '` escaped, control characters
+/// other than newline dropped.
+pub fn xml_escape(s: &str) -> String {
     let mut e = String::with_capacity(s.len());
     for c in s.chars() {
         match c {
@@ -550,7 +552,7 @@ fn node_box(s: &mut String, (x, w): (f64, f64), y: f64, label: &str, fill: &str)
             "<text x=\"{:.0}\" y=\"{:.1}\">{}</text>",
             x + 6.0,
             y - h / 2.0 + 15.0 + 14.0 * i as f64,
-            xml(l)
+            xml_escape(l)
         );
     }
     s.push('\n');
@@ -583,7 +585,7 @@ fn edge(
             "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#246\" text-anchor=\"end\">{}</text>",
             bx - 4.0,
             y1 - 5.0,
-            xml(l)
+            xml_escape(l)
         );
     }
     s.push('\n');

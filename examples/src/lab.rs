@@ -1673,8 +1673,8 @@ pub fn write_report(
                 caption.clone(),
                 format!(
                     "<img src=\"{}\" alt=\"{}\" width=\"900\">",
-                    html_escape(&name),
-                    html_escape(caption)
+                    svcnat_core::graph::xml_escape(&name),
+                    svcnat_core::graph::xml_escape(caption)
                 ),
             ));
         }
@@ -1683,7 +1683,10 @@ pub fn write_report(
     let drawings = &drawings;
     let mut html = String::new();
     html.push_str("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\n");
-    html.push_str(&format!("<title>{}</title>\n", html_escape(title)));
+    html.push_str(&format!(
+        "<title>{}</title>\n",
+        svcnat_core::graph::xml_escape(title)
+    ));
     html.push_str(
         "<style>body{font-family:sans-serif;margin:2em;max-width:80em}\
          pre{background:#f6f8fa;padding:.8em;overflow-x:auto}\
@@ -1691,14 +1694,17 @@ pub fn write_report(
          .pass{color:#185c1a}.fail{color:#b00}section{margin-bottom:2em}\
          figure{margin:1em 0;overflow-x:auto}figcaption{color:#555}</style>\n</head><body>\n",
     );
-    html.push_str(&format!("<h1>{}</h1>\n", html_escape(title)));
+    html.push_str(&format!(
+        "<h1>{}</h1>\n",
+        svcnat_core::graph::xml_escape(title)
+    ));
     match outcome {
         Ok(()) => html.push_str(
             "<p class=\"pass\" id=\"outcome\">PASSED: every step observed as the lab describes it.</p>\n",
         ),
         Err(e) => html.push_str(&format!(
             "<p class=\"fail\" id=\"outcome\">FAILED: {}</p>\n",
-            html_escape(e)
+            svcnat_core::graph::xml_escape(e)
         )),
     }
     let mut open = false;
@@ -1715,7 +1721,7 @@ pub fn write_report(
             }
             html.push_str(&format!(
                 "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
-                html_escape(caption)
+                svcnat_core::graph::xml_escape(caption)
             ));
             next_drawing.next();
         }
@@ -1727,7 +1733,10 @@ pub fn write_report(
             if open {
                 html.push_str("</section>\n");
             }
-            html.push_str(&format!("<section>\n<h2>{}</h2>\n", html_escape(step)));
+            html.push_str(&format!(
+                "<section>\n<h2>{}</h2>\n",
+                svcnat_core::graph::xml_escape(step)
+            ));
             open = true;
             continue;
         }
@@ -1745,11 +1754,11 @@ pub fn write_report(
             ""
         };
         if class.is_empty() {
-            html.push_str(&html_escape(line));
+            html.push_str(&svcnat_core::graph::xml_escape(line));
         } else {
             html.push_str(&format!(
                 "<span class=\"{class}\">{}</span>",
-                html_escape(line)
+                svcnat_core::graph::xml_escape(line)
             ));
         }
         html.push('\n');
@@ -1760,7 +1769,7 @@ pub fn write_report(
     for (_, caption, svg) in next_drawing {
         html.push_str(&format!(
             "<figure>{svg}<figcaption>{}</figcaption></figure>\n",
-            html_escape(caption)
+            svcnat_core::graph::xml_escape(caption)
         ));
     }
     if open {
@@ -1772,18 +1781,4 @@ pub fn write_report(
     fs::write(&tmp, html)?;
     fs::rename(&tmp, &path)?;
     Ok(path)
-}
-
-fn html_escape(s: &str) -> String {
-    let mut e = String::with_capacity(s.len());
-    for c in s.chars() {
-        match c {
-            '&' => e.push_str("&amp;"),
-            '<' => e.push_str("&lt;"),
-            '>' => e.push_str("&gt;"),
-            '"' => e.push_str("&quot;"),
-            c => e.push(c),
-        }
-    }
-    e
 }

@@ -2195,8 +2195,8 @@ impl<D: Dataplane, S: Source> Proxy<D, S> {
             match self.agent.dataplane().drifted() {
                 Ok(true) => {
                     warn!(
-                        "the dataplane drifted from its last sync (rules changed from outside, or \
-                         interfaces it owns came or went); full resync"
+                        "the dataplane drifted from its last sync (canary gone: rules changed \
+                         from outside, or interfaces it owns came or went); full resync"
                     );
                     self.last_full = None;
                 }

@@ -173,7 +173,7 @@ pub fn page(pod: &str, outcome: Option<&Outcome>) -> String {
             let _ = writeln!(
                 html,
                 "<p id=\"result\" class=\"failed\">Your vote could not be recorded: {}</p>",
-                escape(why)
+                svcnat_core::graph::xml_escape(why)
             );
         }
         None => {}
@@ -181,21 +181,9 @@ pub fn page(pod: &str, outcome: Option<&Outcome>) -> String {
     let _ = writeln!(
         html,
         "<p id=\"pod\">Processed by container ID <b>{}</b></p>\n</body></html>",
-        escape(pod)
+        svcnat_core::graph::xml_escape(pod)
     );
     html
-}
-
-fn escape(s: &str) -> String {
-    s.chars()
-        .map(|c| match c {
-            '&' => "&amp;".to_string(),
-            '<' => "&lt;".to_string(),
-            '>' => "&gt;".to_string(),
-            '"' => "&quot;".to_string(),
-            c => c.to_string(),
-        })
-        .collect()
 }
 
 #[cfg(test)]
