@@ -1,12 +1,12 @@
 //! Raw DNS messages into the server's sans-IO handler, over both transports: never a panic,
 //! and every reply is a well-formed response to that query: same id, QR set, RA clear (the
 //! server never recurses), within the transport's size limit, and never a reply to a
-//! response.
+//! response; silence over UDP only for what is not a plausible query, never over TCP.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use hickory_proto::op::{Header, Message, MessageType};
+use hickory_proto::op::{Header, Message, MessageType, OpCode};
 use hickory_proto::serialize::binary::{BinDecodable, BinDecoder};
 use libfuzzer_sys::fuzz_target;
 use svcnat_core::discovery::{DiscoveryConfig, Resolver};
@@ -77,12 +77,18 @@ fuzz_target!(|data: &[u8]| {
         Transport::Tcp
     };
     let Some(reply) = handle_query(resolver(), query, transport) else {
-        // Silence only for what has no header, or is itself a response.
-        if let Ok(h) = Header::read(&mut BinDecoder::new(query)) {
-            assert_eq!(
-                h.message_type,
-                MessageType::Response,
-                "a query went unanswered"
+        // Silence for what has no header or is itself a response, and over UDP (where the
+        // source is unproven) for anything that is not a plausible query: another opcode
+        // than QUERY, a message that does not parse, not exactly one question. Over TCP
+        // every query is answered, with NOTIMP or FORMERR when it must be.
+        if let Ok(h) = Header::read(&mut BinDecoder::new(query))
+            && h.message_type == MessageType::Query
+        {
+            let plausible = h.op_code == OpCode::Query
+                && Message::from_vec(query).is_ok_and(|m| m.queries.len() == 1);
+            assert!(
+                transport == Transport::Udp && !plausible,
+                "a query went unanswered over {transport:?} (plausible: {plausible})"
             );
         }
         return;
