@@ -1141,12 +1141,8 @@ impl Engine {
         if ip.ttl <= 1 {
             return self.forward(now, meta, ports, frame, ip, route, tx);
         }
-        match self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)? {
-            Fit::Whole => self.forward(now, meta, ports, frame, ip, route, tx),
-            Fit::Split(size, id) => {
-                self.forward_split(now, meta, ports, frame, ip, route, size, id, tx)
-            }
-        }
+        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
+        self.forward_fit(now, meta, ports, frame, ip, route, fit, tx)
     }
 
     /// How the packet `ip` leaves through `out` (`ip_forward`'s `ip_exceeds_mtu` and
@@ -1205,6 +1201,27 @@ impl Engine {
             // received" (IPv6 never below its minimum MTU).
             Some(r) if ip.v6 => Ok(Fit::Split(r.max_size.max(frag::IPV6_MIN_MTU), r.id)),
             Some(r) => Ok(Fit::Split(r.max_size.min(mtu), r.id)),
+        }
+    }
+
+    /// Forwards the (translated) packet whole or split, as [`Engine::fit`] decided.
+    #[allow(clippy::too_many_arguments)]
+    fn forward_fit(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        ip: &Ip,
+        route: (PortId, IpAddr),
+        fit: Fit,
+        tx: &mut Vec<TxFrame>,
+    ) -> Result<Verdict, DropReason> {
+        match fit {
+            Fit::Whole => self.forward(now, meta, ports, frame, ip, route, tx),
+            Fit::Split(size, id) => {
+                self.forward_split(now, meta, ports, frame, ip, route, size, id, tx)
+            }
         }
     }
 
@@ -1434,12 +1451,7 @@ impl Engine {
             dst: target.dst,
             ..*ip
         };
-        match fit {
-            Fit::Whole => self.forward(now, meta, ports, frame, &ip2, route, tx),
-            Fit::Split(size, id) => {
-                self.forward_split(now, meta, ports, frame, &ip2, route, size, id, tx)
-            }
-        }
+        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1581,12 +1593,7 @@ impl Engine {
         if let Some(seq) = stale {
             return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
         }
-        match fit {
-            Fit::Whole => self.forward(now, meta, ports, frame, &ip2, route, tx),
-            Fit::Split(size, id) => {
-                self.forward_split(now, meta, ports, frame, &ip2, route, size, id, tx)
-            }
-        }
+        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
     }
 
     /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
