@@ -446,7 +446,9 @@ impl Userspace {
         if let Some(ns) = &self.cfg.netns {
             c.args(["-n", ns]);
         }
-        c.args(["-batch", "-"]);
+        // `-force`: a route the kernel refuses does not keep the others out; the error
+        // still fails the sync, and the next one tries again from the kernel's listing.
+        c.args(["-force", "-batch", "-"]);
         run(c, Some(&script)).map(drop)
     }
 
@@ -1337,8 +1339,9 @@ struct HostRoute {
 
 /// The host routes `plan` needs: one per Service address that is not the node's own
 /// (ClusterIPs, externalIPs, load balancer IPs), in the families that have a pods'
-/// gateway. The source is the node's first address of the family that is configured
-/// here (the engine admits only node addresses on the host port).
+/// gateway and a node address configured here: the source, which the engine requires on
+/// the host port (without one the node has no address to reach that family's Services
+/// from anyway).
 fn host_routes(cfg: &UserspaceConfig, links: &Links, plan: &Plan) -> BTreeMap<IpNet, HostRoute> {
     let locals: BTreeSet<IpAddr> = links
         .values()
@@ -1361,12 +1364,12 @@ fn host_routes(cfg: &UserspaceConfig, links: &Links, plan: &Plan) -> BTreeMap<Ip
             IpAddr::V4(_) => cfg.pod_gateway.map(IpAddr::V4),
             IpAddr::V6(_) => cfg.pod_gateway6.map(IpAddr::V6),
         };
-        if let Some(gateway) = gateway {
+        if let (Some(gateway), Some(src)) = (gateway, src(k.addr.is_ipv6())) {
             out.insert(
                 IpNet::from(k.addr),
                 HostRoute {
                     gateway,
-                    src: src(k.addr.is_ipv6()),
+                    src: Some(src),
                 },
             );
         }

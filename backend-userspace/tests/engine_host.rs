@@ -400,3 +400,43 @@ fn node_to_ipv6_cluster_ip_and_back() {
         .collect::<BTreeSet<_>>();
     assert_eq!(seen, want);
 }
+
+#[test]
+fn an_endpoint_s_icmp_error_reaches_the_node_as_from_the_cluster_ip() {
+    use etherparse::{Icmpv4Type, icmpv4};
+    let e = engine_with_host();
+    let q = udp(HOST_MAC, HOST_PORT_MAC, NODE, DNS_CIP, 64, 45100, 53);
+    let (v, out, _) = feed(&e, HOST_PORT, &q);
+    assert_eq!(v, Verdict::Forward { port: POD1_PORT });
+    let (_, _, src, _) = parse(&out);
+    // The pod's port is closed: it answers the translated datagram with a port
+    // unreachable to the masquerade address.
+    let err = icmp4(
+        POD1_MAC,
+        POD1_PORT_MAC,
+        POD1,
+        NODE,
+        64,
+        Icmpv4Type::DestinationUnreachable(icmpv4::DestUnreachableHeader::Port),
+        ip_of(&out),
+    );
+    let (v, back, _) = feed(&e, POD1_PORT, &err);
+    assert_eq!(v, Verdict::Forward { port: HOST_PORT });
+    verify_checksums(&back);
+    assert_eq!(&back[0..6], &HOST_MAC);
+    let p = SlicedPacket::from_ethernet(&back).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4");
+    };
+    assert_eq!(ip.header().source_addr(), Ipv4Addr::from(DNS_CIP));
+    assert_eq!(ip.header().destination_addr(), NODE_IP);
+    // The quoted datagram is the node's own, as it sent it.
+    let quote = &back[14 + 20 + 8..];
+    let (qs, qd) = (&quote[12..16], &quote[16..20]);
+    assert_eq!((qs, qd), (&NODE[..], &DNS_CIP[..]));
+    assert_eq!(
+        &quote[20..24],
+        &[45100u16.to_be_bytes(), 53u16.to_be_bytes()].concat()[..]
+    );
+    assert_ne!(src.port(), 45100);
+}
