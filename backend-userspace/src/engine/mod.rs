@@ -1390,12 +1390,12 @@ impl Engine {
         });
     }
 
-    /// Where a packet of connection `hit` travelling in direction `dir` to `dst` goes:
-    /// replies of the node's own connections back out of the host port (their
+    /// Where a packet of connection `hit` (travelling in direction `hit.dir`) to `dst`
+    /// goes: replies of the node's own connections back out of the host port (their
     /// destination is a node address, which the FIB would send elsewhere or not at all),
     /// everything else by the FIB.
-    fn route_of(&self, ports: &Ports, hit: &Hit, dir: u8, dst: IpAddr) -> Option<(PortId, IpAddr)> {
-        if hit.host && dir == 1 {
+    fn route_of(&self, ports: &Ports, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
+        if hit.host && hit.dir == 1 {
             return ports.host.map(|port| (port, dst));
         }
         self.fib.load().lookup(dst)
@@ -1463,7 +1463,7 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let target = hit.target();
-        let Some(route) = self.route_of(ports, hit, hit.dir, target.dst) else {
+        let Some(route) = self.route_of(ports, hit, target.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
@@ -1578,11 +1578,10 @@ impl Engine {
         // endpoint's link creates nothing (the kernel drops it before conntrack confirms).
         let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
-        // would answer itself directly.
-        // The node's own connections are always masqueraded (kube-proxy masquerades them
-        // too, as they come from outside the cluster CIDR): their replies then come to a
-        // port of the SNAT range, which the kernel leaves to the engine, and the engine
-        // sends them back through the host port.
+        // would answer itself directly. The node's own connections always are (kube-proxy
+        // masquerades them too, coming from outside the cluster CIDR): their replies then
+        // come to a port of the SNAT range, which the kernel leaves to the engine, and the
+        // engine sends them back through the host port.
         let masquerade = ep.ip() == ip.src
             || from_host
             || match fe.masquerade {
@@ -1752,7 +1751,7 @@ impl Engine {
             dport: 0,
         };
         // The error travels the way packets of direction `hit.dir` do.
-        let Some(route) = self.route_of(ports, &hit, hit.dir, outer.dst) else {
+        let Some(route) = self.route_of(ports, &hit, outer.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
