@@ -36,6 +36,34 @@
 //! process started after a killed one, and [`cleanup`], restore that value rather than
 //! the killed process's 0. The ingress table is checked against its listing after each
 //! apply ([`Dataplane::drifted`]): deleted, flushed or edited, it is put back.
+//!
+//! The node's own traffic ([`UserspaceConfig::node_traffic`]): what the node itself sends
+//! to a Service (kubelet probes, hostNetwork pods, `curl` on the node) is routed by the
+//! kernel and never arrives on an owned interface; kube-proxy's iptables mode translates it
+//! in the OUTPUT hook. Here the driver makes the node one more pod:
+//!
+//! ```text
+//!   node's stack ── route 10.96.0.10/32 via 169.254.1.1 dev svcnat-host onlink src NODE_IP
+//!        │                                   (one per ClusterIP, externalIP, LB IP)
+//!   svcnat-host ══ veth ══ svcnat-eng (owned, no address: the engine answers ARP/ND for
+//!        ▲                     │           the pods' gateway, as on a pod veth)
+//!        │                     ▼ Engine: DNAT, masquerade NODE_IP:eph → NODE_IP:61000+
+//!        │                 eth0 / vp* ──► endpoint ──► reply to NODE_IP:61000+ (dropped at
+//!        └──── un-NATted reply (from the ClusterIP) ◄── ingress, the engine's SNAT range)
+//! ```
+//!
+//! The engine serves only frontends and tracked connections on the host port, admits only
+//! node addresses as sources there, always masquerades (replies must come back through the
+//! engine's SNAT range) and sends a connection's replies back out the host port to
+//! `svcnat-host`'s MAC (its conntrack entry remembers where the original came in). The
+//! pair is made at start (a leftover one replaced), made again by the next sync when
+//! deleted, and removed (routes and all) on drop and by [`cleanup`]; the routes follow the
+//! plan on every sync, and [`Dataplane::drifted`] notices a missing end or a route added or
+//! deleted behind its back. NodePorts on the node's own addresses from the node itself are
+//! not served: the kernel's `local` routing table delivers them to the node before any
+//! route to a device is looked at, and only moving the node's `local` ip rule would change
+//! that (likewise 127.0.0.1; kube-proxy's IPVS mode does not serve localhost NodePorts
+//! either).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -82,7 +110,20 @@ pub struct UserspaceConfig {
     pub engine: EngineConfig,
     /// Shape of each worker's receive ring.
     pub ring: RingConfig,
+    /// Route the node's own traffic to Service addresses (ClusterIPs, externalIPs and
+    /// load balancer IPs that are not node addresses) through the datapath: a veth pair
+    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per address into it (see the
+    /// [module](self) docs). NodePorts on the node's own addresses are not covered.
+    pub node_traffic: bool,
 }
+
+/// The node's side of the host veth pair: it stays with the node's IP stack, which routes
+/// Service addresses into it.
+pub const HOST_VETH: &str = "svcnat-host";
+
+/// The engine's side of the host veth pair: an owned port without an address, answering
+/// ARP and neighbour discovery for the pods' gateway as a pod veth does.
+pub const HOST_PORT: &str = "svcnat-eng";
 
 impl Default for UserspaceConfig {
     fn default() -> Self {
@@ -94,6 +135,7 @@ impl Default for UserspaceConfig {
             pod_gateway6: Some(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
             engine: EngineConfig::default(),
             ring: RingConfig::default(),
+            node_traffic: false,
         }
     }
 }
@@ -184,6 +226,9 @@ pub struct Userspace {
     last_drift_check: Option<Instant>,
     /// When [`Dataplane::drifted`] last compared the owned interfaces with the kernel's.
     last_link_check: Option<Instant>,
+    /// The host routes the last sync wanted through [`HOST_VETH`] (with
+    /// [`UserspaceConfig::node_traffic`]): what [`Dataplane::drifted`] compares with.
+    host_routes: BTreeSet<IpNet>,
 }
 
 impl std::fmt::Debug for Userspace {
@@ -205,6 +250,11 @@ impl Userspace {
             cfg.engine.hash_key = random_key()?;
         }
         let engine = Arc::new(Engine::new(cfg.engine.clone()));
+        if cfg.node_traffic {
+            // A pair left by a killed predecessor is replaced (with its routes).
+            remove_host_veth(cfg.netns.as_deref())?;
+            ensure_host_veth(&cfg, &read_links(&cfg)?)?;
+        }
         let links = read_links(&cfg)?;
         let owned = owned_ports(&cfg, &links);
         if owned.is_empty() {
@@ -268,6 +318,7 @@ impl Userspace {
             links,
             last_drift_check: None,
             last_link_check: None,
+            host_routes: BTreeSet::new(),
         };
         // The original setting is the one a killed predecessor recorded in its table, if
         // one is left: then the sysctl holds that process's own change, not the node's.
@@ -303,9 +354,13 @@ impl Userspace {
         move || collect_stats(&engine, &counters, &filters)
     }
 
-    /// Re-reads interfaces and routes; new owned interfaces join the filters.
+    /// Re-reads interfaces and routes; new owned interfaces join the filters. A host veth
+    /// pair someone deleted is created again.
     fn refresh(&mut self) -> Result<(), SyncError> {
-        let links = read_links(&self.cfg)?;
+        let mut links = read_links(&self.cfg)?;
+        if self.cfg.node_traffic && ensure_host_veth(&self.cfg, &links)? {
+            links = read_links(&self.cfg)?;
+        }
         let owned = owned_ports(&self.cfg, &links);
         let ifindexes: Vec<u32> = owned.iter().copied().collect();
         if ifindexes != self.owned {
@@ -373,6 +428,30 @@ impl Userspace {
         SyncReport::of_plan(plan, full, plan.frontends().count())
     }
 
+    /// Makes the host routes through [`HOST_VETH`] those of `plan`'s Service addresses:
+    /// the missing ones added, the others deleted (the kernel's listing is the truth, so
+    /// a failed or partial apply is repaired by the next sync).
+    fn sync_host_routes(&mut self, plan: &Plan) -> Result<(), SyncError> {
+        if !self.cfg.node_traffic {
+            return Ok(());
+        }
+        let want = host_routes(&self.cfg, &self.links, plan);
+        let have = read_host_routes(&self.cfg)?;
+        let script = host_route_script(&want, &have);
+        self.host_routes = want.keys().copied().collect();
+        if script.is_empty() {
+            return Ok(());
+        }
+        let mut c = Command::new("ip");
+        if let Some(ns) = &self.cfg.netns {
+            c.args(["-n", ns]);
+        }
+        // `-force`: a route the kernel refuses does not keep the others out; the error
+        // still fails the sync, and the next one tries again from the kernel's listing.
+        c.args(["-force", "-batch", "-"]);
+        run(c, Some(&script)).map(drop)
+    }
+
     /// Stops the workers and hands forwarding back to the kernel.
     fn shutdown(&mut self) -> Result<(), SyncError> {
         self.stop.store(true, Ordering::Relaxed);
@@ -380,6 +459,14 @@ impl Userspace {
             let _ = h.join();
         }
         let mut first_err = None;
+        // The node's Service traffic first: with the pair gone (its routes with it), the
+        // kernel routes it as it did before the datapath started.
+        if self.cfg.node_traffic
+            && let Err(e) = remove_host_veth(self.cfg.netns.as_deref())
+        {
+            first_err.get_or_insert(e);
+        }
+        self.host_routes.clear();
         // Forwarding first, the table (which records the original) last: a process killed
         // in between leaves the record for the next start or `cleanup`.
         if let Some(v) = self.forwarding_before.take()
@@ -411,6 +498,7 @@ impl Dataplane for Userspace {
         // does: UDP flows to departed endpoints are forgotten once the new plan is in.
         let forgotten = self.engine.forget_stale(&stale_flows(diff, plan));
         self.apply_nft(Some(plan))?;
+        self.sync_host_routes(plan)?;
         let mut report = self.report(plan, false);
         report.conntrack_deleted = forgotten;
         Ok(report)
@@ -421,6 +509,7 @@ impl Dataplane for Userspace {
         self.engine.set_plan(plan);
         self.nft_applied = None;
         self.apply_nft(Some(plan))?;
+        self.sync_host_routes(plan)?;
         Ok(self.report(plan, true))
     }
 
@@ -447,6 +536,10 @@ impl Dataplane for Userspace {
             if owned != self.owned {
                 return Ok(true);
             }
+            // The host veth pair deleted (its routes go with it).
+            if self.cfg.node_traffic && host_veth_missing(&links) {
+                return Ok(true);
+            }
         }
         if self.nft_applied.is_none()
             || self
@@ -456,6 +549,14 @@ impl Dataplane for Userspace {
             return Ok(false);
         }
         self.last_drift_check = Some(Instant::now());
+        // Host routes deleted or added by someone else.
+        if self.cfg.node_traffic
+            && read_host_routes(&self.cfg).map_or(true, |have| {
+                have.keys().copied().collect::<BTreeSet<_>>() != self.host_routes
+            })
+        {
+            return Ok(true);
+        }
         Ok(match self.nft_list() {
             Ok(now) => self.nft_listing.as_deref() != Some(now.as_str()),
             Err(_) => true,
@@ -640,6 +741,7 @@ impl Stats {
 /// table records as the node's original, then the table is deleted. Without a table
 /// there is nothing to undo (forwarding is left as it is).
 pub fn cleanup(netns: Option<&str>) -> Result<(), SyncError> {
+    remove_host_veth(netns)?;
     let Some(original) = recorded_forwarding(netns)? else {
         return Ok(());
     };
@@ -999,12 +1101,19 @@ fn matches(patterns: &[String], name: &str) -> bool {
 fn owned_ports(cfg: &UserspaceConfig, links: &Links) -> BTreeSet<u32> {
     links
         .values()
-        .filter(|l| l.mac.is_some() && matches(&cfg.interfaces, &l.name))
+        .filter(|l| {
+            l.mac.is_some()
+                && (matches(&cfg.interfaces, &l.name) || (cfg.node_traffic && l.name == HOST_PORT))
+        })
         .map(|l| l.ifindex)
         .collect()
 }
 
 fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> Vec<PortConfig> {
+    let host_peer = links
+        .values()
+        .find(|l| l.name == HOST_VETH)
+        .and_then(|l| l.mac);
     owned
         .iter()
         .filter_map(|i| links.get(i))
@@ -1032,6 +1141,11 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
                     _ => Vec::new(),
                 },
                 mtu: l.mtu,
+                host_peer: if cfg.node_traffic && l.name == HOST_PORT {
+                    host_peer
+                } else {
+                    None
+                },
             })
         })
         .collect()
@@ -1158,6 +1272,185 @@ fn admission(
         }
     }
     Ok(adm)
+}
+
+// ---------------------------------------------------------------------------------------------
+// The host veth pair: the node's own traffic to Services
+// ---------------------------------------------------------------------------------------------
+
+/// Whether either end of the host veth pair is gone.
+fn host_veth_missing(links: &Links) -> bool {
+    ![HOST_VETH, HOST_PORT]
+        .iter()
+        .all(|n| links.values().any(|l| l.name == *n))
+}
+
+/// Creates the host veth pair unless both ends exist; true when it did. Duplicate address
+/// detection is off on both ends, so the node's side can solicit the pods' IPv6 gateway
+/// from its link-local address at once.
+fn ensure_host_veth(cfg: &UserspaceConfig, links: &Links) -> Result<bool, SyncError> {
+    if !host_veth_missing(links) {
+        return Ok(false);
+    }
+    let netns = cfg.netns.as_deref();
+    // One end alone cannot be: remove what is left of a pair before making it again.
+    remove_host_veth(netns)?;
+    let ip = |args: &[&str]| {
+        let mut c = in_netns(netns, "ip");
+        c.args(args);
+        run(c, None).map(drop)
+    };
+    ip(&[
+        "link", "add", HOST_VETH, "type", "veth", "peer", "name", HOST_PORT,
+    ])?;
+    for dev in [HOST_VETH, HOST_PORT] {
+        // Without IPv6 on the node (`disable_ipv6`, no `/proc/sys/net/ipv6`) there is
+        // nothing to turn off.
+        let mut c = in_netns(netns, "sysctl");
+        c.args(["-q", "-w", &format!("net/ipv6/conf/{dev}/accept_dad=0")]);
+        let _ = run(c, None);
+    }
+    ip(&["link", "set", HOST_PORT, "up"])?;
+    ip(&["link", "set", HOST_VETH, "up"])?;
+    Ok(true)
+}
+
+/// Deletes the host veth pair (both ends, and the routes through it) if it exists.
+fn remove_host_veth(netns: Option<&str>) -> Result<(), SyncError> {
+    for dev in [HOST_VETH, HOST_PORT] {
+        let mut c = in_netns(netns, "ip");
+        c.args(["link", "show", dev]);
+        if run(c, None).is_ok() {
+            let mut c = in_netns(netns, "ip");
+            c.args(["link", "delete", dev]);
+            run(c, None)?;
+        }
+    }
+    Ok(())
+}
+
+/// One host route through [`HOST_VETH`]: its gateway (the pods' gateway, which the engine
+/// answers for on [`HOST_PORT`]) and source (the node's address of the family).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct HostRoute {
+    gateway: IpAddr,
+    src: Option<IpAddr>,
+}
+
+/// The host routes `plan` needs: one per Service address that is not the node's own
+/// (ClusterIPs, externalIPs, load balancer IPs), in the families that have a pods'
+/// gateway and a node address configured here: the source, which the engine requires on
+/// the host port (without one the node has no address to reach that family's Services
+/// from anyway).
+fn host_routes(cfg: &UserspaceConfig, links: &Links, plan: &Plan) -> BTreeMap<IpNet, HostRoute> {
+    let locals: BTreeSet<IpAddr> = links
+        .values()
+        .flat_map(|l| l.addrs.iter())
+        .map(IpNet::addr)
+        .collect();
+    let src = |v6: bool| {
+        plan.node()
+            .node_ips
+            .iter()
+            .copied()
+            .find(|a| a.is_ipv6() == v6 && locals.contains(a))
+    };
+    let mut out = BTreeMap::new();
+    for (k, _) in plan.frontends() {
+        if locals.contains(&k.addr) || k.addr.is_loopback() {
+            continue;
+        }
+        let gateway = match k.addr {
+            IpAddr::V4(_) => cfg.pod_gateway.map(IpAddr::V4),
+            IpAddr::V6(_) => cfg.pod_gateway6.map(IpAddr::V6),
+        };
+        if let (Some(gateway), Some(src)) = (gateway, src(k.addr.is_ipv6())) {
+            out.insert(
+                IpNet::from(k.addr),
+                HostRoute {
+                    gateway,
+                    src: Some(src),
+                },
+            );
+        }
+    }
+    out
+}
+
+/// The routes through [`HOST_VETH`] now, both families (the kernel's own link-local and
+/// multicast routes left out).
+fn read_host_routes(cfg: &UserspaceConfig) -> Result<BTreeMap<IpNet, HostRoute>, SyncError> {
+    let mut out = BTreeMap::new();
+    for family in ["-4", "-6"] {
+        let v = ip_json(cfg, &[family, "route", "show", "dev", HOST_VETH])?;
+        out.extend(parse_host_routes(&v).map_err(|message| SyncError::Parse {
+            command: format!("ip -json {family} route show dev {HOST_VETH}"),
+            message,
+        })?);
+    }
+    Ok(out)
+}
+
+/// Host routes from `ip -json route show dev svcnat-host` (which omits the device).
+fn parse_host_routes(v: &serde_json::Value) -> Result<BTreeMap<IpNet, HostRoute>, String> {
+    let mut out = BTreeMap::new();
+    for r in v.as_array().ok_or("not a list")? {
+        let dst = match r["dst"].as_str() {
+            Some(d) if d.contains('/') => d.parse().ok(),
+            Some(d) => d.parse::<IpAddr>().ok().map(IpNet::from),
+            None => None,
+        };
+        let Some(dst) = dst else { continue };
+        if dst.addr().is_multicast()
+            || is_link_local_net(&dst)
+            || r["protocol"].as_str() == Some("kernel")
+        {
+            continue;
+        }
+        let Some(gateway) = r["gateway"].as_str().and_then(|g| g.parse().ok()) else {
+            continue;
+        };
+        let src = r["prefsrc"].as_str().and_then(|g| g.parse().ok());
+        out.insert(dst, HostRoute { gateway, src });
+    }
+    Ok(out)
+}
+
+fn is_link_local_net(n: &IpNet) -> bool {
+    matches!(n, IpNet::V6(n) if n.network().is_unicast_link_local())
+}
+
+/// The `ip -batch` script that turns the routes `have` into `want` (empty when equal).
+fn host_route_script(
+    want: &BTreeMap<IpNet, HostRoute>,
+    have: &BTreeMap<IpNet, HostRoute>,
+) -> String {
+    let mut s = String::new();
+    // `ip -batch` takes no family option per line: each address says its own.
+    for dst in have.keys() {
+        if !want.contains_key(dst) {
+            s.push_str(&format!("route del {dst} dev {HOST_VETH}\n"));
+        }
+    }
+    for (dst, r) in want {
+        if have.get(dst) == Some(r) {
+            continue;
+        }
+        s.push_str(&format!(
+            "route replace {dst} via {} dev {HOST_VETH}",
+            r.gateway
+        ));
+        // The IPv4 gateway is on no subnet of the device (it has no address): `onlink`.
+        // An IPv6 link-local gateway needs nothing.
+        if r.gateway.is_ipv4() {
+            s.push_str(" onlink");
+        }
+        if let Some(src) = r.src {
+            s.push_str(&format!(" src {src}"));
+        }
+        s.push('\n');
+    }
+    s
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1477,6 +1770,119 @@ mod tests {
             "ip daddr != @local4 counter drop comment \"x\"\n"
         );
         assert_ne!(without_counters(a), without_counters(""));
+    }
+
+    #[test]
+    fn host_routes_follow_the_plan_s_service_addresses() {
+        use svcnat_core::model::*;
+        use svcnat_core::plan::NodeContext;
+        let mut l = links();
+        for (ifindex, name, mac) in [
+            (7, HOST_VETH, "02:00:00:00:09:09"),
+            (8, HOST_PORT, "02:00:00:00:00:09"),
+        ] {
+            l.insert(
+                ifindex,
+                Link {
+                    ifindex,
+                    name: name.into(),
+                    mac: parse_mac(mac),
+                    addrs: Vec::new(),
+                    mtu: 1500,
+                },
+            );
+        }
+        let cfg = UserspaceConfig {
+            interfaces: vec!["eth0".into(), "vp*".into()],
+            node_traffic: true,
+            ..UserspaceConfig::default()
+        };
+        // The engine's end is owned, and is the host port with the node's end as peer.
+        let owned = owned_ports(&cfg, &l);
+        assert_eq!(owned.iter().copied().collect::<Vec<_>>(), vec![2, 5, 8]);
+        let ports = port_configs(&cfg, &l, &owned);
+        let host: Vec<_> = ports.iter().filter(|p| p.host_peer.is_some()).collect();
+        assert_eq!(host.len(), 1);
+        assert_eq!(host[0].id, 8);
+        assert_eq!(host[0].host_peer, parse_mac("02:00:00:00:09:09"));
+        assert_eq!(host[0].proxy_arp, vec![Ipv4Addr::new(169, 254, 1, 1)]);
+        // Off: neither owned nor a host port.
+        let off = UserspaceConfig {
+            node_traffic: false,
+            ..cfg.clone()
+        };
+        assert!(!owned_ports(&off, &l).contains(&8));
+
+        let mut c = Cluster::simulated();
+        let mut svc = Service::new(ObjectName::new("default", "web"));
+        svc.service_type = ServiceType::NodePort;
+        svc.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+        svc.external_ips = vec![
+            "192.168.50.11".parse().unwrap(),
+            "198.51.100.7".parse().unwrap(),
+        ];
+        let mut sp = ServicePort::new("", Protocol::Tcp, 80, TargetPort::Number(8080));
+        sp.node_port = Some(30080);
+        svc.ports.push(sp);
+        svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+            "app".to_string(),
+            "web".to_string(),
+        )])));
+        c.upsert_service(svc);
+        let mut pod = Pod::new(
+            ObjectName::new("default", "web-0"),
+            "10.244.0.10".parse().unwrap(),
+        );
+        pod.labels.insert("app".into(), "web".into());
+        c.upsert_pod(pod);
+        let node = NodeContext::new("n", vec!["192.168.50.11".parse().unwrap()], Vec::new());
+        let plan = Plan::compile(&c, &node);
+        let want = host_routes(&cfg, &l, &plan);
+        // The ClusterIP and the external IP that is not the node's; no NodePort, no node
+        // address.
+        let dsts: Vec<String> = want.keys().map(ToString::to_string).collect();
+        assert_eq!(dsts, ["10.96.0.10/32", "198.51.100.7/32"]);
+        let script = host_route_script(&want, &BTreeMap::new());
+        assert_eq!(
+            script,
+            "route replace 10.96.0.10/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n\
+             route replace 198.51.100.7/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n"
+        );
+        // As `ip -json route show dev svcnat-host` prints them back: nothing to do; a
+        // route gone is added again, one no longer wanted deleted.
+        let v: serde_json::Value = serde_json::from_str(
+            r#"[{"dst":"10.96.0.10","gateway":"169.254.1.1","flags":["onlink"],"prefsrc":"192.168.50.11"},
+                {"dst":"10.96.0.99","gateway":"169.254.1.1","flags":["onlink"],"prefsrc":"192.168.50.11"},
+                {"dst":"fe80::/64","protocol":"kernel","metric":256,"flags":[],"pref":"medium"}]"#,
+        )
+        .unwrap();
+        let have = parse_host_routes(&v).unwrap();
+        assert_eq!(have.len(), 2);
+        assert_eq!(
+            host_route_script(&want, &have),
+            "route del 10.96.0.99/32 dev svcnat-host\n\
+             route replace 198.51.100.7/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n"
+        );
+        let mut all = have.clone();
+        all.remove(&"10.96.0.99/32".parse().unwrap());
+        all.insert(
+            "198.51.100.7/32".parse().unwrap(),
+            want[&"198.51.100.7/32".parse().unwrap()],
+        );
+        assert_eq!(host_route_script(&want, &all), "");
+        // IPv6: the link-local gateway needs no `onlink`.
+        let v6: BTreeMap<IpNet, HostRoute> = [(
+            "fd00:10:96::10/128".parse().unwrap(),
+            HostRoute {
+                gateway: "fe80::1".parse().unwrap(),
+                src: Some("fd00:50::11".parse().unwrap()),
+            },
+        )]
+        .into();
+        assert_eq!(
+            host_route_script(&v6, &BTreeMap::new()),
+            "route replace fd00:10:96::10/128 via fe80::1 dev svcnat-host src fd00:50::11\n"
+        );
     }
 
     #[test]

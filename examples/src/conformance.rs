@@ -143,11 +143,16 @@ pub enum Scenario {
     /// local endpoints, 503 on a node without any, the answer follows endpoints as they
     /// move, and the port closes with the Service.
     HealthCheckNodePort,
+    /// The node's own traffic (kubelet probes, hostNetwork pods) to a ClusterIP, TCP and
+    /// UDP, from node 0's namespace: endpoints on the same node and on the other node are
+    /// all reached, and the replies come from the ClusterIP (the probe's sockets are
+    /// connected to it).
+    ClusterIpFromNode,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 20] = [
+    pub const ALL: [Scenario; 21] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -168,6 +173,7 @@ impl Scenario {
         Scenario::UdpEndpointReplaced,
         Scenario::Sctp,
         Scenario::HealthCheckNodePort,
+        Scenario::ClusterIpFromNode,
     ];
 }
 
@@ -675,6 +681,7 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::NodePortOnLocalhost => node_port_on_localhost(&mut f),
         Scenario::Sctp => sctp(&mut f),
         Scenario::HealthCheckNodePort => health_check_node_port(&mut f),
+        Scenario::ClusterIpFromNode => cluster_ip_from_node(&mut f),
     }
 }
 
@@ -1253,6 +1260,43 @@ fn node_port_on_localhost<B: Backend>(f: &mut Fixture<B>) {
     assert_eq!(r.ok(), 0, "localhost NodePorts off, yet answered: {r}");
 }
 
+fn cluster_ip_from_node<B: Backend>(f: &mut Fixture<B>) {
+    // One endpoint beside the probe on node 0, one on node 1.
+    f.remove_pods(&["web-1", "web-2", "web-4"]);
+    f.set_service(f.service("web", "app", "web", 76, 80, Protocol::Tcp));
+    f.set_service(f.service("dns", "app", "web", 77, 53, Protocol::Udp));
+    let ns = f.tb.ns_of_node(0).to_string();
+    let both = names(&["web-0", "web-3"]);
+    for (what, args) in [
+        ("TCP", ProbeArgs::tcp(sock(f.vip(76), 80))),
+        ("UDP", ProbeArgs::udp(sock(f.vip(77), 53))),
+    ] {
+        let r = match f.tb.probe(&ns, args.count(60).timeout_ms(1000)) {
+            Ok(r) => r,
+            Err(e) => panic!("probe from node 0: {e}"),
+        };
+        assert!(r.all_ok(), "{what} ClusterIP from node 0: {r}");
+        assert_eq!(r.pods(), both, "{what} ClusterIP from node 0 spreads: {r}");
+    }
+    // Without endpoints the node is refused at once, as a pod is.
+    f.remove_pods(&["web-0", "web-3"]);
+    f.sync();
+    let r = match f.tb.probe(
+        &ns,
+        ProbeArgs::tcp(sock(f.vip(76), 80))
+            .count(3)
+            .timeout_ms(2000),
+    ) {
+        Ok(r) => r,
+        Err(e) => panic!("probe from node 0: {e}"),
+    };
+    assert_eq!(
+        r.refused(),
+        3,
+        "ClusterIP without endpoints must refuse the node: {r}"
+    );
+}
+
 /// Per SCTP attempt: an association takes two round trips before the first data.
 const SCTP_TIMEOUT_MS: u64 = 3000;
 
@@ -1426,6 +1470,7 @@ macro_rules! conformance_suite {
             node_port_on_every_address: NodePortOnEveryAddress,
             sctp: Sctp,
             health_check_node_port: HealthCheckNodePort,
+            cluster_ip_from_node: ClusterIpFromNode,
         );
     };
     (@tests $backend:expr, $feed:ident, $family:ident; $($name:ident: $scenario:ident,)*) => {

@@ -21,14 +21,17 @@ impl Backend for UserspaceBackend {
             netns: Some(node_ns.to_string()),
             interfaces: vec!["eth0".into(), "vp*".into()],
             workers: 2,
+            node_traffic: true,
             ..UserspaceConfig::default()
         })
         .map_err(|e| e.to_string())
     }
 
     fn unsupported(&self, scenario: Scenario) -> Option<&'static str> {
-        (scenario == Scenario::NodePortOnLocalhost)
-            .then_some("the datapath does not see traffic the node itself sends")
+        (scenario == Scenario::NodePortOnLocalhost).then_some(
+            "the node's local routing table delivers 127.0.0.1 to the node itself, never \
+                 to a device the datapath owns",
+        )
     }
 }
 

@@ -558,6 +558,55 @@ fn proxy_with_the_userspace_backend() {
     drop(proxies);
 }
 
+/// `--userspace-node-traffic`: the node's own connections to a ClusterIP go through the
+/// datapath (the veth pair and the ClusterIP's route made by the proxy) to the pods of
+/// both nodes, and SIGTERM removes the pair.
+#[test]
+fn proxy_userspace_node_traffic() {
+    svcnat_examples::skip_unless_root!();
+    let tb = vote_testbed();
+    let dir = Scratch::new();
+    write_cluster(&tb, &dir);
+    dir.write(
+        "vote-svc.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata:\n  name: vote\nspec:\n  clusterIP: 10.96.0.81\n  selector:\n    app: vote\n  ports:\n  - port: 80\n    targetPort: 8080\n",
+    );
+    let args = [
+        "--backend",
+        "userspace",
+        "--interfaces",
+        "eth0,vp*",
+        "--workers",
+        "1",
+        "--userspace-node-traffic",
+    ];
+    let mut proxies = vec![
+        RunningProxy::start_with(&tb, 0, &dir.0, &args),
+        RunningProxy::start_with(&tb, 1, &dir.0, &args),
+    ];
+    for p in &proxies {
+        p.wait_ready();
+    }
+    let node0 = tb.ns_of_node(0).to_string();
+    let r = tb
+        .probe(
+            &node0,
+            ProbeArgs::tcp(SocketAddr::new(IpAddr::from([10, 96, 0, 81]), 80))
+                .count(60)
+                .timeout_ms(2500),
+        )
+        .expect("probe");
+    assert!(r.all_ok(), "ClusterIP from node 0: {r}");
+    assert_eq!(r.pods().len(), 3, "both nodes' pods: {r}");
+    let status = proxies[0].terminate();
+    assert_eq!(status.code(), Some(0), "exit status {status}");
+    let pair = tb
+        .exec(&node0, ["ip", "link", "show", "svcnat-host"])
+        .unwrap();
+    assert!(!pair.status.success(), "the veth pair outlived the proxy");
+    drop(proxies);
+}
+
 /// The node's forwarding as the userspace datapath must leave it: `ip_forward` back at its
 /// original value and no ingress table.
 fn assert_forwarding_given_back(tb: &Testbed, node: usize, when: &str) {

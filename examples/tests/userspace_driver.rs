@@ -64,3 +64,112 @@ fn takes_over_forwarding_and_gives_it_back() {
         "the ingress table outlived the datapath"
     );
 }
+
+/// `node_traffic`: the veth pair and one host route per Service address follow the plan;
+/// a route or the pair deleted behind the datapath's back is noticed and put back; the
+/// pair goes with the datapath, and `cleanup` removes one a killed process left.
+#[test]
+fn node_traffic_pair_follows_the_plan_and_is_removed() {
+    use std::collections::BTreeMap;
+    use svcnat_core::model::*;
+    use svcnat_core::plan::{Dataplane, NodeContext, Plan};
+    use svcnat_userspace::driver::{HOST_PORT, HOST_VETH, cleanup};
+
+    skip_unless_root!();
+    let tb = Testbed::new(TestbedSpec::new(1, 1)).unwrap();
+    let node = tb.ns_of_node(0).to_string();
+    let node_ip = tb.node_ip(0);
+    let routes = || {
+        tb.exec_ok(&node, ["ip", "route", "show", "dev", HOST_VETH])
+            .unwrap_or_default()
+    };
+    let has_link = |name: &str| {
+        tb.exec(&node, ["ip", "link", "show", name])
+            .unwrap()
+            .status
+            .success()
+    };
+    let mut dp = Userspace::start(UserspaceConfig {
+        netns: Some(node.clone()),
+        interfaces: vec!["eth0".into(), "vp*".into()],
+        workers: 1,
+        node_traffic: true,
+        ..UserspaceConfig::default()
+    })
+    .unwrap();
+    assert!(has_link(HOST_VETH) && has_link(HOST_PORT));
+
+    let mut c = Cluster::simulated();
+    let mut svc = Service::new(ObjectName::new("default", "web"));
+    svc.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+    // An externalIP that is the node's own address gets no route (the kernel delivers
+    // it locally); another one does.
+    svc.external_ips = vec![node_ip, "198.51.100.7".parse().unwrap()];
+    svc.ports.push(ServicePort::new(
+        "",
+        Protocol::Tcp,
+        80,
+        TargetPort::Number(8080),
+    ));
+    svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+        "app".to_string(),
+        "web".to_string(),
+    )])));
+    c.upsert_service(svc);
+    let mut pod = Pod::new(
+        ObjectName::new("default", "web-0"),
+        "10.244.0.10".parse().unwrap(),
+    );
+    pod.labels.insert("app".into(), "web".into());
+    c.upsert_pod(pod);
+    let plan = Plan::compile(&c, &NodeContext::new("node-0", vec![node_ip], Vec::new()));
+    dp.resync(&plan).unwrap();
+    let shown = routes();
+    for vip in ["10.96.0.10", "198.51.100.7"] {
+        assert!(
+            shown
+                .lines()
+                .any(|l| l.starts_with(&format!("{vip} via 169.254.1.1 "))
+                    && l.contains(&format!(" src {node_ip}"))
+                    && l.contains("onlink")),
+            "{vip} in {shown}"
+        );
+    }
+    assert!(
+        !shown.lines().any(|l| l.starts_with(&format!("{node_ip} "))),
+        "{shown}"
+    );
+    assert!(!dp.drifted().unwrap(), "just applied");
+
+    // A route deleted: noticed at the next drift check, put back by the resync.
+    tb.exec_ok(
+        &node,
+        ["ip", "route", "del", "10.96.0.10", "dev", HOST_VETH],
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(8), || dp.drifted().unwrap()));
+    dp.resync(&plan).unwrap();
+    assert!(routes().contains("10.96.0.10 via"), "{}", routes());
+
+    // The pair deleted (its routes with it): noticed within the link check, made again.
+    tb.exec_ok(&node, ["ip", "link", "del", HOST_VETH]).unwrap();
+    assert!(wait_until(Duration::from_secs(3), || dp.drifted().unwrap()));
+    dp.resync(&plan).unwrap();
+    assert!(has_link(HOST_VETH) && has_link(HOST_PORT));
+    assert!(routes().contains("198.51.100.7 via"), "{}", routes());
+
+    // Gone with the datapath.
+    drop(dp);
+    assert!(!has_link(HOST_VETH) && !has_link(HOST_PORT));
+
+    // A pair a killed process left: `cleanup` removes it.
+    tb.exec_ok(
+        &node,
+        [
+            "ip", "link", "add", HOST_VETH, "type", "veth", "peer", "name", HOST_PORT,
+        ],
+    )
+    .unwrap();
+    cleanup(Some(&node)).unwrap();
+    assert!(!has_link(HOST_VETH) && !has_link(HOST_PORT));
+}

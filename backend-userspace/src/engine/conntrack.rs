@@ -267,6 +267,8 @@ struct Entry<A> {
     proto: u8,
     state: u8,
     flags: u8,
+    /// The original came in on the host port (the node's own connection).
+    host: bool,
     /// TCP sequence tracking.
     track: Track,
 }
@@ -281,6 +283,8 @@ pub(crate) struct Hit {
     /// The packet is conntrack's INVALID for this connection (a RST or FIN outside the
     /// window): drop it; the connection was left as it was.
     pub(crate) invalid: bool,
+    /// The connection's original came in on the host port: its replies go back there.
+    pub(crate) host: bool,
 }
 
 impl Hit {
@@ -886,6 +890,7 @@ impl Conntrack {
                     dir,
                     t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
                     invalid: false,
+                    host: e.host,
                 };
                 let mut state = TcpState::from_u8(e.state);
                 if let Some(seg) = update {
@@ -964,7 +969,8 @@ impl Conntrack {
     /// Creates a connection for a packet `orig` (client to frontend) translated to
     /// `endpoint`. With `snat`, the reply goes to that address and a port from `ports`;
     /// without, to the client (its port remapped from `ports` only if the reply tuple is
-    /// taken).
+    /// taken). `host` marks the node's own connection (its original came in on the host
+    /// port).
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn create(
         &self,
@@ -975,6 +981,7 @@ impl Conntrack {
         snat: Option<IpAddr>,
         ports: &RangeInclusive<u16>,
         seg: Seg,
+        host: bool,
     ) -> Result<Created, DropReason> {
         let tcp = seg.flags;
         let shard = self.shard_of(orig.src, orig.sport);
@@ -1023,6 +1030,7 @@ impl Conntrack {
                             dir,
                             t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
                             invalid: false,
+                            host: e.host,
                         }));
                     }
                     t.remove_entry(idx);
@@ -1087,6 +1095,7 @@ impl Conntrack {
                     proto,
                     state: state as u8,
                     flags,
+                    host,
                     track,
                 };
                 let idx = t.alloc(e).ok_or(DropReason::ConntrackFull)?;
@@ -1247,6 +1256,7 @@ mod tests {
                 None,
                 &ports,
                 Seg::flags(0),
+                false,
             )
             .unwrap()
         };
@@ -1287,6 +1297,7 @@ mod tests {
                     None,
                     &ports,
                     Seg::flags(0),
+                    false,
                 )
                 .unwrap();
             assert!(matches!(r, Created::New(..)));
@@ -1359,6 +1370,7 @@ mod tests {
             Some(IpAddr::from(NODE)),
             &(61000..=65535),
             tcp(TCP_SYN, 1000, 0, 0),
+            false,
         )?;
         let Created::New([_, reply], _) = c else {
             panic!("{c:?}");
@@ -1431,6 +1443,7 @@ mod tests {
                 Some(IpAddr::from(NODE)),
                 &(61000..=65535),
                 tcp(TCP_SYN, 2_525_871_177, 0, 0),
+                false,
             )
             .unwrap()
         else {
@@ -1520,6 +1533,7 @@ mod tests {
                 Some(IpAddr::from(NODE)),
                 &(61000..=61000),
                 tcp(TCP_SYN, 1, 0, 0),
+                false,
             )
         };
         let Ok(Created::New([_, reply], None)) = syn(1000) else {
@@ -1583,6 +1597,7 @@ mod tests {
             Some(IpAddr::from(NODE)),
             &(61000..=61000),
             tcp(TCP_SYN, 1, 0, 0),
+            false,
         ) else {
             panic!()
         };
@@ -1603,6 +1618,7 @@ mod tests {
                 None,
                 &(61000..=65535),
                 tcp(TCP_SYN, 77, 0, 0),
+                false,
             )
             .unwrap()
         else {
@@ -1666,6 +1682,7 @@ mod tests {
                 Some(IpAddr::from(NODE)),
                 &(61000..=65535),
                 tcp(TCP_SYN, 1, 0, 0),
+                false,
             )
         };
         for i in 0..10_000u32 {
@@ -1694,6 +1711,7 @@ mod tests {
                 None,
                 &(61000..=65535),
                 Seg::flags(0),
+                false,
             )
         };
         for i in 0..64 {

@@ -38,6 +38,12 @@
 //! `rp_filter`, the node's own addresses; see [`Admission`]); tagged frames are never
 //! forwarded; ICMP errors are rate-limited as the kernel's are ([`IcmpLimits`]).
 //!
+//! The host port ([`PortConfig::host_peer`]) brings the node's own traffic to Services: its
+//! sources must be node addresses (a martian anywhere else), only frontends and tracked
+//! connections are served there (nothing is routed on), the node's connections are always
+//! masqueraded, and their replies, whose destination is a node address, leave through the
+//! host port to its peer (the connection remembers where its original came in).
+//!
 //! Fragments (module `frag`): every IPv4 or IPv6 fragment that passes the input checks
 //! is reassembled first, as conntrack's defragmentation does for all it sees (fragments to
 //! a frontend, replies of translated connections, transit), bounded as the kernel bounds
@@ -106,6 +112,13 @@ pub struct PortConfig {
     pub proxy_ndp: Vec<Ipv6Addr>,
     /// The interface's MTU (largest IP packet it sends); 0 when unknown: no limit.
     pub mtu: u32,
+    /// `Some(peer MAC)` makes this the host port: the engine side of a veth pair whose
+    /// other end stays with the node's IP stack, which routes the node's own traffic to
+    /// Services into it. What arrives here must come from a node address; only
+    /// frontends and tracked connections are served (nothing is routed on), the node's
+    /// connections are always masqueraded into [`EngineConfig::snat_ports`], and their
+    /// replies leave here for this MAC.
+    pub host_peer: Option<[u8; 6]>,
 }
 
 /// A FIB entry: the longest matching prefix wins.
@@ -521,6 +534,8 @@ struct Ports {
     by_id: HashMap<PortId, PortConfig>,
     /// Addresses configured on owned ports and answered by proxy ARP or NDP.
     local: HashSet<IpAddr>,
+    /// The host port ([`PortConfig::host_peer`]), if there is one.
+    host: Option<PortId>,
 }
 
 impl Ports {
@@ -751,6 +766,9 @@ impl Engine {
                 .extend(port.proxy_arp.iter().map(|a| IpAddr::V4(*a)));
             p.local
                 .extend(port.proxy_ndp.iter().map(|a| IpAddr::V6(*a)));
+            if port.host_peer.is_some() {
+                p.host = Some(port.id);
+            }
             p.by_id.insert(port.id, port);
         }
         self.ports.store(Arc::new(p));
@@ -928,7 +946,8 @@ impl Engine {
     ) -> Result<Verdict, DropReason> {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
         let adm = self.admission.load();
-        admit(meta.port, &ip, &adm, &self.fib.load())?;
+        let from_host = ports.host == Some(meta.port);
+        admit(meta.port, from_host, &ip, &adm, &self.fib.load())?;
         if ip.frag != Frag::No {
             return self.handle_fragment(now, meta, ports, frame, &ip, &adm, tx);
         }
@@ -1122,6 +1141,11 @@ impl Engine {
             && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, ip, tx)?
         {
             return Ok(v);
+        }
+        // The node routes only Service addresses to the host port, and routes the rest
+        // itself: nothing it sends there is routed on.
+        if ports.host == Some(meta.port) {
+            return Err(DropReason::NoRoute);
         }
         // Plain routing between owned ports. RFC 4291 2.5.6: a link-local source or
         // destination is never forwarded (the kernel answers for its own).
@@ -1366,6 +1390,17 @@ impl Engine {
         });
     }
 
+    /// Where a packet of connection `hit` (travelling in direction `hit.dir`) to `dst`
+    /// goes: replies of the node's own connections back out of the host port (their
+    /// destination is a node address, which the FIB would send elsewhere or not at all),
+    /// everything else by the FIB.
+    fn route_of(&self, ports: &Ports, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
+        if hit.host && hit.dir == 1 {
+            return ports.host.map(|port| (port, dst));
+        }
+        self.fib.load().lookup(dst)
+    }
+
     /// Rewrites addresses and ports of the packet to `target`, with checksum updates.
     fn rewrite(frame: &mut [u8], ip: &Ip, target: &Tuple, csum: Csum) {
         let mut d_ip = Delta::default();
@@ -1428,7 +1463,7 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let target = hit.target();
-        let Some(route) = self.fib.load().lookup(target.dst) else {
+        let Some(route) = self.route_of(ports, hit, target.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
@@ -1525,6 +1560,7 @@ impl Engine {
         let Some(route) = self.fib.load().lookup(ep.ip()) else {
             return Err(DropReason::NoRoute);
         };
+        let from_host = ports.host == Some(meta.port);
         if ip.ttl <= 1 {
             self.send_icmp_error(
                 now,
@@ -1542,8 +1578,12 @@ impl Engine {
         // endpoint's link creates nothing (the kernel drops it before conntrack confirms).
         let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
-        // would answer itself directly.
+        // would answer itself directly. The node's own connections always are (kube-proxy
+        // masquerades them too, coming from outside the cluster CIDR): their replies then
+        // come to a port of the SNAT range, which the kernel leaves to the engine, and the
+        // engine sends them back through the host port.
         let masquerade = ep.ip() == ip.src
+            || from_host
             || match fe.masquerade {
                 Masquerade::Never => false,
                 Masquerade::Always => true,
@@ -1572,6 +1612,7 @@ impl Engine {
             snat,
             &self.cfg.snat_ports,
             l4.seg,
+            from_host,
         )? {
             Created::New(t, stale) => (t[1].reversed(), stale),
             Created::Existing(hit) => (hit.target(), None),
@@ -1709,7 +1750,8 @@ impl Engine {
             sport: 0,
             dport: 0,
         };
-        let Some(route) = self.fib.load().lookup(outer.dst) else {
+        // The error travels the way packets of direction `hit.dir` do.
+        let Some(route) = self.route_of(ports, &hit, outer.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
@@ -1816,6 +1858,12 @@ impl Engine {
             wr16(frame, ip.l3 + 10, d.apply_complete(c));
         }
         wr(frame, 6, &out_port.mac);
+        // The host port is a point-to-point link to the node's stack: every next hop
+        // there is its peer.
+        if let Some(mac) = out_port.host_peer {
+            wr(frame, 0, &mac);
+            return Ok(Verdict::Forward { port: out });
+        }
         if let Some(mac) = self.static_neigh.read().get(&(out, nh)) {
             wr(frame, 0, mac);
             return Ok(Verdict::Forward { port: out });
@@ -2120,7 +2168,23 @@ impl Counters {
 /// drop it. IPv4: `ip_route_input_slow` (martian sources and destinations) and
 /// `fib_validate_source` (a local source; `rp_filter`). IPv6: `ip6_rcv_core` and
 /// `ip6_forward` (multicast, loopback, IPv4-mapped, unspecified sources).
-fn admit(port: PortId, ip: &Ip, adm: &Admission, fib: &Fib) -> Result<(), DropReason> {
+fn admit(
+    port: PortId,
+    from_host: bool,
+    ip: &Ip,
+    adm: &Admission,
+    fib: &Fib,
+) -> Result<(), DropReason> {
+    if from_host {
+        // The host port carries the node's own packets: their source is one of its
+        // addresses (the routes' `src`), which on any other port is a martian; any other
+        // source did not come from the node's stack.
+        return if adm.node_addrs.contains(&ip.src) {
+            Ok(())
+        } else {
+            Err(DropReason::Martian)
+        };
+    }
     match (ip.src, ip.dst) {
         (IpAddr::V4(s), IpAddr::V4(d)) => {
             // "martian source": multicast, limited broadcast, 0.0.0.0, loopback (the rest

@@ -286,6 +286,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_arp: Vec::new(),
             proxy_ndp: Vec::new(),
             mtu: 1500,
+            host_peer: None,
         },
         PortConfig {
             id: POD1_PORT,
@@ -295,6 +296,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_arp: gw.clone(),
             proxy_ndp: gw6.clone(),
             mtu: 1500,
+            host_peer: None,
         },
         PortConfig {
             id: POD2_PORT,
@@ -304,6 +306,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_arp: gw,
             proxy_ndp: gw6,
             mtu: 1500,
+            host_peer: None,
         },
     ]
 }

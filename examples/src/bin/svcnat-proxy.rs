@@ -136,6 +136,12 @@ struct Args {
     /// Userspace backend: worker threads (0: one per CPU).
     #[arg(long, value_name = "N", default_value_t = 0)]
     workers: usize,
+    /// Userspace backend: route the node's own traffic to ClusterIPs, externalIPs and load
+    /// balancer IPs (kubelet probes, hostNetwork pods) through the datapath, over a veth
+    /// pair `svcnat-host`/`svcnat-eng` and a host route per Service address. NodePorts on
+    /// the node's own addresses from the node itself stay unserved.
+    #[arg(long)]
+    userspace_node_traffic: bool,
     /// Changes within this period after a sync are batched into the next sync.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = proxy::parse_duration)]
     min_sync_period: Duration,
@@ -498,6 +504,7 @@ fn main() -> ExitCode {
             let dataplane = match Userspace::start(UserspaceConfig {
                 interfaces: args.interfaces.clone(),
                 workers: args.workers,
+                node_traffic: args.userspace_node_traffic,
                 ..UserspaceConfig::default()
             }) {
                 Ok(d) => d,
@@ -520,7 +527,7 @@ fn main() -> ExitCode {
                 dataplane,
                 metrics,
                 Localhost::Unsupported(
-                    "the userspace datapath (it does not see the node's own traffic)",
+                    "the userspace datapath (the node's local routing table delivers 127.0.0.1 to the node itself, never to a device the datapath owns)",
                 ),
             )
         }
