@@ -44,7 +44,7 @@
 //!
 //! ```text
 //!   node's stack ── route 10.96.0.10/32 via 169.254.1.1 dev svcnat-host onlink src NODE_IP
-//!        │                                   (one per ClusterIP, externalIP, LB IP)
+//!        │                                   (one per ClusterIP)
 //!   svcnat-host ══ veth ══ svcnat-eng (owned, no address: the engine answers ARP/ND for
 //!        ▲                     │           the pods' gateway, as on a pod veth)
 //!        │                     ▼ Engine: DNAT, masquerade NODE_IP:eph → NODE_IP:61000+
@@ -63,7 +63,10 @@
 //! not served: the kernel's `local` routing table delivers them to the node before any
 //! route to a device is looked at, and only moving the node's `local` ip rule would change
 //! that (likewise 127.0.0.1; kube-proxy's IPVS mode does not serve localhost NodePorts
-//! either).
+//! either). Nor are externalIPs and load balancer IPs: a route takes every port of its
+//! address, and such an address may be another node's or a host's on the network (kube-proxy
+//! matches address, protocol and port in OUTPUT); routing one here once cut a node off from
+//! the pods behind the other node, whose address was an externalIP.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -77,7 +80,7 @@ use std::time::{Duration, Instant};
 use ipnet::IpNet;
 use svcnat_core::conntrack::stale_flows;
 use svcnat_core::model::Protocol;
-use svcnat_core::plan::{Dataplane, Plan, PlanDiff, SyncReport};
+use svcnat_core::plan::{Dataplane, FrontendKind, Plan, PlanDiff, SyncReport};
 
 use crate::engine::{
     Admission, Counters, Csum, Engine, EngineConfig, FibEntry, PortConfig, Route, RpFilter, RxMeta,
@@ -110,10 +113,10 @@ pub struct UserspaceConfig {
     pub engine: EngineConfig,
     /// Shape of each worker's receive ring.
     pub ring: RingConfig,
-    /// Route the node's own traffic to Service addresses (ClusterIPs, externalIPs and
-    /// load balancer IPs that are not node addresses) through the datapath: a veth pair
-    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per address into it (see the
-    /// [module](self) docs). NodePorts on the node's own addresses are not covered.
+    /// Route the node's own traffic to ClusterIPs through the datapath: a veth pair
+    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it (see the
+    /// [module](self) docs). NodePorts on the node's own addresses, externalIPs and load
+    /// balancer IPs are not covered (a route would take every port of the address).
     pub node_traffic: bool,
 }
 
@@ -1337,8 +1340,7 @@ struct HostRoute {
     src: Option<IpAddr>,
 }
 
-/// The host routes `plan` needs: one per Service address that is not the node's own
-/// (ClusterIPs, externalIPs, load balancer IPs), in the families that have a pods'
+/// The host routes `plan` needs: one per ClusterIP, in the families that have a pods'
 /// gateway and a node address configured here: the source, which the engine requires on
 /// the host port (without one the node has no address to reach that family's Services
 /// from anyway).
@@ -1357,7 +1359,12 @@ fn host_routes(cfg: &UserspaceConfig, links: &Links, plan: &Plan) -> BTreeMap<Ip
     };
     let mut out = BTreeMap::new();
     for (k, _) in plan.frontends() {
-        if locals.contains(&k.addr) || k.addr.is_loopback() {
+        // ClusterIPs only: a route captures every port of its address, and a ClusterIP is
+        // nothing but its Service. An externalIP or load balancer IP may be another node's
+        // address or a host on the network: routing it here took all of the node's
+        // traffic to it, the pod routes through it included (the lab's externalIPs step
+        // cut node-0 off from node-1's pods so).
+        if k.kind != FrontendKind::ClusterIp || locals.contains(&k.addr) || k.addr.is_loopback() {
             continue;
         }
         let gateway = match k.addr {
@@ -1838,18 +1845,18 @@ mod tests {
         let node = NodeContext::new("n", vec!["192.168.50.11".parse().unwrap()], Vec::new());
         let plan = Plan::compile(&c, &node);
         let want = host_routes(&cfg, &l, &plan);
-        // The ClusterIP and the external IP that is not the node's; no NodePort, no node
-        // address.
+        // The ClusterIP alone: no NodePort, no node address, and no external IP, not even
+        // one that is not the node's (a route would take every port of 198.51.100.7).
         let dsts: Vec<String> = want.keys().map(ToString::to_string).collect();
-        assert_eq!(dsts, ["10.96.0.10/32", "198.51.100.7/32"]);
+        assert_eq!(dsts, ["10.96.0.10/32"]);
         let script = host_route_script(&want, &BTreeMap::new());
         assert_eq!(
             script,
-            "route replace 10.96.0.10/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n\
-             route replace 198.51.100.7/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n"
+            "route replace 10.96.0.10/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n"
         );
-        // As `ip -json route show dev svcnat-host` prints them back: nothing to do; a
-        // route gone is added again, one no longer wanted deleted.
+        // As `ip -json route show dev svcnat-host` prints them back: nothing to do for the
+        // route there, one no longer wanted deleted (one gone is added again: the script
+        // from nothing above).
         let v: serde_json::Value = serde_json::from_str(
             r#"[{"dst":"10.96.0.10","gateway":"169.254.1.1","flags":["onlink"],"prefsrc":"192.168.50.11"},
                 {"dst":"10.96.0.99","gateway":"169.254.1.1","flags":["onlink"],"prefsrc":"192.168.50.11"},
@@ -1860,15 +1867,10 @@ mod tests {
         assert_eq!(have.len(), 2);
         assert_eq!(
             host_route_script(&want, &have),
-            "route del 10.96.0.99/32 dev svcnat-host\n\
-             route replace 198.51.100.7/32 via 169.254.1.1 dev svcnat-host onlink src 192.168.50.11\n"
+            "route del 10.96.0.99/32 dev svcnat-host\n"
         );
         let mut all = have.clone();
         all.remove(&"10.96.0.99/32".parse().unwrap());
-        all.insert(
-            "198.51.100.7/32".parse().unwrap(),
-            want[&"198.51.100.7/32".parse().unwrap()],
-        );
         assert_eq!(host_route_script(&want, &all), "");
         // IPv6: the link-local gateway needs no `onlink`.
         let v6: BTreeMap<IpNet, HostRoute> = [(

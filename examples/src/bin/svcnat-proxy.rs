@@ -136,11 +136,19 @@ struct Args {
     /// Userspace backend: worker threads (0: one per CPU).
     #[arg(long, value_name = "N", default_value_t = 0)]
     workers: usize,
-    /// Userspace backend: route the node's own traffic to ClusterIPs, externalIPs and load
-    /// balancer IPs (kubelet probes, hostNetwork pods) through the datapath, over a veth
-    /// pair `svcnat-host`/`svcnat-eng` and a host route per Service address. NodePorts on
-    /// the node's own addresses from the node itself stay unserved.
-    #[arg(long)]
+    /// Userspace backend: route the node's own traffic to ClusterIPs (kubelet probes,
+    /// hostNetwork pods) through the datapath, over a veth pair `svcnat-host`/`svcnat-eng`
+    /// and a host route per ClusterIP. NodePorts on the node's own addresses, externalIPs
+    /// and load balancer IPs from the node itself stay unserved. On by default, as
+    /// kube-proxy always serves the node's own traffic; `=false` leaves it to the kernel.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        num_args = 0..=1,
+        default_missing_value = "true",
+        action = clap::ArgAction::Set
+    )]
     userspace_node_traffic: bool,
     /// Changes within this period after a sync are batched into the next sync.
     #[arg(long, value_name = "DUR", default_value = "1s", value_parser = proxy::parse_duration)]
