@@ -222,12 +222,19 @@ fn every_golden_table_checks_and_loads() {
             let mut dp = ns2.driver(family);
             dp.resync(&plan).unwrap();
             assert_eq!(ns2.listing(family).unwrap(), want, "{name} cold start");
+            // Every block of the cold start went as a netlink batch, the first included.
+            let blocks = Ruleset::new_for(&plan, family)
+                .cold_start_transactions(2)
+                .len() as u64;
+            assert_eq!(dp.netlink_batches(), blocks, "{name}");
             dp.resync(&plan).unwrap();
             assert_eq!(
                 ns2.listing(family).unwrap(),
                 want,
                 "{name} full over itself"
             );
+            // The full sync too, as one batch.
+            assert_eq!(dp.netlink_batches(), blocks + 1, "{name}");
         }
     }
 }
@@ -513,6 +520,17 @@ fn the_whole_table_and_a_full_sync_as_one_batch_list_as_through_nft() {
             load_batch(&b, &tx.text);
             assert_eq!(b.listing(family), a.listing(family), "{family:?}");
             assert_eq!(table_head(&b, family), table_head(&a, family));
+            // The same full sync in blocks (the form of one too large for a batch) ends
+            // in the same table.
+            let c = Netns::new();
+            c.load(&from_text);
+            let to_rules = Ruleset::new_for(to, family);
+            let parts = to_rules.full_transactions(&listing, 1);
+            assert_eq!(parts.len(), 1 + to_rules.unit_count());
+            for p in &parts {
+                load_batch(&c, &p.text);
+            }
+            assert_eq!(c.listing(family), a.listing(family), "{family:?} in blocks");
         }
     }
 }
