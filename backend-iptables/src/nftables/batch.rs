@@ -303,7 +303,10 @@ struct Attrs(Vec<u8>);
 impl Attrs {
     /// Starts a message body: `nfgenmsg` of the family (`NFPROTO_*`), version 0.
     fn message(nfproto: u8) -> Attrs {
-        Attrs(vec![nfproto, 0, 0, 0])
+        // Room for a typical rule or element: one allocation, not a growth per attribute.
+        let mut v = Vec::with_capacity(256);
+        v.extend_from_slice(&[nfproto, 0, 0, 0]);
+        Attrs(v)
     }
 
     fn put(&mut self, kind: u16, value: &[u8]) {
@@ -1039,10 +1042,14 @@ pub fn translate(text: &str) -> Result<Batch, Unsupported> {
             let mut body = String::new();
             let (head, first) = line.split_once('{').ok_or_else(unsupported)?;
             body.push_str(first);
-            while !body.contains('}') {
+            // Only the line just read is searched for the end (the list is hundreds of
+            // lines long).
+            let mut closed = first.contains('}');
+            while !closed {
                 let Some(next) = lines.next() else {
                     return Err(unsupported());
                 };
+                closed = next.contains('}');
                 body.push(' ');
                 body.push_str(next.trim());
             }
