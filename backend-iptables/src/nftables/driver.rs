@@ -15,8 +15,8 @@
 //!   plan no longer has deleted; chains the plan no longer has are emptied in it and
 //!   deleted by a later transaction (see [`Update::gone_chains`]). Only chain and set
 //!   *names* are read from the kernel for it, never rules or elements. It goes as one batch
-//!   up to 64 MiB (the datagram `nft -f` would send for it is as large; 10,000 Services x 5
-//!   endpoints take 34 MB), so it stays atomic; a larger one goes as
+//!   up to 256 MiB (the datagram `nft -f` would send for it is as large; 10,000 Services x
+//!   5 endpoints take 34 MB, 5,000 x 50 137 MB), so it stays atomic; a larger one goes as
 //!   [`Ruleset::full_transactions`], the fixed part first and then cold-start blocks, each
 //!   consistent, the Service ports of later blocks missing until their block is written.
 //! - A **partial sync** writes what [`Ruleset::update`] returns: the changed Service ports'
@@ -191,10 +191,13 @@ const MAX_BATCH_COMMANDS: usize = 200_000;
 /// Largest netlink batch (one datagram: the send buffer is raised to fit it).
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
 /// Largest full sync sent as one batch: it replaces the whole table atomically, and `nft -f`
-/// would send a datagram as large for it; larger ones go in blocks of [`MAX_BATCH_BYTES`].
-const MAX_FULL_BATCH_BYTES: usize = 64 * 1024 * 1024;
+/// would send a datagram as large for the same transaction (the kernel takes the batch
+/// into one buffer either way; `nft`'s own memory for it is several times larger). Larger
+/// ones go in blocks of [`MAX_BATCH_BYTES`], which is slower too: every block makes the
+/// kernel validate the whole table again.
+const MAX_FULL_BATCH_BYTES: usize = 256 * 1024 * 1024;
 /// Most commands of a full sync sent as one batch.
-const MAX_FULL_BATCH_COMMANDS: usize = 800_000;
+const MAX_FULL_BATCH_COMMANDS: usize = 4_000_000;
 
 /// What became of a transaction offered as a batch.
 enum Sent {
