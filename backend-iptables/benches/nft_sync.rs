@@ -157,10 +157,11 @@ struct Figures {
 struct Floors {
     /// One `nft -f` of the whole table into a fresh namespace.
     load: Duration,
-    /// The same full table as one netlink batch into a fresh namespace (the commands the
-    /// batch does not translate, the table, base chains and fixed rules, loaded by `nft`
-    /// first).
+    /// The same full table as one netlink batch into a fresh namespace: translation and
+    /// the kernel's transaction.
     load_netlink: Duration,
+    /// Of which the translation of the text into the batch.
+    translate: Duration,
     /// The one-endpoint change's transaction text alone through `nft -f`.
     change_nft: Duration,
     /// The same transaction alone as one netlink batch.
@@ -256,47 +257,22 @@ fn floors(
     let fresh = Netns::new("floor");
     let load = nft_in(&fresh.0, &text);
     drop(fresh);
-    // The same table as a netlink batch: `nft` writes what does not translate (everything
-    // up to the last such command: the table, base chains, fixed rules), then the rest,
-    // every Service port's chains, rules and elements, goes as one batch (one transaction,
-    // as the `nft -f` load is).
-    let cmds = commands(&text);
-    let split = cmds
-        .iter()
-        .rposition(|c| translate(c).is_err())
-        .map_or(0, |i| i + 1);
+    // The same table as one netlink batch (one transaction, as the `nft -f` load is).
     let fresh = Netns::new("floor-nl");
-    nft_in(&fresh.0, &(cmds[..split].join("\n") + "\n"));
     let mut sock = Kernel::new(Some(fresh.0.clone())).batch_socket().unwrap();
     let t = Instant::now();
-    let batch = translate(&cmds[split..].join("\n")).expect("translated");
+    let batch = translate(&text).expect("translated");
+    let translate_time = t.elapsed();
     sock.apply(&batch).unwrap().unwrap();
     let load_netlink = t.elapsed();
     drop(fresh);
     Floors {
         load,
         load_netlink,
+        translate: translate_time,
         change_nft: median(by_nft),
         change_netlink: median(by_netlink),
     }
-}
-
-/// The commands of a transaction text, an element list (`{` ... `}`) as one.
-fn commands(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut open = false;
-    for line in text.lines() {
-        if open {
-            let last = out.last_mut().unwrap();
-            last.push('\n');
-            last.push_str(line);
-            open = line.trim() != "}";
-        } else {
-            out.push(line.to_string());
-            open = line.ends_with('{');
-        }
-    }
-    out
 }
 
 /// `nft -f` of `text` in namespace `ns`, the way the driver runs it (no `ip netns exec`).
@@ -320,12 +296,13 @@ fn print_floors(f: &Figures) {
     let Some(fl) = &f.floors else { return };
     let x = |a: Duration, b: Duration| a.as_secs_f64() / b.as_secs_f64();
     println!(
-        "  floor: whole table, one nft -f into a fresh namespace {:>10} (cold start = x {:.2}, full sync = x {:.2}); as netlink batches {:>10} (= nft -f x {:.2})",
+        "  floor: whole table, one nft -f into a fresh namespace {:>10} (cold start = x {:.2}, full sync = x {:.2}); as one netlink batch {:>10} (= nft -f x {:.2}; translating the text {})",
         ms(fl.load),
         x(f.cold, fl.load),
         x(f.full, fl.load),
         ms(fl.load_netlink),
         x(fl.load_netlink, fl.load),
+        ms(fl.translate),
     );
     println!(
         "  floor: the one-endpoint change's transaction alone: nft -f {:>9}, netlink batch {:>9}; our change end to end = x {:.2} of the batch, x {:.3} of nft -f",

@@ -28,7 +28,7 @@ use svcnat_core::plan::{Dataplane, Plan};
 use svcnat_iptables::nftables::batch::translate;
 use svcnat_iptables::nftables::driver::{Nftables, NftablesConfig, SyncError};
 use svcnat_iptables::nftables::kernel::Kernel;
-use svcnat_iptables::nftables::render::Ruleset;
+use svcnat_iptables::nftables::render::{Ruleset, TABLE};
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
@@ -222,12 +222,19 @@ fn every_golden_table_checks_and_loads() {
             let mut dp = ns2.driver(family);
             dp.resync(&plan).unwrap();
             assert_eq!(ns2.listing(family).unwrap(), want, "{name} cold start");
+            // Every block of the cold start went as a netlink batch, the first included.
+            let blocks = Ruleset::new_for(&plan, family)
+                .cold_start_transactions(2)
+                .len() as u64;
+            assert_eq!(dp.netlink_batches(), blocks, "{name}");
             dp.resync(&plan).unwrap();
             assert_eq!(
                 ns2.listing(family).unwrap(),
                 want,
                 "{name} full over itself"
             );
+            // The full sync too, as one batch.
+            assert_eq!(dp.netlink_batches(), blocks + 1, "{name}");
         }
     }
 }
@@ -310,22 +317,35 @@ fn a_refused_transaction_names_its_line_and_changes_nothing() {
     assert_eq!(ns.listing(IpFamily::V4).unwrap(), before);
 }
 
-/// The commands of a transaction text, an element list (`{` ... `}`) as one.
-fn commands(text: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut open = false;
-    for line in text.lines() {
-        if open {
-            let last = out.last_mut().unwrap();
-            last.push('\n');
-            last.push_str(line);
-            open = line.trim() != "}";
-        } else {
-            out.push(line.to_string());
-            open = line.ends_with('{');
+/// The lines of `nft list table` at the table's own level (its comment and flags).
+fn table_head(ns: &Netns, family: IpFamily) -> String {
+    let t = match family {
+        IpFamily::V4 => "ip",
+        IpFamily::V6 => "ip6",
+    };
+    let (_, out, _) = ns.nft(&["list", "table", t, "svcnat"], "");
+    let mut depth = 0usize;
+    let mut head = String::new();
+    for line in out.lines() {
+        let l = line.trim();
+        if depth == 1 && !l.is_empty() && !l.ends_with('{') && l != "}" {
+            head.push_str(l);
+            head.push('\n');
         }
+        depth += line.matches('{').count();
+        depth = depth.saturating_sub(line.matches('}').count());
     }
-    out
+    head
+}
+
+/// Loads `text` into a namespace as one netlink batch; every command must translate.
+fn load_batch(ns: &Netns, text: &str) -> usize {
+    let batch = translate(text).unwrap_or_else(|e| panic!("{e}"));
+    Kernel::new(Some(ns.0.clone()))
+        .apply_batch(&batch)
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{e:?}"));
+    batch.commands().len()
 }
 
 #[test]
@@ -344,32 +364,175 @@ fn every_golden_table_written_through_netlink_lists_as_nft_loads_it() {
             let want_ns = Netns::new();
             want_ns.load(&text);
             let want = want_ns.listing(family).unwrap();
-            // `nft` writes what the batch does not cover (the table, base chains, the
-            // fixed rules with `ct`, `vmap`, `masquerade`...), up to the last such
-            // command; every command after it goes as one netlink batch.
-            let cmds = commands(&text);
-            let split = cmds
-                .iter()
-                .rposition(|c| translate(c).is_err())
-                .map_or(0, |i| i + 1);
+            // The whole table, its fixed part included, as one batch.
             let ns = Netns::new();
-            ns.load(&(cmds[..split].join("\n") + "\n"));
-            let rest = cmds[split..].join("\n");
-            let batch = translate(&rest).unwrap();
-            translated += batch.commands().len();
-            Kernel::new(Some(ns.0.clone()))
-                .apply_batch(&batch)
-                .unwrap()
-                .unwrap();
+            translated += load_batch(&ns, &text);
             assert_eq!(
                 ns.listing(family).unwrap(),
                 want,
-                "{name} {family:?}: through netlink:\n{rest}"
+                "{name} {family:?}: through netlink:\n{text}"
             );
+            assert_eq!(table_head(&ns, family), table_head(&want_ns, family));
         }
     }
-    // The unit commands of every golden table went through netlink, not just a few.
-    assert!(translated > 200, "{translated} commands translated");
+    // Every command of every golden table went through netlink, not just a few.
+    assert!(translated > 600, "{translated} commands translated");
+}
+
+/// Every feature the renderer has, in both families: a dual-stack LoadBalancer with
+/// `externalTrafficPolicy: Local`, ClientIP affinity, source ranges, external IPs and node
+/// ports; a Service without endpoints; an `internalTrafficPolicy: Local` one.
+const EVERY_FEATURE: &str = "---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.5.5, \"fd00:10:96::5\"]
+  selector: {app: web}
+  externalTrafficPolicy: Local
+  sessionAffinity: ClientIP
+  externalIPs: [198.51.100.9, \"2001:db8::9\"]
+  loadBalancerSourceRanges: [198.51.100.0/24, 203.0.113.128/25, \"2001:db8:1::/48\"]
+  ports:
+  - {name: http, port: 80, targetPort: 8080, nodePort: 30080}
+  - {name: dns, port: 53, protocol: UDP, nodePort: 30053}
+status:
+  loadBalancer: {ingress: [{ip: 203.0.113.20}, {ip: \"2001:db8:2::20\"}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: empty, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilyPolicy: RequireDualStack
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.5.6, \"fd00:10:96::6\"]
+  selector: {app: nothing}
+  externalIPs: [198.51.100.30]
+  ports: [{port: 8443, nodePort: 30444}]
+status:
+  loadBalancer: {ingress: [{ip: 203.0.113.30}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: cache, namespace: default}
+spec:
+  ipFamilyPolicy: PreferDualStack
+  ipFamilies: [IPv6, IPv4]
+  clusterIPs: [\"fd00:10:96::7\", 10.96.5.7]
+  selector: {app: web}
+  internalTrafficPolicy: Local
+  ports: [{port: 11211, protocol: UDP, targetPort: 8080}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: default, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: a, image: x}]}
+status:
+  podIPs: [{ip: 10.244.1.5}, {ip: \"fd00:244::5\"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: default, labels: {app: web}}
+spec: {nodeName: node-2, containers: [{name: a, image: x}]}
+status:
+  podIPs: [{ip: 10.244.2.5}, {ip: \"fd00:244:0:2::5\"}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-3, namespace: default, labels: {app: web}}
+spec: {nodeName: node-1, containers: [{name: a, image: x}]}
+status:
+  podIPs: [{ip: 10.244.1.6}, {ip: \"fd00:244::6\"}]
+";
+
+fn every_feature_plan() -> Plan {
+    let (node, mut cfg) = load::parse_node_conf(
+        "node node-1\nips 192.168.0.1,fd00:192:168::1\ncluster-cidrs 10.244.0.0/16,fd00:244::/56\n",
+        "every-feature",
+    );
+    cfg.service_cidrs.push("fd00:10:96::/108".parse().unwrap());
+    cfg.pod_cidrs.push("fd00:244::/56".parse().unwrap());
+    let (cluster, errors) = load::build_checked(
+        &[("every-feature.yaml".to_string(), EVERY_FEATURE.to_string())],
+        &cfg,
+    );
+    assert!(errors.is_empty(), "{errors:#?}");
+    Plan::compile(&cluster, &node)
+}
+
+/// The whole ruleset loaded once through `nft -f` and once as one netlink batch into two
+/// fresh namespaces lists the same, both families, with every feature; and so does a full
+/// sync's transaction (`flush table`, maps and sets flushed, affinity sets and chains
+/// deleted) applied both ways over a table holding another plan.
+#[test]
+fn the_whole_table_and_a_full_sync_as_one_batch_list_as_through_nft() {
+    if !ready("the_whole_table_and_a_full_sync_as_one_batch") {
+        return;
+    }
+    let plan = every_feature_plan();
+    let other = plans::local_scenario("dual-stack").2;
+    for family in [IpFamily::V4, IpFamily::V6] {
+        let text = Ruleset::new_for(&plan, family).full_text();
+        let by_nft = Netns::new();
+        by_nft.load(&text);
+        let want = by_nft.listing(family).unwrap();
+        for feature in [
+            "affinity-",
+            "chain firewall-",
+            "chain external-",
+            "chain local-",
+            "no-endpoint-services",
+            "elements",
+            "fib saddr type local",
+            "reject",
+            "masquerade fully-random",
+            "ct state new",
+            "timeout 3h",
+        ] {
+            assert!(want.contains(feature), "{family:?}: no {feature}:\n{want}");
+        }
+        let by_batch = Netns::new();
+        load_batch(&by_batch, &text);
+        assert_eq!(by_batch.listing(family).unwrap(), want, "{family:?}");
+        let head = table_head(&by_batch, family);
+        assert_eq!(head, table_head(&by_nft, family));
+        assert!(
+            head.contains("comment \"rules for svcnat, kube-proxy's nftables layout\""),
+            "{head}"
+        );
+        // Full syncs from one plan to the other, both ways.
+        for (from, to) in [(&other, &plan), (&plan, &other)] {
+            let from_text = Ruleset::new_for(from, family).full_text();
+            let a = Netns::new();
+            let b = Netns::new();
+            a.load(&from_text);
+            b.load(&from_text);
+            let listing = Kernel::new(Some(a.0.clone()))
+                .listing(family, TABLE)
+                .unwrap();
+            let tx = Ruleset::new_for(to, family).full_transaction(&listing);
+            assert!(tx.text.contains("flush table"));
+            a.load(&tx.text);
+            load_batch(&b, &tx.text);
+            assert_eq!(b.listing(family), a.listing(family), "{family:?}");
+            assert_eq!(table_head(&b, family), table_head(&a, family));
+            // The same full sync in blocks (the form of one too large for a batch) ends
+            // in the same table.
+            let c = Netns::new();
+            c.load(&from_text);
+            let to_rules = Ruleset::new_for(to, family);
+            let parts = to_rules.full_transactions(&listing, 1);
+            assert_eq!(parts.len(), 1 + to_rules.unit_count());
+            for p in &parts {
+                load_batch(&c, &p.text);
+            }
+            assert_eq!(c.listing(family), a.listing(family), "{family:?} in blocks");
+        }
+    }
 }
 
 #[test]

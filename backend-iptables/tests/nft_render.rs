@@ -249,6 +249,26 @@ fn full_transaction_replaces_and_names_what_is_gone() {
     );
     assert_eq!(tx.gone_chains, ["service-OLD00000-instavote/gone/tcp/"]);
     assert_eq!(tx.rules, rules.rule_count());
+    // The same in blocks: the fixed part replaced first, then the Service ports as a cold
+    // start writes them; the same rules and elements in all.
+    let (_, _, _, plan) = load::load(&load::scenario_dir("local-policy"));
+    let rules = Ruleset::new(&plan);
+    let tx = rules.full_transaction(&listing);
+    let txs = rules.full_transactions(&listing, 1);
+    assert!(rules.unit_count() >= 2);
+    assert_eq!(txs.len(), 1 + rules.unit_count());
+    assert!(txs[0].text.contains("flush table ip svcnat\n"));
+    assert!(
+        txs[0]
+            .text
+            .contains("delete set ip svcnat affinity-OLD00000")
+    );
+    assert_eq!(txs[0].gone_chains, tx.gone_chains);
+    assert!(txs[1..].iter().all(|t| !t.text.contains("flush table")
+        && !t.text.contains("add table")
+        && t.gone_chains.is_empty()));
+    assert_eq!(txs.iter().map(|t| t.rules).sum::<usize>(), tx.rules);
+    assert_eq!(txs.iter().map(|t| t.elements).sum::<usize>(), tx.elements);
 }
 
 // ---- update ----

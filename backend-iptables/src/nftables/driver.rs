@@ -1,20 +1,26 @@
 //! The nftables driver: applies [`Ruleset`] transactions with `nft -f`, checks the kernel
 //! over netlink ([`super::kernel`]), and implements [`Dataplane`].
 //!
+//! Every transaction's text is sent as one nf_tables netlink batch ([`super::batch`]:
+//! `nft` would first fetch the whole table's chains and sets, 70-100 ms at 10,000 Services,
+//! then parse and evaluate the text), or through `nft -f` when a command does not translate
+//! or the batch is too large (the text stays the debuggable form either way).
+//!
 //! - A **cold start** (svcnat's table is not in the kernel) writes the table in transactions
-//!   of at most [`NftablesConfig::cold_start_block`] Service ports, each consistent; the
-//!   first (with the table, base chains and fixed rules) through `nft -f`, the others as
-//!   netlink batches.
+//!   of at most [`NftablesConfig::cold_start_block`] Service ports (and about 20,000 rules:
+//!   9 MB of netlink), each consistent: the first with the table, base chains, maps and
+//!   fixed rules, the others Service ports only.
 //! - A **full sync** with the table present is one transaction: `flush table`, the maps
 //!   and sets flushed (affinity sets kept), everything written again, affinity sets the
 //!   plan no longer has deleted; chains the plan no longer has are emptied in it and
 //!   deleted by a later transaction (see [`Update::gone_chains`]). Only chain and set
-//!   *names* are read from the kernel for it, never rules or elements.
+//!   *names* are read from the kernel for it, never rules or elements. It goes as one batch
+//!   up to 256 MiB (the datagram `nft -f` would send for it is as large; 10,000 Services x
+//!   5 endpoints take 34 MB, 5,000 x 50 137 MB), so it stays atomic; a larger one goes as
+//!   [`Ruleset::full_transactions`], the fixed part first and then cold-start blocks, each
+//!   consistent, the Service ports of later blocks missing until their block is written.
 //! - A **partial sync** writes what [`Ruleset::update`] returns: the changed Service ports'
-//!   chains and the map elements whose verdict changed. Its text is sent as one nf_tables
-//!   netlink batch ([`super::batch`]: `nft` would first fetch the whole table's chains and
-//!   sets, 70-100 ms at 10,000 Services), or through `nft -f` when a command does not
-//!   translate or the batch is too large for one datagram.
+//!   chains and the map elements whose verdict changed.
 //!
 //! Every transaction is atomic: when the kernel refuses one, it keeps the previous state,
 //! the error names the failing line of the input (`nft`) or the refused command (netlink
@@ -55,9 +61,9 @@ pub struct NftablesConfig {
     pub cold_start_block: usize,
     /// The `nft` program.
     pub nft: String,
-    /// Send partial syncs (and the deletion of emptied chains) to the kernel as nf_tables
-    /// netlink batches ([`super::batch`]) instead of through `nft -f`, when every command
-    /// translates; `nft` still writes full syncs and cold starts.
+    /// Send transactions (cold starts, full and partial syncs, the deletion of emptied
+    /// chains) to the kernel as nf_tables netlink batches ([`super::batch`]) instead of
+    /// through `nft -f`, when every command translates.
     pub netlink: bool,
 }
 
@@ -184,6 +190,24 @@ pub struct Nftables {
 const MAX_BATCH_COMMANDS: usize = 200_000;
 /// Largest netlink batch (one datagram: the send buffer is raised to fit it).
 const MAX_BATCH_BYTES: usize = 16 * 1024 * 1024;
+/// Largest full sync sent as one batch: it replaces the whole table atomically, and `nft -f`
+/// would send a datagram as large for the same transaction (the kernel takes the batch
+/// into one buffer either way; `nft`'s own memory for it is several times larger). Larger
+/// ones go in blocks of [`MAX_BATCH_BYTES`], which is slower too: every block makes the
+/// kernel validate the whole table again.
+const MAX_FULL_BATCH_BYTES: usize = 256 * 1024 * 1024;
+/// Most commands of a full sync sent as one batch.
+const MAX_FULL_BATCH_COMMANDS: usize = 4_000_000;
+
+/// What became of a transaction offered as a batch.
+enum Sent {
+    /// The kernel took it.
+    Applied,
+    /// A command does not translate, or the batch does not fit one datagram: nothing sent.
+    NotBatched,
+    /// The batch is larger than allowed: nothing sent.
+    TooLarge,
+}
 
 /// Rules per cold-start block at most (about 9 MB of netlink): Service ports with many
 /// endpoints come in smaller blocks, each still one batch.
@@ -276,16 +300,30 @@ impl Nftables {
 
     /// Applies a transaction as one netlink batch when every command translates (see
     /// [`super::batch::translate`]); through `nft -f` otherwise, or when the batch is too
-    /// large for one datagram.
+    /// large for one datagram (16 MiB).
     pub fn apply_small(&mut self, text: &str) -> Result<(), SyncError> {
+        match self.try_batch(text, MAX_BATCH_COMMANDS, MAX_BATCH_BYTES)? {
+            Sent::Applied => Ok(()),
+            Sent::NotBatched | Sent::TooLarge => self.apply(text),
+        }
+    }
+
+    /// Sends a transaction as one netlink batch if it translates and holds at most
+    /// `max_commands` commands and `max_bytes` bytes.
+    fn try_batch(
+        &mut self,
+        text: &str,
+        max_commands: usize,
+        max_bytes: usize,
+    ) -> Result<Sent, SyncError> {
         if !self.config.netlink {
-            return self.apply(text);
+            return Ok(Sent::NotBatched);
         }
         let Ok(batch) = batch::translate(text) else {
-            return self.apply(text);
+            return Ok(Sent::NotBatched);
         };
-        if batch.commands().len() > MAX_BATCH_COMMANDS || batch.encoded_len() > MAX_BATCH_BYTES {
-            return self.apply(text);
+        if batch.commands().len() > max_commands || batch.encoded_len() > max_bytes {
+            return Ok(Sent::TooLarge);
         }
         let sock = match self.batch_socket.take() {
             Some(s) => s,
@@ -300,7 +338,7 @@ impl Nftables {
         match result {
             Ok(Ok(())) => {
                 self.batches += 1;
-                Ok(())
+                Ok(Sent::Applied)
             }
             Ok(Err(source)) => Err(SyncError::Refused {
                 table: self.table(),
@@ -308,9 +346,22 @@ impl Nftables {
                 source,
             }),
             // The send buffer could not be raised for a batch this large: `nft` then.
-            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => self.apply(text),
+            Err(e) if e.raw_os_error() == Some(nix::libc::EMSGSIZE) => Ok(Sent::NotBatched),
             Err(e) => Err(self.kernel_err(e)),
         }
+    }
+
+    /// Service ports per block of a cold start (or of a full sync too large for one batch):
+    /// [`NftablesConfig::cold_start_block`] at most, and about [`COLD_START_RULES`] rules,
+    /// so that each block fits a batch.
+    fn block_units(&self, rules: &Ruleset) -> usize {
+        let per_unit = rules
+            .rule_count()
+            .div_ceil(rules.unit_count().max(1))
+            .max(1);
+        self.config
+            .cold_start_block
+            .min((COLD_START_RULES / per_unit).max(1))
     }
 
     /// Whether the table is still as the last sync left it: present, same handle, and the
@@ -389,18 +440,7 @@ impl Nftables {
             // Cold start: bounded transactions, each consistent.
             self.gone_chains.clear();
             let mut written = (0, 0);
-            // The first block (table, base chains, fixed rules) goes through `nft`, the
-            // others, Service ports only, as netlink batches.
-            // Blocks of about COLD_START_RULES rules at most, so that each fits a batch.
-            let per_unit = rules
-                .rule_count()
-                .div_ceil(rules.unit_count().max(1))
-                .max(1);
-            let block = self
-                .config
-                .cold_start_block
-                .min((COLD_START_RULES / per_unit).max(1));
-            for tx in rules.cold_start_transactions(block) {
+            for tx in rules.cold_start_transactions(self.block_units(&rules)) {
                 self.apply_small(&tx.text)?;
                 written.0 += tx.rules;
                 written.1 += tx.elements;
@@ -412,7 +452,15 @@ impl Nftables {
                 .listing(self.config.family, TABLE)
                 .map_err(|e| self.kernel_err(e))?;
             let tx: Update = rules.full_transaction(&listing);
-            self.apply(&tx.text)?;
+            match self.try_batch(&tx.text, MAX_FULL_BATCH_COMMANDS, MAX_FULL_BATCH_BYTES)? {
+                Sent::Applied => {}
+                Sent::NotBatched => self.apply(&tx.text)?,
+                Sent::TooLarge => {
+                    for part in rules.full_transactions(&listing, self.block_units(&rules)) {
+                        self.apply_small(&part.text)?;
+                    }
+                }
+            }
             let written = (tx.rules, tx.elements);
             self.note_gone(tx.gone_chains);
             written

@@ -4,9 +4,10 @@
 //!
 //! - [`render`] turns a plan into `nft` transactions (whole table, bounded cold-start
 //!   blocks, partial updates touching only changed chains and map elements). Pure.
-//! - [`batch`] translates a transaction's Service port commands into one nf_tables netlink
-//!   batch (what `nft` would send, without its cache fetch of the whole table). Pure.
-//! - [`driver`] applies them (`nft -f`, or a batch when every command translates) and
+//! - [`batch`] translates any transaction the renderer writes (the fixed part of the table
+//!   included) into one nf_tables netlink batch (what `nft` would send, without its cache
+//!   fetch of the whole table and its parsing). Pure.
+//! - [`driver`] applies them (as batches; `nft -f` when a command does not translate) and
 //!   implements [`svcnat_core::plan::Dataplane`] (`Nftables`).
 //! - [`kernel`] reads back what the driver needs from the kernel over netlink (table
 //!   presence and handle, rule counts, chain and set names) and sends batches.

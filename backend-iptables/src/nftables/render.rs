@@ -416,15 +416,7 @@ impl Ruleset {
     pub fn full_transaction(&self, existing: &Listing) -> Update {
         let t = self.table();
         let mut tx = Tx::default();
-        self.fixed_objects(&mut tx);
-        tx.flush.push(format!("flush table {t}"));
-        for m in Map::ALL {
-            tx.flush.push(format!("flush map {t} {}", m.name()));
-        }
-        for s in [NODEPORT_IPS_SET, HAIRPIN_SET] {
-            tx.flush.push(format!("flush set {t} {s}"));
-        }
-        self.fixed_contents(&mut tx);
+        let gone_chains = self.replace_fixed(existing, &mut tx);
         for u in self.units.values() {
             unit_objects(&mut tx, &t, addr_type(self.family), u, true);
         }
@@ -434,6 +426,28 @@ impl Ruleset {
             }
         }
         self.all_elements(&mut tx);
+        Update {
+            text: tx.text(&t),
+            gone_chains,
+            rules: tx.rule_count,
+            elements: tx.element_count(),
+        }
+    }
+
+    /// What a full sync writes before the Service ports: the fixed objects, `flush table`,
+    /// the maps and sets flushed, the fixed rules, the affinity sets of `existing` the plan
+    /// no longer has deleted; returns the chains of `existing` the plan no longer has.
+    fn replace_fixed(&self, existing: &Listing, tx: &mut Tx) -> Vec<String> {
+        let t = self.table();
+        self.fixed_objects(tx);
+        tx.flush.push(format!("flush table {t}"));
+        for m in Map::ALL {
+            tx.flush.push(format!("flush map {t} {}", m.name()));
+        }
+        for s in [NODEPORT_IPS_SET, HAIRPIN_SET] {
+            tx.flush.push(format!("flush set {t} {s}"));
+        }
+        self.fixed_contents(tx);
         let wanted_sets: BTreeSet<&str> = self.affinity_sets().collect();
         for s in &existing.sets {
             if is_affinity_set(s) && !wanted_sets.contains(s.as_str()) {
@@ -441,18 +455,41 @@ impl Ruleset {
             }
         }
         let wanted: BTreeSet<&str> = self.chains().collect();
-        let gone_chains = existing
+        existing
             .chains
             .iter()
             .filter(|c| !wanted.contains(c.as_str()))
             .cloned()
+            .collect()
+    }
+
+    /// A full sync in several transactions, for a table too large for one batch: the first
+    /// replaces the fixed part ([`Ruleset::full_transaction`]'s `flush table`, maps and
+    /// sets flushed, fixed rules, node port addresses, affinity sets the plan no longer has
+    /// deleted, gone chains named), then come [`Ruleset::cold_start_transactions`]'s blocks
+    /// of at most about `max_units` Service ports. Each leaves a consistent table, but
+    /// between the first and the last the Service ports not written yet are missing: one
+    /// transaction ([`Ruleset::full_transaction`]) is the atomic form.
+    pub fn full_transactions(&self, existing: &Listing, max_units: usize) -> Vec<Update> {
+        let t = self.table();
+        let mut tx = Tx::default();
+        let gone_chains = self.replace_fixed(existing, &mut tx);
+        let nodeports: Vec<String> = self
+            .nodeport_ips()
+            .iter()
+            .map(|ip| ip.to_string())
             .collect();
-        Update {
+        if !nodeports.is_empty() {
+            tx.add_elements.insert(NODEPORT_IPS_SET, nodeports);
+        }
+        let mut out = vec![Update {
             text: tx.text(&t),
             gone_chains,
             rules: tx.rule_count,
             elements: tx.element_count(),
-        }
+        }];
+        out.extend(self.cold_start_transactions(max_units).into_iter().skip(1));
+        out
     }
 
     /// The whole table for a table that does not exist yet, as transactions of at most
