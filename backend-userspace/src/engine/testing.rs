@@ -41,6 +41,12 @@ pub const UPLINK: PortId = 1;
 pub const POD1_PORT: PortId = 2;
 /// Second pod veth port id.
 pub const POD2_PORT: PortId = 3;
+/// The host port of [`fuzz_engine`] (the engine's end of the node's veth pair).
+pub const HOST_PORT: PortId = 4;
+/// Its MAC.
+pub const HOST_PORT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 4];
+/// The MAC of the node's end of the pair.
+pub const HOST_PEER_MAC: [u8; 6] = [2, 0, 0, 0, 4, 4];
 /// The uplink's MAC.
 pub const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
 /// Pod veth 1's MAC (host side).
@@ -406,14 +412,44 @@ pub fn engine() -> Engine {
     engine_with(EngineConfig::default(), true)
 }
 
-/// Feeds one fuzz input to `engine`: the first byte picks the port and checksum state, the
-/// rest is the frame. Never panics (that is what the fuzz target checks).
+/// The fuzz target's engine: [`engine`] plus a host port ([`HOST_PORT`], the node's own
+/// traffic) and the node's addresses known to admission, so inputs reach the host-port
+/// paths (node sources only there, masquerade, replies back to the pair) too.
+pub fn fuzz_engine() -> Engine {
+    let e = engine();
+    let mut all = ports();
+    all.push(PortConfig {
+        id: HOST_PORT,
+        name: "svcnat-eng".into(),
+        mac: HOST_PORT_MAC,
+        addrs: Vec::new(),
+        proxy_arp: vec![POD_GATEWAY],
+        proxy_ndp: vec![POD_GATEWAY6],
+        mtu: 1500,
+        host_peer: Some(HOST_PEER_MAC),
+    });
+    e.set_ports(all);
+    let adm = Admission {
+        node_addrs: [IpAddr::V4(NODE_IP), IpAddr::V6(NODE_IP6)].into(),
+        ..Admission::default()
+    };
+    e.set_admission(adm);
+    e
+}
+
+/// Feeds one fuzz input to `engine`: the first byte picks the port (bits 0-1: ports 0-3,
+/// port 0 unknown; bit 3 set: the host port instead) and checksum state (bit 2), the rest
+/// is the frame. Never panics (that is what the fuzz target checks).
 pub fn fuzz_one(engine: &Engine, data: &[u8]) {
     let Some((&sel, frame)) = data.split_first() else {
         return;
     };
     let meta = RxMeta {
-        port: u32::from(sel & 3),
+        port: if sel & 8 != 0 {
+            HOST_PORT
+        } else {
+            u32::from(sel & 3)
+        },
         csum: if sel & 4 != 0 {
             Csum::Partial
         } else {
