@@ -80,8 +80,11 @@ fn node_traffic_pair_follows_the_plan_and_is_removed() {
     let node = tb.ns_of_node(0).to_string();
     let node_ip = tb.node_ip(0);
     let routes = || {
-        tb.exec_ok(&node, ["ip", "route", "show", "dev", HOST_VETH])
-            .unwrap_or_default()
+        tb.exec_ok(
+            &node,
+            ["ip", "route", "show", "table", "local", "dev", HOST_VETH],
+        )
+        .unwrap_or_default()
     };
     let has_link = |name: &str| {
         tb.exec(&node, ["ip", "link", "show", name])
@@ -126,6 +129,12 @@ fn node_traffic_pair_follows_the_plan_and_is_removed() {
     let plan = Plan::compile(&c, &NodeContext::new("node-0", vec![node_ip], Vec::new()));
     dp.resync(&plan).unwrap();
     let shown = routes();
+    // In the `local` table: `main`, which the driver reads on every sync and the node's
+    // admin reads with `ip route`, holds none of them.
+    let main = tb
+        .exec_ok(&node, ["ip", "route", "show", "table", "main"])
+        .unwrap_or_default();
+    assert!(!main.contains(HOST_VETH), "{main}");
     assert!(
         shown
             .lines()
@@ -147,7 +156,16 @@ fn node_traffic_pair_follows_the_plan_and_is_removed() {
     // A route deleted: noticed at the next drift check, put back by the resync.
     tb.exec_ok(
         &node,
-        ["ip", "route", "del", "10.96.0.10", "dev", HOST_VETH],
+        [
+            "ip",
+            "route",
+            "del",
+            "table",
+            "local",
+            "10.96.0.10",
+            "dev",
+            HOST_VETH,
+        ],
     )
     .unwrap();
     assert!(wait_until(Duration::from_secs(8), || dp.drifted().unwrap()));
