@@ -65,11 +65,40 @@
 //! pair is made at start (a leftover one replaced), made again by the next sync when
 //! deleted, and removed (routes and all) on drop and by [`cleanup`]; the routes follow the
 //! plan on every sync, and [`Dataplane::drifted`] notices a missing end or a route added or
-//! deleted behind its back. NodePorts on the node's own addresses from the node itself are
-//! not served: the kernel's `local` routing table delivers them to the node before any
-//! route to a device is looked at, and only moving the node's `local` ip rule would change
-//! that (likewise 127.0.0.1; kube-proxy's IPVS mode does not serve localhost NodePorts
-//! either). Nor are externalIPs and load balancer IPs: a route takes every port of its
+//! deleted behind its back.
+//!
+//! NodePorts on the node's own addresses from the node itself cannot be routed in: the
+//! kernel's `local` routing table delivers them before any route to a device is looked
+//! at. They are taken on `lo` instead ([`LOOPBACK`], owned with `node_traffic`):
+//!
+//! ```text
+//!   curl NODE_IP:30000 ── lo (out, ignored by the rings) ── netif_rx ── lo (in)
+//!        │   packet taps: the rings see it first ──► Engine: as from the host port
+//!        │   netdev ingress `in_lo`: the kernel's copy dropped (node address → NodePort)
+//!        ▼
+//!   reply NODE_IP:30000 → NODE_IP:eph ── out svcnat-eng ── svcnat-host (accept_local=1)
+//! ```
+//!
+//! A locally sent packet to a local address goes out `lo` and comes back in through
+//! `netif_rx`, where packet taps see it before the netdev ingress hook, the same order the
+//! NodePort path on a NIC relies on. The chain `in_lo` drops exactly the node's TCP, UDP
+//! and SCTP from a node address to a NodePort on a node address (everything else on `lo`,
+//! 127.0.0.1 NodePorts included, stays the kernel's: kube-proxy's IPVS mode does not serve
+//! localhost NodePorts either), and the engine takes exactly those
+//! ([`PortConfig::loopback`](crate::engine::PortConfig::loopback)): masqueraded, their
+//! replies and REJECTs sent out the host pair. Those come from a node address, a martian on
+//! `svcnat-host` unless `accept_local=1` there, which the driver sets on that interface only,
+//! with `rp_filter=0`: `accept_local` passes only without reverse-path filtering (the
+//! interface has no IPv4 address, which fails even the loose check), and
+//! `net.ipv4.conf.all.rp_filter` raises every interface's, so while it is set `lo` is left to
+//! the kernel (IPv6 has no such check). The reply the node's stack receives on
+//! `svcnat-host` is delivered there, never looped over `lo` again. TCP hands `lo` (MTU
+//! 65,536) GSO aggregates of MSS-sized segments, which leave whole for the kernel to
+//! segment. Every `lo` frame is copied to the rings (the BPF filter selects by interface),
+//! a cost on nodes with heavy loopback traffic. `in_lo` is in the driver's table: a flushed
+//! chain is noticed by [`Dataplane::drifted`], and the chain goes with the table.
+//!
+//! Nor are externalIPs and load balancer IPs served: a route takes every port of its
 //! address, and such an address may be another node's or a host's on the network (kube-proxy
 //! matches address, protocol and port in OUTPUT); routing one here once cut a node off from
 //! the pods behind the other node, whose address was an externalIP.
@@ -120,9 +149,10 @@ pub struct UserspaceConfig {
     /// Shape of each worker's receive ring.
     pub ring: RingConfig,
     /// Route the node's own traffic to ClusterIPs through the datapath: a veth pair
-    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it (see the
-    /// [module](self) docs). NodePorts on the node's own addresses, externalIPs and load
-    /// balancer IPs are not covered (a route would take every port of the address).
+    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it, and take its
+    /// connections to NodePorts on its own addresses on [`LOOPBACK`] (see the
+    /// [module](self) docs). 127.0.0.1 NodePorts, externalIPs and load balancer IPs are
+    /// not covered (a route would take every port of the address).
     pub node_traffic: bool,
 }
 

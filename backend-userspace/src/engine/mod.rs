@@ -42,7 +42,10 @@
 //! sources must be node addresses (a martian anywhere else), only frontends and tracked
 //! connections are served there (nothing is routed on), the node's connections are always
 //! masqueraded, and their replies, whose destination is a node address, leave through the
-//! host port to its peer (the connection remembers where its original came in).
+//! host port to its peer (the connection remembers where its original came in). The
+//! loopback port ([`PortConfig::loopback`]) brings the node's connections to NodePorts on
+//! its own addresses, served the same way (replies and ICMP errors out the host port);
+//! every other frame on `lo` is the kernel's.
 //!
 //! Fragments (module `frag`): every IPv4 or IPv6 fragment that passes the input checks
 //! is reassembled first, as conntrack's defragmentation does for all it sees (fragments to

@@ -419,7 +419,8 @@ pub fn engine() -> Engine {
 
 /// The fuzz target's engine: [`engine`] plus a host port ([`HOST_PORT`], the node's own
 /// traffic), `lo` ([`LO_PORT`]) and the node's addresses known to admission, so inputs
-/// reach the host-port and loopback paths (node sources only there, masquerade, replies back to the pair) too.
+/// reach the host-port and loopback paths (node sources only there, masquerade, replies
+/// back to the pair) too.
 pub fn fuzz_engine() -> Engine {
     let e = engine();
     let mut all = ports();
