@@ -94,9 +94,11 @@
 //! the kernel (IPv6 has no such check). The reply the node's stack receives on
 //! `svcnat-host` is delivered there, never looped over `lo` again. TCP hands `lo` (MTU
 //! 65,536) GSO aggregates of MSS-sized segments, which leave whole for the kernel to
-//! segment. Every `lo` frame is copied to the rings (the BPF filter selects by interface),
-//! a cost on nodes with heavy loopback traffic. `in_lo` is in the driver's table: a flushed
-//! chain is noticed by [`Dataplane::drifted`], and the chain goes with the table.
+//! segment. The rings' BPF filter takes from `lo` only TCP, UDP and SCTP to a port between
+//! the plan's lowest and highest NodePort (widened before `in_lo` changes, narrowed after),
+//! so the node's other loopback traffic (databases, sidecars) never reaches them. `in_lo`
+//! is in the driver's table: a flushed chain is noticed by [`Dataplane::drifted`], and the
+//! chain goes with the table.
 //!
 //! Nor are externalIPs and load balancer IPs served: a route takes every port of its
 //! address, and such an address may be another node's or a host's on the network (kube-proxy
@@ -122,7 +124,8 @@ use crate::engine::{
     TxFrame, Verdict,
 };
 use crate::sys::{
-    self, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN, VNET_NEEDS_CSUM,
+    self, LoopbackFilter, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN,
+    VNET_NEEDS_CSUM,
 };
 
 /// The nftables table the driver owns.
@@ -263,6 +266,9 @@ pub struct Userspace {
     /// Whether `lo` is owned: the node's own NodePort connections are served (see
     /// [`serves_lo`]).
     serve_lo: bool,
+    /// The destination ports the rings take on `lo` (the plan's NodePorts on node
+    /// addresses, lowest to highest).
+    lo_ports: (u16, u16),
     nft_applied: Option<String>,
     /// `nft list table` of what was applied, counters left out: what [`Dataplane::drifted`]
     /// compares with.
@@ -331,8 +337,7 @@ impl Userspace {
             let sock = sock
                 .control()
                 .map_err(|source| socket_error("duplicate a socket", source))?;
-            sock.filter_interfaces(&ifindexes)
-                .map_err(|source| socket_error("attach the interface filter", source))?;
+            apply_filters(std::slice::from_ref(&sock), &links, &ifindexes, NO_PORTS)?;
             if workers > 1 {
                 sock.join_fanout(group)
                     .map_err(|source| socket_error("join the fanout group", source))?;
@@ -365,6 +370,7 @@ impl Userspace {
             counters,
             owned: ifindexes,
             serve_lo,
+            lo_ports: NO_PORTS,
             nft_applied: None,
             nft_listing: None,
             forwarding_before: None,
@@ -423,10 +429,7 @@ impl Userspace {
         let owned = owned_ports(&self.cfg, &links, self.serve_lo);
         let ifindexes: Vec<u32> = owned.iter().copied().collect();
         if ifindexes != self.owned {
-            for s in self.filters.iter() {
-                s.filter_interfaces(&ifindexes)
-                    .map_err(|source| socket_error("update the interface filter", source))?;
-            }
+            apply_filters(&self.filters, &links, &ifindexes, self.lo_ports)?;
             self.owned = ifindexes;
         }
         self.engine
@@ -472,6 +475,28 @@ impl Userspace {
         run(c, Some(&text))?;
         self.nft_applied = Some(text);
         self.nft_listing = Some(self.nft_list()?);
+        Ok(())
+    }
+
+    /// Applies the ingress table for `plan`, and points the rings' `lo` filter at its
+    /// NodePorts: widened before the table (the engine must see what `in_lo` starts to
+    /// drop), narrowed after it (and keep seeing what it still drops until then).
+    fn apply_nft_and_lo_ports(&mut self, plan: &Plan) -> Result<(), SyncError> {
+        let want = if self.serve_lo {
+            lo_port_range(&self.links, plan)
+        } else {
+            NO_PORTS
+        };
+        self.set_lo_ports(port_union(self.lo_ports, want))?;
+        self.apply_nft(Some(plan))?;
+        self.set_lo_ports(want)
+    }
+
+    fn set_lo_ports(&mut self, ports: (u16, u16)) -> Result<(), SyncError> {
+        if ports != self.lo_ports {
+            apply_filters(&self.filters, &self.links, &self.owned, ports)?;
+            self.lo_ports = ports;
+        }
         Ok(())
     }
 
@@ -564,7 +589,7 @@ impl Dataplane for Userspace {
         // The engine's own connection table remembers NAT decisions as kernel conntrack
         // does: UDP flows to departed endpoints are forgotten once the new plan is in.
         let forgotten = self.engine.forget_stale(&stale_flows(diff, plan));
-        self.apply_nft(Some(plan))?;
+        self.apply_nft_and_lo_ports(plan)?;
         self.sync_host_routes(plan)?;
         let mut report = self.report(plan, false);
         report.conntrack_deleted = forgotten;
@@ -575,7 +600,7 @@ impl Dataplane for Userspace {
         self.refresh()?;
         self.engine.set_plan(plan);
         self.nft_applied = None;
-        self.apply_nft(Some(plan))?;
+        self.apply_nft_and_lo_ports(plan)?;
         self.host_routes_known = false;
         self.sync_host_routes(plan)?;
         Ok(self.report(plan, true))
@@ -1164,6 +1189,58 @@ fn matches(patterns: &[String], name: &str) -> bool {
         Some(prefix) => name.starts_with(prefix),
         None => p == name,
     })
+}
+
+/// An empty port range: the rings take nothing from `lo`.
+const NO_PORTS: (u16, u16) = (1, 0);
+
+/// The smallest range holding both `a` and `b`.
+fn port_union(a: (u16, u16), b: (u16, u16)) -> (u16, u16) {
+    match (a.0 > a.1, b.0 > b.1) {
+        (true, _) => b,
+        (_, true) => a,
+        _ => (a.0.min(b.0), a.1.max(b.1)),
+    }
+}
+
+/// The lowest and highest NodePort of `plan` on a node address other than 127.0.0.1 and
+/// ::1 (what `in_lo` drops), or [`NO_PORTS`].
+fn lo_port_range(links: &Links, plan: &Plan) -> (u16, u16) {
+    let locals: BTreeSet<IpAddr> = links
+        .values()
+        .flat_map(|l| l.addrs.iter())
+        .map(IpNet::addr)
+        .collect();
+    plan.frontends()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.kind == FrontendKind::NodePort && !k.addr.is_loopback() && locals.contains(&k.addr)
+        })
+        .fold(NO_PORTS, |r, k| port_union(r, (k.port, k.port)))
+}
+
+/// Narrows every ring to the owned interfaces, and on `lo` (when owned) to the node's
+/// traffic to destination ports in `lo_ports` ([`LoopbackFilter`]).
+fn apply_filters(
+    filters: &[SocketControl],
+    links: &Links,
+    owned: &[u32],
+    lo_ports: (u16, u16),
+) -> Result<(), SyncError> {
+    let is_lo = |i: &u32| links.get(i).is_some_and(|l| l.name == LOOPBACK);
+    let lo = owned
+        .iter()
+        .find(|i| is_lo(i))
+        .map(|&ifindex| LoopbackFilter {
+            ifindex,
+            ports: lo_ports,
+        });
+    let others: Vec<u32> = owned.iter().copied().filter(|i| !is_lo(i)).collect();
+    for s in filters {
+        s.filter_interfaces(&others, lo)
+            .map_err(|source| socket_error("set the interface filter", source))?;
+    }
+    Ok(())
 }
 
 /// Whether the node's own connections to its NodePorts can be served: their replies come

@@ -256,6 +256,41 @@ fn node_port_chain_on_lo_follows_the_plan_and_is_removed() {
     assert!(t.contains(&element), "{t}");
     assert!(!dp.drifted().unwrap(), "just applied");
 
+    // The rings take from lo only the node's traffic to its NodePorts: loopback traffic
+    // to other ports (300 datagrams and as many ICMP errors) never reaches them (a few
+    // frames of the pair's own neighbour discovery may); a connection to the NodePort
+    // (refused: no endpoints) does.
+    let frames = || dp.stats().rx_frames;
+    let before = frames();
+    for target in [
+        "127.0.0.1:9",
+        &format!("{node_ip}:9"),
+        &format!("{node_ip}:30081"),
+    ] {
+        let r = tb
+            .probe(&node, ProbeArgs::udp(target.parse().unwrap()).count(100))
+            .unwrap();
+        assert_eq!(r.ok(), 0, "{r:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        frames() < before + 20,
+        "loopback traffic reached the rings: {before} -> {}",
+        frames()
+    );
+    let r = tb
+        .probe(
+            &node,
+            ProbeArgs::tcp(SocketAddr::new(node_ip, 30080)).count(3),
+        )
+        .unwrap();
+    assert_eq!(r.refused(), 3, "{r:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || frames() >= before + 3),
+        "the node's SYNs to its NodePort: {before} -> {}",
+        frames()
+    );
+
     // The lo chain flushed: noticed at the next drift check, put back by the resync.
     tb.exec_ok(
         &node,
