@@ -65,11 +65,42 @@
 //! pair is made at start (a leftover one replaced), made again by the next sync when
 //! deleted, and removed (routes and all) on drop and by [`cleanup`]; the routes follow the
 //! plan on every sync, and [`Dataplane::drifted`] notices a missing end or a route added or
-//! deleted behind its back. NodePorts on the node's own addresses from the node itself are
-//! not served: the kernel's `local` routing table delivers them to the node before any
-//! route to a device is looked at, and only moving the node's `local` ip rule would change
-//! that (likewise 127.0.0.1; kube-proxy's IPVS mode does not serve localhost NodePorts
-//! either). Nor are externalIPs and load balancer IPs: a route takes every port of its
+//! deleted behind its back.
+//!
+//! NodePorts on the node's own addresses from the node itself cannot be routed in: the
+//! kernel's `local` routing table delivers them before any route to a device is looked
+//! at. They are taken on `lo` instead ([`LOOPBACK`], owned with `node_traffic`):
+//!
+//! ```text
+//!   curl NODE_IP:30000 ── lo (out, ignored by the rings) ── netif_rx ── lo (in)
+//!        │   packet taps: the rings see it first ──► Engine: as from the host port
+//!        │   netdev ingress `in_lo`: the kernel's copy dropped (node address → NodePort)
+//!        ▼
+//!   reply NODE_IP:30000 → NODE_IP:eph ── out svcnat-eng ── svcnat-host (accept_local=1)
+//! ```
+//!
+//! A locally sent packet to a local address goes out `lo` and comes back in through
+//! `netif_rx`, where packet taps see it before the netdev ingress hook, the same order the
+//! NodePort path on a NIC relies on. The chain `in_lo` drops exactly the node's TCP, UDP
+//! and SCTP from a node address to a NodePort on a node address (everything else on `lo`,
+//! 127.0.0.1 NodePorts included, stays the kernel's: kube-proxy's IPVS mode does not serve
+//! localhost NodePorts either), and the engine takes exactly those
+//! ([`PortConfig::loopback`](crate::engine::PortConfig::loopback)): masqueraded, their
+//! replies and REJECTs sent out the host pair. Those come from a node address, a martian on
+//! `svcnat-host` unless `accept_local=1` there, which the driver sets on that interface only,
+//! with `rp_filter=0`: `accept_local` passes only without reverse-path filtering (the
+//! interface has no IPv4 address, which fails even the loose check), and
+//! `net.ipv4.conf.all.rp_filter` raises every interface's, so while it is set `lo` is left to
+//! the kernel (IPv6 has no such check). The reply the node's stack receives on
+//! `svcnat-host` is delivered there, never looped over `lo` again. TCP hands `lo` (MTU
+//! 65,536) GSO aggregates of MSS-sized segments, which leave whole for the kernel to
+//! segment. The rings' BPF filter takes from `lo` only TCP, UDP and SCTP to a port between
+//! the plan's lowest and highest NodePort (widened before `in_lo` changes, narrowed after),
+//! so the node's other loopback traffic (databases, sidecars) never reaches them. `in_lo`
+//! is in the driver's table: a flushed chain is noticed by [`Dataplane::drifted`], and the
+//! chain goes with the table.
+//!
+//! Nor are externalIPs and load balancer IPs served: a route takes every port of its
 //! address, and such an address may be another node's or a host's on the network (kube-proxy
 //! matches address, protocol and port in OUTPUT); routing one here once cut a node off from
 //! the pods behind the other node, whose address was an externalIP.
@@ -93,7 +124,8 @@ use crate::engine::{
     TxFrame, Verdict,
 };
 use crate::sys::{
-    self, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN, VNET_NEEDS_CSUM,
+    self, LoopbackFilter, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN,
+    VNET_NEEDS_CSUM,
 };
 
 /// The nftables table the driver owns.
@@ -120,15 +152,20 @@ pub struct UserspaceConfig {
     /// Shape of each worker's receive ring.
     pub ring: RingConfig,
     /// Route the node's own traffic to ClusterIPs through the datapath: a veth pair
-    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it (see the
-    /// [module](self) docs). NodePorts on the node's own addresses, externalIPs and load
-    /// balancer IPs are not covered (a route would take every port of the address).
+    /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it, and take its
+    /// connections to NodePorts on its own addresses on [`LOOPBACK`] (see the
+    /// [module](self) docs). 127.0.0.1 NodePorts, externalIPs and load balancer IPs are
+    /// not covered (a route would take every port of the address).
     pub node_traffic: bool,
 }
 
 /// The node's side of the host veth pair: it stays with the node's IP stack, which routes
 /// Service addresses into it.
 pub const HOST_VETH: &str = "svcnat-host";
+
+/// The node's loopback device, owned with [`UserspaceConfig::node_traffic`]: the node's
+/// connections to NodePorts on its own addresses go out and come back in there.
+pub const LOOPBACK: &str = "lo";
 
 /// The engine's side of the host veth pair: an owned port without an address, answering
 /// ARP and neighbour discovery for the pods' gateway as a pod veth does.
@@ -226,6 +263,12 @@ pub struct Userspace {
     filters: Arc<Vec<SocketControl>>,
     counters: Arc<DriverCounters>,
     owned: Vec<u32>,
+    /// Whether `lo` is owned: the node's own NodePort connections are served (see
+    /// [`serves_lo`]).
+    serve_lo: bool,
+    /// The destination ports the rings take on `lo` (the plan's NodePorts on node
+    /// addresses, lowest to highest).
+    lo_ports: (u16, u16),
     nft_applied: Option<String>,
     /// `nft list table` of what was applied, counters left out: what [`Dataplane::drifted`]
     /// compares with.
@@ -269,7 +312,9 @@ impl Userspace {
             ensure_host_veth(&cfg, &read_links(&cfg)?)?;
         }
         let links = read_links(&cfg)?;
-        let owned = owned_ports(&cfg, &links);
+        let (adm, rp_filter_all) = admission(&cfg, &links, &owned_ports(&cfg, &links, false))?;
+        let serve_lo = serves_lo(&cfg, rp_filter_all);
+        let owned = owned_ports(&cfg, &links, serve_lo);
         if owned.is_empty() {
             return Err(SyncError::NoInterfaces {
                 patterns: cfg.interfaces.clone(),
@@ -278,7 +323,7 @@ impl Userspace {
         }
         engine.set_ports(port_configs(&cfg, &links, &owned));
         engine.set_fib(read_routes(&cfg, &links, &owned)?);
-        engine.set_admission(admission(&cfg, &links, &owned)?);
+        engine.set_admission(adm);
 
         let workers = match cfg.workers {
             0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -292,8 +337,7 @@ impl Userspace {
             let sock = sock
                 .control()
                 .map_err(|source| socket_error("duplicate a socket", source))?;
-            sock.filter_interfaces(&ifindexes)
-                .map_err(|source| socket_error("attach the interface filter", source))?;
+            apply_filters(std::slice::from_ref(&sock), &links, &ifindexes, NO_PORTS)?;
             if workers > 1 {
                 sock.join_fanout(group)
                     .map_err(|source| socket_error("join the fanout group", source))?;
@@ -325,6 +369,8 @@ impl Userspace {
             filters: Arc::new(filters),
             counters,
             owned: ifindexes,
+            serve_lo,
+            lo_ports: NO_PORTS,
             nft_applied: None,
             nft_listing: None,
             forwarding_before: None,
@@ -377,20 +423,19 @@ impl Userspace {
             self.host_routes_known = false;
             links = read_links(&self.cfg)?;
         }
-        let owned = owned_ports(&self.cfg, &links);
+        let (adm, rp_filter_all) =
+            admission(&self.cfg, &links, &owned_ports(&self.cfg, &links, false))?;
+        self.serve_lo = serves_lo(&self.cfg, rp_filter_all);
+        let owned = owned_ports(&self.cfg, &links, self.serve_lo);
         let ifindexes: Vec<u32> = owned.iter().copied().collect();
         if ifindexes != self.owned {
-            for s in self.filters.iter() {
-                s.filter_interfaces(&ifindexes)
-                    .map_err(|source| socket_error("update the interface filter", source))?;
-            }
+            apply_filters(&self.filters, &links, &ifindexes, self.lo_ports)?;
             self.owned = ifindexes;
         }
         self.engine
             .set_ports(port_configs(&self.cfg, &links, &owned));
         self.engine.set_fib(read_routes(&self.cfg, &links, &owned)?);
-        self.engine
-            .set_admission(admission(&self.cfg, &links, &owned)?);
+        self.engine.set_admission(adm);
         self.links = links;
         Ok(())
     }
@@ -430,6 +475,28 @@ impl Userspace {
         run(c, Some(&text))?;
         self.nft_applied = Some(text);
         self.nft_listing = Some(self.nft_list()?);
+        Ok(())
+    }
+
+    /// Applies the ingress table for `plan`, and points the rings' `lo` filter at its
+    /// NodePorts: widened before the table (the engine must see what `in_lo` starts to
+    /// drop), narrowed after it (and keep seeing what it still drops until then).
+    fn apply_nft_and_lo_ports(&mut self, plan: &Plan) -> Result<(), SyncError> {
+        let want = if self.serve_lo {
+            lo_port_range(&self.links, plan)
+        } else {
+            NO_PORTS
+        };
+        self.set_lo_ports(port_union(self.lo_ports, want))?;
+        self.apply_nft(Some(plan))?;
+        self.set_lo_ports(want)
+    }
+
+    fn set_lo_ports(&mut self, ports: (u16, u16)) -> Result<(), SyncError> {
+        if ports != self.lo_ports {
+            apply_filters(&self.filters, &self.links, &self.owned, ports)?;
+            self.lo_ports = ports;
+        }
         Ok(())
     }
 
@@ -522,7 +589,7 @@ impl Dataplane for Userspace {
         // The engine's own connection table remembers NAT decisions as kernel conntrack
         // does: UDP flows to departed endpoints are forgotten once the new plan is in.
         let forgotten = self.engine.forget_stale(&stale_flows(diff, plan));
-        self.apply_nft(Some(plan))?;
+        self.apply_nft_and_lo_ports(plan)?;
         self.sync_host_routes(plan)?;
         let mut report = self.report(plan, false);
         report.conntrack_deleted = forgotten;
@@ -533,7 +600,7 @@ impl Dataplane for Userspace {
         self.refresh()?;
         self.engine.set_plan(plan);
         self.nft_applied = None;
-        self.apply_nft(Some(plan))?;
+        self.apply_nft_and_lo_ports(plan)?;
         self.host_routes_known = false;
         self.sync_host_routes(plan)?;
         Ok(self.report(plan, true))
@@ -558,7 +625,9 @@ impl Dataplane for Userspace {
         {
             self.last_link_check = Some(Instant::now());
             let links = read_links(&self.cfg)?;
-            let owned: Vec<u32> = owned_ports(&self.cfg, &links).into_iter().collect();
+            let owned: Vec<u32> = owned_ports(&self.cfg, &links, self.serve_lo)
+                .into_iter()
+                .collect();
             if owned != self.owned {
                 return Ok(true);
             }
@@ -1122,12 +1191,77 @@ fn matches(patterns: &[String], name: &str) -> bool {
     })
 }
 
-fn owned_ports(cfg: &UserspaceConfig, links: &Links) -> BTreeSet<u32> {
+/// An empty port range: the rings take nothing from `lo`.
+const NO_PORTS: (u16, u16) = (1, 0);
+
+/// The smallest range holding both `a` and `b`.
+fn port_union(a: (u16, u16), b: (u16, u16)) -> (u16, u16) {
+    match (a.0 > a.1, b.0 > b.1) {
+        (true, _) => b,
+        (_, true) => a,
+        _ => (a.0.min(b.0), a.1.max(b.1)),
+    }
+}
+
+/// The lowest and highest NodePort of `plan` on a node address other than 127.0.0.1 and
+/// ::1 (what `in_lo` drops), or [`NO_PORTS`].
+fn lo_port_range(links: &Links, plan: &Plan) -> (u16, u16) {
+    let locals: BTreeSet<IpAddr> = links
+        .values()
+        .flat_map(|l| l.addrs.iter())
+        .map(IpNet::addr)
+        .collect();
+    plan.frontends()
+        .map(|(k, _)| k)
+        .filter(|k| {
+            k.kind == FrontendKind::NodePort && !k.addr.is_loopback() && locals.contains(&k.addr)
+        })
+        .fold(NO_PORTS, |r, k| port_union(r, (k.port, k.port)))
+}
+
+/// Narrows every ring to the owned interfaces, and on `lo` (when owned) to the node's
+/// traffic to destination ports in `lo_ports` ([`LoopbackFilter`]).
+fn apply_filters(
+    filters: &[SocketControl],
+    links: &Links,
+    owned: &[u32],
+    lo_ports: (u16, u16),
+) -> Result<(), SyncError> {
+    let is_lo = |i: &u32| links.get(i).is_some_and(|l| l.name == LOOPBACK);
+    let lo = owned
+        .iter()
+        .find(|i| is_lo(i))
+        .map(|&ifindex| LoopbackFilter {
+            ifindex,
+            ports: lo_ports,
+        });
+    let others: Vec<u32> = owned.iter().copied().filter(|i| !is_lo(i)).collect();
+    for s in filters {
+        s.filter_interfaces(&others, lo)
+            .map_err(|source| socket_error("set the interface filter", source))?;
+    }
+    Ok(())
+}
+
+/// Whether the node's own connections to its NodePorts can be served: their replies come
+/// back through [`HOST_VETH`] from a node address, which the kernel accepts there
+/// (`accept_local`) only without reverse-path filtering, and `net.ipv4.conf.all.rp_filter`
+/// raises every interface's (the larger of the two applies). It is 0 by default, and
+/// systemd's defaults leave it alone; with it set, `lo` is left to the kernel.
+fn serves_lo(cfg: &UserspaceConfig, rp_filter_all: u32) -> bool {
+    cfg.node_traffic && rp_filter_all == 0
+}
+
+/// The interfaces the datapath owns: the configured ones, and with
+/// [`UserspaceConfig::node_traffic`] the host port, and `lo` when `serve_lo`.
+fn owned_ports(cfg: &UserspaceConfig, links: &Links, serve_lo: bool) -> BTreeSet<u32> {
     links
         .values()
         .filter(|l| {
             l.mac.is_some()
-                && (matches(&cfg.interfaces, &l.name) || (cfg.node_traffic && l.name == HOST_PORT))
+                && (matches(&cfg.interfaces, &l.name)
+                    || (cfg.node_traffic && l.name == HOST_PORT)
+                    || (serve_lo && l.name == LOOPBACK))
         })
         .map(|l| l.ifindex)
         .collect()
@@ -1170,6 +1304,7 @@ fn port_configs(cfg: &UserspaceConfig, links: &Links, owned: &BTreeSet<u32>) -> 
                 } else {
                     None
                 },
+                loopback: cfg.node_traffic && l.name == LOOPBACK,
             })
         })
         .collect()
@@ -1180,6 +1315,12 @@ fn read_routes(
     links: &Links,
     owned: &BTreeSet<u32>,
 ) -> Result<Vec<FibEntry>, SyncError> {
+    // `lo` is owned for the node's own NodePort connections only: nothing is routed out it.
+    let owned: &BTreeSet<u32> = &owned
+        .iter()
+        .copied()
+        .filter(|i| links.get(i).is_none_or(|l| l.name != LOOPBACK))
+        .collect();
     let mut routes = Vec::new();
     for family in ["-4", "-6"] {
         let v = ip_json(cfg, &[family, "route", "show", "table", "main"])?;
@@ -1244,12 +1385,13 @@ fn parse_routes(
 
 /// What the kernel would check on input: `rp_filter` per owned interface (the larger of
 /// `all` and the interface's own, as `IN_DEV_RPFILTER`), the node's addresses on every
-/// interface, and the broadcast addresses of its IPv4 subnets.
+/// interface, and the broadcast addresses of its IPv4 subnets; and
+/// `net.ipv4.conf.all.rp_filter` itself.
 fn admission(
     cfg: &UserspaceConfig,
     links: &Links,
     owned: &BTreeSet<u32>,
-) -> Result<Admission, SyncError> {
+) -> Result<(Admission, u32), SyncError> {
     let names: Vec<(u32, &str)> = owned
         .iter()
         .filter_map(|i| links.get(i).map(|l| (*i, l.name.as_str())))
@@ -1295,7 +1437,7 @@ fn admission(
             }
         }
     }
-    Ok(adm)
+    Ok((adm, all))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1334,6 +1476,19 @@ fn ensure_host_veth(cfg: &UserspaceConfig, links: &Links) -> Result<bool, SyncEr
         c.args(["-q", "-w", &format!("net/ipv6/conf/{dev}/accept_dad=0")]);
         let _ = run(c, None);
     }
+    // Replies of the node's NodePort connections (taken on `lo`) come back through the
+    // pair from a node address: a martian on any interface without accept_local, and
+    // reverse-path filtering would refuse them too (the route back to a local address is
+    // `lo`). Only our own interface is changed; with `net.ipv4.conf.all.rp_filter` set,
+    // the larger value still applies and IPv4 NodePorts from the node are not served.
+    let mut c = in_netns(netns, "sysctl");
+    c.args([
+        "-q",
+        "-w",
+        &format!("net/ipv4/conf/{HOST_VETH}/accept_local=1"),
+        &format!("net/ipv4/conf/{HOST_VETH}/rp_filter=0"),
+    ]);
+    run(c, None)?;
     ip(&["link", "set", HOST_PORT, "up"])?;
     ip(&["link", "set", HOST_VETH, "up"])?;
     Ok(true)
@@ -1513,13 +1668,22 @@ fn render_nft(
         .map(IpNet::addr)
         .collect();
     let mut frontends = BTreeSet::new();
+    // The node's own NodePorts on its addresses (not 127.0.0.1 or ::1), taken on `lo`.
+    let mut node_ports = BTreeSet::new();
     if let Some(plan) = plan {
         for (k, _) in plan.frontends() {
             if locals.contains(&k.addr) {
                 frontends.insert((k.addr, proto_name(k.protocol), k.port));
+                if k.kind == FrontendKind::NodePort && !k.addr.is_loopback() {
+                    node_ports.insert((k.addr, proto_name(k.protocol), k.port));
+                }
             }
         }
     }
+    let lo_link = owned
+        .iter()
+        .filter_map(|i| links.get(i))
+        .find(|l| l.name == LOOPBACK);
     let mut s = String::new();
     s.push_str(&format!(
         "table netdev {NFT_TABLE}\ndelete table netdev {NFT_TABLE}\ntable netdev {NFT_TABLE} {{\n"
@@ -1554,10 +1718,39 @@ fn render_nft(
             "  set frontends{suffix} {{\n    type {addr_type} . inet_proto . inet_service\n{}  }}\n",
             elements(fes)
         ));
+        if lo_link.is_some() {
+            let nps = node_ports
+                .iter()
+                .filter(|(a, _, _)| a.is_ipv6() == v6)
+                .map(|(a, p, port)| format!("{a} . {p} . {port}"))
+                .collect();
+            s.push_str(&format!(
+                "  set nodeports{suffix} {{\n    type {addr_type} . inet_proto . inet_service\n{}  }}\n",
+                elements(nps)
+            ));
+        }
     }
     let (lo, hi) = (engine.snat_ports.start(), engine.snat_ports.end());
+    if let Some(l) = lo_link {
+        // The node's own connections to its NodePorts: `lo` hands them to packet taps
+        // (the engine) before this hook, as a NIC's ingress does; the rest of `lo` is left
+        // alone.
+        s.push_str(&format!(
+            "  chain in_lo {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n",
+            l.name
+        ));
+        for (ip, suffix) in [("ip", "4"), ("ip6", "6")] {
+            s.push_str(&format!(
+                "    {ip} saddr @local{suffix} {ip} daddr . meta l4proto . th dport @nodeports{suffix} counter drop comment \"svcnat NodePort from the node\"\n"
+            ));
+        }
+        s.push_str("  }\n");
+    }
     for i in owned {
         let Some(l) = links.get(i) else { continue };
+        if l.name == LOOPBACK {
+            continue;
+        }
         s.push_str(&format!(
             "  chain in_{i} {{\n    type filter hook ingress device \"{}\" priority -500; policy accept;\n",
             l.name
@@ -1648,7 +1841,7 @@ mod tests {
             interfaces: vec!["eth0".into(), "vp*".into()],
             ..UserspaceConfig::default()
         };
-        let owned = owned_ports(&cfg, &l);
+        let owned = owned_ports(&cfg, &l, serves_lo(&cfg, 0));
         assert_eq!(owned.iter().copied().collect::<Vec<_>>(), vec![2, 5]);
         let ports = port_configs(&cfg, &l, &owned);
         assert_eq!(ports[0].proxy_arp, Vec::<Ipv4Addr>::new());
@@ -1831,9 +2024,15 @@ mod tests {
             ..UserspaceConfig::default()
         };
         // The engine's end is owned, and is the host port with the node's end as peer.
-        let owned = owned_ports(&cfg, &l);
-        assert_eq!(owned.iter().copied().collect::<Vec<_>>(), vec![2, 5, 8]);
+        // `lo` too (ifindex 1), for the node's own NodePort connections, unless
+        // `net.ipv4.conf.all.rp_filter` would refuse their replies.
+        let owned = owned_ports(&cfg, &l, serves_lo(&cfg, 0));
+        assert_eq!(owned.iter().copied().collect::<Vec<_>>(), vec![1, 2, 5, 8]);
+        let no_lo = owned_ports(&cfg, &l, serves_lo(&cfg, 2));
+        assert_eq!(no_lo.iter().copied().collect::<Vec<_>>(), vec![2, 5, 8]);
         let ports = port_configs(&cfg, &l, &owned);
+        let lo: Vec<_> = ports.iter().filter(|p| p.loopback).collect();
+        assert_eq!((lo.len(), lo[0].id), (1, 1), "{lo:?}");
         let host: Vec<_> = ports.iter().filter(|p| p.host_peer.is_some()).collect();
         assert_eq!(host.len(), 1);
         assert_eq!(host[0].id, 8);
@@ -1844,7 +2043,7 @@ mod tests {
             node_traffic: false,
             ..cfg.clone()
         };
-        assert!(!owned_ports(&off, &l).contains(&8));
+        assert!(!owned_ports(&off, &l, false).contains(&8));
 
         let mut c = Cluster::simulated();
         let mut svc = Service::new(ObjectName::new("default", "web"));
@@ -1870,6 +2069,42 @@ mod tests {
         c.upsert_pod(pod);
         let node = NodeContext::new("n", vec!["192.168.50.11".parse().unwrap()], Vec::new());
         let plan = Plan::compile(&c, &node);
+        // The ingress chain on `lo` drops the node's own connections to its NodePorts
+        // (not the externalIP that is its address: a NodePort only), from its addresses;
+        // `lo` gets no chain of an owned port (which would drop what is not local).
+        let nft = render_nft(
+            &l,
+            &[1, 2, 5, 8],
+            Some(&plan),
+            &EngineConfig::default(),
+            "1",
+        );
+        assert!(
+            nft.contains("chain in_lo {\n    type filter hook ingress device \"lo\""),
+            "{nft}"
+        );
+        assert!(!nft.contains("chain in_1 "), "{nft}");
+        assert!(
+            nft.contains("set nodeports4 {\n    type ipv4_addr . inet_proto . inet_service\n    elements = { 192.168.50.11 . tcp . 30080 }\n  }"),
+            "{nft}"
+        );
+        assert!(
+            nft.contains(
+                "ip saddr @local4 ip daddr . meta l4proto . th dport @nodeports4 counter drop"
+            ),
+            "{nft}"
+        );
+        assert!(
+            nft.contains(
+                "ip6 saddr @local6 ip6 daddr . meta l4proto . th dport @nodeports6 counter drop"
+            ),
+            "{nft}"
+        );
+        let without_lo = render_nft(&l, &[2, 5, 8], Some(&plan), &EngineConfig::default(), "1");
+        assert!(
+            !without_lo.contains("in_lo") && !without_lo.contains("nodeports"),
+            "{without_lo}"
+        );
         let want = host_routes(&cfg, &l, &plan);
         // The ClusterIP alone: no NodePort, no node address, and no external IP, not even
         // one that is not the node's (a route would take every port of 198.51.100.7).

@@ -310,9 +310,14 @@ pub(crate) struct SocketControl {
 
 impl SocketControl {
     /// Receives only frames that arrive on one of `ifindexes` (a classic BPF program on
-    /// `SKF_AD_IFINDEX`); an empty list receives nothing.
-    pub(crate) fn filter_interfaces(&self, ifindexes: &[u32]) -> io::Result<()> {
-        let prog = ifindex_filter(ifindexes);
+    /// `SKF_AD_IFINDEX`), and those of `lo` that [`LoopbackFilter`] admits; an empty list
+    /// receives nothing.
+    pub(crate) fn filter_interfaces(
+        &self,
+        ifindexes: &[u32],
+        lo: Option<LoopbackFilter>,
+    ) -> io::Result<()> {
+        let prog = ifindex_filter(ifindexes, lo);
         let fprog = libc::sock_fprog {
             len: prog.len() as u16,
             filter: prog.as_ptr().cast_mut(),
@@ -437,7 +442,19 @@ impl TxSocket {
 }
 
 /// A classic BPF program accepting frames whose receiving interface is in `ifindexes`.
-fn ifindex_filter(ifindexes: &[u32]) -> Vec<libc::sock_filter> {
+/// What the rings take from `lo`: IPv4 (unfragmented) or IPv6 TCP, UDP and SCTP to a
+/// destination port in `ports` (inclusive; `lo > hi` takes none), and IPv6 whose first
+/// next header is another (an extension header: the engine decides). The node's loopback
+/// traffic (databases, sidecars) never reaches the rings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct LoopbackFilter {
+    /// The interface index of `lo`.
+    pub(crate) ifindex: u32,
+    /// Lowest and highest destination port taken.
+    pub(crate) ports: (u16, u16),
+}
+
+fn ifindex_filter(ifindexes: &[u32], lo: Option<LoopbackFilter>) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
     const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
@@ -448,20 +465,67 @@ fn ifindex_filter(ifindexes: &[u32]) -> Vec<libc::sock_filter> {
         return vec![ins(RET_K, 0, 0, u32::MAX)];
     }
     let n = ifindexes.len();
-    let mut prog = Vec::with_capacity(n + 3);
+    let mut prog = Vec::with_capacity(n + 25);
     prog.push(ins(
         LD_W_ABS,
         0,
         0,
         (libc::SKF_AD_OFF + libc::SKF_AD_IFINDEX) as u32,
     ));
+    if let Some(lo) = lo {
+        // Over the comparisons and both returns to the loopback block.
+        prog.push(ins(JEQ_K, (n + 2) as u8, 0, lo.ifindex));
+    }
     for (j, &ifindex) in ifindexes.iter().enumerate() {
         // On a match jump over the remaining comparisons and the reject to the accept.
         prog.push(ins(JEQ_K, (n - j) as u8, 0, ifindex));
     }
     prog.push(ins(RET_K, 0, 0, 0));
     prog.push(ins(RET_K, 0, 0, u32::MAX));
+    if let Some(lo) = lo {
+        prog.extend(loopback_filter(lo.ports));
+    }
     prog
+}
+
+/// The `lo` block of [`ifindex_filter`] (offsets from the Ethernet header; a load past the
+/// frame's end rejects it).
+fn loopback_filter((lo, hi): (u16, u16)) -> [libc::sock_filter; 21] {
+    const LD_H_ABS: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16;
+    const LD_B_ABS: u16 = (libc::BPF_LD | libc::BPF_B | libc::BPF_ABS) as u16;
+    const LD_H_IND: u16 = (libc::BPF_LD | libc::BPF_H | libc::BPF_IND) as u16;
+    const LDX_MSH: u16 = (libc::BPF_LDX | libc::BPF_B | libc::BPF_MSH) as u16;
+    const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
+    const JGE_K: u16 = (libc::BPF_JMP | libc::BPF_JGE | libc::BPF_K) as u16;
+    const JGT_K: u16 = (libc::BPF_JMP | libc::BPF_JGT | libc::BPF_K) as u16;
+    const JSET_K: u16 = (libc::BPF_JMP | libc::BPF_JSET | libc::BPF_K) as u16;
+    const JA: u16 = (libc::BPF_JMP | libc::BPF_JA) as u16;
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    let ins = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    // Offsets are to the next instruction: `jt: 2` at 3 goes to 6. ACCEPT is 19, REJECT 20.
+    [
+        /* 0 */ ins(LD_H_ABS, 0, 0, 12), // EtherType
+        /* 1 */ ins(JEQ_K, 0, 9, 0x0800), // IPv4, else to 11
+        /* 2 */ ins(LD_B_ABS, 0, 0, 14 + 9), // protocol
+        /* 3 */ ins(JEQ_K, 2, 0, 6),
+        /* 4 */ ins(JEQ_K, 1, 0, 17),
+        /* 5 */ ins(JEQ_K, 0, 14, 132),
+        /* 6 */ ins(LD_H_ABS, 0, 0, 14 + 6), // flags and fragment offset
+        /* 7 */ ins(JSET_K, 12, 0, 0x1fff), // a later fragment: no ports
+        /* 8 */ ins(LDX_MSH, 0, 0, 14), // X = the IPv4 header's length
+        /* 9 */ ins(LD_H_IND, 0, 0, 14 + 2), // destination port
+        /* 10 */ ins(JA, 0, 0, 6), // to 17
+        /* 11 */ ins(JEQ_K, 0, 8, 0x86dd), // IPv6, else reject
+        /* 12 */ ins(LD_B_ABS, 0, 0, 14 + 6), // next header
+        /* 13 */ ins(JEQ_K, 2, 0, 6),
+        /* 14 */ ins(JEQ_K, 1, 0, 17),
+        /* 15 */ ins(JEQ_K, 0, 3, 132), // an extension header: accept
+        /* 16 */ ins(LD_H_ABS, 0, 0, 14 + 40 + 2), // destination port
+        /* 17 */ ins(JGE_K, 0, 2, u32::from(lo)),
+        /* 18 */ ins(JGT_K, 1, 0, u32::from(hi)),
+        /* 19 */ ins(RET_K, 0, 0, u32::MAX),
+        /* 20 */ ins(RET_K, 0, 0, 0),
+    ]
 }
 
 /// A ring block that belongs to user space until dropped.
@@ -588,13 +652,32 @@ mod tests {
 
     #[test]
     fn filter_accepts_listed_interfaces_only() {
-        let prog = ifindex_filter(&[3, 7]);
+        let prog = ifindex_filter(&[3, 7], None);
         assert_eq!(prog.len(), 5);
         // jeq 3 jumps over "jeq 7" and "ret 0" to the accept.
         assert_eq!((prog[1].k, prog[1].jt), (3, 2));
         assert_eq!((prog[2].k, prog[2].jt), (7, 1));
         assert_eq!(prog[3].k, 0);
         assert_eq!(prog[4].k, u32::MAX);
-        assert_eq!(ifindex_filter(&[]).len(), 3);
+        assert_eq!(ifindex_filter(&[], None).len(), 3);
+        // `lo` (1) jumps over "jeq 3", "jeq 7" and both returns to its own block.
+        let lo = LoopbackFilter {
+            ifindex: 1,
+            ports: (30000, 32767),
+        };
+        let prog = ifindex_filter(&[3, 7], Some(lo));
+        assert_eq!(prog.len(), 6 + 21);
+        assert_eq!((prog[1].k, prog[1].jt, prog[1].jf), (1, 4, 0));
+        assert_eq!(
+            prog[2 + 4].code,
+            (libc::BPF_LD | libc::BPF_H | libc::BPF_ABS) as u16
+        );
+        // Every jump of the block lands inside it.
+        for (i, f) in prog.iter().enumerate().skip(6) {
+            let class = u32::from(f.code) & 0x07;
+            if class == libc::BPF_JMP && u32::from(f.code) & 0xf0 != libc::BPF_JA {
+                assert!(i + 1 + usize::from(f.jt.max(f.jf)) < prog.len(), "{i}");
+            }
+        }
     }
 }

@@ -40,6 +40,7 @@ fn host_port() -> PortConfig {
         proxy_ndp: vec![POD_GATEWAY6],
         mtu: 1500,
         host_peer: Some(HOST_MAC),
+        loopback: false,
     }
 }
 
@@ -439,4 +440,235 @@ fn an_endpoint_s_icmp_error_reaches_the_node_as_from_the_cluster_ip() {
         &[45100u16.to_be_bytes(), 53u16.to_be_bytes()].concat()[..]
     );
     assert_ne!(src.port(), 45100);
+}
+
+// ---------------------------------------------------------------------------------------------
+// `lo`: the node's own connections to NodePorts on its own addresses
+// ---------------------------------------------------------------------------------------------
+
+/// The loopback port (`lo`, all-zero MACs).
+const LO: PortId = 11;
+/// `web`'s NodePort (TCP, endpoints POD1, POD2 here and POD3 behind node-b).
+const WEB_NP: u16 = 30080;
+/// `web6`'s NodePort.
+const WEB6_NP: u16 = 30081;
+
+fn lo_port() -> PortConfig {
+    PortConfig {
+        id: LO,
+        name: "lo".into(),
+        mac: [0; 6],
+        addrs: vec!["127.0.0.1/8".parse().unwrap(), "::1/128".parse().unwrap()],
+        proxy_arp: Vec::new(),
+        proxy_ndp: Vec::new(),
+        mtu: 65536,
+        host_peer: None,
+        loopback: true,
+    }
+}
+
+/// [`engine_with_host`] plus `lo`, with 127.0.0.1 and ::1 among the node's addresses (as
+/// the driver reads them from every interface).
+fn engine_with_lo() -> Engine {
+    let e = engine_with_host();
+    let mut ports = ports();
+    ports.push(host_port());
+    ports.push(lo_port());
+    e.set_ports(ports);
+    let mut adm = Admission::default();
+    adm.node_addrs = [
+        IpAddr::V4(NODE_IP),
+        IpAddr::V6(NODE_IP6),
+        IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+    ]
+    .into();
+    e.set_admission(adm);
+    e
+}
+
+/// One TCP connection from the node to its own `web` NodePort, sent out `lo`: masqueraded
+/// to an endpoint, the endpoint's SYN-ACK back out the host port (not `lo`, where a local
+/// source is a martian) as from the NodePort. Returns the endpoint.
+fn node_port_from_lo(e: &Engine, sport: u16) -> SocketAddr {
+    let syn = tcp([0; 6], [0; 6], NODE, NODE, 64, sport, WEB_NP, F::Syn);
+    let (v, out, _) = feed(e, LO, &syn);
+    let Verdict::Forward { port } = v else {
+        panic!("SYN on lo to the node's NodePort: {v:?}");
+    };
+    verify_checksums(&out);
+    let (dmac, smac, src, ep) = parse(&out);
+    assert_eq!(ep.port(), 8080, "DNAT to the target port");
+    assert_eq!(dmac, mac_toward(port, ep.ip()));
+    assert_ne!(smac, [0; 6], "the egress port's MAC");
+    assert_eq!(src.ip(), IpAddr::V4(NODE_IP), "{src}");
+    assert!((61000..=65535).contains(&src.port()), "masqueraded: {src}");
+    let IpAddr::V4(ep4) = ep.ip() else {
+        panic!("{ep}")
+    };
+    let synack = tcp(
+        mac_toward(port, ep.ip()),
+        smac,
+        ep4.octets(),
+        NODE,
+        64,
+        8080,
+        src.port(),
+        F::SynAck,
+    );
+    let (v, back, _) = feed(e, port, &synack);
+    assert_eq!(v, Verdict::Forward { port: HOST_PORT }, "reply to the node");
+    verify_checksums(&back);
+    let (dmac, smac, from, to) = parse(&back);
+    assert_eq!((dmac, smac), (HOST_MAC, HOST_PORT_MAC));
+    assert_eq!(from, SocketAddr::from((NODE, WEB_NP)), "from the NodePort");
+    assert_eq!(to, SocketAddr::from((NODE, sport)), "to the node's socket");
+    // The node's ACK, again on lo, continues the connection.
+    let ack = tcp([0; 6], [0; 6], NODE, NODE, 64, sport, WEB_NP, F::Ack);
+    let (v, out2, _) = feed(e, LO, &ack);
+    assert_eq!(v, Verdict::Forward { port });
+    let (_, _, src2, ep2) = parse(&out2);
+    assert_eq!((src2, ep2), (src, ep));
+    ep
+}
+
+#[test]
+fn node_to_its_own_node_port_on_lo_reaches_every_endpoint() {
+    let e = engine_with_lo();
+    let seen: BTreeSet<IpAddr> = (40000..40060)
+        .map(|sport| node_port_from_lo(&e, sport).ip())
+        .collect();
+    let want: BTreeSet<IpAddr> = [POD1_IP, POD2_IP, POD3_IP]
+        .into_iter()
+        .map(IpAddr::V4)
+        .collect();
+    assert_eq!(seen, want, "local pods and the pod behind node-b");
+}
+
+#[test]
+fn node_to_its_own_ipv6_node_port_on_lo() {
+    let e = engine_with_lo();
+    let syn = tcp6(
+        [0; 6],
+        [0; 6],
+        NODE_IP6,
+        NODE_IP6,
+        64,
+        50100,
+        WEB6_NP,
+        F::Syn,
+    );
+    let (v, out, _) = feed(&e, LO, &syn);
+    let Verdict::Forward { port } = v else {
+        panic!("IPv6 SYN on lo: {v:?}");
+    };
+    verify_checksums(&out);
+    let (_, smac, src, ep) = parse(&out);
+    assert_eq!(src.ip(), IpAddr::V6(NODE_IP6), "{src}");
+    assert!((61000..=65535).contains(&src.port()), "{src}");
+    let IpAddr::V6(ep6) = ep.ip() else {
+        panic!("{ep}")
+    };
+    let synack = tcp6(
+        mac_toward(port, ep.ip()),
+        smac,
+        ep6,
+        NODE_IP6,
+        64,
+        8080,
+        src.port(),
+        F::SynAck,
+    );
+    let (v, back, _) = feed(&e, port, &synack);
+    assert_eq!(v, Verdict::Forward { port: HOST_PORT });
+    verify_checksums(&back);
+    let (dmac, _, from, to) = parse(&back);
+    assert_eq!(dmac, HOST_MAC);
+    assert_eq!(from, SocketAddr::new(IpAddr::V6(NODE_IP6), WEB6_NP));
+    assert_eq!(to, SocketAddr::new(IpAddr::V6(NODE_IP6), 50100));
+}
+
+#[test]
+fn everything_else_on_lo_stays_the_kernel_s() {
+    let e = engine_with_lo();
+    let lo = |src: [u8; 4], dst: [u8; 4], dport: u16| {
+        feed(
+            &e,
+            LO,
+            &tcp([0; 6], [0; 6], src, dst, 64, 41000, dport, F::Syn),
+        )
+        .0
+    };
+    // 127.0.0.1 NodePorts are not served; nor is anything that is no NodePort (SSH, a
+    // ClusterIP the node's stack sent out lo, a port of the NodePort range no Service has).
+    assert_eq!(lo([127, 0, 0, 1], [127, 0, 0, 1], WEB_NP), Verdict::Kernel);
+    assert_eq!(lo(NODE, [127, 0, 0, 1], WEB_NP), Verdict::Kernel);
+    assert_eq!(lo(NODE, NODE, 22), Verdict::Kernel);
+    assert_eq!(lo(NODE, WEB_CIP, 80), Verdict::Kernel);
+    assert_eq!(lo(NODE, NODE, 30444), Verdict::Kernel);
+    // A source that is not the node's cannot have come from its stack.
+    assert_eq!(lo(POD1, NODE, WEB_NP), Verdict::Kernel);
+    // UDP to a TCP NodePort, and the node's reply from its NodePort to one of its own
+    // sockets (what it would send if something listened there): not taken again.
+    let q = udp([0; 6], [0; 6], NODE, NODE, 64, 45000, WEB_NP);
+    assert_eq!(feed(&e, LO, &q).0, Verdict::Kernel);
+    let back = tcp([0; 6], [0; 6], NODE, NODE, 64, WEB_NP, 41000, F::SynAck);
+    assert_eq!(feed(&e, LO, &back).0, Verdict::Kernel);
+    // ARP never appears on lo; whatever is not IP is the kernel's.
+    let a = arp(1, [0; 6], BCAST, [0; 6], NODE, [0; 6], NODE);
+    assert_eq!(feed(&e, LO, &a).0, Verdict::Kernel);
+}
+
+#[test]
+fn a_node_port_without_endpoints_refuses_the_node_through_the_host_port() {
+    let e = engine_with_lo();
+    let mut c = cluster();
+    for p in ["web-1", "web-2", "web-3"] {
+        c.remove_pod(&svcnat_core::model::ObjectName::new("default", p));
+    }
+    e.set_plan(&Plan::compile(&c, &node()));
+    let syn = tcp([0; 6], [0; 6], NODE, NODE, 64, 43000, WEB_NP, F::Syn);
+    let (v, _, tx) = feed(&e, LO, &syn);
+    assert_eq!(v, Verdict::Drop(DropReason::Rejected));
+    assert_eq!(tx.len(), 1, "{tx:?}");
+    // Out the host port to the node's side: on lo a node-address source is a martian.
+    assert_eq!(tx[0].port, HOST_PORT);
+    assert_eq!(&tx[0].data[0..6], &HOST_MAC);
+    assert_eq!(&tx[0].data[6..12], &HOST_PORT_MAC);
+    let p = SlicedPacket::from_ethernet(&tx[0].data).unwrap();
+    let Some(NetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4");
+    };
+    assert_eq!(ip.header().source_addr(), NODE_IP);
+    assert_eq!(ip.header().destination_addr(), NODE_IP);
+    assert_eq!(&tx[0].data[34..36], &[3, 3], "ICMP port unreachable");
+    verify_checksums(&tx[0].data);
+}
+
+#[test]
+fn a_tcp_aggregate_from_lo_leaves_whole_for_the_kernel_to_segment() {
+    use etherparse::PacketBuilder;
+    let e = engine_with_lo();
+    let ep = node_port_from_lo(&e, 44000);
+    // lo's MTU is 65,536: TCP hands it GSO aggregates of MSS-sized segments (checksum
+    // partial), larger than the endpoint link's 1,500.
+    let mut big = Vec::new();
+    PacketBuilder::ethernet2([0; 6], [0; 6])
+        .ipv4(NODE, NODE, 64)
+        .tcp(44000, WEB_NP, 2000, 64240)
+        .ack(1001)
+        .write(&mut big, &[7u8; 8000])
+        .unwrap();
+    let mut f = big.clone();
+    let mut tx = Vec::new();
+    let meta = RxMeta {
+        port: LO,
+        csum: Csum::Partial,
+    };
+    let v = e.handle_frame(Duration::from_secs(1), meta, &mut f, &mut tx);
+    assert!(matches!(v, Verdict::Forward { .. }), "{v:?}");
+    assert!(tx.is_empty(), "no ICMP error, no fragments: {tx:?}");
+    assert_eq!(f.len(), big.len(), "whole");
+    let (_, _, _, to) = parse(&f);
+    assert_eq!(to, ep);
 }

@@ -148,11 +148,16 @@ pub enum Scenario {
     /// all reached, and the replies come from the ClusterIP (the probe's sockets are
     /// connected to it).
     ClusterIpFromNode,
+    /// The node's own traffic to a NodePort on its own address (`curl NODE_IP:30093` on
+    /// the node), TCP and UDP, from node 0's namespace: endpoints on both nodes are all
+    /// reached, the replies come from the node's address and NodePort (the probe's
+    /// sockets are connected to it), and the node is refused once there is no endpoint.
+    NodePortFromNode,
 }
 
 impl Scenario {
     /// Every scenario.
-    pub const ALL: [Scenario; 21] = [
+    pub const ALL: [Scenario; 22] = [
         Scenario::ClusterIpSpread,
         Scenario::NodePortOnEveryNode,
         Scenario::ExternalIps,
@@ -174,6 +179,7 @@ impl Scenario {
         Scenario::Sctp,
         Scenario::HealthCheckNodePort,
         Scenario::ClusterIpFromNode,
+        Scenario::NodePortFromNode,
     ];
 }
 
@@ -682,6 +688,7 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::Sctp => sctp(&mut f),
         Scenario::HealthCheckNodePort => health_check_node_port(&mut f),
         Scenario::ClusterIpFromNode => cluster_ip_from_node(&mut f),
+        Scenario::NodePortFromNode => node_port_from_node(&mut f),
     }
 }
 
@@ -1297,6 +1304,67 @@ fn cluster_ip_from_node<B: Backend>(f: &mut Fixture<B>) {
     );
 }
 
+fn node_port_from_node<B: Backend>(f: &mut Fixture<B>) {
+    // One endpoint beside the probe on node 0, one on node 1.
+    f.remove_pods(&["web-1", "web-2", "web-4"]);
+    let mut web = f.service("web", "app", "web", 78, 80, Protocol::Tcp);
+    web.service_type = ServiceType::NodePort;
+    web.ports[0].node_port = Some(30093);
+    f.set_service(web);
+    let mut dns = f.service("dns", "app", "web", 79, 53, Protocol::Udp);
+    dns.service_type = ServiceType::NodePort;
+    dns.ports[0].node_port = Some(30094);
+    f.set_service(dns);
+    let ns = f.tb.ns_of_node(0).to_string();
+    let node_ip = f.node_ip(0);
+    let both = names(&["web-0", "web-3"]);
+    for (what, args) in [
+        ("TCP", ProbeArgs::tcp(sock(node_ip, 30093))),
+        ("UDP", ProbeArgs::udp(sock(node_ip, 30094))),
+    ] {
+        let r = match f.tb.probe(&ns, args.count(60).timeout_ms(1000)) {
+            Ok(r) => r,
+            Err(e) => panic!("probe from node 0: {e}"),
+        };
+        assert!(r.all_ok(), "{what} NodePort {node_ip} from node 0: {r}");
+        assert_eq!(r.pods(), both, "{what} NodePort from node 0 spreads: {r}");
+    }
+    // A long line each way: lo's MTU is 65,536, and the node's TCP hands it aggregates
+    // (GSO) that must reach the endpoint as segments its link carries.
+    let mut held = match f.tb.hold(&ns, sock(node_ip, 30093)) {
+        Ok(h) => h,
+        Err(e) => panic!("connection from node 0 to {node_ip}:30093: {e}"),
+    };
+    let long = "0123456789abcdef".repeat(16 * 1024);
+    let reply = match held.ping(&long) {
+        Ok(r) => r,
+        Err(e) => panic!("a 256 KiB line over the NodePort from node 0: {e}"),
+    };
+    assert_eq!(
+        crate::testbed::reply_field(&reply, "line").map(str::len),
+        Some(long.len()),
+        "the long line comes back whole"
+    );
+    drop(held);
+    // Without endpoints the node is refused at once (REJECT), as a client is.
+    f.remove_pods(&["web-0", "web-3"]);
+    f.sync();
+    let r = match f.tb.probe(
+        &ns,
+        ProbeArgs::tcp(sock(node_ip, 30093))
+            .count(3)
+            .timeout_ms(2000),
+    ) {
+        Ok(r) => r,
+        Err(e) => panic!("probe from node 0: {e}"),
+    };
+    assert_eq!(
+        r.refused(),
+        3,
+        "NodePort without endpoints must refuse the node: {r}"
+    );
+}
+
 /// Per SCTP attempt: an association takes two round trips before the first data.
 const SCTP_TIMEOUT_MS: u64 = 3000;
 
@@ -1471,6 +1539,7 @@ macro_rules! conformance_suite {
             sctp: Sctp,
             health_check_node_port: HealthCheckNodePort,
             cluster_ip_from_node: ClusterIpFromNode,
+            node_port_from_node: NodePortFromNode,
         );
     };
     (@tests $backend:expr, $feed:ident, $family:ident; $($name:ident: $scenario:ident,)*) => {

@@ -194,3 +194,127 @@ fn node_traffic_pair_follows_the_plan_and_is_removed() {
     cleanup(Some(&node)).unwrap();
     assert!(!has_link(HOST_VETH) && !has_link(HOST_PORT));
 }
+
+/// `node_traffic` and NodePorts from the node itself: the ingress chain on `lo` drops the
+/// node's connections to its NodePorts (the engine takes them from its ring), the node's
+/// end of the pair accepts the replies' local source, a flushed `lo` chain is noticed and
+/// put back, `lo` is left to the kernel while `net.ipv4.conf.all.rp_filter` would refuse
+/// the replies, and the chain goes with the datapath.
+#[test]
+fn node_port_chain_on_lo_follows_the_plan_and_is_removed() {
+    use std::collections::BTreeMap;
+    use svcnat_core::model::*;
+    use svcnat_core::plan::{Dataplane, NodeContext, Plan};
+    use svcnat_userspace::driver::HOST_VETH;
+
+    skip_unless_root!();
+    let tb = Testbed::new(TestbedSpec::new(1, 1)).unwrap();
+    let node = tb.ns_of_node(0).to_string();
+    let node_ip = tb.node_ip(0);
+    let table = || {
+        tb.exec_ok(&node, ["nft", "list", "table", "netdev", "svcnat"])
+            .unwrap_or_default()
+    };
+    let mut dp = Userspace::start(UserspaceConfig {
+        netns: Some(node.clone()),
+        interfaces: vec!["eth0".into(), "vp*".into()],
+        workers: 1,
+        node_traffic: true,
+        ..UserspaceConfig::default()
+    })
+    .unwrap();
+    assert_eq!(
+        sysctl(
+            &tb,
+            &node,
+            &format!("net.ipv4.conf.{HOST_VETH}.accept_local")
+        ),
+        "1"
+    );
+    assert_eq!(
+        sysctl(&tb, &node, &format!("net.ipv4.conf.{HOST_VETH}.rp_filter")),
+        "0"
+    );
+
+    let mut c = Cluster::simulated();
+    let mut svc = Service::new(ObjectName::new("default", "web"));
+    svc.service_type = ServiceType::NodePort;
+    svc.cluster_ips = vec!["10.96.0.10".parse().unwrap()];
+    let mut sp = ServicePort::new("", Protocol::Tcp, 80, TargetPort::Number(8080));
+    sp.node_port = Some(30080);
+    svc.ports.push(sp);
+    svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+        "app".to_string(),
+        "web".to_string(),
+    )])));
+    c.upsert_service(svc);
+    let plan = Plan::compile(&c, &NodeContext::new("node-0", vec![node_ip], Vec::new()));
+    dp.resync(&plan).unwrap();
+    let element = format!("{node_ip} . tcp . 30080");
+    let t = table();
+    assert!(t.contains("hook ingress device \"lo\""), "{t}");
+    assert!(t.contains(&element), "{t}");
+    assert!(!dp.drifted().unwrap(), "just applied");
+
+    // The rings take from lo only the node's traffic to its NodePorts: loopback traffic
+    // to other ports (300 datagrams and as many ICMP errors) never reaches them (a few
+    // frames of the pair's own neighbour discovery may); a connection to the NodePort
+    // (refused: no endpoints) does.
+    let frames = || dp.stats().rx_frames;
+    let before = frames();
+    for target in [
+        "127.0.0.1:9",
+        &format!("{node_ip}:9"),
+        &format!("{node_ip}:30081"),
+    ] {
+        let r = tb
+            .probe(&node, ProbeArgs::udp(target.parse().unwrap()).count(100))
+            .unwrap();
+        assert_eq!(r.ok(), 0, "{r:?}");
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(
+        frames() < before + 20,
+        "loopback traffic reached the rings: {before} -> {}",
+        frames()
+    );
+    let r = tb
+        .probe(
+            &node,
+            ProbeArgs::tcp(SocketAddr::new(node_ip, 30080)).count(3),
+        )
+        .unwrap();
+    assert_eq!(r.refused(), 3, "{r:?}");
+    assert!(
+        wait_until(Duration::from_secs(5), || frames() >= before + 3),
+        "the node's SYNs to its NodePort: {before} -> {}",
+        frames()
+    );
+
+    // The lo chain flushed: noticed at the next drift check, put back by the resync.
+    tb.exec_ok(
+        &node,
+        ["nft", "flush", "chain", "netdev", "svcnat", "in_lo"],
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(8), || dp.drifted().unwrap()));
+    dp.resync(&plan).unwrap();
+    assert!(table().contains("@nodeports4 counter"), "{}", table());
+
+    // Reverse-path filtering for every interface: the replies would be refused, so `lo`
+    // stays the kernel's until it is off again.
+    tb.exec_ok(&node, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=2"])
+        .unwrap();
+    dp.resync(&plan).unwrap();
+    assert!(!table().contains("device \"lo\""), "{}", table());
+    tb.exec_ok(&node, ["sysctl", "-qw", "net.ipv4.conf.all.rp_filter=0"])
+        .unwrap();
+    dp.resync(&plan).unwrap();
+    assert!(table().contains("device \"lo\""), "{}", table());
+
+    drop(dp);
+    let out = tb
+        .exec(&node, ["nft", "list", "table", "netdev", "svcnat"])
+        .unwrap();
+    assert!(!out.status.success(), "the lo chain outlived the datapath");
+}

@@ -42,7 +42,10 @@
 //! sources must be node addresses (a martian anywhere else), only frontends and tracked
 //! connections are served there (nothing is routed on), the node's connections are always
 //! masqueraded, and their replies, whose destination is a node address, leave through the
-//! host port to its peer (the connection remembers where its original came in).
+//! host port to its peer (the connection remembers where its original came in). The
+//! loopback port ([`PortConfig::loopback`]) brings the node's connections to NodePorts on
+//! its own addresses, served the same way (replies and ICMP errors out the host port);
+//! every other frame on `lo` is the kernel's.
 //!
 //! Fragments (module `frag`): every IPv4 or IPv6 fragment that passes the input checks
 //! is reassembled first, as conntrack's defragmentation does for all it sees (fragments to
@@ -119,6 +122,11 @@ pub struct PortConfig {
     /// connections are always masqueraded into [`EngineConfig::snat_ports`], and their
     /// replies leave here for this MAC.
     pub host_peer: Option<[u8; 6]>,
+    /// The node's loopback device (`lo`): the node's own packets to NodePorts on its own
+    /// addresses arrive here (a local destination is sent out `lo`), and only those are
+    /// served (as on the host port: masqueraded, replies out the host port); everything
+    /// else on `lo` is the kernel's.
+    pub loopback: bool,
 }
 
 /// A FIB entry: the longest matching prefix wins.
@@ -536,6 +544,8 @@ struct Ports {
     local: HashSet<IpAddr>,
     /// The host port ([`PortConfig::host_peer`]), if there is one.
     host: Option<PortId>,
+    /// The loopback port ([`PortConfig::loopback`]), if there is one.
+    lo: Option<PortId>,
 }
 
 impl Ports {
@@ -548,6 +558,11 @@ impl Ports {
             .iter()
             .map(|n| n.addr())
             .find(|a| a.is_ipv6() == v6 && !is_link_local(*a))
+    }
+
+    /// Whether what arrives on `id` is the node's own traffic (the host port or `lo`).
+    fn node_origin(&self, id: PortId) -> bool {
+        self.host == Some(id) || self.lo == Some(id)
     }
 }
 
@@ -769,6 +784,9 @@ impl Engine {
             if port.host_peer.is_some() {
                 p.host = Some(port.id);
             }
+            if port.loopback {
+                p.lo = Some(port.id);
+            }
             p.by_id.insert(port.id, port);
         }
         self.ports.store(Arc::new(p));
@@ -901,6 +919,9 @@ impl Engine {
         if frame.len() < ETH_LEN {
             return Verdict::Drop(DropReason::Truncated);
         }
+        if port.loopback {
+            return self.handle_loopback(now, meta, &ports, frame, tx);
+        }
         let dst_mac = frame.get(0..6).unwrap_or(&[]);
         let to_us = dst_mac == port.mac;
         match rd16(frame, 12) {
@@ -932,6 +953,55 @@ impl Engine {
             // node does not have is dropped by the kernel. Never forwarded untagged.
             ETH_VLAN | ETH_QINQ | 0x9100 => Verdict::Drop(DropReason::Vlan),
             _ => self.unmatched(),
+        }
+    }
+
+    /// A frame on `lo`: the node talking to itself. Only its connections to a NodePort on
+    /// one of its own addresses (not 127.0.0.1 or ::1, which are not served) are the
+    /// engine's, as kube-proxy's OUTPUT rules translate them; the driver's ingress chain on
+    /// `lo` drops exactly these (by address, protocol and NodePort), so the two must agree:
+    /// everything else is the kernel's, whatever it is.
+    fn handle_loopback(
+        &self,
+        now: Duration,
+        meta: RxMeta,
+        ports: &Ports,
+        frame: &mut [u8],
+        tx: &mut Vec<TxFrame>,
+    ) -> Verdict {
+        let v6 = match rd16(frame, 12) {
+            ETH_IPV4 => false,
+            ETH_IPV6 => true,
+            _ => return Verdict::Kernel,
+        };
+        let Ok(ip) = parse_ip(frame, ETH_LEN, v6, true) else {
+            return Verdict::Kernel;
+        };
+        let adm = self.admission.load();
+        // What `lo` carries was sent by the node, from and to its own addresses.
+        if ip.frag != Frag::No
+            || !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
+            || ip.dst.is_loopback()
+            || !adm.node_addrs.contains(&ip.src)
+            || !adm.node_addrs.contains(&ip.dst)
+        {
+            return Verdict::Kernel;
+        }
+        let Some(dport) = frame.get(ip.l4 + 2..ip.l4 + 4).map(|b| rd16(b, 0)) else {
+            return Verdict::Kernel;
+        };
+        let node_port = self
+            .plan
+            .load()
+            .frontends
+            .get(&(ip.dst, ip.proto, dport))
+            .is_some_and(|fe| fe.node_port);
+        if !node_port {
+            return Verdict::Kernel;
+        }
+        match self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx) {
+            Ok(v) => v,
+            Err(r) => Verdict::Drop(r),
         }
     }
 
@@ -1143,8 +1213,8 @@ impl Engine {
             return Ok(v);
         }
         // The node routes only Service addresses to the host port, and routes the rest
-        // itself: nothing it sends there is routed on.
-        if ports.host == Some(meta.port) {
+        // itself: nothing it sends there (or on `lo`) is routed on.
+        if ports.node_origin(meta.port) {
             return Err(DropReason::NoRoute);
         }
         // Plain routing between owned ports. RFC 4291 2.5.6: a link-local source or
@@ -1197,6 +1267,11 @@ impl Engine {
         let len = ip.end.saturating_sub(ip.l3);
         let in_mtu = ports.by_id.get(&meta.port).map_or(0, |p| p.mtu as usize);
         if reasm.is_none() && in_mtu > 0 && len > in_mtu {
+            return Ok(Fit::Whole);
+        }
+        // `lo`'s MTU is 65,536, and TCP sends it aggregates (GSO) of segments no larger
+        // than the endpoint's MSS: the kernel segments them on transmit.
+        if ports.lo == Some(meta.port) && ip.proto == PROTO_TCP {
             return Ok(Fit::Whole);
         }
         let too_big = |tx: &mut Vec<TxFrame>| {
@@ -1312,7 +1387,14 @@ impl Engine {
         {
             return;
         }
-        let Some(port) = ports.by_id.get(&meta.port) else {
+        // An error about the node's own packet on `lo` goes back through the host port:
+        // from a node address, it would be a martian coming in on `lo` (no accept_local
+        // there), while the node's side of the host pair accepts local sources.
+        let out_id = match ports.host {
+            Some(h) if ports.lo == Some(meta.port) => h,
+            _ => meta.port,
+        };
+        let Some(port) = ports.by_id.get(&out_id) else {
             return;
         };
         // icmp_ratemask: destination unreachable and time exceeded are rate-limited;
@@ -1324,7 +1406,10 @@ impl Engine {
             return;
         }
         let plan = self.plan.load();
+        // On `lo` the packet's destination is a node address (lo's own is 127.0.0.1).
+        let on_lo = out_id != meta.port;
         let Some(src) = src
+            .or(if on_lo { Some(ip.dst) } else { None })
             .or_else(|| ports.addr_of(meta.port, ip.v6))
             .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
         else {
@@ -1346,7 +1431,10 @@ impl Engine {
             return;
         };
         let mut out = Vec::with_capacity(ETH_LEN + 48 + quote.len());
-        out.extend_from_slice(frame.get(6..12).unwrap_or(&[0; 6]));
+        match port.host_peer {
+            Some(peer) if on_lo => out.extend_from_slice(&peer),
+            _ => out.extend_from_slice(frame.get(6..12).unwrap_or(&[0; 6])),
+        }
         out.extend_from_slice(&port.mac);
         let l3 = ETH_LEN;
         let icmp_len = 8 + quote.len();
@@ -1385,7 +1473,7 @@ impl Engine {
         }
         fill_l4_checksum(&mut out, &gen_ip);
         tx.push(TxFrame {
-            port: meta.port,
+            port: out_id,
             data: out,
         });
     }
@@ -1560,7 +1648,7 @@ impl Engine {
         let Some(route) = self.fib.load().lookup(ep.ip()) else {
             return Err(DropReason::NoRoute);
         };
-        let from_host = ports.host == Some(meta.port);
+        let from_host = ports.node_origin(meta.port);
         if ip.ttl <= 1 {
             self.send_icmp_error(
                 now,

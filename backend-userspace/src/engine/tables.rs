@@ -13,7 +13,7 @@ use std::sync::Arc;
 use ipnet::IpNet;
 use parking_lot::Mutex;
 use svcnat_core::model::Protocol;
-use svcnat_core::plan::{BackendSet, BackendSetId, EmptyAction, Masquerade, Plan};
+use svcnat_core::plan::{BackendSet, BackendSetId, EmptyAction, FrontendKind, Masquerade, Plan};
 use svcnat_core::select::{AffinityTable, MAX_MAGLEV_SIZE, Maglev, MaglevBackend};
 
 use super::wire::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
@@ -104,6 +104,8 @@ pub(crate) struct CFrontend {
     pub(crate) affinity: Option<u32>,
     /// Empty-set action.
     pub(crate) on_empty: EmptyAction,
+    /// A NodePort (the node's own connections on `lo` are served only for these).
+    pub(crate) node_port: bool,
 }
 
 /// Everything the packet path needs from a plan.
@@ -251,6 +253,7 @@ impl Registry {
                     source_ranges: fe.source_ranges.clone(),
                     affinity: fe.affinity_timeout,
                     on_empty: fe.on_empty,
+                    node_port: key.kind == FrontendKind::NodePort,
                 },
             );
         }

@@ -43,6 +43,8 @@ pub const POD1_PORT: PortId = 2;
 pub const POD2_PORT: PortId = 3;
 /// The host port of [`fuzz_engine`] (the engine's end of the node's veth pair).
 pub const HOST_PORT: PortId = 4;
+/// The loopback port (`lo`; the node's own packets to NodePorts on its addresses).
+pub const LO_PORT: PortId = 5;
 /// Its MAC.
 pub const HOST_PORT_MAC: [u8; 6] = [2, 0, 0, 0, 0, 4];
 /// The MAC of the node's end of the pair.
@@ -293,6 +295,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_ndp: Vec::new(),
             mtu: 1500,
             host_peer: None,
+            loopback: false,
         },
         PortConfig {
             id: POD1_PORT,
@@ -303,6 +306,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_ndp: gw6.clone(),
             mtu: 1500,
             host_peer: None,
+            loopback: false,
         },
         PortConfig {
             id: POD2_PORT,
@@ -313,6 +317,7 @@ pub fn ports() -> Vec<PortConfig> {
             proxy_ndp: gw6,
             mtu: 1500,
             host_peer: None,
+            loopback: false,
         },
     ]
 }
@@ -413,8 +418,9 @@ pub fn engine() -> Engine {
 }
 
 /// The fuzz target's engine: [`engine`] plus a host port ([`HOST_PORT`], the node's own
-/// traffic) and the node's addresses known to admission, so inputs reach the host-port
-/// paths (node sources only there, masquerade, replies back to the pair) too.
+/// traffic), `lo` ([`LO_PORT`]) and the node's addresses known to admission, so inputs
+/// reach the host-port and loopback paths (node sources only there, masquerade, replies
+/// back to the pair) too.
 pub fn fuzz_engine() -> Engine {
     let e = engine();
     let mut all = ports();
@@ -427,6 +433,20 @@ pub fn fuzz_engine() -> Engine {
         proxy_ndp: vec![POD_GATEWAY6],
         mtu: 1500,
         host_peer: Some(HOST_PEER_MAC),
+        loopback: false,
+    });
+    all.push(PortConfig {
+        id: LO_PORT,
+        name: "lo".into(),
+        mac: [0; 6],
+        addrs: vec![ipnet::IpNet::V4(
+            ipnet::Ipv4Net::new(Ipv4Addr::LOCALHOST, 8).unwrap_or_default(),
+        )],
+        proxy_arp: Vec::new(),
+        proxy_ndp: Vec::new(),
+        mtu: 65536,
+        host_peer: None,
+        loopback: true,
     });
     e.set_ports(all);
     let adm = Admission {
@@ -438,14 +458,16 @@ pub fn fuzz_engine() -> Engine {
 }
 
 /// Feeds one fuzz input to `engine`: the first byte picks the port (bits 0-1: ports 0-3,
-/// port 0 unknown; bit 3 set: the host port instead) and checksum state (bit 2), the rest
+/// port 0 unknown; bit 3 set: the host port instead, bit 4 set: `lo`) and checksum state (bit 2), the rest
 /// is the frame. Never panics (that is what the fuzz target checks).
 pub fn fuzz_one(engine: &Engine, data: &[u8]) {
     let Some((&sel, frame)) = data.split_first() else {
         return;
     };
     let meta = RxMeta {
-        port: if sel & 8 != 0 {
+        port: if sel & 16 != 0 {
+            LO_PORT
+        } else if sel & 8 != 0 {
             HOST_PORT
         } else {
             u32::from(sel & 3)

@@ -138,9 +138,10 @@ struct Args {
     workers: usize,
     /// Userspace backend: route the node's own traffic to ClusterIPs (kubelet probes,
     /// hostNetwork pods) through the datapath, over a veth pair `svcnat-host`/`svcnat-eng`
-    /// and a host route per ClusterIP. NodePorts on the node's own addresses, externalIPs
-    /// and load balancer IPs from the node itself stay unserved. On by default, as
-    /// kube-proxy always serves the node's own traffic; `=false` leaves it to the kernel.
+    /// and a host route per ClusterIP, and take its connections to NodePorts on its own
+    /// addresses on `lo`. 127.0.0.1 NodePorts, externalIPs and load balancer IPs from the
+    /// node itself stay unserved. On by default, as kube-proxy always serves the node's
+    /// own traffic; `=false` leaves it to the kernel.
     #[arg(
         long,
         value_name = "BOOL",
