@@ -441,7 +441,6 @@ impl TxSocket {
     }
 }
 
-/// A classic BPF program accepting frames whose receiving interface is in `ifindexes`.
 /// What the rings take from `lo`: IPv4 (unfragmented) or IPv6 TCP, UDP and SCTP to a
 /// destination port in `ports` (inclusive; `lo > hi` takes none), and IPv6 whose first
 /// next header is another (an extension header: the engine decides). The node's loopback
@@ -454,6 +453,8 @@ pub(crate) struct LoopbackFilter {
     pub(crate) ports: (u16, u16),
 }
 
+/// A classic BPF program accepting frames whose receiving interface is in `ifindexes`, and
+/// from `lo` what `lo` (when given) admits.
 fn ifindex_filter(ifindexes: &[u32], lo: Option<LoopbackFilter>) -> Vec<libc::sock_filter> {
     const LD_W_ABS: u16 = (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16;
     const JEQ_K: u16 = (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16;
