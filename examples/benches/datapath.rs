@@ -6,10 +6,12 @@
 //!   iperf3 -c <node IP>:30521        NodePort 30521 -> srv:5201, TCP and UDP, masqueraded
 //! ```
 //!
-//! For each dataplane (iptables, then userspace with one worker) it measures TCP bulk
-//! throughput (`iperf3`, 4 s) and the small-packet rate: 64-byte UDP frames (256 flows)
-//! written onto the client's link by the frame injector for 4 s, counted where they arrive
-//! on the pod's interface; and prints the userspace/kernel ratios. For the
+//! For each dataplane (iptables, then userspace with one worker, then with two) it measures
+//! TCP bulk throughput (`iperf3`, 4 s, one stream and four streams) and the small-packet
+//! rate: 64-byte UDP frames (256 flows) written onto the client's link by the frame injector
+//! for 4 s, counted where they arrive on the pod's interface; and prints the
+//! userspace/kernel ratios. Streams and flows spread over the workers by the fanout hash,
+//! so a single TCP stream always runs on one worker. For the
 //! userspace datapath it also prints the packets per second of worker CPU time (read from
 //! `/proc/self/task/*/stat`): on a machine where the load generator, the receiver and the
 //! datapath share few cores, the wall-clock rate is bounded by the generator, while the
@@ -38,6 +40,8 @@ const POD_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 10);
 
 struct Figures {
     tcp_bps: f64,
+    /// Four parallel streams.
+    tcp4_bps: f64,
     udp_pps: f64,
     /// Userspace only: (worker CPU seconds during the TCP run, during the UDP run).
     worker_cpu: Option<(f64, f64)>,
@@ -168,9 +172,15 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
         &client,
         &["-c", &target, "-p", &port, "-t", &secs, "-J"],
     );
-    let cpu1 = thread_cpu("svcnat-dp");
     let tcp_bps = num(&t, &["end", "sum_received", "bits_per_second"]).unwrap_or(0.0);
     let tcp_bytes = num(&t, &["end", "sum_received", "bytes"]).unwrap_or(0.0);
+    let t4 = iperf(
+        &tb,
+        &client,
+        &["-c", &target, "-p", &port, "-t", &secs, "-P", "4", "-J"],
+    );
+    let tcp4_bps = num(&t4, &["end", "sum_received", "bits_per_second"]).unwrap_or(0.0);
+    let cpu1 = thread_cpu("svcnat-dp");
 
     // Small packets: 64-byte frames (18-byte UDP payloads) written straight onto the
     // client's link by the injector, 256 flows, as fast as sendmmsg goes; what reaches the
@@ -196,9 +206,11 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
     Figures {
         tcp_bps,
         udp_pps,
+        tcp4_bps,
         worker_cpu: userspace.then_some((cpu1 - cpu0, cpu2 - cpu1)),
-        // MSS-sized segments, for a packets-per-core-second figure of the TCP run.
-        tcp_packets: (tcp_bytes / 1448.0) as u64,
+        // MSS-sized segments, for a packets-per-core-second figure of the TCP runs.
+        tcp_packets: ((tcp_bytes + num(&t4, &["end", "sum_received", "bytes"]).unwrap_or(0.0))
+            / 1448.0) as u64,
         udp_packets: udp_packets as u64,
     }
 }
@@ -225,52 +237,83 @@ fn main() {
         },
         false,
     );
-    let user = measure(
-        "userspace",
-        |ns: &str| {
-            Userspace::start(UserspaceConfig {
-                netns: Some(ns.to_string()),
-                interfaces: vec!["eth0".into(), "vp*".into()],
-                workers: 1,
-                ..UserspaceConfig::default()
-            })
-            .expect("userspace datapath")
-        },
-        true,
-    );
+    let userspace = |workers: usize| {
+        measure(
+            "userspace",
+            move |ns: &str| {
+                Userspace::start(UserspaceConfig {
+                    netns: Some(ns.to_string()),
+                    interfaces: vec!["eth0".into(), "vp*".into()],
+                    workers,
+                    ..UserspaceConfig::default()
+                })
+                .expect("userspace datapath")
+            },
+            true,
+        )
+    };
+    let users = [(1usize, userspace(1)), (2, userspace(2))];
     println!(
         "datapath benchmark: NodePort -> one pod, masqueraded, {SECONDS} s per run, same topology"
     );
-    println!(
-        "{:<28} {:>14} {:>14} {:>8}",
-        "", "iptables (kernel)", "userspace", "ratio"
-    );
-    println!(
-        "{:<28} {:>14.2} {:>14.2} {:>7.2}x",
-        "TCP throughput, Gbit/s",
-        kernel.tcp_bps / 1e9,
-        user.tcp_bps / 1e9,
-        user.tcp_bps / kernel.tcp_bps.max(1.0)
-    );
-    println!(
-        "{:<28} {:>14.0} {:>14.0} {:>7.2}x",
-        "64-byte frames forwarded/s",
-        kernel.udp_pps,
-        user.udp_pps,
-        user.udp_pps / kernel.udp_pps.max(1.0)
-    );
-    if let Some((tcp_cpu, udp_cpu)) = user.worker_cpu {
-        let per_core = |packets: u64, cpu: f64| packets as f64 / cpu.max(0.001);
+    for (workers, user) in &users {
+        println!();
         println!(
-            "userspace worker CPU: TCP run {tcp_cpu:.2} s for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
-            user.tcp_packets,
-            per_core(user.tcp_packets, tcp_cpu)
+            "{:<30} {:>17} {:>14} {:>8}",
+            "",
+            "iptables (kernel)",
+            format!("userspace x{workers}"),
+            "ratio"
         );
-        println!(
-            "userspace worker CPU: small-packet run {udp_cpu:.2} s for {} frames = {:.2} Mpps per worker core (target >= 1)",
-            user.udp_packets,
-            per_core(user.udp_packets, udp_cpu) / 1e6
+        let row = |what: &str, k: f64, u: f64, scale: f64, prec: usize| {
+            println!(
+                "{what:<30} {:>17.prec$} {:>14.prec$} {:>7.2}x",
+                k / scale,
+                u / scale,
+                u / k.max(1.0)
+            );
+        };
+        row(
+            "TCP, 1 stream, Gbit/s",
+            kernel.tcp_bps,
+            user.tcp_bps,
+            1e9,
+            2,
         );
+        row(
+            "TCP, 4 streams, Gbit/s",
+            kernel.tcp4_bps,
+            user.tcp4_bps,
+            1e9,
+            2,
+        );
+        row(
+            "64-byte frames forwarded/s",
+            kernel.udp_pps,
+            user.udp_pps,
+            1.0,
+            0,
+        );
+        if let Some((tcp_cpu, udp_cpu)) = user.worker_cpu {
+            let per_core = |packets: u64, cpu: f64| packets as f64 / cpu.max(0.001);
+            println!(
+                "userspace x{workers} worker CPU: TCP runs {tcp_cpu:.2} s for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
+                user.tcp_packets,
+                per_core(user.tcp_packets, tcp_cpu)
+            );
+            println!(
+                "userspace x{workers} worker CPU: small-packet run {udp_cpu:.2} s for {} frames = {:.2} Mpps per worker core (target >= 1)",
+                user.udp_packets,
+                per_core(user.udp_packets, udp_cpu) / 1e6
+            );
+        }
     }
+    let (one, two) = (&users[0].1, &users[1].1);
+    println!();
+    println!(
+        "scaling, 2 workers / 1 worker: TCP 4 streams {:.2}x, 64-byte frames {:.2}x (two cores shared with the generator and the receiver)",
+        two.tcp4_bps / one.tcp4_bps.max(1.0),
+        two.udp_pps / one.udp_pps.max(1.0)
+    );
     println!("(took {:.1} s)", started.elapsed().as_secs_f64());
 }
