@@ -7,14 +7,14 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
-use super::{Csum, FibEntry, PortId, Route};
+use super::{Csum, FastMap, FibEntry, PortId, Route};
 
 /// Routes grouped by prefix length, longest first. `None`: the kernel routes the prefix
 /// elsewhere (an interface the engine does not own, or a blackhole).
 #[derive(Debug, Default)]
 pub(crate) struct Fib {
-    v4: Vec<(u8, HashMap<u32, Option<Route>>)>,
-    v6: Vec<(u8, HashMap<u128, Option<Route>>)>,
+    v4: Vec<(u8, FastMap<u32, Option<Route>>)>,
+    v6: Vec<(u8, FastMap<u128, Option<Route>>)>,
 }
 
 fn mask4(len: u8) -> u32 {
@@ -49,7 +49,7 @@ impl Fib {
                     let pos = match fib.v4.iter().position(|(l, _)| *l == len) {
                         Some(p) => p,
                         None => {
-                            fib.v4.push((len, HashMap::new()));
+                            fib.v4.push((len, FastMap::default()));
                             fib.v4.len() - 1
                         }
                     };
@@ -63,7 +63,7 @@ impl Fib {
                     let pos = match fib.v6.iter().position(|(l, _)| *l == len) {
                         Some(p) => p,
                         None => {
-                            fib.v6.push((len, HashMap::new()));
+                            fib.v6.push((len, FastMap::default()));
                             fib.v6.len() - 1
                         }
                     };

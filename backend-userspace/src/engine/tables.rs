@@ -17,6 +17,7 @@ use svcnat_core::plan::{BackendSet, BackendSetId, EmptyAction, FrontendKind, Mas
 use svcnat_core::select::{AffinityTable, MAX_MAGLEV_SIZE, Maglev, MaglevBackend};
 
 use super::wire::{PROTO_SCTP, PROTO_TCP, PROTO_UDP};
+use super::{FastMap, FastSet};
 
 /// Affinity entries kept per backend set.
 const AFFINITY_MAX: usize = 65_536;
@@ -112,9 +113,9 @@ pub(crate) struct CFrontend {
 #[derive(Debug, Default)]
 pub(crate) struct Compiled {
     /// Frontends by (address, IP protocol number, port).
-    pub(crate) frontends: HashMap<(IpAddr, u8, u16), CFrontend>,
+    pub(crate) frontends: FastMap<(IpAddr, u8, u16), CFrontend>,
     /// Frontend addresses (any port), for fragment handling.
-    pub(crate) frontend_addrs: HashSet<IpAddr>,
+    pub(crate) frontend_addrs: FastSet<IpAddr>,
     /// The node's addresses.
     pub(crate) node_ips: Vec<IpAddr>,
     /// Pod ranges.
