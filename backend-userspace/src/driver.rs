@@ -124,7 +124,7 @@ use crate::engine::{
     TxFrame, Verdict,
 };
 use crate::sys::{
-    self, LoopbackFilter, PacketSocket, RingConfig, SocketControl, TxSocket, VNET_HDR_LEN,
+    self, LoopbackFilter, PacketSocket, RingConfig, SocketControl, TxRing, TxSocket, VNET_HDR_LEN,
     VNET_NEEDS_CSUM,
 };
 
@@ -151,6 +151,10 @@ pub struct UserspaceConfig {
     pub engine: EngineConfig,
     /// Shape of each worker's receive ring.
     pub ring: RingConfig,
+    /// Transmit frames that fit a 2 KiB slot through a mapped ring (`PACKET_TX_RING`,
+    /// one `sendto` per batch and interface) instead of `sendmmsg` (default on; the
+    /// benchmark compares both).
+    pub tx_ring: bool,
     /// Route the node's own traffic to ClusterIPs through the datapath: a veth pair
     /// [`HOST_VETH`]/[`HOST_PORT`] and a host route per ClusterIP into it, and take its
     /// connections to NodePorts on its own addresses on [`LOOPBACK`] (see the
@@ -181,6 +185,7 @@ impl Default for UserspaceConfig {
             pod_gateway6: Some(Ipv6Addr::new(0xfe80, 0, 0, 0, 0, 0, 0, 1)),
             engine: EngineConfig::default(),
             ring: RingConfig::default(),
+            tx_ring: true,
             node_traffic: false,
         }
     }
@@ -931,37 +936,42 @@ fn socket_error(what: &str, source: std::io::Error) -> SyncError {
     }
 }
 
-/// Opens `n` receive rings and `n` transmit sockets inside the configured namespace (a
+/// Opens `n` receive rings and `n` transmit sides inside the configured namespace (a
 /// packet socket belongs to the namespace it was created in; a short-lived thread enters
 /// it so the caller's thread stays where it is).
 fn open_sockets(
     cfg: &UserspaceConfig,
     n: usize,
-) -> Result<(Vec<PacketSocket>, Vec<TxSocket>), SyncError> {
+) -> Result<(Vec<PacketSocket>, Vec<Tx>), SyncError> {
     let netns = cfg.netns.clone();
     let ring = cfg.ring;
+    let tx_ring = cfg.tx_ring;
     let opened = std::thread::scope(|s| {
-        s.spawn(
-            move || -> Result<(Vec<PacketSocket>, Vec<TxSocket>), SyncError> {
-                if let Some(ns) = &netns {
-                    sys::enter_netns(ns)
-                        .map_err(|source| socket_error(&format!("enter netns {ns}"), source))?;
-                }
-                let mut rx = Vec::new();
-                let mut tx = Vec::new();
-                for _ in 0..n {
-                    rx.push(
-                        PacketSocket::open(ring)
-                            .map_err(|source| socket_error("open an AF_PACKET ring", source))?,
-                    );
-                    tx.push(
-                        TxSocket::open()
-                            .map_err(|source| socket_error("open an AF_PACKET sender", source))?,
-                    );
-                }
-                Ok((rx, tx))
-            },
-        )
+        s.spawn(move || -> Result<(Vec<PacketSocket>, Vec<Tx>), SyncError> {
+            if let Some(ns) = &netns {
+                sys::enter_netns(ns)
+                    .map_err(|source| socket_error(&format!("enter netns {ns}"), source))?;
+            }
+            let mut rx = Vec::new();
+            let mut tx = Vec::new();
+            for _ in 0..n {
+                rx.push(
+                    PacketSocket::open(ring)
+                        .map_err(|source| socket_error("open an AF_PACKET ring", source))?,
+                );
+                let sock = TxSocket::open()
+                    .map_err(|source| socket_error("open an AF_PACKET sender", source))?;
+                let ring = if tx_ring {
+                    Some(TxRing::open(TX_RING_SLOTS).map_err(|source| {
+                        socket_error("open an AF_PACKET transmit ring", source)
+                    })?)
+                } else {
+                    None
+                };
+                tx.push(Tx { sock, ring });
+            }
+            Ok((rx, tx))
+        })
         .join()
     });
     match opened {
@@ -973,6 +983,50 @@ fn open_sockets(
     }
 }
 
+/// Slots in each worker's transmit ring (2 KiB each: 1 MiB per worker).
+const TX_RING_SLOTS: u32 = 512;
+
+/// A worker's transmit side: the ring for frames that fit a slot, the socket for GSO
+/// aggregates, jumbo frames and whatever the ring cannot take at the moment.
+struct Tx {
+    sock: TxSocket,
+    ring: Option<TxRing>,
+}
+
+/// Sends a batch through the ring, one `sendto` per outgoing interface, and the rest with
+/// `sendmmsg`; returns how many frames the kernel took. Frames are grouped by interface in
+/// their order within each (a flow leaves by one interface, so no flow is reordered).
+fn send_by_ring(ring: &mut TxRing, sock: &TxSocket, out: &[(u32, &[u8])]) -> usize {
+    let mut sorted = out.to_vec();
+    // Stable: each interface's frames keep their order.
+    sorted.sort_by_key(|(port, _)| *port);
+    let mut sent = 0;
+    for group in sorted.chunk_by(|a, b| a.0 == b.0) {
+        let port = group[0].0;
+        let mut k = 0;
+        while k < group.len() {
+            if TxRing::fits(group[k].1) {
+                let n = ring.send(port, &group[k..]).unwrap_or(0);
+                if n > 0 {
+                    k += n;
+                    sent += n;
+                    continue;
+                }
+                // The ring is full (or the kernel refused): the socket takes the rest.
+                sent += sock.send_batch(&group[k..]).unwrap_or(0);
+                break;
+            }
+            let end = group[k..]
+                .iter()
+                .position(|(_, f)| TxRing::fits(f))
+                .map_or(group.len(), |p| k + p);
+            sent += sock.send_batch(&group[k..end]).unwrap_or(0);
+            k = end;
+        }
+    }
+    sent
+}
+
 struct Worker {
     engine: Arc<Engine>,
     stop: Arc<AtomicBool>,
@@ -981,7 +1035,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn run(self, mut rx: PacketSocket, tx: TxSocket) {
+    fn run(self, mut rx: PacketSocket, mut tx: Tx) {
         let mut generated: Vec<TxFrame> = Vec::new();
         let mut next_timeout = Duration::ZERO;
         while !self.stop.load(Ordering::Relaxed) {
@@ -1036,15 +1090,15 @@ impl Worker {
                 if vlan > 0 {
                     self.counters.rx_vlan.fetch_add(vlan, Ordering::Relaxed);
                 }
-                self.send(&tx, &out);
+                self.send(&mut tx, &out);
                 drop(out);
                 drop(block);
-                self.flush_generated(&tx, &mut generated);
+                self.flush_generated(&mut tx, &mut generated);
             }
             let now = self.epoch.elapsed();
             if now >= next_timeout {
                 self.engine.handle_timeout(now, &mut generated);
-                self.flush_generated(&tx, &mut generated);
+                self.flush_generated(&mut tx, &mut generated);
                 next_timeout = self
                     .engine
                     .poll_timeout()
@@ -1060,27 +1114,24 @@ impl Worker {
         }
     }
 
-    fn send(&self, tx: &TxSocket, out: &[(u32, &[u8])]) {
+    fn send(&self, tx: &mut Tx, out: &[(u32, &[u8])]) {
         if out.is_empty() {
             return;
         }
-        match tx.send_batch(out) {
-            Ok(n) => {
-                self.counters
-                    .tx_frames
-                    .fetch_add(n as u64, Ordering::Relaxed);
-                let lost = (out.len() - n) as u64;
-                self.counters.tx_errors.fetch_add(lost, Ordering::Relaxed);
-            }
-            Err(_) => {
-                self.counters
-                    .tx_errors
-                    .fetch_add(out.len() as u64, Ordering::Relaxed);
-            }
+        let sent = match tx.ring.as_mut() {
+            None => tx.sock.send_batch(out).unwrap_or(0),
+            Some(ring) => send_by_ring(ring, &tx.sock, out),
+        };
+        self.counters
+            .tx_frames
+            .fetch_add(sent as u64, Ordering::Relaxed);
+        let lost = out.len().saturating_sub(sent) as u64;
+        if lost > 0 {
+            self.counters.tx_errors.fetch_add(lost, Ordering::Relaxed);
         }
     }
 
-    fn flush_generated(&self, tx: &TxSocket, generated: &mut Vec<TxFrame>) {
+    fn flush_generated(&self, tx: &mut Tx, generated: &mut Vec<TxFrame>) {
         if generated.is_empty() {
             return;
         }

@@ -6,6 +6,8 @@
 //!   (it never reads back what it sends), `PACKET_QDISC_BYPASS`, an optional `PACKET_FANOUT`
 //!   group and a classic-BPF filter on the receiving interface index.
 //! - [`TxSocket`]: a transmit-only packet socket, batched with `sendmmsg(2)`.
+//! - [`TxRing`]: a transmit-only packet socket with a mapped `TPACKET_V2` ring, one
+//!   `sendto(2)` per batch to one interface.
 //! - [`RxBlock`] / [`RxFrame`]: a retired ring block handed to user space and its frames, as
 //!   safe mutable slices; dropping the block returns it to the kernel.
 //! - [`enter_netns`]: `setns(2)` for the calling thread.
@@ -438,6 +440,205 @@ impl TxSocket {
             sent += rc as usize;
         }
         Ok(sent)
+    }
+}
+
+/// Shape of a transmit ring: `frames` slots of [`TxRing::SLOT`] bytes.
+const TX_SLOT: u32 = 2048;
+/// Slots per block (a block must hold whole slots; 32 slots make a 64 KiB block).
+const TX_SLOTS_PER_BLOCK: u32 = 32;
+/// `TPACKET_ALIGN(sizeof(struct tpacket2_hdr))`: where a slot's frame starts.
+const TX_DATA_OFF: usize = 32;
+const TP_STATUS_AVAILABLE: u32 = 0;
+const TP_STATUS_SEND_REQUEST: u32 = 1;
+
+/// A transmit ring (`PACKET_TX_RING`, `TPACKET_V2`): frames are written into mapped slots
+/// and one `sendto(2)` hands the kernel every queued slot, without the per-message copying
+/// of headers and addresses that `sendmmsg(2)` does.
+///
+/// Every frame is copied into the socket buffer whole. `tpacket_snd` copies only the
+/// first `virtio_net_hdr.hdr_len` bytes and attaches the rest of the slot's page as a
+/// fragment, and marks the slot free when the buffer's owner is dropped, which the
+/// receiving stack of a veth peer does on entry (`ip_rcv`), possibly long before a socket
+/// has read the data: a reused slot could then rewrite a datagram still queued in a pod.
+/// So each slot's header says "the whole frame" (`hdr_len` = its length) and no page of
+/// the ring is ever handed out. (On 6.18 the rewrite did not show in our test even
+/// without this, something on the veth path copying; nothing promises that.) Frames that
+/// need segmentation (GSO) or do not fit a slot are the caller's to send otherwise.
+#[derive(Debug)]
+pub(crate) struct TxRing {
+    fd: OwnedFd,
+    map: NonNull<u8>,
+    map_len: usize,
+    slots: u32,
+    head: u32,
+}
+
+// Safety: the mapping belongs to this ring alone and is only reached through `&mut self`.
+unsafe impl Send for TxRing {}
+
+impl TxRing {
+    /// The largest frame a slot takes, `virtio_net_hdr` included.
+    pub(crate) const MAX_FRAME: usize = TX_SLOT as usize - TX_DATA_OFF;
+
+    /// Opens a transmit socket with a ring of at least `slots` slots (rounded up to whole
+    /// blocks); buffers start with a `virtio_net_hdr`.
+    pub(crate) fn open(slots: u32) -> io::Result<TxRing> {
+        // Safety: plain socket(2) call; the result is checked before use.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, 0) };
+        if raw < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // Safety: `raw` is a new descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        let one: libc::c_int = 1;
+        let version = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one)?;
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one)?;
+        // A malformed slot is skipped (and freed) instead of stopping the ring.
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_LOSS, &one)?;
+        let blocks = slots.div_ceil(TX_SLOTS_PER_BLOCK).max(1);
+        let req = libc::tpacket_req {
+            tp_block_size: TX_SLOT * TX_SLOTS_PER_BLOCK,
+            tp_block_nr: blocks,
+            tp_frame_size: TX_SLOT,
+            tp_frame_nr: blocks * TX_SLOTS_PER_BLOCK,
+        };
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_TX_RING, &req)?;
+        let slots = blocks * TX_SLOTS_PER_BLOCK;
+        let map_len = slots as usize * TX_SLOT as usize;
+        // Safety: maps the ring the kernel just allocated for this socket, exactly its size.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if map == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let Some(map) = NonNull::new(map.cast::<u8>()) else {
+            return Err(io::Error::other("mmap returned NULL"));
+        };
+        Ok(TxRing {
+            fd,
+            map,
+            map_len,
+            slots,
+            head: 0,
+        })
+    }
+
+    fn slot(&self, index: u32) -> *mut u8 {
+        // Safety: `index < slots`, so the slot lies inside the mapping.
+        unsafe { self.map.as_ptr().add(index as usize * TX_SLOT as usize) }
+    }
+
+    fn status(&self, index: u32) -> &AtomicU32 {
+        // Safety: `tp_status` is the first, 4-byte aligned u32 of the slot's
+        // `tpacket2_hdr`, living as long as the mapping (and so `&self`). The kernel marks a
+        // slot free with a store after it is done with it; Acquire orders our writes to the
+        // slot after that.
+        unsafe { AtomicU32::from_ptr(self.slot(index).cast::<u32>()) }
+    }
+
+    /// Whether a buffer (`virtio_net_hdr` and frame) goes through the ring: no GSO, and
+    /// it fits a slot.
+    pub(crate) fn fits(buf: &[u8]) -> bool {
+        (VNET_HDR_LEN + 14..=Self::MAX_FRAME).contains(&buf.len())
+            && buf.get(1).is_some_and(|gso| *gso == 0)
+    }
+
+    /// Sends the leading frames of `frames` that [fit](TxRing::fits) out of interface
+    /// `ifindex` (the frames' own interface numbers are not read), in order. Returns how
+    /// many the kernel took; the rest (one that does not fit and those after it, a full
+    /// ring, a full socket buffer, an interface gone) are the caller's to send otherwise.
+    pub(crate) fn send(&mut self, ifindex: u32, frames: &[(u32, &[u8])]) -> io::Result<usize> {
+        let start = self.head;
+        let mut queued = 0u32;
+        for (_, f) in frames {
+            let idx = (start + queued) % self.slots;
+            if queued == self.slots
+                || !Self::fits(f)
+                || self.status(idx).load(Ordering::Acquire) != TP_STATUS_AVAILABLE
+            {
+                break;
+            }
+            let whole = (f.len() - VNET_HDR_LEN) as u16;
+            // Safety: the slot is free (the kernel set AVAILABLE, read with Acquire) and
+            // holds TX_SLOT bytes: the header's length field at offset 4 and the frame at
+            // TX_DATA_OFF, `f.len() <= MAX_FRAME` bytes, stay inside it.
+            unsafe {
+                let p = self.slot(idx);
+                std::ptr::write_unaligned(p.add(4).cast::<u32>(), f.len() as u32);
+                let data = p.add(TX_DATA_OFF);
+                std::ptr::copy_nonoverlapping(f.as_ptr(), data, f.len());
+                // virtio_net_hdr.hdr_len (little endian): copy the whole frame.
+                std::ptr::write_unaligned(data.add(2).cast::<u16>(), whole.to_le());
+            }
+            // Release: the slot's contents before the kernel may read them.
+            self.status(idx)
+                .store(TP_STATUS_SEND_REQUEST, Ordering::Release);
+            queued += 1;
+        }
+        if queued == 0 {
+            return Ok(0);
+        }
+        // Safety: an all-zero sockaddr_ll is valid.
+        let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_protocol = ETH_P_ALL_BE;
+        sll.sll_ifindex = ifindex as i32;
+        // Safety: no buffer is passed; `sll` is a valid sockaddr_ll of the size given. The
+        // kernel reads the slots marked SEND_REQUEST, which stay untouched by us until it
+        // marks them free.
+        let rc = unsafe {
+            libc::sendto(
+                self.fd.as_raw_fd(),
+                std::ptr::null(),
+                0,
+                libc::MSG_DONTWAIT,
+                (&sll as *const libc::sockaddr_ll).cast(),
+                size_of::<libc::sockaddr_ll>() as libc::socklen_t,
+            )
+        };
+        let err = (rc < 0).then(io::Error::last_os_error);
+        // The kernel takes slots in order from its head, which was ours at `start`, and
+        // stops at the first it cannot send. Those still requested were not taken: free
+        // them and move our head to the first, where the kernel's stays, so that a later
+        // call for another interface never sends them there.
+        let mut sent = 0u32;
+        while sent < queued
+            && self
+                .status((start + sent) % self.slots)
+                .load(Ordering::Acquire)
+                != TP_STATUS_SEND_REQUEST
+        {
+            sent += 1;
+        }
+        for i in sent..queued {
+            self.status((start + i) % self.slots)
+                .store(TP_STATUS_AVAILABLE, Ordering::Release);
+        }
+        self.head = (start + sent) % self.slots;
+        match err {
+            Some(e) if sent == 0 && e.kind() != io::ErrorKind::WouldBlock => Err(e),
+            _ => Ok(sent as usize),
+        }
+    }
+}
+
+impl Drop for TxRing {
+    fn drop(&mut self) {
+        // Safety: unmaps exactly the region mapped in `open`; nothing borrows it.
+        unsafe {
+            libc::munmap(self.map.as_ptr().cast(), self.map_len);
+        }
     }
 }
 
