@@ -5,12 +5,16 @@
 
 use std::io;
 
-use crate::sys::{self, TxSocket, VNET_HDR_LEN};
+use parking_lot::Mutex;
+
+use crate::sys::{self, TxRing, TxSocket, VNET_HDR_LEN};
 
 /// An open injector on one interface.
 #[derive(Debug)]
 pub struct Injector {
     tx: TxSocket,
+    /// With [`Injector::open_ring`]: the transmit ring the datapath's workers use.
+    ring: Option<Mutex<TxRing>>,
     ifindex: u32,
 }
 
@@ -18,6 +22,18 @@ impl Injector {
     /// Opens an injector on `interface` in the network namespace `netns` (`None`: the
     /// current one).
     pub fn open(netns: Option<&str>, interface: &str) -> io::Result<Injector> {
+        Self::open_with(netns, interface, false)
+    }
+
+    /// Like [`Injector::open`], but frames that fit go through a transmit ring
+    /// (`PACKET_TX_RING`, as the datapath's workers send), one `sendto` per batch; the
+    /// others with `sendmmsg`. Malformed frames are dropped by the kernel without an
+    /// error, so tests of hostile input use [`Injector::open`].
+    pub fn open_ring(netns: Option<&str>, interface: &str) -> io::Result<Injector> {
+        Self::open_with(netns, interface, true)
+    }
+
+    fn open_with(netns: Option<&str>, interface: &str, ring: bool) -> io::Result<Injector> {
         let netns = netns.map(str::to_string);
         let interface = interface.to_string();
         std::thread::scope(|s| {
@@ -28,6 +44,11 @@ impl Injector {
                 let ifindex = sys::if_index(&interface)?;
                 Ok(Injector {
                     tx: TxSocket::open()?,
+                    ring: if ring {
+                        Some(Mutex::new(TxRing::open(512)?))
+                    } else {
+                        None
+                    },
                     ifindex,
                 })
             })
@@ -39,19 +60,42 @@ impl Injector {
     /// Sends every frame of `frames` once, in batches; returns how many the kernel took
     /// (a full device queue drops the rest of a batch, as a NIC would).
     pub fn send(&self, frames: &[Vec<u8>]) -> io::Result<usize> {
-        let bufs: Vec<Vec<u8>> = frames
-            .iter()
-            .map(|f| {
-                let mut b = vec![0u8; VNET_HDR_LEN];
-                b.extend_from_slice(f);
-                b
-            })
-            .collect();
         let mut sent = 0;
-        for chunk in bufs.chunks(256) {
-            let batch: Vec<(u32, &[u8])> =
-                chunk.iter().map(|b| (self.ifindex, b.as_slice())).collect();
-            sent += self.tx.send_batch(&batch)?;
+        let mut buf = Vec::new();
+        let mut ends = Vec::with_capacity(256);
+        for chunk in frames.chunks(256) {
+            // One buffer per batch: each frame behind its (all-zero) virtio_net_hdr.
+            buf.clear();
+            ends.clear();
+            for f in chunk {
+                buf.resize(buf.len() + VNET_HDR_LEN, 0);
+                buf.extend_from_slice(f);
+                ends.push(buf.len());
+            }
+            let mut start = 0;
+            let batch: Vec<(u32, &[u8])> = ends
+                .iter()
+                .map(|&end| {
+                    let b = (self.ifindex, &buf[start..end]);
+                    start = end;
+                    b
+                })
+                .collect();
+            let mut done = 0;
+            if let Some(ring) = &self.ring {
+                let mut ring = ring.lock();
+                while done < batch.len() {
+                    let n = ring.send(self.ifindex, &batch[done..])?;
+                    if n == 0 {
+                        break;
+                    }
+                    done += n;
+                }
+            }
+            sent += done;
+            if done < batch.len() {
+                sent += self.tx.send_batch(&batch[done..])?;
+            }
         }
         Ok(sent)
     }
