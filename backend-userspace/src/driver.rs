@@ -4,7 +4,7 @@
 //! ```text
 //!   owned interfaces (eth0, vp*) ──► TPACKET_V3 rings, PACKET_FANOUT hash ──► worker 0..N
 //!        ▲                                                                 │ Engine::handle_frame
-//!        └─────────────── sendmmsg on a transmit socket ◄──────────────────┘ (shared, Sync)
+//!        └──── TPACKET_V2 transmit ring (sendmmsg for GSO frames) ◄────────┘ (shared, Sync)
 //!
 //!   kernel: net.ipv4.ip_forward=0, and `table netdev svcnat` drops at ingress what the
 //!   engine forwards (transit traffic, node-address frontends, SNAT'd replies)
