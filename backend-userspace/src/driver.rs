@@ -1027,6 +1027,14 @@ fn send_by_ring(ring: &mut TxRing, sock: &TxSocket, out: &[(u32, &[u8])]) -> usi
     sent
 }
 
+/// A frame the engine made, behind an all-zero `virtio_net_hdr` (no offloads).
+fn with_vnet_header(data: &[u8]) -> Vec<u8> {
+    let mut b = Vec::with_capacity(VNET_HDR_LEN + data.len());
+    b.resize(VNET_HDR_LEN, 0);
+    b.extend_from_slice(data);
+    b
+}
+
 struct Worker {
     engine: Arc<Engine>,
     stop: Arc<AtomicBool>,
@@ -1044,6 +1052,11 @@ impl Worker {
                 got = true;
                 let now = self.epoch.elapsed();
                 let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
+                // Frames the engine made while handling this block (ARP/ND, ICMP errors,
+                // packets released by a resolved neighbour), each with the number of
+                // forwarded frames before it: they leave in that place, so that packets
+                // held for a neighbour go out before those that came after them.
+                let mut made: Vec<(usize, u32, Vec<u8>)> = Vec::new();
                 let (mut frames, mut truncated, mut vlan) = (0u64, 0u64, 0u64);
                 for frame in block.frames() {
                     frames += 1;
@@ -1076,6 +1089,11 @@ impl Worker {
                         };
                         self.engine.handle_frame(now, meta, eth, &mut generated)
                     };
+                    made.extend(
+                        generated
+                            .drain(..)
+                            .map(|f| (out.len(), f.port, with_vnet_header(&f.data))),
+                    );
                     if let Verdict::Forward { port } = verdict {
                         out.push((port, &*buf));
                     }
@@ -1090,10 +1108,22 @@ impl Worker {
                 if vlan > 0 {
                     self.counters.rx_vlan.fetch_add(vlan, Ordering::Relaxed);
                 }
-                self.send(&mut tx, &out);
+                if made.is_empty() {
+                    self.send(&mut tx, &out);
+                } else {
+                    let mut merged = Vec::with_capacity(out.len() + made.len());
+                    let mut made_iter = made.iter().peekable();
+                    for (i, fwd) in out.iter().enumerate() {
+                        while let Some((_, port, buf)) = made_iter.next_if(|m| m.0 <= i) {
+                            merged.push((*port, buf.as_slice()));
+                        }
+                        merged.push(*fwd);
+                    }
+                    merged.extend(made_iter.map(|(_, port, buf)| (*port, buf.as_slice())));
+                    self.send(&mut tx, &merged);
+                }
                 drop(out);
                 drop(block);
-                self.flush_generated(&mut tx, &mut generated);
             }
             let now = self.epoch.elapsed();
             if now >= next_timeout {
@@ -1137,11 +1167,7 @@ impl Worker {
         }
         let bufs: Vec<(u32, Vec<u8>)> = generated
             .drain(..)
-            .map(|f| {
-                let mut b = vec![0u8; VNET_HDR_LEN];
-                b.extend_from_slice(&f.data);
-                (f.port, b)
-            })
+            .map(|f| (f.port, with_vnet_header(&f.data)))
             .collect();
         let refs: Vec<(u32, &[u8])> = bufs.iter().map(|(p, b)| (*p, b.as_slice())).collect();
         self.send(tx, &refs);

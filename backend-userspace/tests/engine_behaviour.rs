@@ -762,6 +762,32 @@ fn masquerade_ports_are_unique_per_endpoint() {
     }
 }
 
+/// An unresolved neighbour holds at most NEIGHBOUR_QUEUE_BYTES of frames: 1,442-byte
+/// datagrams to a UDP ClusterIP whose endpoint is being resolved, 45 wait, the 46th is
+/// dropped.
+#[test]
+fn neighbour_queue_is_bounded_in_bytes() {
+    let e = engine_with(EngineConfig::default(), false);
+    let big = |sport: u16| {
+        let mut out = Vec::new();
+        PacketBuilder::ethernet2(POD2_MAC, POD2_PORT_MAC)
+            .ipv4(POD2, [10, 96, 0, 53], 64)
+            .udp(sport, 53)
+            .write(&mut out, &[7u8; 1400])
+            .unwrap();
+        out
+    };
+    assert_eq!(big(1).len(), 1442);
+    let fits = NEIGHBOUR_QUEUE_BYTES / 1442;
+    for p in 0..fits as u16 {
+        let (v, _, _) = feed(&e, secs(10), POD2_PORT, &big(1000 + p));
+        assert_eq!(v, Verdict::Consumed, "datagram {p}");
+    }
+    let (v, _, _) = feed(&e, secs(10), POD2_PORT, &big(2000));
+    assert_eq!(v, Verdict::Drop(DropReason::NoNeighbour));
+    assert_eq!(e.counters().dropped(DropReason::NoNeighbour), 1);
+}
+
 #[test]
 fn arp_retries_then_gives_up_and_neighbours_expire() {
     let e = engine_with(EngineConfig::default(), false);
@@ -778,8 +804,8 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
     let (v, _, tx) = feed(&e, secs(10), POD1_PORT, &syn);
     assert_eq!(v, Verdict::Consumed);
     assert_eq!(tx.len(), 1);
-    // Queue bound: three packets wait, the fourth is dropped.
-    for p in 1..=3u16 {
+    // Queue bound: 101 packets wait (the kernel's unres_qlen), the next is dropped.
+    for p in 1..=101u16 {
         let f = tcp(
             POD1_MAC,
             POD1_PORT_MAC,
@@ -794,7 +820,7 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
         assert!(tx.is_empty(), "one request per round");
         assert_eq!(
             v,
-            if p < 3 {
+            if p < 101 {
                 Verdict::Consumed
             } else {
                 Verdict::Drop(DropReason::NoNeighbour)
@@ -813,7 +839,7 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
         sent += tx.len();
     }
     assert_eq!(sent, 2, "two retries after the first request");
-    assert_eq!(e.counters().dropped(DropReason::NoNeighbour), 1 + 3);
+    assert_eq!(e.counters().dropped(DropReason::NoNeighbour), 1 + 101);
     // Learn pod2 from its ARP request for the gateway; it is reachable 30 s, then
     // re-resolved while still used, and forgotten when nobody answers.
     let req = arp(

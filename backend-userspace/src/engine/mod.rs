@@ -98,6 +98,12 @@ use wire::*;
 /// probe sequence; tables that packets fill (neighbours, ICMP rate limits, conntrack with
 /// its own keyed hash) keep their hashers.
 pub(crate) type FastMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// Bytes of frames queued per unresolved neighbour at most (with at most 1,024 neighbours
+/// being resolved at once, 64 MiB in all). The kernel's `unres_qlen_bytes` is 212,992
+/// bytes of buffer (about 101 small packets) per neighbour, with up to `gc_thresh3` of
+/// them.
+pub const NEIGHBOUR_QUEUE_BYTES: usize = 64 * 1024;
 /// The set form of [`FastMap`].
 pub(crate) type FastSet<K> = HashSet<K, foldhash::fast::RandomState>;
 
@@ -289,7 +295,8 @@ pub struct EngineConfig {
     pub timeouts: Timeouts,
     /// How long a resolved neighbour stays reachable before it is re-resolved.
     pub neighbour_reachable: Duration,
-    /// Packets queued per unresolved neighbour.
+    /// Packets queued per unresolved neighbour (default 101, the kernel's `unres_qlen`),
+    /// and at most [`NEIGHBOUR_QUEUE_BYTES`] of them.
     pub neighbour_queue: usize,
     /// Number of connection-table shards (rounded up to a power of two).
     pub shards: usize,
@@ -334,7 +341,7 @@ impl Default for EngineConfig {
             unmatched: Unmatched::Kernel,
             timeouts: Timeouts::default(),
             neighbour_reachable: Duration::from_secs(30),
-            neighbour_queue: 3,
+            neighbour_queue: 101,
             shards: 64,
             hash_key: 0,
             icmp_limits: IcmpLimits::default(),
@@ -2026,7 +2033,8 @@ impl Engine {
             wr(frame, 0, &mac);
             return Ok(Verdict::Forward { port: out });
         }
-        if n.queue.len() >= self.cfg.neighbour_queue {
+        let held: usize = n.queue.iter().map(|q| q.frame.len()).sum();
+        if n.queue.len() >= self.cfg.neighbour_queue || held + frame.len() > NEIGHBOUR_QUEUE_BYTES {
             return Err(DropReason::NoNeighbour);
         }
         n.queue.push(Queued {
