@@ -103,6 +103,34 @@ fn setsockopt<T>(fd: &OwnedFd, level: libc::c_int, name: libc::c_int, value: &T)
     Ok(())
 }
 
+/// Maps the ring (receive or transmit) the kernel has just allocated for `fd`, `len`
+/// bytes, populated; locked in memory when `RLIMIT_MEMLOCK` allows.
+fn map_ring(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
+    let map = |flags: libc::c_int| {
+        // Safety: maps exactly the ring the kernel allocated for this socket (`len` is its
+        // size); the result is checked before use.
+        unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_POPULATE | flags,
+                fd.as_raw_fd(),
+                0,
+            )
+        }
+    };
+    let mut p = map(libc::MAP_LOCKED);
+    if p == libc::MAP_FAILED {
+        // MAP_LOCKED fails under a low RLIMIT_MEMLOCK; the ring works unlocked too.
+        p = map(0);
+    }
+    if p == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
+}
+
 /// A packet socket with a mapped `TPACKET_V3` receive ring.
 #[derive(Debug)]
 pub(crate) struct PacketSocket {
@@ -161,41 +189,7 @@ impl PacketSocket {
         };
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
         let map_len = ring.block_size as usize * ring.block_count as usize;
-        // Safety: maps the ring the kernel just allocated for this socket; the length is
-        // exactly the ring's size and the mapping is checked before use.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_LOCKED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        let map = if map == libc::MAP_FAILED {
-            // MAP_LOCKED fails under a low RLIMIT_MEMLOCK; the ring works unlocked too.
-            // Safety: as above, without MAP_LOCKED.
-            let map = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    map_len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_POPULATE,
-                    fd.as_raw_fd(),
-                    0,
-                )
-            };
-            if map == libc::MAP_FAILED {
-                return Err(io::Error::last_os_error());
-            }
-            map
-        } else {
-            map
-        };
-        let Some(map) = NonNull::new(map.cast::<u8>()) else {
-            return Err(io::Error::other("mmap returned NULL"));
-        };
+        let map = map_ring(&fd, map_len)?;
         let sock = PacketSocket {
             fd,
             map,
@@ -508,23 +502,7 @@ impl TxRing {
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_TX_RING, &req)?;
         let slots = blocks * TX_SLOTS_PER_BLOCK;
         let map_len = slots as usize * TX_SLOT as usize;
-        // Safety: maps the ring the kernel just allocated for this socket, exactly its size.
-        let map = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                map_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_POPULATE,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if map == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        let Some(map) = NonNull::new(map.cast::<u8>()) else {
-            return Err(io::Error::other("mmap returned NULL"));
-        };
+        let map = map_ring(&fd, map_len)?;
         Ok(TxRing {
             fd,
             map,
