@@ -1529,6 +1529,40 @@ impl Testbed {
         cmd.args(args).stdin(Stdio::null()).output()
     }
 
+    /// An observation table in `ns`: `table netdev obs`, an ingress chain on `eth0` ahead
+    /// of everything else (priority -600), one counting rule per nftables match in
+    /// `rules`; read with [`Testbed::ingress_counter`].
+    pub fn install_ingress_counters(&self, ns: &str, rules: &[String]) -> io::Result<()> {
+        let mut s = String::from(
+            "table netdev obs {\n chain c {\n  type filter hook ingress device \"eth0\" priority -600; policy accept;\n",
+        );
+        for r in rules {
+            s.push_str(&format!("  {r} counter\n"));
+        }
+        s.push_str(" }\n}\n");
+        let path = std::env::temp_dir().join(format!("svcnat-obs-{}-{ns}.nft", std::process::id()));
+        std::fs::write(&path, s)?;
+        let r = self.exec_ok(ns, ["nft", "-f", &path.to_string_lossy()]);
+        let _ = std::fs::remove_file(&path);
+        r.map(|_| ())
+    }
+
+    /// The packets counted by the rule of [`Testbed::install_ingress_counters`] whose
+    /// match is `rule` (as nftables lists it back).
+    pub fn ingress_counter(&self, ns: &str, rule: &str) -> io::Result<u64> {
+        let listing = self.exec_ok(ns, ["nft", "list", "table", "netdev", "obs"])?;
+        let line = listing
+            .lines()
+            .find(|l| l.trim_start().starts_with(&format!("{rule} ")))
+            .ok_or_else(|| io::Error::other(format!("no rule {rule} in {listing}")))?;
+        let mut words = line.split_whitespace();
+        words.find(|w| *w == "packets");
+        words
+            .next()
+            .and_then(|n| n.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("no packet count in {line}")))
+    }
+
     /// Like [`Testbed::exec`] but fails on a non-zero status (the error carries stderr), and
     /// returns stdout.
     pub fn exec_ok<I, S>(&self, ns: &str, args: I) -> io::Result<String>

@@ -134,34 +134,9 @@ fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], case: &Case, sport: u16) -> Vec<u8>
     out
 }
 
-/// An ingress table in `ns` counting, per case, the UDP packets from its source port.
-fn install_counters(tb: &Testbed, ns: &str, ports: &[u16]) {
-    let mut s = String::from(
-        "table netdev obs {\n chain c {\n  type filter hook ingress device \"eth0\" priority -600; policy accept;\n",
-    );
-    for p in ports {
-        s.push_str(&format!("  udp sport {p} udp dport 9999 counter\n"));
-    }
-    s.push_str(" }\n}\n");
-    let path = std::env::temp_dir().join(format!("svcnat-obs-{}-{ns}.nft", std::process::id()));
-    std::fs::write(&path, s).unwrap();
-    tb.exec_ok(ns, ["nft", "-f", path.to_str().unwrap()])
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-}
-
-/// The counter of the rule for source port `port` in `ns`.
-fn counted(tb: &Testbed, ns: &str, port: u16) -> u64 {
-    let listing = tb
-        .exec_ok(ns, ["nft", "list", "table", "netdev", "obs"])
-        .unwrap();
-    let line = listing
-        .lines()
-        .find(|l| l.contains(&format!("udp sport {port} ")))
-        .unwrap_or_else(|| panic!("no rule for {port} in {listing}"));
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == "packets");
-    words.next().unwrap().parse().unwrap()
+/// The rule counting, per case, the UDP packets from its source port.
+fn case_rule(port: u16) -> String {
+    format!("udp sport {port} udp dport 9999")
 }
 
 /// Injects every case (three copies each, source port `base + i`) and returns what
@@ -173,8 +148,9 @@ fn run_cases(tb: &Testbed, cases: &[Case], base: u16) -> Vec<(u64, u64)> {
     let pod_ns = tb.ns_of_pod("web-0").unwrap().to_string();
     let gw_ns = tb.ns_of_node(1).to_string();
     let ports: Vec<u16> = (0..cases.len() as u16).map(|i| base + i).collect();
-    install_counters(tb, &pod_ns, &ports);
-    install_counters(tb, &gw_ns, &ports);
+    let rules: Vec<String> = ports.iter().map(|&p| case_rule(p)).collect();
+    tb.install_ingress_counters(&pod_ns, &rules).unwrap();
+    tb.install_ingress_counters(&gw_ns, &rules).unwrap();
     for round in 0..3 {
         let frames: Vec<Vec<u8>> = cases
             .iter()
@@ -188,7 +164,13 @@ fn run_cases(tb: &Testbed, cases: &[Case], base: u16) -> Vec<(u64, u64)> {
     std::thread::sleep(Duration::from_millis(300));
     let seen = ports
         .iter()
-        .map(|p| (counted(tb, &pod_ns, *p), counted(tb, &gw_ns, *p)))
+        .map(|p| {
+            let rule = case_rule(*p);
+            (
+                tb.ingress_counter(&pod_ns, &rule).unwrap(),
+                tb.ingress_counter(&gw_ns, &rule).unwrap(),
+            )
+        })
         .collect();
     for ns in [&pod_ns, &gw_ns] {
         tb.exec_ok(ns, ["nft", "delete", "table", "netdev", "obs"])

@@ -227,22 +227,6 @@ fn frame(src_mac: [u8; 6], dst_mac: [u8; 6], case: &Case, sport: u16) -> Vec<u8>
     out
 }
 
-/// An ingress table on `eth0` in `ns` with one counting rule per match in `rules`.
-fn install_counters(tb: &Testbed, ns: &str, rules: &[String]) {
-    let mut s = String::from(
-        "table netdev obs {\n chain c {\n  type filter hook ingress device \"eth0\" priority -600; policy accept;\n",
-    );
-    for r in rules {
-        s.push_str(&format!("  {r} counter\n"));
-    }
-    s.push_str(" }\n}\n");
-    let path = std::env::temp_dir().join(format!("svcnat-obs6-{}-{ns}.nft", std::process::id()));
-    std::fs::write(&path, s).unwrap();
-    tb.exec_ok(ns, ["nft", "-f", path.to_str().unwrap()])
-        .unwrap();
-    let _ = std::fs::remove_file(&path);
-}
-
 /// The rule counting, per case, the UDP packets from its source port.
 fn case_rule(port: u16) -> String {
     format!("udp sport {port} udp dport 9999")
@@ -250,20 +234,6 @@ fn case_rule(port: u16) -> String {
 
 /// The rule counting ICMPv6 time exceeded messages.
 const TIME_EXCEEDED: &str = "icmpv6 type time-exceeded";
-
-/// The counter of the rule whose listing starts with `rule` in `ns`.
-fn counted(tb: &Testbed, ns: &str, rule: &str) -> u64 {
-    let listing = tb
-        .exec_ok(ns, ["nft", "list", "table", "netdev", "obs"])
-        .unwrap();
-    let line = listing
-        .lines()
-        .find(|l| l.trim_start().starts_with(&format!("{rule} ")))
-        .unwrap_or_else(|| panic!("no rule {rule} in {listing}"));
-    let mut words = line.split_whitespace();
-    words.find(|w| *w == "packets");
-    words.next().unwrap().parse().unwrap()
-}
 
 /// Injects every case (three copies each, source port `base + i`) and returns what
 /// arrived in the pod and at the gateway per case, and how many ICMPv6 time exceeded
@@ -277,9 +247,10 @@ fn run_cases(tb: &Testbed, cases: &[Case], base: u16) -> (Vec<(u64, u64)>, u64) 
     let gw_ns = tb.ns_of_node(1).to_string();
     let ports: Vec<u16> = (0..cases.len() as u16).map(|i| base + i).collect();
     let rules: Vec<String> = ports.iter().map(|p| case_rule(*p)).collect();
-    install_counters(tb, &pod_ns, &rules);
-    install_counters(tb, &gw_ns, &rules);
-    install_counters(tb, &client_ns, &[TIME_EXCEEDED.to_string()]);
+    tb.install_ingress_counters(&pod_ns, &rules).unwrap();
+    tb.install_ingress_counters(&gw_ns, &rules).unwrap();
+    tb.install_ingress_counters(&client_ns, &[TIME_EXCEEDED.to_string()])
+        .unwrap();
     for round in 0..3 {
         let frames: Vec<Vec<u8>> = cases
             .iter()
@@ -293,9 +264,14 @@ fn run_cases(tb: &Testbed, cases: &[Case], base: u16) -> (Vec<(u64, u64)>, u64) 
     std::thread::sleep(Duration::from_millis(300));
     let seen = rules
         .iter()
-        .map(|r| (counted(tb, &pod_ns, r), counted(tb, &gw_ns, r)))
+        .map(|r| {
+            (
+                tb.ingress_counter(&pod_ns, r).unwrap(),
+                tb.ingress_counter(&gw_ns, r).unwrap(),
+            )
+        })
         .collect();
-    let time_exceeded = counted(tb, &client_ns, TIME_EXCEEDED);
+    let time_exceeded = tb.ingress_counter(&client_ns, TIME_EXCEEDED).unwrap();
     for ns in [&pod_ns, &gw_ns, &client_ns] {
         tb.exec_ok(ns, ["nft", "delete", "table", "netdev", "obs"])
             .unwrap();
