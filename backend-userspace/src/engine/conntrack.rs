@@ -18,7 +18,8 @@ use std::ops::RangeInclusive;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use std::sync::Arc;
 
 use super::wire::{
     PROTO_SCTP, PROTO_TCP, PROTO_UDP, SCTP_ABORT, SCTP_INIT, SCTP_SHUTDOWN_COMPLETE, TCP_ACK,
@@ -159,10 +160,12 @@ const F_SEEN1: u8 = 64;
 const F_LIBERAL: u8 = 128;
 
 /// An address stored compactly per family.
-trait Addr: Copy + Eq + std::fmt::Debug {
+trait Addr: Copy + Eq + std::hash::Hash + std::fmt::Debug {
     fn from_ip(ip: IpAddr) -> Option<Self>;
     fn to_ip(self) -> IpAddr;
     fn hash_word(self) -> u64;
+    /// The shard's table of this family.
+    fn table(s: &mut Shard) -> &mut Table<Self>;
 }
 
 impl Addr for Ipv4Addr {
@@ -177,6 +180,9 @@ impl Addr for Ipv4Addr {
     }
     fn hash_word(self) -> u64 {
         u64::from(u32::from(self))
+    }
+    fn table(s: &mut Shard) -> &mut Table<Self> {
+        &mut s.v4
     }
 }
 
@@ -193,6 +199,9 @@ impl Addr for Ipv6Addr {
     fn hash_word(self) -> u64 {
         let v = u128::from(self);
         fmix64((v >> 64) as u64) ^ (v as u64)
+    }
+    fn table(s: &mut Shard) -> &mut Table<Self> {
+        &mut s.v6
     }
 }
 
@@ -220,7 +229,7 @@ pub(crate) fn end_hash(ip: IpAddr, port: u16) -> u64 {
     fmix64(w ^ (u64::from(port) << 48) ^ 0x5bd1_e995)
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct Tup<A> {
     src: A,
     dst: A,
@@ -245,11 +254,10 @@ impl<A: Addr> Tup<A> {
             dport: self.dport,
         }
     }
-    fn eq(&self, o: &Self) -> bool {
-        self.src == o.src && self.dst == o.dst && self.sport == o.sport && self.dport == o.dport
-    }
-    fn hash(&self, proto: u8) -> u64 {
-        let a = fmix64(self.src.hash_word() ^ 0x9e37_79b9_7f4a_7c15);
+    /// Hash under the table's secret `seed`: a sender who cannot learn it cannot pick
+    /// tuples that collide in a shard's index (linear probing degrades to a scan).
+    fn hash(&self, proto: u8, seed: u64) -> u64 {
+        let a = fmix64(self.src.hash_word() ^ seed ^ 0x9e37_79b9_7f4a_7c15);
         let b = fmix64(a ^ self.dst.hash_word());
         fmix64(b ^ (u64::from(self.sport) << 32) ^ (u64::from(self.dport) << 16) ^ u64::from(proto))
     }
@@ -269,8 +277,33 @@ struct Entry<A> {
     flags: u8,
     /// The original came in on the host port (the node's own connection).
     host: bool,
+    /// The reply key lives in another shard's table (its port came from that shard's
+    /// share of the range): removing the entry unlinks it there.
+    foreign: bool,
     /// TCP sequence tracking.
     track: Track,
+}
+
+/// A reply key kept in the table of the shard it hashes to while its connection lives in
+/// another (`home`): the masquerade port came from this shard's share of the range.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Foreign {
+    home: u32,
+    idx: u32,
+    generation: u32,
+}
+
+/// A removed connection's foreign reply key, to be unlinked from its shard once the home
+/// shard's lock is released (locks are never taken against the shard order).
+#[derive(Clone, Copy, Debug)]
+struct Unlink {
+    proto: u8,
+    reply: Tuple,
+    idx: u32,
+    generation: u32,
+    /// The endpoint may still hold the tuple half open: (RST sequence number, now, until)
+    /// for that shard's stale list.
+    stale: Option<(u32, u64, u64)>,
 }
 
 /// What a lookup found.
@@ -320,13 +353,19 @@ struct Table<A> {
     /// a RST must carry to end that state (the endpoint's acknowledgement) and until when
     /// (ms) the state may live.
     stale: HashMap<Tuple, (u32, u64)>,
+    /// Secret seed of the index hash.
+    seed: u64,
+    /// Reply keys of connections living in other shards.
+    foreign: HashMap<(u8, Tup<A>), Foreign>,
+    /// Foreign reply keys of connections removed here, not yet unlinked.
+    unlink: Vec<Unlink>,
 }
 
 /// Stale half-open tuples remembered per table, at most.
 const STALE_MAX: usize = 4096;
 
 impl<A: Addr> Table<A> {
-    fn new() -> Self {
+    fn new(seed: u64) -> Self {
         Table {
             entries: Vec::new(),
             free: Vec::new(),
@@ -336,6 +375,9 @@ impl<A: Addr> Table<A> {
             unassured: VecDeque::new(),
             cursor: 0,
             stale: HashMap::new(),
+            seed,
+            foreign: HashMap::new(),
+            unlink: Vec::new(),
         }
     }
 
@@ -347,7 +389,7 @@ impl<A: Addr> Table<A> {
         if self.index.is_empty() {
             return None;
         }
-        let h = k.hash(proto) as u32;
+        let h = k.hash(proto, self.seed) as u32;
         let mask = self.mask();
         let mut i = h as usize & mask;
         for _ in 0..self.index.len() {
@@ -360,7 +402,7 @@ impl<A: Addr> Table<A> {
                 let (idx, dir) = (r >> 1, (r & 1) as u8);
                 if let Some(e) = self.entries.get(idx as usize)
                     && e.proto == proto
-                    && e.t.get(usize::from(dir)).is_some_and(|t| t.eq(k))
+                    && e.t.get(usize::from(dir)).is_some_and(|t| t == k)
                 {
                     return Some((i, idx, dir));
                 }
@@ -374,7 +416,7 @@ impl<A: Addr> Table<A> {
         if (self.keys + 1) * 2 > self.index.len() {
             self.grow();
         }
-        let h = k.hash(proto) as u32;
+        let h = k.hash(proto, self.seed) as u32;
         let slot = (u64::from(h) << 32) | u64::from(((idx << 1) | u32::from(dir)) + 1);
         let mask = self.mask();
         let mut i = h as usize & mask;
@@ -447,10 +489,19 @@ impl<A: Addr> Table<A> {
         if e.flags & F_LIVE == 0 {
             return;
         }
-        for t in &e.t {
-            if let Some((pos, _, _)) = self.find(e.proto, t) {
-                self.remove_slot(pos);
-            }
+        if let Some((pos, _, _)) = self.find(e.proto, &e.t[0]) {
+            self.remove_slot(pos);
+        }
+        if e.foreign {
+            self.unlink.push(Unlink {
+                proto: e.proto,
+                reply: e.t[1].to_tuple(),
+                idx,
+                generation: e.generation,
+                stale: None,
+            });
+        } else if let Some((pos, _, _)) = self.find(e.proto, &e.t[1]) {
+            self.remove_slot(pos);
         }
         if let Some(x) = self.entries.get_mut(idx as usize) {
             x.flags = 0;
@@ -474,13 +525,22 @@ impl<A: Addr> Table<A> {
                 && e.generation == generation
                 && e.flags & F_ASSURED == 0
             {
-                if e.proto == PROTO_TCP
+                let half_open = e.proto == PROTO_TCP
                     && TcpState::from_u8(e.state) == TcpState::SynRecv
-                    && e.track.acked & 2 != 0
-                {
-                    self.remember_stale(e.t[1].to_tuple(), e.track.ack[1], now_ms, syn_recv_until);
-                }
+                    && e.track.acked & 2 != 0;
                 self.remove_entry(idx);
+                if half_open {
+                    let seq = e.track.ack[1];
+                    if e.foreign {
+                        // The stale list of the shard the reply key hashes to, where the
+                        // next connection given this port looks.
+                        if let Some(u) = self.unlink.last_mut() {
+                            u.stale = Some((seq, now_ms, syn_recv_until));
+                        }
+                    } else {
+                        self.remember_stale(e.t[1].to_tuple(), seq, now_ms, syn_recv_until);
+                    }
+                }
                 return true;
             }
         }
@@ -713,27 +773,63 @@ enum Take {
     HalfOpen,
 }
 
+/// Whether a connection holding a reply key may give it to a new one.
+fn reusable<A>(e: &Entry<A>, now_ms: u64, take: Take) -> bool {
+    let state = TcpState::from_u8(e.state);
+    let closed = e.proto == PROTO_TCP && matches!(state, TcpState::TimeWait | TcpState::Close);
+    e.expires <= now_ms
+        || (take != Take::Free && closed)
+        || (take == Take::HalfOpen && e.flags & F_REPLIED == 0)
+}
+
 /// Whether the reply key `r` can be used for a new connection: unused or expired, or held
-/// by a connection `take` allows, which is removed here.
-fn take_port<A: Addr>(t: &mut Table<A>, proto: u8, r: &Tuple, now_ms: u64, take: Take) -> bool {
+/// by a connection `take` allows, which is removed here. `rt` is the table of the shard
+/// the key hashes to; `home` the new connection's shard and, when that is another shard,
+/// `ht` its table (locked by the caller): a foreign key held by one of `ht`'s connections
+/// can be inspected and taken, one held by a third shard's cannot (its lock is not held)
+/// and counts as used.
+fn take_port<A: Addr>(
+    rt: &mut Table<A>,
+    ht: Option<&mut Table<A>>,
+    home: usize,
+    proto: u8,
+    r: &Tuple,
+    now_ms: u64,
+    take: Take,
+) -> bool {
     let Some(kr) = Tup::<A>::from_tuple(r) else {
         return false;
     };
-    let Some((_, idx, _)) = t.find(proto, &kr) else {
+    if let Some((_, idx, _)) = rt.find(proto, &kr) {
+        let Some(e) = rt.entries.get(idx as usize) else {
+            return false;
+        };
+        let ok = reusable(e, now_ms, take);
+        if ok {
+            rt.remove_entry(idx);
+        }
+        return ok;
+    }
+    if rt.foreign.is_empty() {
+        return true;
+    }
+    let Some(f) = rt.foreign.get(&(proto, kr)).copied() else {
         return true;
     };
-    let Some(e) = t.entries.get(idx as usize) else {
+    let Some(ht) = ht.filter(|_| f.home as usize == home) else {
         return false;
     };
-    let state = TcpState::from_u8(e.state);
-    let closed = e.proto == PROTO_TCP && matches!(state, TcpState::TimeWait | TcpState::Close);
-    let reusable = e.expires <= now_ms
-        || (take != Take::Free && closed)
-        || (take == Take::HalfOpen && e.flags & F_REPLIED == 0);
-    if reusable {
-        t.remove_entry(idx);
+    let holder = ht.entries.get(f.idx as usize).filter(|e| {
+        e.flags & F_LIVE != 0 && e.generation == f.generation && e.foreign && e.t[1] == kr
+    });
+    let ok = holder.is_none_or(|e| reusable(e, now_ms, take));
+    if ok {
+        if holder.is_some() {
+            ht.remove_entry(f.idx);
+        }
+        rt.foreign.remove(&(proto, kr));
     }
-    reusable
+    ok
 }
 
 fn timeout_of(proto: u8, state: TcpState, flags: u8, t: &Timeouts) -> Duration {
@@ -765,6 +861,61 @@ struct Shard {
     v6: Table<Ipv6Addr>,
 }
 
+impl Shard {
+    /// The foreign reply keys its tables removed, to unlink once its lock is released.
+    fn take_unlink(&mut self) -> Vec<Unlink> {
+        if self.v4.unlink.is_empty() && self.v6.unlink.is_empty() {
+            return Vec::new();
+        }
+        let mut v = std::mem::take(&mut self.v4.unlink);
+        v.append(&mut self.v6.unlink);
+        v
+    }
+}
+
+/// A port range grouped by the shard each port's reply key lands in (for one masquerade
+/// address): each shard's share, so that a port search walks shares instead of hashing
+/// the whole range per connection.
+#[derive(Debug)]
+struct Slices(Vec<Vec<u16>>);
+
+impl Slices {
+    fn of(&self, shard: usize) -> &[u16] {
+        self.0.get(shard).map_or(&[], Vec::as_slice)
+    }
+}
+
+/// Ports of other shards' shares a port search may try per pass.
+const PROBES_AWAY: usize = 512;
+/// Ports a port search tries in each other shard's share it visits.
+const PROBES_PER_SHARE: usize = 8;
+
+/// Masquerade addresses whose port shares are kept (they come from configuration; past
+/// this the cache starts over).
+const SLICES_MAX: usize = 64;
+
+/// Where a lookup found a key.
+#[derive(Clone, Copy, Debug)]
+enum Look {
+    Hit(Hit),
+    /// A foreign reply key: the connection lives in another shard.
+    Away(Foreign),
+    Miss,
+}
+
+/// What [`Conntrack::create`] was asked for.
+#[derive(Clone, Copy, Debug)]
+struct New<'a> {
+    now_ms: u64,
+    proto: u8,
+    orig: &'a Tuple,
+    endpoint: (IpAddr, u16),
+    snat: Option<IpAddr>,
+    ports: &'a RangeInclusive<u16>,
+    seg: Seg,
+    host: bool,
+}
+
 /// Result of [`Conntrack::create`].
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Created {
@@ -784,6 +935,8 @@ pub(crate) struct Conntrack {
     key: u64,
     per_shard: usize,
     timeouts: Timeouts,
+    /// Port shares per (masquerade address, range).
+    slices: RwLock<HashMap<(IpAddr, u16, u16), Arc<Slices>>>,
     pub(crate) created: AtomicU64,
     pub(crate) evicted: AtomicU64,
     pub(crate) expired: AtomicU64,
@@ -822,14 +975,15 @@ impl Conntrack {
             shards: (0..n)
                 .map(|_| {
                     Mutex::new(Shard {
-                        v4: Table::new(),
-                        v6: Table::new(),
+                        v4: Table::new(fmix64(key ^ 4)),
+                        v6: Table::new(fmix64(key ^ 6)),
                     })
                 })
                 .collect(),
             key,
             per_shard,
             timeouts,
+            slices: RwLock::new(HashMap::new()),
             created: AtomicU64::new(0),
             evicted: AtomicU64::new(0),
             expired: AtomicU64::new(0),
@@ -840,11 +994,84 @@ impl Conntrack {
         keyed_shard(self.key, self.shards.len(), ip, port)
     }
 
+    /// Runs `f` on a shard under its lock, then unlinks the foreign reply keys of the
+    /// connections it removed (after the lock is released). None if there is no such shard.
+    fn locked<R>(&self, shard: usize, f: impl FnOnce(&mut Shard) -> R) -> Option<R> {
+        let m = self.shards.get(shard)?;
+        let (r, unlink) = {
+            let mut s = m.lock();
+            let r = f(&mut s);
+            (r, s.take_unlink())
+        };
+        self.unlink(shard, unlink);
+        Some(r)
+    }
+
+    /// Removes the foreign reply keys of connections `home` removed from the shards they
+    /// live in (each lock taken alone), and hands those shards the half-open tuples.
+    fn unlink(&self, home: usize, list: Vec<Unlink>) {
+        for u in list {
+            let r = self.shard_of(u.reply.dst, u.reply.dport);
+            let Some(m) = self.shards.get(r) else {
+                continue;
+            };
+            let mut s = m.lock();
+            let want = Foreign {
+                home: home as u32,
+                idx: u.idx,
+                generation: u.generation,
+            };
+            with_table!(
+                s,
+                &u.reply,
+                |t, k| {
+                    if t.foreign.get(&(u.proto, k)) == Some(&want) {
+                        t.foreign.remove(&(u.proto, k));
+                    }
+                    if let Some((seq, now_ms, until)) = u.stale {
+                        t.remember_stale(u.reply, seq, now_ms, until);
+                    }
+                },
+                ()
+            );
+        }
+    }
+
+    /// The ports of `ports` grouped by the shard a reply key to `ip` lands in.
+    fn compute_slices(&self, ip: IpAddr, ports: &RangeInclusive<u16>) -> Slices {
+        let mut v = vec![Vec::new(); self.shards.len()];
+        for p in ports.clone() {
+            if let Some(s) = v.get_mut(self.shard_of(ip, p)) {
+                s.push(p);
+            }
+        }
+        Slices(v)
+    }
+
+    /// [`Conntrack::compute_slices`] for a masquerade address, cached.
+    fn slices(&self, ip: IpAddr, ports: &RangeInclusive<u16>) -> Arc<Slices> {
+        let k = (ip, *ports.start(), *ports.end());
+        if let Some(s) = self.slices.read().get(&k) {
+            return Arc::clone(s);
+        }
+        let s = Arc::new(self.compute_slices(ip, ports));
+        let mut c = self.slices.write();
+        if c.len() >= SLICES_MAX {
+            c.clear();
+        }
+        c.insert(k, Arc::clone(&s));
+        s
+    }
+
     /// Finds the connection of a packet with this tuple and, when `update` is given (TCP:
     /// flags and sequence numbers; SCTP: its chunk set; flags 0 for other protocols),
     /// checks a TCP RST or FIN against the window, advances the state and refreshes the
     /// timeout. A RST or FIN outside the window comes back as an invalid [`Hit`], the
     /// connection untouched.
+    ///
+    /// An original key lives in the shard of the packet's source end, a reply key in the
+    /// shard of its destination end: in that shard's index when the connection lives
+    /// there too, else among its foreign keys, which name the connection's shard.
     pub(crate) fn lookup(
         &self,
         now: Duration,
@@ -854,13 +1081,15 @@ impl Conntrack {
     ) -> Option<Hit> {
         let a = self.shard_of(tuple.src, tuple.sport);
         let b = self.shard_of(tuple.dst, tuple.dport);
-        if let Some(h) = self.lookup_in(a, now, proto, tuple, update) {
-            return Some(h);
+        let found = match self.lookup_in(a, now, proto, tuple, update, a == b) {
+            Look::Miss if b != a => self.lookup_in(b, now, proto, tuple, update, true),
+            l => l,
+        };
+        match found {
+            Look::Hit(h) => Some(h),
+            Look::Away(f) => self.lookup_away(f, b, now, proto, tuple, update),
+            Look::Miss => None,
         }
-        if b != a {
-            return self.lookup_in(b, now, proto, tuple, update);
-        }
-        None
     }
 
     fn lookup_in(
@@ -870,100 +1099,185 @@ impl Conntrack {
         proto: u8,
         tuple: &Tuple,
         update: Option<Seg>,
-    ) -> Option<Hit> {
-        let mut s = self.shards.get(shard)?.lock();
+        foreign: bool,
+    ) -> Look {
         let now_ms = ms(now);
-        let timeouts = &self.timeouts;
-        let expired = &self.expired;
-        with_table!(
-            s,
-            tuple,
-            |t, k| {
-                let (_, idx, dir) = t.find(proto, &k)?;
-                let e = *t.entries.get(idx as usize)?;
-                if e.expires <= now_ms {
-                    t.remove_entry(idx);
-                    expired.fetch_add(1, Ordering::Relaxed);
-                    return None;
-                }
-                let hit = Hit {
-                    dir,
-                    t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
-                    invalid: false,
-                    host: e.host,
-                };
-                let mut state = TcpState::from_u8(e.state);
-                if let Some(seg) = update {
-                    let mut flags = e.flags;
-                    let mut track = e.track;
-                    if proto == PROTO_TCP {
-                        // A new SYN on a closed connection starts over; anything else
-                        // that would end it must be in the window.
-                        let reopening = seg.flags & TCP_SYN != 0
-                            && dir == 0
-                            && matches!(state, TcpState::TimeWait | TcpState::Close);
-                        if !reopening
-                            && seg.flags & (TCP_RST | TCP_FIN) != 0
-                            && flags & F_LIBERAL == 0
-                            && !in_window(
-                                &track,
-                                flags,
-                                dir,
-                                &seg,
-                                matches!(state, TcpState::SynSent | TcpState::SynRecv),
-                            )
+        self.locked(shard, |s| {
+            with_table!(
+                s,
+                tuple,
+                |t, k| {
+                    if let Some((_, idx, dir)) = t.find(proto, &k) {
+                        return match self.touch(t, idx, dir, now_ms, proto, update) {
+                            Some((hit, _)) => Look::Hit(hit),
+                            None => Look::Miss,
+                        };
+                    }
+                    if foreign
+                        && !t.foreign.is_empty()
+                        && let Some(f) = t.foreign.get(&(proto, k))
+                    {
+                        return Look::Away(*f);
+                    }
+                    Look::Miss
+                },
+                Look::Miss
+            )
+        })
+        .unwrap_or(Look::Miss)
+    }
+
+    /// A reply whose key `f` (in shard `at`) names the connection's shard.
+    fn lookup_away(
+        &self,
+        f: Foreign,
+        at: usize,
+        now: Duration,
+        proto: u8,
+        tuple: &Tuple,
+        update: Option<Seg>,
+    ) -> Option<Hit> {
+        let now_ms = ms(now);
+        let (hit, clear) = self
+            .locked(f.home as usize, |s| {
+                with_table!(
+                    s,
+                    tuple,
+                    |t, k| {
+                        // The connection may have gone (its key is being unlinked) and
+                        // its slot been reused: then this is a miss.
+                        let e = t.entries.get(f.idx as usize)?;
+                        if e.flags & F_LIVE == 0
+                            || e.generation != f.generation
+                            || e.proto != proto
+                            || !e.foreign
+                            || e.t[1] != k
                         {
-                            return Some(Hit {
-                                invalid: true,
-                                ..hit
-                            });
+                            return None;
                         }
-                        if dir == 1
-                            && state == TcpState::SynSent
-                            && seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
-                            && seg.ack == track.end[0]
-                            && !t.stale.is_empty()
-                        {
-                            // The endpoint answered this connection's own SYN: whatever
-                            // it held on the tuple before is gone.
-                            t.stale.remove(&e.t[1].to_tuple());
-                        }
-                        let (ns, nf) = tcp_transition(state, flags, dir, seg.flags);
-                        state = ns;
-                        flags = nf;
-                        if reopening {
-                            track = Track::default();
-                        }
-                        track_segment(&mut track, &mut flags, dir, &seg);
-                    }
-                    if dir == 1 {
-                        flags |= F_REPLIED;
-                    }
-                    if proto == PROTO_TCP {
-                        if flags & F_REPLIED != 0 && matches!(state, TcpState::Established) {
-                            flags |= F_ASSURED;
-                        }
-                    } else if proto == PROTO_SCTP {
-                        state = sctp_transition(state, dir, seg.flags);
-                        if matches!(state, TcpState::Established) {
-                            flags |= F_ASSURED;
-                        }
-                    } else if flags & F_REPLIED != 0 {
-                        flags |= F_ASSURED;
-                    }
-                    let expires =
-                        now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
-                    if let Some(x) = t.entries.get_mut(idx as usize) {
-                        x.state = state as u8;
-                        x.flags = flags;
-                        x.expires = expires;
-                        x.track = track;
+                        self.touch(t, f.idx, 1, now_ms, proto, update)
+                    },
+                    None
+                )
+            })
+            .flatten()?;
+        if clear {
+            self.locked(at, |s| {
+                with_table!(
+                    s,
+                    tuple,
+                    |t, _k| {
+                        t.stale.remove(tuple);
+                    },
+                    ()
+                )
+            });
+        }
+        Some(hit)
+    }
+
+    /// The connection at `idx` of `t`, found by its direction-`dir` key: expires it, or
+    /// checks and applies `update` (see [`Conntrack::lookup`]). The flag asks the caller
+    /// to forget the reply tuple's stale half-open state in the reply key's shard (when
+    /// that is another one).
+    #[allow(clippy::too_many_arguments)]
+    fn touch<A: Addr>(
+        &self,
+        t: &mut Table<A>,
+        idx: u32,
+        dir: u8,
+        now_ms: u64,
+        proto: u8,
+        update: Option<Seg>,
+    ) -> Option<(Hit, bool)> {
+        let e = *t.entries.get(idx as usize)?;
+        if e.expires <= now_ms {
+            t.remove_entry(idx);
+            self.expired.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        let hit = Hit {
+            dir,
+            t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+            invalid: false,
+            host: e.host,
+        };
+        let mut clear = false;
+        let mut state = TcpState::from_u8(e.state);
+        if let Some(seg) = update {
+            let mut flags = e.flags;
+            let mut track = e.track;
+            if proto == PROTO_TCP {
+                // A new SYN on a closed connection starts over; anything else that would
+                // end it must be in the window.
+                let reopening = seg.flags & TCP_SYN != 0
+                    && dir == 0
+                    && matches!(state, TcpState::TimeWait | TcpState::Close);
+                if !reopening
+                    && seg.flags & (TCP_RST | TCP_FIN) != 0
+                    && flags & F_LIBERAL == 0
+                    && !in_window(
+                        &track,
+                        flags,
+                        dir,
+                        &seg,
+                        matches!(state, TcpState::SynSent | TcpState::SynRecv),
+                    )
+                {
+                    return Some((
+                        Hit {
+                            invalid: true,
+                            ..hit
+                        },
+                        false,
+                    ));
+                }
+                if dir == 1
+                    && state == TcpState::SynSent
+                    && seg.flags & (TCP_SYN | TCP_ACK) == TCP_SYN | TCP_ACK
+                    && seg.ack == track.end[0]
+                {
+                    // The endpoint answered this connection's own SYN: whatever it held
+                    // on the tuple before is gone.
+                    if e.foreign {
+                        clear = true;
+                    } else if !t.stale.is_empty() {
+                        t.stale.remove(&e.t[1].to_tuple());
                     }
                 }
-                Some(hit)
-            },
-            None
-        )
+                let (ns, nf) = tcp_transition(state, flags, dir, seg.flags);
+                state = ns;
+                flags = nf;
+                if reopening {
+                    track = Track::default();
+                }
+                track_segment(&mut track, &mut flags, dir, &seg);
+            }
+            if dir == 1 {
+                flags |= F_REPLIED;
+            }
+            if proto == PROTO_TCP {
+                if flags & F_REPLIED != 0 && matches!(state, TcpState::Established) {
+                    flags |= F_ASSURED;
+                }
+            } else if proto == PROTO_SCTP {
+                state = sctp_transition(state, dir, seg.flags);
+                if matches!(state, TcpState::Established) {
+                    flags |= F_ASSURED;
+                }
+            } else if flags & F_REPLIED != 0 {
+                flags |= F_ASSURED;
+            }
+            let expires =
+                now_ms.saturating_add(ms(timeout_of(proto, state, flags, &self.timeouts)));
+            if let Some(x) = t.entries.get_mut(idx as usize) {
+                x.state = state as u8;
+                x.flags = flags;
+                x.expires = expires;
+                x.track = track;
+            }
+        }
+        Some((hit, clear))
     }
 
     /// Creates a connection for a packet `orig` (client to frontend) translated to
@@ -983,22 +1297,77 @@ impl Conntrack {
         seg: Seg,
         host: bool,
     ) -> Result<Created, DropReason> {
-        let tcp = seg.flags;
         let shard = self.shard_of(orig.src, orig.sport);
-        let mut s = self
-            .shards
-            .get(shard)
-            .ok_or(DropReason::ConntrackFull)?
-            .lock();
-        let now_ms = ms(now);
-        let per_shard = self.per_shard;
+        let mut evicted = 0;
+        let mut pending = Vec::new();
+        let new = New {
+            now_ms: ms(now),
+            proto,
+            orig,
+            endpoint,
+            snat,
+            ports,
+            seg,
+            host,
+        };
+        let res = self
+            .locked(shard, |s| {
+                with_table!(
+                    s,
+                    orig,
+                    |t, ko| self.create_in(t, shard, ko, &new, &mut evicted, &mut pending),
+                    Err(DropReason::Malformed)
+                )
+            })
+            .unwrap_or(Err(DropReason::ConntrackFull));
+        for (r, list) in pending {
+            self.unlink(r, list);
+        }
+        if evicted > 0 {
+            self.evicted.fetch_add(evicted, Ordering::Relaxed);
+        }
+        if matches!(res, Ok(Created::New(..))) {
+            self.created.fetch_add(1, Ordering::Relaxed);
+        }
+        res
+    }
+
+    /// [`Conntrack::create`] in the connection's shard `shard` (locked), its table `t`.
+    fn create_in<A: Addr>(
+        &self,
+        t: &mut Table<A>,
+        shard: usize,
+        ko: Tup<A>,
+        new: &New<'_>,
+        evicted: &mut u64,
+        pending: &mut Vec<(usize, Vec<Unlink>)>,
+    ) -> Result<Created, DropReason> {
+        let (now_ms, proto, orig, tcp) = (new.now_ms, new.proto, new.orig, new.seg.flags);
         let timeouts = &self.timeouts;
-        let (nshards, key) = (self.shards.len(), self.key);
-        let shard_of = |ip: IpAddr, port: u16| keyed_shard(key, nshards, ip, port);
+        if let Some((_, idx, dir)) = t.find(proto, &ko)
+            && let Some(e) = t.entries.get(idx as usize).copied()
+        {
+            if e.expires > now_ms {
+                return Ok(Created::Existing(Hit {
+                    dir,
+                    t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
+                    invalid: false,
+                    host: e.host,
+                }));
+            }
+            t.remove_entry(idx);
+        }
+        let syn_recv_until = now_ms.saturating_add(ms(timeouts.tcp_syn_recv));
+        while t.live >= self.per_shard {
+            if !t.evict_one(now_ms, syn_recv_until) {
+                return Err(DropReason::ConntrackFull);
+            }
+            *evicted += 1;
+        }
         let mut track = Track::default();
         let (state, flags) = if proto == PROTO_TCP {
             let mut f = F_LIVE;
-            track_segment(&mut track, &mut f, 0, &seg);
+            track_segment(&mut track, &mut f, 0, &new.seg);
             if tcp & TCP_SYN != 0 && tcp & TCP_ACK == 0 {
                 (TcpState::SynSent, f)
             } else {
@@ -1016,125 +1385,207 @@ impl Conntrack {
         } else {
             (TcpState::None, F_LIVE)
         };
-        let mut evicted = 0;
-        let syn_recv_until = now_ms.saturating_add(ms(timeouts.tcp_syn_recv));
-        let res = with_table!(
-            s,
-            orig,
-            |t, ko| {
-                if let Some((_, idx, dir)) = t.find(proto, &ko)
-                    && let Some(e) = t.entries.get(idx as usize).copied()
-                {
-                    if e.expires > now_ms {
-                        return Ok(Created::Existing(Hit {
-                            dir,
-                            t: [e.t[0].to_tuple(), e.t[1].to_tuple()],
-                            invalid: false,
-                            host: e.host,
-                        }));
-                    }
-                    t.remove_entry(idx);
-                }
-                while t.live >= per_shard {
-                    if !t.evict_one(now_ms, syn_recv_until) {
-                        return Err(DropReason::ConntrackFull);
-                    }
-                    evicted += 1;
-                }
-                let reply_dst = snat.unwrap_or(orig.src);
-                let mut reply = Tuple {
-                    src: endpoint.0,
-                    dst: reply_dst,
-                    sport: endpoint.1,
-                    dport: orig.sport,
-                };
-                let keep_port = snat.is_none() && take_port(t, proto, &reply, now_ms, Take::Closed);
-                if !keep_port {
-                    // Port allocation: start at a flow-dependent offset and take the first
-                    // port whose reply key lands in this shard and is unused; failing
-                    // that, one held by a connection in TIME_WAIT or CLOSE (the kernel
-                    // reuses those for a new SYN; the endpoint's side of the old
-                    // connection may still be in TIME_WAIT, so a free port is better);
-                    // failing that, the port of a half-open connection, which is evicted
-                    // (a SYN flood must not lock new clients out).
-                    let (lo, hi) = (*ports.start(), *ports.end());
-                    if lo > hi {
-                        return Err(DropReason::SnatExhausted);
-                    }
-                    let span = u32::from(hi - lo) + 1;
-                    let start = (ko.hash(proto) % u64::from(span)) as u32;
-                    let mut found = false;
-                    'passes: for take in [Take::Free, Take::Closed, Take::HalfOpen] {
-                        for i in 0..span {
-                            let p = lo.wrapping_add(((start + i) % span) as u16);
-                            if shard_of(reply_dst, p) != shard {
-                                continue;
-                            }
-                            reply.dport = p;
-                            if take_port(t, proto, &reply, now_ms, take) {
-                                found = true;
-                                if take == Take::HalfOpen {
-                                    evicted += 1;
-                                }
-                                break 'passes;
-                            }
-                        }
-                    }
-                    if !found {
-                        return Err(DropReason::SnatExhausted);
-                    }
-                }
-                let Some(kr) = Tup::from_tuple(&reply) else {
-                    return Err(DropReason::Malformed);
-                };
-                let expires = now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
-                let e = Entry {
-                    t: [ko, kr],
-                    expires,
-                    generation: 0,
-                    proto,
-                    state: state as u8,
-                    flags,
-                    host,
-                    track,
-                };
-                let idx = t.alloc(e).ok_or(DropReason::ConntrackFull)?;
-                let generation = t.entries.get(idx as usize).map_or(0, |e| e.generation);
-                t.insert_key(proto, &ko, idx, 0);
+        let reply_dst = new.snat.unwrap_or(orig.src);
+        let mut reply = Tuple {
+            src: new.endpoint.0,
+            dst: reply_dst,
+            sport: new.endpoint.1,
+            dport: orig.sport,
+        };
+        if Tup::<A>::from_tuple(&reply).is_none() {
+            return Err(DropReason::Malformed);
+        }
+        let keep_port =
+            new.snat.is_none() && take_port(t, None, shard, proto, &reply, now_ms, Take::Closed);
+        let away = if keep_port {
+            None
+        } else {
+            if new.ports.is_empty() {
+                return Err(DropReason::SnatExhausted);
+            }
+            let slices = match new.snat {
+                Some(ip) => self.slices(ip, new.ports),
+                None => Arc::new(self.compute_slices(reply_dst, new.ports)),
+            };
+            let h = ko.hash(proto, t.seed);
+            self.pick_port(
+                t, shard, proto, &mut reply, &slices, h, now_ms, evicted, pending,
+            )?
+        };
+        let kr = Tup::<A>::from_tuple(&reply);
+        let expires = now_ms.saturating_add(ms(timeout_of(proto, state, flags, timeouts)));
+        let slot = kr.and_then(|kr| {
+            let e = Entry {
+                t: [ko, kr],
+                expires,
+                generation: 0,
+                proto,
+                state: state as u8,
+                flags,
+                host: new.host,
+                foreign: away.is_some(),
+                track,
+            };
+            Some((kr, t.alloc(e)?))
+        });
+        let Some((kr, idx)) = slot else {
+            if let Some((r, mut g)) = away {
+                pending.push((r, g.take_unlink()));
+            }
+            return Err(DropReason::ConntrackFull);
+        };
+        let generation = t.entries.get(idx as usize).map_or(0, |e| e.generation);
+        t.insert_key(proto, &ko, idx, 0);
+        t.live += 1;
+        t.unassured.push_back((idx, generation));
+        if t.unassured.len() > 2 * self.per_shard + 64 {
+            t.compact_queue();
+        }
+        // A SYN on a tuple the endpoint may still hold half open from an evicted
+        // connection: the endpoint must be reset first. The reply key's shard knows.
+        let syn = proto == PROTO_TCP && tcp & TCP_SYN != 0;
+        let stale = match away {
+            None => {
                 t.insert_key(proto, &kr, idx, 1);
-                t.live += 1;
-                t.unassured.push_back((idx, generation));
-                if t.unassured.len() > 2 * per_shard + 64 {
-                    t.compact_queue();
-                }
-                // A SYN on a tuple the endpoint may still hold half open from an evicted
-                // connection: the endpoint must be reset first.
-                let stale = if proto == PROTO_TCP && tcp & TCP_SYN != 0 {
+                if syn {
                     t.stale_seq(&reply, now_ms)
                 } else {
                     None
+                }
+            }
+            Some((r, mut g)) => {
+                let rt = A::table(&mut g);
+                rt.foreign.insert(
+                    (proto, kr),
+                    Foreign {
+                        home: shard as u32,
+                        idx,
+                        generation,
+                    },
+                );
+                let stale = if syn {
+                    rt.stale_seq(&reply, now_ms)
+                } else {
+                    None
                 };
-                Ok(Created::New([*orig, reply], stale))
-            },
-            Err(DropReason::Malformed)
-        );
-        if evicted > 0 {
-            self.evicted.fetch_add(evicted, Ordering::Relaxed);
+                pending.push((r, g.take_unlink()));
+                stale
+            }
+        };
+        Ok(Created::New([*orig, reply], stale))
+    }
+
+    /// Picks the reply port of a new connection from shard `shard` (table `t`, locked)
+    /// and sets it in `reply`: None when the reply key lands in this shard, else the
+    /// shard it lands in, still locked, for its foreign key.
+    ///
+    /// The kernel's NAT may give a connection any port of the range whose reply tuple is
+    /// unused. Here each reply key lands in a shard by its hash, so a shard's own share
+    /// is about 1/64 of the range per endpoint; a connection takes a port from another
+    /// shard's share when its own is used up, so every port of the range serves every
+    /// client. The others' shares are sampled, not walked: at most [`PROBES_AWAY`] ports
+    /// per pass, [`PROBES_PER_SHARE`] from each share visited (the kernel's NAT likewise
+    /// gives up after a bounded number of random tries, 128 then halving), so a search in
+    /// a full range costs a few hundred key lookups, not the range's size in each pass.
+    /// Passes, each over this shard's share and then the others': an unused port;
+    /// one held by a connection in TIME_WAIT or CLOSE (the kernel reuses those for a new
+    /// SYN; the endpoint's side of the old connection may still be in TIME_WAIT, so a free
+    /// port is better); the port of a half-open connection, which is evicted (a SYN flood
+    /// must not lock new clients out). Other shards are locked one at a time, blocking
+    /// only for shards after this one (every holder of two shard locks took them in
+    /// increasing order) and tried for those before it: a busy one is skipped, its ports
+    /// left for the next connection.
+    #[allow(clippy::too_many_arguments)]
+    fn pick_port<A: Addr>(
+        &self,
+        t: &mut Table<A>,
+        shard: usize,
+        proto: u8,
+        reply: &mut Tuple,
+        slices: &Slices,
+        h: u64,
+        now_ms: u64,
+        evicted: &mut u64,
+        pending: &mut Vec<(usize, Vec<Unlink>)>,
+    ) -> Result<Option<(usize, MutexGuard<'_, Shard>)>, DropReason> {
+        let n = self.shards.len();
+        let start = |len: usize| (h as usize) % len.max(1);
+        for take in [Take::Free, Take::Closed, Take::HalfOpen] {
+            let mine = slices.of(shard);
+            let s0 = start(mine.len());
+            for i in 0..mine.len() {
+                let Some(&p) = mine.get((s0 + i) % mine.len()) else {
+                    continue;
+                };
+                reply.dport = p;
+                if take_port(t, None, shard, proto, reply, now_ms, take) {
+                    if take == Take::HalfOpen {
+                        *evicted += 1;
+                    }
+                    return Ok(None);
+                }
+            }
+            let off = (h >> 32) as usize;
+            let mut budget = PROBES_AWAY;
+            for j in 0..n {
+                let r = (off + j) % n;
+                let theirs = slices.of(r);
+                if r == shard || theirs.is_empty() {
+                    continue;
+                }
+                if budget == 0 {
+                    break;
+                }
+                let Some(m) = self.shards.get(r) else {
+                    continue;
+                };
+                let mut g = if r > shard {
+                    m.lock()
+                } else {
+                    match m.try_lock() {
+                        Some(g) => g,
+                        None => continue,
+                    }
+                };
+                let rt = A::table(&mut g);
+                let s0 = start(theirs.len());
+                let mut got = false;
+                let tries = theirs.len().min(PROBES_PER_SHARE).min(budget);
+                budget -= tries;
+                for i in 0..tries {
+                    let Some(&p) = theirs.get((s0 + i) % theirs.len()) else {
+                        continue;
+                    };
+                    reply.dport = p;
+                    if take_port(rt, Some(&mut *t), shard, proto, reply, now_ms, take) {
+                        got = true;
+                        break;
+                    }
+                }
+                if got {
+                    if take == Take::HalfOpen {
+                        *evicted += 1;
+                    }
+                    return Ok(Some((r, g)));
+                }
+                let l = g.take_unlink();
+                drop(g);
+                if !l.is_empty() {
+                    pending.push((r, l));
+                }
+            }
         }
-        if matches!(res, Ok(Created::New(..))) {
-            self.created.fetch_add(1, Ordering::Relaxed);
-        }
-        res
+        Err(DropReason::SnatExhausted)
     }
 
     /// Removes expired entries.
     pub(crate) fn expire(&self, now: Duration) {
         let now_ms = ms(now);
         let mut n = 0;
-        for s in self.shards.iter() {
-            let mut s = s.lock();
-            n += sweep(&mut s.v4, now_ms);
-            n += sweep(&mut s.v6, now_ms);
+        for i in 0..self.shards.len() {
+            n += self
+                .locked(i, |s| sweep(&mut s.v4, now_ms) + sweep(&mut s.v6, now_ms))
+                .unwrap_or(0);
         }
         self.expired.fetch_add(n, Ordering::Relaxed);
     }
@@ -1143,10 +1594,12 @@ impl Conntrack {
     /// how many.
     pub(crate) fn remove_where(&self, stale: impl Fn(u8, &Tuple, &Tuple) -> bool) -> usize {
         let mut n = 0;
-        for s in self.shards.iter() {
-            let mut s = s.lock();
-            n += remove_in(&mut s.v4, &stale);
-            n += remove_in(&mut s.v6, &stale);
+        for i in 0..self.shards.len() {
+            n += self
+                .locked(i, |s| {
+                    remove_in(&mut s.v4, &stale) + remove_in(&mut s.v6, &stale)
+                })
+                .unwrap_or(0);
         }
         n
     }
@@ -1187,6 +1640,7 @@ impl Conntrack {
                 + t.free.capacity() * 4
                 + t.index.capacity() * 8
                 + t.unassured.capacity() * 8
+                + t.foreign.capacity() * (std::mem::size_of::<((u8, Tup<A>), Foreign)>() + 8)
         }
         self.shards
             .iter()
@@ -1727,6 +2181,210 @@ mod tests {
             assert!(create(&flow(i)).is_ok(), "flow {i} refused");
         }
         assert_eq!(ct.len(), 64);
+    }
+
+    impl Conntrack {
+        /// Foreign reply keys held, over all shards.
+        fn foreign_keys(&self) -> usize {
+            self.shards
+                .iter()
+                .map(|s| {
+                    let s = s.lock();
+                    s.v4.foreign.len() + s.v6.foreign.len()
+                })
+                .sum()
+        }
+    }
+
+    #[test]
+    fn one_endpoint_gets_nearly_the_whole_range_whatever_the_shards() {
+        // 4,400 connections open at once from one client to one endpoint through the
+        // masquerade: 97% of the 4,536 ports. Each shard's own share is 1/64 of the
+        // range, so the ports of every share must serve every shard's clients (the kernel
+        // gives any connection any free port).
+        let ct = Conntrack::new(262_144, 64, Timeouts::default(), 0x5eed);
+        let now = Duration::ZERO;
+        let mut ports = std::collections::HashSet::new();
+        for i in 0..4_400u16 {
+            let sport = 10_000 + i;
+            let reply = handshake(&ct, now, sport)
+                .unwrap_or_else(|e| panic!("connection {i} refused: {e:?}"));
+            assert!(
+                ports.insert(reply.dport),
+                "port {} given twice",
+                reply.dport
+            );
+            let h = ct.lookup(now, PROTO_TCP, &reply, None).unwrap();
+            assert_eq!(h.dir, 1);
+            assert_eq!(h.target(), tup(CLIENT, sport, NODE, 30080).reversed());
+        }
+        assert!(ct.foreign_keys() > 100, "{}", ct.foreign_keys());
+        // Every reply still finds its connection, then all of them expire and leave no
+        // key behind; the range serves again.
+        for i in 0..4_400u16 {
+            let o = tup(CLIENT, 10_000 + i, NODE, 30080);
+            let h = ct.lookup(now, PROTO_TCP, &o, None).unwrap();
+            let back = ct.lookup(now, PROTO_TCP, &h.t[1], None).unwrap();
+            assert_eq!(back.dir, 1);
+        }
+        let later = Duration::from_secs(6 * 86_400);
+        ct.expire(later);
+        assert_eq!((ct.len(), ct.foreign_keys()), (0, 0));
+        for i in 0..4_400u16 {
+            assert!(
+                handshake(&ct, later, 20_000 + i).is_ok(),
+                "after expiry: {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_connection_with_a_port_from_another_share_lives_and_ends_like_any() {
+        // Two shards and one port per share: the second connection of a shard must take
+        // the other share's port. Its replies, its close and its removal go through the
+        // foreign key.
+        let ports = 61000..=61001;
+        let node = IpAddr::from(NODE);
+        // A key under which the two ports land in different shards.
+        let ct = (0..64)
+            .map(|key| Conntrack::new(1_000, 2, Timeouts::default(), key))
+            .find(|ct| ct.compute_slices(node, &ports).of(0).len() == 1)
+            .unwrap();
+        let now = Duration::ZERO;
+        let p0 = ct.compute_slices(node, &ports).of(0)[0];
+        // Two client ports of shard 0.
+        let ip = IpAddr::from(CLIENT);
+        let mut mine = (1024..u16::MAX).filter(|p| ct.shard_of(ip, *p) == 0);
+        let (a, b) = (mine.next().unwrap(), mine.next().unwrap());
+        let open = |sport: u16| {
+            ct.create(
+                now,
+                PROTO_TCP,
+                &tup(CLIENT, sport, NODE, 30080),
+                (IpAddr::from(POD), 8080),
+                Some(IpAddr::from(NODE)),
+                &ports,
+                tcp(TCP_SYN, 1000, 0, 0),
+                false,
+            )
+        };
+        let Ok(Created::New([_, ra], _)) = open(a) else {
+            panic!()
+        };
+        let Ok(Created::New([_, rb], _)) = open(b) else {
+            panic!()
+        };
+        assert_eq!(ra.dport, p0);
+        assert_ne!(rb.dport, p0);
+        assert_eq!(ct.foreign_keys(), 1);
+        // Both ports taken and answered: a third connection has none.
+        for r in [ra, rb] {
+            let h = ct
+                .lookup(
+                    now,
+                    PROTO_TCP,
+                    &r,
+                    Some(tcp(TCP_SYN | TCP_ACK, 5000, 1001, 0)),
+                )
+                .unwrap();
+            assert_eq!(h.dir, 1);
+        }
+        let c = mine.next().unwrap();
+        assert!(matches!(open(c), Err(DropReason::SnatExhausted)));
+        // The foreign connection establishes and closes by its replies.
+        let ob = tup(CLIENT, b, NODE, 30080);
+        for (t, f, seq, ack) in [
+            (&ob, TCP_ACK, 1001, 5001),
+            (&ob, TCP_FIN | TCP_ACK, 1001, 5001),
+            (&rb, TCP_FIN | TCP_ACK, 5001, 1002),
+            (&ob, TCP_ACK, 1002, 5002),
+        ] {
+            let h = ct
+                .lookup(now, PROTO_TCP, t, Some(tcp(f, seq, ack, 0)))
+                .unwrap();
+            assert!(!h.invalid);
+        }
+        assert_eq!(ct.state_of(PROTO_TCP, &ob), Some(TcpState::TimeWait));
+        // A blind RST on the foreign reply key is checked against the window too.
+        let h = ct
+            .lookup(now, PROTO_TCP, &ra, Some(tcp(TCP_RST, 900_000, 0, 0)))
+            .unwrap();
+        assert!(h.invalid);
+        // A new SYN takes the port in TIME_WAIT from the other share; the old key goes.
+        let Ok(Created::New([_, rc], _)) = open(c) else {
+            panic!()
+        };
+        assert_eq!(rc.dport, rb.dport);
+        assert_eq!(ct.state_of(PROTO_TCP, &ob), None);
+        assert_eq!(ct.foreign_keys(), 1);
+        let h = ct.lookup(now, PROTO_TCP, &rc, None).unwrap();
+        assert_eq!(h.target(), tup(CLIENT, c, NODE, 30080).reversed());
+        ct.remove_where(|_, _, _| true);
+        assert_eq!((ct.len(), ct.foreign_keys()), (0, 0));
+    }
+
+    #[test]
+    fn workers_sharing_ports_across_shards_never_deadlock_or_lose_a_key() {
+        // Four threads open, answer and remove connections whose ports come from each
+        // other's shares (8 shards, 320 ports, 240 connections open at once), with
+        // sweeps walking every shard alongside. A lock taken against the shard order
+        // would hang this test; a lost or stale key would fail a lookup.
+        let ct = Conntrack::new(100_000, 8, Timeouts::default(), 3);
+        let ports = 61000..=61319;
+        let now = Duration::ZERO;
+        let away = AtomicU64::new(0);
+        std::thread::scope(|sc| {
+            for w in 0..4u8 {
+                let (ct, ports, away) = (&ct, &ports, &away);
+                sc.spawn(move || {
+                    let client = IpAddr::from([10, 1, w, 0]);
+                    let mine = move |o: &Tuple| o.src == client;
+                    // Client ports whose connections all live in shard `w`: its own share
+                    // (40 ports) cannot hold them.
+                    let mut sports = (1024..=u16::MAX)
+                        .filter(|p| ct.shard_of(client, *p) == usize::from(w))
+                        .cycle();
+                    for round in 0..200u16 {
+                        let mut open = Vec::new();
+                        for _ in 0..60 {
+                            let sport = sports.next().unwrap_or(0);
+                            let o = tup([10, 1, w, 0], sport, NODE, 30080);
+                            let c = ct.create(
+                                now,
+                                PROTO_UDP,
+                                &o,
+                                (IpAddr::from(POD), 8080),
+                                Some(IpAddr::from(NODE)),
+                                ports,
+                                Seg::flags(0),
+                                false,
+                            );
+                            match c {
+                                Ok(Created::New([_, r], _)) => {
+                                    if ct.shard_of(r.dst, r.dport) != usize::from(w) {
+                                        away.fetch_add(1, Ordering::Relaxed);
+                                    }
+                                    open.push((o, r));
+                                }
+                                other => panic!("worker {w} round {round}: {other:?}"),
+                            }
+                        }
+                        for (o, r) in &open {
+                            let h = ct.lookup(now, PROTO_UDP, r, Some(Seg::flags(0)));
+                            assert_eq!(h.map(|h| h.target()), Some(o.reversed()));
+                        }
+                        if w == 0 {
+                            ct.expire(now);
+                        }
+                        let n = ct.remove_where(|_, o, _| mine(o));
+                        assert_eq!(n, 60, "worker {w} round {round}");
+                    }
+                });
+            }
+        });
+        assert_eq!((ct.len(), ct.foreign_keys()), (0, 0));
+        // At least 20 of each worker's 60 per round.
+        assert!(away.into_inner() >= 4 * 200 * 20);
     }
 
     #[test]
