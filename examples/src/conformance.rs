@@ -153,7 +153,17 @@ pub enum Scenario {
     /// reached, the replies come from the node's address and NodePort (the probe's
     /// sockets are connected to it), and the node is refused once there is no endpoint.
     NodePortFromNode,
+    /// [`MANY`] TCP connections open at once from one LAN client to a NodePort whose one
+    /// endpoint is behind the masquerade (policy Cluster): every one opens, and every one
+    /// is answered afterwards through its own translation. The kernel's NAT gives each any
+    /// free port of its range; a datapath that splits its range among connection-table
+    /// shards must too (the userspace datapath's masquerade range is 4,536 ports).
+    ManyConnectionsAtOnce,
 }
+
+/// Connections [`Scenario::ManyConnectionsAtOnce`] holds open together: 97% of the
+/// userspace datapath's masquerade range (61000-65535).
+pub const MANY: u32 = 4_400;
 
 impl Scenario {
     /// Every scenario.
@@ -689,6 +699,7 @@ pub fn run_over<B: Backend>(backend: &B, scenario: Scenario, feed: Feed, family:
         Scenario::HealthCheckNodePort => health_check_node_port(&mut f),
         Scenario::ClusterIpFromNode => cluster_ip_from_node(&mut f),
         Scenario::NodePortFromNode => node_port_from_node(&mut f),
+        Scenario::ManyConnectionsAtOnce => many_connections_at_once(&mut f),
     }
 }
 
@@ -1498,6 +1509,24 @@ fn health_check_node_port<B: Backend>(f: &mut Fixture<B>) {
     }
 }
 
+fn many_connections_at_once<B: Backend>(f: &mut Fixture<B>) {
+    let mut svc = f.service("one", "pod", "web-0", 70, 80, Protocol::Tcp);
+    svc.service_type = ServiceType::NodePort;
+    svc.ports[0].node_port = Some(30099);
+    f.set_service(svc);
+    let target = sock(f.node_ip(0), 30099);
+    let got =
+        f.tb.hold_many(f.tb.ns_of_client(0), target, MANY)
+            .unwrap_or_else(|e| panic!("{MANY} connections to {target}: {e}"));
+    let n = MANY as usize;
+    assert_eq!(
+        (got.connected, got.answered),
+        (n, n),
+        "{MANY} connections held at once through the masquerade: {got:?}"
+    );
+    assert_eq!(got.pods, ["web-0"], "{got:?}");
+}
+
 /// Mounts the whole suite as `#[test]` functions for a backend expression, the agents fed
 /// directly: every scenario over IPv4, again over IPv6 (in a module `ipv6`), and the
 /// dual-stack scenario: `svcnat_examples::conformance_suite!(MyBackend::new());`
@@ -1508,6 +1537,7 @@ macro_rules! conformance_suite {
         $crate::conformance_suite!(@tests $backend, Direct, V4;
             dual_stack: DualStack,
             node_port_on_localhost: NodePortOnLocalhost,
+            many_connections_at_once: ManyConnectionsAtOnce,
         );
         /// Every scenario again over IPv6 (dual-stack testbed, IPv6 Services and targets).
         mod ipv6 {

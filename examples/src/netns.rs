@@ -34,3 +34,21 @@ pub fn run_in<T: Send>(name: &str, f: impl FnOnce() -> io::Result<T> + Send) -> 
         .unwrap_or_else(|_| Err(io::Error::other("the namespace thread panicked")))
     })
 }
+
+/// Raises this process's limit of open files to at least `want` (both the soft and, for
+/// root, the hard limit), for test programs that hold thousands of connections. The limit
+/// it ends with.
+pub fn raise_open_files(want: u64) -> io::Result<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(io::Error::from)?;
+    if soft >= want {
+        return Ok(soft);
+    }
+    // Above the hard limit needs CAP_SYS_RESOURCE; without it, settle for the hard limit.
+    if want > hard && setrlimit(Resource::RLIMIT_NOFILE, want, want).is_ok() {
+        return Ok(want);
+    }
+    let got = want.min(hard);
+    setrlimit(Resource::RLIMIT_NOFILE, got, hard).map_err(io::Error::from)?;
+    Ok(got)
+}

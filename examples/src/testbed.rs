@@ -643,6 +643,49 @@ impl ProbeArgs {
     }
 }
 
+/// What [`Testbed::hold_many`] saw: connections held open at once, then answered.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Many {
+    /// Connections that opened (all of them stay open until every one was answered).
+    pub connected: usize,
+    /// Connections answered by a pod afterwards.
+    pub answered: usize,
+    /// The pods that answered.
+    pub pods: Vec<String>,
+    /// Failures by kind (`refused`, `timeout`, ...), with their counts.
+    pub failures: Vec<(usize, String)>,
+}
+
+impl Many {
+    fn parse(stdout: &str) -> Many {
+        let mut m = Many::default();
+        for line in stdout.lines() {
+            if let Some(rest) = line.strip_prefix("many ") {
+                for field in rest.split_whitespace() {
+                    match field.split_once('=') {
+                        Some(("connected", v)) => m.connected = v.parse().unwrap_or(0),
+                        Some(("answered", v)) => m.answered = v.parse().unwrap_or(0),
+                        Some(("pods", v)) => {
+                            m.pods = v
+                                .split(',')
+                                .filter(|p| !p.is_empty())
+                                .map(str::to_string)
+                                .collect();
+                        }
+                        _ => {}
+                    }
+                }
+            } else if let Some((n, word)) = line
+                .strip_prefix("failure ")
+                .and_then(|rest| rest.split_once(' '))
+            {
+                m.failures.push((n.parse().unwrap_or(0), word.to_string()));
+            }
+        }
+        m
+    }
+}
+
 /// An HTTP answer seen by [`Testbed::http_get`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpReply {
@@ -1638,6 +1681,20 @@ impl Testbed {
             })),
             Err(_) => Ok(Err(Attempt::Error(line.to_string()))),
         }
+    }
+
+    /// Opens `count` TCP connections from `ns` to `target` one after the other, keeps
+    /// them all open, then has each answered (`svcnat-probe many`).
+    pub fn hold_many(&self, ns: &str, target: SocketAddr, count: u32) -> io::Result<Many> {
+        let stdout = run(self.command(ns, &self.binaries.probe).args([
+            "many".to_string(),
+            target.to_string(),
+            "--count".to_string(),
+            count.to_string(),
+            "--timeout-ms".to_string(),
+            "3000".to_string(),
+        ]))?;
+        Ok(Many::parse(&stdout))
     }
 
     /// Opens one TCP connection in line mode from `ns` to `target` (through whatever NAT is

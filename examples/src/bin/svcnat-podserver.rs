@@ -329,7 +329,14 @@ fn run_udp(socket: UdpSocket, name: Arc<str>) {
     }
 }
 
+/// Connections a pod server may hold at once (one file descriptor and thread each).
+const OPEN_FILES: u64 = 65_536;
+
 fn run(args: Args) -> io::Result<()> {
+    // Clients may hold thousands of connections open at once (`svcnat-probe many`).
+    if let Err(e) = svcnat_examples::netns::raise_open_files(OPEN_FILES) {
+        eprintln!("svcnat-podserver {}: open files limit: {e}", args.name);
+    }
     let name: Arc<str> = Arc::from(args.name.as_str());
     let pod = Arc::new(Pod {
         name: args.name.clone(),

@@ -6,6 +6,7 @@
 //! svcnat-probe sctp ADDR:PORT [--count N] [--timeout-ms T]
 //! svcnat-probe hold ADDR:PORT [--timeout-ms T]
 //! svcnat-probe get  ADDR:PORT [--timeout-ms T]
+//! svcnat-probe many ADDR:PORT [--count N] [--timeout-ms T]
 //! ```
 //!
 //! `tcp` makes N sequential HTTP GETs, each on a new connection; `udp` sends N datagrams,
@@ -26,6 +27,12 @@
 //! one of the failure words above). Then each stdin line is sent and the reply printed as
 //! `ok pod=NAME client=IP:PORT line=TEXT` or `error TEXT`; it exits at stdin's end.
 //!
+//! `many` opens N TCP connections in line mode one after the other and keeps every one
+//! open; only then does it send a line on each and read the answer. It prints
+//! `many connected=C answered=A pods=NAME,NAME` and a `failure COUNT WORD` line per kind of
+//! failure (the words above, and `untried` for those not attempted once 10 failed): N
+//! connections through one NAT at the same time, each with its own translation.
+//!
 //! `get` makes one HTTP/1.1 GET of `/` to any HTTP server (a health check port) and prints
 //! `http STATUS BODY` (the body on one line), or one of the failure words.
 //!
@@ -35,6 +42,7 @@
 //! `--source` binds the local address; std can only do that for UDP, so TCP rejects it
 //! (use a client namespace with the wanted address instead).
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket};
 use std::process::ExitCode;
@@ -47,6 +55,7 @@ enum Mode {
     Sctp,
     Hold,
     Get,
+    Many,
 }
 
 struct Args {
@@ -58,7 +67,7 @@ struct Args {
     source_port: Option<u16>,
 }
 
-const USAGE: &str = "usage: svcnat-probe tcp|udp|sctp|hold|get ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]";
+const USAGE: &str = "usage: svcnat-probe tcp|udp|sctp|hold|get|many ADDR:PORT [--count N] [--timeout-ms T] [--source IP] [--source-port P]";
 
 fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
     let mode = match args.next().as_deref() {
@@ -67,6 +76,7 @@ fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args, String> {
         Some("sctp") => Mode::Sctp,
         Some("hold") => Mode::Hold,
         Some("get") => Mode::Get,
+        Some("many") => Mode::Many,
         other => return Err(format!("unknown mode {other:?}\n{USAGE}")),
     };
     let target = args
@@ -295,9 +305,80 @@ fn hold(target: SocketAddr, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// Connections held open at once by `many`, at most (each is a file descriptor).
+const MANY_MAX: u32 = 60_000;
+/// Failed connection attempts after which `many` stops opening more.
+const MANY_GIVE_UP: u32 = 10;
+
+fn many(target: SocketAddr, count: u32, timeout: Duration) -> io::Result<()> {
+    let count = count.min(MANY_MAX);
+    svcnat_examples::netns::raise_open_files(u64::from(count) + 64)?;
+    let mut failures: BTreeMap<String, usize> = BTreeMap::new();
+    let mut open = Vec::with_capacity(count as usize);
+    let mut failed = 0;
+    for _ in 0..count {
+        match TcpStream::connect_timeout(&target, timeout) {
+            Ok(s) => open.push(s),
+            Err(e) => {
+                *failures.entry(classify(&e)).or_default() += 1;
+                failed += 1;
+                if failed == MANY_GIVE_UP {
+                    // Bounded time when something is broken: the rest are not tried.
+                    *failures.entry("untried".to_string()).or_default() +=
+                        (count - open.len() as u32 - failed) as usize;
+                    break;
+                }
+            }
+        }
+    }
+    // Every connection is open now; each must still be answered through its own
+    // translation.
+    let mut answered = 0;
+    let mut pods = BTreeSet::new();
+    for s in &open {
+        let io = (|| -> io::Result<String> {
+            s.set_read_timeout(Some(timeout))?;
+            s.set_write_timeout(Some(timeout))?;
+            let mut w = s;
+            w.write_all(b"many\n")?;
+            let mut reply = String::new();
+            BufReader::new(s).read_line(&mut reply)?;
+            Ok(reply)
+        })();
+        let word = match io {
+            Ok(reply) if reply.is_empty() => "error closed".to_string(),
+            Ok(reply) => reply_line(&reply),
+            Err(e) => classify(&e),
+        };
+        match word
+            .strip_prefix("ok pod=")
+            .and_then(|r| r.split_whitespace().next())
+        {
+            Some(pod) => {
+                answered += 1;
+                pods.insert(pod.to_string());
+            }
+            None => *failures.entry(word).or_default() += 1,
+        }
+    }
+    let mut out = io::stdout().lock();
+    let pods: Vec<String> = pods.into_iter().collect();
+    writeln!(
+        out,
+        "many connected={} answered={answered} pods={}",
+        open.len(),
+        pods.join(",")
+    )?;
+    for (word, n) in failures {
+        writeln!(out, "failure {n} {word}")?;
+    }
+    out.flush()
+}
+
 fn run(args: &Args) -> io::Result<()> {
     match args.mode {
         Mode::Hold => hold(args.target, args.timeout),
+        Mode::Many => many(args.target, args.count, args.timeout),
         Mode::Get => {
             let mut out = io::stdout().lock();
             writeln!(out, "{}", get_once(args.target, args.timeout))?;
