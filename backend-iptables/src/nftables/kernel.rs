@@ -101,45 +101,81 @@ pub struct ParseError {
     pub what: &'static str,
 }
 
+/// One netlink message of a datagram.
+struct Message<'a> {
+    /// Its offset in the datagram.
+    at: usize,
+    kind: u16,
+    seq: u32,
+    /// What follows the 16-byte header.
+    body: &'a [u8],
+}
+
+impl Message<'_> {
+    /// The errno of an `NLMSG_ERROR` message: 0 for an acknowledgement, else positive
+    /// (the kernel sends it negated); `EPROTO` for a positive code, which is no errno.
+    fn errno(&self) -> Result<i32, ParseError> {
+        let Some(&[a, b, c, d]) = self.body.get(..4) else {
+            return Err(ParseError {
+                at: self.at,
+                what: "short error message",
+            });
+        };
+        let code = i32::from_ne_bytes([a, b, c, d]);
+        Ok(if code <= 0 {
+            code.saturating_neg()
+        } else {
+            nix::libc::EPROTO
+        })
+    }
+}
+
+/// The netlink messages of one datagram, in order (a trailing piece shorter than a header
+/// is ignored); a message whose length runs out of bounds ends the walk with an error.
+fn messages(buf: &[u8]) -> impl Iterator<Item = Result<Message<'_>, ParseError>> {
+    let mut at = 0;
+    let mut failed = false;
+    std::iter::from_fn(move || {
+        if failed || at + 16 > buf.len() {
+            return None;
+        }
+        let len = u32_ne(buf, at) as usize;
+        let Some(body) = buf.get(at + 16..at + len).filter(|_| len >= 16) else {
+            failed = true;
+            return Some(Err(ParseError {
+                at,
+                what: "message length out of bounds",
+            }));
+        };
+        let m = Message {
+            at,
+            kind: u16_ne(buf, at + 4),
+            seq: u32_ne(buf, at + 8),
+            body,
+        };
+        at += (len + 3) & !3;
+        Some(Ok(m))
+    })
+}
+
 /// Parses one datagram of netlink messages (replies to svcnat's requests with sequence
 /// number `seq`; others are skipped). Any bytes give messages or an error, never a panic.
 pub fn parse_replies(buf: &[u8], seq: u32) -> Result<Vec<Reply>, ParseError> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = u32_ne(buf, at) as usize;
-        if len < 16 || len > buf.len() - at {
-            return Err(ParseError {
-                at,
-                what: "message length out of bounds",
-            });
-        }
-        let kind = u16_ne(buf, at + 4);
-        let msg_seq = u32_ne(buf, at + 8);
-        let body = &buf[at + 16..at + len];
-        at += (len + 3) & !3;
-        if msg_seq != seq {
+    for m in messages(buf) {
+        let m = m?;
+        if m.seq != seq {
             continue;
         }
-        let reply = match kind {
-            NLMSG_ERROR => {
-                if body.len() < 4 {
-                    return Err(ParseError {
-                        at,
-                        what: "short error message",
-                    });
-                }
-                let code = i32::from_ne_bytes([body[0], body[1], body[2], body[3]]);
-                if code == 0 {
-                    Reply::Done
-                } else {
-                    Reply::Error(code.saturating_neg())
-                }
-            }
+        let reply = match m.kind {
+            NLMSG_ERROR => match m.errno()? {
+                0 => Reply::Done,
+                errno => Reply::Error(errno),
+            },
             NLMSG_DONE => Reply::Done,
             k if k >> 8 == SUBSYS => {
                 // nfgenmsg (4 bytes), then attributes.
-                let attrs = body.get(4..).unwrap_or(&[]);
+                let attrs = m.body.get(4..).unwrap_or(&[]);
                 match k & 0xff {
                     MSG_NEWTABLE => Reply::Table {
                         name: attr_str(attrs, TABLE_NAME).unwrap_or_default(),
@@ -170,38 +206,15 @@ pub fn parse_replies(buf: &[u8], seq: u32) -> Result<Vec<Reply>, ParseError> {
 
 /// Acknowledgements and errors in one datagram: `(sequence number, errno)` per
 /// `NLMSG_ERROR` message (errno 0 for an acknowledgement, else positive; `EPROTO` for a
-/// malformed positive code), other messages
-/// skipped. Any bytes give acknowledgements or an error, never a panic.
+/// malformed positive code), other messages skipped. Any bytes give acknowledgements or an
+/// error, never a panic.
 pub fn parse_acks(buf: &[u8]) -> Result<Vec<(u32, i32)>, ParseError> {
     let mut out = Vec::new();
-    let mut at = 0;
-    while at + 16 <= buf.len() {
-        let len = u32_ne(buf, at) as usize;
-        if len < 16 || len > buf.len() - at {
-            return Err(ParseError {
-                at,
-                what: "message length out of bounds",
-            });
+    for m in messages(buf) {
+        let m = m?;
+        if m.kind == NLMSG_ERROR {
+            out.push((m.seq, m.errno()?));
         }
-        let kind = u16_ne(buf, at + 4);
-        let seq = u32_ne(buf, at + 8);
-        if kind == NLMSG_ERROR {
-            if len < 20 {
-                return Err(ParseError {
-                    at,
-                    what: "short error message",
-                });
-            }
-            let code = i32::from_ne_bytes([buf[at + 16], buf[at + 17], buf[at + 18], buf[at + 19]]);
-            // The kernel sends minus the errno; a positive code is no errno at all.
-            let errno = if code <= 0 {
-                code.saturating_neg()
-            } else {
-                nix::libc::EPROTO
-            };
-            out.push((seq, errno));
-        }
-        at += (len + 3) & !3;
     }
     Ok(out)
 }
@@ -571,5 +584,29 @@ mod tests {
         );
         assert!(parse_replies(&[255, 255, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], 0).is_err());
         assert_eq!(parse_replies(&[1, 2, 3], 0), Ok(Vec::new()));
+        // A positive code is no errno: both readers say EPROTO, never a negative errno.
+        let mut odd = vec![20, 0, 0, 0, 2, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0];
+        odd.extend_from_slice(&7i32.to_ne_bytes());
+        assert_eq!(
+            parse_replies(&odd, 5),
+            Ok(vec![Reply::Error(nix::libc::EPROTO)])
+        );
+        assert_eq!(parse_acks(&odd), Ok(vec![(5, nix::libc::EPROTO)]));
+        // An error message too short for its code is reported at its own offset.
+        let mut short = err.clone();
+        short.extend_from_slice(&[16, 0, 0, 0, 2, 0, 0, 0, 5, 0, 0, 0, 0, 0, 0, 0]);
+        let at = err.len();
+        for got in [
+            parse_replies(&short, 5).map(|_| ()),
+            parse_acks(&short).map(|_| ()),
+        ] {
+            assert_eq!(
+                got,
+                Err(ParseError {
+                    at,
+                    what: "short error message"
+                })
+            );
+        }
     }
 }
