@@ -14,7 +14,7 @@
 //!
 //! Workloads (Deployment, ReplicaSet, ReplicationController, StatefulSet, DaemonSet) are
 //! expanded into Pods, as the controllers and the scheduler would: deterministic names,
-//! round-robin placement on the Nodes (a StatefulSet's Pods are `name-0`, `name-1`, ...
+//! round-robin placement on the Nodes from a Node chosen per workload (a StatefulSet's Pods are `name-0`, `name-1`, ...
 //! with per-Pod DNS names under `spec.serviceName`; a DaemonSet has one Pod per eligible
 //! Node), and Pod IPs from each Node's pod CIDR. ClusterIPs and node ports that a manifest
 //! leaves out are allocated deterministically from the configured ranges.
@@ -2707,15 +2707,30 @@ impl<'a> Builder<'a> {
             .find(|np| !used.contains(np))
     }
 
-    /// Replicas of a workload as Pods, placed round-robin on the Nodes in name order; a
-    /// DaemonSet's, one on each eligible Node.
+    /// The Node of replica `i` of a workload: round-robin over the Nodes in name order,
+    /// starting at one chosen by hashing the workload's kind, namespace and name. Each
+    /// workload's placement depends on nothing but itself and the Nodes (scaling one never
+    /// moves another's Pods, and their IPs with them), and single-replica workloads spread
+    /// over the Nodes instead of all landing on the first, as the scheduler spreads them.
+    fn node_for(&self, w: &Workload, i: u32) -> Option<String> {
+        let n = self.nodes.len();
+        if n == 0 || w.pinned_node {
+            return None;
+        }
+        let digest = Sha256::digest(format!("{}/{}", w.kind, w.name).as_bytes());
+        let start = u64::from_be_bytes(digest[..8].try_into().unwrap_or_default());
+        let at = (start % n as u64) as usize + i as usize % n;
+        self.nodes.keys().nth(at % n).cloned()
+    }
+
+    /// Replicas of a workload as Pods, placed by [`Builder::node_for`]; a DaemonSet's, one
+    /// on each eligible Node.
     fn expand(&self, w: &Workload) -> Vec<Pod> {
         match w.kind.as_str() {
             "StatefulSet" => return self.expand_stateful_set(w),
             "DaemonSet" => return self.expand_daemon_set(w),
             _ => {}
         }
-        let nodes: Vec<&String> = self.nodes.keys().collect();
         let template_hash = {
             let h = Sha256::digest(format!("{:?}", w.template.labels).as_bytes());
             safe_suffix(&h, 10)
@@ -2730,8 +2745,8 @@ impl<'a> Builder<'a> {
                 } else {
                     format!("{}-{suffix}", w.name.name)
                 };
-                if !w.pinned_node && !nodes.is_empty() {
-                    p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
+                if let Some(node) = self.node_for(w, i) {
+                    p.node_name = Some(node);
                 }
                 p
             })
@@ -2742,7 +2757,6 @@ impl<'a> Builder<'a> {
     /// of the StatefulSet and the ordinal of the Pod. The pattern for the constructed
     /// hostname is $(statefulset name)-$(ordinal)"; the subdomain is `spec.serviceName`.
     fn expand_stateful_set(&self, w: &Workload) -> Vec<Pod> {
-        let nodes: Vec<&String> = self.nodes.keys().collect();
         (0..w.replicas)
             .map(|i| {
                 let mut p = w.template.clone();
@@ -2753,8 +2767,8 @@ impl<'a> Builder<'a> {
                 );
                 p.hostname = Some(name.clone());
                 p.name.name = name;
-                if !w.pinned_node && !nodes.is_empty() {
-                    p.node_name = nodes.get(i as usize % nodes.len()).map(|n| n.to_string());
+                if let Some(node) = self.node_for(w, i) {
+                    p.node_name = Some(node);
                 }
                 p
             })
@@ -3185,7 +3199,7 @@ spec:
             .iter()
             .filter(|p| p.node_name.as_deref() == Some("node-1"))
             .count();
-        assert_eq!(on1, 3);
+        assert!(on1 == 2 || on1 == 3, "round-robin over two nodes: {on1} on node-1");
         for p in &pods {
             let node = c
                 .node(p.node_name.as_deref().expect("placed"))
@@ -3199,5 +3213,60 @@ spec:
         let a: Vec<_> = c.pods().map(|p| (p.name.clone(), p.ips.clone())).collect();
         let b: Vec<_> = c2.pods().map(|p| (p.name.clone(), p.ips.clone())).collect();
         assert_eq!(a, b);
+    }
+
+    #[test]
+    fn single_replica_workloads_spread_and_scaling_one_moves_no_other() {
+        // The lab's shape: several one-replica Deployments on two Nodes. They must not all
+        // land on the first Node, and scaling one must leave the others where they are
+        // (same Node, same IP).
+        let deployment = |name: &str, replicas: u32| {
+            format!(
+                "---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {{name: {name}}}
+spec:
+  replicas: {replicas}
+  selector: {{matchLabels: {{app: {name}}}}}
+  template:
+    metadata: {{labels: {{app: {name}}}}}
+    spec:
+      containers: [{{name: app, image: app:v1}}]
+"
+            )
+        };
+        let nodes = "apiVersion: v1
+kind: Node
+metadata: {name: node-1}
+---
+apiVersion: v1
+kind: Node
+metadata: {name: node-2}
+";
+        let names = ["vote", "redis", "worker", "db", "result", "web", "api", "cache"];
+        let world = |scale_vote: u32| {
+            let mut text = nodes.to_string();
+            for n in names {
+                text.push_str(&deployment(n, if n == "vote" { scale_vote } else { 1 }));
+            }
+            let cfg = lab_config();
+            let mut m = Manifests::from_files([("lab.yaml", text.as_str())], &cfg);
+            let c = m.build(&cfg);
+            assert!(m.errors.is_empty(), "{:?}", m.errors);
+            c.pods()
+                .map(|p| (p.name.name.clone(), (p.node_name.clone(), p.ips.clone())))
+                .collect::<BTreeMap<_, _>>()
+        };
+        let before = world(1);
+        let used: BTreeSet<_> = before.values().map(|(n, _)| n.clone()).collect();
+        assert_eq!(used.len(), 2, "every single replica on one node: {before:?}");
+        let after = world(4);
+        assert_eq!(after.len(), before.len() + 3);
+        for (name, place) in &before {
+            if !name.starts_with("vote-") {
+                assert_eq!(after.get(name), Some(place), "{name} moved");
+            }
+        }
     }
 }
