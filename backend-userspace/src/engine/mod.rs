@@ -748,14 +748,25 @@ struct Reasm {
     id: u32,
 }
 
+/// The tables a frame is processed with, built from the engine's configuration: loaded
+/// once per frame (one `ArcSwap` load) and passed down by reference. A setter replaces the
+/// one table it changes and stores a new snapshot.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    ports: Arc<Ports>,
+    fib: Arc<Fib>,
+    plan: Arc<Compiled>,
+    adm: Arc<Adm>,
+}
+
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
-    ports: ArcSwap<Ports>,
-    fib: ArcSwap<Fib>,
-    plan: ArcSwap<Compiled>,
-    admission: ArcSwap<Adm>,
+    /// The configuration tables, loaded once per frame.
+    snap: ArcSwap<Snapshot>,
+    /// Serialises the setters' read-modify-store of `snap`.
+    update: Mutex<()>,
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
@@ -778,10 +789,8 @@ impl Engine {
         );
         Engine {
             ct,
-            ports: ArcSwap::from_pointee(Ports::default()),
-            fib: ArcSwap::from_pointee(Fib::default()),
-            plan: ArcSwap::from_pointee(Compiled::default()),
-            admission: ArcSwap::from_pointee(Adm::default()),
+            snap: ArcSwap::from_pointee(Snapshot::default()),
+            update: Mutex::new(()),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
             static_neigh: RwLock::new(HashMap::new()),
@@ -791,6 +800,14 @@ impl Engine {
             stats: Stats::default(),
             cfg,
         }
+    }
+
+    /// Stores a new snapshot: the current one with `change` applied.
+    fn update(&self, change: impl FnOnce(&mut Snapshot)) {
+        let _serial = self.update.lock();
+        let mut s = Snapshot::clone(&self.snap.load());
+        change(&mut s);
+        self.snap.store(Arc::new(s));
     }
 
     /// The configuration.
@@ -815,7 +832,8 @@ impl Engine {
             }
             p.by_id.insert(port.id, port);
         }
-        self.ports.store(Arc::new(p));
+        let p = Arc::new(p);
+        self.update(|s| s.ports = p);
     }
 
     /// Replaces the FIB with routes through owned ports only.
@@ -826,7 +844,8 @@ impl Engine {
     /// Replaces the FIB with the node's routing table (among equal prefixes the first
     /// entry wins, as the lowest metric in `ip route`'s order).
     pub fn set_fib(&self, entries: Vec<FibEntry>) {
-        self.fib.store(Arc::new(Fib::new(entries)));
+        let fib = Arc::new(Fib::new(entries));
+        self.update(|s| s.fib = fib);
     }
 
     /// Replaces what the kernel's input path would check (reverse-path filtering, the
@@ -838,17 +857,21 @@ impl Engine {
             node_addrs,
             broadcasts,
         } = admission;
-        self.admission.store(Arc::new(Adm {
+        let adm = Arc::new(Adm {
             rp_filter: rp_filter.into_iter().collect(),
             node_addrs: node_addrs.into_iter().collect(),
             broadcasts: broadcasts.into_iter().collect(),
-        }));
+        });
+        self.update(|s| s.adm = adm);
     }
 
     /// Compiles and swaps the plan's lookup tables; existing connections keep their endpoint.
     pub fn set_plan(&self, plan: &Plan) {
-        let compiled = self.registry.lock().compile(plan);
-        self.plan.store(Arc::new(compiled));
+        // The registry stays locked until the plan is stored: two concurrent calls store
+        // in the order they compiled.
+        let mut registry = self.registry.lock();
+        let compiled = Arc::new(registry.compile(plan));
+        self.update(|s| s.plan = compiled);
     }
 
     /// Forgets the connections that `flows` made stale (UDP flows to a departed endpoint,
@@ -948,15 +971,16 @@ impl Engine {
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
-        let ports = self.ports.load();
-        let Some(port) = ports.by_id.get(&meta.port) else {
+        let snap = self.snap.load();
+        let snap: &Snapshot = &snap;
+        let Some(port) = snap.ports.by_id.get(&meta.port) else {
             return Verdict::Drop(DropReason::UnknownPort);
         };
         if frame.len() < ETH_LEN {
             return Verdict::Drop(DropReason::Truncated);
         }
         if port.loopback {
-            return self.handle_loopback(now, meta, &ports, frame, tx);
+            return self.handle_loopback(now, meta, snap, frame, tx);
         }
         let dst_mac = frame.get(0..6).unwrap_or(&[]);
         let to_us = dst_mac == port.mac;
@@ -980,7 +1004,7 @@ impl Engine {
                 if !to_us {
                     return Verdict::Kernel;
                 }
-                match self.handle_ip(now, meta, &ports, frame, t == ETH_IPV6, tx) {
+                match self.handle_ip(now, meta, snap, frame, t == ETH_IPV6, tx) {
                     Ok(v) => v,
                     Err(r) => Verdict::Drop(r),
                 }
@@ -1001,7 +1025,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
@@ -1013,7 +1037,7 @@ impl Engine {
         let Ok(ip) = parse_ip(frame, ETH_LEN, v6, true) else {
             return Verdict::Kernel;
         };
-        let adm = self.admission.load();
+        let adm = &snap.adm;
         // What `lo` carries was sent by the node, from and to its own addresses.
         if ip.frag != Frag::No
             || !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
@@ -1026,16 +1050,15 @@ impl Engine {
         let Some(dport) = frame.get(ip.l4 + 2..ip.l4 + 4).map(|b| rd16(b, 0)) else {
             return Verdict::Kernel;
         };
-        let node_port = self
+        let node_port = snap
             .plan
-            .load()
             .frontends
             .get(&(ip.dst, ip.proto, dport))
             .is_some_and(|fe| fe.node_port);
         if !node_port {
             return Verdict::Kernel;
         }
-        match self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx) {
+        match self.route_ip(now, meta, snap, frame, &ip, None, tx) {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
         }
@@ -1045,19 +1068,19 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         v6: bool,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
-        let adm = self.admission.load();
-        let from_host = ports.host == Some(meta.port);
-        admit(meta.port, from_host, &ip, &adm, &self.fib.load())?;
+        let adm = &snap.adm;
+        let from_host = snap.ports.host == Some(meta.port);
+        admit(meta.port, from_host, &ip, adm, &snap.fib)?;
         if ip.frag != Frag::No {
-            return self.handle_fragment(now, meta, ports, frame, &ip, &adm, tx);
+            return self.handle_fragment(now, meta, snap, frame, &ip, tx);
         }
-        self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx)
+        self.route_ip(now, meta, snap, frame, &ip, None, tx)
     }
 
     /// A fragment: into reassembly (as conntrack's defragmentation takes every fragment
@@ -1069,14 +1092,13 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
-        adm: &Adm,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
-        let plan = self.plan.load();
-        let local = ports.local.contains(&ip.dst)
+        let (plan, adm) = (&snap.plan, &snap.adm);
+        let local = snap.ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
             || adm.node_addrs.contains(&ip.dst)
             || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
@@ -1112,7 +1134,7 @@ impl Engine {
             max_size: done.max_size,
             id: done.id,
         };
-        match self.route_ip(now, m, ports, &mut data, &dip, adm, Some(reasm), tx)? {
+        match self.route_ip(now, m, snap, &mut data, &dip, Some(reasm), tx)? {
             Verdict::Forward { port } => {
                 tx.push(TxFrame { port, data });
                 self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
@@ -1137,15 +1159,14 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
-        adm: &Adm,
         reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let v6 = ip.v6;
-        let plan = self.plan.load();
+        let (plan, adm) = (&snap.plan, &snap.adm);
         let l4 = match (ip.proto, ip.frag) {
             (PROTO_TCP, _) => {
                 let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
@@ -1235,27 +1256,27 @@ impl Engine {
                     // kube-proxy drops; the connection is untouched.
                     return Err(DropReason::Invalid);
                 }
-                return self.translate_and_forward(now, meta, ports, frame, ip, &hit, reasm, tx);
+                return self.translate_and_forward(now, meta, snap, frame, ip, &hit, reasm, tx);
             }
             if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
-                return self.new_connection(now, meta, ports, &plan, frame, ip, l4, reasm, tx);
+                return self.new_connection(now, meta, snap, frame, ip, l4, reasm, tx);
             }
         } else if ip.frag == Frag::No
             && ip.proto == if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
             && ip.l4_len() >= 8
             && is_icmp_error(v6, rd8(frame, ip.l4))
-            && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, ip, tx)?
+            && let Some(v) = self.icmp_error_reply(now, meta, snap, frame, ip, tx)?
         {
             return Ok(v);
         }
         // The node routes only Service addresses to the host port, and routes the rest
         // itself: nothing it sends there (or on `lo`) is routed on.
-        if ports.node_origin(meta.port) {
+        if snap.ports.node_origin(meta.port) {
             return Err(DropReason::NoRoute);
         }
         // Plain routing between owned ports. RFC 4291 2.5.6: a link-local source or
         // destination is never forwarded (the kernel answers for its own).
-        if ports.local.contains(&ip.dst)
+        if snap.ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
             || adm.node_addrs.contains(&ip.dst)
             || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
@@ -1265,14 +1286,14 @@ impl Engine {
         {
             return Ok(self.unmatched());
         }
-        let Some(route) = self.fib.load().lookup(ip.dst) else {
+        let Some(route) = snap.fib.lookup(ip.dst) else {
             return Ok(self.unmatched());
         };
         if ip.ttl <= 1 {
-            return self.forward(now, meta, ports, frame, ip, route, tx);
+            return self.forward(now, meta, snap, frame, ip, route, tx);
         }
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
-        self.forward_fit(now, meta, ports, frame, ip, route, fit, tx)
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
+        self.forward_fit(now, meta, snap, frame, ip, route, fit, tx)
     }
 
     /// How the packet `ip` leaves through `out` (`ip_forward`'s `ip_exceeds_mtu` and
@@ -1288,7 +1309,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &[u8],
         ip: &Ip,
         out: PortId,
@@ -1296,24 +1317,28 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Fit, DropReason> {
         // An unknown MTU (0) limits nothing.
-        let mtu = match ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
+        let mtu = match snap.ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
             0 => usize::MAX,
             m => m,
         };
         let len = ip.end.saturating_sub(ip.l3);
-        let in_mtu = ports.by_id.get(&meta.port).map_or(0, |p| p.mtu as usize);
+        let in_mtu = snap
+            .ports
+            .by_id
+            .get(&meta.port)
+            .map_or(0, |p| p.mtu as usize);
         if reasm.is_none() && in_mtu > 0 && len > in_mtu {
             return Ok(Fit::Whole);
         }
         // `lo`'s MTU is 65,536, and TCP sends it aggregates (GSO) of segments no larger
         // than the endpoint's MSS: the kernel segments them on transmit.
-        if ports.lo == Some(meta.port) && ip.proto == PROTO_TCP {
+        if snap.ports.lo == Some(meta.port) && ip.proto == PROTO_TCP {
             return Ok(Fit::Whole);
         }
         let too_big = |tx: &mut Vec<TxFrame>| {
             self.send_icmp_error(
                 now,
-                ports,
+                snap,
                 meta,
                 frame,
                 ip,
@@ -1345,7 +1370,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1353,9 +1378,9 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         match fit {
-            Fit::Whole => self.forward(now, meta, ports, frame, ip, route, tx),
+            Fit::Whole => self.forward(now, meta, snap, frame, ip, route, tx),
             Fit::Split(size, id) => {
-                self.forward_split(now, meta, ports, frame, ip, route, size, id, tx)
+                self.forward_split(now, meta, snap, frame, ip, route, size, id, tx)
             }
         }
     }
@@ -1367,7 +1392,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1388,7 +1413,7 @@ impl Engine {
         let mut sent = 0;
         for mut piece in pieces {
             let pip = parse_ip(&piece, ETH_LEN, ip.v6, false)?;
-            match self.forward(now, m, ports, &mut piece, &pip, route, tx)? {
+            match self.forward(now, m, snap, &mut piece, &pip, route, tx)? {
                 Verdict::Forward { port } => {
                     tx.push(TxFrame { port, data: piece });
                     sent += 1;
@@ -1405,7 +1430,7 @@ impl Engine {
     fn send_icmp_error(
         &self,
         now: Duration,
-        ports: &Ports,
+        snap: &Snapshot,
         meta: RxMeta,
         frame: &[u8],
         ip: &Ip,
@@ -1426,11 +1451,11 @@ impl Engine {
         // An error about the node's own packet on `lo` goes back through the host port:
         // from a node address, it would be a martian coming in on `lo` (no accept_local
         // there), while the node's side of the host pair accepts local sources.
-        let out_id = match ports.host {
-            Some(h) if ports.lo == Some(meta.port) => h,
+        let out_id = match snap.ports.host {
+            Some(h) if snap.ports.lo == Some(meta.port) => h,
             _ => meta.port,
         };
-        let Some(port) = ports.by_id.get(&out_id) else {
+        let Some(port) = snap.ports.by_id.get(&out_id) else {
             return;
         };
         // icmp_ratemask: destination unreachable and time exceeded are rate-limited;
@@ -1441,12 +1466,12 @@ impl Engine {
             self.stats.icmp_limited.fetch_add(1, Ordering::Relaxed);
             return;
         }
-        let plan = self.plan.load();
+        let plan = &snap.plan;
         // On `lo` the packet's destination is a node address (lo's own is 127.0.0.1).
         let on_lo = out_id != meta.port;
         let Some(src) = src
             .or(if on_lo { Some(ip.dst) } else { None })
-            .or_else(|| ports.addr_of(meta.port, ip.v6))
+            .or_else(|| snap.ports.addr_of(meta.port, ip.v6))
             .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
         else {
             return;
@@ -1518,11 +1543,11 @@ impl Engine {
     /// goes: replies of the node's own connections back out of the host port (their
     /// destination is a node address, which the FIB would send elsewhere or not at all),
     /// everything else by the FIB.
-    fn route_of(&self, ports: &Ports, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
+    fn route_of(&self, snap: &Snapshot, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
         if hit.host && hit.dir == 1 {
-            return ports.host.map(|port| (port, dst));
+            return snap.ports.host.map(|port| (port, dst));
         }
-        self.fib.load().lookup(dst)
+        snap.fib.lookup(dst)
     }
 
     /// Rewrites addresses and ports of the packet to `target`, with checksum updates.
@@ -1579,7 +1604,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         hit: &Hit,
@@ -1587,30 +1612,21 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let target = hit.target();
-        let Some(route) = self.route_of(ports, hit, target.dst) else {
+        let Some(route) = self.route_of(snap, hit, target.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
             src: target.src,
             dst: target.dst,
             ..*ip
         };
-        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
+        self.forward_fit(now, meta, snap, frame, &ip2, route, fit, tx)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1618,14 +1634,14 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
-        plan: &Compiled,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         l4: L4,
         reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
+        let plan = &snap.plan;
         let Some(fe) = plan.frontends.get(&(ip.dst, ip.proto, l4.dport)) else {
             return Ok(self.unmatched());
         };
@@ -1654,7 +1670,7 @@ impl Engine {
             EmptyAction::Reject => {
                 this.send_icmp_error(
                     now,
-                    ports,
+                    snap,
                     meta,
                     frame,
                     ip,
@@ -1681,26 +1697,17 @@ impl Engine {
         let Some(ep) = set.select(now.as_secs(), ip.src, hash, fe.affinity) else {
             return reject(self, frame, tx);
         };
-        let Some(route) = self.fib.load().lookup(ep.ip()) else {
+        let Some(route) = snap.fib.lookup(ep.ip()) else {
             return Err(DropReason::NoRoute);
         };
-        let from_host = ports.node_origin(meta.port);
+        let from_host = snap.ports.node_origin(meta.port);
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
         // The MTU check comes before the connection exists: a packet too big for the
         // endpoint's link creates nothing (the kernel drops it before conntrack confirms).
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
         // would answer itself directly. The node's own connections always are (kube-proxy
         // masquerades them too, coming from outside the cluster CIDR): their replies then
@@ -1714,7 +1721,8 @@ impl Engine {
                 Masquerade::OffCluster => !from_cluster,
             };
         let snat = if masquerade {
-            let a = ports
+            let a = snap
+                .ports
                 .addr_of(route.0, ip.v6)
                 .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
                 .ok_or(DropReason::SnatExhausted)?;
@@ -1744,10 +1752,7 @@ impl Engine {
         let route = if target.dst == ep.ip() {
             route
         } else {
-            self.fib
-                .load()
-                .lookup(target.dst)
-                .ok_or(DropReason::NoRoute)?
+            snap.fib.lookup(target.dst).ok_or(DropReason::NoRoute)?
         };
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
@@ -1756,9 +1761,9 @@ impl Engine {
             ..*ip
         };
         if let Some(seq) = stale {
-            return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
+            return self.reset_then_forward(now, meta, snap, frame, &ip2, route, seq, tx);
         }
-        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
+        self.forward_fit(now, meta, snap, frame, &ip2, route, fit, tx)
     }
 
     /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
@@ -1773,7 +1778,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1806,12 +1811,12 @@ impl Engine {
                 ..meta
             };
             if let Ok(Verdict::Forward { port }) =
-                self.forward(now, m, ports, &mut rst, &rip, route, tx)
+                self.forward(now, m, snap, &mut rst, &rip, route, tx)
             {
                 tx.push(TxFrame { port, data: rst });
             }
         }
-        match self.forward(now, meta, ports, frame, ip, route, tx)? {
+        match self.forward(now, meta, snap, frame, ip, route, tx)? {
             Verdict::Forward { port } => {
                 let mut data = frame.to_vec();
                 if meta.csum == Csum::Partial {
@@ -1830,7 +1835,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         tx: &mut Vec<TxFrame>,
@@ -1875,7 +1880,7 @@ impl Engine {
             dport: 0,
         };
         // The error travels the way packets of direction `hit.dir` do.
-        let Some(route) = self.route_of(ports, &hit, outer.dst) else {
+        let Some(route) = self.route_of(snap, &hit, outer.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
@@ -1940,7 +1945,7 @@ impl Engine {
                 wr16(frame, ip.l4 + 2, fold(acc));
             }
         }
-        self.forward(now, meta, ports, frame, &ip2, route, tx)
+        self.forward(now, meta, snap, frame, &ip2, route, tx)
             .map(Some)
     }
 
@@ -1950,26 +1955,17 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         (out, nh): (PortId, IpAddr),
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
-        let Some(out_port) = ports.by_id.get(&out) else {
+        let Some(out_port) = snap.ports.by_id.get(&out) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
         let ttl_off = ip.ttl_off();
@@ -2026,7 +2022,7 @@ impl Engine {
         if n.tries == 0 {
             n.tries = 1;
             n.next_try = now.saturating_add(neigh::ARP_RETRY);
-            tx.push(self.solicit(ports, out_port, nh));
+            tx.push(self.solicit(snap, out_port, nh));
         }
         if let Some(mac) = n.mac {
             // Stale: keep using it while re-resolving.
@@ -2045,16 +2041,17 @@ impl Engine {
     }
 
     /// A request for `target`'s link-layer address out of `port`: ARP or NDP.
-    fn solicit(&self, ports: &Ports, port: &PortConfig, target: IpAddr) -> TxFrame {
+    fn solicit(&self, snap: &Snapshot, port: &PortConfig, target: IpAddr) -> TxFrame {
         match target {
-            IpAddr::V4(t) => self.arp_request(ports, port, t),
-            IpAddr::V6(t) => self.ndp_solicit(ports, port, t),
+            IpAddr::V4(t) => self.arp_request(snap, port, t),
+            IpAddr::V6(t) => self.ndp_solicit(snap, port, t),
         }
     }
 
-    fn arp_request(&self, ports: &Ports, port: &PortConfig, target: Ipv4Addr) -> TxFrame {
-        let plan = self.plan.load();
-        let spa = ports
+    fn arp_request(&self, snap: &Snapshot, port: &PortConfig, target: Ipv4Addr) -> TxFrame {
+        let plan = &snap.plan;
+        let spa = snap
+            .ports
             .addr_of(port.id, false)
             .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv4()));
         let spa = match spa {
@@ -2218,7 +2215,8 @@ impl Engine {
         }
         let expired = self.defrag.expire(now);
         self.stats.drop_n(DropReason::FragmentTimeout, expired);
-        let ports = self.ports.load();
+        let snap = self.snap.load();
+        let snap: &Snapshot = &snap;
         let mut failed = 0u64;
         let before = tx.len();
         {
@@ -2228,8 +2226,8 @@ impl Engine {
                     if n.tries < neigh::ARP_TRIES {
                         n.tries += 1;
                         n.next_try = now.saturating_add(neigh::ARP_RETRY);
-                        if let Some(p) = ports.by_id.get(port) {
-                            tx.push(self.solicit(&ports, p, *ip));
+                        if let Some(p) = snap.ports.by_id.get(port) {
+                            tx.push(self.solicit(snap, p, *ip));
                         }
                         return true;
                     }
