@@ -850,6 +850,8 @@ struct Snapshot {
     fib: Arc<Fib>,
     plan: Arc<Compiled>,
     adm: Arc<Adm>,
+    /// Permanent neighbours (never expire).
+    static_neigh: Arc<FastMap<(PortId, IpAddr), [u8; 6]>>,
 }
 
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
@@ -863,8 +865,6 @@ pub struct Engine {
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
-    /// Permanent neighbours (never expire).
-    static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
     next_sweep: Mutex<Duration>,
     icmp_limit: IcmpLimiter,
     defrag: frag::Defrag,
@@ -886,7 +886,6 @@ impl Engine {
             update: Mutex::new(()),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
-            static_neigh: RwLock::new(HashMap::new()),
             next_sweep: Mutex::new(Duration::ZERO),
             icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
             defrag: frag::Defrag::new(cfg.reassembly.clone()),
@@ -991,9 +990,12 @@ impl Engine {
     }
 
     /// Adds a permanent neighbour (never resolved, never expired: entries the driver
-    /// copies from the kernel's table, or fixed next hops).
+    /// copies from the kernel's table, or fixed next hops). Permanent neighbours are part
+    /// of the configuration snapshot frames read without a lock: each call copies them.
     pub fn add_neighbour(&self, port: PortId, ip: IpAddr, mac: [u8; 6]) {
-        self.static_neigh.write().insert((port, ip), mac);
+        self.update(|s| {
+            Arc::make_mut(&mut s.static_neigh).insert((port, ip), mac);
+        });
     }
 
     /// The TCP state of the connection whose original direction is `src:sport -> dst:dport`
@@ -2073,7 +2075,7 @@ impl Engine {
             wr(frame, 0, &mac);
             return Ok(Verdict::Forward { port: out });
         }
-        if let Some(mac) = self.static_neigh.read().get(&(out, nh)) {
+        if let Some(mac) = snap.static_neigh.get(&(out, nh)) {
             wr(frame, 0, mac);
             return Ok(Verdict::Forward { port: out });
         }
