@@ -72,6 +72,7 @@ mod tables;
 pub mod testing;
 mod wire;
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
@@ -841,9 +842,9 @@ struct Reasm {
     id: u32,
 }
 
-/// The tables a frame is processed with, built from the engine's configuration: loaded
-/// once per frame (one `ArcSwap` load) and passed down by reference. A setter replaces the
-/// one table it changes and stores a new snapshot.
+/// The tables a frame is processed with, built from the engine's configuration: taken
+/// once per frame (see [`CachedSnapshot`]) and passed down by reference. A setter replaces
+/// the one table it changes and stores a new snapshot.
 #[derive(Clone, Debug, Default)]
 struct Snapshot {
     ports: Arc<Ports>,
@@ -854,6 +855,26 @@ struct Snapshot {
     static_neigh: Arc<FastMap<(PortId, IpAddr), [u8; 6]>>,
 }
 
+/// A thread's copy of the last snapshot it used, reused while its engine's generation is
+/// unchanged: a frame then costs no `ArcSwap` load (whose read-modify-writes were most of
+/// what remained of configuration access). A thread keeps the one snapshot until its next
+/// frame (an idle worker holds the tables it last used, as of before a later update) or
+/// until it ends.
+struct CachedSnapshot {
+    /// [`Engine::id`].
+    engine: u64,
+    /// [`Engine::generation`] when `snap` was loaded (or older: never newer).
+    generation: u64,
+    snap: Arc<Snapshot>,
+}
+
+thread_local! {
+    static SNAPSHOT_CACHE: Cell<Option<CachedSnapshot>> = const { Cell::new(None) };
+}
+
+/// Numbers engines, for [`CachedSnapshot::engine`].
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(0);
+
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
 #[derive(Debug)]
 pub struct Engine {
@@ -862,6 +883,10 @@ pub struct Engine {
     snap: ArcSwap<Snapshot>,
     /// Serialises the setters' read-modify-store of `snap`.
     update: Mutex<()>,
+    /// This engine's number (unique in the process).
+    id: u64,
+    /// Incremented after each store of `snap`.
+    generation: AtomicU64,
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
@@ -884,6 +909,8 @@ impl Engine {
             ct,
             snap: ArcSwap::from_pointee(Snapshot::default()),
             update: Mutex::new(()),
+            id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
             next_sweep: Mutex::new(Duration::ZERO),
@@ -900,6 +927,29 @@ impl Engine {
         let mut s = Snapshot::clone(&self.snap.load());
         change(&mut s);
         self.snap.store(Arc::new(s));
+        // After the store: a thread that sees the new generation loads this snapshot or a
+        // newer one.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Runs `f` with the current snapshot: the calling thread's cached copy when no setter
+    /// stored one since it was loaded, else a fresh load (then cached).
+    fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = SNAPSHOT_CACHE
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .filter(|c| c.engine == self.id && c.generation == generation);
+        let c = cached.unwrap_or_else(|| CachedSnapshot {
+            engine: self.id,
+            generation,
+            snap: self.snap.load_full(),
+        });
+        let r = f(&c.snap);
+        // While the thread ends, nothing is cached.
+        let _ = SNAPSHOT_CACHE.try_with(|cell| cell.set(Some(c)));
+        r
     }
 
     /// The configuration.
@@ -1034,7 +1084,7 @@ impl Engine {
         st.add(|s| &s.rx_packets, 1);
         st.add(|s| &s.rx_bytes, frame.len() as u64);
         let before = tx.len();
-        let v = self.process(now, meta, frame, tx);
+        let v = self.with_snapshot(|snap| self.process(now, meta, snap, frame, tx));
         let generated = tx.len().saturating_sub(before) as u64;
         if generated > 0 {
             st.add(|s| &s.generated, generated);
@@ -1059,11 +1109,10 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
+        snap: &Snapshot,
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
-        let snap = self.snap.load();
-        let snap: &Snapshot = &snap;
         let Some(port) = snap.ports.by_id.get(&meta.port) else {
             return Verdict::Drop(DropReason::UnknownPort);
         };
