@@ -81,13 +81,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use svcnat_core::conntrack::StaleFlow;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
 
 use conntrack::{Conntrack, Created, Hit, Seg, Tuple};
-use neigh::{Fib, Neigh, Neighbours, Queued};
+use neigh::{CachedNeighbour, Fib, NEIGHBOUR_CACHE, Neigh, Neighbours, Queued};
 use tables::{Compiled, Registry};
 use wire::*;
 
@@ -872,6 +872,33 @@ thread_local! {
     static SNAPSHOT_CACHE: Cell<Option<CachedSnapshot>> = const { Cell::new(None) };
 }
 
+/// The neighbour table locked for writing ([`Engine::neigh_write`]).
+struct NeighWrite<'a> {
+    map: RwLockWriteGuard<'a, Neighbours>,
+    generation: &'a AtomicU64,
+}
+
+impl std::ops::Deref for NeighWrite<'_> {
+    type Target = Neighbours;
+    fn deref(&self) -> &Neighbours {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for NeighWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Neighbours {
+        &mut self.map
+    }
+}
+
+impl Drop for NeighWrite<'_> {
+    fn drop(&mut self) {
+        // Runs before `map` unlocks: a reader that sees the table as this writer left it
+        // sees this generation, or a later one, thereafter.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
 /// Numbers engines, for [`CachedSnapshot::engine`].
 static NEXT_ENGINE: AtomicU64 = AtomicU64::new(0);
 
@@ -890,6 +917,8 @@ pub struct Engine {
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
+    /// Incremented by every writer of `neigh` before it unlocks (see [`NeighWrite`]).
+    neigh_generation: AtomicU64,
     next_sweep: Mutex<Duration>,
     icmp_limit: IcmpLimiter,
     defrag: frag::Defrag,
@@ -913,6 +942,7 @@ impl Engine {
             generation: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
+            neigh_generation: AtomicU64::new(0),
             next_sweep: Mutex::new(Duration::ZERO),
             icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
             defrag: frag::Defrag::new(cfg.reassembly.clone()),
@@ -2128,17 +2158,11 @@ impl Engine {
             wr(frame, 0, mac);
             return Ok(Verdict::Forward { port: out });
         }
-        {
-            let map = self.neigh.read();
-            if let Some(n) = map.get(&(out, nh))
-                && let Some(mac) = n.mac
-                && (now < n.reachable_until || n.tries > 0)
-            {
-                wr(frame, 0, &mac);
-                return Ok(Verdict::Forward { port: out });
-            }
+        if let Some(mac) = self.usable_neighbour(now, out, nh) {
+            wr(frame, 0, &mac);
+            return Ok(Verdict::Forward { port: out });
         }
-        let mut map = self.neigh.write();
+        let mut map = self.neigh_write();
         let incomplete = map.values().filter(|n| n.mac.is_none()).count();
         let fresh = !map.contains_key(&(out, nh));
         if fresh && incomplete >= neigh::MAX_INCOMPLETE {
@@ -2178,6 +2202,55 @@ impl Engine {
             csum: meta.csum,
         });
         Ok(Verdict::Consumed)
+    }
+
+    /// The neighbour table locked for writing; the neighbour generation moves on before
+    /// the lock is released.
+    fn neigh_write(&self) -> NeighWrite<'_> {
+        NeighWrite {
+            map: self.neigh.write(),
+            generation: &self.neigh_generation,
+        }
+    }
+
+    /// The MAC of the resolved neighbour `nh` on `out` if it may be used now (reachable,
+    /// or stale while being re-resolved). A thread remembers the entries it read in
+    /// [`NEIGHBOUR_CACHE`] with the neighbour generation they were read at; while the
+    /// generation is unchanged (no writer since), the table holds the same entry, and
+    /// the frame takes no lock.
+    fn usable_neighbour(&self, now: Duration, out: PortId, nh: IpAddr) -> Option<[u8; 6]> {
+        let usable =
+            |c: &CachedNeighbour| (now < c.reachable_until || c.resolving).then_some(c.mac);
+        let generation = self.neigh_generation.load(Ordering::Acquire);
+        let slot = CachedNeighbour::slot(out, nh);
+        let cached = NEIGHBOUR_CACHE
+            .try_with(|c| c.get(slot).and_then(Cell::get))
+            .ok()
+            .flatten()
+            .filter(|c| {
+                c.engine == self.id && c.generation == generation && c.port == out && c.ip == nh
+            });
+        if let Some(c) = cached {
+            return usable(&c);
+        }
+        let map = self.neigh.read();
+        let n = map.get(&(out, nh))?;
+        let c = CachedNeighbour {
+            engine: self.id,
+            generation,
+            port: out,
+            ip: nh,
+            mac: n.mac?,
+            reachable_until: n.reachable_until,
+            resolving: n.tries > 0,
+        };
+        drop(map);
+        let _ = NEIGHBOUR_CACHE.try_with(|cache| {
+            if let Some(e) = cache.get(slot) {
+                e.set(Some(c));
+            }
+        });
+        usable(&c)
     }
 
     /// A request for `target`'s link-layer address out of `port`: ARP or NDP.
@@ -2277,7 +2350,7 @@ impl Engine {
             return false;
         }
         let key = (port, spa);
-        let mut map = self.neigh.write();
+        let mut map = self.neigh_write();
         let had = map.contains_key(&key);
         // A reply creates nothing the engine did not ask for; a request from a new
         // sender is learnt from only while the table has room (an ARP flood from
@@ -2362,7 +2435,7 @@ impl Engine {
         let mut failed = 0u64;
         let before = tx.len();
         {
-            let mut map = self.neigh.write();
+            let mut map = self.neigh_write();
             map.retain(|(port, ip), n| {
                 if n.tries > 0 && now >= n.next_try {
                     if n.tries < neigh::ARP_TRIES {
