@@ -1492,6 +1492,11 @@ impl Engine {
             m => m,
         };
         let len = ip.end.saturating_sub(ip.l3);
+        // What fits and was not reassembled leaves whole, whatever follows says (the
+        // common case: no second port lookup).
+        if reasm.is_none() && len <= mtu {
+            return Ok(Fit::Whole);
+        }
         let in_mtu = snap
             .ports
             .by_id
