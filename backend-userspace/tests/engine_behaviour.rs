@@ -880,6 +880,58 @@ fn arp_retries_then_gives_up_and_neighbours_expire() {
     assert_eq!(e.counters().neighbours, 0, "unanswered neighbour forgotten");
 }
 
+/// A learnt neighbour whose MAC changes (its ARP request to the gateway says so) is
+/// forwarded to at the new MAC at once, on the thread that used the old one and on
+/// another.
+#[test]
+fn a_neighbours_new_mac_is_used_at_once() {
+    let e = engine_with(EngineConfig::default(), false);
+    let new_mac = [2, 0, 0, 0, 0x66, 6];
+    let req = |mac: [u8; 6]| arp(1, mac, [0xff; 6], mac, POD2, [0; 6], [169, 254, 1, 1]);
+    let syn = |sport: u16| {
+        tcp(
+            POD1_MAC,
+            POD1_PORT_MAC,
+            POD1,
+            LB_CIP,
+            64,
+            sport,
+            443,
+            F::Syn,
+        )
+    };
+    assert_eq!(
+        feed(&e, secs(1), POD2_PORT, &req(POD2_MAC)).0,
+        Verdict::Consumed
+    );
+    for sport in [40000, 40001] {
+        let (v, out, _) = feed(&e, secs(2), POD1_PORT, &syn(sport));
+        assert_eq!(v, Verdict::Forward { port: POD2_PORT });
+        assert_eq!(out[..6], POD2_MAC);
+    }
+    assert_eq!(
+        feed(&e, secs(3), POD2_PORT, &req(new_mac)).0,
+        Verdict::Consumed
+    );
+    let (v, out, _) = feed(&e, secs(3), POD1_PORT, &syn(40002));
+    assert_eq!(v, Verdict::Forward { port: POD2_PORT });
+    assert_eq!(out[..6], new_mac, "this thread");
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let (v, out, _) = feed(&e, secs(3), POD1_PORT, &syn(40003));
+            assert_eq!(v, Verdict::Forward { port: POD2_PORT });
+            assert_eq!(out[..6], new_mac, "another thread");
+        });
+    });
+    // Back on the first thread, after the other one's frame.
+    assert_eq!(
+        feed(&e, secs(3), POD2_PORT, &req(POD2_MAC)).0,
+        Verdict::Consumed
+    );
+    let (_, out, _) = feed(&e, secs(4), POD1_PORT, &syn(40004));
+    assert_eq!(out[..6], POD2_MAC, "changed back");
+}
+
 #[test]
 fn ipv6_nat_with_static_neighbours() {
     let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();

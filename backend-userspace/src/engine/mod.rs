@@ -72,21 +72,22 @@ mod tables;
 pub mod testing;
 mod wire;
 
+use std::cell::Cell;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use svcnat_core::conntrack::StaleFlow;
 use svcnat_core::model::Protocol;
 use svcnat_core::plan::{EmptyAction, Masquerade, Plan};
 
 use conntrack::{Conntrack, Created, Hit, Seg, Tuple};
-use neigh::{Fib, Neigh, Neighbours, Queued};
+use neigh::{CachedNeighbour, Fib, NEIGHBOUR_CACHE, Neigh, Neighbours, Queued};
 use tables::{Compiled, Registry};
 use wire::*;
 
@@ -597,8 +598,50 @@ fn is_link_local(a: IpAddr) -> bool {
     matches!(a, IpAddr::V6(a) if a.is_unicast_link_local())
 }
 
+/// Counter stripes owned by one thread each (see [`CounterSlot`]), so that workers on
+/// different cores never write the same cache line; reading the counters sums them.
+const STRIPES: usize = 16;
+
+/// Slot numbers of threads that ended, for the next threads to take.
+static FREE_SLOTS: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+/// The next slot number never taken.
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
+
+/// A thread's counter slot: a number no other live thread holds, taken when the thread
+/// first counts and given back when it ends. Below [`STRIPES`], the thread is the only
+/// writer of that stripe of every engine's counters (it counts with a load and a store, no
+/// read-modify-write); threads beyond share the last stripe with atomic additions.
+struct CounterSlot(usize);
+
+impl CounterSlot {
+    fn take() -> CounterSlot {
+        let free = FREE_SLOTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .pop();
+        CounterSlot(free.unwrap_or_else(|| NEXT_SLOT.fetch_add(1, Ordering::Relaxed)))
+    }
+}
+
+impl Drop for CounterSlot {
+    fn drop(&mut self) {
+        // The lock orders this thread's last counts before the next holder's first.
+        FREE_SLOTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(self.0);
+    }
+}
+
+thread_local! {
+    static COUNTER_SLOT: CounterSlot = CounterSlot::take();
+}
+
+/// One stripe of the counters. Aligned to 128 bytes, not 64: x86's adjacent-line
+/// prefetcher moves cache lines in pairs (crossbeam's `CachePadded` does the same).
 #[derive(Debug, Default)]
-struct Stats {
+#[repr(align(128))]
+struct Stripe {
     rx_packets: AtomicU64,
     rx_bytes: AtomicU64,
     forwarded: AtomicU64,
@@ -611,18 +654,69 @@ struct Stats {
     drops: [AtomicU64; DropReason::ALL.len()],
 }
 
-impl Stats {
-    fn drop(&self, r: DropReason) {
+/// The calling thread's stripe of an engine's counters.
+#[derive(Clone, Copy)]
+struct Local<'a> {
+    stripe: &'a Stripe,
+    /// This thread is the stripe's only writer.
+    owned: bool,
+}
+
+impl Local<'_> {
+    fn add(self, counter: impl Fn(&Stripe) -> &AtomicU64, n: u64) {
+        self.add_to(counter(self.stripe), n);
+    }
+
+    fn add_to(self, c: &AtomicU64, n: u64) {
+        if self.owned {
+            // Single writer: readers see either value, and no addition is lost.
+            c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+        } else {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
+    }
+
+    fn drop(self, r: DropReason) {
         self.drop_n(r, 1);
     }
 
-    fn drop_n(&self, r: DropReason, n: u64) {
+    fn drop_n(self, r: DropReason, n: u64) {
         let i = DropReason::ALL.iter().position(|x| *x == r).unwrap_or(0);
-        if let Some(c) = self.drops.get(i)
+        if let Some(c) = self.stripe.drops.get(i)
             && n > 0
         {
-            c.fetch_add(n, Ordering::Relaxed);
+            self.add_to(c, n);
         }
+    }
+}
+
+/// The engine's frame counters: one stripe per counting thread, plus one shared by the
+/// threads beyond [`STRIPES`] (and by a thread counting while it ends).
+#[derive(Debug, Default)]
+struct Stats {
+    stripes: Box<[Stripe; STRIPES + 1]>,
+}
+
+impl Stats {
+    /// The calling thread's stripe, to count into.
+    fn local(&self) -> Local<'_> {
+        match COUNTER_SLOT.try_with(|s| s.0) {
+            Ok(i) if i < STRIPES => Local {
+                stripe: &self.stripes[i],
+                owned: true,
+            },
+            _ => Local {
+                stripe: &self.stripes[STRIPES],
+                owned: false,
+            },
+        }
+    }
+
+    /// The total of one counter over all stripes.
+    fn total(&self, counter: impl Fn(&Stripe) -> &AtomicU64) -> u64 {
+        self.stripes.iter().fold(0, |sum, s| {
+            sum.wrapping_add(counter(s).load(Ordering::Relaxed))
+        })
     }
 }
 
@@ -748,19 +842,83 @@ struct Reasm {
     id: u32,
 }
 
+/// The tables a frame is processed with, built from the engine's configuration: taken
+/// once per frame (see [`CachedSnapshot`]) and passed down by reference. A setter replaces
+/// the one table it changes and stores a new snapshot.
+#[derive(Clone, Debug, Default)]
+struct Snapshot {
+    ports: Arc<Ports>,
+    fib: Arc<Fib>,
+    plan: Arc<Compiled>,
+    adm: Arc<Adm>,
+    /// Permanent neighbours (never expire).
+    static_neigh: Arc<FastMap<(PortId, IpAddr), [u8; 6]>>,
+}
+
+/// A thread's copy of the last snapshot it used, reused while its engine's generation is
+/// unchanged: a frame then costs no `ArcSwap` load (whose read-modify-writes were most of
+/// what remained of configuration access). A thread keeps the one snapshot until its next
+/// frame (an idle worker holds the tables it last used, as of before a later update) or
+/// until it ends.
+struct CachedSnapshot {
+    /// [`Engine::id`].
+    engine: u64,
+    /// [`Engine::generation`] when `snap` was loaded (or older: never newer).
+    generation: u64,
+    snap: Arc<Snapshot>,
+}
+
+thread_local! {
+    static SNAPSHOT_CACHE: Cell<Option<CachedSnapshot>> = const { Cell::new(None) };
+}
+
+/// The neighbour table locked for writing ([`Engine::neigh_write`]).
+struct NeighWrite<'a> {
+    map: RwLockWriteGuard<'a, Neighbours>,
+    generation: &'a AtomicU64,
+}
+
+impl std::ops::Deref for NeighWrite<'_> {
+    type Target = Neighbours;
+    fn deref(&self) -> &Neighbours {
+        &self.map
+    }
+}
+
+impl std::ops::DerefMut for NeighWrite<'_> {
+    fn deref_mut(&mut self) -> &mut Neighbours {
+        &mut self.map
+    }
+}
+
+impl Drop for NeighWrite<'_> {
+    fn drop(&mut self) {
+        // Runs before `map` unlocks: a reader that sees the table as this writer left it
+        // sees this generation, or a later one, thereafter.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+/// Numbers engines, for [`CachedSnapshot::engine`].
+static NEXT_ENGINE: AtomicU64 = AtomicU64::new(0);
+
 /// The sans-IO engine. `Send + Sync`: workers on several cores share one engine.
 #[derive(Debug)]
 pub struct Engine {
     cfg: EngineConfig,
-    ports: ArcSwap<Ports>,
-    fib: ArcSwap<Fib>,
-    plan: ArcSwap<Compiled>,
-    admission: ArcSwap<Adm>,
+    /// The configuration tables, loaded once per frame.
+    snap: ArcSwap<Snapshot>,
+    /// Serialises the setters' read-modify-store of `snap`.
+    update: Mutex<()>,
+    /// This engine's number (unique in the process).
+    id: u64,
+    /// Incremented after each store of `snap`.
+    generation: AtomicU64,
     registry: Mutex<Registry>,
     ct: Conntrack,
     neigh: RwLock<Neighbours>,
-    /// Permanent neighbours (never expire).
-    static_neigh: RwLock<HashMap<(PortId, IpAddr), [u8; 6]>>,
+    /// Incremented by every writer of `neigh` before it unlocks (see [`NeighWrite`]).
+    neigh_generation: AtomicU64,
     next_sweep: Mutex<Duration>,
     icmp_limit: IcmpLimiter,
     defrag: frag::Defrag,
@@ -778,19 +936,50 @@ impl Engine {
         );
         Engine {
             ct,
-            ports: ArcSwap::from_pointee(Ports::default()),
-            fib: ArcSwap::from_pointee(Fib::default()),
-            plan: ArcSwap::from_pointee(Compiled::default()),
-            admission: ArcSwap::from_pointee(Adm::default()),
+            snap: ArcSwap::from_pointee(Snapshot::default()),
+            update: Mutex::new(()),
+            id: NEXT_ENGINE.fetch_add(1, Ordering::Relaxed),
+            generation: AtomicU64::new(0),
             registry: Mutex::new(Registry::default()),
             neigh: RwLock::new(HashMap::new()),
-            static_neigh: RwLock::new(HashMap::new()),
+            neigh_generation: AtomicU64::new(0),
             next_sweep: Mutex::new(Duration::ZERO),
             icmp_limit: IcmpLimiter::new(cfg.icmp_limits.clone()),
             defrag: frag::Defrag::new(cfg.reassembly.clone()),
             stats: Stats::default(),
             cfg,
         }
+    }
+
+    /// Stores a new snapshot: the current one with `change` applied.
+    fn update(&self, change: impl FnOnce(&mut Snapshot)) {
+        let _serial = self.update.lock();
+        let mut s = Snapshot::clone(&self.snap.load());
+        change(&mut s);
+        self.snap.store(Arc::new(s));
+        // After the store: a thread that sees the new generation loads this snapshot or a
+        // newer one.
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+
+    /// Runs `f` with the current snapshot: the calling thread's cached copy when no setter
+    /// stored one since it was loaded, else a fresh load (then cached).
+    fn with_snapshot<R>(&self, f: impl FnOnce(&Snapshot) -> R) -> R {
+        let generation = self.generation.load(Ordering::Acquire);
+        let cached = SNAPSHOT_CACHE
+            .try_with(Cell::take)
+            .ok()
+            .flatten()
+            .filter(|c| c.engine == self.id && c.generation == generation);
+        let c = cached.unwrap_or_else(|| CachedSnapshot {
+            engine: self.id,
+            generation,
+            snap: self.snap.load_full(),
+        });
+        let r = f(&c.snap);
+        // While the thread ends, nothing is cached.
+        let _ = SNAPSHOT_CACHE.try_with(|cell| cell.set(Some(c)));
+        r
     }
 
     /// The configuration.
@@ -815,7 +1004,8 @@ impl Engine {
             }
             p.by_id.insert(port.id, port);
         }
-        self.ports.store(Arc::new(p));
+        let p = Arc::new(p);
+        self.update(|s| s.ports = p);
     }
 
     /// Replaces the FIB with routes through owned ports only.
@@ -826,7 +1016,8 @@ impl Engine {
     /// Replaces the FIB with the node's routing table (among equal prefixes the first
     /// entry wins, as the lowest metric in `ip route`'s order).
     pub fn set_fib(&self, entries: Vec<FibEntry>) {
-        self.fib.store(Arc::new(Fib::new(entries)));
+        let fib = Arc::new(Fib::new(entries));
+        self.update(|s| s.fib = fib);
     }
 
     /// Replaces what the kernel's input path would check (reverse-path filtering, the
@@ -838,17 +1029,21 @@ impl Engine {
             node_addrs,
             broadcasts,
         } = admission;
-        self.admission.store(Arc::new(Adm {
+        let adm = Arc::new(Adm {
             rp_filter: rp_filter.into_iter().collect(),
             node_addrs: node_addrs.into_iter().collect(),
             broadcasts: broadcasts.into_iter().collect(),
-        }));
+        });
+        self.update(|s| s.adm = adm);
     }
 
     /// Compiles and swaps the plan's lookup tables; existing connections keep their endpoint.
     pub fn set_plan(&self, plan: &Plan) {
-        let compiled = self.registry.lock().compile(plan);
-        self.plan.store(Arc::new(compiled));
+        // The registry stays locked until the plan is stored: two concurrent calls store
+        // in the order they compiled.
+        let mut registry = self.registry.lock();
+        let compiled = Arc::new(registry.compile(plan));
+        self.update(|s| s.plan = compiled);
     }
 
     /// Forgets the connections that `flows` made stale (UDP flows to a departed endpoint,
@@ -875,9 +1070,12 @@ impl Engine {
     }
 
     /// Adds a permanent neighbour (never resolved, never expired: entries the driver
-    /// copies from the kernel's table, or fixed next hops).
+    /// copies from the kernel's table, or fixed next hops). Permanent neighbours are part
+    /// of the configuration snapshot frames read without a lock: each call copies them.
     pub fn add_neighbour(&self, port: PortId, ip: IpAddr, mac: [u8; 6]) {
-        self.static_neigh.write().insert((port, ip), mac);
+        self.update(|s| {
+            Arc::make_mut(&mut s.static_neigh).insert((port, ip), mac);
+        });
     }
 
     /// The TCP state of the connection whose original direction is `src:sport -> dst:dport`
@@ -912,25 +1110,21 @@ impl Engine {
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
-        self.stats.rx_packets.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rx_bytes
-            .fetch_add(frame.len() as u64, Ordering::Relaxed);
+        let st = self.stats.local();
+        st.add(|s| &s.rx_packets, 1);
+        st.add(|s| &s.rx_bytes, frame.len() as u64);
         let before = tx.len();
-        let v = self.process(now, meta, frame, tx);
+        let v = self.with_snapshot(|snap| self.process(now, meta, snap, frame, tx));
         let generated = tx.len().saturating_sub(before) as u64;
         if generated > 0 {
-            self.stats.generated.fetch_add(generated, Ordering::Relaxed);
+            st.add(|s| &s.generated, generated);
         }
         match v {
-            Verdict::Forward { .. } => self.stats.forwarded.fetch_add(1, Ordering::Relaxed),
-            Verdict::Kernel => self.stats.kernel.fetch_add(1, Ordering::Relaxed),
-            Verdict::Consumed => self.stats.consumed.fetch_add(1, Ordering::Relaxed),
-            Verdict::Drop(r) => {
-                self.stats.drop(r);
-                0
-            }
-        };
+            Verdict::Forward { .. } => st.add(|s| &s.forwarded, 1),
+            Verdict::Kernel => st.add(|s| &s.kernel, 1),
+            Verdict::Consumed => st.add(|s| &s.consumed, 1),
+            Verdict::Drop(r) => st.drop(r),
+        }
         v
     }
 
@@ -945,18 +1139,18 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
+        snap: &Snapshot,
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
-        let ports = self.ports.load();
-        let Some(port) = ports.by_id.get(&meta.port) else {
+        let Some(port) = snap.ports.by_id.get(&meta.port) else {
             return Verdict::Drop(DropReason::UnknownPort);
         };
         if frame.len() < ETH_LEN {
             return Verdict::Drop(DropReason::Truncated);
         }
         if port.loopback {
-            return self.handle_loopback(now, meta, &ports, frame, tx);
+            return self.handle_loopback(now, meta, snap, frame, tx);
         }
         let dst_mac = frame.get(0..6).unwrap_or(&[]);
         let to_us = dst_mac == port.mac;
@@ -980,7 +1174,7 @@ impl Engine {
                 if !to_us {
                     return Verdict::Kernel;
                 }
-                match self.handle_ip(now, meta, &ports, frame, t == ETH_IPV6, tx) {
+                match self.handle_ip(now, meta, snap, frame, t == ETH_IPV6, tx) {
                     Ok(v) => v,
                     Err(r) => Verdict::Drop(r),
                 }
@@ -1001,7 +1195,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         tx: &mut Vec<TxFrame>,
     ) -> Verdict {
@@ -1013,7 +1207,7 @@ impl Engine {
         let Ok(ip) = parse_ip(frame, ETH_LEN, v6, true) else {
             return Verdict::Kernel;
         };
-        let adm = self.admission.load();
+        let adm = &snap.adm;
         // What `lo` carries was sent by the node, from and to its own addresses.
         if ip.frag != Frag::No
             || !matches!(ip.proto, PROTO_TCP | PROTO_UDP | PROTO_SCTP)
@@ -1026,16 +1220,15 @@ impl Engine {
         let Some(dport) = frame.get(ip.l4 + 2..ip.l4 + 4).map(|b| rd16(b, 0)) else {
             return Verdict::Kernel;
         };
-        let node_port = self
+        let node_port = snap
             .plan
-            .load()
             .frontends
             .get(&(ip.dst, ip.proto, dport))
             .is_some_and(|fe| fe.node_port);
         if !node_port {
             return Verdict::Kernel;
         }
-        match self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx) {
+        match self.route_ip(now, meta, snap, frame, &ip, None, tx) {
             Ok(v) => v,
             Err(r) => Verdict::Drop(r),
         }
@@ -1045,19 +1238,19 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         v6: bool,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let ip = parse_ip(frame, ETH_LEN, v6, true)?;
-        let adm = self.admission.load();
-        let from_host = ports.host == Some(meta.port);
-        admit(meta.port, from_host, &ip, &adm, &self.fib.load())?;
+        let adm = &snap.adm;
+        let from_host = snap.ports.host == Some(meta.port);
+        admit(meta.port, from_host, &ip, adm, &snap.fib)?;
         if ip.frag != Frag::No {
-            return self.handle_fragment(now, meta, ports, frame, &ip, &adm, tx);
+            return self.handle_fragment(now, meta, snap, frame, &ip, tx);
         }
-        self.route_ip(now, meta, ports, frame, &ip, &adm, None, tx)
+        self.route_ip(now, meta, snap, frame, &ip, None, tx)
     }
 
     /// A fragment: into reassembly (as conntrack's defragmentation takes every fragment
@@ -1069,14 +1262,13 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
-        adm: &Adm,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
-        let plan = self.plan.load();
-        let local = ports.local.contains(&ip.dst)
+        let (plan, adm) = (&snap.plan, &snap.adm);
+        let local = snap.ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
             || adm.node_addrs.contains(&ip.dst)
             || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
@@ -1090,16 +1282,16 @@ impl Engine {
         let done = match self.defrag.offer(now, frame, ip) {
             frag::Offer::Held => return held,
             frag::Offer::Refused(r, n) => {
-                self.stats.drop_n(r, n);
+                self.stats.local().drop_n(r, n);
                 if local {
-                    self.stats.drop(r);
+                    self.stats.local().drop(r);
                     return held;
                 }
                 return Err(r);
             }
             frag::Offer::Complete(r) => r,
         };
-        self.stats.reassembled.fetch_add(1, Ordering::Relaxed);
+        self.stats.local().add(|s| &s.reassembled, 1);
         let mut data = done.frame;
         let Ok(dip) = parse_ip(&data, ETH_LEN, ip.v6, false) else {
             return Err(DropReason::Malformed);
@@ -1112,10 +1304,10 @@ impl Engine {
             max_size: done.max_size,
             id: done.id,
         };
-        match self.route_ip(now, m, ports, &mut data, &dip, adm, Some(reasm), tx)? {
+        match self.route_ip(now, m, snap, &mut data, &dip, Some(reasm), tx)? {
             Verdict::Forward { port } => {
                 tx.push(TxFrame { port, data });
-                self.stats.forwarded.fetch_add(1, Ordering::Relaxed);
+                self.stats.local().add(|s| &s.forwarded, 1);
                 held
             }
             Verdict::Consumed => held,
@@ -1137,15 +1329,14 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
-        adm: &Adm,
         reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let v6 = ip.v6;
-        let plan = self.plan.load();
+        let (plan, adm) = (&snap.plan, &snap.adm);
         let l4 = match (ip.proto, ip.frag) {
             (PROTO_TCP, _) => {
                 let seg = frame.get(ip.l4..ip.end).ok_or(DropReason::Truncated)?;
@@ -1235,27 +1426,27 @@ impl Engine {
                     // kube-proxy drops; the connection is untouched.
                     return Err(DropReason::Invalid);
                 }
-                return self.translate_and_forward(now, meta, ports, frame, ip, &hit, reasm, tx);
+                return self.translate_and_forward(now, meta, snap, frame, ip, &hit, reasm, tx);
             }
             if plan.frontends.contains_key(&(ip.dst, ip.proto, l4.dport)) {
-                return self.new_connection(now, meta, ports, &plan, frame, ip, l4, reasm, tx);
+                return self.new_connection(now, meta, snap, frame, ip, l4, reasm, tx);
             }
         } else if ip.frag == Frag::No
             && ip.proto == if v6 { PROTO_ICMPV6 } else { PROTO_ICMP }
             && ip.l4_len() >= 8
             && is_icmp_error(v6, rd8(frame, ip.l4))
-            && let Some(v) = self.icmp_error_reply(now, meta, ports, frame, ip, tx)?
+            && let Some(v) = self.icmp_error_reply(now, meta, snap, frame, ip, tx)?
         {
             return Ok(v);
         }
         // The node routes only Service addresses to the host port, and routes the rest
         // itself: nothing it sends there (or on `lo`) is routed on.
-        if ports.node_origin(meta.port) {
+        if snap.ports.node_origin(meta.port) {
             return Err(DropReason::NoRoute);
         }
         // Plain routing between owned ports. RFC 4291 2.5.6: a link-local source or
         // destination is never forwarded (the kernel answers for its own).
-        if ports.local.contains(&ip.dst)
+        if snap.ports.local.contains(&ip.dst)
             || plan.node_ips.contains(&ip.dst)
             || adm.node_addrs.contains(&ip.dst)
             || matches!(ip.dst, IpAddr::V4(d) if adm.broadcasts.contains(&d))
@@ -1265,14 +1456,14 @@ impl Engine {
         {
             return Ok(self.unmatched());
         }
-        let Some(route) = self.fib.load().lookup(ip.dst) else {
+        let Some(route) = snap.fib.lookup(ip.dst) else {
             return Ok(self.unmatched());
         };
         if ip.ttl <= 1 {
-            return self.forward(now, meta, ports, frame, ip, route, tx);
+            return self.forward(now, meta, snap, frame, ip, route, tx);
         }
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
-        self.forward_fit(now, meta, ports, frame, ip, route, fit, tx)
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
+        self.forward_fit(now, meta, snap, frame, ip, route, fit, tx)
     }
 
     /// How the packet `ip` leaves through `out` (`ip_forward`'s `ip_exceeds_mtu` and
@@ -1288,7 +1479,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &[u8],
         ip: &Ip,
         out: PortId,
@@ -1296,24 +1487,33 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Fit, DropReason> {
         // An unknown MTU (0) limits nothing.
-        let mtu = match ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
+        let mtu = match snap.ports.by_id.get(&out).map_or(0, |p| p.mtu as usize) {
             0 => usize::MAX,
             m => m,
         };
         let len = ip.end.saturating_sub(ip.l3);
-        let in_mtu = ports.by_id.get(&meta.port).map_or(0, |p| p.mtu as usize);
+        // What fits and was not reassembled leaves whole, whatever follows says (the
+        // common case: no second port lookup).
+        if reasm.is_none() && len <= mtu {
+            return Ok(Fit::Whole);
+        }
+        let in_mtu = snap
+            .ports
+            .by_id
+            .get(&meta.port)
+            .map_or(0, |p| p.mtu as usize);
         if reasm.is_none() && in_mtu > 0 && len > in_mtu {
             return Ok(Fit::Whole);
         }
         // `lo`'s MTU is 65,536, and TCP sends it aggregates (GSO) of segments no larger
         // than the endpoint's MSS: the kernel segments them on transmit.
-        if ports.lo == Some(meta.port) && ip.proto == PROTO_TCP {
+        if snap.ports.lo == Some(meta.port) && ip.proto == PROTO_TCP {
             return Ok(Fit::Whole);
         }
         let too_big = |tx: &mut Vec<TxFrame>| {
             self.send_icmp_error(
                 now,
-                ports,
+                snap,
                 meta,
                 frame,
                 ip,
@@ -1345,7 +1545,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1353,9 +1553,9 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         match fit {
-            Fit::Whole => self.forward(now, meta, ports, frame, ip, route, tx),
+            Fit::Whole => self.forward(now, meta, snap, frame, ip, route, tx),
             Fit::Split(size, id) => {
-                self.forward_split(now, meta, ports, frame, ip, route, size, id, tx)
+                self.forward_split(now, meta, snap, frame, ip, route, size, id, tx)
             }
         }
     }
@@ -1367,7 +1567,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1388,7 +1588,7 @@ impl Engine {
         let mut sent = 0;
         for mut piece in pieces {
             let pip = parse_ip(&piece, ETH_LEN, ip.v6, false)?;
-            match self.forward(now, m, ports, &mut piece, &pip, route, tx)? {
+            match self.forward(now, m, snap, &mut piece, &pip, route, tx)? {
                 Verdict::Forward { port } => {
                     tx.push(TxFrame { port, data: piece });
                     sent += 1;
@@ -1396,7 +1596,7 @@ impl Engine {
                 _ => sent += 1,
             }
         }
-        self.stats.fragments_sent.fetch_add(sent, Ordering::Relaxed);
+        self.stats.local().add(|s| &s.fragments_sent, sent);
         Ok(Verdict::Consumed)
     }
 
@@ -1405,7 +1605,7 @@ impl Engine {
     fn send_icmp_error(
         &self,
         now: Duration,
-        ports: &Ports,
+        snap: &Snapshot,
         meta: RxMeta,
         frame: &[u8],
         ip: &Ip,
@@ -1426,11 +1626,11 @@ impl Engine {
         // An error about the node's own packet on `lo` goes back through the host port:
         // from a node address, it would be a martian coming in on `lo` (no accept_local
         // there), while the node's side of the host pair accepts local sources.
-        let out_id = match ports.host {
-            Some(h) if ports.lo == Some(meta.port) => h,
+        let out_id = match snap.ports.host {
+            Some(h) if snap.ports.lo == Some(meta.port) => h,
             _ => meta.port,
         };
-        let Some(port) = ports.by_id.get(&out_id) else {
+        let Some(port) = snap.ports.by_id.get(&out_id) else {
             return;
         };
         // icmp_ratemask: destination unreachable and time exceeded are rate-limited;
@@ -1438,15 +1638,15 @@ impl Engine {
         // discovery).
         let limited = !(ip.v6 && matches!(kind, IcmpKind::TooBig(_)));
         if limited && !self.icmp_limit.allow(now, ip.src) {
-            self.stats.icmp_limited.fetch_add(1, Ordering::Relaxed);
+            self.stats.local().add(|s| &s.icmp_limited, 1);
             return;
         }
-        let plan = self.plan.load();
+        let plan = &snap.plan;
         // On `lo` the packet's destination is a node address (lo's own is 127.0.0.1).
         let on_lo = out_id != meta.port;
         let Some(src) = src
             .or(if on_lo { Some(ip.dst) } else { None })
-            .or_else(|| ports.addr_of(meta.port, ip.v6))
+            .or_else(|| snap.ports.addr_of(meta.port, ip.v6))
             .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
         else {
             return;
@@ -1518,11 +1718,11 @@ impl Engine {
     /// goes: replies of the node's own connections back out of the host port (their
     /// destination is a node address, which the FIB would send elsewhere or not at all),
     /// everything else by the FIB.
-    fn route_of(&self, ports: &Ports, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
+    fn route_of(&self, snap: &Snapshot, hit: &Hit, dst: IpAddr) -> Option<(PortId, IpAddr)> {
         if hit.host && hit.dir == 1 {
-            return ports.host.map(|port| (port, dst));
+            return snap.ports.host.map(|port| (port, dst));
         }
-        self.fib.load().lookup(dst)
+        snap.fib.lookup(dst)
     }
 
     /// Rewrites addresses and ports of the packet to `target`, with checksum updates.
@@ -1579,7 +1779,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         hit: &Hit,
@@ -1587,30 +1787,21 @@ impl Engine {
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
         let target = hit.target();
-        let Some(route) = self.route_of(ports, hit, target.dst) else {
+        let Some(route) = self.route_of(snap, hit, target.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
             src: target.src,
             dst: target.dst,
             ..*ip
         };
-        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
+        self.forward_fit(now, meta, snap, frame, &ip2, route, fit, tx)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1618,14 +1809,14 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
-        plan: &Compiled,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         l4: L4,
         reasm: Option<Reasm>,
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
+        let plan = &snap.plan;
         let Some(fe) = plan.frontends.get(&(ip.dst, ip.proto, l4.dport)) else {
             return Ok(self.unmatched());
         };
@@ -1654,7 +1845,7 @@ impl Engine {
             EmptyAction::Reject => {
                 this.send_icmp_error(
                     now,
-                    ports,
+                    snap,
                     meta,
                     frame,
                     ip,
@@ -1681,26 +1872,17 @@ impl Engine {
         let Some(ep) = set.select(now.as_secs(), ip.src, hash, fe.affinity) else {
             return reject(self, frame, tx);
         };
-        let Some(route) = self.fib.load().lookup(ep.ip()) else {
+        let Some(route) = snap.fib.lookup(ep.ip()) else {
             return Err(DropReason::NoRoute);
         };
-        let from_host = ports.node_origin(meta.port);
+        let from_host = snap.ports.node_origin(meta.port);
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
         // The MTU check comes before the connection exists: a packet too big for the
         // endpoint's link creates nothing (the kernel drops it before conntrack confirms).
-        let fit = self.fit(now, meta, ports, frame, ip, route.0, reasm, tx)?;
+        let fit = self.fit(now, meta, snap, frame, ip, route.0, reasm, tx)?;
         // Hairpin: a pod reaching itself through its Service must be masqueraded, or it
         // would answer itself directly. The node's own connections always are (kube-proxy
         // masquerades them too, coming from outside the cluster CIDR): their replies then
@@ -1714,7 +1896,8 @@ impl Engine {
                 Masquerade::OffCluster => !from_cluster,
             };
         let snat = if masquerade {
-            let a = ports
+            let a = snap
+                .ports
                 .addr_of(route.0, ip.v6)
                 .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv6() == ip.v6))
                 .ok_or(DropReason::SnatExhausted)?;
@@ -1744,10 +1927,7 @@ impl Engine {
         let route = if target.dst == ep.ip() {
             route
         } else {
-            self.fib
-                .load()
-                .lookup(target.dst)
-                .ok_or(DropReason::NoRoute)?
+            snap.fib.lookup(target.dst).ok_or(DropReason::NoRoute)?
         };
         Self::rewrite(frame, ip, &target, meta.csum);
         let ip2 = Ip {
@@ -1756,9 +1936,9 @@ impl Engine {
             ..*ip
         };
         if let Some(seq) = stale {
-            return self.reset_then_forward(now, meta, ports, frame, &ip2, route, seq, tx);
+            return self.reset_then_forward(now, meta, snap, frame, &ip2, route, seq, tx);
         }
-        self.forward_fit(now, meta, ports, frame, &ip2, route, fit, tx)
+        self.forward_fit(now, meta, snap, frame, &ip2, route, fit, tx)
     }
 
     /// Sends the endpoint, ahead of the translated SYN `frame`, the RST (sequence number
@@ -1773,7 +1953,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         route: (PortId, IpAddr),
@@ -1806,12 +1986,12 @@ impl Engine {
                 ..meta
             };
             if let Ok(Verdict::Forward { port }) =
-                self.forward(now, m, ports, &mut rst, &rip, route, tx)
+                self.forward(now, m, snap, &mut rst, &rip, route, tx)
             {
                 tx.push(TxFrame { port, data: rst });
             }
         }
-        match self.forward(now, meta, ports, frame, ip, route, tx)? {
+        match self.forward(now, meta, snap, frame, ip, route, tx)? {
             Verdict::Forward { port } => {
                 let mut data = frame.to_vec();
                 if meta.csum == Csum::Partial {
@@ -1830,7 +2010,7 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         tx: &mut Vec<TxFrame>,
@@ -1875,7 +2055,7 @@ impl Engine {
             dport: 0,
         };
         // The error travels the way packets of direction `hit.dir` do.
-        let Some(route) = self.route_of(ports, &hit, outer.dst) else {
+        let Some(route) = self.route_of(snap, &hit, outer.dst) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
@@ -1940,7 +2120,7 @@ impl Engine {
                 wr16(frame, ip.l4 + 2, fold(acc));
             }
         }
-        self.forward(now, meta, ports, frame, &ip2, route, tx)
+        self.forward(now, meta, snap, frame, &ip2, route, tx)
             .map(Some)
     }
 
@@ -1950,26 +2130,17 @@ impl Engine {
         &self,
         now: Duration,
         meta: RxMeta,
-        ports: &Ports,
+        snap: &Snapshot,
         frame: &mut [u8],
         ip: &Ip,
         (out, nh): (PortId, IpAddr),
         tx: &mut Vec<TxFrame>,
     ) -> Result<Verdict, DropReason> {
-        let Some(out_port) = ports.by_id.get(&out) else {
+        let Some(out_port) = snap.ports.by_id.get(&out) else {
             return Err(DropReason::NoRoute);
         };
         if ip.ttl <= 1 {
-            self.send_icmp_error(
-                now,
-                ports,
-                meta,
-                frame,
-                ip,
-                IcmpKind::TimeExceeded,
-                None,
-                tx,
-            );
+            self.send_icmp_error(now, snap, meta, frame, ip, IcmpKind::TimeExceeded, None, tx);
             return Err(DropReason::TtlExceeded);
         }
         let ttl_off = ip.ttl_off();
@@ -1988,21 +2159,15 @@ impl Engine {
             wr(frame, 0, &mac);
             return Ok(Verdict::Forward { port: out });
         }
-        if let Some(mac) = self.static_neigh.read().get(&(out, nh)) {
+        if let Some(mac) = snap.static_neigh.get(&(out, nh)) {
             wr(frame, 0, mac);
             return Ok(Verdict::Forward { port: out });
         }
-        {
-            let map = self.neigh.read();
-            if let Some(n) = map.get(&(out, nh))
-                && let Some(mac) = n.mac
-                && (now < n.reachable_until || n.tries > 0)
-            {
-                wr(frame, 0, &mac);
-                return Ok(Verdict::Forward { port: out });
-            }
+        if let Some(mac) = self.usable_neighbour(now, out, nh) {
+            wr(frame, 0, &mac);
+            return Ok(Verdict::Forward { port: out });
         }
-        let mut map = self.neigh.write();
+        let mut map = self.neigh_write();
         let incomplete = map.values().filter(|n| n.mac.is_none()).count();
         let fresh = !map.contains_key(&(out, nh));
         if fresh && incomplete >= neigh::MAX_INCOMPLETE {
@@ -2026,7 +2191,7 @@ impl Engine {
         if n.tries == 0 {
             n.tries = 1;
             n.next_try = now.saturating_add(neigh::ARP_RETRY);
-            tx.push(self.solicit(ports, out_port, nh));
+            tx.push(self.solicit(snap, out_port, nh));
         }
         if let Some(mac) = n.mac {
             // Stale: keep using it while re-resolving.
@@ -2044,17 +2209,67 @@ impl Engine {
         Ok(Verdict::Consumed)
     }
 
-    /// A request for `target`'s link-layer address out of `port`: ARP or NDP.
-    fn solicit(&self, ports: &Ports, port: &PortConfig, target: IpAddr) -> TxFrame {
-        match target {
-            IpAddr::V4(t) => self.arp_request(ports, port, t),
-            IpAddr::V6(t) => self.ndp_solicit(ports, port, t),
+    /// The neighbour table locked for writing; the neighbour generation moves on before
+    /// the lock is released.
+    fn neigh_write(&self) -> NeighWrite<'_> {
+        NeighWrite {
+            map: self.neigh.write(),
+            generation: &self.neigh_generation,
         }
     }
 
-    fn arp_request(&self, ports: &Ports, port: &PortConfig, target: Ipv4Addr) -> TxFrame {
-        let plan = self.plan.load();
-        let spa = ports
+    /// The MAC of the resolved neighbour `nh` on `out` if it may be used now (reachable,
+    /// or stale while being re-resolved). A thread remembers the entries it read in
+    /// [`NEIGHBOUR_CACHE`] with the neighbour generation they were read at; while the
+    /// generation is unchanged (no writer since), the table holds the same entry, and
+    /// the frame takes no lock.
+    fn usable_neighbour(&self, now: Duration, out: PortId, nh: IpAddr) -> Option<[u8; 6]> {
+        let usable =
+            |c: &CachedNeighbour| (now < c.reachable_until || c.resolving).then_some(c.mac);
+        let generation = self.neigh_generation.load(Ordering::Acquire);
+        let slot = CachedNeighbour::slot(out, nh);
+        let cached = NEIGHBOUR_CACHE
+            .try_with(|c| c.get(slot).and_then(Cell::get))
+            .ok()
+            .flatten()
+            .filter(|c| {
+                c.engine == self.id && c.generation == generation && c.port == out && c.ip == nh
+            });
+        if let Some(c) = cached {
+            return usable(&c);
+        }
+        let map = self.neigh.read();
+        let n = map.get(&(out, nh))?;
+        let c = CachedNeighbour {
+            engine: self.id,
+            generation,
+            port: out,
+            ip: nh,
+            mac: n.mac?,
+            reachable_until: n.reachable_until,
+            resolving: n.tries > 0,
+        };
+        drop(map);
+        let _ = NEIGHBOUR_CACHE.try_with(|cache| {
+            if let Some(e) = cache.get(slot) {
+                e.set(Some(c));
+            }
+        });
+        usable(&c)
+    }
+
+    /// A request for `target`'s link-layer address out of `port`: ARP or NDP.
+    fn solicit(&self, snap: &Snapshot, port: &PortConfig, target: IpAddr) -> TxFrame {
+        match target {
+            IpAddr::V4(t) => self.arp_request(snap, port, t),
+            IpAddr::V6(t) => self.ndp_solicit(snap, port, t),
+        }
+    }
+
+    fn arp_request(&self, snap: &Snapshot, port: &PortConfig, target: Ipv4Addr) -> TxFrame {
+        let plan = &snap.plan;
+        let spa = snap
+            .ports
             .addr_of(port.id, false)
             .or_else(|| plan.node_ips.iter().copied().find(|a| a.is_ipv4()));
         let spa = match spa {
@@ -2140,7 +2355,7 @@ impl Engine {
             return false;
         }
         let key = (port, spa);
-        let mut map = self.neigh.write();
+        let mut map = self.neigh_write();
         let had = map.contains_key(&key);
         // A reply creates nothing the engine did not ask for; a request from a new
         // sender is learnt from only while the table has room (an ARP flood from
@@ -2180,7 +2395,7 @@ impl Engine {
             });
         }
         if released > 0 {
-            self.stats.forwarded.fetch_add(released, Ordering::Relaxed);
+            self.stats.local().add(|s| &s.forwarded, released);
         }
         // A reply for a neighbour the engine knows or was resolving is handled here (a
         // reply for an unknown one returned early, left to the kernel).
@@ -2217,19 +2432,22 @@ impl Engine {
             }
         }
         let expired = self.defrag.expire(now);
-        self.stats.drop_n(DropReason::FragmentTimeout, expired);
-        let ports = self.ports.load();
+        self.stats
+            .local()
+            .drop_n(DropReason::FragmentTimeout, expired);
+        let snap = self.snap.load();
+        let snap: &Snapshot = &snap;
         let mut failed = 0u64;
         let before = tx.len();
         {
-            let mut map = self.neigh.write();
+            let mut map = self.neigh_write();
             map.retain(|(port, ip), n| {
                 if n.tries > 0 && now >= n.next_try {
                     if n.tries < neigh::ARP_TRIES {
                         n.tries += 1;
                         n.next_try = now.saturating_add(neigh::ARP_RETRY);
-                        if let Some(p) = ports.by_id.get(port) {
-                            tx.push(self.solicit(&ports, p, *ip));
+                        if let Some(p) = snap.ports.by_id.get(port) {
+                            tx.push(self.solicit(snap, p, *ip));
                         }
                         return true;
                     }
@@ -2243,36 +2461,38 @@ impl Engine {
             });
         }
         for _ in 0..failed {
-            self.stats.drop(DropReason::NoNeighbour);
+            self.stats.local().drop(DropReason::NoNeighbour);
         }
         let generated = tx.len().saturating_sub(before) as u64;
-        self.stats.generated.fetch_add(generated, Ordering::Relaxed);
+        self.stats.local().add(|s| &s.generated, generated);
     }
 
     /// A snapshot of the counters.
     pub fn counters(&self) -> Counters {
         let s = &self.stats;
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let mut drops = [0u64; DropReason::ALL.len()];
+        for stripe in s.stripes.iter() {
+            for (d, c) in drops.iter_mut().zip(&stripe.drops) {
+                *d = d.wrapping_add(l(c));
+            }
+        }
         Counters {
-            rx_packets: l(&s.rx_packets),
-            rx_bytes: l(&s.rx_bytes),
-            forwarded: l(&s.forwarded),
-            kernel: l(&s.kernel),
-            consumed: l(&s.consumed),
-            drops: DropReason::ALL
-                .iter()
-                .zip(s.drops.iter())
-                .map(|(r, c)| (*r, l(c)))
-                .collect(),
-            generated: l(&s.generated),
-            icmp_limited: l(&s.icmp_limited),
+            rx_packets: s.total(|s| &s.rx_packets),
+            rx_bytes: s.total(|s| &s.rx_bytes),
+            forwarded: s.total(|s| &s.forwarded),
+            kernel: s.total(|s| &s.kernel),
+            consumed: s.total(|s| &s.consumed),
+            drops: DropReason::ALL.into_iter().zip(drops).collect(),
+            generated: s.total(|s| &s.generated),
+            icmp_limited: s.total(|s| &s.icmp_limited),
             connections: self.ct.len() as u64,
             connections_created: l(&self.ct.created),
             connections_evicted: l(&self.ct.evicted),
             connections_expired: l(&self.ct.expired),
             neighbours: self.neigh.read().len() as u64,
-            reassembled: l(&s.reassembled),
-            fragments_sent: l(&s.fragments_sent),
+            reassembled: s.total(|s| &s.reassembled),
+            fragments_sent: s.total(|s| &s.fragments_sent),
             reassembly_pending: self.defrag.len() as u64,
             reassembly_memory: self.defrag.memory() as u64,
         }

@@ -16,7 +16,7 @@ use smoltcp::wire::{
 };
 
 use super::wire::{ETH_LEN, Frag, PROTO_ICMPV6, parse_ip, rd8};
-use super::{DropReason, Engine, PortConfig, Ports, TxFrame, Verdict};
+use super::{DropReason, Engine, PortConfig, Snapshot, TxFrame, Verdict};
 
 /// ICMPv6 type of a Neighbor Solicitation.
 const NEIGHBOR_SOLICIT: u8 = 135;
@@ -287,11 +287,11 @@ impl Engine {
     /// address that best fits the target (RFC 4861 7.2.2).
     pub(super) fn ndp_solicit(
         &self,
-        ports: &Ports,
+        snap: &Snapshot,
         port: &PortConfig,
         target: Ipv6Addr,
     ) -> TxFrame {
-        let plan = self.plan.load();
+        let plan = &snap.plan;
         let v6 = |a: IpAddr| match a {
             IpAddr::V6(a) => Some(a),
             IpAddr::V4(_) => None,
@@ -302,7 +302,7 @@ impl Engine {
             .filter_map(|n| v6(n.addr()))
             .chain(port.proxy_ndp.iter().copied())
             .find(Ipv6Addr::is_unicast_link_local);
-        let global = ports.addr_of(port.id, true).and_then(v6);
+        let global = snap.ports.addr_of(port.id, true).and_then(v6);
         let src = if target.is_unicast_link_local() {
             link_local.or(global)
         } else {

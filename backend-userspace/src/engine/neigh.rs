@@ -1,6 +1,7 @@
 //! The FIB (longest-prefix match over the owned ports' routes) and the neighbour table (ARP
 //! and NDP resolution with a bounded queue per unresolved neighbour, retries and expiry).
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::Duration;
@@ -138,3 +139,43 @@ pub(crate) const STALE_GC: Duration = Duration::from_secs(60);
 
 /// Neighbours by (port, address).
 pub(crate) type Neighbours = HashMap<(PortId, IpAddr), Neigh>;
+
+/// A thread's copy of a resolved neighbour entry, valid while its engine's neighbour
+/// generation is the one it was read at (every writer of the table moves it on).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct CachedNeighbour {
+    /// The engine's number.
+    pub(crate) engine: u64,
+    /// The engine's neighbour generation when read.
+    pub(crate) generation: u64,
+    pub(crate) port: PortId,
+    pub(crate) ip: IpAddr,
+    pub(crate) mac: [u8; 6],
+    pub(crate) reachable_until: Duration,
+    /// Being re-resolved (`tries > 0`).
+    pub(crate) resolving: bool,
+}
+
+/// Entries of [`NEIGHBOUR_CACHE`] (direct-mapped).
+const NEIGHBOUR_CACHE_SLOTS: usize = 64;
+
+impl CachedNeighbour {
+    /// The cache slot of a neighbour.
+    pub(crate) fn slot(port: PortId, ip: IpAddr) -> usize {
+        let a = match ip {
+            IpAddr::V4(a) => u64::from(a.to_bits()),
+            IpAddr::V6(a) => {
+                let b = a.to_bits();
+                (b as u64) ^ ((b >> 64) as u64)
+            }
+        };
+        let h = (a ^ (u64::from(port) << 32)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        (h >> 58) as usize % NEIGHBOUR_CACHE_SLOTS
+    }
+}
+
+thread_local! {
+    /// The neighbour entries a thread last read, per slot.
+    pub(crate) static NEIGHBOUR_CACHE: [Cell<Option<CachedNeighbour>>; NEIGHBOUR_CACHE_SLOTS] =
+        const { [const { Cell::new(None) }; NEIGHBOUR_CACHE_SLOTS] };
+}

@@ -247,6 +247,7 @@ pub(crate) struct Delta(u64);
 
 impl Delta {
     /// Records that the bytes `old` (even length) became `new`.
+    #[cfg(test)]
     pub(crate) fn bytes(&mut self, old: &[u8], new: &[u8]) {
         // ~m + m' per word (RFC 1624 eqn. 3).
         for (o, n) in old.chunks(2).zip(new.chunks(2)) {
@@ -258,11 +259,19 @@ impl Delta {
         }
     }
 
-    /// Records an address change.
+    /// Records an address change (word by word, as [`Delta::word`]).
     pub(crate) fn ip(&mut self, old: IpAddr, new: IpAddr) {
         match (old, new) {
-            (IpAddr::V4(o), IpAddr::V4(n)) => self.bytes(&o.octets(), &n.octets()),
-            (IpAddr::V6(o), IpAddr::V6(n)) => self.bytes(&o.octets(), &n.octets()),
+            (IpAddr::V4(o), IpAddr::V4(n)) => {
+                let (o, n) = (o.to_bits(), n.to_bits());
+                self.word((o >> 16) as u16, (n >> 16) as u16);
+                self.word(o as u16, n as u16);
+            }
+            (IpAddr::V6(o), IpAddr::V6(n)) => {
+                for (o, n) in o.segments().into_iter().zip(n.segments()) {
+                    self.word(o, n);
+                }
+            }
             _ => {}
         }
     }
@@ -604,6 +613,33 @@ mod tests {
         let inc = d.apply_complete(old);
         fill_ipv4_checksum(&mut h, 0);
         assert_eq!(inc, rd16(&h, 10));
+    }
+
+    #[test]
+    fn address_delta_matches_bytes() {
+        let pairs: [(IpAddr, IpAddr); 3] = [
+            ([10, 96, 0, 10].into(), [10, 244, 1, 5].into()),
+            ([255, 255, 0, 1].into(), [0, 0, 255, 254].into()),
+            (
+                "fd00:96::10"
+                    .parse()
+                    .unwrap_or(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+                "fe80::ffff:1:2"
+                    .parse()
+                    .unwrap_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED)),
+            ),
+        ];
+        for (o, n) in pairs {
+            let mut by_ip = Delta::default();
+            by_ip.ip(o, n);
+            let mut by_bytes = Delta::default();
+            match (o, n) {
+                (IpAddr::V4(o), IpAddr::V4(n)) => by_bytes.bytes(&o.octets(), &n.octets()),
+                (IpAddr::V6(o), IpAddr::V6(n)) => by_bytes.bytes(&o.octets(), &n.octets()),
+                _ => {}
+            }
+            assert_eq!(by_ip.0, by_bytes.0, "{o} -> {n}");
+        }
     }
 
     /// RFC 3720 B.4's CRC32c vectors, and the catalogue's check value of "123456789".
