@@ -3199,7 +3199,10 @@ spec:
             .iter()
             .filter(|p| p.node_name.as_deref() == Some("node-1"))
             .count();
-        assert!(on1 == 2 || on1 == 3, "round-robin over two nodes: {on1} on node-1");
+        assert!(
+            on1 == 2 || on1 == 3,
+            "round-robin over two nodes: {on1} on node-1"
+        );
         for p in &pods {
             let node = c
                 .node(p.node_name.as_deref().expect("placed"))
@@ -3244,7 +3247,9 @@ apiVersion: v1
 kind: Node
 metadata: {name: node-2}
 ";
-        let names = ["vote", "redis", "worker", "db", "result", "web", "api", "cache"];
+        let names = [
+            "vote", "redis", "worker", "db", "result", "web", "api", "cache",
+        ];
         let world = |scale_vote: u32| {
             let mut text = nodes.to_string();
             for n in names {
@@ -3260,7 +3265,11 @@ metadata: {name: node-2}
         };
         let before = world(1);
         let used: BTreeSet<_> = before.values().map(|(n, _)| n.clone()).collect();
-        assert_eq!(used.len(), 2, "every single replica on one node: {before:?}");
+        assert_eq!(
+            used.len(),
+            2,
+            "every single replica on one node: {before:?}"
+        );
         let after = world(4);
         assert_eq!(after.len(), before.len() + 3);
         for (name, place) in &before {

@@ -81,6 +81,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use crossbeam_utils::CachePadded;
 use parking_lot::{Mutex, RwLock, RwLockWriteGuard};
 use svcnat_core::conntrack::StaleFlow;
 use svcnat_core::model::Protocol;
@@ -637,10 +638,9 @@ thread_local! {
     static COUNTER_SLOT: CounterSlot = CounterSlot::take();
 }
 
-/// One stripe of the counters. Aligned to 128 bytes, not 64: x86's adjacent-line
-/// prefetcher moves cache lines in pairs (crossbeam's `CachePadded` does the same).
+/// One stripe of the counters (kept on cache lines of its own by [`CachePadded`]: 128
+/// bytes on x86-64, whose adjacent-line prefetcher moves lines in pairs).
 #[derive(Debug, Default)]
-#[repr(align(128))]
 struct Stripe {
     rx_packets: AtomicU64,
     rx_bytes: AtomicU64,
@@ -694,7 +694,7 @@ impl Local<'_> {
 /// threads beyond [`STRIPES`] (and by a thread counting while it ends).
 #[derive(Debug, Default)]
 struct Stats {
-    stripes: Box<[Stripe; STRIPES + 1]>,
+    stripes: Box<[CachePadded<Stripe>; STRIPES + 1]>,
 }
 
 impl Stats {
