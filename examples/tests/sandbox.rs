@@ -5,18 +5,29 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+use nix::fcntl::{Flock, FlockArg};
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use svcnat_core::manifest::{ClusterConfig, Manifests};
 
 const LAB: &str = env!("CARGO_BIN_EXE_svcnat-lab");
 
-/// One sandbox at a time (it has one state file).
-static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+/// One sandbox at a time on the machine (it has one state file): a lock on a file, so that
+/// runners that give each test its own process (cargo-nextest) serialise them too.
+fn one_at_a_time() -> Flock<std::fs::File> {
+    let path = std::env::temp_dir().join("svcnat-sandbox-tests.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    Flock::lock(file, FlockArg::LockExclusive)
+        .unwrap_or_else(|(_, e)| panic!("lock {}: {e}", path.display()))
+}
 
 fn exec(target: &str, cmd: &[&str]) -> String {
     let out = Command::new(LAB)
@@ -80,9 +91,7 @@ fn interrupt(pid: u32) -> std::io::Result<()> {
 }
 
 fn bring_up(app: &str) {
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("apps").join(app);
     let mut child = Command::new(LAB)
         .args(["up", "--manifests", dir.to_str().unwrap()])
@@ -215,9 +224,7 @@ fn the_online_boutique() {
 #[test]
 fn a_broken_manifest_stops_the_start_naming_file_and_line() {
     svcnat_examples::skip_unless_root!();
-    let _one = ONE_AT_A_TIME
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = one_at_a_time();
     let dir = std::env::temp_dir().join(format!("svcnat-sandbox-broken-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     std::fs::write(
