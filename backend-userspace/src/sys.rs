@@ -8,6 +8,8 @@
 //! - [`TxSocket`]: a transmit-only packet socket, batched with `sendmmsg(2)`.
 //! - [`TxRing`]: a transmit-only packet socket with a mapped `TPACKET_V2` ring, one
 //!   `sendto(2)` per batch to one interface.
+//! - [`xdp::XdpTx`]: a transmit-only `AF_XDP` socket in copy mode, for the benchmark's
+//!   comparison of transmit paths (the datapath does not use it).
 //! - [`RxBlock`] / [`RxFrame`]: a retired ring block handed to user space and its frames, as
 //!   safe mutable slices; dropping the block returns it to the kernel.
 //! - [`enter_netns`]: `setns(2)` for the calling thread.
@@ -15,6 +17,8 @@
 //! Each `unsafe` block says why it is sound in a `// Safety:` comment.
 
 #![allow(unsafe_code)]
+
+pub(crate) mod xdp;
 
 use std::io;
 use std::marker::PhantomData;

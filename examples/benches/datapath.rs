@@ -17,8 +17,12 @@
 //! `/proc/self/task/*/stat`): on a machine where the load generator, the receiver and the
 //! datapath share few cores, the wall-clock rate is bounded by the generator, while the
 //! rate per worker core second says what one core of the datapath can forward.
-//! Last, the transmit path alone (a worker's `sendmmsg` against its transmit ring: CPU
-//! time of the sending thread per 64-byte frame into a pod's veth).
+//! Last, the transmit path alone: CPU time of the sending thread per 64-byte frame into a
+//! pod's veth with a worker's `sendmmsg`, its transmit ring, and an `AF_XDP` socket in
+//! copy mode; and the ring again with frames the pod's link layer drops, which leaves out
+//! the pod's receive (the kernel runs it in the sender's context). The ring's figure is
+//! the ceiling of any datapath that hands frames to the kernel to transmit into the veth;
+//! the worker's figure less the pod's receive is what forwarding alone costs a worker.
 //! Figures only: nothing here fails on speed. Needs root and `iperf3`; otherwise prints
 //! `SKIP` and why.
 
@@ -46,10 +50,12 @@ struct Figures {
     /// Four parallel streams.
     tcp4_bps: f64,
     udp_pps: f64,
-    /// Userspace only: (worker CPU seconds during the TCP run, during the UDP run).
-    worker_cpu: Option<(f64, f64)>,
+    /// Userspace only: worker CPU during the TCP runs, during the small-packet run.
+    worker_cpu: Option<(Cpu, Cpu)>,
     tcp_packets: u64,
     udp_packets: u64,
+    /// Retransmitted segments in the TCP runs (one stream, four streams).
+    retransmits: (f64, f64),
 }
 
 fn service() -> Service {
@@ -87,10 +93,32 @@ fn cluster(tb: &Testbed) -> Cluster {
     c
 }
 
-/// CPU seconds used so far by this process's threads whose name starts with `prefix`.
-fn thread_cpu(prefix: &str) -> f64 {
+/// CPU seconds of some threads: in user space (for a worker, the engine) and in the
+/// kernel (its system calls, and what the kernel runs inline in them: a veth transmit
+/// runs the receiving pod's stack in the sender's context).
+#[derive(Clone, Copy, Debug, Default)]
+struct Cpu {
+    user: f64,
+    system: f64,
+}
+
+impl Cpu {
+    fn total(self) -> f64 {
+        self.user + self.system
+    }
+
+    fn since(self, earlier: Cpu) -> Cpu {
+        Cpu {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// CPU time used so far by this process's threads whose name starts with `prefix`.
+fn thread_cpu(prefix: &str) -> Cpu {
     let ticks = 100.0; // USER_HZ on Linux
-    let mut total = 0u64;
+    let (mut user, mut system) = (0u64, 0u64);
     for entry in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
@@ -106,9 +134,13 @@ fn thread_cpu(prefix: &str) -> f64 {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
         let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        total += utime + stime;
+        user += utime;
+        system += stime;
     }
-    total as f64 / ticks
+    Cpu {
+        user: user as f64 / ticks,
+        system: system as f64 / ticks,
+    }
 }
 
 /// Runs iperf3 in `client` and returns its JSON report.
@@ -218,11 +250,15 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
         tcp_bps,
         udp_pps,
         tcp4_bps,
-        worker_cpu: userspace.then_some((cpu1 - cpu0, cpu2 - cpu1)),
+        worker_cpu: userspace.then_some((cpu1.since(cpu0), cpu2.since(cpu1))),
         // MSS-sized segments, for a packets-per-core-second figure of the TCP runs.
         tcp_packets: ((tcp_bytes + num(&t4, &["end", "sum_received", "bytes"]).unwrap_or(0.0))
             / 1448.0) as u64,
         udp_packets: udp_packets as u64,
+        retransmits: (
+            num(&t, &["end", "sum_sent", "retransmits"]).unwrap_or(0.0),
+            num(&t4, &["end", "sum_sent", "retransmits"]).unwrap_or(0.0),
+        ),
     }
 }
 
@@ -235,12 +271,27 @@ fn own_cpu_ns() -> f64 {
         .unwrap_or(0.0)
 }
 
+/// CPU nanoseconds of the sending thread per 64-byte frame, the transmit path alone.
+struct Transmit {
+    /// `sendmmsg`, the pod's receive included.
+    mmsg: f64,
+    /// The transmit ring, the pod's receive included.
+    ring: f64,
+    /// The transmit ring, frames addressed to another MAC: the pod's link layer drops
+    /// them, so this is the transmit without the pod's stack.
+    ring_bare: f64,
+    /// An `AF_XDP` socket in copy mode (veth has no zero-copy), the pod's receive included.
+    xdp: f64,
+}
+
 /// The transmit path alone, as a worker uses it: 64-byte frames written from the node's
 /// namespace straight onto the pod's veth, to a UDP socket in the pod that reads nothing,
 /// with `sendmmsg` and with the transmit ring; CPU nanoseconds of the sending thread per
 /// frame (its system call, the veth and the pod's receive, which the kernel runs in the
-/// sender's context). Three alternating rounds each; the median.
-fn transmit_cost() -> (f64, f64) {
+/// sender's context). Then the ring again with frames for a MAC the pod does not have,
+/// which its link layer drops: the difference is what the pod's receive costs the sender.
+/// Three alternating rounds each; the median.
+fn transmit_cost() -> Transmit {
     let tb = Testbed::new(TestbedSpec::new(1, 1).pod(PodSpec::new("srv", 0, IpAddr::V4(POD_IP))))
         .expect("testbed");
     let node = tb.ns_of_node(0).to_string();
@@ -251,34 +302,49 @@ fn transmit_cost() -> (f64, f64) {
     .expect("UDP sink in the pod");
     let pod_mac = tb.mac(&pod_ns, "eth0").expect("pod MAC");
     let vp_mac = tb.mac(&node, "vp0").expect("veth MAC");
-    let frames: Vec<Vec<u8>> = (0..256u16)
-        .map(|i| {
-            let b = etherparse::PacketBuilder::ethernet2(vp_mac, pod_mac)
-                .ipv4([192, 168, 50, 1], POD_IP.octets(), 64)
-                .udp(20000 + i, 5201);
-            let mut out = Vec::with_capacity(b.size(18));
-            b.write(&mut out, &[0x5a; 18]).expect("frame");
-            out
-        })
-        .collect();
+    let build = |dst_mac: [u8; 6]| -> Vec<Vec<u8>> {
+        (0..256u16)
+            .map(|i| {
+                let b = etherparse::PacketBuilder::ethernet2(vp_mac, dst_mac)
+                    .ipv4([192, 168, 50, 1], POD_IP.octets(), 64)
+                    .udp(20000 + i, 5201);
+                let mut out = Vec::with_capacity(b.size(18));
+                b.write(&mut out, &[0x5a; 18]).expect("frame");
+                out
+            })
+            .collect()
+    };
+    let frames = build(pod_mac);
+    // Locally administered, unicast, and not the pod's.
+    let elsewhere = build([0x02, 0x5c, 0x00, 0x00, 0x00, 0x01]);
     let plain = Injector::open(Some(&node), "vp0").expect("injector");
     let ring = Injector::open_ring(Some(&node), "vp0").expect("ring injector");
-    let per_frame = |inj: &Injector| {
+    let xdp = Injector::open_xdp(Some(&node), "vp0").expect("AF_XDP injector");
+    let per_frame = |inj: &Injector, frames: &[Vec<u8>]| {
         let c0 = own_cpu_ns();
         let mut sent = 0;
         while sent < 1_000_000 {
-            sent += inj.send(&frames).expect("send");
+            sent += inj.send(frames).expect("send");
         }
         (own_cpu_ns() - c0) / sent as f64
     };
-    let (mut a, mut b) = (Vec::new(), Vec::new());
+    let (mut a, mut b, mut c, mut d) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..3 {
-        a.push(per_frame(&plain));
-        b.push(per_frame(&ring));
+        a.push(per_frame(&plain, &frames));
+        b.push(per_frame(&ring, &frames));
+        c.push(per_frame(&ring, &elsewhere));
+        d.push(per_frame(&xdp, &frames));
     }
-    a.sort_by(f64::total_cmp);
-    b.sort_by(f64::total_cmp);
-    (a[1], b[1])
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[1]
+    };
+    Transmit {
+        mmsg: median(a),
+        ring: median(b),
+        ring_bare: median(c),
+        xdp: median(d),
+    }
 }
 
 fn main() {
@@ -366,26 +432,64 @@ fn main() {
             1.0,
             0,
         );
+        println!(
+            "{:<30} {:>17} {:>14}",
+            "TCP retransmits, 1 / 4 streams",
+            format!("{:.0} / {:.0}", kernel.retransmits.0, kernel.retransmits.1),
+            format!("{:.0} / {:.0}", user.retransmits.0, user.retransmits.1),
+        );
         if let Some((tcp_cpu, udp_cpu)) = user.worker_cpu {
             let per_core = |packets: u64, cpu: f64| packets as f64 / cpu.max(0.001);
+            let user_share = |cpu: Cpu| 100.0 * cpu.user / cpu.total().max(0.001);
             println!(
-                "userspace {workers} worker CPU: TCP runs {tcp_cpu:.2} s for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
+                "userspace {workers} worker CPU: TCP runs {:.2} s ({:.0}% user space) for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
+                tcp_cpu.total(),
+                user_share(tcp_cpu),
                 user.tcp_packets,
-                per_core(user.tcp_packets, tcp_cpu)
+                per_core(user.tcp_packets, tcp_cpu.total())
             );
             println!(
-                "userspace {workers} worker CPU: small-packet run {udp_cpu:.2} s for {} frames = {:.2} Mpps per worker core (target >= 1)",
+                "userspace {workers} worker CPU: small-packet run {:.2} s ({:.0}% user space) for {} frames = {:.2} Mpps per worker core (target >= 1)",
+                udp_cpu.total(),
+                user_share(udp_cpu),
                 user.udp_packets,
-                per_core(user.udp_packets, udp_cpu) / 1e6
+                per_core(user.udp_packets, udp_cpu.total()) / 1e6
             );
         }
     }
-    let (mmsg, ring) = transmit_cost();
+    let tx = transmit_cost();
+    let pod_rx = (tx.ring - tx.ring_bare).max(0.0);
     println!();
     println!(
-        "transmit path, 64-byte frame into a veth (pod's receive included): sendmmsg {mmsg:.0} ns, ring {ring:.0} ns of sender CPU = {:.2}x",
-        ring / mmsg.max(1.0)
+        "transmit path, 64-byte frame into a veth (pod's receive included): sendmmsg {:.0} ns, ring {:.0} ns of sender CPU = {:.2}x",
+        tx.mmsg,
+        tx.ring,
+        tx.ring / tx.mmsg.max(1.0)
     );
+    println!(
+        "  AF_XDP in copy mode (veth has no zero-copy): {:.0} ns = {:.2}x the ring",
+        tx.xdp,
+        tx.xdp / tx.ring.max(1.0)
+    );
+    println!(
+        "  of which the pod's receive, run inline by the veth: {pod_rx:.0} ns (ring to a MAC the pod drops: {:.0} ns)",
+        tx.ring_bare
+    );
+    println!(
+        "  ceiling for any datapath that transmits into the pod's veth through the kernel: {:.2} M frames per core-second",
+        1e3 / tx.ring.max(1.0)
+    );
+    for (workers, user) in &users {
+        let Some((_, udp)) = user.worker_cpu else {
+            continue;
+        };
+        let ns = udp.total() * 1e9 / (user.udp_packets.max(1) as f64);
+        println!(
+            "userspace {workers}: {ns:.0} ns of worker CPU per frame; less the pod's receive, {:.0} ns = {:.2} M frames per core-second",
+            ns - pod_rx,
+            1e3 / (ns - pod_rx).max(1.0)
+        );
+    }
     let (one, two) = (&users[0].1, &users[2].1);
     println!();
     println!(
