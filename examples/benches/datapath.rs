@@ -50,8 +50,8 @@ struct Figures {
     /// Four parallel streams.
     tcp4_bps: f64,
     udp_pps: f64,
-    /// Userspace only: worker CPU during the TCP runs, during the small-packet run.
-    worker_cpu: Option<(Cpu, Cpu)>,
+    /// Userspace only: (worker CPU seconds during the TCP run, during the UDP run).
+    worker_cpu: Option<(f64, f64)>,
     tcp_packets: u64,
     udp_packets: u64,
     /// Retransmitted segments in the TCP runs (one stream, four streams).
@@ -93,32 +93,12 @@ fn cluster(tb: &Testbed) -> Cluster {
     c
 }
 
-/// CPU seconds of some threads: in user space (for a worker, the engine) and in the
-/// kernel (its system calls, and what the kernel runs inline in them: a veth transmit
-/// runs the receiving pod's stack in the sender's context).
-#[derive(Clone, Copy, Debug, Default)]
-struct Cpu {
-    user: f64,
-    system: f64,
-}
-
-impl Cpu {
-    fn total(self) -> f64 {
-        self.user + self.system
-    }
-
-    fn since(self, earlier: Cpu) -> Cpu {
-        Cpu {
-            user: self.user - earlier.user,
-            system: self.system - earlier.system,
-        }
-    }
-}
-
-/// CPU time used so far by this process's threads whose name starts with `prefix`.
-fn thread_cpu(prefix: &str) -> Cpu {
+/// CPU seconds used so far by this process's threads whose name starts with `prefix`
+/// (user and system time together: the per-thread split that `/proc` gives is adjusted to
+/// stay monotonic, so its differences over an interval can be far off).
+fn thread_cpu(prefix: &str) -> f64 {
     let ticks = 100.0; // USER_HZ on Linux
-    let (mut user, mut system) = (0u64, 0u64);
+    let mut total = 0u64;
     for entry in std::fs::read_dir("/proc/self/task")
         .into_iter()
         .flatten()
@@ -134,13 +114,9 @@ fn thread_cpu(prefix: &str) -> Cpu {
         let f: Vec<&str> = rest.split_whitespace().collect();
         let utime: u64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0);
         let stime: u64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0);
-        user += utime;
-        system += stime;
+        total += utime + stime;
     }
-    Cpu {
-        user: user as f64 / ticks,
-        system: system as f64 / ticks,
-    }
+    total as f64 / ticks
 }
 
 /// Runs iperf3 in `client` and returns its JSON report.
@@ -250,7 +226,7 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
         tcp_bps,
         udp_pps,
         tcp4_bps,
-        worker_cpu: userspace.then_some((cpu1.since(cpu0), cpu2.since(cpu1))),
+        worker_cpu: userspace.then_some((cpu1 - cpu0, cpu2 - cpu1)),
         // MSS-sized segments, for a packets-per-core-second figure of the TCP runs.
         tcp_packets: ((tcp_bytes + num(&t4, &["end", "sum_received", "bytes"]).unwrap_or(0.0))
             / 1448.0) as u64,
@@ -440,20 +416,15 @@ fn main() {
         );
         if let Some((tcp_cpu, udp_cpu)) = user.worker_cpu {
             let per_core = |packets: u64, cpu: f64| packets as f64 / cpu.max(0.001);
-            let user_share = |cpu: Cpu| 100.0 * cpu.user / cpu.total().max(0.001);
             println!(
-                "userspace {workers} worker CPU: TCP runs {:.2} s ({:.0}% user space) for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
-                tcp_cpu.total(),
-                user_share(tcp_cpu),
+                "userspace {workers} worker CPU: TCP runs {tcp_cpu:.2} s for ~{} segments ({:.0} pkt per worker core-second, GSO frames count as many)",
                 user.tcp_packets,
-                per_core(user.tcp_packets, tcp_cpu.total())
+                per_core(user.tcp_packets, tcp_cpu)
             );
             println!(
-                "userspace {workers} worker CPU: small-packet run {:.2} s ({:.0}% user space) for {} frames = {:.2} Mpps per worker core (target >= 1)",
-                udp_cpu.total(),
-                user_share(udp_cpu),
+                "userspace {workers} worker CPU: small-packet run {udp_cpu:.2} s for {} frames = {:.2} Mpps per worker core (target >= 1)",
                 user.udp_packets,
-                per_core(user.udp_packets, udp_cpu.total()) / 1e6
+                per_core(user.udp_packets, udp_cpu) / 1e6
             );
         }
     }
@@ -483,7 +454,7 @@ fn main() {
         let Some((_, udp)) = user.worker_cpu else {
             continue;
         };
-        let ns = udp.total() * 1e9 / (user.udp_packets.max(1) as f64);
+        let ns = udp * 1e9 / (user.udp_packets.max(1) as f64);
         println!(
             "userspace {workers}: {ns:.0} ns of worker CPU per frame; less the pod's receive, {:.0} ns = {:.2} M frames per core-second",
             ns - pod_rx,
