@@ -11,7 +11,8 @@
 //! TCP bulk throughput (`iperf3`, 4 s, one stream and four streams) and the small-packet
 //! rate: 64-byte UDP frames (256 flows) written onto the client's link by the frame injector
 //! for 4 s, counted where they arrive on the pod's interface; and prints the
-//! userspace/kernel ratios. Streams and flows spread over the workers by the fanout hash,
+//! userspace/kernel ratios; and, at light load, the round trip of one UDP request and its
+//! answer at a time through the NodePort (median and 99th percentile), TCP retransmits. Streams and flows spread over the workers by the fanout hash,
 //! so a single TCP stream always runs on one worker. For the
 //! userspace datapath it also prints the packets per second of worker CPU time (read from
 //! `/proc/self/task/*/stat`): on a machine where the load generator, the receiver and the
@@ -56,6 +57,9 @@ struct Figures {
     udp_packets: u64,
     /// Retransmitted segments in the TCP runs (one stream, four streams).
     retransmits: (f64, f64),
+    /// One UDP request and its answer at a time through the NodePort: round-trip
+    /// microseconds, median and 99th percentile.
+    round_trip_us: (f64, f64),
 }
 
 fn service() -> Service {
@@ -192,6 +196,7 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
     );
     let tcp4_bps = num(&t4, &["end", "sum_received", "bits_per_second"]).unwrap_or(0.0);
     let cpu1 = thread_cpu("svcnat-dp");
+    let round_trip_us = round_trips(&pod_ns, &client, tb.node_ip(0));
 
     // Small packets: 64-byte frames (18-byte UDP payloads) written straight onto the
     // client's link by the injector, 256 flows, as fast as sendmmsg goes; what reaches the
@@ -231,11 +236,64 @@ fn measure<D: Dataplane>(name: &str, make: impl Fn(&str) -> D, userspace: bool) 
         tcp_packets: ((tcp_bytes + num(&t4, &["end", "sum_received", "bytes"]).unwrap_or(0.0))
             / 1448.0) as u64,
         udp_packets: udp_packets as u64,
+        round_trip_us,
         retransmits: (
             num(&t, &["end", "sum_sent", "retransmits"]).unwrap_or(0.0),
             num(&t4, &["end", "sum_sent", "retransmits"]).unwrap_or(0.0),
         ),
     }
+}
+
+/// 2,000 UDP requests from the client to the NodePort, one at a time, each answered by an
+/// echo socket in the pod: round-trip microseconds, median and 99th percentile. A light
+/// load, where what a datapath adds to each packet's latency shows.
+fn round_trips(pod_ns: &str, client_ns: &str, node: IpAddr) -> (f64, f64) {
+    use std::net::UdpSocket;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let echo =
+        svcnat_examples::netns::run_in(pod_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 5201)))
+            .expect("echo socket in the pod");
+    let client =
+        svcnat_examples::netns::run_in(client_ns, || UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)))
+            .expect("client socket");
+    echo.set_read_timeout(Some(Duration::from_millis(50)))
+        .unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    client.connect((node, NODE_PORT)).expect("connect");
+    let stop = AtomicBool::new(false);
+    let mut rtts = Vec::with_capacity(2000);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut buf = [0u8; 64];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, from)) = echo.recv_from(&mut buf) {
+                    let _ = echo.send_to(&buf[..n], from);
+                }
+            }
+        });
+        let mut buf = [0u8; 64];
+        for i in 0..2100u32 {
+            let t0 = Instant::now();
+            client.send(&i.to_be_bytes()).expect("send");
+            // A lost or late answer is skipped (and counted out of the percentiles).
+            while let Ok(n) = client.recv(&mut buf) {
+                if n == 4 && buf[..4] == i.to_be_bytes() {
+                    if i >= 100 {
+                        rtts.push(t0.elapsed().as_secs_f64() * 1e6);
+                    }
+                    break;
+                }
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+    });
+    if rtts.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    rtts.sort_by(f64::total_cmp);
+    (rtts[rtts.len() / 2], rtts[rtts.len() * 99 / 100])
 }
 
 /// CPU time of the calling thread so far, in nanoseconds (`/proc/thread-self/schedstat`,
@@ -407,6 +465,15 @@ fn main() {
             user.udp_pps,
             1.0,
             0,
+        );
+        println!(
+            "{:<30} {:>17} {:>14}",
+            "UDP round trip p50 / p99, us",
+            format!(
+                "{:.0} / {:.0}",
+                kernel.round_trip_us.0, kernel.round_trip_us.1
+            ),
+            format!("{:.0} / {:.0}", user.round_trip_us.0, user.round_trip_us.1),
         );
         println!(
             "{:<30} {:>17} {:>14}",
