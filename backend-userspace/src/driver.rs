@@ -2,7 +2,7 @@
 //! forwarding path for what the engine handles.
 //!
 //! ```text
-//!   owned interfaces (eth0, vp*) ──► TPACKET_V3 rings, PACKET_FANOUT hash ──► worker 0..N
+//!   owned interfaces (eth0, vp*) ──► TPACKET_V2 rings, PACKET_FANOUT hash ──► worker 0..N
 //!        ▲                                                                 │ Engine::handle_frame
 //!        └──── TPACKET_V2 transmit ring (sendmmsg for GSO frames) ◄────────┘ (shared, Sync)
 //!
@@ -235,6 +235,7 @@ struct DriverCounters {
     rx_frames: AtomicU64,
     rx_truncated: AtomicU64,
     rx_vlan: AtomicU64,
+    rx_queued: AtomicU64,
     tx_frames: AtomicU64,
     tx_errors: AtomicU64,
     ring_drops: AtomicU64,
@@ -245,10 +246,14 @@ struct DriverCounters {
 pub struct Stats {
     /// Frames taken from the rings.
     pub rx_frames: u64,
-    /// Frames longer than a ring block (dropped).
+    /// Frames not received whole (dropped): too big for the read buffer, or too big for a
+    /// ring slot while the socket's receive buffer was full.
     pub rx_truncated: u64,
     /// Frames that arrived with an 802.1Q/802.1ad tag (left to the kernel).
     pub rx_vlan: u64,
+    /// Frames too big for a ring slot (GSO aggregates, jumbo frames), read whole from the
+    /// socket in their turn.
+    pub rx_queued: u64,
     /// Frames sent.
     pub tx_frames: u64,
     /// Frames the transmit socket refused.
@@ -686,6 +691,7 @@ fn collect_stats(engine: &Engine, counters: &DriverCounters, filters: &[SocketCo
         rx_frames: counters.rx_frames.load(Ordering::Relaxed),
         rx_truncated: counters.rx_truncated.load(Ordering::Relaxed),
         rx_vlan: counters.rx_vlan.load(Ordering::Relaxed),
+        rx_queued: counters.rx_queued.load(Ordering::Relaxed),
         tx_frames: counters.tx_frames.load(Ordering::Relaxed),
         tx_errors: counters.tx_errors.load(Ordering::Relaxed),
         ring_drops: counters.ring_drops.load(Ordering::Relaxed),
@@ -740,7 +746,7 @@ impl Stats {
         metric(
             "truncated_total",
             "counter",
-            "Frames longer than a ring block.",
+            "Frames not received whole (too big for a slot and the socket buffer full, or for the read buffer).",
             &one(self.rx_truncated),
         );
         metric(
@@ -748,6 +754,12 @@ impl Stats {
             "counter",
             "Frames with a VLAN tag, left to the kernel.",
             &one(self.rx_vlan),
+        );
+        metric(
+            "queued_frames_total",
+            "counter",
+            "Frames too big for a ring slot, read whole from the socket.",
+            &one(self.rx_queued),
         );
         metric(
             "verdicts_total",
@@ -1057,9 +1069,10 @@ impl Worker {
                 // forwarded frames before it: they leave in that place, so that packets
                 // held for a neighbour go out before those that came after them.
                 let mut made: Vec<(usize, u32, Vec<u8>)> = Vec::new();
-                let (mut frames, mut truncated, mut vlan) = (0u64, 0u64, 0u64);
+                let (mut frames, mut truncated, mut vlan, mut queued) = (0u64, 0u64, 0u64, 0u64);
                 for frame in block.frames() {
                     frames += 1;
+                    queued += u64::from(frame.queued);
                     if frame.pkttype == libc::PACKET_OTHERHOST {
                         // Only seen in promiscuous mode: not addressed to this node.
                         continue;
@@ -1098,7 +1111,7 @@ impl Worker {
                         out.push((port, &*buf));
                     }
                 }
-                // Shared counters are touched once per block, not per frame.
+                // Shared counters are touched once per batch, not per frame.
                 self.counters.rx_frames.fetch_add(frames, Ordering::Relaxed);
                 if truncated > 0 {
                     self.counters
@@ -1107,6 +1120,9 @@ impl Worker {
                 }
                 if vlan > 0 {
                     self.counters.rx_vlan.fetch_add(vlan, Ordering::Relaxed);
+                }
+                if queued > 0 {
+                    self.counters.rx_queued.fetch_add(queued, Ordering::Relaxed);
                 }
                 if made.is_empty() {
                     self.send(&mut tx, &out);

@@ -1,7 +1,7 @@
 //! Every system call of the userspace backend, and its only `unsafe` code.
 //!
-//! - [`PacketSocket`]: an `AF_PACKET`/`SOCK_RAW` receive socket with a `TPACKET_V3` ring
-//!   mapped into memory, `PACKET_VNET_HDR` (so GSO super-frames and partial checksums pass
+//! - [`PacketSocket`]: an `AF_PACKET`/`SOCK_RAW` receive socket with a `TPACKET_V2` ring
+//!   mapped into memory (frames too big for a slot read with `recv`), `PACKET_VNET_HDR` (so GSO super-frames and partial checksums pass
 //!   through intact and the kernel segments and checksums on transmit), `PACKET_IGNORE_OUTGOING`
 //!   (it never reads back what it sends), `PACKET_QDISC_BYPASS`, an optional `PACKET_FANOUT`
 //!   group and a classic-BPF filter on the receiving interface index.
@@ -10,8 +10,8 @@
 //!   `sendto(2)` per batch to one interface.
 //! - [`xdp::XdpTx`]: a transmit-only `AF_XDP` socket in copy mode, for the benchmark's
 //!   comparison of transmit paths (the datapath does not use it).
-//! - [`RxBlock`] / [`RxFrame`]: a retired ring block handed to user space and its frames, as
-//!   safe mutable slices; dropping the block returns it to the kernel.
+//! - [`RxBlock`] / [`RxFrame`]: a batch of ring slots handed to user space and its frames,
+//!   as safe mutable slices; dropping the batch returns its slots to the kernel.
 //! - [`enter_netns`]: `setns(2)` for the calling thread.
 //!
 //! Each `unsafe` block says why it is sound in a `// Safety:` comment.
@@ -37,25 +37,27 @@ pub(crate) const VNET_NEEDS_CSUM: u8 = 1;
 /// `ETH_P_ALL` in network byte order, as `socket(2)` and `sockaddr_ll` want it.
 const ETH_P_ALL_BE: u16 = (libc::ETH_P_ALL as u16).to_be();
 
-/// Shape of a receive ring.
+/// Shape of a receive ring (`TPACKET_V2`: one slot per frame, each handed to user space as
+/// soon as the kernel has written it, so a frame waits for nothing but the worker).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingConfig {
-    /// Bytes per block; a power of two and a multiple of the page size. Must hold the
-    /// largest frame (a 64 KiB GSO frame plus headers), or that frame is truncated.
-    pub block_size: u32,
-    /// Blocks in the ring.
-    pub block_count: u32,
-    /// Milliseconds after which the kernel retires a block that is not full, bounding the
-    /// latency a lightly loaded ring adds.
-    pub retire_ms: u32,
+    /// Bytes per slot: a power of two from 2,048 (a 1,500-byte MTU frame with the ring's
+    /// headers) to 65,536. A frame that does not fit (a GSO aggregate, a jumbo frame) is
+    /// queued whole on the socket and read with `recvmsg` in its turn.
+    pub frame_size: u32,
+    /// Slots in the ring.
+    pub frames: u32,
+    /// Receive buffer for the frames that do not fit a slot, in bytes (`SO_RCVBUFFORCE`);
+    /// when it is full such a frame is dropped and counted as truncated.
+    pub overflow_bytes: u32,
 }
 
 impl Default for RingConfig {
     fn default() -> Self {
         RingConfig {
-            block_size: 1 << 18,
-            block_count: 32,
-            retire_ms: 1,
+            frame_size: 2048,
+            frames: 4096,
+            overflow_bytes: 16 << 20,
         }
     }
 }
@@ -135,24 +137,53 @@ fn map_ring(fd: &OwnedFd, len: usize) -> io::Result<NonNull<u8>> {
     NonNull::new(p.cast::<u8>()).ok_or_else(|| io::Error::other("mmap returned NULL"))
 }
 
-/// A packet socket with a mapped `TPACKET_V3` receive ring.
+/// `TPACKET_ALIGN(sizeof(struct tpacket2_hdr))`: where a receive slot's `sockaddr_ll`
+/// starts.
+const RX_SLL_OFF: usize = 32;
+/// Most slots handed to the worker in one batch.
+const RX_BATCH: u32 = 64;
+/// Buffer for a frame read with `recvmsg`: a 64 KiB GSO aggregate, its Ethernet header
+/// (and a tag), the `virtio_net_hdr`. A bigger one (BIG TCP) is truncated and dropped.
+const RX_COPY_MAX: usize = 65_536 + 18 + VNET_HDR_LEN;
+/// Read buffers kept for reuse.
+const RX_SPARE: usize = 64;
+
+/// A packet socket with a mapped `TPACKET_V2` receive ring: every frame has its own slot,
+/// which the kernel hands over as soon as it is written (`TPACKET_V3` hands over whole
+/// blocks, when full or after at least a millisecond, which a frame at light load waited
+/// for). A frame too big for its slot is queued whole on the socket (`PACKET_COPY_THRESH`)
+/// and its slot, marked `TP_STATUS_COPY`, says where it comes in the order; both are
+/// written under one lock in the kernel, so the queue's order is the slots'.
 #[derive(Debug)]
 pub(crate) struct PacketSocket {
     fd: OwnedFd,
     map: NonNull<u8>,
     map_len: usize,
-    ring: RingConfig,
-    next_block: u32,
+    frame_size: usize,
+    slots: u32,
+    head: u32,
+    /// Buffers of frames read with `recvmsg`, kept for reuse.
+    spare: Vec<Vec<u8>>,
 }
 
-// Safety: the mapping belongs to this socket alone; blocks are only reached through
+// Safety: the mapping belongs to this socket alone; slots are only reached through
 // `&mut self`, so moving the socket to another thread moves exclusive access with it.
 unsafe impl Send for PacketSocket {}
 
 impl PacketSocket {
     /// Opens a socket that receives every interface's frames (narrow it with
-    /// [`PacketSocket::filter_interfaces`]) into a ring shaped by `ring`.
+    /// [`SocketControl::filter_interfaces`]) into a ring shaped by `ring`.
     pub(crate) fn open(ring: RingConfig) -> io::Result<PacketSocket> {
+        if !ring.frame_size.is_power_of_two()
+            || !(2048..=65_536).contains(&ring.frame_size)
+            || ring.frames == 0
+            || ring.frames > 1 << 20
+        {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad ring shape {ring:?}"),
+            ));
+        }
         // Safety: plain socket(2) call; the result is checked before use.
         let raw = unsafe {
             libc::socket(
@@ -167,39 +198,42 @@ impl PacketSocket {
         // Safety: `raw` is a new descriptor that nothing else owns.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
         // Until the ring exists and the socket is bound, receive nothing: bind below with
-        // the ring ready so no frame is queued to the slow path.
-        let version = libc::tpacket_versions::TPACKET_V3 as libc::c_int;
+        // the ring ready.
+        let version = libc::tpacket_versions::TPACKET_V2 as libc::c_int;
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VERSION, &version)?;
         let one: libc::c_int = 1;
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_VNET_HDR, &one)?;
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_IGNORE_OUTGOING, &one)?;
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_QDISC_BYPASS, &one)?;
-        let page = 4096u32;
-        if !ring.block_size.is_power_of_two() || ring.block_size < page || ring.block_count == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                format!("bad ring shape {ring:?}"),
-            ));
+        setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_COPY_THRESH, &one)?;
+        let rcvbuf = ring.overflow_bytes.min(i32::MAX as u32 / 2) as libc::c_int;
+        if setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &rcvbuf).is_err() {
+            // Without CAP_NET_ADMIN: as much as `net.core.rmem_max` allows.
+            setsockopt(&fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &rcvbuf)?;
         }
-        let frame_size = 2048u32;
-        let req = libc::tpacket_req3 {
-            tp_block_size: ring.block_size,
-            tp_block_nr: ring.block_count,
-            tp_frame_size: frame_size,
-            tp_frame_nr: ring.block_size / frame_size * ring.block_count,
-            tp_retire_blk_tov: ring.retire_ms,
-            tp_sizeof_priv: 0,
-            tp_feature_req_word: 0,
+        // Blocks of at least 64 KiB, each a whole number of slots (both are powers of
+        // two), so slot `i` is at `i * frame_size`.
+        let block_size = ring.frame_size.max(1 << 16);
+        let per_block = block_size / ring.frame_size;
+        let blocks = ring.frames.div_ceil(per_block);
+        let slots = blocks * per_block;
+        let req = libc::tpacket_req {
+            tp_block_size: block_size,
+            tp_block_nr: blocks,
+            tp_frame_size: ring.frame_size,
+            tp_frame_nr: slots,
         };
         setsockopt(&fd, libc::SOL_PACKET, libc::PACKET_RX_RING, &req)?;
-        let map_len = ring.block_size as usize * ring.block_count as usize;
+        let map_len = slots as usize * ring.frame_size as usize;
         let map = map_ring(&fd, map_len)?;
         let sock = PacketSocket {
             fd,
             map,
             map_len,
-            ring,
-            next_block: 0,
+            frame_size: ring.frame_size as usize,
+            slots,
+            head: 0,
+            spare: Vec::new(),
         };
         // Safety: an all-zero sockaddr_ll is valid; the fields that matter are set below.
         let mut sll: libc::sockaddr_ll = unsafe { zeroed() };
@@ -227,7 +261,7 @@ impl PacketSocket {
         })
     }
 
-    /// Waits until a block may be ready or `timeout` passes; `Ok(false)` on timeout.
+    /// Waits until a frame may be ready or `timeout` passes; `Ok(false)` on timeout.
     pub(crate) fn wait(&self, timeout: Duration) -> io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.fd.as_raw_fd(),
@@ -247,46 +281,68 @@ impl PacketSocket {
         Ok(rc > 0)
     }
 
-    fn block_desc(&self, index: u32) -> *mut libc::tpacket_block_desc {
-        let offset = index as usize * self.ring.block_size as usize;
-        // Safety: `index < block_count`, so the offset lies inside the mapping.
-        unsafe { self.map.as_ptr().add(offset).cast() }
+    fn slot(&self, index: u32) -> *mut u8 {
+        // Safety: `index < slots`, so the slot lies inside the mapping.
+        unsafe { self.map.as_ptr().add(index as usize * self.frame_size) }
     }
 
-    fn block_status(&self, index: u32) -> &AtomicU32 {
-        let desc = self.block_desc(index);
-        // Safety: `block_status` is the first, 4-byte aligned u32 of the block header the
-        // kernel writes; it lives as long as the mapping (and so `&self`). The kernel
-        // publishes a block by storing TP_STATUS_USER after a write barrier, so an Acquire
-        // load orders our reads of the block after it.
-        unsafe {
-            let p = std::ptr::addr_of_mut!((*desc).hdr.bh1.block_status);
-            AtomicU32::from_ptr(p)
+    fn status(&self, index: u32) -> &AtomicU32 {
+        // Safety: `tp_status` is the first, 4-byte aligned u32 of the slot's
+        // `tpacket2_hdr`, living as long as the mapping (and so `&self`). The kernel hands a
+        // slot over by storing TP_STATUS_USER after writing it (with a barrier), so an
+        // Acquire load orders our reads of the slot after its writes.
+        unsafe { AtomicU32::from_ptr(self.slot(index).cast::<u32>()) }
+    }
+
+    /// Reads the next frame queued on the socket (one that did not fit its slot) into a
+    /// buffer; an empty buffer if there is none or it was too big.
+    fn read_queued(&mut self) -> Vec<u8> {
+        let mut buf = self.spare.pop().unwrap_or_default();
+        buf.resize(RX_COPY_MAX, 0);
+        // Safety: `buf` is writable for its length; MSG_TRUNC makes the result the frame's
+        // real length, which may exceed what was written.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_TRUNC,
+            )
+        };
+        if n < 0 || n as usize > buf.len() {
+            buf.clear();
+        } else {
+            buf.truncate(n as usize);
         }
+        buf
     }
 
-    /// The next block the kernel has handed to user space, if any.
+    /// The frames the kernel has handed over since the last call, at most a batch, if any.
     pub(crate) fn next_block(&mut self) -> Option<RxBlock<'_>> {
-        let index = self.next_block;
-        let status = self.block_status(index).load(Ordering::Acquire);
-        if status & libc::TP_STATUS_USER == 0 {
+        let start = self.head;
+        let mut count = 0u32;
+        let mut copies = Vec::new();
+        while count < RX_BATCH.min(self.slots) {
+            let index = (start + count) % self.slots;
+            let status = self.status(index).load(Ordering::Acquire);
+            if status & libc::TP_STATUS_USER == 0 {
+                break;
+            }
+            if status & libc::TP_STATUS_COPY != 0 {
+                let buf = self.read_queued();
+                copies.push(buf);
+            }
+            count += 1;
+        }
+        if count == 0 {
             return None;
         }
-        let desc = self.block_desc(index);
-        // Safety: the block is ours (TP_STATUS_USER, read with Acquire above); its header
-        // fields are plain integers.
-        let (num, first) = unsafe {
-            let h = std::ptr::addr_of!((*desc).hdr.bh1);
-            ((*h).num_pkts, (*h).offset_to_first_pkt)
-        };
-        self.next_block = (index + 1) % self.ring.block_count;
+        self.head = (start + count) % self.slots;
         Some(RxBlock {
-            base: desc.cast(),
-            block_size: self.ring.block_size as usize,
-            remaining: num,
-            offset: first as usize,
-            status: self.block_status(index) as *const AtomicU32,
-            _sock: PhantomData,
+            sock: self,
+            start,
+            count,
+            copies,
         })
     }
 }
@@ -335,16 +391,16 @@ impl SocketControl {
     /// Frames received and frames the kernel dropped because the ring was full, since the
     /// previous call (`PACKET_STATISTICS` resets on read).
     pub(crate) fn stats(&self) -> io::Result<(u64, u64)> {
-        // Safety: an all-zero tpacket_stats_v3 is valid.
-        let mut st: libc::tpacket_stats_v3 = unsafe { zeroed() };
-        let mut len = size_of::<libc::tpacket_stats_v3>() as libc::socklen_t;
+        // Safety: an all-zero tpacket_stats is valid.
+        let mut st: libc::tpacket_stats = unsafe { zeroed() };
+        let mut len = size_of::<libc::tpacket_stats>() as libc::socklen_t;
         // Safety: `st` and `len` describe a writable buffer of the right size.
         let rc = unsafe {
             libc::getsockopt(
                 self.fd.as_raw_fd(),
                 libc::SOL_PACKET,
                 libc::PACKET_STATISTICS,
-                (&mut st as *mut libc::tpacket_stats_v3).cast(),
+                (&mut st as *mut libc::tpacket_stats).cast(),
                 &mut len,
             )
         };
@@ -712,49 +768,61 @@ fn loopback_filter((lo, hi): (u16, u16)) -> [libc::sock_filter; 21] {
     ]
 }
 
-/// A ring block that belongs to user space until dropped.
+/// A batch of received frames: ring slots handed over by the kernel, and the frames read
+/// from the socket for those marked `TP_STATUS_COPY`. The slots go back to the kernel
+/// when the batch is dropped.
 #[derive(Debug)]
 pub(crate) struct RxBlock<'a> {
-    base: *mut u8,
-    block_size: usize,
-    remaining: u32,
-    offset: usize,
-    status: *const AtomicU32,
-    _sock: PhantomData<&'a mut PacketSocket>,
+    sock: &'a mut PacketSocket,
+    start: u32,
+    count: u32,
+    copies: Vec<Vec<u8>>,
 }
 
 impl RxBlock<'_> {
-    /// The block's frames. They borrow the block, so it cannot be returned to the kernel
+    /// The batch's frames. They borrow the batch, so no slot can be returned to the kernel
     /// while a frame is in use.
     pub(crate) fn frames(&mut self) -> Frames<'_> {
-        let f = Frames {
-            base: self.base,
-            block_size: self.block_size,
-            remaining: self.remaining,
-            offset: self.offset,
+        Frames {
+            base: self.sock.map.as_ptr(),
+            frame_size: self.sock.frame_size,
+            slots: self.sock.slots,
+            next: self.start,
+            remaining: self.count,
+            copies: self.copies.iter_mut(),
             _block: PhantomData,
-        };
-        self.remaining = 0;
-        f
+        }
     }
 }
 
 impl Drop for RxBlock<'_> {
     fn drop(&mut self) {
-        // Safety: `status` points into the mapping, which outlives this block (it borrows
-        // the socket). Release orders our reads and writes of the block's frames before
-        // the kernel may reuse it.
-        unsafe { (*self.status).store(libc::TP_STATUS_KERNEL, Ordering::Release) };
+        for i in 0..self.count {
+            // Release orders our reads and writes of the slot before the kernel may
+            // reuse it.
+            self.sock
+                .status((self.start + i) % self.sock.slots)
+                .store(libc::TP_STATUS_KERNEL, Ordering::Release);
+        }
+        let room = RX_SPARE.saturating_sub(self.sock.spare.len());
+        self.sock.spare.extend(
+            self.copies
+                .drain(..)
+                .filter(|b| b.capacity() > 0)
+                .take(room),
+        );
     }
 }
 
-/// Iterator over the frames of one block.
+/// Iterator over the frames of one batch.
 #[derive(Debug)]
 pub(crate) struct Frames<'b> {
     base: *mut u8,
-    block_size: usize,
+    frame_size: usize,
+    slots: u32,
+    next: u32,
     remaining: u32,
-    offset: usize,
+    copies: std::slice::IterMut<'b, Vec<u8>>,
     _block: PhantomData<&'b mut [u8]>,
 }
 
@@ -765,8 +833,10 @@ pub(crate) struct RxFrame<'b> {
     pub(crate) ifindex: u32,
     /// `PACKET_HOST`, `PACKET_BROADCAST`, `PACKET_OTHERHOST`...
     pub(crate) pkttype: u8,
-    /// Whether the whole frame is in the ring (`tp_snaplen == tp_len`).
+    /// Whether the whole frame was received (in its slot, or read from the socket).
     pub(crate) complete: bool,
+    /// Whether it was too big for its slot and read from the socket.
+    pub(crate) queued: bool,
     /// Whether it carried an 802.1Q/802.1ad tag with a VLAN id, which the kernel moved
     /// into the ring's header (`TP_STATUS_VLAN_VALID`; VLAN 0, priority tagging, is
     /// untagged).
@@ -779,50 +849,53 @@ impl<'b> Iterator for Frames<'b> {
     type Item = RxFrame<'b>;
 
     fn next(&mut self) -> Option<RxFrame<'b>> {
-        let hdr_len = size_of::<libc::tpacket3_hdr>();
-        let sll_off = (hdr_len + 15) & !15;
         while self.remaining > 0 {
             self.remaining -= 1;
-            let off = self.offset;
-            if off + sll_off + size_of::<libc::sockaddr_ll>() > self.block_size {
-                self.remaining = 0;
-                return None;
-            }
-            // Safety: `off` plus the header sizes lies inside this block (checked above),
-            // the kernel wrote a tpacket3_hdr and a sockaddr_ll there before retiring the
-            // block, and both are plain integers (read unaligned to be safe).
-            let (h, sll) = unsafe {
-                let p = self.base.add(off);
+            let index = self.next;
+            self.next = (self.next + 1) % self.slots;
+            // Safety: `index < slots`, so the slot lies in the mapping; the kernel wrote a
+            // tpacket2_hdr and a sockaddr_ll at its start before handing it over, and both
+            // are plain integers (read unaligned to be safe).
+            let (p, h, sll) = unsafe {
+                let p = self.base.add(index as usize * self.frame_size);
                 (
-                    std::ptr::read_unaligned(p.cast::<libc::tpacket3_hdr>()),
-                    std::ptr::read_unaligned(p.add(sll_off).cast::<libc::sockaddr_ll>()),
+                    p,
+                    std::ptr::read_unaligned(p.cast::<libc::tpacket2_hdr>()),
+                    std::ptr::read_unaligned(p.add(RX_SLL_OFF).cast::<libc::sockaddr_ll>()),
                 )
             };
-            self.offset = if h.tp_next_offset == 0 {
-                self.remaining = 0;
-                self.block_size
-            } else {
-                off + h.tp_next_offset as usize
-            };
-            let mac = off + h.tp_mac as usize;
+            let vlan = h.tp_status & libc::TP_STATUS_VLAN_VALID != 0 && h.tp_vlan_tci & 0x0fff != 0;
+            if h.tp_status & libc::TP_STATUS_COPY != 0 {
+                // One read per such slot, in order (`PacketSocket::next_block`).
+                let buf = self.copies.next()?;
+                let complete = buf.len() == VNET_HDR_LEN + h.tp_len as usize;
+                return Some(RxFrame {
+                    ifindex: sll.sll_ifindex as u32,
+                    pkttype: sll.sll_pkttype,
+                    complete,
+                    queued: true,
+                    vlan,
+                    buf: buf.as_mut_slice(),
+                });
+            }
+            let mac = h.tp_mac as usize;
             let Some(start) = mac.checked_sub(VNET_HDR_LEN) else {
                 continue;
             };
             let end = mac + h.tp_snaplen as usize;
-            if start < off + sll_off || end > self.block_size {
+            if start < RX_SLL_OFF + size_of::<libc::sockaddr_ll>() || end > self.frame_size {
                 continue;
             }
-            // Safety: `[start, end)` lies in this block, after this frame's headers and
-            // before the next frame (the kernel lays frames out without overlap), so the
-            // slices handed out by this iterator are disjoint; the block stays ours for
-            // 'b because `Frames<'b>` borrows the `RxBlock` mutably.
-            let buf = unsafe { std::slice::from_raw_parts_mut(self.base.add(start), end - start) };
+            // Safety: `[start, end)` lies in this slot, after its headers; slots do not
+            // overlap and each is visited once, so the slices handed out are disjoint; the
+            // slots stay ours for 'b because `Frames<'b>` borrows the `RxBlock` mutably.
+            let buf = unsafe { std::slice::from_raw_parts_mut(p.add(start), end - start) };
             return Some(RxFrame {
                 ifindex: sll.sll_ifindex as u32,
                 pkttype: sll.sll_pkttype,
                 complete: h.tp_snaplen == h.tp_len,
-                vlan: h.tp_status & libc::TP_STATUS_VLAN_VALID != 0
-                    && h.hv1.tp_vlan_tci & 0x0fff != 0,
+                queued: false,
+                vlan,
                 buf,
             });
         }
