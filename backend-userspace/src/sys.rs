@@ -294,6 +294,11 @@ impl PacketSocket {
         unsafe { AtomicU32::from_ptr(self.slot(index).cast::<u32>()) }
     }
 
+    /// Whether the kernel has handed over a frame (without taking it).
+    pub(crate) fn ready(&self) -> bool {
+        self.status(self.head).load(Ordering::Acquire) & libc::TP_STATUS_USER != 0
+    }
+
     /// Reads the next frame queued on the socket (one that did not fit its slot) into a
     /// buffer; an empty buffer if there is none or it was too big.
     fn read_queued(&mut self) -> Vec<u8> {

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! For each dataplane (iptables, then userspace with one worker, one worker sending with
-//! `sendmmsg` instead of its transmit ring, and two workers) it measures
+//! `sendmmsg` instead of its transmit ring, two workers, and one worker that busy-polls
+//! its ring for 50 us before sleeping) it measures
 //! TCP bulk throughput (`iperf3`, 4 s, one stream and four streams) and the small-packet
 //! rate: 64-byte UDP frames (256 flows) written onto the client's link by the frame injector
 //! for 4 s, counted where they arrive on the pod's interface; and prints the
@@ -403,7 +404,7 @@ fn main() {
         },
         false,
     );
-    let userspace = |workers: usize, tx_ring: bool| {
+    let userspace = |workers: usize, tx_ring: bool, busy_poll: Duration| {
         measure(
             "userspace",
             move |ns: &str| {
@@ -412,6 +413,7 @@ fn main() {
                     interfaces: vec!["eth0".into(), "vp*".into()],
                     workers,
                     tx_ring,
+                    busy_poll,
                     ..UserspaceConfig::default()
                 })
                 .expect("userspace datapath")
@@ -420,14 +422,20 @@ fn main() {
         )
     };
     let users = [
-        ("x1", userspace(1, true)),
-        ("x1 sendmmsg", userspace(1, false)),
-        ("x2", userspace(2, true)),
+        ("x1", userspace(1, true, Duration::ZERO)),
+        ("x1 sendmmsg", userspace(1, false, Duration::ZERO)),
+        ("x2", userspace(2, true, Duration::ZERO)),
+        (
+            "x1 spin 50us",
+            userspace(1, true, Duration::from_micros(50)),
+        ),
     ];
     println!(
         "datapath benchmark: NodePort -> one pod, masqueraded, {SECONDS} s per run, same topology"
     );
-    println!("(userspace: transmit ring unless marked sendmmsg; x1/x2: workers)");
+    println!(
+        "(userspace: transmit ring unless marked sendmmsg; x1/x2: workers; spin: busy polling before sleeping)"
+    );
     for (workers, user) in &users {
         println!();
         println!(

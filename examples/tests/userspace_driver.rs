@@ -433,7 +433,8 @@ fn transmit_ring_never_rewrites_queued_datagrams() {
 /// Frames too big for a receive-ring slot (a 2 KiB slot; the client's TCP sends 64 KiB GSO
 /// aggregates over its veth) are read whole from the socket in their turn: 16 MiB through
 /// a NodePort arrive byte for byte, and the datapath counted frames taken that way and
-/// none truncated.
+/// none truncated. The worker busy-polls (`UserspaceConfig::busy_poll`), so that path is
+/// exercised too.
 #[test]
 fn frames_bigger_than_a_ring_slot_arrive_whole_and_in_order() {
     use std::collections::BTreeMap;
@@ -454,6 +455,8 @@ fn frames_bigger_than_a_ring_slot_arrive_whole_and_in_order() {
         netns: Some(node.clone()),
         interfaces: vec!["eth0".into(), "vp*".into()],
         workers: 1,
+        // The worker busy-polls before it sleeps: that path takes frames too.
+        busy_poll: Duration::from_micros(50),
         ..UserspaceConfig::default()
     })
     .unwrap();
