@@ -1072,7 +1072,7 @@ impl Worker {
                 got = true;
                 let now = self.epoch.elapsed();
                 let mut out: Vec<(u32, &[u8])> = Vec::with_capacity(64);
-                // Frames the engine made while handling this block (ARP/ND, ICMP errors,
+                // Frames the engine made while handling this batch (ARP/ND, ICMP errors,
                 // packets released by a resolved neighbour), each with the number of
                 // forwarded frames before it: they leave in that place, so that packets
                 // held for a neighbour go out before those that came after them.
