@@ -329,53 +329,15 @@ fn node_port_chain_on_lo_follows_the_plan_and_is_removed() {
 /// reply, and the engine held 3 where the kernel holds about 101).
 #[test]
 fn transmit_ring_never_rewrites_queued_datagrams() {
-    use std::collections::BTreeMap;
-    use std::net::{IpAddr, Ipv4Addr, UdpSocket};
-    use svcnat_core::model::*;
-    use svcnat_core::plan::{Dataplane, NodeContext, Plan};
+    use std::net::UdpSocket;
+    use svcnat_core::model::Protocol;
     use svcnat_examples::netns::run_in;
-    use svcnat_examples::testbed::PodSpec;
 
     skip_unless_root!();
     const SENT: usize = 3000;
-    let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 10));
-    let tb = Testbed::new(TestbedSpec::new(1, 1).pod(PodSpec::new("sink", 0, pod_ip))).unwrap();
-    let node = tb.ns_of_node(0).to_string();
+    let (tb, dp, pod_ip) =
+        one_pod_behind_a_node_port("sink", Protocol::Udp, 5300, 30300, Duration::ZERO);
     let node_ip = tb.node_ip(0);
-    let mut dp = Userspace::start(UserspaceConfig {
-        netns: Some(node.clone()),
-        interfaces: vec!["eth0".into(), "vp*".into()],
-        workers: 1,
-        ..UserspaceConfig::default()
-    })
-    .unwrap();
-    let mut c = Cluster::simulated();
-    c.upsert_node({
-        let mut n = Node::new(tb.node(0).name.clone());
-        n.addresses = vec![node_ip];
-        n.pod_cidrs = tb.node(0).pod_cidrs.clone();
-        n
-    });
-    let mut pod = Pod::new(ObjectName::new("default", "sink"), pod_ip);
-    pod.labels.insert("app".into(), "sink".into());
-    pod.node_name = Some(tb.node(0).name.clone());
-    c.upsert_pod(pod);
-    let mut svc = Service::new(ObjectName::new("default", "sink"));
-    svc.service_type = ServiceType::NodePort;
-    svc.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
-    let mut sp = ServicePort::new("", Protocol::Udp, 5300, TargetPort::Number(5300));
-    sp.node_port = Some(30300);
-    svc.ports.push(sp);
-    svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
-        "app".to_string(),
-        "sink".to_string(),
-    )])));
-    c.upsert_service(svc);
-    dp.resync(&Plan::compile(
-        &c,
-        &NodeContext::new(tb.node(0).name.clone(), vec![node_ip], Vec::new()),
-    ))
-    .unwrap();
 
     // A sink that reads nothing until everything is sent, with room for all of it.
     let sink = run_in(tb.ns_of_pod("sink").unwrap(), || {
@@ -437,56 +399,22 @@ fn transmit_ring_never_rewrites_queued_datagrams() {
 /// exercised too.
 #[test]
 fn frames_bigger_than_a_ring_slot_arrive_whole_and_in_order() {
-    use std::collections::BTreeMap;
     use std::io::{Read, Write};
-    use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
-    use svcnat_core::model::*;
-    use svcnat_core::plan::{Dataplane, NodeContext, Plan};
+    use std::net::{TcpListener, TcpStream};
+    use svcnat_core::model::Protocol;
     use svcnat_examples::netns::run_in;
-    use svcnat_examples::testbed::PodSpec;
 
     skip_unless_root!();
     const BYTES: usize = 16 << 20;
-    let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 10));
-    let tb = Testbed::new(TestbedSpec::new(1, 1).pod(PodSpec::new("bulk", 0, pod_ip))).unwrap();
-    let node = tb.ns_of_node(0).to_string();
+    // The worker busy-polls before it sleeps: that path takes frames too.
+    let (tb, dp, pod_ip) = one_pod_behind_a_node_port(
+        "bulk",
+        Protocol::Tcp,
+        5400,
+        30400,
+        Duration::from_micros(50),
+    );
     let node_ip = tb.node_ip(0);
-    let mut dp = Userspace::start(UserspaceConfig {
-        netns: Some(node.clone()),
-        interfaces: vec!["eth0".into(), "vp*".into()],
-        workers: 1,
-        // The worker busy-polls before it sleeps: that path takes frames too.
-        busy_poll: Duration::from_micros(50),
-        ..UserspaceConfig::default()
-    })
-    .unwrap();
-    let mut c = Cluster::simulated();
-    c.upsert_node({
-        let mut n = Node::new(tb.node(0).name.clone());
-        n.addresses = vec![node_ip];
-        n.pod_cidrs = tb.node(0).pod_cidrs.clone();
-        n
-    });
-    let mut pod = Pod::new(ObjectName::new("default", "bulk"), pod_ip);
-    pod.labels.insert("app".into(), "bulk".into());
-    pod.node_name = Some(tb.node(0).name.clone());
-    c.upsert_pod(pod);
-    let mut svc = Service::new(ObjectName::new("default", "bulk"));
-    svc.service_type = ServiceType::NodePort;
-    svc.cluster_ips = vec!["10.96.0.12".parse().unwrap()];
-    let mut sp = ServicePort::new("", Protocol::Tcp, 5400, TargetPort::Number(5400));
-    sp.node_port = Some(30400);
-    svc.ports.push(sp);
-    svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
-        "app".to_string(),
-        "bulk".to_string(),
-    )])));
-    c.upsert_service(svc);
-    dp.resync(&Plan::compile(
-        &c,
-        &NodeContext::new(tb.node(0).name.clone(), vec![node_ip], Vec::new()),
-    ))
-    .unwrap();
 
     // FNV-1a over the stream, and its length.
     fn digest(acc: (u64, usize), bytes: &[u8]) -> (u64, usize) {
@@ -555,4 +483,61 @@ fn frames_bigger_than_a_ring_slot_arrive_whole_and_in_order() {
         "no frame was too big for a slot: the test did not reach the socket path ({after:?})"
     );
     assert_eq!(after.rx_truncated, before.rx_truncated, "{after:?}");
+}
+
+/// A userspace datapath with one worker in a one-node testbed whose pod `name` (at
+/// 10.244.0.10) is the endpoint of a NodePort Service: `protocol` port `port` on
+/// `node_port`. Returns the testbed, the datapath and the pod's address.
+fn one_pod_behind_a_node_port(
+    name: &str,
+    protocol: svcnat_core::model::Protocol,
+    port: u16,
+    node_port: u16,
+    busy_poll: Duration,
+) -> (Testbed, Userspace, std::net::IpAddr) {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr};
+    use svcnat_core::model::*;
+    use svcnat_core::plan::{Dataplane, NodeContext, Plan};
+    use svcnat_examples::testbed::PodSpec;
+
+    let pod_ip = IpAddr::V4(Ipv4Addr::new(10, 244, 0, 10));
+    let tb = Testbed::new(TestbedSpec::new(1, 1).pod(PodSpec::new(name, 0, pod_ip))).unwrap();
+    let node_ip = tb.node_ip(0);
+    let mut dp = Userspace::start(UserspaceConfig {
+        netns: Some(tb.ns_of_node(0).to_string()),
+        interfaces: vec!["eth0".into(), "vp*".into()],
+        workers: 1,
+        busy_poll,
+        ..UserspaceConfig::default()
+    })
+    .unwrap();
+    let mut c = Cluster::simulated();
+    c.upsert_node({
+        let mut n = Node::new(tb.node(0).name.clone());
+        n.addresses = vec![node_ip];
+        n.pod_cidrs = tb.node(0).pod_cidrs.clone();
+        n
+    });
+    let mut pod = Pod::new(ObjectName::new("default", name), pod_ip);
+    pod.labels.insert("app".into(), name.into());
+    pod.node_name = Some(tb.node(0).name.clone());
+    c.upsert_pod(pod);
+    let mut svc = Service::new(ObjectName::new("default", name));
+    svc.service_type = ServiceType::NodePort;
+    svc.cluster_ips = vec!["10.96.0.11".parse().unwrap()];
+    let mut sp = ServicePort::new("", protocol, port, TargetPort::Number(port));
+    sp.node_port = Some(node_port);
+    svc.ports.push(sp);
+    svc.selector = Some(LabelSelector::from_labels(BTreeMap::from([(
+        "app".to_string(),
+        name.to_string(),
+    )])));
+    c.upsert_service(svc);
+    dp.resync(&Plan::compile(
+        &c,
+        &NodeContext::new(tb.node(0).name.clone(), vec![node_ip], Vec::new()),
+    ))
+    .unwrap();
+    (tb, dp, pod_ip)
 }

@@ -12,6 +12,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use super::setsockopt;
+
 /// Bytes per frame buffer in the shared memory (UMEM).
 const CHUNK: u32 = 2048;
 
@@ -67,23 +69,6 @@ impl Drop for Map {
     }
 }
 
-fn setsockopt<T>(fd: &OwnedFd, name: libc::c_int, value: &T) -> io::Result<()> {
-    // Safety: `value` is a valid `T` of the size passed, read by the kernel during the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_XDP,
-            name,
-            (value as *const T).cast(),
-            size_of::<T>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// An `AF_XDP` socket bound in copy mode to queue 0 of one interface, transmitting only.
 #[derive(Debug)]
 pub(crate) struct XdpTx {
@@ -131,11 +116,11 @@ impl XdpTx {
             flags: 0,
             tx_metadata_len: 0,
         };
-        setsockopt(&fd, libc::XDP_UMEM_REG, &reg)?;
+        setsockopt(&fd, libc::SOL_XDP, libc::XDP_UMEM_REG, &reg)?;
         // A UMEM needs both of its rings, even for a socket that never receives.
-        setsockopt(&fd, libc::XDP_UMEM_FILL_RING, &size)?;
-        setsockopt(&fd, libc::XDP_UMEM_COMPLETION_RING, &size)?;
-        setsockopt(&fd, libc::XDP_TX_RING, &size)?;
+        setsockopt(&fd, libc::SOL_XDP, libc::XDP_UMEM_FILL_RING, &size)?;
+        setsockopt(&fd, libc::SOL_XDP, libc::XDP_UMEM_COMPLETION_RING, &size)?;
+        setsockopt(&fd, libc::SOL_XDP, libc::XDP_TX_RING, &size)?;
         // Safety: all-zero offsets are valid; the kernel fills them.
         let mut off: libc::xdp_mmap_offsets = unsafe { zeroed() };
         let mut len = size_of::<libc::xdp_mmap_offsets>() as libc::socklen_t;
